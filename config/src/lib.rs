@@ -1,0 +1,428 @@
+//! The gateway's configuration file (`gateway.yaml`).
+//!
+//! The operator renders one of these per pool into a ConfigMap (secrets stay in mounted
+//! Secret files and are referenced by path); a developer writes one by hand or uses the
+//! gateway's `--dev` defaults. Every limit the gateway enforces lives here, with its
+//! default, so that `docs/configuration.md` and the CRD's `limits` map onto it one to one.
+//!
+//! All fields use camelCase like the `ConnectionPool` spec they are rendered from, and
+//! every section has defaults, so an empty file is a valid (dev-only) configuration.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML did not match the schema.
+    #[error("parsing config: {0}")]
+    Parse(#[from] serde_yaml::Error),
+    /// A value is out of its allowed range or two values contradict each other.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Tenant id; tokens whose `tenant` claim (if present) differs are refused with 403.
+    pub tenant: Option<String>,
+    /// Listen addresses and socket options.
+    pub listen: ListenConfig,
+    /// Connection and message limits.
+    pub limits: Limits,
+    /// How agents and backends authenticate.
+    pub auth: AuthConfig,
+    /// Where agents' messages go.
+    pub upstream: Option<UpstreamConfig>,
+    /// How pushes reach the pod that holds an agent's socket.
+    pub routing: RoutingConfig,
+    /// How the gateway empties itself before it exits.
+    pub drain: DrainConfig,
+    /// Reporting of this pod's connection count into the pool's status.
+    pub status: Option<StatusConfig>,
+}
+
+/// Listen addresses and socket options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Public address: agents' WebSockets (`GET /v1/connect`).
+    pub public: String,
+    /// Internal address: the push API, admin and health endpoints.
+    pub internal: String,
+    /// Listen backlog. Reconnect storms arrive as bursts of SYNs; a small backlog makes
+    /// the kernel drop them and clients wait a full SYN retransmit (1 s) per drop.
+    pub backlog: u32,
+    /// Deadline for the HTTP headers of an upgrade request (slowloris), in milliseconds.
+    pub header_timeout_ms: u64,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            public: "0.0.0.0:8080".into(),
+            internal: "0.0.0.0:8081".into(),
+            backlog: 4096,
+            header_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Connection and message limits; each maps to a `spec.limits` field of the pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most concurrent agent connections on this pod; more get 503 before the upgrade.
+    pub max_connections: usize,
+    /// Largest WebSocket message (and push body) accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Messages queued for one agent before it counts as a slow consumer and is closed.
+    pub outbound_queue: usize,
+    /// Sustained messages per second one agent may send.
+    pub messages_per_second: u32,
+    /// Burst above the sustained rate (token bucket size).
+    pub message_burst: u32,
+    /// Messages over the rate in a row before the connection is closed with 1008;
+    /// fewer get a `rate_limited` error each.
+    pub max_rate_violations: u32,
+    /// Malformed envelopes in a row before the connection is closed with 1008.
+    pub max_invalid_envelopes: u32,
+    /// Close a connection with no inbound frame for this long (0 = never).
+    pub idle_timeout_seconds: u64,
+    /// How often the gateway pings each agent.
+    pub ping_interval_seconds: u64,
+    /// How long after a ping the pong may take before the peer counts as dead.
+    pub pong_timeout_seconds: u64,
+    /// Default and largest timeout of a request to an agent, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Upper bound on a caller-chosen request timeout, in milliseconds.
+    pub max_request_timeout_ms: u64,
+    /// In-flight requests per agent (gateway → agent) before 429.
+    pub max_pending_requests: usize,
+    /// Read buffer per connection in bytes; small keeps idle memory low, large reads
+    /// big messages in fewer syscalls.
+    pub read_buffer_bytes: usize,
+    /// Bytes the gateway may buffer for one socket's writes before it stops accepting
+    /// more (the bound tungstenite's `max_write_buffer_size` enforces).
+    pub max_write_buffer_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 20_000,
+            max_message_bytes: 64 * 1024,
+            outbound_queue: 64,
+            messages_per_second: 50,
+            message_burst: 100,
+            max_rate_violations: 20,
+            max_invalid_envelopes: 10,
+            idle_timeout_seconds: 0,
+            ping_interval_seconds: 30,
+            pong_timeout_seconds: 20,
+            request_timeout_ms: 10_000,
+            max_request_timeout_ms: 60_000,
+            max_pending_requests: 64,
+            read_buffer_bytes: 1024,
+            max_write_buffer_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// How agents (JWT) and backends (API keys) authenticate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Agent tokens.
+    pub jwt: JwtConfig,
+    /// File with one push-API key per line (a mounted Secret); `#` starts a comment.
+    pub api_keys_file: Option<PathBuf>,
+}
+
+/// Agent token verification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// File holding the HS256 shared secret (raw bytes, trailing newline trimmed).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// File holding PEM public keys (RSA for RS256, EC P-256 for ES256), one or more.
+    pub public_keys_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_seconds: u64,
+    /// Grace after `exp` for an in-band `refresh` before the socket closes with 4001.
+    pub refresh_grace_seconds: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            hs256_secret_file: None,
+            public_keys_file: None,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 30,
+            refresh_grace_seconds: 0,
+        }
+    }
+}
+
+/// Which agent events are forwarded to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamEvent {
+    /// An agent connected.
+    Connect,
+    /// An agent disconnected.
+    Disconnect,
+    /// An agent sent a message (`send`, `request`, binary frame).
+    Message,
+}
+
+/// Where agents' messages go: an HTTP endpoint of the tenant's backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// URL the gateway POSTs to.
+    pub url: String,
+    /// File with the HMAC-SHA256 key that signs each POST (`X-Tether-Signature`).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Deadline of one POST, in milliseconds.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_ms: u64,
+    /// Events forwarded; `message` is needed for `send` and `request`.
+    #[serde(default = "default_upstream_events")]
+    pub events: Vec<UpstreamEvent>,
+    /// Concurrent POSTs in flight from this pod; more wait (back-pressure on agents).
+    #[serde(default = "default_upstream_concurrency")]
+    pub max_concurrency: usize,
+}
+
+fn default_upstream_timeout() -> u64 {
+    5_000
+}
+
+fn default_upstream_events() -> Vec<UpstreamEvent> {
+    vec![UpstreamEvent::Message]
+}
+
+fn default_upstream_concurrency() -> usize {
+    256
+}
+
+/// The message bus between pods.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// NATS bus; without it the gateway routes in memory (one pod, dev mode).
+    pub nats: Option<NatsConfig>,
+}
+
+/// NATS connection settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Subject/bucket namespace; defaults to the tenant (or `dev`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// How the gateway empties itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct DrainConfig {
+    /// Connections closed per second while draining.
+    pub connections_per_second: u32,
+    /// After this long the remaining connections are closed at once and the process exits.
+    pub deadline_seconds: u64,
+    /// Upper bound of the random delay in each `reconnect` hint, so that agents do not
+    /// all come back in the same millisecond.
+    pub reconnect_jitter_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            connections_per_second: 500,
+            deadline_seconds: 60,
+            reconnect_jitter_ms: 2_000,
+        }
+    }
+}
+
+/// Status reporting into `ConnectionPool.status.pods[]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Namespace of the pool.
+    pub namespace: String,
+    /// Name of the pool.
+    pub pool: String,
+    /// This pod's name (from the downward API).
+    pub pod_name: String,
+    /// Longest time between two reports.
+    #[serde(default = "default_report_interval")]
+    pub report_interval_seconds: u64,
+}
+
+fn default_report_interval() -> u64 {
+    10
+}
+
+// === impl GatewayConfig ===
+
+impl GatewayConfig {
+    /// Parses and validates a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: GatewayConfig = if text.trim().is_empty() {
+            GatewayConfig::default()
+        } else {
+            serde_yaml::from_str(text)?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a YAML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Renders the configuration as YAML (what the operator puts in the ConfigMap).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("config always serializes")
+    }
+
+    /// Checks ranges and cross-field rules; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let positive = [
+            ("limits.maxConnections", l.max_connections as u64),
+            ("limits.maxMessageBytes", l.max_message_bytes as u64),
+            ("limits.outboundQueue", l.outbound_queue as u64),
+            ("limits.messagesPerSecond", u64::from(l.messages_per_second)),
+            ("limits.pingIntervalSeconds", l.ping_interval_seconds),
+            ("limits.pongTimeoutSeconds", l.pong_timeout_seconds),
+            ("limits.requestTimeoutMs", l.request_timeout_ms),
+            ("limits.maxPendingRequests", l.max_pending_requests as u64),
+            ("limits.readBufferBytes", l.read_buffer_bytes as u64),
+            ("drain.connectionsPerSecond", u64::from(self.drain.connections_per_second)),
+            ("listen.backlog", u64::from(self.listen.backlog)),
+            ("listen.headerTimeoutMs", self.listen.header_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
+        }
+        if l.message_burst < l.messages_per_second {
+            return Err(ConfigError::Invalid(
+                "limits.messageBurst must be at least limits.messagesPerSecond".into(),
+            ));
+        }
+        if l.request_timeout_ms > l.max_request_timeout_ms {
+            return Err(ConfigError::Invalid(
+                "limits.requestTimeoutMs must not exceed limits.maxRequestTimeoutMs".into(),
+            ));
+        }
+        if l.max_write_buffer_bytes < l.max_message_bytes {
+            return Err(ConfigError::Invalid(
+                "limits.maxWriteBufferBytes must be at least limits.maxMessageBytes".into(),
+            ));
+        }
+        let jwt = &self.auth.jwt;
+        if jwt.hs256_secret_file.is_some() && jwt.public_keys_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "auth.jwt: set hs256SecretFile or publicKeysFile, not both (algorithm confusion)"
+                    .into(),
+            ));
+        }
+        if let Some(upstream) = &self.upstream {
+            if !(upstream.url.starts_with("http://") || upstream.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(
+                    "upstream.url must be an http:// or https:// URL".into(),
+                ));
+            }
+            if upstream.timeout_ms == 0 || upstream.max_concurrency == 0 {
+                return Err(ConfigError::Invalid(
+                    "upstream.timeoutMs and upstream.maxConcurrency must be greater than 0".into(),
+                ));
+            }
+        }
+        if let Some(status) = &self.status
+            && status.report_interval_seconds == 0
+        {
+            return Err(ConfigError::Invalid(
+                "status.reportIntervalSeconds must be greater than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(GatewayConfig::from_yaml("").unwrap(), GatewayConfig::default());
+    }
+
+    #[test]
+    fn yaml_round_trips() {
+        let mut config = GatewayConfig {
+            tenant: Some("acme".into()),
+            ..GatewayConfig::default()
+        };
+        config.limits.max_connections = 10;
+        config.upstream = Some(UpstreamConfig {
+            url: "http://backend:9000/events".into(),
+            secret_file: Some("/secrets/upstream/hmac".into()),
+            timeout_ms: 1000,
+            events: vec![UpstreamEvent::Connect, UpstreamEvent::Message],
+            max_concurrency: 8,
+        });
+        let text = config.to_yaml();
+        assert_eq!(GatewayConfig::from_yaml(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = GatewayConfig::from_yaml("limits:\n  maxConections: 5\n").unwrap_err();
+        assert!(err.to_string().contains("maxConections"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let err = GatewayConfig::from_yaml("limits:\n  outboundQueue: 0\n").unwrap_err();
+        assert!(err.to_string().contains("limits.outboundQueue"), "{err}");
+        let err = GatewayConfig::from_yaml(
+            "auth:\n  jwt:\n    hs256SecretFile: /a\n    publicKeysFile: /b\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = GatewayConfig::from_yaml("upstream:\n  url: ftp://x\n").unwrap_err();
+        assert!(err.to_string().contains("upstream.url"), "{err}");
+    }
+}
