@@ -276,8 +276,10 @@ pub struct StatusConfig {
     pub namespace: String,
     /// Name of the pool.
     pub pool: String,
-    /// This pod's name (from the downward API).
-    pub pod_name: String,
+    /// This pod's name; when absent the gateway reads the `POD_NAME` environment
+    /// variable (set from the downward API), since one ConfigMap serves every pod.
+    #[serde(default)]
+    pub pod_name: Option<String>,
     /// Longest time between two reports.
     #[serde(default = "default_report_interval")]
     pub report_interval_seconds: u64,
