@@ -1,0 +1,642 @@
+//! The `ConnectionPool` custom resource (`tether.dev/v1alpha1`).
+//!
+//! One `ConnectionPool` per tenant describes a gateway fleet: how many pods, how they
+//! scale, the limits each pod enforces, how agents and backends authenticate, where agent
+//! messages go, how pods route pushes to each other and how they drain. The operator
+//! (`tether-operator`) turns it into a StatefulSet and its companions; each gateway pod
+//! reports its connection count into `status.pods[]`.
+//!
+//! ```text
+//!   ConnectionPoolSpec ──(operator: pure builders)──► StatefulSet, Services, PDB, RBAC, ConfigMap
+//!          ▲                                                   │
+//!          │ kubectl apply                                     ▼ pods
+//!   ConnectionPoolStatus ◄── status.pods[<pod>] (SSA, one field manager per pod)
+//!                       ◄── everything else (SSA, field manager `tether-operator`)
+//! ```
+//!
+//! The types are the single source of truth: the schema (with bounds, enums, patterns and
+//! CEL rules for cross-field constraints) and `kubectl explain` descriptions come from
+//! them, and the `crdgen` binary renders the YAML committed under `crds/` and the Helm
+//! chart. [`check_generated`] is what CI uses to refuse a stale copy.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every Tether resource.
+pub const GROUP: &str = "tether.dev";
+/// The served and stored version.
+pub const VERSION: &str = "v1alpha1";
+
+/// Condition type: the pool serves agents at its desired size with the current spec.
+pub const CONDITION_READY: &str = "Ready";
+/// Condition type: a rollout or a resize is under way.
+pub const CONDITION_PROGRESSING: &str = "Progressing";
+/// Condition type: the pool cannot reach its desired state (bad spec, missing Secret,
+/// API errors); the reason and message say why.
+pub const CONDITION_DEGRADED: &str = "Degraded";
+
+/// A DNS-1123 label: what a tenant id must look like, since it ends up in names and labels.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// A DNS-1123 subdomain: what a Secret name must look like.
+pub const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A Secret data key.
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+
+/// Spec of a ConnectionPool: one tenant's fleet of WebSocket gateway pods.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tether.dev",
+    version = "v1alpha1",
+    kind = "ConnectionPool",
+    plural = "connectionpools",
+    singular = "connectionpool",
+    shortname = "cpool",
+    category = "tether",
+    namespaced,
+    status = "ConnectionPoolStatus",
+    derive = "PartialEq",
+    doc = "A ConnectionPool is one tenant's autoscaled fleet of Tether WebSocket gateways: agents connect to it, tenant backends push to them through it.",
+    scale(
+        spec_replicas_path = ".spec.replicas.min",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Tenant", type_ = "string", json_path = ".spec.tenant", description = "Tenant id"),
+    printcolumn(name = "Connections", type_ = "integer", json_path = ".status.totalConnections", description = "Open agent connections over all pods"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas", description = "Gateway pods that exist"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", description = "Gateway pods the operator wants"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Gateway pods that pass their readiness probe"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", description = "Reason of the Ready condition", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.scaling.targetConnectionsPerPod <= self.limits.maxConnectionsPerPod",
+        "message": "scaling.targetConnectionsPerPod must not exceed limits.maxConnectionsPerPod (pods would be full before the pool scales)"
+    },
+    {
+        "rule": "self.replicas.max == 1 || has(self.routing)",
+        "message": "routing is required when replicas.max > 1: pods need a message bus to reach agents connected to other pods"
+    }
+]))]
+pub struct ConnectionPoolSpec {
+    /// Tenant id (a DNS label). Agents' tokens whose `tenant` claim differs are refused;
+    /// it also namespaces the pool's subjects on the message bus.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub tenant: String,
+
+    /// Bounds of the number of gateway pods; the autoscaler stays within them.
+    pub replicas: ReplicasSpec,
+
+    /// How the pool grows and shrinks with its connection count.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
+
+    /// Limits each gateway pod enforces.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+
+    /// How agents (JWT) and tenant backends (API keys) authenticate.
+    pub auth: AuthSpec,
+
+    /// Where agents' messages go: an HTTP endpoint of the tenant's backend. Without it,
+    /// messages agents send are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamSpec>,
+
+    /// The message bus between pods. Required when `replicas.max` > 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingSpec>,
+
+    /// How a gateway pod empties itself before it stops (scale-down, rollout, eviction).
+    #[serde(default)]
+    pub drain: DrainSpec,
+
+    /// Pod template knobs of the gateway pods.
+    #[serde(default)]
+    pub template: PodTemplateSpec,
+
+    /// The client-facing Service that agents connect to.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Longest time between two status reports of a gateway pod, in seconds. Pods report
+    /// on change, at most this far apart; entries older than three intervals are stale.
+    #[serde(default = "default_report_interval")]
+    #[schemars(range(min = 1, max = 300))]
+    pub report_interval_seconds: i32,
+}
+
+fn default_report_interval() -> i32 {
+    10
+}
+
+/// Bounds of the pool's size.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    { "rule": "self.min <= self.max", "message": "replicas.min must not exceed replicas.max" }
+]))]
+pub struct ReplicasSpec {
+    /// Fewest gateway pods, also while idle. `kubectl scale` sets this field.
+    #[schemars(range(min = 1, max = 1000))]
+    pub min: i32,
+    /// Most gateway pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max: i32,
+}
+
+/// Autoscaling policy: desired pods = ceil(total connections / target), within a
+/// tolerance band, bounded by `replicas` and by the per-step limits below.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingSpec {
+    /// Connections per pod the autoscaler aims for.
+    #[serde(default = "default_target_connections")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub target_connections_per_pod: i32,
+    /// How fast the pool grows.
+    #[serde(default)]
+    pub scale_up: ScaleUpSpec,
+    /// How fast the pool shrinks (every removed pod is drained first).
+    #[serde(default)]
+    pub scale_down: ScaleDownSpec,
+    /// Dead band around the target, in percent: no resize while the mean connections per
+    /// pod is within this many percent of the target. An integer, per the Kubernetes API
+    /// conventions (no floats in specs).
+    #[serde(default = "default_tolerance")]
+    #[schemars(range(min = 0, max = 100))]
+    pub tolerance_percent: i32,
+}
+
+fn default_target_connections() -> i32 {
+    10_000
+}
+
+fn default_tolerance() -> i32 {
+    10
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        Self {
+            target_connections_per_pod: default_target_connections(),
+            scale_up: ScaleUpSpec::default(),
+            scale_down: ScaleDownSpec::default(),
+            tolerance_percent: default_tolerance(),
+        }
+    }
+}
+
+/// Scale-up rate limit.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleUpSpec {
+    /// Most pods added in one step.
+    #[serde(default = "default_up_step")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_pods_per_step: i32,
+    /// Least time between two scale-up steps, in seconds.
+    #[serde(default = "default_up_period")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub period_seconds: i32,
+}
+
+fn default_up_step() -> i32 {
+    4
+}
+
+fn default_up_period() -> i32 {
+    30
+}
+
+impl Default for ScaleUpSpec {
+    fn default() -> Self {
+        Self {
+            max_pods_per_step: default_up_step(),
+            period_seconds: default_up_period(),
+        }
+    }
+}
+
+/// Scale-down rate limit.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDownSpec {
+    /// How long the lower desired size must hold before pods are removed, in seconds, so
+    /// that a short dip does not cost a drain.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub stabilization_seconds: i32,
+    /// Most pods drained and removed in one step.
+    #[serde(default = "default_down_step")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_pods_per_step: i32,
+}
+
+fn default_stabilization() -> i32 {
+    300
+}
+
+fn default_down_step() -> i32 {
+    1
+}
+
+impl Default for ScaleDownSpec {
+    fn default() -> Self {
+        Self {
+            stabilization_seconds: default_stabilization(),
+            max_pods_per_step: default_down_step(),
+        }
+    }
+}
+
+/// Limits each gateway pod enforces.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Most concurrent agent connections on one pod; more are refused with 503 before the
+    /// WebSocket upgrade.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections_per_pod: i32,
+    /// Largest WebSocket message (and push body) accepted, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 128, max = 16_777_216))]
+    pub max_message_bytes: i32,
+    /// Messages queued for one agent before it counts as a slow consumer and is closed.
+    #[serde(default = "default_outbound_queue")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub outbound_queue: i32,
+    /// Sustained messages per second one agent may send (bursts up to twice that).
+    #[serde(default = "default_messages_per_second")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub messages_per_second_per_connection: i32,
+    /// Close a connection that sent nothing for this long, in seconds; 0 disables it
+    /// (pings still detect dead peers).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 604_800))]
+    pub idle_timeout_seconds: i32,
+}
+
+fn default_max_connections() -> i32 {
+    20_000
+}
+
+fn default_max_message_bytes() -> i32 {
+    65_536
+}
+
+fn default_outbound_queue() -> i32 {
+    64
+}
+
+fn default_messages_per_second() -> i32 {
+    50
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_connections_per_pod: default_max_connections(),
+            max_message_bytes: default_max_message_bytes(),
+            outbound_queue: default_outbound_queue(),
+            messages_per_second_per_connection: default_messages_per_second(),
+            idle_timeout_seconds: 0,
+        }
+    }
+}
+
+/// One key of a Secret in the pool's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret (same namespace as the pool).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key within the Secret's data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// Authentication of agents and tenant backends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// How agents' JWTs (sent before the WebSocket upgrade) are verified.
+    pub jwt: JwtSpec,
+    /// Secret key holding the push API's keys, one per line (`#` starts a comment).
+    /// Tenant backends send one as `Authorization: Bearer <key>`.
+    pub api_keys_secret_ref: SecretKeyRef,
+}
+
+/// Agent token verification. Exactly one key source: a shared HS256 secret, or PEM
+/// public keys (RS256/ES256) — never both, which would invite algorithm confusion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.secretRef) != has(self.publicKeysSecretRef)",
+        "message": "set exactly one of auth.jwt.secretRef (HS256) and auth.jwt.publicKeysSecretRef (RS256/ES256)"
+    }
+]))]
+pub struct JwtSpec {
+    /// Secret key holding the HS256 shared secret (raw bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding one or more PEM public keys (RSA for RS256, EC P-256 for
+    /// ES256). The design called this `jwksSecretRef`; the gateway reads PEM, not a JWKS
+    /// document, so the name says what the file holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_keys_secret_ref: Option<SecretKeyRef>,
+    /// Required `iss` claim, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub audience: Option<String>,
+}
+
+/// An agent event forwarded to the upstream.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamEvent {
+    /// An agent connected.
+    Connect,
+    /// An agent disconnected.
+    Disconnect,
+    /// An agent sent a message (`send`, `request`, binary frame).
+    Message,
+}
+
+/// The tenant backend endpoint that receives agents' messages and events.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamSpec {
+    /// URL the gateway POSTs to (`http://` or `https://`).
+    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: String,
+    /// Secret key holding the HMAC-SHA256 key that signs each POST
+    /// (`X-Tether-Signature`). Unsigned when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Deadline of one POST, in milliseconds.
+    #[serde(default = "default_upstream_timeout")]
+    #[schemars(range(min = 1, max = 300_000))]
+    pub timeout_ms: i32,
+    /// Events forwarded; `message` is needed for agents' `send` and `request`.
+    #[serde(default = "default_upstream_events")]
+    #[schemars(length(max = 3), extend("x-kubernetes-list-type" = "set"))]
+    pub events: Vec<UpstreamEvent>,
+}
+
+fn default_upstream_timeout() -> i32 {
+    5_000
+}
+
+fn default_upstream_events() -> Vec<UpstreamEvent> {
+    vec![UpstreamEvent::Message]
+}
+
+/// The message bus between gateway pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingSpec {
+    /// NATS: either an existing server (`url`) or one the operator runs for this pool
+    /// (`managed: true`).
+    pub nats: NatsRoutingSpec,
+}
+
+/// NATS settings: exactly one of `url` and `managed: true`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.url) != (has(self.managed) && self.managed)",
+        "message": "set exactly one of routing.nats.url and routing.nats.managed: true"
+    }
+]))]
+pub struct NatsRoutingSpec {
+    /// Server URL(s) of an existing NATS (JetStream enabled), comma-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(nats|tls)://[^\s]+$"))]
+    pub url: Option<String>,
+    /// Run a small NATS server for this pool, owned by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<bool>,
+}
+
+/// How a gateway pod drains: it turns unready, sends agents a `reconnect` hint and
+/// closes their sockets at a bounded rate, then exits.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// Connections closed per second while draining.
+    #[serde(default = "default_drain_rate")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub connections_per_second: i32,
+    /// After this long the remaining connections are closed at once. The pods' grace
+    /// period is set above it.
+    #[serde(default = "default_drain_deadline")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub deadline_seconds: i32,
+    /// Upper bound of the random delay in each `reconnect` hint, in milliseconds, so that
+    /// agents do not all come back at once.
+    #[serde(default = "default_drain_jitter")]
+    #[schemars(range(min = 0, max = 600_000))]
+    pub reconnect_jitter_ms: i32,
+}
+
+fn default_drain_rate() -> i32 {
+    500
+}
+
+fn default_drain_deadline() -> i32 {
+    60
+}
+
+fn default_drain_jitter() -> i32 {
+    2_000
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self {
+            connections_per_second: default_drain_rate(),
+            deadline_seconds: default_drain_deadline(),
+            reconnect_jitter_ms: default_drain_jitter(),
+        }
+    }
+}
+
+/// When the kubelet pulls the gateway image.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    /// Every pod start.
+    Always,
+    /// Only when the node lacks it.
+    IfNotPresent,
+    /// Never (the image must be on the node).
+    Never,
+}
+
+/// Knobs of the gateway pods' template.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateSpec {
+    /// Gateway image reference; defaults to the image the operator was installed with
+    /// (its `--gateway-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Image pull policy of the gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// CPU and memory requests and limits of the gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Extra environment variables of the gateway container (e.g. `RUST_LOG`,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). `POD_NAME`, `POD_NAMESPACE` and `TETHER_*` are
+    /// reserved.
+    // The reserved names are checked by the operator (an Event and a condition), not by
+    // a CEL rule: a rule over an EnvVar list has an unbounded cost estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub env: Option<Vec<EnvVar>>,
+    /// Extra annotations of the pods (e.g. for a service mesh or a log shipper).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Type of the client-facing Service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster (behind an ingress or a mesh).
+    #[default]
+    ClusterIP,
+    /// A port on every node.
+    NodePort,
+    /// A cloud load balancer.
+    LoadBalancer,
+}
+
+/// The client-facing Service agents connect to (public port only; the push API gets a
+/// separate ClusterIP Service).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Annotations of the Service (e.g. load balancer settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Observed state of a ConnectionPool. `pods[]` entries are written by the gateway pods
+/// themselves (one field manager each); the rest by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolStatus {
+    /// One entry per gateway pod, applied by that pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub pods: Vec<PodReport>,
+    /// Open agent connections over all live pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_connections: Option<i64>,
+    /// Gateway pods that exist (the StatefulSet's replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Gateway pods that pass their readiness probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Gateway pods the operator wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// When the operator last changed the number of pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// The `metadata.generation` the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Label selector of the pool's pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Ready, Progressing and Degraded, in the standard condition shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One gateway pod's report.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodReport {
+    /// Pod name.
+    pub name: String,
+    /// Open agent connections on the pod.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub connections: i64,
+    /// The pod accepts new connections.
+    #[serde(default)]
+    pub ready: bool,
+    /// The pod is draining: it accepts nothing and is closing its connections.
+    #[serde(default)]
+    pub draining: bool,
+    /// When the pod wrote this entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<Time>,
+    /// Random id of the gateway process, so a restarted pod with the same name is told
+    /// apart from its predecessor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+// === generated YAML ===
+
+/// The CRD as YAML, exactly as committed under `crds/` and `charts/tether/crds/`.
+pub fn crd_yaml() -> String {
+    let crd = ConnectionPool::crd();
+    let body = serde_yaml::to_string(&crd).expect("a CRD always serializes");
+    format!(
+        "# Generated by `cargo run -p tether-crds --bin crdgen -- --write` from crds/src/lib.rs.\n# Do not edit by hand.\n{body}"
+    )
+}
+
+/// The files that hold a copy of the generated CRD, relative to the repository root.
+pub const GENERATED_FILES: [&str; 2] = [
+    "crds/connectionpool.yaml",
+    "charts/tether/crds/connectionpool.yaml",
+];
+
+/// Returns the generated files under `root` whose content differs from [`crd_yaml`]
+/// (missing files count as different).
+pub fn check_generated(root: &std::path::Path) -> Vec<String> {
+    let want = crd_yaml();
+    GENERATED_FILES
+        .iter()
+        .filter(|rel| std::fs::read_to_string(root.join(rel)).ok().as_deref() != Some(&want))
+        .map(|rel| rel.to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

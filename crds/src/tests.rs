@@ -1,0 +1,234 @@
+//! Schema, CEL and generated-YAML tests of the ConnectionPool types.
+
+use super::*;
+use kube::core::cel::{ScopeContext, Validator, analyze_rule, compile_schema};
+use serde_json::{Value, json};
+
+fn schema() -> Value {
+    let crd = ConnectionPool::crd();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// A valid pool as a user would write it, as JSON so tests can break one field.
+fn minimal() -> Value {
+    json!({
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "ConnectionPool",
+        "metadata": {"name": "acme", "namespace": "tenants"},
+        "spec": {
+            "tenant": "acme",
+            "replicas": {"min": 1, "max": 1},
+            "auth": {
+                "jwt": {"secretRef": {"name": "acme-jwt", "key": "hs256"}},
+                "apiKeysSecretRef": {"name": "acme-api-keys", "key": "keys"}
+            }
+        }
+    })
+}
+
+/// The messages of the CEL rules that `object` breaks (schema defaults applied first,
+/// as the apiserver does).
+fn cel_failures(object: &Value) -> Vec<String> {
+    match Validator::new().validate(&schema(), object, None) {
+        Ok(()) => vec![],
+        Err(errors) => errors.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn names_subresources_and_columns() {
+    let crd = ConnectionPool::crd();
+    assert_eq!(crd.metadata.name.as_deref(), Some("connectionpools.tether.dev"));
+    assert_eq!(crd.spec.names.short_names, Some(vec!["cpool".to_string()]));
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, VERSION);
+    let sub = version.subresources.as_ref().unwrap();
+    assert!(sub.status.is_some());
+    let scale = sub.scale.as_ref().unwrap();
+    assert_eq!(scale.spec_replicas_path, ".spec.replicas.min");
+    assert_eq!(scale.status_replicas_path, ".status.replicas");
+    let columns: Vec<_> = version
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Tenant", "Connections", "Replicas", "Desired", "Ready", "Status", "Age"]
+    );
+}
+
+#[test]
+fn status_lists_are_maps_so_each_pod_owns_its_entry() {
+    let s = schema();
+    let pods = &s["properties"]["status"]["properties"]["pods"];
+    assert_eq!(pods["x-kubernetes-list-type"], "map");
+    assert_eq!(pods["x-kubernetes-list-map-keys"], json!(["name"]));
+    let conditions = &s["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+}
+
+#[test]
+fn field_docs_become_descriptions() {
+    let s = schema();
+    let tenant = &s["properties"]["spec"]["properties"]["tenant"];
+    assert!(tenant["description"].as_str().unwrap().starts_with("Tenant id"));
+    assert_eq!(tenant["pattern"], DNS_LABEL_PATTERN);
+    let min = &s["properties"]["spec"]["properties"]["replicas"]["properties"]["min"];
+    assert_eq!(min["minimum"], json!(1.0));
+}
+
+#[test]
+fn every_cel_rule_compiles_in_crd_scope() {
+    let s = schema();
+    let compiled = compile_schema(&s);
+    assert!(!compiled.has_errors(), "{:?}", compiled.compilation_errors());
+    let text = serde_json::to_string(&s).unwrap();
+    let rules: Vec<Value> = find_rules(&s);
+    assert!(rules.len() >= 5, "rules: {rules:?} in {text}");
+    for rule in rules {
+        let rule = rule["rule"].as_str().unwrap();
+        let warnings = analyze_rule(rule, &compiled, ScopeContext::CrdValidation);
+        assert!(warnings.is_empty(), "{rule}: {warnings:?}");
+    }
+}
+
+fn find_rules(v: &Value) -> Vec<Value> {
+    let mut out = vec![];
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                if k == "x-kubernetes-validations" {
+                    out.extend(child.as_array().unwrap().iter().cloned());
+                } else {
+                    out.extend(find_rules(child));
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| out.extend(find_rules(i))),
+        _ => {}
+    }
+    out
+}
+
+#[test]
+fn minimal_pool_is_valid_and_defaults_fill_in() {
+    assert_eq!(cel_failures(&minimal()), Vec::<String>::new());
+    let pool: ConnectionPool = serde_json::from_value(minimal()).unwrap();
+    assert_eq!(pool.spec.limits, LimitsSpec::default());
+    assert_eq!(pool.spec.drain.deadline_seconds, 60);
+    assert_eq!(pool.spec.report_interval_seconds, 10);
+    assert_eq!(pool.spec.service.type_, ServiceType::ClusterIP);
+}
+
+#[test]
+fn min_above_max_is_refused() {
+    let mut pool = minimal();
+    pool["spec"]["replicas"] = json!({"min": 3, "max": 2});
+    pool["spec"]["routing"] = json!({"nats": {"url": "nats://nats:4222"}});
+    let failures = cel_failures(&pool);
+    assert!(failures.iter().any(|f| f.contains("replicas.min must not exceed")), "{failures:?}");
+}
+
+#[test]
+fn exactly_one_jwt_key_source() {
+    let mut both = minimal();
+    both["spec"]["auth"]["jwt"]["publicKeysSecretRef"] = json!({"name": "k", "key": "pem"});
+    let mut neither = minimal();
+    neither["spec"]["auth"]["jwt"] = json!({"issuer": "https://id.example"});
+    for pool in [both, neither] {
+        let failures = cel_failures(&pool);
+        assert!(failures.iter().any(|f| f.contains("exactly one of auth.jwt")), "{failures:?}");
+    }
+    let mut public = minimal();
+    public["spec"]["auth"]["jwt"] = json!({"publicKeysSecretRef": {"name": "k", "key": "pem"}});
+    assert_eq!(cel_failures(&public), Vec::<String>::new());
+}
+
+#[test]
+fn multi_pod_pools_need_routing() {
+    let mut pool = minimal();
+    pool["spec"]["replicas"] = json!({"min": 1, "max": 4});
+    let failures = cel_failures(&pool);
+    assert!(failures.iter().any(|f| f.contains("routing is required")), "{failures:?}");
+    pool["spec"]["routing"] = json!({"nats": {"managed": true}});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+}
+
+#[test]
+fn nats_is_url_or_managed_not_both() {
+    let mut pool = minimal();
+    pool["spec"]["routing"] = json!({"nats": {"url": "nats://n:4222", "managed": true}});
+    let failures = cel_failures(&pool);
+    assert!(failures.iter().any(|f| f.contains("routing.nats.url")), "{failures:?}");
+    pool["spec"]["routing"] = json!({"nats": {"managed": false}});
+    assert!(!cel_failures(&pool).is_empty());
+}
+
+#[test]
+fn scaling_target_must_fit_in_a_pod() {
+    let mut pool = minimal();
+    pool["spec"]["limits"] = json!({"maxConnectionsPerPod": 1000});
+    let failures = cel_failures(&pool);
+    assert!(failures.iter().any(|f| f.contains("targetConnectionsPerPod")), "{failures:?}");
+    pool["spec"]["scaling"] = json!({"targetConnectionsPerPod": 800});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+}
+
+#[test]
+fn operator_status_patch_leaves_pods_out() {
+    // The operator applies status with its own field manager; a `pods` key in its body,
+    // even empty, would claim the list and wipe the pods' entries.
+    let status = ConnectionPoolStatus {
+        replicas: Some(2),
+        ..Default::default()
+    };
+    let body = serde_json::to_value(&status).unwrap();
+    assert_eq!(body, json!({"replicas": 2}));
+}
+
+#[test]
+fn committed_yaml_is_current() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let stale = check_generated(&root);
+    assert!(
+        stale.is_empty(),
+        "{stale:?} differ from the types: run `cargo run -p tether-crds --bin crdgen -- --write`"
+    );
+}
+
+#[test]
+fn examples_are_valid_pools() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let yaml = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+            let value = serde_json::to_value(yaml).unwrap();
+            if value["kind"] != "ConnectionPool" {
+                continue;
+            }
+            seen += 1;
+            let failures = cel_failures(&value);
+            assert!(failures.is_empty(), "{}: {failures:?}", path.display());
+            let pool: ConnectionPool = serde_json::from_value(value).unwrap();
+            assert!(!pool.spec.tenant.is_empty());
+        }
+    }
+    assert!(seen >= 2, "expected a minimal and a full example in {}", dir.display());
+}

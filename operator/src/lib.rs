@@ -1,0 +1,1 @@
+//! The Tether operator (work in progress).

@@ -1,0 +1,2 @@
+//! `tether-operator` binary.
+fn main() {}
