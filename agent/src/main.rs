@@ -1,0 +1,227 @@
+//! `tether-agent`: a small agent for manual use and demos. It connects, prints every push
+//! as a JSON line on stdout, and answers requests with a fixed reply or by running a
+//! command (request data on stdin, its stdout is the answer).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use tether_agent::{
+    Agent, ErrorBody, ErrorCode, Hs256Minter, Payload, RawValue, StaticToken, TokenFile, TokenProvider,
+};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Parser, Debug)]
+#[command(name = "tether-agent", version, about = "Connect to a Tether gateway as an agent")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connect, print pushes, answer requests; runs until Ctrl-C or a terminal close.
+    Connect(ConnectArgs),
+    /// Print a development token minted with the gateway's HS256 secret.
+    Token(TokenArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+struct TokenArgs {
+    /// File with the gateway's HS256 secret (`auth.jwt.hs256SecretFile`).
+    #[arg(long, env = "TETHER_HS256_SECRET_FILE")]
+    hs256_secret_file: Option<PathBuf>,
+    /// Agent id (`sub`) of minted tokens.
+    #[arg(long, env = "TETHER_AGENT_ID", default_value = "dev-agent")]
+    agent_id: String,
+    /// Groups claim of minted tokens, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
+    /// Lifetime of minted tokens, in seconds (the SDK refreshes them in band).
+    #[arg(long, default_value_t = 3600)]
+    ttl_seconds: u64,
+    /// Tenant claim of minted tokens.
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct ConnectArgs {
+    /// Gateway URL.
+    #[arg(long, env = "TETHER_URL", default_value = "ws://127.0.0.1:8080/v1/connect")]
+    url: String,
+    /// A bearer token.
+    #[arg(long, env = "TETHER_TOKEN", conflicts_with_all = ["token_file", "hs256_secret_file"])]
+    token: Option<String>,
+    /// A file holding the token, re-read on every connect and refresh.
+    #[arg(long, env = "TETHER_TOKEN_FILE", conflicts_with = "hs256_secret_file")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    mint: TokenArgs,
+    /// Answer every request with this JSON.
+    #[arg(long, conflicts_with = "exec")]
+    reply: Option<String>,
+    /// Answer requests by running this shell command: request data on stdin, stdout
+    /// (JSON, or else taken as a string) is the answer; a non-zero exit is an error.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Send this JSON to the upstream once connected (repeatable); waits for each ack.
+    #[arg(long)]
+    send: Vec<String>,
+    /// Exit after the `--send` messages are acknowledged instead of staying connected.
+    #[arg(long)]
+    exit_after_send: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "tether_agent=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Args::parse().command {
+        Command::Connect(args) => connect(args).await,
+        Command::Token(args) => {
+            println!("{}", minter(&args)?.mint()?);
+            Ok(())
+        }
+    }
+}
+
+fn minter(args: &TokenArgs) -> anyhow::Result<Hs256Minter> {
+    let TokenArgs {
+        hs256_secret_file,
+        agent_id,
+        groups,
+        ttl_seconds,
+        tenant,
+    } = args;
+    let Some(path) = hs256_secret_file else {
+        bail!("give --token, --token-file or --hs256-secret-file");
+    };
+    let mut minter = Hs256Minter::from_secret_file(path, agent_id.clone())?;
+    minter.groups = groups.clone();
+    minter.ttl = Duration::from_secs(*ttl_seconds);
+    minter.tenant = tenant.clone();
+    Ok(minter)
+}
+
+async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let ConnectArgs {
+        url,
+        token,
+        token_file,
+        mint,
+        reply,
+        exec,
+        send,
+        exit_after_send,
+    } = args;
+    let tokens: Arc<dyn TokenProvider> = match (token, token_file) {
+        (Some(token), _) => Arc::new(StaticToken(token)),
+        (None, Some(path)) => Arc::new(TokenFile(path)),
+        (None, None) => Arc::new(minter(&mint)?),
+    };
+    let reply: Option<Box<RawValue>> = reply
+        .map(|text| RawValue::from_string(text).context("--reply must be JSON"))
+        .transpose()?;
+    let sends = send
+        .into_iter()
+        .map(|text| RawValue::from_string(text).context("--send must be JSON"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let exec = exec.map(Arc::new);
+    let agent = Agent::builder_shared(url, tokens)
+        .on_push(|push| async move {
+            let line = match &push.payload {
+                Payload::Json(data) => {
+                    serde_json::json!({"event": "push", "id": push.id, "data": data})
+                }
+                Payload::Binary(bytes) => serde_json::json!({"event": "push", "binary_len": bytes.len()}),
+            };
+            println!("{line}");
+        })
+        .on_request(move |request| {
+            let reply = reply.clone();
+            let exec = exec.clone();
+            async move {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "request", "id": request.id, "data": request.data})
+                );
+                match (reply, exec) {
+                    (Some(reply), _) => Ok(reply),
+                    (None, Some(command)) => run_command(&command, request.data.get()).await,
+                    (None, None) => Err(ErrorBody::new(ErrorCode::HandlerError, "no --reply or --exec given")),
+                }
+            }
+        })
+        .start()?;
+    let session = agent.connected().await?;
+    eprintln!(
+        "connected as {} (connection {})",
+        session.agent_id, session.connection_id
+    );
+    for data in sends {
+        agent.send_raw(uuid_like(), data).await?;
+        println!("{}", serde_json::json!({"event": "acked"}));
+    }
+    if exit_after_send {
+        agent.close().await;
+        return Ok(());
+    }
+    let mut state = agent.state();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => agent.close().await,
+        stopped = state.wait_for(|s| matches!(s, tether_agent::State::Stopped(_))) => {
+            if let Ok(state) = stopped {
+                bail!("agent stopped: {:?}", *state);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn uuid_like() -> String {
+    format!(
+        "cli-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    )
+}
+
+async fn run_command(command: &str, input: &str) -> Result<Box<RawValue>, ErrorBody> {
+    let fail = |message: String| ErrorBody::new(ErrorCode::HandlerError, message);
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| fail(format!("spawning command: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes()).await;
+    }
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| fail(format!("running command: {e}")))?;
+    if !output.status.success() {
+        return Err(fail(format!(
+            "command exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    match RawValue::from_string(stdout.clone()) {
+        Ok(json) => Ok(json),
+        Err(_) => serde_json::value::to_raw_value(&stdout).map_err(|e| fail(e.to_string())),
+    }
+}

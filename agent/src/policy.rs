@@ -1,0 +1,334 @@
+//! Pure decisions of the connection loop: when to reconnect, when to refresh the token,
+//! whether a refused `send` is worth retrying. No I/O and no clocks of their own (the
+//! caller passes `now` and a random source), so every rule is unit-tested here.
+
+use std::time::Duration;
+
+use rand::Rng;
+use tether_protocol::{CloseCode, ErrorCode};
+
+/// Exponential back-off with full jitter: the n-th retry waits a uniformly random time in
+/// `[0, min(cap, base * 2^n)]`. Full jitter spreads a reconnect storm over the whole
+/// window instead of synchronising clients on the same exponential steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Window of the first retry.
+    pub base: Duration,
+    /// Largest window.
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(250),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The upper bound of the window for retry number `attempt` (0-based).
+    pub fn window(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A random delay in `[0, window(attempt)]`.
+    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
+        let window = self.window(attempt).as_millis() as u64;
+        Duration::from_millis(rng.random_range(0..=window))
+    }
+}
+
+/// How one connection attempt or session ended, as far as the reconnect decision cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The gateway answered the upgrade request with an HTTP error.
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The gateway closed the session with a close frame.
+    Closed {
+        /// The close code.
+        code: u16,
+        /// The delay of a `reconnect` hint received before the close, if any.
+        hint: Option<Duration>,
+    },
+    /// The transport failed without a close frame: refused TCP connect, reset, EOF, a
+    /// handshake timeout, or no pong in time (dead server).
+    Lost {
+        /// The delay of a `reconnect` hint received before the loss, if any.
+        hint: Option<Duration>,
+    },
+    /// The token provider failed to produce a token.
+    TokenUnavailable,
+}
+
+/// Why the agent stopped for good.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StopReason {
+    /// The application closed the agent.
+    #[error("closed by the application")]
+    Closed,
+    /// The gateway refused the token (HTTP 401/403): retrying the same credentials would
+    /// only hammer the gateway.
+    #[error("authentication rejected with HTTP {status}")]
+    AuthRejected {
+        /// 401 or 403.
+        status: u16,
+    },
+    /// The gateway closed with a code that forbids reconnecting (token invalid, replaced
+    /// by a newer connection, disconnected by a backend).
+    #[error("closed by the gateway with code {code}, which forbids reconnecting")]
+    Refused {
+        /// The close code.
+        code: u16,
+    },
+}
+
+/// What to do after a session or attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Connect again after this delay.
+    Reconnect(Duration),
+    /// Give up.
+    Stop(StopReason),
+}
+
+/// Reconnect rules beyond the plain back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    /// The back-off used for ordinary failures.
+    pub backoff: Backoff,
+    /// Added to the back-off when the gateway says it is overloaded (close 1013, HTTP
+    /// 503/429): coming back at once would add to the overload.
+    pub overload_floor: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::default(),
+            overload_floor: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Decides whether and when to reconnect. `attempt` counts consecutive failures since
+/// the last session that got a `welcome` (0 for the first retry).
+pub fn decide(ended: &Ended, attempt: u32, policy: &ReconnectPolicy, rng: &mut impl Rng) -> Decision {
+    let backoff = policy.backoff.delay(attempt, rng);
+    match *ended {
+        Ended::Rejected { status: status @ (401 | 403) } => {
+            Decision::Stop(StopReason::AuthRejected { status })
+        }
+        Ended::Rejected { status: 503 | 429 } => Decision::Reconnect(policy.overload_floor + backoff),
+        Ended::Rejected { .. } | Ended::TokenUnavailable => Decision::Reconnect(backoff),
+        Ended::Closed { code, hint } => match CloseCode::from_code(code) {
+            Some(known) if !known.should_reconnect() => Decision::Stop(StopReason::Refused { code }),
+            // The gateway already jittered its hint across its agents; honour it as is.
+            _ if hint.is_some() => Decision::Reconnect(hint.unwrap_or_default()),
+            Some(CloseCode::TryAgainLater) => Decision::Reconnect(policy.overload_floor + backoff),
+            // The token ran out: a fresh one fixes it, so come back without waiting for
+            // the back-off to grow (still jittered: many agents may share an expiry).
+            Some(CloseCode::TokenExpired) => {
+                Decision::Reconnect(policy.backoff.delay(0, rng))
+            }
+            _ => Decision::Reconnect(backoff),
+        },
+        Ended::Lost { hint: Some(hint) } => Decision::Reconnect(hint),
+        Ended::Lost { hint: None } => Decision::Reconnect(backoff),
+    }
+}
+
+/// How long to wait before refreshing a token that expires at `expires_at` (Unix
+/// seconds), seen at `now` (Unix seconds). The refresh happens `margin` before expiry,
+/// but never later than half of the remaining life, so that short-lived tokens still
+/// leave time for a slow token provider and a retry.
+pub fn refresh_delay(now: u64, expires_at: u64, margin: Duration) -> Duration {
+    let remaining = Duration::from_secs(expires_at.saturating_sub(now));
+    let lead = margin.min(remaining / 2);
+    remaining - lead
+}
+
+/// Whether a `nack` with this code may succeed later. Size and shape errors never will;
+/// everything else (upstream down, timeout, rate limit, overload) is transient.
+pub fn nack_is_retryable(code: ErrorCode) -> bool {
+    !matches!(code, ErrorCode::BadRequest | ErrorCode::TooLarge)
+}
+
+/// The delay before re-sending a `send` that was refused: the gateway's `retry_after_ms`
+/// when it gave one, otherwise the back-off for this attempt.
+pub fn resend_delay(
+    retry_after_ms: Option<u64>,
+    attempt: u32,
+    backoff: &Backoff,
+    rng: &mut impl Rng,
+) -> Duration {
+    match retry_after_ms {
+        Some(ms) => Duration::from_millis(ms),
+        None => backoff.delay(attempt, rng),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{SeedableRng, rngs::StdRng};
+
+    use super::*;
+
+    fn rng() -> StdRng {
+        StdRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn backoff_window_doubles_up_to_the_cap() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(1),
+        };
+        assert_eq!(b.window(0), Duration::from_millis(100));
+        assert_eq!(b.window(1), Duration::from_millis(200));
+        assert_eq!(b.window(3), Duration::from_millis(800));
+        assert_eq!(b.window(4), Duration::from_secs(1));
+        assert_eq!(b.window(200), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn full_jitter_covers_the_window() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+        };
+        let mut rng = rng();
+        let delays: Vec<_> = (0..2000).map(|_| b.delay(3, &mut rng)).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(800)));
+        // Full jitter: both ends of the window are used, not only the upper half.
+        assert!(delays.iter().any(|d| *d < Duration::from_millis(100)));
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(700)));
+    }
+
+    #[test]
+    fn auth_failures_stop() {
+        let p = ReconnectPolicy::default();
+        for status in [401, 403] {
+            assert_eq!(
+                decide(&Ended::Rejected { status }, 0, &p, &mut rng()),
+                Decision::Stop(StopReason::AuthRejected { status })
+            );
+        }
+        for code in [4002, 4003, 4005] {
+            assert_eq!(
+                decide(&Ended::Closed { code, hint: Some(Duration::from_secs(1)) }, 0, &p, &mut rng()),
+                Decision::Stop(StopReason::Refused { code })
+            );
+        }
+    }
+
+    #[test]
+    fn reconnect_hint_is_honoured_exactly() {
+        let p = ReconnectPolicy::default();
+        let hint = Some(Duration::from_millis(1234));
+        for ended in [
+            Ended::Closed { code: 1012, hint },
+            Ended::Closed { code: 1001, hint },
+            Ended::Lost { hint },
+        ] {
+            assert_eq!(
+                decide(&ended, 5, &p, &mut rng()),
+                Decision::Reconnect(Duration::from_millis(1234)),
+                "{ended:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn overload_backs_off_above_the_floor() {
+        let p = ReconnectPolicy {
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(5),
+            },
+            overload_floor: Duration::from_secs(2),
+        };
+        let mut rng = rng();
+        for ended in [
+            Ended::Closed { code: 1013, hint: None },
+            Ended::Rejected { status: 503 },
+            Ended::Rejected { status: 429 },
+        ] {
+            for attempt in 0..4 {
+                match decide(&ended, attempt, &p, &mut rng) {
+                    Decision::Reconnect(d) => {
+                        assert!(d >= Duration::from_secs(2), "{ended:?} {d:?}");
+                        assert!(d <= Duration::from_secs(2) + p.backoff.window(attempt));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transient_failures_use_the_growing_backoff() {
+        let p = ReconnectPolicy::default();
+        let mut rng = rng();
+        for ended in [
+            Ended::Lost { hint: None },
+            Ended::Closed { code: 1006, hint: None },
+            Ended::Closed { code: 4007, hint: None },
+            Ended::Rejected { status: 502 },
+            Ended::TokenUnavailable,
+        ] {
+            match decide(&ended, 6, &p, &mut rng) {
+                Decision::Reconnect(d) => assert!(d <= p.backoff.window(6)),
+                other => panic!("{ended:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn token_expiry_reconnects_within_the_first_window() {
+        let p = ReconnectPolicy::default();
+        match decide(&Ended::Closed { code: 4001, hint: None }, 9, &p, &mut rng()) {
+            Decision::Reconnect(d) => assert!(d <= p.backoff.base),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refresh_happens_before_expiry() {
+        let margin = Duration::from_secs(60);
+        // Long-lived token: refresh one margin before expiry.
+        assert_eq!(refresh_delay(1000, 4600, margin), Duration::from_secs(3540));
+        // Short-lived token: halfway through its remaining life.
+        assert_eq!(refresh_delay(1000, 1010, margin), Duration::from_secs(5));
+        // Already expired: at once.
+        assert_eq!(refresh_delay(2000, 1000, margin), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_transient_nacks_are_retried() {
+        assert!(!nack_is_retryable(ErrorCode::BadRequest));
+        assert!(!nack_is_retryable(ErrorCode::TooLarge));
+        for code in [
+            ErrorCode::UpstreamError,
+            ErrorCode::Timeout,
+            ErrorCode::RateLimited,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+            ErrorCode::Unknown,
+        ] {
+            assert!(nack_is_retryable(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn resend_prefers_the_gateway_hint() {
+        let b = Backoff::default();
+        assert_eq!(resend_delay(Some(700), 3, &b, &mut rng()), Duration::from_millis(700));
+        assert!(resend_delay(None, 0, &b, &mut rng()) <= b.base);
+    }
+}
