@@ -1,1 +1,36 @@
-//! Tether's WebSocket gateway.
+//! Tether's WebSocket gateway: one process per pod, holding agents' persistent
+//! connections and delivering backends' messages to them.
+//!
+//! ```text
+//!                    public port                                internal port
+//!  agent ──WS──> upgrade (auth, admission) ──> session ◄── hub ◄── router ◄── push API ◄── backend
+//!                                                │                   │
+//!                                                └── upstream POST ──┘ (agent → backend: send/request)
+//! ```
+//!
+//! - [`upgrade`]: the RFC 6455 handshake; JWT auth and admission happen before the 101.
+//! - [`session`]: one task per connection: inbound frames, outbox, one timer.
+//! - [`hub`]: this process's connections, groups and pending requests.
+//! - [`router`]: the seam between the push API and the hub; [`router::LocalRouter`]
+//!   for one pod, a bus-backed router for a pool of pods.
+//! - [`api`]: the push API, admin and health endpoints.
+//! - [`server`]: listeners, accept loop and drain.
+//!
+//! Memory per idle connection is the headline: no per-connection channel or buffer
+//! beyond tungstenite's small read buffer, one task and one timer per connection, and
+//! broadcast frames encoded once and shared.
+
+pub mod api;
+pub mod auth;
+pub mod hub;
+pub mod metrics;
+pub mod rate;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod telemetry;
+pub mod upgrade;
+pub mod upstream;
+
+pub use server::{Gateway, RouterFactory, StartError};

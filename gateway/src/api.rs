@@ -1,0 +1,491 @@
+//! The internal HTTP API: the push API for tenant backends (API-key auth), admin and
+//! health endpoints. Handlers extract, call the router once, and map the outcome to a
+//! status; `docs/push-api.md` lists every route.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router as HttpRouter;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use serde_json::json;
+use tether_protocol::{ErrorBody, GatewayMessage, MAX_ID_LEN, RawValue, encode_push};
+use tracing::instrument;
+
+use crate::auth::AuthError;
+use crate::hub::Outbound;
+use crate::metrics::label;
+use crate::router::{Push, Request as AgentRequest, RouteError};
+use crate::state::AppState;
+
+/// An API failure; the body is `{"error":{"code","message"}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 413.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 426.
+    #[error("{0}")]
+    UpgradeRequired(String),
+    /// 429.
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// 502: the agent answered with an error or went away.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 504.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
+            ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "agent_error"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        let mut response = (status, body).into_response();
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing | AuthError::Invalid(_) => ApiError::Unauthorized(e.to_string()),
+            AuthError::Forbidden(_) => ApiError::Forbidden(e.to_string()),
+        }
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        let message = e.to_string();
+        match e {
+            RouteError::NotConnected => ApiError::NotFound(message),
+            RouteError::QueueFull | RouteError::TooManyPending => {
+                ApiError::TooManyRequests(message)
+            }
+            RouteError::Timeout(_) => ApiError::Timeout(message),
+            RouteError::AgentGone => ApiError::BadGateway(message),
+            RouteError::Unavailable(_) => ApiError::Unavailable(message),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The internal API's routes.
+pub fn router(state: Arc<AppState>) -> HttpRouter {
+    let limit = state.config.limits.max_message_bytes;
+    let authenticated = HttpRouter::new()
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{agent}", get(presence).delete(disconnect))
+        .route("/v1/agents/{agent}/messages", post(push))
+        .route("/v1/agents/{agent}/requests", post(request))
+        .route("/v1/groups/{group}/messages", post(send_to_group))
+        .route("/v1/broadcast", post(broadcast))
+        .route("/v1/stats", get(stats))
+        .route("/admin/drain", post(drain))
+        // One byte over the limit is enough to tell "too large" from "exactly at it".
+        .layer(DefaultBodyLimit::max(limit + 1))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    HttpRouter::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(authenticated)
+        .with_state(state)
+}
+
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    match presented {
+        Some(key) if state.api_keys.verify(key) => next.run(request).await,
+        Some(_) => {
+            state
+                .metrics
+                .auth_failures
+                .add(1, &label("reason", "api_key"));
+            ApiError::Unauthorized("invalid API key".into()).into_response()
+        }
+        None => {
+            state
+                .metrics
+                .auth_failures
+                .add(1, &label("reason", "api_key_missing"));
+            ApiError::Unauthorized("missing API key (Authorization: Bearer <key>)".into())
+                .into_response()
+        }
+    }
+}
+
+/// The body, or 413 when it exceeds `limits.maxMessageBytes`.
+fn checked_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    let limit = state.config.limits.max_message_bytes;
+    let too_large = || {
+        ApiError::TooLarge(format!(
+            "body exceeds limits.maxMessageBytes ({limit} bytes)"
+        ))
+    };
+    match body {
+        Ok(body) if body.len() > limit => Err(too_large()),
+        Ok(body) => Ok(body),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
+        Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| {
+            let ct = ct.split(';').next().unwrap_or("").trim();
+            ct.eq_ignore_ascii_case("application/json") || ct.ends_with("+json")
+        })
+}
+
+fn json_payload(body: &Bytes) -> ApiResult<Box<RawValue>> {
+    let text =
+        std::str::from_utf8(body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
+    serde_json::from_str::<Box<RawValue>>(text)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))
+}
+
+/// The message id: the caller's `Idempotency-Key`, or a fresh time-ordered UUID.
+fn message_id(headers: &HeaderMap) -> ApiResult<String> {
+    match headers.get("idempotency-key") {
+        Some(value) => {
+            let id = value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?;
+            if id.is_empty() || id.len() > MAX_ID_LEN {
+                return Err(ApiError::BadRequest(format!(
+                    "Idempotency-Key must be 1..={MAX_ID_LEN} bytes"
+                )));
+            }
+            Ok(id.to_owned())
+        }
+        None => Ok(uuid::Uuid::now_v7().to_string()),
+    }
+}
+
+/// Builds the frame for a push: JSON bodies become a `push` envelope, anything else a
+/// binary frame.
+fn push_frame(headers: &HeaderMap, body: &Bytes, id: &str, ack: bool) -> ApiResult<Outbound> {
+    if is_json(headers) {
+        let data = json_payload(body)?;
+        Ok(Outbound::Text(encode_push(id, &data, ack).into()))
+    } else if ack {
+        Err(ApiError::BadRequest(
+            "ack=true needs a JSON body (binary frames carry no id)".into(),
+        ))
+    } else {
+        Ok(Outbound::Binary(body.clone()))
+    }
+}
+
+fn record(state: &AppState, op: &'static str, started: Instant, result: &ApiResult<impl Sized>) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.status_and_code().1,
+    };
+    state.metrics.push_duration.record(
+        started.elapsed().as_secs_f64(),
+        &[
+            opentelemetry::KeyValue::new("op", op),
+            opentelemetry::KeyValue::new("outcome", outcome),
+        ],
+    );
+}
+
+#[derive(Debug, Deserialize)]
+struct PushQuery {
+    #[serde(default)]
+    ack: bool,
+    timeout_ms: Option<u64>,
+}
+
+impl PushQuery {
+    fn timeout(&self, state: &AppState) -> Duration {
+        let limits = &state.config.limits;
+        Duration::from_millis(
+            self.timeout_ms
+                .unwrap_or(limits.request_timeout_ms)
+                .clamp(1, limits.max_request_timeout_ms),
+        )
+    }
+}
+
+#[instrument(skip_all, fields(agent = %agent))]
+async fn push(
+    State(state): State<Arc<AppState>>,
+    Path(agent): Path<String>,
+    Query(query): Query<PushQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let result = async {
+        let body = checked_body(&state, body)?;
+        let id = message_id(&headers)?;
+        let frame = push_frame(&headers, &body, &id, query.ack)?;
+        let ack_timeout = query.ack.then(|| query.timeout(&state));
+        state
+            .router
+            .push(
+                &agent,
+                Push {
+                    id: id.clone(),
+                    frame,
+                    ack_timeout,
+                },
+            )
+            .await?;
+        let status = if query.ack {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        };
+        Ok((status, Json(json!({"id": id}))).into_response())
+    }
+    .await;
+    record(&state, "push", started, &result);
+    result
+}
+
+#[instrument(skip_all, fields(agent = %agent))]
+async fn request(
+    State(state): State<Arc<AppState>>,
+    Path(agent): Path<String>,
+    Query(query): Query<PushQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let result = async {
+        let body = checked_body(&state, body)?;
+        let data = json_payload(&body)?;
+        let id = message_id(&headers)?;
+        let timeout = query.timeout(&state);
+        let frame = GatewayMessage::Request {
+            id: id.clone(),
+            data,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let reply = state
+            .router
+            .request(
+                &agent,
+                AgentRequest {
+                    id,
+                    frame: Outbound::Text(frame.encode().into()),
+                    timeout,
+                },
+            )
+            .await?;
+        match reply {
+            Ok(data) => Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                data.get().to_owned(),
+            )
+                .into_response()),
+            Err(ErrorBody { code, message }) => Err(ApiError::BadGateway(format!(
+                "agent answered with an error ({}): {message}",
+                serde_json::to_value(code)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+    .await;
+    record(&state, "request", started, &result);
+    result
+}
+
+#[instrument(skip_all, fields(group = %group))]
+async fn send_to_group(
+    State(state): State<Arc<AppState>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let result = async {
+        let body = checked_body(&state, body)?;
+        let id = message_id(&headers)?;
+        let frame = push_frame(&headers, &body, &id, false)?;
+        let delivered = state.router.send_to_group(&group, frame).await?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "delivered": delivered})),
+        )
+            .into_response())
+    }
+    .await;
+    record(&state, "group", started, &result);
+    result
+}
+
+#[instrument(skip_all)]
+async fn broadcast(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let result = async {
+        let body = checked_body(&state, body)?;
+        let id = message_id(&headers)?;
+        let frame = push_frame(&headers, &body, &id, false)?;
+        let delivered = state.router.broadcast(frame).await?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "delivered": delivered})),
+        )
+            .into_response())
+    }
+    .await;
+    record(&state, "broadcast", started, &result);
+    result
+}
+
+async fn presence(
+    State(state): State<Arc<AppState>>,
+    Path(agent): Path<String>,
+) -> ApiResult<Response> {
+    match state.router.presence(&agent).await? {
+        Some(presence) => Ok(Json(presence).into_response()),
+        None => Err(RouteError::NotConnected.into()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Largest page of the agent listing.
+const MAX_PAGE: usize = 1000;
+
+async fn list_agents(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1..={MAX_PAGE}"
+        )));
+    }
+    let page = state.router.list(query.cursor.as_deref(), limit).await?;
+    Ok(Json(page).into_response())
+}
+
+async fn disconnect(
+    State(state): State<Arc<AppState>>,
+    Path(agent): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.router.disconnect(&agent).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "pod": state.pod,
+        "connections": state.hub.len(),
+        "admitted": state.admitted.load(Ordering::Acquire),
+        "max_connections": state.config.limits.max_connections,
+        "draining": state.is_draining(),
+        "ready": state.router.ready() && !state.is_draining(),
+    }))
+}
+
+async fn drain(State(state): State<Arc<AppState>>) -> (StatusCode, Json<serde_json::Value>) {
+    state.request_drain();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"draining": true, "connections": state.hub.len()})),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !state.router.ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "routing unavailable")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}

@@ -1,0 +1,521 @@
+//! The local hub: every agent connection held by this process, indexed by agent id and
+//! by group, with a small bounded outbox per connection.
+//!
+//! ```text
+//!   push API / router ──> Hub::deliver(agent) ──> Connection.outbox ──notify──> session task ──> socket
+//!   session task      ──> Hub::complete(reply) ──> pending request/ack waiter (oneshot)
+//! ```
+//!
+//! Memory per idle connection is the product's headline, so a [`Connection`] holds no
+//! buffer while idle: its outbox is a `VecDeque` that allocates only when a message is
+//! queued and gives its memory back once drained, and pending requests live in one map
+//! for the whole hub instead of a map per connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tether_protocol::{CloseCode, ErrorBody, RawValue};
+use tokio::sync::{Notify, oneshot};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// One frame waiting to be written to an agent.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A pre-encoded text envelope; shared (not copied) between recipients of a broadcast.
+    Text(Utf8Bytes),
+    /// An opaque binary payload.
+    Binary(Bytes),
+    /// Close the connection with this code once everything queued before it is written.
+    Close(CloseCode),
+}
+
+/// Why a message could not be queued for an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// No connection for this agent on this pod.
+    #[error("agent is not connected")]
+    NotConnected,
+    /// The agent's outbound queue is full.
+    #[error("agent's outbound queue is full")]
+    QueueFull,
+    /// Too many requests to this agent are waiting for answers.
+    #[error("too many pending requests for this agent")]
+    TooManyPending,
+}
+
+/// The agent's answer to a request (or acknowledgement of a push).
+pub type AgentReply = Result<Box<RawValue>, ErrorBody>;
+
+/// The bounded per-connection queue. `Notify` wakes the connection's task; the queue is
+/// a plain `VecDeque` because it must cost nothing while empty (a tokio mpsc channel
+/// allocates its first block of slots up front).
+#[derive(Debug, Default)]
+struct Outbox {
+    queue: Mutex<VecDeque<Outbound>>,
+    notify: Notify,
+}
+
+/// One agent's connection, shared by the hub (for delivery) and its session task.
+#[derive(Debug)]
+pub struct Connection {
+    /// Process-unique id of this connection; distinguishes it from a newer connection
+    /// of the same agent.
+    pub id: u64,
+    /// The agent id (the token's `sub`).
+    pub agent_id: Box<str>,
+    /// Groups from the token's `groups` claim.
+    pub groups: Box<[Box<str>]>,
+    /// Unix seconds when the connection was accepted.
+    pub connected_at: u64,
+    outbox: Outbox,
+    /// Set once a `Close` is queued: nothing more is accepted.
+    closing: AtomicBool,
+    /// Requests and acked pushes to this agent that wait for an answer.
+    pending: AtomicU32,
+}
+
+impl Connection {
+    /// A connection not yet registered in a hub.
+    pub fn new(id: u64, agent_id: &str, groups: Vec<String>) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            agent_id: agent_id.into(),
+            groups: groups.into_iter().map(String::into_boxed_str).collect(),
+            connected_at: unix_now(),
+            outbox: Outbox::default(),
+            closing: AtomicBool::new(false),
+            pending: AtomicU32::new(0),
+        })
+    }
+
+    /// Queues a frame unless the queue holds `capacity` frames already or the connection
+    /// is closing.
+    pub fn enqueue(&self, frame: Outbound, capacity: usize) -> Result<(), DeliveryError> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(DeliveryError::NotConnected);
+        }
+        {
+            let mut queue = self.outbox.queue.lock();
+            if queue.len() >= capacity {
+                return Err(DeliveryError::QueueFull);
+            }
+            queue.push_back(frame);
+        }
+        self.outbox.notify.notify_one();
+        Ok(())
+    }
+
+    /// Queues a close after whatever is already queued. The first close wins; later
+    /// ones are ignored so the agent sees the reason that actually ended the session.
+    pub fn close(&self, code: CloseCode) {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.outbox.queue.lock().push_back(Outbound::Close(code));
+        self.outbox.notify.notify_one();
+    }
+
+    /// Whether a close has been queued.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Takes everything queued. Returns the queue's allocation to the allocator when it
+    /// grew, so a burst does not leave memory behind on an idle connection.
+    pub fn take_queued(&self, into: &mut Vec<Outbound>) {
+        let mut queue = self.outbox.queue.lock();
+        into.extend(queue.drain(..));
+        if queue.capacity() > 0 {
+            *queue = VecDeque::new();
+        }
+    }
+
+    /// Waits until something is queued.
+    pub async fn queued(&self) {
+        self.outbox.notify.notified().await;
+    }
+
+    /// Number of frames waiting to be written.
+    pub fn queue_len(&self) -> usize {
+        self.outbox.queue.lock().len()
+    }
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// What [`Hub::register`] found.
+#[derive(Debug)]
+pub struct Registered {
+    /// The older connection of the same agent, now told to close with
+    /// [`CloseCode::Replaced`].
+    pub replaced: Option<Arc<Connection>>,
+}
+
+type PendingKey = (u64, Box<str>);
+
+/// All connections of this process.
+#[derive(Debug)]
+pub struct Hub {
+    agents: RwLock<HashMap<Box<str>, Arc<Connection>>>,
+    groups: RwLock<HashMap<Box<str>, HashSet<Box<str>>>>,
+    pending: Mutex<HashMap<PendingKey, oneshot::Sender<AgentReply>>>,
+    next_connection_id: AtomicU64,
+    outbound_queue: usize,
+    max_pending: u32,
+}
+
+impl Hub {
+    /// An empty hub whose connections queue at most `outbound_queue` frames and wait for
+    /// at most `max_pending` answers each.
+    pub fn new(outbound_queue: usize, max_pending: usize) -> Self {
+        Self {
+            agents: RwLock::default(),
+            groups: RwLock::default(),
+            pending: Mutex::default(),
+            next_connection_id: AtomicU64::new(1),
+            outbound_queue,
+            max_pending: u32::try_from(max_pending).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// A fresh process-unique connection id.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a connection. The newest connection of an agent wins: an older one is told
+    /// to close with [`CloseCode::Replaced`] after what it has queued.
+    pub fn register(&self, conn: &Arc<Connection>) -> Registered {
+        let replaced = self
+            .agents
+            .write()
+            .insert(conn.agent_id.clone(), conn.clone());
+        if let Some(old) = &replaced {
+            old.close(CloseCode::Replaced);
+            self.remove_from_groups(old);
+        }
+        if !conn.groups.is_empty() {
+            let mut groups = self.groups.write();
+            for group in conn.groups.iter() {
+                groups
+                    .entry(group.clone())
+                    .or_default()
+                    .insert(conn.agent_id.clone());
+            }
+        }
+        Registered { replaced }
+    }
+
+    /// Removes a connection if it is still the agent's current one (a replaced
+    /// connection must not remove its successor), and fails its pending requests.
+    /// Returns whether it was current.
+    pub fn unregister(&self, conn: &Arc<Connection>) -> bool {
+        let removed = {
+            let mut agents = self.agents.write();
+            match agents.get(&conn.agent_id) {
+                Some(current) if current.id == conn.id => {
+                    agents.remove(&conn.agent_id);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if removed {
+            self.remove_from_groups(conn);
+        }
+        if conn.pending.load(Ordering::Acquire) > 0 {
+            // Dropping the senders tells every waiter the agent went away.
+            self.pending.lock().retain(|(id, _), _| *id != conn.id);
+        }
+        removed
+    }
+
+    fn remove_from_groups(&self, conn: &Connection) {
+        if conn.groups.is_empty() {
+            return;
+        }
+        let mut groups = self.groups.write();
+        for group in conn.groups.iter() {
+            if let Some(members) = groups.get_mut(group) {
+                members.remove(&conn.agent_id);
+                if members.is_empty() {
+                    groups.remove(group);
+                }
+            }
+        }
+    }
+
+    /// The agent's current connection on this pod.
+    pub fn get(&self, agent: &str) -> Option<Arc<Connection>> {
+        self.agents.read().get(agent).cloned()
+    }
+
+    /// Number of registered connections.
+    pub fn len(&self) -> usize {
+        self.agents.read().len()
+    }
+
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.agents.read().is_empty()
+    }
+
+    /// Queues a frame for one agent.
+    pub fn deliver(&self, agent: &str, frame: Outbound) -> Result<(), DeliveryError> {
+        let conn = self.get(agent).ok_or(DeliveryError::NotConnected)?;
+        conn.enqueue(frame, self.outbound_queue)
+    }
+
+    /// Queues a frame that expects an answer (`request`, or `push` with `ack`) and
+    /// returns the receiver of that answer. The receiver errors if the agent
+    /// disconnects first.
+    pub fn deliver_expecting_reply(
+        &self,
+        agent: &str,
+        message_id: &str,
+        frame: Outbound,
+    ) -> Result<PendingReply<'_>, DeliveryError> {
+        let conn = self.get(agent).ok_or(DeliveryError::NotConnected)?;
+        if conn.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            conn.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(DeliveryError::TooManyPending);
+        }
+        let key: PendingKey = (conn.id, message_id.into());
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(key.clone(), tx);
+        let guard = PendingReply {
+            hub: self,
+            conn,
+            key,
+            rx,
+        };
+        guard.conn.enqueue(frame, self.outbound_queue)?;
+        Ok(guard)
+    }
+
+    /// Hands an agent's answer to whoever waits for it. Returns false when nobody waits
+    /// (late answer after a timeout, or an id the gateway never sent).
+    pub fn complete(&self, connection_id: u64, message_id: &str, reply: AgentReply) -> bool {
+        let key: PendingKey = (connection_id, message_id.into());
+        match self.pending.lock().remove(&key) {
+            Some(tx) => tx.send(reply).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Queues the same frame for every member of a group; returns how many got it.
+    /// Members whose queue is full are closed as slow consumers: a broadcast cannot
+    /// answer 429 per recipient, and silently skipping one would lose the message.
+    pub fn deliver_to_group(&self, group: &str, frame: &Outbound) -> usize {
+        let members: Vec<Arc<Connection>> = {
+            let groups = self.groups.read();
+            let Some(names) = groups.get(group) else {
+                return 0;
+            };
+            let agents = self.agents.read();
+            names
+                .iter()
+                .filter_map(|n| agents.get(n).cloned())
+                .collect()
+        };
+        self.fan_out(members.iter(), frame)
+    }
+
+    /// Queues the same frame for every connection; returns how many got it.
+    pub fn broadcast(&self, frame: &Outbound) -> usize {
+        let all: Vec<Arc<Connection>> = self.agents.read().values().cloned().collect();
+        self.fan_out(all.iter(), frame)
+    }
+
+    fn fan_out<'a>(
+        &self,
+        conns: impl Iterator<Item = &'a Arc<Connection>>,
+        frame: &Outbound,
+    ) -> usize {
+        let mut delivered = 0;
+        for conn in conns {
+            match conn.enqueue(frame.clone(), self.outbound_queue) {
+                Ok(()) => delivered += 1,
+                Err(DeliveryError::QueueFull) => conn.close(CloseCode::SlowConsumer),
+                Err(_) => {}
+            }
+        }
+        delivered
+    }
+
+    /// A page of connected agents ordered by id, starting after `cursor`.
+    pub fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<Connection>>, Option<String>) {
+        let agents = self.agents.read();
+        let mut ids: Vec<&Box<str>> = agents
+            .keys()
+            .filter(|id| cursor.is_none_or(|c| &***id > c))
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        let page: Vec<Arc<Connection>> = ids
+            .into_iter()
+            .take(limit)
+            .filter_map(|id| agents.get(id).cloned())
+            .collect();
+        let next = more
+            .then(|| page.last().map(|c| c.agent_id.to_string()))
+            .flatten();
+        (page, next)
+    }
+
+    /// Every connection, for drain.
+    pub fn snapshot(&self) -> Vec<Arc<Connection>> {
+        self.agents.read().values().cloned().collect()
+    }
+}
+
+/// A request or acked push waiting for the agent's answer. Dropping it (timeout, caller
+/// gone) removes the pending entry so a late answer is ignored.
+#[derive(Debug)]
+pub struct PendingReply<'a> {
+    hub: &'a Hub,
+    conn: Arc<Connection>,
+    key: PendingKey,
+    rx: oneshot::Receiver<AgentReply>,
+}
+
+impl PendingReply<'_> {
+    /// Waits for the answer; `None` when the agent disconnected before answering.
+    pub async fn wait(&mut self) -> Option<AgentReply> {
+        (&mut self.rx).await.ok()
+    }
+}
+
+impl Drop for PendingReply<'_> {
+    fn drop(&mut self) {
+        self.hub.pending.lock().remove(&self.key);
+        self.conn.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Outbound {
+        Outbound::Text(s.into())
+    }
+
+    fn queued(conn: &Connection) -> Vec<Outbound> {
+        let mut out = Vec::new();
+        conn.take_queued(&mut out);
+        out
+    }
+
+    #[test]
+    fn newest_connection_wins_and_old_one_is_closed() {
+        let hub = Hub::new(8, 8);
+        let old = Connection::new(hub.next_connection_id(), "a", vec!["g".into()]);
+        let new = Connection::new(hub.next_connection_id(), "a", vec!["g".into()]);
+        assert!(hub.register(&old).replaced.is_none());
+        let replaced = hub.register(&new).replaced.unwrap();
+        assert_eq!(replaced.id, old.id);
+        assert!(matches!(
+            queued(&old).as_slice(),
+            [Outbound::Close(CloseCode::Replaced)]
+        ));
+        // The replaced connection's own unregister must not remove its successor.
+        assert!(!hub.unregister(&old));
+        assert_eq!(hub.get("a").unwrap().id, new.id);
+        assert_eq!(hub.deliver_to_group("g", &text("x")), 1);
+        assert!(hub.unregister(&new));
+        assert!(hub.is_empty());
+        assert_eq!(hub.deliver_to_group("g", &text("x")), 0);
+    }
+
+    #[test]
+    fn queue_is_bounded_and_close_stops_accepting() {
+        let hub = Hub::new(2, 8);
+        let conn = Connection::new(1, "a", vec![]);
+        hub.register(&conn);
+        hub.deliver("a", text("1")).unwrap();
+        hub.deliver("a", text("2")).unwrap();
+        assert_eq!(hub.deliver("a", text("3")), Err(DeliveryError::QueueFull));
+        assert_eq!(
+            hub.deliver("b", text("1")),
+            Err(DeliveryError::NotConnected)
+        );
+        assert_eq!(queued(&conn).len(), 2);
+        conn.close(CloseCode::Disconnected);
+        conn.close(CloseCode::Normal);
+        assert_eq!(
+            hub.deliver("a", text("4")),
+            Err(DeliveryError::NotConnected)
+        );
+        assert!(matches!(
+            queued(&conn).as_slice(),
+            [Outbound::Close(CloseCode::Disconnected)]
+        ));
+    }
+
+    #[test]
+    fn broadcast_closes_slow_consumers_instead_of_skipping_them() {
+        let hub = Hub::new(1, 8);
+        let slow = Connection::new(1, "slow", vec![]);
+        let fast = Connection::new(2, "fast", vec![]);
+        hub.register(&slow);
+        hub.register(&fast);
+        hub.deliver("slow", text("backlog")).unwrap();
+        assert_eq!(hub.broadcast(&text("all")), 1);
+        assert!(slow.is_closing());
+        assert!(!fast.is_closing());
+    }
+
+    #[tokio::test]
+    async fn replies_reach_their_waiter_and_late_replies_are_ignored() {
+        let hub = Hub::new(8, 1);
+        let conn = Connection::new(7, "a", vec![]);
+        hub.register(&conn);
+        let ok = RawValue::from_string("1".into()).unwrap();
+        {
+            let mut pending = hub.deliver_expecting_reply("a", "r1", text("req")).unwrap();
+            assert_eq!(
+                hub.deliver_expecting_reply("a", "r2", text("req"))
+                    .unwrap_err(),
+                DeliveryError::TooManyPending
+            );
+            assert!(hub.complete(7, "r1", Ok(ok.clone())));
+            assert_eq!(pending.wait().await.unwrap().unwrap().get(), "1");
+        }
+        // The waiter is gone: a second answer finds nobody.
+        assert!(!hub.complete(7, "r1", Ok(ok)));
+        // Disconnect fails whoever still waits.
+        let mut pending = hub.deliver_expecting_reply("a", "r3", text("req")).unwrap();
+        hub.unregister(&conn);
+        assert!(pending.wait().await.is_none());
+    }
+
+    #[test]
+    fn listing_pages_in_id_order() {
+        let hub = Hub::new(8, 8);
+        for (i, name) in ["c", "a", "b", "d"].iter().enumerate() {
+            hub.register(&Connection::new(i as u64, name, vec![]));
+        }
+        let (page, next) = hub.list(None, 3);
+        let ids: Vec<&str> = page.iter().map(|c| &*c.agent_id).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(next.as_deref(), Some("c"));
+        let (page, next) = hub.list(next.as_deref(), 3);
+        assert_eq!(page.len(), 1);
+        assert_eq!(next, None);
+    }
+}

@@ -1,0 +1,224 @@
+//! Routing: how a message that reached this pod's push API gets to the pod that holds
+//! the agent's socket.
+//!
+//! [`Router`] is the seam. [`LocalRouter`] serves a single pod (dev mode, one-replica
+//! pools, tests) straight from the [`Hub`]; a cross-pod router (NATS) looks the agent up
+//! in a directory and forwards to the right pod, where that pod's `LocalRouter` does the
+//! final step. The same trait leaves room for a durable per-agent queue later.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::hub::{AgentReply, Connection, DeliveryError, Hub, Outbound};
+
+/// Why a message could not be routed. Each maps to one push-API status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The agent is not connected anywhere in the pool (404).
+    #[error("agent is not connected")]
+    NotConnected,
+    /// The agent's outbound queue is full (429).
+    #[error("agent's outbound queue is full")]
+    QueueFull,
+    /// Too many requests to the agent are waiting for answers (429).
+    #[error("too many pending requests for this agent")]
+    TooManyPending,
+    /// The agent did not answer in time (504).
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The agent disconnected before it answered (502).
+    #[error("agent disconnected before answering")]
+    AgentGone,
+    /// The bus or the agent's pod cannot be reached right now (503). Nothing was
+    /// delivered; the caller may retry.
+    #[error("routing unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<DeliveryError> for RouteError {
+    fn from(e: DeliveryError) -> Self {
+        match e {
+            DeliveryError::NotConnected => RouteError::NotConnected,
+            DeliveryError::QueueFull => RouteError::QueueFull,
+            DeliveryError::TooManyPending => RouteError::TooManyPending,
+        }
+    }
+}
+
+/// A message for one agent.
+#[derive(Debug, Clone)]
+pub struct Push {
+    /// Message id (also inside the encoded frame).
+    pub id: String,
+    /// The encoded frame.
+    pub frame: Outbound,
+    /// Wait this long for the agent's `ack`; `None` returns once queued.
+    pub ack_timeout: Option<Duration>,
+}
+
+/// A request to one agent.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Request id (also inside the encoded frame).
+    pub id: String,
+    /// The encoded `request` envelope.
+    pub frame: Outbound,
+    /// How long to wait for the agent's `response`.
+    pub timeout: Duration,
+}
+
+/// Where an agent is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Presence {
+    /// Agent id.
+    pub agent_id: String,
+    /// Connection id, unique per pod.
+    pub connection_id: String,
+    /// Pod holding the socket.
+    pub pod: String,
+    /// Groups of the agent.
+    pub groups: Vec<String>,
+    /// Unix seconds when it connected.
+    pub connected_at: u64,
+}
+
+/// One page of connected agents.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// Agents on this page.
+    pub agents: Vec<Presence>,
+    /// Cursor for the next page, if any.
+    pub next_cursor: Option<String>,
+}
+
+/// Delivers messages to agents wherever they are connected in the pool.
+#[async_trait]
+pub trait Router: Send + Sync + 'static {
+    /// A connection was registered in this pod's hub. A cross-pod router records it and
+    /// closes the agent's older connection on another pod (newest wins).
+    async fn connected(&self, conn: &Arc<Connection>);
+    /// A connection left this pod's hub.
+    async fn disconnected(&self, conn: &Arc<Connection>);
+    /// Queues a message for one agent, or waits for its ack when asked to.
+    async fn push(&self, agent: &str, push: Push) -> Result<(), RouteError>;
+    /// Sends a request to one agent and waits for its answer.
+    async fn request(&self, agent: &str, request: Request) -> Result<AgentReply, RouteError>;
+    /// Queues a frame for every member of a group in the pool; returns how many
+    /// connections on this pod (and, if known, others) got it.
+    async fn send_to_group(&self, group: &str, frame: Outbound) -> Result<usize, RouteError>;
+    /// Queues a frame for every agent in the pool.
+    async fn broadcast(&self, frame: Outbound) -> Result<usize, RouteError>;
+    /// Where an agent is connected, if anywhere.
+    async fn presence(&self, agent: &str) -> Result<Option<Presence>, RouteError>;
+    /// A page of connected agents.
+    async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, RouteError>;
+    /// Closes an agent's connection with [`tether_protocol::CloseCode::Disconnected`].
+    async fn disconnect(&self, agent: &str) -> Result<(), RouteError>;
+    /// Whether the router can route right now (feeds `/readyz`).
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// Routes within this pod only.
+#[derive(Debug, Clone)]
+pub struct LocalRouter {
+    hub: Arc<Hub>,
+    pod: Arc<str>,
+}
+
+impl LocalRouter {
+    /// A router over this pod's hub.
+    pub fn new(hub: Arc<Hub>, pod: &str) -> Self {
+        Self {
+            hub,
+            pod: pod.into(),
+        }
+    }
+
+    /// The hub it routes into.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Presence of a local connection.
+    pub fn presence_of(&self, conn: &Connection) -> Presence {
+        Presence {
+            agent_id: conn.agent_id.to_string(),
+            connection_id: conn.id.to_string(),
+            pod: self.pod.to_string(),
+            groups: conn.groups.iter().map(ToString::to_string).collect(),
+            connected_at: conn.connected_at,
+        }
+    }
+
+    async fn await_reply(
+        &self,
+        agent: &str,
+        id: &str,
+        frame: Outbound,
+        timeout: Duration,
+    ) -> Result<AgentReply, RouteError> {
+        let mut pending = self.hub.deliver_expecting_reply(agent, id, frame)?;
+        match tokio::time::timeout(timeout, pending.wait()).await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(RouteError::AgentGone),
+            Err(_) => Err(RouteError::Timeout(timeout)),
+        }
+    }
+}
+
+#[async_trait]
+impl Router for LocalRouter {
+    async fn connected(&self, _conn: &Arc<Connection>) {}
+
+    async fn disconnected(&self, _conn: &Arc<Connection>) {}
+
+    async fn push(&self, agent: &str, push: Push) -> Result<(), RouteError> {
+        match push.ack_timeout {
+            None => Ok(self.hub.deliver(agent, push.frame)?),
+            Some(timeout) => match self
+                .await_reply(agent, &push.id, push.frame, timeout)
+                .await?
+            {
+                Ok(_) => Ok(()),
+                // An agent that answers a push with an error did not take it.
+                Err(_) => Err(RouteError::AgentGone),
+            },
+        }
+    }
+
+    async fn request(&self, agent: &str, request: Request) -> Result<AgentReply, RouteError> {
+        self.await_reply(agent, &request.id, request.frame, request.timeout)
+            .await
+    }
+
+    async fn send_to_group(&self, group: &str, frame: Outbound) -> Result<usize, RouteError> {
+        Ok(self.hub.deliver_to_group(group, &frame))
+    }
+
+    async fn broadcast(&self, frame: Outbound) -> Result<usize, RouteError> {
+        Ok(self.hub.broadcast(&frame))
+    }
+
+    async fn presence(&self, agent: &str) -> Result<Option<Presence>, RouteError> {
+        Ok(self.hub.get(agent).map(|c| self.presence_of(&c)))
+    }
+
+    async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, RouteError> {
+        let (conns, next_cursor) = self.hub.list(cursor, limit);
+        Ok(Page {
+            agents: conns.iter().map(|c| self.presence_of(c)).collect(),
+            next_cursor,
+        })
+    }
+
+    async fn disconnect(&self, agent: &str) -> Result<(), RouteError> {
+        let conn = self.hub.get(agent).ok_or(RouteError::NotConnected)?;
+        conn.close(tether_protocol::CloseCode::Disconnected);
+        Ok(())
+    }
+}

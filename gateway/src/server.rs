@@ -1,0 +1,342 @@
+//! Process assembly: listeners, the public accept loop, the internal API server and the
+//! drain that ends them.
+//!
+//! ```text
+//!  public listener ──accept──> hyper http1 (header timeout) ──> /v1/connect ──101──> session task
+//!  internal listener ─────────> axum (push API, admin, health)
+//!  drain (SIGTERM | POST /admin/drain) ──> readiness false, stop accepting,
+//!        reconnect hints + 1012 at drain.connectionsPerSecond, exit when empty or at the deadline
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rand::Rng;
+use tether_config::GatewayConfig;
+use tether_protocol::{CloseCode, GatewayMessage};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::auth::{ApiKeys, KeyError, TokenVerifier};
+use crate::hub::{Hub, Outbound};
+use crate::metrics::Metrics;
+use crate::router::{LocalRouter, Router};
+use crate::state::{AppState, websocket_config};
+use crate::upstream::Upstream;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Keys or secrets could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] tether_config::ConfigError),
+    /// A listener could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The router could not be set up.
+    #[error("routing: {0}")]
+    Routing(String),
+}
+
+/// Builds the router once the hub exists (the cross-pod router needs the hub to deliver
+/// what other pods forward to this one).
+pub type RouterFactory = Box<
+    dyn FnOnce(
+            Arc<Hub>,
+        )
+            -> futures_util::future::BoxFuture<'static, Result<Arc<dyn Router>, StartError>>
+        + Send,
+>;
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    public_addr: SocketAddr,
+    internal_addr: SocketAddr,
+    state: Arc<AppState>,
+    done: JoinHandle<()>,
+}
+
+fn listen(addr: &str, backlog: u32) -> Result<TcpListener, StartError> {
+    let bind_error = |source| StartError::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    let parsed: SocketAddr = addr.parse().map_err(|_| {
+        bind_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "expected IP:PORT",
+        ))
+    })?;
+    let socket = if parsed.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(parsed).map_err(bind_error)?;
+    socket.listen(backlog).map_err(bind_error)
+}
+
+impl Gateway {
+    /// Starts a gateway that routes within this process only.
+    pub async fn start(config: GatewayConfig, pod: String) -> Result<Self, StartError> {
+        let pod_name = pod.clone();
+        Self::start_with_router(
+            config,
+            pod,
+            Box::new(move |hub| {
+                Box::pin(async move {
+                    Ok(Arc::new(LocalRouter::new(hub, &pod_name)) as Arc<dyn Router>)
+                })
+            }),
+        )
+        .await
+    }
+
+    /// Starts a gateway with the router the factory builds.
+    pub async fn start_with_router(
+        config: GatewayConfig,
+        pod: String,
+        make_router: RouterFactory,
+    ) -> Result<Self, StartError> {
+        config.validate()?;
+        let verifier = TokenVerifier::from_config(&config.auth.jwt, config.tenant.clone())?;
+        let api_keys = match &config.auth.api_keys_file {
+            Some(path) => ApiKeys::from_file(path)?,
+            None => {
+                return Err(KeyError::Invalid(
+                    "auth.apiKeysFile is required: the push API never runs unauthenticated".into(),
+                )
+                .into());
+            }
+        };
+        let upstream = config.upstream.as_ref().map(Upstream::new).transpose()?;
+        let public = listen(&config.listen.public, config.listen.backlog)?;
+        let internal = listen(&config.listen.internal, config.listen.backlog)?;
+        let public_addr = public.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen.public.clone(),
+            source,
+        })?;
+        let internal_addr = internal.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen.internal.clone(),
+            source,
+        })?;
+        let hub = Arc::new(Hub::new(
+            config.limits.outbound_queue,
+            config.limits.max_pending_requests,
+        ));
+        let router = make_router(hub.clone()).await?;
+        let state = Arc::new(AppState {
+            ws_config: websocket_config(&config.limits),
+            config,
+            pod,
+            hub,
+            router,
+            verifier,
+            api_keys,
+            upstream,
+            metrics: Metrics::global(),
+            admitted: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            drain_requested: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let done = tokio::spawn(run(state.clone(), public, internal));
+        Ok(Self {
+            public_addr,
+            internal_addr,
+            state,
+            done,
+        })
+    }
+
+    /// Where agents connect.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    /// Where the push API listens.
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal_addr
+    }
+
+    /// The shared state (connection counts, hub) for status reporting and tests.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Starts draining; [`Gateway::wait`] returns once the drain is over.
+    pub fn drain(&self) {
+        self.state.request_drain();
+    }
+
+    /// Waits until the gateway has drained and stopped.
+    pub async fn wait(self) {
+        if let Err(e) = self.done.await {
+            warn!(%e, "gateway task failed");
+        }
+    }
+}
+
+async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
+    let stop_accepting = CancellationToken::new();
+    let stop_internal = CancellationToken::new();
+    let accept = tokio::spawn(accept_loop(state.clone(), public, stop_accepting.clone()));
+    let internal_app = crate::api::router(state.clone());
+    let internal_server = tokio::spawn({
+        let stop = stop_internal.clone();
+        async move {
+            if let Err(e) = axum::serve(internal, internal_app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
+                warn!(%e, "internal API server failed");
+            }
+        }
+    });
+    let reload_keys = tokio::spawn(reload_api_keys(state.clone()));
+
+    state.drain_requested.cancelled().await;
+    drain(&state, &stop_accepting).await;
+    let _ = accept.await;
+    reload_keys.abort();
+    stop_internal.cancel();
+    let _ = internal_server.await;
+    info!("gateway stopped");
+}
+
+/// Mounted Secrets change in place when rotated; pick the new keys up.
+async fn reload_api_keys(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.api_keys.reload() {
+            warn!(%e, "keeping the previous API keys");
+        }
+    }
+}
+
+async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
+    let app = axum::Router::new()
+        .route("/v1/connect", get(crate::upgrade::connect))
+        .with_state(state.clone());
+    let header_timeout = Duration::from_millis(state.config.listen.header_timeout_ms);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE/ENFILE: back off instead of spinning; the backlog holds the
+                // rest of the burst meanwhile.
+                warn!(%e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            // The public port serves one handshake per TCP connection.
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        state.tasks.spawn(async move {
+            let _ = connection.await;
+        });
+    }
+}
+
+/// Empties the gateway: no new upgrades, every agent gets a `reconnect` hint and a 1012
+/// close at `drain.connectionsPerSecond`, then the process may exit. Frames queued before
+/// a connection's close are written before it, so an accepted push is not lost.
+async fn drain(state: &Arc<AppState>, stop_accepting: &CancellationToken) {
+    let span = info_span!("drain", pod = %state.pod);
+    async {
+        state.draining.store(true, Ordering::Release);
+        stop_accepting.cancel();
+        let config = &state.config.drain;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(config.deadline_seconds);
+        let connections = state.hub.snapshot();
+        info!(connections = connections.len(), "drain started");
+        state
+            .metrics
+            .drain_remaining
+            .add(connections.len() as i64, &[]);
+
+        // Close in small batches every 10 ms: smooth at any rate without a timer per
+        // connection.
+        let per_tick = (f64::from(config.connections_per_second) / 100.0).max(1.0);
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut budget = 0.0;
+        let mut remaining = connections.into_iter();
+        'outer: loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+            budget += per_tick;
+            while budget >= 1.0 {
+                let Some(conn) = remaining.next() else {
+                    break 'outer;
+                };
+                budget -= 1.0;
+                let after_ms = rand::rng().random_range(0..=config.reconnect_jitter_ms);
+                let hint = GatewayMessage::Reconnect {
+                    after_ms,
+                    reason: "drain".into(),
+                };
+                // The hint may not fit a full queue; the close code alone still says
+                // "reconnect".
+                let _ = conn.enqueue(
+                    Outbound::Text(hint.encode().into()),
+                    state.config.limits.outbound_queue + 1,
+                );
+                conn.close(CloseCode::ServiceRestart);
+                state.metrics.drain_remaining.add(-1, &[]);
+            }
+        }
+
+        // Wait for the sessions (and upstream calls) to finish, up to the deadline.
+        state.tasks.close();
+        if tokio::time::timeout_at(deadline, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            let left = state.hub.len();
+            warn!(left, "drain deadline passed; closing the rest now");
+            for conn in state.hub.snapshot() {
+                conn.close(CloseCode::GoingAway);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), state.tasks.wait()).await;
+        }
+        info!("drain finished");
+    }
+    .instrument(span)
+    .await
+}

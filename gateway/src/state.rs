@@ -1,0 +1,107 @@
+//! The state shared by every handler and session of one gateway process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use tether_config::GatewayConfig;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{ApiKeys, TokenVerifier};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::upstream::Upstream;
+
+/// Everything a handler or session needs; one `Arc` of it per process.
+pub struct AppState {
+    /// The validated configuration.
+    pub config: GatewayConfig,
+    /// This pod's name (the hostname in a StatefulSet).
+    pub pod: String,
+    /// Local connections.
+    pub hub: Arc<Hub>,
+    /// Delivery across the pool.
+    pub router: Arc<dyn Router>,
+    /// Agent token verification.
+    pub verifier: TokenVerifier,
+    /// Push-API keys.
+    pub api_keys: ApiKeys,
+    /// Where agent messages go, if configured.
+    pub upstream: Option<Upstream>,
+    /// OpenTelemetry instruments.
+    pub metrics: Metrics,
+    /// tungstenite settings derived from the limits (small buffers: idle memory).
+    pub ws_config: WebSocketConfig,
+    /// Connections admitted (including upgrades in progress); bounded by
+    /// `limits.maxConnections`.
+    pub admitted: AtomicUsize,
+    /// Set once a drain starts: no new upgrades, readiness false.
+    pub draining: AtomicBool,
+    /// Cancelled to start a drain.
+    pub drain_requested: CancellationToken,
+    /// Every session and background task, so shutdown can wait for them (axum's
+    /// graceful shutdown does not wait for upgraded sockets).
+    pub tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("pod", &self.pod)
+            .field("connections", &self.hub.len())
+            .field("draining", &self.is_draining())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Whether a drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Reserves a connection slot; `None` when the pod is full.
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let max = self.config.limits.max_connections;
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission {
+                state: self.clone(),
+            })
+    }
+
+    /// Starts a drain (idempotent).
+    pub fn request_drain(&self) {
+        self.drain_requested.cancel();
+    }
+}
+
+/// A reserved connection slot, released on drop.
+#[derive(Debug)]
+pub struct Admission {
+    state: Arc<AppState>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.state.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// tungstenite settings for agent sockets.
+pub fn websocket_config(limits: &tether_config::Limits) -> WebSocketConfig {
+    WebSocketConfig::default()
+        // Every idle connection holds its read buffer: keep it small. Larger messages
+        // still arrive whole; they just take more reads.
+        .read_buffer_size(limits.read_buffer_bytes)
+        // Write each frame through instead of accumulating a write buffer.
+        .write_buffer_size(0)
+        .max_write_buffer_size(limits.max_write_buffer_bytes)
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_message_bytes))
+}

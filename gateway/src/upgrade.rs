@@ -1,0 +1,239 @@
+//! `GET /v1/connect`: the RFC 6455 opening handshake, with authentication and admission
+//! done before the upgrade — the last moment the gateway can still answer with an HTTP
+//! status instead of a WebSocket close.
+//!
+//! Order of checks: is it a WebSocket handshake at all (426/400), does it speak
+//! `tether.v1` (400), is the pod accepting (503), is the token valid (401/403). Cheap,
+//! anonymous checks come first so an overloaded pod spends no signature verification
+//! on requests it will refuse anyway.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tether_protocol::SUBPROTOCOL;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tracing::{debug, info_span, warn};
+
+use crate::api::ApiError;
+use crate::auth::AuthError;
+use crate::metrics::label;
+use crate::state::AppState;
+
+/// Why a handshake was refused before the upgrade.
+fn refuse(state: &AppState, result: &'static str, error: ApiError) -> Response {
+    state.metrics.handshakes.add(1, &label("result", result));
+    error.into_response()
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The bearer token from `Authorization`, or the `access_token` query parameter for
+/// clients (browsers) that cannot set headers on a WebSocket.
+fn bearer_token(req: &Request<Body>) -> Option<String> {
+    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    req.uri()
+        .query()
+        .and_then(|query| url_query_value(query, "access_token"))
+}
+
+fn url_query_value(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+/// Minimal percent-decoding for query values (JWTs are URL-safe, but clients may
+/// still escape them).
+fn percent_decode(value: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| Some(hex(bytes[i + 1])? << 4 | hex(bytes[i + 2])?))
+            .flatten();
+        match decoded {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Handles `GET /v1/connect`.
+pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>) -> Response {
+    let headers = req.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        let mut response = refuse(
+            &state,
+            "not_websocket",
+            ApiError::UpgradeRequired("this endpoint only accepts WebSocket upgrades".into()),
+        );
+        response
+            .headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return response;
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut response = refuse(
+            &state,
+            "bad_version",
+            ApiError::UpgradeRequired("Sec-WebSocket-Version must be 13".into()),
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let key = match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(key)
+            if base64::engine::general_purpose::STANDARD
+                .decode(key.as_bytes())
+                .is_ok_and(|k| k.len() == 16) =>
+        {
+            key.clone()
+        }
+        _ => {
+            return refuse(
+                &state,
+                "bad_key",
+                ApiError::BadRequest("Sec-WebSocket-Key must be 16 base64-encoded bytes".into()),
+            );
+        }
+    };
+    if !header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL) {
+        return refuse(
+            &state,
+            "no_subprotocol",
+            ApiError::BadRequest(format!(
+                "offer the `{SUBPROTOCOL}` subprotocol in Sec-WebSocket-Protocol"
+            )),
+        );
+    }
+    if state.is_draining() {
+        return refuse(
+            &state,
+            "draining",
+            ApiError::Unavailable("gateway is draining".into()),
+        );
+    }
+    let Some(admission) = state.admit() else {
+        return refuse(
+            &state,
+            "full",
+            ApiError::Unavailable("gateway is at its connection limit".into()),
+        );
+    };
+    let identity = match bearer_token(&req)
+        .ok_or(AuthError::Missing)
+        .and_then(|token| state.verifier.verify(&token))
+    {
+        Ok(identity) => identity,
+        Err(e) => {
+            let reason = match &e {
+                AuthError::Missing => "missing",
+                AuthError::Invalid(_) => "invalid",
+                AuthError::Forbidden(_) => "forbidden",
+            };
+            state.metrics.auth_failures.add(1, &label("reason", reason));
+            debug!(%e, "handshake refused");
+            return refuse(&state, "unauthorized", ApiError::from(e));
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let ws_config = state.ws_config;
+    let session_state = state.clone();
+    let span = info_span!("connect", agent = %identity.agent_id);
+    state.tasks.spawn(async move {
+        let _admission = admission;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                let _enter = span.enter();
+                warn!(%e, "upgrade failed after 101");
+                return;
+            }
+        };
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
+        crate::session::run(session_state, ws, identity).await;
+    });
+    state.metrics.handshakes.add(1, &label("result", "ok"));
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        )
+        .header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL)
+        .body(Body::empty())
+        .expect("static handshake response is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_access_token_from_query() {
+        assert_eq!(
+            url_query_value("a=1&access_token=x.y.z", "access_token").as_deref(),
+            Some("x.y.z")
+        );
+        assert_eq!(
+            url_query_value("access_token=a%2Eb", "access_token").as_deref(),
+            Some("a.b")
+        );
+        assert_eq!(url_query_value("token=x", "access_token"), None);
+    }
+
+    #[test]
+    fn header_tokens_are_case_insensitive_lists() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(header_has_token(&headers, header::CONNECTION, "upgrade"));
+        assert!(!header_has_token(&headers, header::CONNECTION, "close"));
+    }
+}
