@@ -9,7 +9,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 
 /// Result type of the stand-in's operations.
-pub type Result<T, E = ApiError> = std::result::Result<T, ApiError>;
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 /// One `StatusCause` of a `metav1.Status` (field-level detail of an error).
 #[derive(Debug, Clone, PartialEq)]
@@ -71,8 +71,12 @@ impl ApiError {
 
     /// `<resource>.<group> "<name>" not found` (404 NotFound).
     pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
-        Self::new(404, "NotFound", format!("{} \"{name}\" not found", qualified(group, plural)))
-            .details(group, plural, name)
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", qualified(group, plural)),
+        )
+        .details(group, plural, name)
     }
 
     /// `<resource>.<group> "<name>" already exists` (409 AlreadyExists).
@@ -263,8 +267,16 @@ mod tests {
             "ConnectionPool",
             "p",
             vec![
-                Cause { reason: "FieldValueInvalid".into(), message: "bad".into(), field: "spec.a".into() },
-                Cause { reason: "FieldValueRequired".into(), message: "Required value".into(), field: "spec.b".into() },
+                Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: "bad".into(),
+                    field: "spec.a".into(),
+                },
+                Cause {
+                    reason: "FieldValueRequired".into(),
+                    message: "Required value".into(),
+                    field: "spec.b".into(),
+                },
             ],
         );
         assert_eq!(e.code, 422);

@@ -1,1 +1,233 @@
-//! x
+//! `tether-kube-sim`: an in-memory Kubernetes API server stand-in for tests.
+//!
+//! No real kube-apiserver can run where Tether's tests run, so this crate serves the parts
+//! of the Kubernetes API the operator, the gateways and kubectl use, over real HTTP on
+//! 127.0.0.1, following the real server's documented semantics (see `docs/testing.md` for
+//! what is and is not implemented).
+//!
+//! ```text
+//!             kube::Client / kubectl
+//!                     │ HTTP (JSON, watch streams)
+//!   ┌─────────────────▼───────────────────────────────────────────┐
+//!   │ http      routing, query params, content types, Table, faults│
+//!   │ discovery /api /apis /version /openapi/v3 (legacy+aggregated)│
+//!   │ watch     selector-aware event streams, bookmarks, 410       │
+//!   ├──────────────────────────────────────────────────────────────┤
+//!   │ store     objects, global resourceVersion, bounded event log,│
+//!   │           write pipeline (status/scale isolation, finalizers)│
+//!   │   ├ ssa       managedFields, conflicts, list-map merging     │
+//!   │   ├ patch     JSON / merge / strategic-merge patch           │
+//!   │   ├ schema    CRD pruning, defaulting, validation (+ cel)    │
+//!   │   └ registry  built-in kinds + CRD-registered kinds          │
+//!   │ gc        ownerReference garbage collection, namespace cleanup│
+//!   └──────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Start it in one line and get a client:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let sim = tether_kube_sim::Server::start().await?;
+//! let client: kube::Client = sim.client()?;
+//! sim.write_kubeconfig("/tmp/kubeconfig")?; // for kubectl or a child process
+//! sim.faults().fail_next(1, tether_kube_sim::FaultMatch::verb("patch"), 500);
+//! # Ok(()) }
+//! ```
+
+pub mod cel;
+pub mod discovery;
+pub mod error;
+pub mod faults;
+pub mod gc;
+pub mod http;
+pub mod patch;
+pub mod registry;
+pub mod schema;
+pub mod selector;
+pub mod ssa;
+pub mod store;
+pub mod table;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::ApiError;
+pub use faults::{FaultMatch, FaultRule, Faults};
+pub use store::Store;
+
+/// Errors starting or using the server handle.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Binding the listener failed.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the kubeconfig failed.
+    #[error("writing kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Building a kube client failed.
+    #[error("building kube client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// Options of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    port: u16,
+    history: usize,
+    bookmark_interval: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            port: 0,
+            history: 10_000,
+            bookmark_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+// === impl Builder ===
+
+impl Builder {
+    /// Port on 127.0.0.1 (0: any free port, the default).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Events kept per resource type; a watch from before the oldest gets 410 Gone.
+    pub fn history(mut self, events: usize) -> Self {
+        self.history = events;
+        self
+    }
+
+    /// How often watches that allow bookmarks get one (default 5 s).
+    pub fn bookmark_interval(mut self, d: Duration) -> Self {
+        self.bookmark_interval = d;
+        self
+    }
+
+    /// Binds and starts serving.
+    pub async fn start(self) -> Result<Server, Error> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
+        let store = Arc::new(Store::new(self.history));
+        let faults = Faults::new(store.clone());
+        let state = Arc::new(http::AppState {
+            store: store.clone(),
+            faults: faults.clone(),
+            addr: addr.to_string(),
+            bookmark_interval: self.bookmark_interval,
+        });
+        let app = http::app(state);
+        let serve = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(%e, "kube-sim server stopped");
+            }
+        });
+        let gc = tokio::spawn(gc::run(store.clone()));
+        Ok(Server {
+            addr,
+            store,
+            faults,
+            tasks: vec![serve, gc],
+        })
+    }
+}
+
+/// A running stand-in. Dropping it stops the server.
+pub struct Server {
+    addr: SocketAddr,
+    store: Arc<Store>,
+    faults: Faults,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+// === impl Server ===
+
+impl Server {
+    /// Starts a server on a free loopback port with default options.
+    pub async fn start() -> Result<Server, Error> {
+        Builder::default().start().await
+    }
+
+    /// Options for a server.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube client for this server (default namespace `default`).
+    pub fn client(&self) -> Result<kube::Client, Error> {
+        let uri: ::http::Uri = self.url().parse().expect("valid url");
+        let mut config = kube::Config::new(uri);
+        config.default_namespace = "default".into();
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A kubeconfig (YAML) pointing at this server, context `kube-sim`, namespace `default`.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {}\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\nusers:\n- name: kube-sim\n  user: {{}}\n",
+            self.url()
+        )
+    }
+
+    /// Writes [`Server::kubeconfig`] to `path`.
+    pub fn write_kubeconfig(&self, path: impl AsRef<Path>) -> Result<(), Error> {
+        let p = path.as_ref();
+        std::fs::write(p, self.kubeconfig()).map_err(|source| Error::Kubeconfig {
+            path: p.display().to_string(),
+            source,
+        })
+    }
+
+    /// Fault injection.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// The object store (direct access: resourceVersion, history size, compaction).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.store.drop_watches();
+    }
+}

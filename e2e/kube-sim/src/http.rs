@@ -1,0 +1,730 @@
+//! HTTP routing: discovery, OpenAPI, the `/_sim` control endpoints, and every resource
+//! path (`/api/v1/...`, `/apis/<g>/<v>/...`, namespaced or not, with `/status` and
+//! `/scale`), mapped onto [`Store`] operations.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, Method, StatusCode, Uri, header};
+use serde_json::{Value, json};
+
+use crate::discovery;
+use crate::error::{ApiError, Result};
+use crate::faults::{FaultRule, Faults, RequestInfo};
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::store::{
+    DeleteOpts, Deleted, FieldValidation, PatchKind, Store, Target, WriteOpts, scale_of,
+};
+use crate::table;
+use crate::watch::{self, WatchSpec};
+
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    /// The object store.
+    pub store: Arc<Store>,
+    /// Fault injection.
+    pub faults: Faults,
+    /// `host:port` the server listens on (for `/api`'s serverAddressByClientCIDRs).
+    pub addr: String,
+    /// Bookmark interval of watches.
+    pub bookmark_interval: Duration,
+}
+
+/// The router.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/version",
+            get(|| async { json_response(StatusCode::OK, &discovery::version()) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/openapi/v2",
+            get(|| async {
+                ApiError::new(404, "NotFound", "the stand-in serves OpenAPI v3 only")
+                    .into_response()
+            }),
+        )
+        .route("/openapi/v3", get(openapi_index))
+        .route("/openapi/v3/{*key}", get(openapi_gv))
+        .route(
+            "/_sim/faults",
+            get(faults_list).post(faults_add).delete(faults_clear),
+        )
+        .route(
+            "/_sim/drop-watches",
+            post(|State(s): State<Arc<AppState>>| async move {
+                s.faults.drop_watches();
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/_sim/compact",
+            post(|State(s): State<Arc<AppState>>| async move {
+                s.faults.compact();
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/_sim/history/{n}",
+            post(
+                |State(s): State<Arc<AppState>>, Path(n): Path<usize>| async move {
+                    s.store.set_history(n);
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .fallback(resource)
+        .with_state(state)
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+async fn openapi_index(State(s): State<Arc<AppState>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &discovery::openapi_index(&s.store.registry()),
+    )
+}
+
+async fn openapi_gv(State(s): State<Arc<AppState>>, Path(key): Path<String>) -> Response {
+    let doc = discovery::parse_openapi_key(&key)
+        .and_then(|(g, v)| discovery::openapi_gv(&s.store.registry(), &g, &v));
+    match doc {
+        Some(d) => json_response(StatusCode::OK, &d),
+        None => {
+            ApiError::new(404, "NotFound", format!("no OpenAPI document for {key}")).into_response()
+        }
+    }
+}
+
+async fn faults_list(State(s): State<Arc<AppState>>) -> Response {
+    json_response(StatusCode::OK, &json!(s.faults.rules()))
+}
+
+async fn faults_add(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<FaultRule>(&body) {
+        Ok(rule) => {
+            s.faults.add(rule);
+            StatusCode::CREATED.into_response()
+        }
+        Err(e) => ApiError::bad_request(format!("invalid fault rule: {e}")).into_response(),
+    }
+}
+
+async fn faults_clear(State(s): State<Arc<AppState>>) -> Response {
+    s.faults.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// A parsed resource request path.
+struct Parsed {
+    group: String,
+    version: String,
+    namespace: Option<String>,
+    plural: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+    legacy_watch: bool,
+}
+
+fn parse_path(path: &str, store: &Store) -> Option<Parsed> {
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let (group, version, mut rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => (String::new(), v.to_string(), rest.to_vec()),
+        ["apis", g, v, rest @ ..] => (g.to_string(), v.to_string(), rest.to_vec()),
+        _ => return None,
+    };
+    let legacy_watch = rest.first() == Some(&"watch");
+    if legacy_watch {
+        rest.remove(0);
+    }
+    let mut p = Parsed {
+        group,
+        version,
+        namespace: None,
+        plural: None,
+        name: None,
+        subresource: None,
+        legacy_watch,
+    };
+    let reg = store.registry();
+    let namespaced_plural = |pl: &str| {
+        reg.find(&p.group, &p.version, pl)
+            .is_some_and(|t| t.namespaced)
+    };
+    let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+    let rest = if rest.len() >= 3 && rest[0] == "namespaces" && namespaced_plural(&rest[2]) {
+        p.namespace = Some(rest[1].clone());
+        rest[2..].to_vec()
+    } else {
+        rest
+    };
+    p.plural = rest.first().cloned();
+    p.name = rest.get(1).cloned();
+    p.subresource = rest.get(2).cloned();
+    if rest.len() > 3 {
+        return None;
+    }
+    Some(p)
+}
+
+fn query_map(uri: &Uri) -> HashMap<String, String> {
+    url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn truthy(q: &HashMap<String, String>, k: &str) -> bool {
+    q.get(k).is_some_and(|v| v == "true" || v == "1")
+}
+
+fn header_str<'a>(h: &'a HeaderMap, k: header::HeaderName) -> &'a str {
+    h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+fn parse_body(body: &[u8], content_type: &str) -> Result<Value> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    if content_type.contains("yaml") {
+        serde_yaml::from_slice::<Value>(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+    } else if content_type.contains("protobuf") || content_type.contains("cbor") {
+        Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"
+            ),
+        ))
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))
+    }
+}
+
+fn render(t: &Target, mut obj: Value) -> Value {
+    obj["apiVersion"] = json!(t.rt.api_version(&t.version));
+    obj
+}
+
+fn with_warnings(mut resp: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        if let Ok(v) = http::HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\"")))
+        {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
+}
+
+async fn resource(
+    State(s): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match handle(&s, &method, &uri, &headers, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn not_found_path(uri: &Uri) -> ApiError {
+    ApiError::new(
+        404,
+        "NotFound",
+        format!(
+            "the server could not find the requested resource ({})",
+            uri.path()
+        ),
+    )
+}
+
+async fn handle(
+    s: &Arc<AppState>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response> {
+    let path = uri.path();
+    let accept = header_str(headers, header::ACCEPT);
+    // Discovery.
+    if method == Method::GET {
+        let reg = s.store.registry();
+        let aggregated = discovery::wants_aggregated(accept);
+        match path.trim_end_matches('/') {
+            "/api" if aggregated => {
+                return Ok(aggregated_response(&discovery::aggregated(&reg, true)));
+            }
+            "/api" => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &discovery::core_versions(&s.addr),
+                ));
+            }
+            "/apis" if aggregated => {
+                return Ok(aggregated_response(&discovery::aggregated(&reg, false)));
+            }
+            "/apis" => return Ok(json_response(StatusCode::OK, &discovery::group_list(&reg))),
+            _ => {}
+        }
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match segs.as_slice() {
+            ["api", v] => {
+                return discovery::resource_list(&reg, "", v)
+                    .map(|l| json_response(StatusCode::OK, &l))
+                    .ok_or_else(|| not_found_path(uri));
+            }
+            ["apis", g] => {
+                return discovery::group(&reg, g)
+                    .map(|l| json_response(StatusCode::OK, &l))
+                    .ok_or_else(|| not_found_path(uri));
+            }
+            ["apis", g, v] => {
+                return discovery::resource_list(&reg, g, v)
+                    .map(|l| json_response(StatusCode::OK, &l))
+                    .ok_or_else(|| not_found_path(uri));
+            }
+            _ => {}
+        }
+    }
+    let p = parse_path(path, &s.store).ok_or_else(|| not_found_path(uri))?;
+    let plural = p.plural.clone().ok_or_else(|| not_found_path(uri))?;
+    let rt = s
+        .store
+        .registry()
+        .find(&p.group, &p.version, &plural)
+        .ok_or_else(|| not_found_path(uri))?;
+    if let Some(sub) = &p.subresource {
+        let ok = match sub.as_str() {
+            "status" => rt.has_status(&p.version),
+            "scale" => rt.version(&p.version).is_some_and(|v| v.scale.is_some()),
+            _ => false,
+        };
+        if !ok {
+            return Err(not_found_path(uri));
+        }
+    }
+    let q = query_map(uri);
+    let target = Target {
+        rt: rt.clone(),
+        version: p.version.clone(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        subresource: p.subresource.clone(),
+    };
+    let is_watch = p.legacy_watch || truthy(&q, "watch");
+    let verb = match (method.clone(), p.name.is_some()) {
+        (Method::GET, true) if is_watch => "watch",
+        (Method::GET, true) => "get",
+        (Method::GET, false) if is_watch => "watch",
+        (Method::GET, false) => "list",
+        (Method::POST, false) => "create",
+        (Method::PUT, true) => "update",
+        (Method::PATCH, true) => "patch",
+        (Method::DELETE, true) => "delete",
+        (Method::DELETE, false) => "deletecollection",
+        _ => {
+            return Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource ({method} {path})"
+            )));
+        }
+    };
+    let info = RequestInfo {
+        verb: verb.into(),
+        resource: plural.clone(),
+        subresource: p.subresource.clone(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+    };
+    let (delay, fault) = s.faults.check(&info);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(e) = fault {
+        return Err(e);
+    }
+    if rt.namespaced && p.namespace.is_none() && !matches!(verb, "list" | "watch") {
+        return Err(not_found_path(uri));
+    }
+    let content_type = header_str(headers, header::CONTENT_TYPE).to_string();
+    let wopts = WriteOpts {
+        manager: q.get("fieldManager").cloned(),
+        user_agent: header_str(headers, header::USER_AGENT).to_string(),
+        dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
+        validation: match q.get("fieldValidation").map(String::as_str) {
+            Some("Strict") => FieldValidation::Strict,
+            Some("Ignore") => FieldValidation::Ignore,
+            _ => FieldValidation::Warn,
+        },
+        force: truthy(&q, "force"),
+    };
+    let wants_table = table::wants_table(accept);
+    let include = q
+        .get("includeObject")
+        .cloned()
+        .unwrap_or_else(|| "Metadata".into());
+    match verb {
+        "get" => {
+            let obj = s.store.get(&target)?;
+            let out = if p.subresource.as_deref() == Some("scale") {
+                scale_of(&rt, &p.version, &obj)?
+            } else {
+                render(&target, obj)
+            };
+            if wants_table && p.subresource.is_none() {
+                let rv = out
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &table::table(&rt, &p.version, &[out], &rv, &include, true),
+                ));
+            }
+            Ok(json_response(StatusCode::OK, &out))
+        }
+        "list" => list(s, &target, &q, wants_table, &include),
+        "watch" => watch(s, &target, &q, wants_table, &include),
+        "create" => {
+            let obj = parse_body(body, &content_type)?;
+            let w = s.store.create(&target, obj, &wopts)?;
+            Ok(with_warnings(
+                json_response(StatusCode::CREATED, &render(&target, w.object)),
+                &w.warnings,
+            ))
+        }
+        "update" => {
+            let obj = parse_body(body, &content_type)?;
+            let w = s.store.replace(&target, obj, &wopts)?;
+            let out = if p.subresource.as_deref() == Some("scale") {
+                w.object
+            } else {
+                render(&target, w.object)
+            };
+            Ok(with_warnings(
+                json_response(StatusCode::OK, &out),
+                &w.warnings,
+            ))
+        }
+        "patch" => {
+            let kind = match content_type.split(';').next().unwrap_or("").trim() {
+                "application/json-patch+json" => PatchKind::Json,
+                "application/merge-patch+json" => PatchKind::Merge,
+                "application/strategic-merge-patch+json" => PatchKind::Strategic,
+                "application/apply-patch+yaml" | "application/apply-patch+json" => PatchKind::Apply,
+                other => {
+                    return Err(ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        format!(
+                            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {other:?})"
+                        ),
+                    ));
+                }
+            };
+            let obj = parse_body(
+                body,
+                if kind == PatchKind::Apply {
+                    "yaml"
+                } else {
+                    "json"
+                },
+            )?;
+            let existed = s.store.get(&target).is_ok();
+            let w = s.store.patch(&target, kind, obj, &wopts)?;
+            let code = if existed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            let out = if p.subresource.as_deref() == Some("scale") {
+                w.object
+            } else {
+                render(&target, w.object)
+            };
+            Ok(with_warnings(json_response(code, &out), &w.warnings))
+        }
+        "delete" => {
+            let d = delete_opts(&q, body)?;
+            match s.store.delete(&target, &d)? {
+                Deleted::Pending(obj) => Ok(json_response(StatusCode::OK, &render(&target, obj))),
+                Deleted::Gone(obj) => {
+                    // Most kinds answer an immediate deletion with a Success Status (finalizeDelete).
+                    let uid = obj.pointer("/metadata/uid").cloned().unwrap_or_default();
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &json!({
+                            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                            "details": {"name": p.name, "group": rt.group, "kind": rt.plural, "uid": uid},
+                        }),
+                    ))
+                }
+            }
+        }
+        "deletecollection" => {
+            let d = delete_opts(&q, body)?;
+            let labels =
+                LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+            let fields =
+                FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let (items, rv) = s.store.list(&target);
+            let mut deleted = Vec::new();
+            for obj in items
+                .into_iter()
+                .filter(|o| labels.matches(o) && fields.matches(o))
+            {
+                let name = obj
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                let t = Target {
+                    name,
+                    ..target.clone()
+                };
+                match s.store.delete(&t, &d) {
+                    Ok(Deleted::Gone(o)) | Ok(Deleted::Pending(o)) => {
+                        deleted.push(render(&target, o))
+                    }
+                    Err(e) if e.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"kind": rt.list_kind, "apiVersion": rt.api_version(&p.version), "metadata": {"resourceVersion": rv.to_string()}, "items": deleted}),
+            ))
+        }
+        _ => Err(ApiError::method_not_allowed(format!(
+            "unsupported verb {verb}"
+        ))),
+    }
+}
+
+fn aggregated_response(v: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, discovery::AGGREGATED_CONTENT_TYPE)],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn delete_opts(q: &HashMap<String, String>, body: &Bytes) -> Result<DeleteOpts> {
+    let b: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
+    };
+    let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    let orphan = b
+        .get("orphanDependents")
+        .and_then(Value::as_bool)
+        .or_else(|| q.get("orphanDependents").map(|v| v == "true"));
+    let propagation = s(b.get("propagationPolicy"))
+        .or_else(|| q.get("propagationPolicy").cloned())
+        .or_else(|| {
+            orphan.map(|o| {
+                if o {
+                    "Orphan".to_string()
+                } else {
+                    "Background".to_string()
+                }
+            })
+        });
+    let dry_run = q.get("dryRun").is_some_and(|v| v == "All")
+        || b.get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|x| x == "All"));
+    Ok(DeleteOpts {
+        propagation,
+        uid: s(b.pointer("/preconditions/uid")),
+        resource_version: s(b.pointer("/preconditions/resourceVersion")),
+        dry_run,
+    })
+}
+
+fn continue_token(rv: u64, last: &(String, String)) -> String {
+    let raw = json!({"rv": rv, "ns": last.0, "name": last.1}).to_string();
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_continue(token: &str) -> Result<(String, String)> {
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| {
+            token
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    let v: Value = bytes
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::bad_request("continue key is not valid: illegal base64 data"))?;
+    Ok((
+        v["ns"].as_str().unwrap_or("").to_string(),
+        v["name"].as_str().unwrap_or("").to_string(),
+    ))
+}
+
+fn list(
+    s: &Arc<AppState>,
+    t: &Target,
+    q: &HashMap<String, String>,
+    wants_table: bool,
+    include: &str,
+) -> Result<Response> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    let (items, rv) = s.store.list(t);
+    let key = |o: &Value| {
+        (
+            o.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            o.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    let start = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(c) => Some(parse_continue(c)?),
+        None => None,
+    };
+    let mut matching: Vec<Value> = items
+        .into_iter()
+        .filter(|o| labels.matches(o) && fields.matches(o))
+        .filter(|o| start.as_ref().is_none_or(|st| key(o) > *st))
+        .map(|o| render(t, o))
+        .collect();
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if let Some(limit) = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        && matching.len() > limit
+    {
+        let remaining = matching.len() - limit;
+        matching.truncate(limit);
+        let last = key(matching.last().expect("limit > 0"));
+        meta["continue"] = json!(continue_token(rv, &last));
+        meta["remainingItemCount"] = json!(remaining);
+    }
+    if wants_table {
+        return Ok(json_response(
+            StatusCode::OK,
+            &table::table(&t.rt, &t.version, &matching, &rv.to_string(), include, true),
+        ));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"kind": t.rt.list_kind, "apiVersion": t.rt.api_version(&t.version), "metadata": meta, "items": matching}),
+    ))
+}
+
+fn watch(
+    s: &Arc<AppState>,
+    t: &Target,
+    q: &HashMap<String, String>,
+    wants_table: bool,
+    include: &str,
+) -> Result<Response> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+    let mut fields =
+        FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    if let Some(name) = &t.name {
+        // GET .../name?watch=1 (and the legacy /watch/.../name form) watches one object.
+        fields = FieldSelector::parse(&format!("metadata.name={name}"))?;
+    }
+    let from = match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") => None,
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {v:?}")))?,
+        ),
+    };
+    let send_initial = truthy(q, "sendInitialEvents");
+    let spec = WatchSpec {
+        rt: t.rt.clone(),
+        version: t.version.clone(),
+        labels,
+        fields,
+        bookmarks: truthy(q, "allowWatchBookmarks"),
+        bookmark_interval: s.bookmark_interval,
+        timeout: q
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs),
+        initial_events_end: send_initial,
+        table: wants_table.then(|| include.to_string()),
+    };
+    // sendInitialEvents replays the current state whatever the resourceVersion (NotOlderThan).
+    let start = if send_initial {
+        s.store.watch(
+            &Target {
+                name: None,
+                ..t.clone()
+            },
+            None,
+        )
+    } else {
+        s.store.watch(
+            &Target {
+                name: None,
+                ..t.clone()
+            },
+            from,
+        )
+    };
+    let headers = [
+        (header::CONTENT_TYPE, "application/json"),
+        (header::CACHE_CONTROL, "no-cache, private"),
+    ];
+    match start {
+        Ok(ws) => {
+            let body = Body::from_stream(watch::stream(
+                spec,
+                s.store.clone(),
+                ws.backlog,
+                ws.rx,
+                ws.rv,
+            ));
+            Ok((StatusCode::OK, headers, body).into_response())
+        }
+        // The real server answers a too-old watch with 200 and a single ERROR event.
+        Err(e) if e.code == 410 => Ok((
+            StatusCode::OK,
+            headers,
+            Body::from_stream(watch::error_stream(e.status())),
+        )
+            .into_response()),
+        Err(e) => Err(e),
+    }
+}

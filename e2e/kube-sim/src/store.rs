@@ -1,0 +1,1524 @@
+//! The in-memory object store: one global `resourceVersion` counter, objects per resource
+//! type, a bounded event log per type (so a too-old watch gets 410 Gone), watcher fan-out,
+//! and the write pipeline every create/update/patch/apply/delete goes through.
+//!
+//! ```text
+//!  HTTP handler ──► Store::{create,replace,patch,delete,...}
+//!                     │  (one Mutex: a write is atomic with its event)
+//!                     ├─ prepare: subresource isolation, metadata rules, CR prune/default/validate,
+//!                     │           generation, managedFields, finalizers
+//!                     ├─ commit:  rv += 1, object map, event log (bounded), watchers (unbounded mpsc)
+//!                     └─ notify the garbage collector after deletions
+//! ```
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+use crate::error::{ApiError, Cause, Result};
+use crate::patch;
+use crate::registry::{Registry, ResourceKey, ResourceType, TypeCursor, from_crd};
+use crate::schema;
+use crate::ssa::{self, ApplyRequest};
+
+/// Watch event type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// Object created.
+    Added,
+    /// Object changed.
+    Modified,
+    /// Object removed.
+    Deleted,
+}
+
+impl EventType {
+    /// The wire name (`ADDED` ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as kept in the log and sent to watchers.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// resourceVersion of the change.
+    pub rv: u64,
+    /// What happened.
+    pub kind: EventType,
+    /// The object after the change (before it, for DELETED, with the deletion's rv).
+    pub object: Value,
+    /// The object before the change (MODIFIED only), so selector watches can emit
+    /// DELETED/ADDED when an object stops/starts matching, as the real watch cache does.
+    pub old: Option<Value>,
+}
+
+/// What a watch starts with.
+pub struct WatchStart {
+    /// Events to send first (synthetic ADDED for a fresh watch, or the log backlog).
+    pub backlog: Vec<Event>,
+    /// Live events.
+    pub rx: mpsc::UnboundedReceiver<Event>,
+    /// Current resourceVersion when the watch started.
+    pub rv: u64,
+}
+
+/// Server-side field validation mode (`fieldValidation` query parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FieldValidation {
+    /// Unknown fields fail the request (400).
+    Strict,
+    /// Unknown fields are dropped with a `Warning` header (the default since 1.27).
+    #[default]
+    Warn,
+    /// Unknown fields are dropped silently.
+    Ignore,
+}
+
+/// Identifies what a request addresses.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The resource type.
+    pub rt: Arc<ResourceType>,
+    /// Requested version.
+    pub version: String,
+    /// Namespace (namespaced types; None lists across namespaces).
+    pub namespace: Option<String>,
+    /// Object name.
+    pub name: Option<String>,
+    /// `status` or `scale`.
+    pub subresource: Option<String>,
+}
+
+/// Options shared by writes.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOpts {
+    /// `fieldManager` query parameter.
+    pub manager: Option<String>,
+    /// User-Agent, from which the real server derives the default manager.
+    pub user_agent: String,
+    /// `dryRun=All`.
+    pub dry_run: bool,
+    /// `fieldValidation`.
+    pub validation: FieldValidation,
+    /// `force` (apply only).
+    pub force: bool,
+}
+
+/// PATCH flavours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchKind {
+    /// `application/json-patch+json`.
+    Json,
+    /// `application/merge-patch+json`.
+    Merge,
+    /// `application/strategic-merge-patch+json`.
+    Strategic,
+    /// `application/apply-patch+yaml`.
+    Apply,
+}
+
+/// DELETE options (query or `DeleteOptions` body).
+#[derive(Debug, Clone, Default)]
+pub struct DeleteOpts {
+    /// `Background` (default), `Foreground` or `Orphan`.
+    pub propagation: Option<String>,
+    /// `preconditions.uid`.
+    pub uid: Option<String>,
+    /// `preconditions.resourceVersion`.
+    pub resource_version: Option<String>,
+    /// `dryRun=All`.
+    pub dry_run: bool,
+}
+
+/// A successful write and the warnings to send with it.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The object as stored.
+    pub object: Value,
+    /// `Warning` headers.
+    pub warnings: Vec<String>,
+}
+
+/// The result of a DELETE.
+#[derive(Debug, Clone)]
+pub enum Deleted {
+    /// Removed now (the object as it was).
+    Gone(Value),
+    /// Waiting on finalizers (the object with `deletionTimestamp`).
+    Pending(Value),
+}
+
+#[derive(Default)]
+struct TypeState {
+    objects: BTreeMap<(String, String), Value>,
+    log: VecDeque<Event>,
+    /// Highest resourceVersion dropped from the log: watches from before it get 410.
+    compacted: u64,
+    watchers: Vec<(Option<String>, mpsc::UnboundedSender<Event>)>,
+}
+
+pub(crate) struct State {
+    rv: u64,
+    pub(crate) registry: Registry,
+    types: HashMap<ResourceKey, TypeState>,
+    history: usize,
+}
+
+/// The store. Cheap to share behind an `Arc`.
+pub struct Store {
+    state: Mutex<State>,
+    /// Woken after deletions and ownerReference changes.
+    pub(crate) gc: Notify,
+}
+
+/// Current time, RFC 3339 with second precision as the real server writes it.
+pub fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata")?.get(field)?.as_str()
+}
+
+fn meta_mut(obj: &mut Value) -> &mut serde_json::Map<String, Value> {
+    if !obj.is_object() {
+        *obj = json!({});
+    }
+    let root = obj.as_object_mut().expect("object");
+    let m = root.entry("metadata").or_insert_with(|| json!({}));
+    if !m.is_object() {
+        *m = json!({});
+    }
+    m.as_object_mut().expect("metadata object")
+}
+
+fn finalizers(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The field manager the real server records when none is given: the User-Agent up to '/'.
+fn manager_name(o: &WriteOpts) -> String {
+    if let Some(m) = &o.manager {
+        return m.clone();
+    }
+    let ua = o.user_agent.split('/').next().unwrap_or("").trim();
+    if ua.is_empty() {
+        "unknown".into()
+    } else {
+        ua.chars().take(128).collect()
+    }
+}
+
+/// Names: DNS-1123 subdomains, except RBAC kinds that allow path-segment names.
+fn validate_name(rt: &ResourceType, name: &str) -> Option<Cause> {
+    let bad = |msg: String| {
+        Some(Cause {
+            reason: "FieldValueInvalid".into(),
+            message: format!("Invalid value: \"{name}\": {msg}"),
+            field: "metadata.name".into(),
+        })
+    };
+    if rt.group == "rbac.authorization.k8s.io" {
+        if name == "." || name == ".." || name.contains('/') || name.contains('%') {
+            return bad("may not contain '/' or '%'".into());
+        }
+        return None;
+    }
+    let label_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    let max = if rt.plural == "namespaces" || rt.plural == "services" {
+        63
+    } else {
+        253
+    };
+    let ok = name.len() <= max
+        && if max == 63 {
+            label_ok(name)
+        } else {
+            name.split('.').all(label_ok)
+        };
+    if ok {
+        None
+    } else {
+        bad(format!(
+            "a lowercase RFC 1123 {} must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+            if max == 63 { "label" } else { "subdomain" }
+        ))
+    }
+}
+
+/// The object without the parts that do not count as a change (rv, managedFields times).
+fn comparable(obj: &Value) -> Value {
+    let mut c = obj.clone();
+    if let Some(m) = c.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+        if let Some(Value::Array(mf)) = m.get_mut("managedFields") {
+            for e in mf {
+                if let Some(e) = e.as_object_mut() {
+                    e.remove("time");
+                }
+            }
+        }
+    }
+    c
+}
+
+/// What counts as "spec" for generation: everything but metadata (and status, when the
+/// status subresource exists). Matches the CRD and workload strategies of the real server.
+fn spec_part(obj: &Value, has_status: bool) -> Value {
+    let mut c = obj.clone();
+    if let Some(m) = c.as_object_mut() {
+        m.remove("metadata");
+        m.remove("apiVersion");
+        m.remove("kind");
+        if has_status {
+            m.remove("status");
+        }
+    }
+    c
+}
+
+// === impl Store ===
+
+impl Store {
+    /// A store with the built-in kinds, the default namespaces, and `history` events
+    /// retained per resource type.
+    pub fn new(history: usize) -> Store {
+        let store = Store {
+            state: Mutex::new(State {
+                rv: 0,
+                registry: Registry::with_builtins(),
+                types: HashMap::new(),
+                history: history.max(1),
+            }),
+            gc: Notify::new(),
+        };
+        {
+            let mut st = store.state.lock();
+            let ns_type = st
+                .registry
+                .get(&(String::new(), "namespaces".into()))
+                .expect("builtin");
+            for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+                let t = Target {
+                    rt: ns_type.clone(),
+                    version: "v1".into(),
+                    namespace: None,
+                    name: None,
+                    subresource: None,
+                };
+                let obj =
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                let opts = WriteOpts {
+                    manager: Some("kube-apiserver".into()),
+                    ..Default::default()
+                };
+                st.create(&t, obj, &opts).expect("default namespace");
+            }
+        }
+        store
+    }
+
+    /// The registry (a snapshot).
+    pub fn registry(&self) -> Registry {
+        self.state.lock().registry.clone()
+    }
+
+    /// Current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.state.lock().rv
+    }
+
+    /// Sets how many events each type's log keeps (older watches get 410 Gone).
+    pub fn set_history(&self, n: usize) {
+        let mut st = self.state.lock();
+        st.history = n.max(1);
+        let keep = st.history;
+        for ts in st.types.values_mut() {
+            while ts.log.len() > keep {
+                let e = ts.log.pop_front().expect("non-empty");
+                ts.compacted = e.rv;
+            }
+        }
+    }
+
+    /// Drops every event log, as an etcd compaction does: any watch from an older
+    /// resourceVersion than now gets 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.state.lock();
+        let rv = st.rv;
+        for ts in st.types.values_mut() {
+            ts.log.clear();
+            ts.compacted = rv;
+        }
+    }
+
+    /// Ends every open watch stream (clients see the stream close and re-watch).
+    pub fn drop_watches(&self) {
+        let mut st = self.state.lock();
+        for ts in st.types.values_mut() {
+            ts.watchers.clear();
+        }
+    }
+
+    /// Creates an object (POST).
+    pub fn create(&self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
+        let r = self.state.lock().create(t, body, o);
+        self.gc.notify_one();
+        r
+    }
+
+    /// Reads one object.
+    pub fn get(&self, t: &Target) -> Result<Value> {
+        self.state.lock().get(t).cloned()
+    }
+
+    /// Lists objects (namespace-filtered when `t.namespace` is set), with the list's rv.
+    pub fn list(&self, t: &Target) -> (Vec<Value>, u64) {
+        let st = self.state.lock();
+        let items = st
+            .types
+            .get(&t.rt.key())
+            .map(|ts| {
+                ts.objects
+                    .iter()
+                    .filter(|((ns, _), _)| t.namespace.as_ref().is_none_or(|want| want == ns))
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (items, st.rv)
+    }
+
+    /// Replaces an object (PUT), on the main resource or `/status`.
+    pub fn replace(&self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
+        let r = self.state.lock().replace(t, body, o);
+        self.gc.notify_one();
+        r
+    }
+
+    /// Patches an object, including server-side apply (which may create it).
+    pub fn patch(
+        &self,
+        t: &Target,
+        kind: PatchKind,
+        body: Value,
+        o: &WriteOpts,
+    ) -> Result<Written> {
+        let r = self.state.lock().patch(t, kind, body, o);
+        self.gc.notify_one();
+        r
+    }
+
+    /// Deletes an object.
+    pub fn delete(&self, t: &Target, d: &DeleteOpts) -> Result<Deleted> {
+        let r = self.state.lock().delete(t, d, "kube-apiserver");
+        self.gc.notify_one();
+        r
+    }
+
+    /// Starts a watch from `from` (None or 0: synthetic ADDED for the current objects).
+    pub fn watch(&self, t: &Target, from: Option<u64>) -> Result<WatchStart> {
+        let mut st = self.state.lock();
+        let rv = st.rv;
+        let ts = st.types.entry(t.rt.key()).or_default();
+        let in_ns = |obj: &Value| {
+            t.namespace
+                .as_deref()
+                .is_none_or(|ns| meta_str(obj, "namespace") == Some(ns))
+        };
+        let backlog = match from {
+            None | Some(0) => ts
+                .objects
+                .values()
+                .filter(|o| in_ns(o))
+                .map(|o| Event {
+                    rv,
+                    kind: EventType::Added,
+                    object: o.clone(),
+                    old: None,
+                })
+                .collect(),
+            Some(from) if from < ts.compacted => {
+                // Wording of the real watch cache (storage/cacher: "too old resource version").
+                return Err(ApiError::gone(format!(
+                    "too old resource version: {from} ({})",
+                    ts.compacted + 1
+                )));
+            }
+            Some(from) => ts
+                .log
+                .iter()
+                .filter(|e| e.rv > from && in_ns(&e.object))
+                .cloned()
+                .collect(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        ts.watchers.push((t.namespace.clone(), tx));
+        Ok(WatchStart { backlog, rx, rv })
+    }
+
+    /// Runs a closure over the locked state (garbage collector).
+    pub(crate) fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.state.lock())
+    }
+}
+
+// === impl State ===
+
+impl State {
+    fn objects(&self, key: &ResourceKey) -> impl Iterator<Item = &Value> {
+        self.types
+            .get(key)
+            .into_iter()
+            .flat_map(|ts| ts.objects.values())
+    }
+
+    /// Every stored object with its type key (garbage collector scans).
+    pub(crate) fn all_objects(&self) -> Vec<(ResourceKey, Value)> {
+        self.types
+            .iter()
+            .flat_map(|(k, ts)| ts.objects.values().map(move |v| (k.clone(), v.clone())))
+            .collect()
+    }
+
+    pub(crate) fn target_of(&self, key: &ResourceKey, obj: &Value) -> Option<Target> {
+        let rt = self.registry.get(key)?;
+        Some(Target {
+            version: rt.preferred().name.clone(),
+            rt,
+            namespace: meta_str(obj, "namespace").map(str::to_string),
+            name: meta_str(obj, "name").map(str::to_string),
+            subresource: None,
+        })
+    }
+
+    fn ns_key(t: &Target, name: &str) -> (String, String) {
+        (
+            if t.rt.namespaced {
+                t.namespace.clone().unwrap_or_default()
+            } else {
+                String::new()
+            },
+            name.to_string(),
+        )
+    }
+
+    fn get(&self, t: &Target) -> Result<&Value> {
+        let name = t.name.as_deref().unwrap_or("");
+        self.types
+            .get(&t.rt.key())
+            .and_then(|ts| ts.objects.get(&Self::ns_key(t, name)))
+            .ok_or_else(|| ApiError::not_found(&t.rt.group, &t.rt.plural, name))
+    }
+
+    fn emit(&mut self, key: &ResourceKey, ev: Event) {
+        let history = self.history;
+        let ts = self.types.entry(key.clone()).or_default();
+        let ns = meta_str(&ev.object, "namespace").map(str::to_string);
+        ts.watchers.retain(|(want, tx)| {
+            if want.is_some() && *want != ns {
+                return !tx.is_closed();
+            }
+            tx.send(ev.clone()).is_ok()
+        });
+        ts.log.push_back(ev);
+        while ts.log.len() > history {
+            let e = ts.log.pop_front().expect("non-empty");
+            ts.compacted = e.rv;
+        }
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    /// Prunes, defaults and validates a custom resource; returns pruning warnings.
+    fn check_custom(
+        t: &Target,
+        obj: &mut Value,
+        old: Option<&Value>,
+        o: &WriteOpts,
+    ) -> Result<Vec<String>> {
+        let Some(schema) = t.rt.version(&t.version).and_then(|v| v.schema.clone()) else {
+            return Ok(vec![]);
+        };
+        let pruned = schema::prune(obj, &schema);
+        let mut warnings = Vec::new();
+        if !pruned.is_empty() {
+            match o.validation {
+                FieldValidation::Strict => {
+                    let list: Vec<String> = pruned
+                        .iter()
+                        .map(|p| format!("unknown field \"{p}\""))
+                        .collect();
+                    return Err(ApiError::bad_request(format!(
+                        "strict decoding error: {}",
+                        list.join(", ")
+                    )));
+                }
+                FieldValidation::Warn => {
+                    warnings.extend(pruned.iter().map(|p| format!("unknown field \"{p}\"")))
+                }
+                FieldValidation::Ignore => {}
+            }
+        }
+        schema::apply_defaults(obj, &schema);
+        let causes = schema::validate(obj, old, &schema);
+        if !causes.is_empty() {
+            let name = meta_str(obj, "name").unwrap_or("").to_string();
+            return Err(ApiError::invalid(&t.rt.group, &t.rt.kind, &name, causes));
+        }
+        Ok(warnings)
+    }
+
+    fn create(&mut self, t: &Target, mut obj: Value, o: &WriteOpts) -> Result<Written> {
+        let rt = t.rt.clone();
+        if !obj.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request was in an unknown format",
+            ));
+        }
+        let api_version = rt.api_version(&t.version);
+        match obj.get("kind").and_then(Value::as_str) {
+            Some(k) if k != rt.kind => {
+                return Err(ApiError::bad_request(format!(
+                    "the server could not find the requested resource: kind {k} does not match {}",
+                    rt.kind
+                )));
+            }
+            _ => {}
+        }
+        obj["kind"] = json!(rt.kind);
+        obj["apiVersion"] = json!(api_version);
+        schema::prune_metadata(&mut obj);
+        // Namespace from the URL; a different one in the body is a 400, as in the real server.
+        if rt.namespaced {
+            let ns = t.namespace.clone().ok_or_else(|| {
+                ApiError::bad_request("namespace is required for namespaced resources")
+            })?;
+            match meta_str(&obj, "namespace") {
+                Some(b) if b != ns => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => {}
+            }
+            let nsobj = self
+                .types
+                .get(&(String::new(), "namespaces".into()))
+                .and_then(|ts| ts.objects.get(&(String::new(), ns.clone())));
+            match nsobj {
+                None => return Err(ApiError::not_found("", "namespaces", &ns)),
+                Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => {
+                    return Err(ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                            rt.plural,
+                            meta_str(&obj, "name").unwrap_or("")
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            meta_mut(&mut obj).insert("namespace".into(), json!(ns));
+        } else {
+            meta_mut(&mut obj).remove("namespace");
+        }
+        let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
+            (Some(n), _) if !n.is_empty() => n.to_string(),
+            (_, Some(g)) if !g.is_empty() => {
+                let suffix: String = uuid::Uuid::new_v4()
+                    .simple()
+                    .to_string()
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric())
+                    .take(5)
+                    .collect();
+                format!("{g}{suffix}")
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    &rt.group,
+                    &rt.kind,
+                    "",
+                    vec![Cause {
+                        reason: "FieldValueRequired".into(),
+                        message: "Required value: name or generateName is required".into(),
+                        field: "metadata.name".into(),
+                    }],
+                ));
+            }
+        };
+        if let Some(c) = validate_name(&rt, &name) {
+            return Err(ApiError::invalid(&rt.group, &rt.kind, &name, vec![c]));
+        }
+        if t.name.as_deref().is_some_and(|n| n != name) {
+            return Err(ApiError::bad_request(
+                "the name of the object does not match the name on the URL",
+            ));
+        }
+        let key = Self::ns_key(t, &name);
+        if self
+            .types
+            .get(&rt.key())
+            .is_some_and(|ts| ts.objects.contains_key(&key))
+        {
+            return Err(ApiError::already_exists(&rt.group, &rt.plural, &name));
+        }
+        let now = now();
+        {
+            let m = meta_mut(&mut obj);
+            m.insert("name".into(), json!(name));
+            m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+            m.insert("creationTimestamp".into(), json!(now));
+            m.remove("deletionTimestamp");
+            m.remove("deletionGracePeriodSeconds");
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+            if rt.has_generation {
+                m.insert("generation".into(), json!(1));
+            } else {
+                m.remove("generation");
+            }
+        }
+        // Status is reset on create where a status subresource exists (PrepareForCreate).
+        if rt.has_status(&t.version) {
+            let fresh = match rt.plural.as_str() {
+                "namespaces" => Some(json!({"phase": "Active"})),
+                "pods" => Some(json!({"phase": "Pending"})),
+                _ if rt.builtin => Some(json!({})),
+                _ => None,
+            };
+            let root = obj.as_object_mut().expect("object");
+            match fresh {
+                Some(s) => root.insert("status".into(), s),
+                None => root.remove("status"),
+            };
+        }
+        if rt.plural == "namespaces" {
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+            meta_mut(&mut obj)
+                .entry("labels")
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .map(|l| l.insert("kubernetes.io/metadata.name".into(), json!(name)));
+        }
+        let warnings = Self::check_custom(t, &mut obj, None, o)?;
+        let crd_type =
+            if rt.plural == "customresourcedefinitions" && rt.group == "apiextensions.k8s.io" {
+                Some(from_crd(&obj).map_err(|m| {
+                    ApiError::invalid(
+                        &rt.group,
+                        &rt.kind,
+                        &name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: m,
+                            field: String::new(),
+                        }],
+                    )
+                })?)
+            } else {
+                None
+            };
+        let cursor = TypeCursor::root(&rt, &t.version);
+        let manager = manager_name(o);
+        let req = ApplyRequest {
+            manager: &manager,
+            subresource: None,
+            force: false,
+            api_version: &api_version,
+            now: &now,
+        };
+        ssa::record_update(&Value::Null, &mut obj, cursor, &req);
+        if o.dry_run {
+            return Ok(Written {
+                object: obj,
+                warnings,
+            });
+        }
+        let rv = self.next_rv();
+        meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
+        self.types
+            .entry(rt.key())
+            .or_default()
+            .objects
+            .insert(key, obj.clone());
+        self.emit(
+            &rt.key(),
+            Event {
+                rv,
+                kind: EventType::Added,
+                object: obj.clone(),
+                old: None,
+            },
+        );
+        if let Some(ct) = crd_type {
+            self.establish_crd(t, &name, ct);
+        }
+        Ok(Written {
+            object: obj,
+            warnings,
+        })
+    }
+
+    /// Registers a CRD's type and marks it Established/NamesAccepted (the real server's
+    /// controllers do this right after the create; the update is a separate MODIFIED event).
+    fn establish_crd(&mut self, t: &Target, name: &str, ct: ResourceType) {
+        let accepted = json!({
+            "plural": ct.plural, "singular": ct.singular, "kind": ct.kind, "listKind": ct.list_kind,
+            "shortNames": ct.short_names, "categories": ct.categories,
+        });
+        let stored: Vec<String> = ct
+            .versions
+            .iter()
+            .filter(|v| v.storage)
+            .map(|v| v.name.clone())
+            .collect();
+        self.registry.insert(ct);
+        let Ok(old) = self
+            .get(&Target {
+                name: Some(name.into()),
+                ..t.clone()
+            })
+            .cloned()
+        else {
+            return;
+        };
+        let ts = now();
+        let mut new = old.clone();
+        new["status"] = json!({
+            "acceptedNames": accepted,
+            "storedVersions": stored,
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": ts},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": ts},
+            ],
+        });
+        self.store_update(t, old, new);
+    }
+
+    fn store_update(&mut self, t: &Target, old: Value, mut new: Value) -> Value {
+        let rv = self.next_rv();
+        meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
+        let name = meta_str(&new, "name").unwrap_or("").to_string();
+        let key = Self::ns_key(t, &name);
+        self.types
+            .entry(t.rt.key())
+            .or_default()
+            .objects
+            .insert(key, new.clone());
+        self.emit(
+            &t.rt.key(),
+            Event {
+                rv,
+                kind: EventType::Modified,
+                object: new.clone(),
+                old: Some(old),
+            },
+        );
+        new
+    }
+
+    fn replace(&mut self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
+        let old = self.get(t)?.clone();
+        if !body.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request was in an unknown format",
+            ));
+        }
+        if let Some(n) = meta_str(&body, "name")
+            && Some(n) != t.name.as_deref()
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({})",
+                t.name.as_deref().unwrap_or("")
+            )));
+        }
+        self.write(t, old, body, o, false)
+    }
+
+    fn patch(
+        &mut self,
+        t: &Target,
+        kind: PatchKind,
+        body: Value,
+        o: &WriteOpts,
+    ) -> Result<Written> {
+        let rt = t.rt.clone();
+        let cursor = TypeCursor::root(&rt, &t.version);
+        if kind == PatchKind::Apply {
+            return self.apply(t, body, o);
+        }
+        let old = self.get(t)?.clone();
+        // A patch addressed to /scale is a patch of the Scale object.
+        if t.subresource.as_deref() == Some("scale") {
+            let scale = scale_of(&t.rt, &t.version, &old)?;
+            let patched = match kind {
+                PatchKind::Json => patch::json_patch(&scale, &body)?,
+                _ => patch::merge_patch(&scale, &body)?,
+            };
+            return self.write_scale(t, old, patched, o);
+        }
+        let candidate = match kind {
+            PatchKind::Json => patch::json_patch(&old, &body)?,
+            PatchKind::Merge => patch::merge_patch(&old, &body)?,
+            PatchKind::Strategic => {
+                if !rt.builtin {
+                    // Real server: strategic merge patch is not supported for custom resources.
+                    return Err(ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                    ));
+                }
+                patch::strategic_merge(&old, &body, cursor)?
+            }
+            PatchKind::Apply => unreachable!("handled above"),
+        };
+        self.write(t, old, candidate, o, false)
+    }
+
+    fn apply(&mut self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
+        let rt = t.rt.clone();
+        let name = t.name.clone().unwrap_or_default();
+        let Some(manager) = o.manager.clone() else {
+            return Err(ApiError::bad_request(
+                "PATCH, application/apply-patch+yaml requires fieldManager to be set",
+            ));
+        };
+        if !body.is_object() {
+            return Err(ApiError::bad_request(
+                "error decoding YAML: apply patch must be an object",
+            ));
+        }
+        let api_version = rt.api_version(&t.version);
+        if body.get("apiVersion").and_then(Value::as_str) != Some(api_version.as_str())
+            || body.get("kind").and_then(Value::as_str) != Some(rt.kind.as_str())
+        {
+            return Err(ApiError::bad_request(format!(
+                "apiVersion and kind in the applied configuration must be {api_version} and {}",
+                rt.kind
+            )));
+        }
+        if let Some(n) = meta_str(&body, "name")
+            && n != name
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )));
+        }
+        let existing = self.get(t).ok().cloned();
+        let sub = t.subresource.as_deref();
+        if existing.is_none() && sub.is_some() {
+            return Err(ApiError::not_found(&rt.group, &rt.plural, &name));
+        }
+        // Scope the applied config to what this endpoint may change.
+        let has_status = rt.has_status(&t.version);
+        let mut applied = body.clone();
+        if let Some(m) = applied.as_object_mut() {
+            if sub == Some("status") {
+                m.retain(|k, _| {
+                    matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status")
+                });
+                if let Some(meta) = m.get_mut("metadata").and_then(Value::as_object_mut) {
+                    meta.retain(|k, _| matches!(k.as_str(), "name" | "namespace"));
+                }
+            } else if has_status {
+                m.remove("status");
+            }
+            if let Some(meta) = m.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.remove("managedFields");
+                meta.remove("resourceVersion");
+            }
+        }
+        // Defaults and pruning apply to the config too, so ownership matches stored values.
+        if let Some(schema) = rt.version(&t.version).and_then(|v| v.schema.clone()) {
+            schema::prune(&mut applied, &schema);
+        }
+        let cursor = TypeCursor::root(&rt, &t.version);
+        let now = now();
+        let req = ApplyRequest {
+            manager: &manager,
+            subresource: sub,
+            force: o.force,
+            api_version: &api_version,
+            now: &now,
+        };
+        let live = existing.clone().unwrap_or(Value::Null);
+        let merged = ssa::apply(&live, &applied, cursor, &req).map_err(|conflicts| {
+            let mut by_manager: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for c in &conflicts {
+                by_manager.entry(&c.manager).or_default().push(&c.field);
+            }
+            // Wording of structured-merge-diff's ConflictError, which kubectl shows.
+            let n = conflicts.len();
+            let mut msg = format!(
+                "Apply failed with {n} conflict{}: ",
+                if n == 1 { "" } else { "s" }
+            );
+            let parts: Vec<String> = by_manager
+                .iter()
+                .map(|(m, fields)| format!("conflict with \"{m}\": {}", fields.join(", ")))
+                .collect();
+            msg.push_str(&parts.join("; "));
+            let mut e = ApiError::new(409, "Conflict", msg).details(&rt.group, &rt.plural, &name);
+            e.causes = conflicts
+                .iter()
+                .map(|c| Cause {
+                    reason: "FieldManagerConflict".into(),
+                    message: format!("conflict with \"{}\"", c.manager),
+                    field: c.field.clone(),
+                })
+                .collect();
+            e
+        })?;
+        match existing {
+            None => {
+                let mut w = self.create(
+                    t,
+                    merged.clone(),
+                    &WriteOpts {
+                        manager: Some(manager.clone()),
+                        ..o.clone()
+                    },
+                )?;
+                // create() recorded an Update entry; an apply-create is owned as Apply.
+                let applied_mf = merged.pointer("/metadata/managedFields").cloned();
+                if !o.dry_run {
+                    let stored = self.get(t)?.clone();
+                    let mut fixed = stored.clone();
+                    if let Some(mf) = applied_mf {
+                        meta_mut(&mut fixed).insert("managedFields".into(), mf);
+                    }
+                    let k = Self::ns_key(t, &name);
+                    let ts = self.types.get_mut(&rt.key()).expect("just created");
+                    ts.objects.insert(k, fixed.clone());
+                    if let Some(last) = ts.log.back_mut()
+                        && meta_str(&last.object, "uid") == meta_str(&fixed, "uid")
+                    {
+                        last.object = fixed.clone();
+                    }
+                    w.object = fixed;
+                }
+                Ok(w)
+            }
+            Some(old) => self.write(t, old, merged, o, true),
+        }
+    }
+
+    /// The shared update pipeline (PUT, PATCH, apply onto an existing object).
+    fn write(
+        &mut self,
+        t: &Target,
+        old: Value,
+        mut new: Value,
+        o: &WriteOpts,
+        applied: bool,
+    ) -> Result<Written> {
+        let rt = t.rt.clone();
+        let name = t.name.clone().unwrap_or_default();
+        let sub = t.subresource.as_deref();
+        if sub == Some("scale") {
+            return self.write_scale(t, old, new, o);
+        }
+        if !new.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request was in an unknown format",
+            ));
+        }
+        // Optimistic concurrency: a resourceVersion in the request must match.
+        if let Some(rv) = meta_str(&new, "resourceVersion")
+            && !rv.is_empty()
+            && Some(rv) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::stale(&rt.group, &rt.plural, &name));
+        }
+        if let Some(uid) = meta_str(&new, "uid")
+            && !uid.is_empty()
+            && Some(uid) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                &name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid").unwrap_or("")
+                ),
+            ));
+        }
+        let has_status = rt.has_status(&t.version);
+        let api_version = rt.api_version(&t.version);
+        new["apiVersion"] = json!(api_version);
+        new["kind"] = json!(rt.kind);
+        schema::prune_metadata(&mut new);
+        // Subresource isolation (the status strategies' PrepareForUpdate).
+        if sub == Some("status") {
+            let status = new.get("status").cloned();
+            let mut only_status = old.clone();
+            match status {
+                Some(s) => only_status["status"] = s,
+                None => {
+                    only_status
+                        .as_object_mut()
+                        .expect("object")
+                        .remove("status");
+                }
+            }
+            if applied {
+                let mf = new.pointer("/metadata/managedFields").cloned();
+                if let Some(mf) = mf {
+                    meta_mut(&mut only_status).insert("managedFields".into(), mf);
+                }
+            }
+            new = only_status;
+        } else if has_status {
+            let root = new.as_object_mut().expect("object");
+            match old.get("status") {
+                Some(s) => root.insert("status".into(), s.clone()),
+                None => root.remove("status"),
+            };
+        }
+        // Server-owned metadata is carried over.
+        {
+            let old_meta = old.get("metadata").cloned().unwrap_or_default();
+            let m = meta_mut(&mut new);
+            for f in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
+                match old_meta.get(f) {
+                    Some(v) => m.insert(f.into(), v.clone()),
+                    None => m.remove(f),
+                };
+            }
+            if !applied {
+                match old_meta.get("managedFields") {
+                    Some(v) => m.insert("managedFields".into(), v.clone()),
+                    None => m.remove("managedFields"),
+                };
+            }
+            m.insert(
+                "resourceVersion".into(),
+                old_meta
+                    .get("resourceVersion")
+                    .cloned()
+                    .unwrap_or(json!("")),
+            );
+        }
+        if rt.plural == "namespaces" {
+            new["spec"] = old.get("spec").cloned().unwrap_or_else(|| json!({}));
+        }
+        // No new finalizers once deletion started (ObjectMeta update validation).
+        if old.pointer("/metadata/deletionTimestamp").is_some() {
+            let before = finalizers(&old);
+            if let Some(f) = finalizers(&new).into_iter().find(|f| !before.contains(f)) {
+                return Err(ApiError::invalid(
+                    &rt.group,
+                    &rt.kind,
+                    &name,
+                    vec![Cause {
+                        reason: "FieldValueForbidden".into(),
+                        message: format!(
+                            "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{\"{f}\"}}"
+                        ),
+                        field: "metadata.finalizers".into(),
+                    }],
+                ));
+            }
+        }
+        let warnings = Self::check_custom(t, &mut new, Some(&old), o)?;
+        if rt.plural == "customresourcedefinitions"
+            && rt.group == "apiextensions.k8s.io"
+            && sub.is_none()
+        {
+            let ct = from_crd(&new).map_err(|m| {
+                ApiError::invalid(
+                    &rt.group,
+                    &rt.kind,
+                    &name,
+                    vec![Cause {
+                        reason: "FieldValueInvalid".into(),
+                        message: m,
+                        field: String::new(),
+                    }],
+                )
+            })?;
+            if !o.dry_run {
+                self.registry.insert(ct);
+            }
+        }
+        if rt.has_generation && spec_part(&old, has_status) != spec_part(&new, has_status) {
+            let g = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            meta_mut(&mut new).insert("generation".into(), json!(g + 1));
+        }
+        if !applied {
+            let cursor = TypeCursor::root(&rt, &t.version);
+            let manager = manager_name(o);
+            let now = now();
+            let req = ApplyRequest {
+                manager: &manager,
+                subresource: sub,
+                force: false,
+                api_version: &api_version,
+                now: &now,
+            };
+            ssa::record_update(&old, &mut new, cursor, &req);
+        }
+        // A write that changes nothing is a no-op: no new resourceVersion, no event.
+        if comparable(&old) == comparable(&new) {
+            return Ok(Written {
+                object: old,
+                warnings,
+            });
+        }
+        if o.dry_run {
+            return Ok(Written {
+                object: new,
+                warnings,
+            });
+        }
+        if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&new).is_empty() {
+            let obj = self.remove(t, new);
+            return Ok(Written {
+                object: obj,
+                warnings,
+            });
+        }
+        let stored = self.store_update(t, old, new);
+        Ok(Written {
+            object: stored,
+            warnings,
+        })
+    }
+
+    fn write_scale(
+        &mut self,
+        t: &Target,
+        old: Value,
+        scale: Value,
+        o: &WriteOpts,
+    ) -> Result<Written> {
+        let rt = t.rt.clone();
+        let info = rt
+            .version(&t.version)
+            .and_then(|v| v.scale.clone())
+            .ok_or_else(|| {
+                ApiError::not_found(&rt.group, &rt.plural, t.name.as_deref().unwrap_or(""))
+            })?;
+        if let Some(rv) = meta_str(&scale, "resourceVersion")
+            && !rv.is_empty()
+            && Some(rv) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::stale(
+                &rt.group,
+                &rt.plural,
+                t.name.as_deref().unwrap_or(""),
+            ));
+        }
+        let replicas = scale.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
+        if !replicas.as_i64().is_some_and(|r| r >= 0) {
+            return Err(ApiError::invalid(
+                "autoscaling",
+                "Scale",
+                t.name.as_deref().unwrap_or(""),
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!(
+                        "Invalid value: {replicas}: must be greater than or equal to 0"
+                    ),
+                    field: "spec.replicas".into(),
+                }],
+            ));
+        }
+        let mut new = old.clone();
+        set_json_path(&mut new, &info.spec_replicas_path, replicas);
+        let main = Target {
+            subresource: Some("scale".into()),
+            ..t.clone()
+        };
+        let w = self.write(
+            &Target {
+                subresource: None,
+                ..main.clone()
+            },
+            old,
+            new,
+            &WriteOpts {
+                manager: o.manager.clone().or_else(|| Some(manager_name(o))),
+                ..o.clone()
+            },
+            false,
+        )?;
+        Ok(Written {
+            object: scale_of(&rt, &t.version, &w.object)?,
+            warnings: w.warnings,
+        })
+    }
+
+    /// Removes an object now and emits DELETED (the event carries the deletion's rv).
+    fn remove(&mut self, t: &Target, mut obj: Value) -> Value {
+        let rv = self.next_rv();
+        meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
+        let name = meta_str(&obj, "name").unwrap_or("").to_string();
+        let key = Self::ns_key(t, &name);
+        if let Some(ts) = self.types.get_mut(&t.rt.key()) {
+            ts.objects.remove(&key);
+        }
+        self.emit(
+            &t.rt.key(),
+            Event {
+                rv,
+                kind: EventType::Deleted,
+                object: obj.clone(),
+                old: None,
+            },
+        );
+        // Deleting a CRD removes its custom resources and stops serving the type.
+        if t.rt.plural == "customresourcedefinitions"
+            && t.rt.group == "apiextensions.k8s.io"
+            && let Ok(ct) = from_crd(&obj)
+        {
+            let ckey = ct.key();
+            let crs: Vec<Value> = self.objects(&ckey).cloned().collect();
+            if let Some(crt) = self.registry.get(&ckey) {
+                for cr in crs {
+                    let ct_target = Target {
+                        version: crt.preferred().name.clone(),
+                        rt: crt.clone(),
+                        namespace: meta_str(&cr, "namespace").map(str::to_string),
+                        name: meta_str(&cr, "name").map(str::to_string),
+                        subresource: None,
+                    };
+                    self.remove(&ct_target, cr);
+                }
+            }
+            self.registry.remove(&ckey);
+            if let Some(ts) = self.types.get_mut(&ckey) {
+                ts.watchers.clear();
+            }
+        }
+        obj
+    }
+
+    pub(crate) fn delete(&mut self, t: &Target, d: &DeleteOpts, _who: &str) -> Result<Deleted> {
+        let rt = t.rt.clone();
+        let name = t.name.clone().unwrap_or_default();
+        let old = self.get(t)?.clone();
+        if let Some(uid) = &d.uid
+            && Some(uid.as_str()) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                &name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid").unwrap_or("")
+                ),
+            ));
+        }
+        if let Some(rv) = &d.resource_version
+            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                &name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta_str(&old, "resourceVersion").unwrap_or("")
+                ),
+            ));
+        }
+        let mut new = old.clone();
+        let mut fins = finalizers(&old);
+        match d.propagation.as_deref() {
+            Some("Foreground") if !fins.iter().any(|f| f == "foregroundDeletion") => {
+                fins.push("foregroundDeletion".into())
+            }
+            Some("Orphan") if !fins.iter().any(|f| f == "orphan") => fins.push("orphan".into()),
+            _ => {}
+        }
+        // Namespaces are finalized by the namespace controller (here: the GC task).
+        let namespace_pending = rt.plural == "namespaces" && rt.group.is_empty();
+        if fins.is_empty() && !namespace_pending {
+            if d.dry_run {
+                return Ok(Deleted::Gone(old));
+            }
+            let obj = self.remove(t, new);
+            return Ok(Deleted::Gone(obj));
+        }
+        if old.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&old) == fins {
+            return Ok(Deleted::Pending(old));
+        }
+        if d.dry_run {
+            return Ok(Deleted::Pending(new));
+        }
+        {
+            let m = meta_mut(&mut new);
+            m.entry("deletionTimestamp").or_insert_with(|| json!(now()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(0));
+            if !fins.is_empty() {
+                m.insert("finalizers".into(), json!(fins));
+            }
+            // BeforeDelete bumps generation when graceful deletion starts.
+            if let Some(g) = m.get("generation").and_then(Value::as_i64)
+                && old.pointer("/metadata/deletionTimestamp").is_none()
+            {
+                m.insert("generation".into(), json!(g + 1));
+            }
+        }
+        if namespace_pending {
+            new["status"] = json!({"phase": "Terminating"});
+        }
+        Ok(Deleted::Pending(self.store_update(t, old, new)))
+    }
+
+    /// Removes one finalizer (GC and namespace controller); removes the object when none remain.
+    pub(crate) fn remove_finalizer(&mut self, t: &Target, finalizer: &str) {
+        let Ok(old) = self.get(t).cloned() else {
+            return;
+        };
+        let mut new = old.clone();
+        let fins: Vec<String> = finalizers(&old)
+            .into_iter()
+            .filter(|f| f != finalizer)
+            .collect();
+        meta_mut(&mut new).insert("finalizers".into(), json!(fins));
+        if fins.is_empty() {
+            meta_mut(&mut new).remove("finalizers");
+        }
+        if new.pointer("/metadata/deletionTimestamp").is_some() && fins.is_empty() {
+            self.remove(t, new);
+        } else {
+            self.store_update(t, old, new);
+        }
+    }
+
+    /// Rewrites an object's ownerReferences (GC orphaning), as an update by the GC.
+    pub(crate) fn set_owner_refs(&mut self, t: &Target, refs: Vec<Value>) {
+        let Ok(old) = self.get(t).cloned() else {
+            return;
+        };
+        let mut new = old.clone();
+        if refs.is_empty() {
+            meta_mut(&mut new).remove("ownerReferences");
+        } else {
+            meta_mut(&mut new).insert("ownerReferences".into(), json!(refs));
+        }
+        self.store_update(t, old, new);
+    }
+
+    /// Removes a namespace whose contents are gone.
+    pub(crate) fn finalize_namespace(&mut self, t: &Target) {
+        if let Ok(ns) = self.get(t).cloned() {
+            if finalizers(&ns).is_empty() {
+                self.remove(t, ns);
+            }
+        }
+    }
+}
+
+/// Sets a `.a.b.c` path, creating objects on the way.
+fn set_json_path(obj: &mut Value, path: &str, v: Value) {
+    let mut cur = obj;
+    let parts: Vec<&str> = path.trim_start_matches('.').split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = json!({});
+        }
+        let m = cur.as_object_mut().expect("object");
+        if i == parts.len() - 1 {
+            m.insert(p.to_string(), v);
+            return;
+        }
+        cur = m.entry(p.to_string()).or_insert_with(|| json!({}));
+    }
+}
+
+/// Reads a `.a.b.c` path.
+pub fn get_json_path<'v>(obj: &'v Value, path: &str) -> Option<&'v Value> {
+    let mut cur = obj;
+    for p in path.trim_start_matches('.').split('.') {
+        cur = cur.get(p)?;
+    }
+    Some(cur)
+}
+
+/// The `autoscaling/v1` Scale view of an object.
+pub fn scale_of(rt: &ResourceType, version: &str, obj: &Value) -> Result<Value> {
+    let name = meta_str(obj, "name").unwrap_or("");
+    let info = rt
+        .version(version)
+        .and_then(|v| v.scale.clone())
+        .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
+    let spec = get_json_path(obj, &info.spec_replicas_path)
+        .cloned()
+        .unwrap_or(json!(0));
+    let status = get_json_path(obj, &info.status_replicas_path)
+        .cloned()
+        .unwrap_or(json!(0));
+    let selector = info
+        .label_selector_path
+        .as_deref()
+        .and_then(|p| get_json_path(obj, p))
+        .map(|s| match s {
+            Value::String(s) => s.clone(),
+            obj @ Value::Object(_) => crate::selector::LabelSelector::from_object(obj).to_query(),
+            _ => String::new(),
+        });
+    let mut meta = json!({});
+    for f in [
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+    ] {
+        if let Some(v) = obj.pointer(&format!("/metadata/{f}")) {
+            meta[f] = v.clone();
+        }
+    }
+    let mut status_obj = json!({"replicas": status});
+    if let Some(s) = selector {
+        status_obj["selector"] = json!(s);
+    }
+    Ok(
+        json!({"kind": "Scale", "apiVersion": "autoscaling/v1", "metadata": meta, "spec": {"replicas": spec}, "status": status_obj}),
+    )
+}

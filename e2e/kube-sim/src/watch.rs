@@ -1,0 +1,203 @@
+//! Watch streams: newline-delimited JSON `{"type": ..., "object": ...}` events, filtered by
+//! selectors (an object that stops matching is sent as DELETED, one that starts matching
+//! as ADDED, as the real watch cache does), with bookmarks, `sendInitialEvents`, a timeout,
+//! and the 410 Gone ERROR event for a too-old resourceVersion.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::registry::ResourceType;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::store::{Event, EventType, Store};
+
+/// How a watch renders and filters events.
+#[derive(Clone)]
+pub struct WatchSpec {
+    /// Resource type.
+    pub rt: Arc<ResourceType>,
+    /// Version to render objects in.
+    pub version: String,
+    /// Label selector.
+    pub labels: LabelSelector,
+    /// Field selector.
+    pub fields: FieldSelector,
+    /// Send BOOKMARK events.
+    pub bookmarks: bool,
+    /// How often a bookmark is sent.
+    pub bookmark_interval: Duration,
+    /// End the stream after this long.
+    pub timeout: Option<Duration>,
+    /// Mark the end of the initial events with a bookmark (`sendInitialEvents=true`).
+    pub initial_events_end: bool,
+    /// Render objects as single-row Tables (`kubectl get -w`).
+    pub table: Option<String>,
+}
+
+impl WatchSpec {
+    fn render(&self, obj: &Value) -> Value {
+        let mut o = obj.clone();
+        o["apiVersion"] = json!(self.rt.api_version(&self.version));
+        o
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    /// Maps a store event to the (type, object) to send, if any.
+    fn translate(&self, e: &Event) -> Option<(&'static str, Value)> {
+        let now = self.matches(&e.object);
+        let kind = match (e.kind, &e.old) {
+            (EventType::Modified, Some(old)) => match (self.matches(old), now) {
+                (true, true) => EventType::Modified,
+                (false, true) => EventType::Added,
+                (true, false) => EventType::Deleted,
+                (false, false) => return None,
+            },
+            (k, _) if now => k,
+            _ => return None,
+        };
+        Some((kind.as_str(), self.render(&e.object)))
+    }
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut s = v.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+fn bookmark(spec: &WatchSpec, rv: u64, end_of_initial: bool) -> Value {
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if end_of_initial {
+        meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    json!({"type": "BOOKMARK", "object": {"kind": spec.rt.kind, "apiVersion": spec.rt.api_version(&spec.version), "metadata": meta}})
+}
+
+/// A stream carrying one ERROR event (e.g. 410 Gone) and then ending.
+pub fn error_stream(status: Value) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    futures::stream::iter([Ok(line(&json!({"type": "ERROR", "object": status})))])
+}
+
+struct Running {
+    spec: WatchSpec,
+    store: Arc<Store>,
+    backlog: std::vec::IntoIter<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    last_rv: u64,
+    initial_end: Option<u64>,
+    deadline: Option<Instant>,
+    next_bookmark: Instant,
+    headers_sent: bool,
+}
+
+impl Running {
+    fn frame(&mut self, typ: &str, obj: Value) -> Bytes {
+        let obj = match &self.spec.table {
+            Some(include) => {
+                let rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let t = crate::table::table(
+                    &self.spec.rt,
+                    &self.spec.version,
+                    &[obj],
+                    &rv,
+                    include,
+                    !self.headers_sent,
+                );
+                self.headers_sent = true;
+                t
+            }
+            None => obj,
+        };
+        line(&json!({"type": typ, "object": obj}))
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(e) = self.backlog.next() {
+                self.last_rv = self.last_rv.max(e.rv);
+                if let Some((t, o)) = self.spec.translate(&e) {
+                    return Some(self.frame(t, o));
+                }
+                continue;
+            }
+            if let Some(rv) = self.initial_end.take() {
+                return Some(line(&bookmark(&self.spec, rv, true)));
+            }
+            let sleep_until = match self.deadline {
+                Some(d) if !self.spec.bookmarks || d < self.next_bookmark => d,
+                _ if self.spec.bookmarks => self.next_bookmark,
+                _ => Instant::now() + Duration::from_secs(3600),
+            };
+            tokio::select! {
+                e = self.rx.recv() => {
+                    let e = e?;
+                    self.last_rv = self.last_rv.max(e.rv);
+                    if let Some((t, o)) = self.spec.translate(&e) {
+                        return Some(self.frame(t, o));
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until) => {
+                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return None;
+                    }
+                    if self.spec.bookmarks {
+                        self.next_bookmark = Instant::now() + self.spec.bookmark_interval;
+                        // Everything up to `rv` is already queued: drain it first so the
+                        // bookmark never claims a version whose events are still unsent.
+                        let rv = self.store.resource_version();
+                        let mut pending = Vec::new();
+                        while let Ok(e) = self.rx.try_recv() {
+                            pending.push(e);
+                        }
+                        if !pending.is_empty() {
+                            self.backlog = pending.into_iter().collect::<Vec<_>>().into_iter();
+                            // Bookmark follows on the next timer tick.
+                            continue;
+                        }
+                        let rv = rv.max(self.last_rv);
+                        self.last_rv = rv;
+                        return Some(line(&bookmark(&self.spec, rv, false)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The event stream of a started watch.
+pub fn stream(
+    spec: WatchSpec,
+    store: Arc<Store>,
+    backlog: Vec<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    start_rv: u64,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    let now = Instant::now();
+    let running = Running {
+        initial_end: spec.initial_events_end.then_some(start_rv),
+        deadline: spec.timeout.map(|t| now + t),
+        next_bookmark: now + spec.bookmark_interval,
+        spec,
+        store,
+        backlog: backlog.into_iter(),
+        rx,
+        last_rv: start_rv,
+        headers_sent: false,
+    };
+    futures::stream::unfold(running, |mut r| async move {
+        r.next().await.map(|b| (Ok(b), r))
+    })
+}
