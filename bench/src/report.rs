@@ -1,0 +1,205 @@
+//! The printed table: one row per target, the mode's columns, and Tether's advantage
+//! over each peer (a ratio > 1 means Tether is better on that figure).
+
+use std::fmt::Write;
+
+use crate::run::{Common, TargetResult};
+
+/// Renders the results of one run.
+pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{mode}: {} connections, {} targets (peers do not authenticate; tether verifies a JWT per connection)\n",
+        c.connections,
+        results.len()
+    );
+    let mut rows: Vec<Vec<String>> = vec![vec![
+        "target".into(),
+        "shards".into(),
+        "ok".into(),
+        "failed".into(),
+        "conn/s".into(),
+        "conn/cpu-s".into(),
+        "hs p50 ms".into(),
+        "hs p99 ms".into(),
+        "rss MiB".into(),
+        "rss B/conn".into(),
+        "kernel B/conn".into(),
+    ]];
+    for r in results {
+        rows.push(vec![
+            r.target.clone(),
+            r.shards.to_string(),
+            r.connections_ok.to_string(),
+            r.failed.values().sum::<u64>().to_string(),
+            format!("{:.0}", r.handshakes_per_s),
+            format!("{:.0}", r.handshakes_per_cpu_s),
+            format!("{:.2}", r.handshake_p50_ms),
+            format!("{:.2}", r.handshake_p99_ms),
+            format!("{:.1}", r.rss_kib as f64 / 1024.0),
+            format!("{:.0}", r.rss_per_conn_bytes),
+            format!("{:.0}", r.kernel_per_conn_bytes),
+        ]);
+    }
+    render(&mut out, &rows);
+    let mode_rows: Option<Vec<Vec<String>>> = match mode {
+        "push" | "request" => Some(
+            std::iter::once(
+                ["target", "sent", "accepted", "delivered", "errors", "msg/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "cpu-s"]
+                    .map(String::from)
+                    .to_vec(),
+            )
+            .chain(results.iter().filter_map(|r| {
+                let l = r.latency.as_ref()?;
+                Some(vec![
+                    r.target.clone(),
+                    l.sent.to_string(),
+                    l.accepted.to_string(),
+                    l.delivered.to_string(),
+                    l.errors.values().sum::<u64>().to_string(),
+                    format!("{:.0}", l.rate),
+                    format!("{:.2}", l.p50_ms),
+                    format!("{:.2}", l.p99_ms),
+                    format!("{:.2}", l.p999_ms),
+                    format!("{:.2}", l.max_ms),
+                    format!("{:.2}", l.server_cpu_s),
+                ])
+            }))
+            .collect(),
+        ),
+        "broadcast" => Some(
+            std::iter::once(
+                ["target", "expected", "delivered", "deliv/s", "cpu-s", "deliv/cpu-s", "p50 ms", "p99 ms"]
+                    .map(String::from)
+                    .to_vec(),
+            )
+            .chain(results.iter().filter_map(|r| {
+                let b = r.broadcast.as_ref()?;
+                Some(vec![
+                    r.target.clone(),
+                    b.expected.to_string(),
+                    b.delivered.to_string(),
+                    format!("{:.0}", b.deliveries_per_s),
+                    format!("{:.2}", b.server_cpu_s),
+                    format!("{:.0}", b.deliveries_per_cpu_s),
+                    format!("{:.2}", b.p50_ms),
+                    format!("{:.2}", b.p99_ms),
+                ])
+            }))
+            .collect(),
+        ),
+        "churn" => Some(
+            std::iter::once(
+                ["target", "closed", "back", "seconds", "reconn/s", "p50 ms", "p99 ms", "cpu-s"]
+                    .map(String::from)
+                    .to_vec(),
+            )
+            .chain(results.iter().filter_map(|r| {
+                let ch = r.churn.as_ref()?;
+                Some(vec![
+                    r.target.clone(),
+                    ch.closed.to_string(),
+                    ch.back.to_string(),
+                    format!("{:.2}", ch.elapsed_s),
+                    format!("{:.0}", ch.reconnects_per_s),
+                    format!("{:.2}", ch.p50_ms),
+                    format!("{:.2}", ch.p99_ms),
+                    format!("{:.2}", ch.server_cpu_s),
+                ])
+            }))
+            .collect(),
+        ),
+        _ => None,
+    };
+    if let Some(rows) = mode_rows {
+        out.push('\n');
+        render(&mut out, &rows);
+    }
+    ratios(&mut out, mode, results);
+    out
+}
+
+fn ratios(out: &mut String, mode: &str, results: &[TargetResult]) {
+    let Some(tether) = results.iter().find(|r| r.target == "tether") else {
+        return;
+    };
+    let _ = writeln!(out, "\ntether's advantage (peer ÷ tether for costs, tether ÷ peer for rates; > 1 = tether better):");
+    for peer in results.iter().filter(|r| r.target != "tether" && r.connections_ok > 0) {
+        let mut parts = vec![
+            format!("rss/conn {}", ratio(peer.rss_per_conn_bytes, tether.rss_per_conn_bytes)),
+            format!("conn/cpu-s {}", ratio(tether.handshakes_per_cpu_s, peer.handshakes_per_cpu_s)),
+        ];
+        match mode {
+            "push" | "request" => {
+                if let (Some(t), Some(p)) = (&tether.latency, &peer.latency) {
+                    parts.push(format!("p99 {}", ratio(p.p99_ms, t.p99_ms)));
+                }
+            }
+            "broadcast" => {
+                if let (Some(t), Some(p)) = (&tether.broadcast, &peer.broadcast) {
+                    parts.push(format!("deliv/cpu-s {}", ratio(t.deliveries_per_cpu_s, p.deliveries_per_cpu_s)));
+                }
+            }
+            "churn" => {
+                if let (Some(t), Some(p)) = (&tether.churn, &peer.churn) {
+                    parts.push(format!("reconn/s {}", ratio(t.reconnects_per_s, p.reconnects_per_s)));
+                }
+            }
+            _ => {}
+        }
+        let _ = writeln!(out, "  vs {:<18} {}", peer.target, parts.join("  "));
+    }
+}
+
+fn ratio(numerator: f64, denominator: f64) -> String {
+    if denominator <= 0.0 || !numerator.is_finite() {
+        return "n/a".into();
+    }
+    format!("{:.2}x", numerator / denominator)
+}
+
+fn render(out: &mut String, rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .collect();
+    for (n, row) in rows.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| if i == 0 { format!("{cell:<w$}", w = widths[i]) } else { format!("{cell:>w$}", w = widths[i]) })
+            .collect();
+        let _ = writeln!(out, "| {} |", line.join(" | "));
+        if n == 0 {
+            let rule: Vec<String> = widths.iter().enumerate().map(|(i, w)| {
+                if i == 0 { format!(":{}", "-".repeat(w.saturating_sub(1).max(1))) } else { format!("{}:", "-".repeat(w.saturating_sub(1).max(1))) }
+            }).collect();
+            let _ = writeln!(out, "|{}|", rule.iter().map(|r| format!(" {r} ")).collect::<Vec<_>>().join("|"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_point_the_right_way() {
+        assert_eq!(ratio(10.0, 5.0), "2.00x");
+        assert_eq!(ratio(1.0, 0.0), "n/a");
+    }
+
+    #[test]
+    fn table_has_a_row_per_target_and_a_ratio_line() {
+        let results = vec![
+            TargetResult { target: "tether".into(), connections_ok: 10, rss_per_conn_bytes: 1000.0, handshakes_per_cpu_s: 100.0, ..Default::default() },
+            TargetResult { target: "node-ws".into(), connections_ok: 10, rss_per_conn_bytes: 5000.0, handshakes_per_cpu_s: 50.0, ..Default::default() },
+        ];
+        let c = <crate::run::Args as clap::Parser>::parse_from(["tether-bench", "connect"]);
+        let crate::run::Mode::Connect(common) = c.mode else { panic!() };
+        let text = table("connect", &common, &results);
+        assert!(text.contains("| tether "), "{text}");
+        assert!(text.contains("vs node-ws") && text.contains("rss/conn 5.00x") && text.contains("conn/cpu-s 2.00x"), "{text}");
+    }
+}

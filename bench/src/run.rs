@@ -1,0 +1,669 @@
+//! Orchestration: for each target, start it, connect the agents through the workers,
+//! measure memory, run the mode's load, and collect one [`TargetResult`].
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    process::{Child, ChildStdin, ChildStdout, Command},
+    sync::Semaphore,
+};
+
+use crate::{
+    report,
+    stats::{self, Hist, unix_nanos},
+    target::{Deployment, Kind, Paths, SHARD_CAPACITY},
+    worker::{self, Cmd, Event, Job},
+};
+
+/// Most sockets one worker process holds (the fd limit is ~20,000 per process).
+const WORKER_CAPACITY: u64 = 19_000;
+
+/// Command line of `tether-bench`.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tether-bench", version, about = "Side-by-side WebSocket gateway benchmarks")]
+pub struct Args {
+    /// What to measure.
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+/// The benchmark modes (every mode first opens and measures the connections).
+#[derive(Subcommand, Debug, Clone)]
+pub enum Mode {
+    /// Open N connections at rate R, hold them, report handshake rate and memory.
+    Connect(Common),
+    /// Push at a fixed rate to random agents; report push-API → agent latency.
+    Push(Common),
+    /// Requests at a fixed rate to random agents; report round-trip latency.
+    Request(Common),
+    /// Broadcasts to all agents; report fan-out deliveries per second.
+    Broadcast(Common),
+    /// Close a fraction of agents at once; report how fast they are back.
+    Churn(Common),
+    /// Internal: a load worker process (started by the bench itself).
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Options shared by every mode.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Common {
+    /// Servers to run side by side, in order.
+    #[arg(long, value_delimiter = ',', default_value = "tether,axum")]
+    pub targets: Vec<Kind>,
+    /// Connections (agents).
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    pub connections: u64,
+    /// Connections opened per second, over all workers.
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+    /// Worker processes (default: enough for ≤19,000 sockets each).
+    #[arg(long)]
+    pub workers: Option<u64>,
+    /// Server processes per target (default: enough for ≤19,500 connections each).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Handshakes in flight per worker.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Seconds to hold the idle connections before the memory reading.
+    #[arg(long, default_value_t = 3.0)]
+    pub hold: f64,
+    /// push/request: messages per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub msg_rate: f64,
+    /// push/request: seconds of load.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Payload size in bytes (padding added to the timestamp probe).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// broadcast: how many broadcasts.
+    #[arg(long, default_value_t = 10)]
+    pub broadcasts: u64,
+    /// broadcast: pause between broadcasts, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub interval_ms: u64,
+    /// churn: fraction of agents closed at once.
+    #[arg(long, default_value_t = 0.3)]
+    pub fraction: f64,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Directory of tether-gateway, peer-axum, peer-axum-tuned (default: this binary's).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// The bench/peers directory.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peers"))]
+    pub peers_dir: PathBuf,
+}
+
+/// Results for one target.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetResult {
+    /// Target name.
+    pub target: String,
+    /// Whether clients authenticated (JWT) — peers do not.
+    pub authenticated: bool,
+    /// Server processes.
+    pub shards: usize,
+    /// Sessions opened.
+    pub connections_ok: u64,
+    /// Failed attempts by cause.
+    pub failed: BTreeMap<String, u64>,
+    /// Wall seconds of the connect phase.
+    pub connect_s: f64,
+    /// Sessions per wall second.
+    pub handshakes_per_s: f64,
+    /// Median handshake (TCP + upgrade + auth + first frame), ms.
+    pub handshake_p50_ms: f64,
+    /// p99 handshake, ms.
+    pub handshake_p99_ms: f64,
+    /// Server CPU seconds spent in the connect phase.
+    pub connect_cpu_s: f64,
+    /// Sessions per server CPU second (the per-core rate).
+    pub handshakes_per_cpu_s: f64,
+    /// Server RSS before the connections, KiB (all shards).
+    pub rss_base_kib: u64,
+    /// Server RSS with the connections idle, KiB.
+    pub rss_kib: u64,
+    /// RSS delta per connection, bytes.
+    pub rss_per_conn_bytes: f64,
+    /// Kernel TCP memory delta per connection (both ends: client and server are local).
+    pub kernel_per_conn_bytes: f64,
+    /// push or request results.
+    pub latency: Option<LatencyResult>,
+    /// broadcast results.
+    pub broadcast: Option<BroadcastResult>,
+    /// churn results.
+    pub churn: Option<ChurnResult>,
+}
+
+/// Latency of pushes (push API → agent) or requests (HTTP round trip).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LatencyResult {
+    /// Messages the driver attempted.
+    pub sent: u64,
+    /// Accepted by the server (2xx).
+    pub accepted: u64,
+    /// Received by agents (push) or answered (request).
+    pub delivered: u64,
+    /// Failures by HTTP status or cause.
+    pub errors: BTreeMap<String, u64>,
+    /// Achieved rate, messages per second.
+    pub rate: f64,
+    /// Latency quantiles, ms.
+    pub p50_ms: f64,
+    /// p99, ms.
+    pub p99_ms: f64,
+    /// p99.9, ms.
+    pub p999_ms: f64,
+    /// Max, ms.
+    pub max_ms: f64,
+    /// Server CPU seconds during the load.
+    pub server_cpu_s: f64,
+}
+
+/// Broadcast fan-out.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BroadcastResult {
+    /// Broadcasts sent.
+    pub broadcasts: u64,
+    /// Deliveries expected (broadcasts × connections).
+    pub expected: u64,
+    /// Deliveries received.
+    pub delivered: u64,
+    /// From the first send to the last delivery, seconds.
+    pub elapsed_s: f64,
+    /// Deliveries per wall second while a broadcast was in flight.
+    pub deliveries_per_s: f64,
+    /// Server CPU seconds during the phase.
+    pub server_cpu_s: f64,
+    /// Deliveries per server CPU second (the per-core rate).
+    pub deliveries_per_cpu_s: f64,
+    /// Delivery latency from send, ms.
+    pub p50_ms: f64,
+    /// p99, ms.
+    pub p99_ms: f64,
+}
+
+/// Reconnect storm.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnResult {
+    /// Agents closed at once.
+    pub closed: u64,
+    /// Back with a new session.
+    pub back: u64,
+    /// Seconds until the last one was back.
+    pub elapsed_s: f64,
+    /// Reconnects per second.
+    pub reconnects_per_s: f64,
+    /// Close-to-welcome time, ms.
+    pub p50_ms: f64,
+    /// p99, ms.
+    pub p99_ms: f64,
+    /// Server CPU seconds during the storm.
+    pub server_cpu_s: f64,
+}
+
+/// Entry point of the binary after argument parsing.
+pub async fn main_with(args: Args) -> anyhow::Result<()> {
+    let (name, common) = match args.mode {
+        Mode::Worker => return worker::run().await,
+        Mode::Connect(c) => ("connect", c),
+        Mode::Push(c) => ("push", c),
+        Mode::Request(c) => ("request", c),
+        Mode::Broadcast(c) => ("broadcast", c),
+        Mode::Churn(c) => ("churn", c),
+    };
+    let paths = Paths {
+        bin_dir: match &common.bin_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("binary has no directory")?
+                .to_owned(),
+        },
+        peers_dir: common.peers_dir.clone(),
+    };
+    let mut results = Vec::new();
+    for kind in common.targets.clone() {
+        eprintln!("== {name}: {} ({} connections)", kind.name(), common.connections);
+        match run_target(name, kind, &common, &paths).await {
+            Ok(result) => results.push(result),
+            Err(err) => {
+                eprintln!("{} failed: {err:#}", kind.name());
+                results.push(TargetResult {
+                    target: format!("{} (failed: {err})", kind.name()),
+                    ..TargetResult::default()
+                });
+            }
+        }
+    }
+    print!("{}", report::table(name, &common, &results));
+    if let Some(path) = &common.json {
+        let doc = serde_json::json!({"mode": name, "options": common, "results": results});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if results.iter().any(|r| r.connections_ok == 0) {
+        bail!("a target opened no connection");
+    }
+    Ok(())
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+    events: Lines<BufReader<ChildStdout>>,
+}
+
+impl WorkerProc {
+    async fn command(&mut self, cmd: &Cmd) -> anyhow::Result<()> {
+        let mut line = serde_json::to_string(cmd)?;
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await?;
+        Ok(())
+    }
+
+    async fn event(&mut self, limit: Duration) -> anyhow::Result<Event> {
+        let line = tokio::time::timeout(limit, self.events.next_line())
+            .await
+            .context("worker did not answer in time")??
+            .context("worker exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| stats::cpu_seconds(*p).ok()).sum()
+}
+
+fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|p| stats::rss_kib(*p).ok()).sum()
+}
+
+async fn run_target(mode: &str, kind: Kind, c: &Common, paths: &Paths) -> anyhow::Result<TargetResult> {
+    let n = c.connections.max(1);
+    let shards = c.shards.unwrap_or_else(|| n.div_ceil(SHARD_CAPACITY as u64 - 500) as usize);
+    let workers = c.workers.unwrap_or_else(|| n.div_ceil(WORKER_CAPACITY)).max(1);
+    if n.div_ceil(workers) > WORKER_CAPACITY {
+        bail!("{workers} workers cannot hold {n} sockets (≤{WORKER_CAPACITY} each)");
+    }
+    let deployment = Deployment::start(kind, shards, paths).await?;
+    let result = measure(mode, &deployment, c, n, workers).await;
+    deployment.stop().await;
+    result
+}
+
+async fn measure(mode: &str, d: &Deployment, c: &Common, n: u64, workers: u64) -> anyhow::Result<TargetResult> {
+    let pids = d.pids();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_base = rss_of(&pids);
+    let sock_base = stats::tcp_socket_mem_bytes()?;
+    let cpu_base = cpu_of(&pids);
+
+    let exe = std::env::current_exe()?;
+    let per_worker = n.div_ceil(workers);
+    let mut procs = Vec::new();
+    for index in 0..workers {
+        let first = index * per_worker;
+        let count = per_worker.min(n.saturating_sub(first));
+        if count == 0 {
+            break;
+        }
+        let mut child = Command::new(&exe)
+            .arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("worker stdin")?;
+        let events = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
+        let job = Job {
+            index: index as u32,
+            first,
+            count,
+            prefix: "agent-".into(),
+            shards: d.shards.iter().map(|s| s.ws).collect(),
+            secret: d.secret.clone(),
+            rate: c.rate / workers as f64,
+            concurrency: c.concurrency,
+        };
+        stdin.write_all(format!("{}\n", serde_json::to_string(&job)?).as_bytes()).await?;
+        procs.push(WorkerProc { child, stdin, events });
+    }
+
+    let mut result = TargetResult {
+        target: d.kind.name().into(),
+        authenticated: d.kind.authenticates(),
+        shards: d.shards.len(),
+        ..TargetResult::default()
+    };
+    let mut handshake = Hist::default();
+    let connect_limit = Duration::from_secs_f64(n as f64 / c.rate.max(1.0) + 120.0);
+    for proc in &mut procs {
+        match proc.event(connect_limit).await? {
+            Event::Connected {
+                ok,
+                failed,
+                elapsed_s,
+                handshake: h,
+            } => {
+                result.connections_ok += ok;
+                for (cause, count) in failed {
+                    *result.failed.entry(cause).or_insert(0) += count;
+                }
+                result.connect_s = result.connect_s.max(elapsed_s);
+                handshake.add(&Hist::decode(&h)?);
+            }
+            other => bail!("unexpected worker event {other:?}"),
+        }
+    }
+    result.connect_cpu_s = cpu_of(&pids) - cpu_base;
+    result.handshakes_per_s = result.connections_ok as f64 / result.connect_s.max(1e-9);
+    result.handshakes_per_cpu_s = result.connections_ok as f64 / result.connect_cpu_s.max(0.01);
+    result.handshake_p50_ms = handshake.quantile_ms(0.5);
+    result.handshake_p99_ms = handshake.quantile_ms(0.99);
+
+    tokio::time::sleep(Duration::from_secs_f64(c.hold.max(0.5))).await;
+    result.rss_base_kib = rss_base;
+    result.rss_kib = rss_of(&pids);
+    let ok = result.connections_ok.max(1) as f64;
+    result.rss_per_conn_bytes = (result.rss_kib as f64 - rss_base as f64) * 1024.0 / ok;
+    result.kernel_per_conn_bytes = (stats::tcp_socket_mem_bytes()? as f64 - sock_base as f64) / ok;
+
+    let outcome = match mode {
+        "push" | "request" => drive_messages(mode, d, c, n, &mut procs, &mut result).await,
+        "broadcast" => drive_broadcast(d, c, &mut procs, &mut result).await,
+        "churn" => drive_churn(c, &pids, &mut procs, &mut result).await,
+        _ => Ok(()),
+    };
+    for proc in &mut procs {
+        let _ = proc.command(&Cmd::Stop).await;
+    }
+    for proc in &mut procs {
+        let _ = tokio::time::timeout(Duration::from_secs(10), proc.child.wait()).await;
+        let _ = proc.child.start_kill();
+    }
+    outcome?;
+    Ok(result)
+}
+
+/// Everything the driver needs to address one target's push API.
+struct Api {
+    client: reqwest::Client,
+    kind: Kind,
+    key: Option<String>,
+    controls: Vec<std::net::SocketAddr>,
+}
+
+impl Api {
+    fn new(d: &Deployment) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(4096)
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            kind: d.kind,
+            key: d.api_key.clone(),
+            controls: d.shards.iter().map(|s| s.control).collect(),
+        })
+    }
+
+    fn url(&self, shard: usize, path: &str) -> String {
+        format!("http://{}{path}", self.controls[shard])
+    }
+
+    fn post(&self, url: String, body: String) -> reqwest::RequestBuilder {
+        let mut req = self
+            .client
+            .post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
+        req
+    }
+
+    fn push(&self, agent: u64, body: String) -> reqwest::RequestBuilder {
+        let shard = (agent % self.controls.len() as u64) as usize;
+        let path = match self.kind {
+            Kind::Tether => format!("/v1/agents/agent-{agent}/messages"),
+            _ => format!("/push/agent-{agent}"),
+        };
+        self.post(self.url(shard, &path), body)
+    }
+
+    fn request(&self, agent: u64, body: String) -> reqwest::RequestBuilder {
+        let shard = (agent % self.controls.len() as u64) as usize;
+        let path = match self.kind {
+            Kind::Tether => format!("/v1/agents/agent-{agent}/requests?timeout_ms=5000"),
+            _ => format!("/request/agent-{agent}?timeout_ms=5000"),
+        };
+        self.post(self.url(shard, &path), body)
+    }
+
+    fn broadcast(&self, shard: usize, body: String) -> reqwest::RequestBuilder {
+        let path = match self.kind {
+            Kind::Tether => "/v1/broadcast",
+            _ => "/broadcast",
+        };
+        self.post(self.url(shard, path), body)
+    }
+}
+
+fn probe(payload_bytes: usize) -> String {
+    let pad = payload_bytes.saturating_sub(40);
+    format!(r#"{{"t":{},"pad":"{}"}}"#, unix_nanos(), "x".repeat(pad))
+}
+
+async fn collect_reports(procs: &mut [WorkerProc]) -> anyhow::Result<(u64, u64, Hist, u64)> {
+    let (mut pushes, mut requests, mut latency, mut last_ns) = (0, 0, Hist::default(), 0);
+    for proc in procs.iter_mut() {
+        proc.command(&Cmd::Report).await?;
+    }
+    for proc in procs.iter_mut() {
+        match proc.event(Duration::from_secs(30)).await? {
+            Event::Report {
+                pushes: p,
+                requests: r,
+                latency: l,
+                last_ns: t,
+                ..
+            } => {
+                pushes += p;
+                requests += r;
+                latency.add(&Hist::decode(&l)?);
+                last_ns = last_ns.max(t);
+            }
+            other => bail!("unexpected worker event {other:?}"),
+        }
+    }
+    Ok((pushes, requests, latency, last_ns))
+}
+
+async fn drive_messages(
+    mode: &str,
+    d: &Deployment,
+    c: &Common,
+    n: u64,
+    procs: &mut [WorkerProc],
+    result: &mut TargetResult,
+) -> anyhow::Result<()> {
+    let api = Arc::new(Api::new(d)?);
+    let pids = d.pids();
+    collect_reports(procs).await?; // reset counters
+    let cpu_before = cpu_of(&pids);
+    let errors = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let rtt = Arc::new(Mutex::new(Hist::default()));
+    let in_flight = Arc::new(Semaphore::new(4096));
+    let total = (c.msg_rate * c.duration).round() as u64;
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        // Open loop: message i leaves at i / rate, whatever happened to the ones before.
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / c.msg_rate)).await;
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            *errors.lock().expect("lock").entry("client saturated".into()).or_insert(0) += 1;
+            continue;
+        };
+        let agent = rand::random_range(0..n);
+        let body = probe(c.payload_bytes);
+        let req = if mode == "push" { api.push(agent, body) } else { api.request(agent, body) };
+        let (errors, accepted, rtt) = (errors.clone(), accepted.clone(), rtt.clone());
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let outcome = req.send().await;
+            drop(permit);
+            match outcome {
+                Ok(resp) if resp.status().is_success() => {
+                    let _ = resp.bytes().await;
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    rtt.lock().expect("lock").record_us(sent.elapsed().as_micros() as u64);
+                }
+                Ok(resp) => {
+                    *errors.lock().expect("lock").entry(resp.status().as_u16().to_string()).or_insert(0) += 1;
+                }
+                Err(err) => {
+                    let cause = if err.is_timeout() { "timeout" } else { "http error" };
+                    *errors.lock().expect("lock").entry(cause.into()).or_insert(0) += 1;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (pushes, requests, latency, _) = collect_reports(procs).await?;
+    let server_cpu_s = cpu_of(&pids) - cpu_before;
+    let (delivered, hist) = if mode == "push" {
+        (pushes, latency)
+    } else {
+        (requests, rtt.lock().expect("lock").clone())
+    };
+    let errors = errors.lock().expect("lock").clone();
+    result.latency = Some(LatencyResult {
+        sent: total,
+        accepted: accepted.load(Ordering::Relaxed),
+        delivered,
+        errors,
+        rate: delivered as f64 / elapsed.max(1e-9),
+        p50_ms: hist.quantile_ms(0.5),
+        p99_ms: hist.quantile_ms(0.99),
+        p999_ms: hist.quantile_ms(0.999),
+        max_ms: hist.quantile_ms(1.0),
+        server_cpu_s,
+    });
+    Ok(())
+}
+
+async fn drive_broadcast(
+    d: &Deployment,
+    c: &Common,
+    procs: &mut [WorkerProc],
+    result: &mut TargetResult,
+) -> anyhow::Result<()> {
+    let api = Api::new(d)?;
+    let pids = d.pids();
+    collect_reports(procs).await?;
+    let cpu_before = cpu_of(&pids);
+    let first_ns = unix_nanos();
+    for b in 0..c.broadcasts {
+        if b > 0 {
+            tokio::time::sleep(Duration::from_millis(c.interval_ms)).await;
+        }
+        let sends = (0..api.controls.len()).map(|shard| api.broadcast(shard, probe(c.payload_bytes)).send());
+        for outcome in futures_util::future::join_all(sends).await {
+            let status = outcome?.status();
+            if !status.is_success() {
+                bail!("broadcast answered {status}");
+            }
+        }
+    }
+    let expected = c.broadcasts * result.connections_ok;
+    // Wait until every delivery arrived or nothing moved for 5 s.
+    let (mut delivered, mut latency, mut last_ns) = (0, Hist::default(), first_ns);
+    let mut idle_since = Instant::now();
+    while delivered < expected && idle_since.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (p, _, l, t) = collect_reports(procs).await?;
+        if p > 0 {
+            idle_since = Instant::now();
+        }
+        delivered += p;
+        latency.add(&l);
+        last_ns = last_ns.max(t);
+    }
+    let server_cpu_s = cpu_of(&pids) - cpu_before;
+    let elapsed_s = (last_ns.saturating_sub(first_ns)) as f64 / 1e9;
+    // The pauses between broadcasts are idle time, not fan-out: count only the spans in
+    // flight by taking out the configured gaps.
+    let busy_s = (elapsed_s - (c.broadcasts.saturating_sub(1) * c.interval_ms) as f64 / 1000.0).max(1e-6);
+    result.broadcast = Some(BroadcastResult {
+        broadcasts: c.broadcasts,
+        expected,
+        delivered,
+        elapsed_s,
+        deliveries_per_s: delivered as f64 / busy_s,
+        server_cpu_s,
+        deliveries_per_cpu_s: delivered as f64 / server_cpu_s.max(0.01),
+        p50_ms: latency.quantile_ms(0.5),
+        p99_ms: latency.quantile_ms(0.99),
+    });
+    Ok(())
+}
+
+async fn drive_churn(
+    c: &Common,
+    pids: &[u32],
+    procs: &mut [WorkerProc],
+    result: &mut TargetResult,
+) -> anyhow::Result<()> {
+    let cpu_before = cpu_of(pids);
+    for proc in procs.iter_mut() {
+        proc.command(&Cmd::Churn { fraction: c.fraction }).await?;
+    }
+    let mut churn = ChurnResult::default();
+    let mut hist = Hist::default();
+    for proc in procs.iter_mut() {
+        match proc.event(Duration::from_secs(150)).await? {
+            Event::Churned {
+                closed,
+                back,
+                elapsed_s,
+                reconnect,
+            } => {
+                churn.closed += closed;
+                churn.back += back;
+                churn.elapsed_s = churn.elapsed_s.max(elapsed_s);
+                hist.add(&Hist::decode(&reconnect)?);
+            }
+            other => bail!("unexpected worker event {other:?}"),
+        }
+    }
+    churn.server_cpu_s = cpu_of(pids) - cpu_before;
+    churn.reconnects_per_s = churn.back as f64 / churn.elapsed_s.max(1e-9);
+    churn.p50_ms = hist.quantile_ms(0.5);
+    churn.p99_ms = hist.quantile_ms(0.99);
+    result.churn = Some(churn);
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The servers under test: Tether gateway processes and the peers of `bench/peers/`,
+//! each started as one or more shard processes (one process may hold at most ~20,000
+//! file descriptors here), each printing one `listening ...` line on stdout.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// A server implementation the bench can drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// The Tether gateway (JWT auth, tether.v1).
+    Tether,
+    /// axum + tokio-tungstenite with defaults (naive Rust).
+    Axum,
+    /// axum + tokio-tungstenite with a 1 KiB read buffer, no write buffer, mimalloc.
+    AxumTuned,
+    /// Node.js `ws`.
+    NodeWs,
+    /// Python `websockets`.
+    PythonWebsockets,
+}
+
+impl Kind {
+    /// The name used in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Tether => "tether",
+            Kind::Axum => "axum-default",
+            Kind::AxumTuned => "axum-tuned",
+            Kind::NodeWs => "node-ws",
+            Kind::PythonWebsockets => "python-websockets",
+        }
+    }
+
+    /// Whether clients authenticate (only Tether verifies a JWT; peers accept anyone).
+    pub fn authenticates(self) -> bool {
+        self == Kind::Tether
+    }
+}
+
+/// Where the launcher finds binaries and peer sources.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// Directory of `tether-gateway`, `peer-axum`, `peer-axum-tuned`.
+    pub bin_dir: PathBuf,
+    /// `bench/peers`.
+    pub peers_dir: PathBuf,
+}
+
+/// One running server process.
+#[derive(Debug)]
+pub struct Shard {
+    /// Its process id (for RSS and CPU readings).
+    pub pid: u32,
+    /// WebSocket listen address.
+    pub ws: SocketAddr,
+    /// Control (push API) address.
+    pub control: SocketAddr,
+    child: Child,
+}
+
+/// A started target: its shards and how to reach them.
+#[derive(Debug)]
+pub struct Deployment {
+    /// Which implementation.
+    pub kind: Kind,
+    /// The shard processes; agent `i` connects to shard `i % len`.
+    pub shards: Vec<Shard>,
+    /// Tether only: the HS256 secret agents' tokens are signed with.
+    pub secret: Option<String>,
+    /// Tether only: the push-API key.
+    pub api_key: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+/// Per-shard connection cap given to Tether (its `limits.maxConnections`).
+pub const SHARD_CAPACITY: usize = 19_500;
+
+impl Deployment {
+    /// Starts `shards` processes of `kind`.
+    pub async fn start(kind: Kind, shards: usize, paths: &Paths) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut secret = None;
+        let mut api_key = None;
+        let mut started = Vec::new();
+        for index in 0..shards.max(1) {
+            let command = match kind {
+                Kind::Tether => {
+                    let s = secret.get_or_insert_with(|| random_hex(32)).clone();
+                    let k = api_key.get_or_insert_with(|| random_hex(24)).clone();
+                    let config = write_gateway_config(dir.path(), &s, &k)?;
+                    let mut c = Command::new(paths.bin_dir.join("tether-gateway"));
+                    c.arg("--config").arg(config);
+                    c.env("RUST_LOG", std::env::var("TETHER_BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()));
+                    c
+                }
+                Kind::Axum => Command::new(paths.bin_dir.join("peer-axum")),
+                Kind::AxumTuned => Command::new(paths.bin_dir.join("peer-axum-tuned")),
+                Kind::NodeWs => {
+                    let script = paths.peers_dir.join("node/server.js");
+                    if !paths.peers_dir.join("node/node_modules/ws").exists() {
+                        bail!(
+                            "node peer needs its package: cd {} && npm install",
+                            paths.peers_dir.join("node").display()
+                        );
+                    }
+                    let mut c = Command::new("node");
+                    c.arg(script);
+                    c
+                }
+                Kind::PythonWebsockets => {
+                    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+                    let mut c = Command::new(python);
+                    c.arg(paths.peers_dir.join("python/server.py"));
+                    c
+                }
+            };
+            let shard = spawn(command, kind, index).await?;
+            started.push(shard);
+        }
+        Ok(Self {
+            kind,
+            shards: started,
+            secret,
+            api_key,
+            _dir: dir,
+        })
+    }
+
+    /// The shard that serves agent number `i`.
+    pub fn shard_of(&self, i: u64) -> &Shard {
+        &self.shards[(i % self.shards.len() as u64) as usize]
+    }
+
+    /// The process ids of all shards.
+    pub fn pids(&self) -> Vec<u32> {
+        self.shards.iter().map(|s| s.pid).collect()
+    }
+
+    /// Stops every shard.
+    pub async fn stop(mut self) {
+        for shard in &mut self.shards {
+            let _ = shard.child.start_kill();
+            let _ = shard.child.wait().await;
+        }
+    }
+}
+
+fn write_gateway_config(dir: &Path, secret: &str, api_key: &str) -> anyhow::Result<PathBuf> {
+    let secret_file = dir.join("hs256.secret");
+    let keys_file = dir.join("api-keys");
+    std::fs::write(&secret_file, secret)?;
+    std::fs::write(&keys_file, format!("{api_key}\n"))?;
+    let mut config = tether_config::GatewayConfig::default();
+    config.listen.public = "127.0.0.1:0".into();
+    config.listen.internal = "127.0.0.1:0".into();
+    config.limits.max_connections = SHARD_CAPACITY;
+    config.auth.jwt.hs256_secret_file = Some(secret_file);
+    config.auth.api_keys_file = Some(keys_file);
+    let path = dir.join("gateway.yaml");
+    std::fs::write(&path, config.to_yaml())?;
+    Ok(path)
+}
+
+async fn spawn(mut command: Command, kind: Kind, index: usize) -> anyhow::Result<Shard> {
+    command
+        .env("PORT", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {} shard {index}: {command:?}", kind.name()))?;
+    let pid = child.id().context("child has no pid")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addrs = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(addrs) = parse_listening(&line) {
+                return Ok(addrs);
+            }
+        }
+        bail!("{} exited before listening", kind.name())
+    })
+    .await
+    .with_context(|| format!("{} did not print its listening line", kind.name()))??;
+    // Keep draining stdout so a chatty server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Shard {
+        pid,
+        ws: addrs.0,
+        control: addrs.1,
+        child,
+    })
+}
+
+/// Reads `tether-gateway listening public=A internal=B` or `listening ws=A control=B`.
+pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let mut ws = None;
+    let mut control = None;
+    if !line.contains("listening") {
+        return None;
+    }
+    for word in line.split_whitespace() {
+        if let Some((key, value)) = word.split_once('=') {
+            match key {
+                "public" | "ws" => ws = value.parse().ok(),
+                "internal" | "control" => control = value.parse().ok(),
+                _ => {}
+            }
+        }
+    }
+    Some((ws?, control?))
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_listening_lines() {
+        let (ws, control) =
+            parse_listening("tether-gateway listening public=127.0.0.1:4000 internal=127.0.0.1:4001").unwrap();
+        assert_eq!(ws.port(), 4000);
+        assert_eq!(control.port(), 4001);
+        let (ws, control) = parse_listening("listening ws=127.0.0.1:5 control=127.0.0.1:6").unwrap();
+        assert_eq!((ws.port(), control.port()), (5, 6));
+        assert!(parse_listening("starting").is_none());
+    }
+}
