@@ -80,14 +80,23 @@ enum Keys {
 /// Verifies agent tokens against the pool's keys.
 pub struct TokenVerifier {
     keys: Keys,
-    validation: Validation,
+    /// One validation per accepted algorithm: jsonwebtoken refuses a validation that
+    /// lists algorithms of another family than the key's.
+    validations: Vec<Validation>,
     tenant: Option<String>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenVerifier")
-            .field("algorithms", &self.validation.algorithms)
+            .field(
+                "algorithms",
+                &self
+                    .validations
+                    .iter()
+                    .map(|v| v.algorithms[0])
+                    .collect::<Vec<_>>(),
+            )
             .field("tenant", &self.tenant)
             .finish_non_exhaustive()
     }
@@ -185,21 +194,26 @@ impl TokenVerifier {
             Keys::Hs256(_) => vec![Algorithm::HS256],
             Keys::Public(_) => vec![Algorithm::RS256, Algorithm::ES256],
         };
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        validation.leeway = config.leeway_seconds;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        match &config.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
-        if let Some(iss) = &config.issuer {
-            validation.set_issuer(&[iss]);
-        }
+        let validations = algorithms
+            .into_iter()
+            .map(|alg| {
+                let mut validation = Validation::new(alg);
+                validation.leeway = config.leeway_seconds;
+                validation.validate_nbf = true;
+                validation.set_required_spec_claims(&["exp", "sub"]);
+                match &config.audience {
+                    Some(aud) => validation.set_audience(&[aud]),
+                    None => validation.validate_aud = false,
+                }
+                if let Some(iss) = &config.issuer {
+                    validation.set_issuer(&[iss]);
+                }
+                validation
+            })
+            .collect();
         Self {
             keys,
-            validation,
+            validations,
             tenant,
         }
     }
@@ -208,12 +222,16 @@ impl TokenVerifier {
     pub fn verify(&self, token: &str) -> Result<AgentIdentity, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
-        if !self.validation.algorithms.contains(&header.alg) {
+        let Some(validation) = self
+            .validations
+            .iter()
+            .find(|v| v.algorithms[0] == header.alg)
+        else {
             return Err(AuthError::Invalid(format!(
                 "algorithm {:?} is not accepted",
                 header.alg
             )));
-        }
+        };
         let candidates: Vec<&DecodingKey> = match &self.keys {
             Keys::Hs256(key) => vec![key],
             Keys::Public(keys) => keys
@@ -223,7 +241,7 @@ impl TokenVerifier {
         };
         let mut last = AuthError::Invalid("no key for this algorithm".into());
         for key in candidates {
-            match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
                 Ok(data) => return self.identity(data.claims),
                 Err(e) => {
                     last = match e.kind() {

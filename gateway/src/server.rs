@@ -217,7 +217,8 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     let reload_keys = tokio::spawn(reload_api_keys(state.clone()));
 
     state.drain_requested.cancelled().await;
-    drain(&state, &stop_accepting).await;
+    drain(&state).await;
+    stop_accepting.cancel();
     let _ = accept.await;
     reload_keys.abort();
     stop_internal.cancel();
@@ -262,8 +263,6 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: Cancella
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
-            // The public port serves one handshake per TCP connection.
-            .keep_alive(false)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         state.tasks.spawn(async move {
@@ -275,11 +274,12 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: Cancella
 /// Empties the gateway: no new upgrades, every agent gets a `reconnect` hint and a 1012
 /// close at `drain.connectionsPerSecond`, then the process may exit. Frames queued before
 /// a connection's close are written before it, so an accepted push is not lost.
-async fn drain(state: &Arc<AppState>, stop_accepting: &CancellationToken) {
+async fn drain(state: &Arc<AppState>) {
     let span = info_span!("drain", pod = %state.pod);
     async {
+        // Keep accepting so late clients get a clear 503 instead of a refused
+        // connection; the handshake checks `draining`.
         state.draining.store(true, Ordering::Release);
-        stop_accepting.cancel();
         let config = &state.config.drain;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(config.deadline_seconds);
         let connections = state.hub.snapshot();

@@ -491,6 +491,10 @@ where
         if self.ws.send(Message::Close(Some(frame))).await.is_err() {
             return;
         }
+        if code == CloseCode::PingTimeout {
+            // A dead peer will not answer; do not hold its memory for the timeout.
+            return;
+        }
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
             while let Some(Ok(_)) = self.ws.next().await {}
         })

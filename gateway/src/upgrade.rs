@@ -29,7 +29,13 @@ use crate::state::AppState;
 /// Why a handshake was refused before the upgrade.
 fn refuse(state: &AppState, result: &'static str, error: ApiError) -> Response {
     state.metrics.handshakes.add(1, &label("result", result));
-    error.into_response()
+    let mut response = error.into_response();
+    // One handshake per TCP connection: a refused client must not park an idle
+    // keep-alive connection on the public port.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
