@@ -50,6 +50,8 @@ pub const DNS_SUBDOMAIN_PATTERN: &str =
 pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 
 /// Spec of a ConnectionPool: one tenant's fleet of WebSocket gateway pods.
+// Each printer column repeats `type_ = ...`, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "tether.dev",
@@ -68,13 +70,48 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Tenant", type_ = "string", json_path = ".spec.tenant", description = "Tenant id"),
-    printcolumn(name = "Connections", type_ = "integer", json_path = ".status.totalConnections", description = "Open agent connections over all pods"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas", description = "Gateway pods that exist"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", description = "Gateway pods the operator wants"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Gateway pods that pass their readiness probe"),
-    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", description = "Reason of the Ready condition", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Tenant",
+        type_ = "string",
+        json_path = ".spec.tenant",
+        description = "Tenant id"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.totalConnections",
+        description = "Open agent connections over all pods"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.replicas",
+        description = "Gateway pods that exist"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas",
+        description = "Gateway pods the operator wants"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Gateway pods that pass their readiness probe"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Reason of the Ready condition",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

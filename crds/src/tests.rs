@@ -45,7 +45,10 @@ fn cel_failures(object: &Value) -> Vec<String> {
 #[test]
 fn names_subresources_and_columns() {
     let crd = ConnectionPool::crd();
-    assert_eq!(crd.metadata.name.as_deref(), Some("connectionpools.tether.dev"));
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("connectionpools.tether.dev")
+    );
     assert_eq!(crd.spec.names.short_names, Some(vec!["cpool".to_string()]));
     assert_eq!(crd.spec.scope, "Namespaced");
     let version = &crd.spec.versions[0];
@@ -64,7 +67,15 @@ fn names_subresources_and_columns() {
         .collect();
     assert_eq!(
         columns,
-        ["Tenant", "Connections", "Replicas", "Desired", "Ready", "Status", "Age"]
+        [
+            "Tenant",
+            "Connections",
+            "Replicas",
+            "Desired",
+            "Ready",
+            "Status",
+            "Age"
+        ]
     );
 }
 
@@ -82,7 +93,12 @@ fn status_lists_are_maps_so_each_pod_owns_its_entry() {
 fn field_docs_become_descriptions() {
     let s = schema();
     let tenant = &s["properties"]["spec"]["properties"]["tenant"];
-    assert!(tenant["description"].as_str().unwrap().starts_with("Tenant id"));
+    assert!(
+        tenant["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("Tenant id")
+    );
     assert_eq!(tenant["pattern"], DNS_LABEL_PATTERN);
     let min = &s["properties"]["spec"]["properties"]["replicas"]["properties"]["min"];
     assert_eq!(min["minimum"], json!(1.0));
@@ -92,7 +108,11 @@ fn field_docs_become_descriptions() {
 fn every_cel_rule_compiles_in_crd_scope() {
     let s = schema();
     let compiled = compile_schema(&s);
-    assert!(!compiled.has_errors(), "{:?}", compiled.compilation_errors());
+    assert!(
+        !compiled.has_errors(),
+        "{:?}",
+        compiled.compilation_errors()
+    );
     let text = serde_json::to_string(&s).unwrap();
     let rules: Vec<Value> = find_rules(&s);
     assert!(rules.len() >= 5, "rules: {rules:?} in {text}");
@@ -137,7 +157,12 @@ fn min_above_max_is_refused() {
     pool["spec"]["replicas"] = json!({"min": 3, "max": 2});
     pool["spec"]["routing"] = json!({"nats": {"url": "nats://nats:4222"}});
     let failures = cel_failures(&pool);
-    assert!(failures.iter().any(|f| f.contains("replicas.min must not exceed")), "{failures:?}");
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.contains("replicas.min must not exceed")),
+        "{failures:?}"
+    );
 }
 
 #[test]
@@ -148,7 +173,12 @@ fn exactly_one_jwt_key_source() {
     neither["spec"]["auth"]["jwt"] = json!({"issuer": "https://id.example"});
     for pool in [both, neither] {
         let failures = cel_failures(&pool);
-        assert!(failures.iter().any(|f| f.contains("exactly one of auth.jwt")), "{failures:?}");
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("exactly one of auth.jwt")),
+            "{failures:?}"
+        );
     }
     let mut public = minimal();
     public["spec"]["auth"]["jwt"] = json!({"publicKeysSecretRef": {"name": "k", "key": "pem"}});
@@ -160,7 +190,10 @@ fn multi_pod_pools_need_routing() {
     let mut pool = minimal();
     pool["spec"]["replicas"] = json!({"min": 1, "max": 4});
     let failures = cel_failures(&pool);
-    assert!(failures.iter().any(|f| f.contains("routing is required")), "{failures:?}");
+    assert!(
+        failures.iter().any(|f| f.contains("routing is required")),
+        "{failures:?}"
+    );
     pool["spec"]["routing"] = json!({"nats": {"managed": true}});
     assert_eq!(cel_failures(&pool), Vec::<String>::new());
 }
@@ -170,7 +203,10 @@ fn nats_is_url_or_managed_not_both() {
     let mut pool = minimal();
     pool["spec"]["routing"] = json!({"nats": {"url": "nats://n:4222", "managed": true}});
     let failures = cel_failures(&pool);
-    assert!(failures.iter().any(|f| f.contains("routing.nats.url")), "{failures:?}");
+    assert!(
+        failures.iter().any(|f| f.contains("routing.nats.url")),
+        "{failures:?}"
+    );
     pool["spec"]["routing"] = json!({"nats": {"managed": false}});
     assert!(!cel_failures(&pool).is_empty());
 }
@@ -180,7 +216,12 @@ fn scaling_target_must_fit_in_a_pod() {
     let mut pool = minimal();
     pool["spec"]["limits"] = json!({"maxConnectionsPerPod": 1000});
     let failures = cel_failures(&pool);
-    assert!(failures.iter().any(|f| f.contains("targetConnectionsPerPod")), "{failures:?}");
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.contains("targetConnectionsPerPod")),
+        "{failures:?}"
+    );
     pool["spec"]["scaling"] = json!({"targetConnectionsPerPod": 800});
     assert_eq!(cel_failures(&pool), Vec::<String>::new());
 }
@@ -230,5 +271,9 @@ fn examples_are_valid_pools() {
             assert!(!pool.spec.tenant.is_empty());
         }
     }
-    assert!(seen >= 2, "expected a minimal and a full example in {}", dir.display());
+    assert!(
+        seen >= 2,
+        "expected a minimal and a full example in {}",
+        dir.display()
+    );
 }

@@ -1,0 +1,189 @@
+//! The operator process: flags, admin server, leader election and the controller,
+//! wired together. `main` only parses [`Args`] and calls [`run`].
+//!
+//! ```text
+//!  lease loop ──leader: watch<bool>──► while leader: controller::run (stops when the
+//!      │                                 lease is lost or on shutdown, then campaigns again)
+//!  admin server (/healthz /readyz /metrics) runs throughout
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use kube::Client;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::admin::{self, AdminState};
+use crate::controller::{self, Context, Scope};
+use crate::lease::{Elector, LeaseConfig};
+use crate::metrics::Metrics;
+use crate::resources::Settings;
+
+/// Command-line flags (each with an environment variable the chart sets).
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "tether-operator",
+    version,
+    about = "Reconciles Tether ConnectionPools into gateway fleets"
+)]
+pub struct Args {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "TETHER_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Gateway image for pools that do not set `spec.template.image`.
+    #[arg(long, env = "TETHER_GATEWAY_IMAGE")]
+    pub gateway_image: Option<String>,
+    /// Image of managed NATS servers.
+    #[arg(long, env = "TETHER_NATS_IMAGE", default_value = "nats:2.11-alpine")]
+    pub nats_image: String,
+    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Identity in the leader lease and in Events (default: `POD_NAME`, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Namespace of the leader lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader lease.
+    #[arg(long, env = "TETHER_LEASE_NAME", default_value = "tether-operator")]
+    pub lease_name: String,
+    /// How long a silent leader keeps the lease (e.g. `15s`).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the leader renews the lease (and a follower looks again).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_renew: Duration,
+    /// Run without leader election (one replica only).
+    #[arg(long)]
+    pub no_leader_election: bool,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "tether-operator".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Runs the operator with `client` until `shutdown` resolves, then stops the
+/// controller, releases the lease and returns.
+pub async fn run(
+    client: Client,
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let Args {
+        namespace,
+        gateway_image,
+        nats_image,
+        admin_addr,
+        identity,
+        lease_namespace,
+        lease_name,
+        lease_duration,
+        lease_renew,
+        no_leader_election,
+        log_format: _, // used by main's telemetry setup
+    } = args;
+    let identity = identity.unwrap_or_else(default_identity);
+    let mut settings = Settings {
+        nats_image,
+        ..Settings::default()
+    };
+    if let Some(image) = gateway_image {
+        settings.gateway_image = image;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(admin_addr).await?;
+    info!(addr = %listener.local_addr()?, %identity, "admin server listening");
+    let app = admin::router(AdminState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let (leader_tx, mut leader_rx) = watch::channel(false);
+    let lease_task = if no_leader_election {
+        leader_tx.send_replace(true);
+        // Keep the sender alive for the whole run.
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _leader_tx = leader_tx;
+            let _ = stop.wait_for(|s| *s).await;
+        })
+    } else {
+        let elector = Elector::new(
+            client.clone(),
+            LeaseConfig {
+                name: lease_name,
+                namespace: lease_namespace,
+                identity: identity.clone(),
+                duration: lease_duration,
+                renew_every: lease_renew,
+            },
+        );
+        tokio::spawn(elector.run(leader_tx, stop_rx.clone()))
+    };
+    ready.store(true, Ordering::Relaxed);
+
+    let ctx = Arc::new(Context::new(
+        client,
+        settings,
+        metrics.clone(),
+        Some(identity),
+    ));
+    let scope = Scope { namespace };
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            led = leader_rx.wait_for(|l| *l) => if led.is_err() { break },
+            _ = &mut shutdown => break,
+        }
+        metrics.set_leader(true);
+        info!("leading: starting the controller");
+        let mut lost = leader_rx.clone();
+        let mut stopping = stop_rx.clone();
+        let trigger = async move {
+            tokio::select! {
+                _ = lost.wait_for(|l| !*l) => {}
+                _ = stopping.wait_for(|s| *s) => {}
+            }
+        };
+        let mut controller = tokio::spawn(controller::run(ctx.clone(), scope.clone(), trigger));
+        let shutting_down = tokio::select! {
+            _ = &mut controller => false,
+            _ = &mut shutdown => {
+                stop_tx.send_replace(true);
+                let _ = controller.await;
+                true
+            }
+        };
+        metrics.set_leader(false);
+        if shutting_down {
+            break;
+        }
+        info!("lost the leader lease: controller stopped, campaigning again");
+    }
+    stop_tx.send_replace(true);
+    let _ = lease_task.await;
+    let _ = admin_task.await;
+    Ok(())
+}

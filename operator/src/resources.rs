@@ -1,0 +1,712 @@
+//! Pure builders: a `ConnectionPool` (plus the operator's settings) in, the desired
+//! child objects out. No I/O here, so every rule is unit-tested (see `tests` below).
+//!
+//! Names of a pool `P`:
+//!
+//! | object | name |
+//! |---|---|
+//! | ConfigMap (`gateway.yaml`) | `P-config` |
+//! | StatefulSet (gateways) | `P` |
+//! | Service, headless (pod DNS) | `P-headless` |
+//! | Service, client-facing (agents, port `ws`) | `P` |
+//! | Service, push API (ClusterIP, port `api`) | `P-api` |
+//! | PodDisruptionBudget | `P` |
+//! | ServiceAccount, Role, RoleBinding | `P-gateway` |
+//! | managed NATS StatefulSet + Service | `P-nats` |
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tether_config::{
+    AuthConfig, DrainConfig, GatewayConfig, JwtConfig, Limits, NatsConfig, RoutingConfig,
+    StatusConfig, UpstreamConfig, UpstreamEvent as ConfigEvent,
+};
+use tether_crds::{ConnectionPool, ImagePullPolicy, SecretKeyRef, ServiceType, UpstreamEvent};
+
+use crate::validate::SpecError;
+
+/// Port of agents' WebSockets (`GET /v1/connect`).
+pub const WS_PORT: i32 = 8080;
+/// Port of the push API, admin and health endpoints.
+pub const API_PORT: i32 = 8081;
+/// NATS client port of a managed NATS.
+pub const NATS_PORT: i32 = 4222;
+/// Where the ConfigMap's `gateway.yaml` is mounted; the gateway gets `--config` with it.
+pub const CONFIG_PATH: &str = "/etc/tether/gateway.yaml";
+/// Directory under which each referenced Secret key is mounted read-only.
+pub const SECRETS_DIR: &str = "/etc/tether/secrets";
+/// Pod-template annotation carrying the hash of `gateway.yaml`: a config change changes
+/// the template, so the StatefulSet rolls the pods; anything else leaves them alone.
+pub const CONFIG_HASH_ANNOTATION: &str = "tether.dev/config-hash";
+/// Label carrying the pool's name on every child object and pod.
+pub const POOL_LABEL: &str = "tether.dev/pool";
+/// Label carrying the tenant on every child object and pod.
+pub const TENANT_LABEL: &str = "tether.dev/tenant";
+/// `app.kubernetes.io/managed-by` value of every child; the operator's watches select on it.
+pub const MANAGED_BY: &str = "tether-operator";
+/// Seconds added to `drain.deadlineSeconds` for the pods' termination grace period, so
+/// that the kubelet's SIGKILL never cuts a drain short.
+pub const GRACE_MARGIN_SECONDS: i64 = 15;
+/// UID and GID the gateway runs as (the image's non-root user).
+pub const GATEWAY_UID: i64 = 65532;
+
+/// Operator-wide settings that shape every pool's objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Gateway image for pools that do not set `template.image`.
+    pub gateway_image: String,
+    /// Image of a managed NATS server.
+    pub nats_image: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            gateway_image: format!(
+                "ghcr.io/tether-dev/tether-gateway:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            nats_image: "nats:2.11-alpine".into(),
+        }
+    }
+}
+
+/// Every object the operator keeps for one pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The gateway configuration, as rendered into the ConfigMap.
+    pub config: GatewayConfig,
+    /// Hash of the rendered `gateway.yaml` (also on the pod template).
+    pub config_hash: String,
+    /// `P-config`.
+    pub config_map: ConfigMap,
+    /// `P-gateway`.
+    pub service_account: ServiceAccount,
+    /// `P-gateway`: patch this pool's status, nothing else.
+    pub role: Role,
+    /// `P-gateway`.
+    pub role_binding: RoleBinding,
+    /// `P-headless`.
+    pub headless_service: Service,
+    /// `P`.
+    pub client_service: Service,
+    /// `P-api`.
+    pub api_service: Service,
+    /// `P`.
+    pub pdb: PodDisruptionBudget,
+    /// `P-nats` StatefulSet and Service when `routing.nats.managed`.
+    pub nats: Option<(StatefulSet, Service)>,
+    /// `P`: the gateways.
+    pub stateful_set: StatefulSet,
+}
+
+// === names and labels ===
+
+/// Name of the StatefulSet, the client Service and the PDB.
+pub fn base_name(pool: &ConnectionPool) -> String {
+    pool.name_any()
+}
+
+/// Name of the ConfigMap.
+pub fn config_map_name(pool: &ConnectionPool) -> String {
+    format!("{}-config", pool.name_any())
+}
+
+/// Name of the headless Service.
+pub fn headless_name(pool: &ConnectionPool) -> String {
+    format!("{}-headless", pool.name_any())
+}
+
+/// Name of the push-API Service.
+pub fn api_service_name(pool: &ConnectionPool) -> String {
+    format!("{}-api", pool.name_any())
+}
+
+/// Name of the ServiceAccount, Role and RoleBinding.
+pub fn rbac_name(pool: &ConnectionPool) -> String {
+    format!("{}-gateway", pool.name_any())
+}
+
+/// Name of the managed NATS StatefulSet and Service.
+pub fn nats_name(pool: &ConnectionPool) -> String {
+    format!("{}-nats", pool.name_any())
+}
+
+/// Labels that select the pool's gateway pods. Kept small and fixed: a StatefulSet's
+/// selector is immutable.
+pub fn selector_labels(pool: &ConnectionPool) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "tether-gateway".to_string(),
+        ),
+        (POOL_LABEL.to_string(), pool.name_any()),
+    ])
+}
+
+/// The selector as a string, for `status.selector` (the scale subresource).
+pub fn selector_string(pool: &ConnectionPool) -> String {
+    selector_labels(pool)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Labels of every child object (and the gateway pods).
+pub fn labels(pool: &ConnectionPool, component: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(pool);
+    if component != "gateway" {
+        labels.insert(
+            "app.kubernetes.io/name".into(),
+            format!("tether-{component}"),
+        );
+    }
+    labels.insert("app.kubernetes.io/instance".into(), pool.name_any());
+    labels.insert("app.kubernetes.io/component".into(), component.into());
+    labels.insert("app.kubernetes.io/part-of".into(), "tether".into());
+    labels.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+    labels.insert(TENANT_LABEL.into(), pool.spec.tenant.clone());
+    labels
+}
+
+fn owner_ref(pool: &ConnectionPool) -> Result<OwnerReference, SpecError> {
+    pool.controller_owner_ref(&())
+        .ok_or(SpecError::NotPersisted)
+}
+
+fn meta(pool: &ConnectionPool, name: String, component: &str) -> Result<Value, SpecError> {
+    Ok(json!({
+        "name": name,
+        "namespace": pool.namespace(),
+        "labels": labels(pool, component),
+        "ownerReferences": [owner_ref(pool)?],
+    }))
+}
+
+/// Turns a JSON shape into its typed object; the shapes are fixed, so a failure is a bug
+/// in this module, reported rather than panicking.
+fn typed<T: DeserializeOwned>(what: &'static str, value: Value) -> Result<T, SpecError> {
+    serde_json::from_value(value).map_err(|err| SpecError::Internal(format!("{what}: {err}")))
+}
+
+// === the gateway configuration ===
+
+/// Where a referenced Secret key is mounted: `volume` under [`SECRETS_DIR`], file `file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretMount {
+    /// Volume name (also the directory under [`SECRETS_DIR`]).
+    pub volume: &'static str,
+    /// File name inside the directory (fixed, so the config does not depend on the key).
+    pub file: &'static str,
+    /// The Secret and key it comes from.
+    pub source: SecretKeyRef,
+    /// The spec field that references it (for error messages).
+    pub field: &'static str,
+}
+
+impl SecretMount {
+    /// Absolute path of the mounted file.
+    pub fn path(&self) -> String {
+        format!("{SECRETS_DIR}/{}/{}", self.volume, self.file)
+    }
+}
+
+/// Every Secret key a pool references, with where it is mounted.
+pub fn secret_mounts(pool: &ConnectionPool) -> Vec<SecretMount> {
+    let auth = &pool.spec.auth;
+    let mut mounts = vec![];
+    if let Some(source) = &auth.jwt.secret_ref {
+        mounts.push(SecretMount {
+            volume: "jwt",
+            file: "hs256",
+            source: source.clone(),
+            field: "auth.jwt.secretRef",
+        });
+    }
+    if let Some(source) = &auth.jwt.public_keys_secret_ref {
+        mounts.push(SecretMount {
+            volume: "jwt",
+            file: "public-keys.pem",
+            source: source.clone(),
+            field: "auth.jwt.publicKeysSecretRef",
+        });
+    }
+    mounts.push(SecretMount {
+        volume: "api-keys",
+        file: "keys",
+        source: auth.api_keys_secret_ref.clone(),
+        field: "auth.apiKeysSecretRef",
+    });
+    if let Some(source) = pool
+        .spec
+        .upstream
+        .as_ref()
+        .and_then(|u| u.secret_ref.as_ref())
+    {
+        mounts.push(SecretMount {
+            volume: "upstream",
+            file: "hmac",
+            source: source.clone(),
+            field: "upstream.secretRef",
+        });
+    }
+    mounts
+}
+
+fn mount_path(mounts: &[SecretMount], volume: &str) -> Option<std::path::PathBuf> {
+    mounts
+        .iter()
+        .find(|m| m.volume == volume)
+        .map(|m| m.path().into())
+}
+
+/// The NATS URL a pool's gateways use, if any.
+pub fn nats_url(pool: &ConnectionPool) -> Option<String> {
+    let nats = &pool.spec.routing.as_ref()?.nats;
+    if nats.managed == Some(true) {
+        let ns = pool.namespace().unwrap_or_else(|| "default".into());
+        Some(format!("nats://{}.{ns}.svc:{NATS_PORT}", nats_name(pool)))
+    } else {
+        nats.url.clone()
+    }
+}
+
+/// Renders the pool's spec into the gateway's configuration and checks it the way the
+/// gateway will, so a spec the gateway would refuse never reaches a pod.
+pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError> {
+    let spec = &pool.spec;
+    let mounts = secret_mounts(pool);
+    let positive = |v: i32| u64::try_from(v).unwrap_or(0);
+    let defaults = Limits::default();
+    let max_message_bytes = positive(spec.limits.max_message_bytes) as usize;
+    let rate = positive(spec.limits.messages_per_second_per_connection) as u32;
+    let limits = Limits {
+        max_connections: positive(spec.limits.max_connections_per_pod) as usize,
+        max_message_bytes,
+        outbound_queue: positive(spec.limits.outbound_queue) as usize,
+        messages_per_second: rate,
+        // The spec has one rate knob; bursts of twice the rate absorb reconnect chatter.
+        message_burst: rate.saturating_mul(2),
+        idle_timeout_seconds: positive(spec.limits.idle_timeout_seconds),
+        // A socket must be able to buffer at least one whole message.
+        max_write_buffer_bytes: defaults.max_write_buffer_bytes.max(max_message_bytes),
+        ..defaults
+    };
+    let jwt = JwtConfig {
+        hs256_secret_file: spec
+            .auth
+            .jwt
+            .secret_ref
+            .as_ref()
+            .and_then(|_| mount_path(&mounts, "jwt")),
+        public_keys_file: spec
+            .auth
+            .jwt
+            .public_keys_secret_ref
+            .as_ref()
+            .and_then(|_| mount_path(&mounts, "jwt")),
+        issuer: spec.auth.jwt.issuer.clone(),
+        audience: spec.auth.jwt.audience.clone(),
+        ..JwtConfig::default()
+    };
+    let upstream = spec.upstream.as_ref().map(|u| UpstreamConfig {
+        url: u.url.clone(),
+        secret_file: mount_path(&mounts, "upstream"),
+        timeout_ms: positive(u.timeout_ms),
+        events: u
+            .events
+            .iter()
+            .map(|e| match e {
+                UpstreamEvent::Connect => ConfigEvent::Connect,
+                UpstreamEvent::Disconnect => ConfigEvent::Disconnect,
+                UpstreamEvent::Message => ConfigEvent::Message,
+            })
+            .collect(),
+        max_concurrency: 256,
+    });
+    let config = GatewayConfig {
+        tenant: Some(spec.tenant.clone()),
+        listen: Default::default(),
+        limits,
+        auth: AuthConfig {
+            jwt,
+            api_keys_file: mount_path(&mounts, "api-keys"),
+        },
+        upstream,
+        routing: RoutingConfig {
+            nats: nats_url(pool).map(|url| NatsConfig {
+                url,
+                namespace: None,
+            }),
+        },
+        drain: DrainConfig {
+            connections_per_second: positive(spec.drain.connections_per_second) as u32,
+            deadline_seconds: positive(spec.drain.deadline_seconds),
+            reconnect_jitter_ms: positive(spec.drain.reconnect_jitter_ms),
+        },
+        status: Some(StatusConfig {
+            namespace: pool.namespace().unwrap_or_else(|| "default".into()),
+            pool: pool.name_any(),
+            pod_name: None,
+            report_interval_seconds: positive(spec.report_interval_seconds),
+        }),
+    };
+    config
+        .validate()
+        .map_err(|err| SpecError::Config(err.to_string()))?;
+    Ok(config)
+}
+
+/// SHA-256 of the rendered configuration, hex.
+pub fn config_hash(yaml: &str) -> String {
+    hex::encode(Sha256::digest(yaml.as_bytes()))
+}
+
+// === the objects ===
+
+/// Builds every child object of `pool`, with the StatefulSet at `replicas` pods.
+pub fn desired(
+    pool: &ConnectionPool,
+    settings: &Settings,
+    replicas: i32,
+) -> Result<Desired, SpecError> {
+    let config = gateway_config(pool)?;
+    let yaml = config.to_yaml();
+    let hash = config_hash(&yaml);
+    let ns = pool.namespace();
+    let rbac = rbac_name(pool);
+
+    let config_map = typed(
+        "ConfigMap",
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": meta(pool, config_map_name(pool), "gateway")?,
+            "data": {"gateway.yaml": yaml},
+        }),
+    )?;
+    let service_account = typed(
+        "ServiceAccount",
+        json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": meta(pool, rbac.clone(), "gateway")?,
+        }),
+    )?;
+    // Pods report into `status.pods[]` of their own pool and of nothing else: the rule
+    // names the pool, so a compromised gateway cannot touch other tenants' pools.
+    let role = typed(
+        "Role",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": meta(pool, rbac.clone(), "gateway")?,
+            "rules": [{
+                "apiGroups": [tether_crds::GROUP],
+                "resources": ["connectionpools/status"],
+                "resourceNames": [pool.name_any()],
+                "verbs": ["get", "patch"],
+            }],
+        }),
+    )?;
+    let role_binding = typed(
+        "RoleBinding",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": meta(pool, rbac.clone(), "gateway")?,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac},
+            "subjects": [{"kind": "ServiceAccount", "name": rbac, "namespace": ns}],
+        }),
+    )?;
+    let ports = json!([
+        {"name": "ws", "port": WS_PORT, "targetPort": "ws", "protocol": "TCP"},
+        {"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"},
+    ]);
+    // Headless: stable per-pod DNS names; not-ready pods stay resolvable so that the
+    // push API can still reach a draining pod's agents.
+    let headless_service = typed(
+        "Service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(pool, headless_name(pool), "gateway")?,
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": true,
+                "selector": selector_labels(pool),
+                "ports": ports,
+            },
+        }),
+    )?;
+    let mut client_meta = meta(pool, base_name(pool), "gateway")?;
+    if let Some(annotations) = &pool.spec.service.annotations {
+        client_meta["annotations"] = json!(annotations);
+    }
+    let service_type = match pool.spec.service.type_ {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+    };
+    // Only the public port: the push API must not ride on a LoadBalancer.
+    let client_service = typed(
+        "Service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": client_meta,
+            "spec": {
+                "type": service_type,
+                "selector": selector_labels(pool),
+                "ports": [{"name": "ws", "port": WS_PORT, "targetPort": "ws", "protocol": "TCP"}],
+            },
+        }),
+    )?;
+    let api_service = typed(
+        "Service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(pool, api_service_name(pool), "gateway")?,
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector_labels(pool),
+                "ports": [{"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"}],
+            },
+        }),
+    )?;
+    // One pod at a time: each eviction costs a drain and a reconnect wave.
+    let pdb = typed(
+        "PodDisruptionBudget",
+        json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": meta(pool, base_name(pool), "gateway")?,
+            "spec": {
+                "maxUnavailable": 1,
+                "selector": {"matchLabels": selector_labels(pool)},
+            },
+        }),
+    )?;
+    let nats = if pool.spec.routing.as_ref().and_then(|r| r.nats.managed) == Some(true) {
+        Some(managed_nats(pool, settings)?)
+    } else {
+        None
+    };
+    let stateful_set = gateway_stateful_set(pool, settings, replicas, &hash)?;
+    Ok(Desired {
+        config,
+        config_hash: hash,
+        config_map,
+        service_account,
+        role,
+        role_binding,
+        headless_service,
+        client_service,
+        api_service,
+        pdb,
+        nats,
+        stateful_set,
+    })
+}
+
+fn gateway_stateful_set(
+    pool: &ConnectionPool,
+    settings: &Settings,
+    replicas: i32,
+    config_hash: &str,
+) -> Result<StatefulSet, SpecError> {
+    let spec = &pool.spec;
+    let template = &spec.template;
+    let mounts = secret_mounts(pool);
+
+    let mut pod_annotations = template.annotations.clone().unwrap_or_default();
+    pod_annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
+
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+    ];
+    for var in template.env.iter().flatten() {
+        env.push(json!(var));
+    }
+
+    let mut volumes = vec![json!({
+        "name": "config",
+        "configMap": {"name": config_map_name(pool), "defaultMode": 0o444},
+    })];
+    // The ConfigMap is mounted by subPath at the path the gateway expects; subPath mounts
+    // do not see ConfigMap updates, which is fine: a new config rolls the pods anyway.
+    let mut volume_mounts = vec![json!({
+        "name": "config", "mountPath": CONFIG_PATH, "subPath": "gateway.yaml", "readOnly": true,
+    })];
+    for mount in &mounts {
+        volumes.push(json!({
+            "name": format!("secret-{}", mount.volume),
+            "secret": {
+                "secretName": mount.source.name,
+                "items": [{"key": mount.source.key, "path": mount.file}],
+                // Group-readable by the pod's fsGroup, nobody else.
+                "defaultMode": 0o440,
+            },
+        }));
+        volume_mounts.push(json!({
+            "name": format!("secret-{}", mount.volume),
+            "mountPath": format!("{SECRETS_DIR}/{}", mount.volume),
+            "readOnly": true,
+        }));
+    }
+
+    let mut container = json!({
+        "name": "gateway",
+        "image": template.image.clone().unwrap_or_else(|| settings.gateway_image.clone()),
+        "args": ["--config", CONFIG_PATH],
+        "env": env,
+        "ports": [
+            {"name": "ws", "containerPort": WS_PORT, "protocol": "TCP"},
+            {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
+        ],
+        // Readiness turns false while draining, so the Services stop sending new agents.
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "api"},
+            "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "api"},
+            "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
+        },
+        "volumeMounts": volume_mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    });
+    if let Some(policy) = template.image_pull_policy {
+        container["imagePullPolicy"] = json!(match policy {
+            ImagePullPolicy::Always => "Always",
+            ImagePullPolicy::IfNotPresent => "IfNotPresent",
+            ImagePullPolicy::Never => "Never",
+        });
+    }
+    if let Some(resources) = &template.resources {
+        container["resources"] = json!(resources);
+    }
+
+    let mut pod_spec = json!({
+        "serviceAccountName": rbac_name(pool),
+        "automountServiceAccountToken": true,
+        "terminationGracePeriodSeconds": i64::from(spec.drain.deadline_seconds) + GRACE_MARGIN_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": GATEWAY_UID,
+            "runAsGroup": GATEWAY_UID,
+            "fsGroup": GATEWAY_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    });
+    if let Some(selector) = &template.node_selector {
+        pod_spec["nodeSelector"] = json!(selector);
+    }
+    if let Some(tolerations) = &template.tolerations {
+        pod_spec["tolerations"] = json!(tolerations);
+    }
+
+    let mut pod_labels = labels(pool, "gateway");
+    pod_labels.remove("app.kubernetes.io/managed-by");
+    typed(
+        "StatefulSet",
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": meta(pool, base_name(pool), "gateway")?,
+            "spec": {
+                "replicas": replicas,
+                "serviceName": headless_name(pool),
+                // Pods start and stop together: a gateway needs no ordered bring-up, and
+                // a scale-up during a connection storm must not wait pod by pod.
+                "podManagementPolicy": "Parallel",
+                "updateStrategy": {"type": "RollingUpdate"},
+                "revisionHistoryLimit": 5,
+                "selector": {"matchLabels": selector_labels(pool)},
+                "template": {
+                    "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+                    "spec": pod_spec,
+                },
+            },
+        }),
+    )
+}
+
+fn managed_nats(
+    pool: &ConnectionPool,
+    settings: &Settings,
+) -> Result<(StatefulSet, Service), SpecError> {
+    let name = nats_name(pool);
+    let selector = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "tether-nats".to_string(),
+        ),
+        (POOL_LABEL.to_string(), pool.name_any()),
+    ]);
+    let sts = typed(
+        "StatefulSet",
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": meta(pool, name.clone(), "nats")?,
+            "spec": {
+                "replicas": 1,
+                "serviceName": name,
+                "selector": {"matchLabels": selector},
+                "template": {
+                    "metadata": {"labels": labels(pool, "nats")},
+                    "spec": {
+                        "securityContext": {
+                            "runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [{
+                            "name": "nats",
+                            "image": settings.nats_image,
+                            // JetStream holds the agent directory (a key-value bucket).
+                            "args": ["--jetstream", "--store_dir", "/data", "--http_port", "8222"],
+                            "ports": [
+                                {"name": "client", "containerPort": NATS_PORT, "protocol": "TCP"},
+                                {"name": "monitor", "containerPort": 8222, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "monitor"}, "periodSeconds": 5},
+                            "livenessProbe": {"httpGet": {"path": "/healthz?js-enabled-only=true", "port": "monitor"}, "periodSeconds": 10},
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }],
+                        // The directory is a cache the gateways rebuild on reconnect, so
+                        // it needs no persistent volume.
+                        "volumes": [{"name": "data", "emptyDir": {}}],
+                    },
+                },
+            },
+        }),
+    )?;
+    let svc = typed(
+        "Service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(pool, nats_name(pool), "nats")?,
+            "spec": {
+                "selector": selector,
+                "ports": [{"name": "client", "port": NATS_PORT, "targetPort": "client", "protocol": "TCP"}],
+            },
+        }),
+    )?;
+    Ok((sts, svc))
+}
+
+#[cfg(test)]
+mod tests;

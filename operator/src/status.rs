@@ -1,0 +1,413 @@
+//! Pure status logic: how many pods the StatefulSet should have, and the status the
+//! operator writes (conditions, counts, observedGeneration) from what it observed.
+//!
+//! The operator never writes `status.pods[]` (each gateway pod owns its entry); the
+//! [`ConnectionPoolStatus`] built here leaves it empty, and an empty list is not
+//! serialized, so the operator's server-side apply claims none of it.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use tether_crds::{
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, ConnectionPool,
+    ConnectionPoolStatus,
+};
+
+use crate::resources::selector_string;
+use crate::validate::SpecError;
+
+/// The StatefulSet's replicas. This is the one place that decides them: the autoscaler
+/// (issue 7) replaces the body with its decision, and nothing else in the operator sets
+/// `spec.replicas`. For now: the last desired size, else `replicas.min`, within bounds.
+pub fn target_replicas(pool: &ConnectionPool) -> i32 {
+    let bounds = &pool.spec.replicas;
+    let wanted = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.desired_replicas)
+        .unwrap_or(bounds.min);
+    // `max(min)` keeps `clamp` from panicking on a spec the schema should have refused.
+    wanted.clamp(bounds.min, bounds.max.max(bounds.min))
+}
+
+/// What one reconcile saw and did.
+#[derive(Debug, Clone, Default)]
+pub struct Observed<'a> {
+    /// The StatefulSet as the API server returned it after the apply, with its status.
+    pub stateful_set: Option<&'a StatefulSet>,
+    /// Why nothing was applied, if so.
+    pub problem: Option<&'a SpecError>,
+}
+
+/// The whole operator-owned status.
+pub fn pool_status(
+    pool: &ConnectionPool,
+    observed: &Observed<'_>,
+    target: i32,
+    now: Timestamp,
+) -> ConnectionPoolStatus {
+    let previous = pool.status.clone().unwrap_or_default();
+    let sts_status = observed.stateful_set.and_then(|s| s.status.as_ref());
+    let replicas = sts_status.map(|s| s.replicas).or(previous.replicas);
+    let ready_replicas = sts_status
+        .map(|s| s.ready_replicas.unwrap_or(0))
+        .or(previous.ready_replicas);
+
+    // A bad spec leaves the pool at its last size: nothing was applied.
+    let desired = if observed.problem.is_some() {
+        previous.desired_replicas
+    } else {
+        Some(target)
+    };
+    let last_scale_time = if desired.is_some() && desired != previous.desired_replicas {
+        Some(Time(now))
+    } else {
+        previous.last_scale_time.clone()
+    };
+
+    ConnectionPoolStatus {
+        pods: vec![],
+        total_connections: Some(total_connections(pool, replicas)),
+        replicas,
+        ready_replicas,
+        desired_replicas: desired,
+        last_scale_time,
+        observed_generation: pool.metadata.generation,
+        selector: Some(selector_string(pool)),
+        conditions: conditions(pool, observed, target, now),
+    }
+}
+
+/// Connections over the pods that exist: entries of pods with an ordinal at or above
+/// the StatefulSet's size are left over from a scale-down and do not count.
+pub fn total_connections(pool: &ConnectionPool, replicas: Option<i32>) -> i64 {
+    let Some(status) = &pool.status else { return 0 };
+    let prefix = format!("{}-", pool.name_any());
+    status
+        .pods
+        .iter()
+        .filter(|p| {
+            let ordinal = p
+                .name
+                .strip_prefix(&prefix)
+                .and_then(|o| o.parse::<i32>().ok());
+            match (ordinal, replicas) {
+                (Some(o), Some(r)) => o < r,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+        })
+        .map(|p| p.connections.max(0))
+        .sum()
+}
+
+/// Ready, Progressing and Degraded for what was observed. A condition keeps its
+/// `lastTransitionTime` while its status does not change.
+pub fn conditions(
+    pool: &ConnectionPool,
+    observed: &Observed<'_>,
+    target: i32,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let generation = pool.metadata.generation;
+    let new = |type_: &str, status: bool, reason: &str, message: String| Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    };
+    let fresh = if let Some(problem) = observed.problem {
+        let message = problem.to_string();
+        vec![
+            new(CONDITION_READY, false, problem.reason(), message.clone()),
+            new(
+                CONDITION_PROGRESSING,
+                false,
+                problem.reason(),
+                message.clone(),
+            ),
+            new(CONDITION_DEGRADED, true, problem.reason(), message),
+        ]
+    } else {
+        let rollout = observed.stateful_set.map(|s| rollout(s, target));
+        let (ready, progressing) = match rollout {
+            None => (
+                new(
+                    CONDITION_READY,
+                    false,
+                    "Creating",
+                    "creating the gateway StatefulSet".into(),
+                ),
+                new(
+                    CONDITION_PROGRESSING,
+                    true,
+                    "Creating",
+                    "creating the gateway StatefulSet".into(),
+                ),
+            ),
+            Some(r) if r.complete() => (
+                new(
+                    CONDITION_READY,
+                    true,
+                    "Available",
+                    format!("{}/{target} gateway pods ready", r.ready),
+                ),
+                new(
+                    CONDITION_PROGRESSING,
+                    false,
+                    "Stable",
+                    "rollout complete".into(),
+                ),
+            ),
+            Some(r) => {
+                let (reason, message) = if !r.observed {
+                    (
+                        "RollingOut",
+                        "the StatefulSet controller has not seen the new spec yet".to_string(),
+                    )
+                } else if r.updated < target || r.replicas != target {
+                    (
+                        "RollingOut",
+                        format!("{}/{target} pods updated, {} exist", r.updated, r.replicas),
+                    )
+                } else {
+                    (
+                        "PodsNotReady",
+                        format!("{}/{target} gateway pods ready", r.ready),
+                    )
+                };
+                (
+                    new(CONDITION_READY, false, reason, message.clone()),
+                    new(CONDITION_PROGRESSING, true, reason, message),
+                )
+            }
+        };
+        vec![
+            ready,
+            progressing,
+            new(
+                CONDITION_DEGRADED,
+                false,
+                "AsExpected",
+                "the spec was applied".into(),
+            ),
+        ]
+    };
+    let previous = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    fresh
+        .into_iter()
+        .map(|mut c| {
+            if let Some(old) = previous.iter().find(|o| o.type_ == c.type_)
+                && old.status == c.status
+            {
+                c.last_transition_time = old.last_transition_time.clone();
+            }
+            c
+        })
+        .collect()
+}
+
+/// The StatefulSet's rollout progress.
+#[derive(Debug, Clone, Copy)]
+struct Rollout {
+    observed: bool,
+    replicas: i32,
+    updated: i32,
+    ready: i32,
+    target: i32,
+    same_revision: bool,
+}
+
+impl Rollout {
+    fn complete(&self) -> bool {
+        self.observed
+            && self.same_revision
+            && self.replicas == self.target
+            && self.updated >= self.target
+            && self.ready >= self.target
+    }
+}
+
+fn rollout(sts: &StatefulSet, target: i32) -> Rollout {
+    let status = sts.status.clone().unwrap_or_default();
+    let observed = match (status.observed_generation, sts.metadata.generation) {
+        (Some(seen), Some(current)) => seen >= current,
+        (_, None) => true,
+        (None, Some(_)) => false,
+    };
+    let same_revision = match (&status.current_revision, &status.update_revision) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    Rollout {
+        observed,
+        replicas: status.replicas,
+        updated: status.updated_replicas.unwrap_or(0),
+        ready: status.ready_replicas.unwrap_or(0),
+        target,
+        same_revision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{pool, sts_with_status};
+    use tether_crds::PodReport;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn find<'a>(conds: &'a [Condition], type_: &str) -> &'a Condition {
+        conds.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn replicas_come_from_desired_within_bounds() {
+        let mut p = pool("acme");
+        p.spec.replicas.min = 2;
+        p.spec.replicas.max = 5;
+        assert_eq!(target_replicas(&p), 2);
+        p.status = Some(ConnectionPoolStatus {
+            desired_replicas: Some(4),
+            ..Default::default()
+        });
+        assert_eq!(target_replicas(&p), 4);
+        p.spec.replicas.max = 3;
+        assert_eq!(target_replicas(&p), 3);
+        p.spec.replicas.min = 9; // refused by the schema, must still not panic
+        assert_eq!(target_replicas(&p), 9);
+    }
+
+    #[test]
+    fn a_new_pool_is_creating() {
+        let p = pool("acme");
+        let status = pool_status(&p, &Observed::default(), 1, at(100));
+        assert_eq!(status.desired_replicas, Some(1));
+        assert_eq!(status.last_scale_time, Some(Time(at(100))));
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(find(&status.conditions, "Ready").reason, "Creating");
+        assert_eq!(find(&status.conditions, "Progressing").status, "True");
+        assert_eq!(find(&status.conditions, "Degraded").status, "False");
+        assert!(status.pods.is_empty());
+    }
+
+    #[test]
+    fn ready_when_the_rollout_is_complete() {
+        let p = pool("acme");
+        let sts = sts_with_status(2, 2, 2, 2);
+        let observed = Observed {
+            stateful_set: Some(&sts),
+            problem: None,
+        };
+        let status = pool_status(&p, &observed, 2, at(100));
+        let ready = find(&status.conditions, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Available")
+        );
+        assert_eq!(find(&status.conditions, "Progressing").status, "False");
+        assert_eq!(status.ready_replicas, Some(2));
+
+        let rolling = sts_with_status(2, 2, 1, 1);
+        let observed = Observed {
+            stateful_set: Some(&rolling),
+            problem: None,
+        };
+        let status = pool_status(&p, &observed, 2, at(100));
+        assert_eq!(find(&status.conditions, "Ready").reason, "RollingOut");
+        assert_eq!(find(&status.conditions, "Progressing").status, "True");
+    }
+
+    #[test]
+    fn a_problem_degrades_and_keeps_the_last_size() {
+        let mut p = pool("acme");
+        p.status = Some(ConnectionPoolStatus {
+            desired_replicas: Some(3),
+            last_scale_time: Some(Time(at(5))),
+            ..Default::default()
+        });
+        let problem = SpecError::SecretMissing {
+            name: "acme-jwt".into(),
+            field: "auth.jwt.secretRef".into(),
+        };
+        let observed = Observed {
+            stateful_set: None,
+            problem: Some(&problem),
+        };
+        let status = pool_status(&p, &observed, 1, at(100));
+        assert_eq!(status.desired_replicas, Some(3));
+        assert_eq!(status.last_scale_time, Some(Time(at(5))));
+        let degraded = find(&status.conditions, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "SecretMissing")
+        );
+        assert!(degraded.message.contains("acme-jwt"));
+        assert_eq!(find(&status.conditions, "Ready").status, "False");
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_changes() {
+        let mut p = pool("acme");
+        let sts = sts_with_status(1, 1, 1, 1);
+        let observed = Observed {
+            stateful_set: Some(&sts),
+            problem: None,
+        };
+        let first = pool_status(&p, &observed, 1, at(100));
+        p.status = Some(first);
+        let second = pool_status(&p, &observed, 1, at(200));
+        assert_eq!(
+            find(&second.conditions, "Ready").last_transition_time,
+            Time(at(100))
+        );
+        p.status = Some(second);
+        let down = sts_with_status(1, 1, 1, 0);
+        let observed = Observed {
+            stateful_set: Some(&down),
+            problem: None,
+        };
+        let third = pool_status(&p, &observed, 1, at(300));
+        assert_eq!(
+            find(&third.conditions, "Ready").last_transition_time,
+            Time(at(300))
+        );
+        assert_eq!(
+            find(&third.conditions, "Degraded").last_transition_time,
+            Time(at(100))
+        );
+    }
+
+    #[test]
+    fn totals_count_only_pods_that_exist() {
+        let mut p = pool("acme");
+        let report = |name: &str, connections| PodReport {
+            name: name.into(),
+            connections,
+            ready: true,
+            draining: false,
+            observed_at: None,
+            boot_id: None,
+        };
+        p.status = Some(ConnectionPoolStatus {
+            pods: vec![
+                report("acme-0", 10),
+                report("acme-1", 5),
+                report("acme-2", 7),
+                report("other-0", 99),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(total_connections(&p, Some(2)), 15);
+        assert_eq!(total_connections(&p, None), 22);
+    }
+}
