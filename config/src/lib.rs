@@ -330,12 +330,17 @@ impl GatewayConfig {
             ("limits.requestTimeoutMs", l.request_timeout_ms),
             ("limits.maxPendingRequests", l.max_pending_requests as u64),
             ("limits.readBufferBytes", l.read_buffer_bytes as u64),
-            ("drain.connectionsPerSecond", u64::from(self.drain.connections_per_second)),
+            (
+                "drain.connectionsPerSecond",
+                u64::from(self.drain.connections_per_second),
+            ),
             ("listen.backlog", u64::from(self.listen.backlog)),
             ("listen.headerTimeoutMs", self.listen.header_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
+            return Err(ConfigError::Invalid(format!(
+                "{name} must be greater than 0"
+            )));
         }
         if l.message_burst < l.messages_per_second {
             return Err(ConfigError::Invalid(
@@ -388,7 +393,10 @@ mod tests {
 
     #[test]
     fn empty_file_is_the_default() {
-        assert_eq!(GatewayConfig::from_yaml("").unwrap(), GatewayConfig::default());
+        assert_eq!(
+            GatewayConfig::from_yaml("").unwrap(),
+            GatewayConfig::default()
+        );
     }
 
     #[test]

@@ -152,7 +152,10 @@ pub enum GatewayMessage {
     /// `after_ms`, to any gateway.
     Reconnect { after_ms: u64, reason: String },
     /// The previous envelope was refused. `id` is set when it could be read.
-    Error { id: Option<String>, error: ErrorBody },
+    Error {
+        id: Option<String>,
+        error: ErrorBody,
+    },
 }
 
 /// The flat shape of every envelope on the wire.
@@ -460,9 +463,8 @@ mod tests {
 
     #[test]
     fn decodes_agent_send_keeping_payload_bytes() {
-        let msg =
-            AgentMessage::decode(r#"{"type":"send","id":"m1","data":{"b": [1, 2],"a":1}}"#)
-                .unwrap();
+        let msg = AgentMessage::decode(r#"{"type":"send","id":"m1","data":{"b": [1, 2],"a":1}}"#)
+            .unwrap();
         match msg {
             AgentMessage::Send { id, data } => {
                 assert_eq!(id, "m1");
@@ -613,12 +615,19 @@ mod tests {
 
     #[test]
     fn unknown_error_codes_are_tolerated() {
-        let msg =
-            GatewayMessage::decode(r#"{"type":"error","error":{"code":"brand_new","message":"x"}}"#)
-                .unwrap();
+        let msg = GatewayMessage::decode(
+            r#"{"type":"error","error":{"code":"brand_new","message":"x"}}"#,
+        )
+        .unwrap();
         assert!(matches!(
             msg,
-            GatewayMessage::Error { error: ErrorBody { code: ErrorCode::Unknown, .. }, .. }
+            GatewayMessage::Error {
+                error: ErrorBody {
+                    code: ErrorCode::Unknown,
+                    ..
+                },
+                ..
+            }
         ));
     }
 

@@ -19,7 +19,8 @@ mod envelope;
 
 pub use close::CloseCode;
 pub use envelope::{
-    AgentMessage, ErrorBody, ErrorCode, GatewayMessage, ProtocolError, Welcome, encode_push, salvage_id,
+    AgentMessage, ErrorBody, ErrorCode, GatewayMessage, ProtocolError, Welcome, encode_push,
+    salvage_id,
 };
 pub use serde_json::value::RawValue;
 
