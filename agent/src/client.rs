@@ -24,7 +24,9 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, stream::SplitSink};
 use http::{HeaderValue, header};
 use serde::{Serialize, de::DeserializeOwned};
-use tether_protocol::{AgentMessage, ErrorBody, ErrorCode, GatewayMessage, RawValue, SUBPROTOCOL, Welcome};
+use tether_protocol::{
+    AgentMessage, ErrorBody, ErrorCode, GatewayMessage, RawValue, SUBPROTOCOL, Welcome,
+};
 use tokio::{
     net::TcpStream,
     sync::{mpsc, oneshot, watch},
@@ -198,7 +200,8 @@ pub enum State {
 }
 
 type PushFn = Arc<dyn Fn(Push) -> BoxFuture<'static, ()> + Send + Sync>;
-type RequestFn = Arc<dyn Fn(Request) -> BoxFuture<'static, Result<Box<RawValue>, ErrorBody>> + Send + Sync>;
+type RequestFn =
+    Arc<dyn Fn(Request) -> BoxFuture<'static, Result<Box<RawValue>, ErrorBody>> + Send + Sync>;
 
 /// Configures and starts an [`Agent`].
 pub struct AgentBuilder {
@@ -247,7 +250,9 @@ impl AgentBuilder {
             on_push,
             on_request,
         } = self;
-        url.as_str().into_client_request().map_err(Error::InvalidUrl)?;
+        url.as_str()
+            .into_client_request()
+            .map_err(Error::InvalidUrl)?;
         let request_timeout = options.request_timeout;
         let (command_tx, commands) = mpsc::channel(options.command_queue.max(1));
         let (state_tx, state) = watch::channel(State::Connecting { attempt: 0 });
@@ -294,7 +299,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("state", &*self.state.borrow()).finish()
+        f.debug_struct("Agent")
+            .field("state", &*self.state.borrow())
+            .finish()
     }
 }
 
@@ -330,7 +337,10 @@ impl Agent {
             on_push: Arc::new(|_| Box::pin(async {})),
             on_request: Arc::new(|_| {
                 Box::pin(async {
-                    Err(ErrorBody::new(ErrorCode::HandlerError, "this agent has no request handler"))
+                    Err(ErrorBody::new(
+                        ErrorCode::HandlerError,
+                        "this agent has no request handler",
+                    ))
                 })
             }),
         }
@@ -408,7 +418,10 @@ impl Agent {
     }
 
     async fn command(&self, command: Command) -> Result<(), Error> {
-        self.commands.send(command).await.map_err(|_| self.stopped_error())
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| self.stopped_error())
     }
 
     fn stopped_error(&self) -> Error {
@@ -446,7 +459,11 @@ enum Internal {
 }
 
 /// Runs the push handler on each push in order, then acks it if asked.
-async fn dispatch_pushes(mut rx: mpsc::Receiver<PushJob>, handler: PushFn, internal: mpsc::UnboundedSender<Internal>) {
+async fn dispatch_pushes(
+    mut rx: mpsc::Receiver<PushJob>,
+    handler: PushFn,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
     while let Some(job) = rx.recv().await {
         let id = job.push.id.clone();
         handler(job.push).await;
@@ -493,7 +510,12 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn insert(&mut self, id: String, data: Box<RawValue>, reply: oneshot::Sender<Result<(), Error>>) {
+    fn insert(
+        &mut self,
+        id: String,
+        data: Box<RawValue>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
         if let Some(seq) = self.seq_of.get(&id) {
             // The same id submitted twice: the newer caller waits for the same ack.
             if let Some(entry) = self.by_seq.get_mut(seq) {
@@ -613,7 +635,8 @@ impl Core {
                 Outcome::Shutdown => return self.stop(StopReason::Closed),
                 Outcome::Ended(ended) => ended,
             };
-            let decision = policy::decide(&ended, attempt, &self.options.reconnect, &mut rand::rng());
+            let decision =
+                policy::decide(&ended, attempt, &self.options.reconnect, &mut rand::rng());
             attempt = attempt.saturating_add(1);
             match decision {
                 Decision::Stop(reason) => {
@@ -639,8 +662,12 @@ impl Core {
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::Send { reply, .. } => drop(reply.send(Err(Error::Stopped(reason.clone())))),
-                Command::Request { reply, .. } => drop(reply.send(Err(Error::Stopped(reason.clone())))),
+                Command::Send { reply, .. } => {
+                    drop(reply.send(Err(Error::Stopped(reason.clone()))))
+                }
+                Command::Request { reply, .. } => {
+                    drop(reply.send(Err(Error::Stopped(reason.clone()))))
+                }
             }
         }
         self.state_tx.send_replace(State::Stopped(reason));
@@ -696,25 +723,35 @@ impl Core {
                     return Err(Ended::TokenUnavailable);
                 }
             };
-            let mut request = self.url.as_str().into_client_request().map_err(|_| Ended::Lost { hint: None })?;
+            let mut request = self
+                .url
+                .as_str()
+                .into_client_request()
+                .map_err(|_| Ended::Lost { hint: None })?;
             let headers = request.headers_mut();
             headers.insert(
                 header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Ended::TokenUnavailable)?,
+                HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| Ended::TokenUnavailable)?,
             );
-            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
-            let config = WebSocketConfig::default().read_buffer_size(self.options.read_buffer_bytes);
-            let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
-                .await
-                .map_err(|err| match err {
-                    tungstenite::Error::Http(response) => Ended::Rejected {
-                        status: response.status().as_u16(),
-                    },
-                    other => {
-                        debug!(err = %other, "connect failed");
-                        Ended::Lost { hint: None }
-                    }
-                })?;
+            headers.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
+            let config =
+                WebSocketConfig::default().read_buffer_size(self.options.read_buffer_bytes);
+            let (mut ws, _) =
+                tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+                    .await
+                    .map_err(|err| match err {
+                        tungstenite::Error::Http(response) => Ended::Rejected {
+                            status: response.status().as_u16(),
+                        },
+                        other => {
+                            debug!(err = %other, "connect failed");
+                            Ended::Lost { hint: None }
+                        }
+                    })?;
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => match GatewayMessage::decode(&text) {
                     Ok(GatewayMessage::Welcome(welcome)) => Ok((ws, welcome)),
@@ -840,7 +877,12 @@ impl Core {
     }
 
     /// Handles one inbound frame. `Err` ends the session.
-    async fn on_frame(&mut self, message: Message, epoch: u64, clock: &mut SessionClock) -> Result<(), Outcome> {
+    async fn on_frame(
+        &mut self,
+        message: Message,
+        epoch: u64,
+        clock: &mut SessionClock,
+    ) -> Result<(), Outcome> {
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(bytes) => {
@@ -857,7 +899,10 @@ impl Core {
             }
             Message::Close(frame) => {
                 let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-                return Err(Outcome::Ended(Ended::Closed { code, hint: clock.hint }));
+                return Err(Outcome::Ended(Ended::Closed {
+                    code,
+                    hint: clock.hint,
+                }));
             }
             // Pongs are answered by tungstenite; any frame already counted as liveness.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
@@ -878,7 +923,11 @@ impl Core {
                 };
                 return self.dispatch_push(PushJob { epoch, push, ack }).await;
             }
-            GatewayMessage::Request { id, data, timeout_ms } => {
+            GatewayMessage::Request {
+                id,
+                data,
+                timeout_ms,
+            } => {
                 let handler = self.on_request.clone();
                 let internal = self.internal_tx.clone();
                 tokio::spawn(async move {
@@ -947,8 +996,12 @@ impl Core {
             return;
         };
         if policy::nack_is_retryable(error.code) {
-            let delay =
-                policy::resend_delay(retry_after_ms, entry.nacks, &self.options.reconnect.backoff, &mut rand::rng());
+            let delay = policy::resend_delay(
+                retry_after_ms,
+                entry.nacks,
+                &self.options.reconnect.backoff,
+                &mut rand::rng(),
+            );
             entry.nacks += 1;
             entry.state = SendState::Due(Instant::now() + delay);
             debug!(id, ?error, ?delay, "send refused; will retry");
@@ -958,7 +1011,12 @@ impl Core {
     }
 
     /// Pings, dead-peer detection, request expiry and token refresh.
-    async fn on_timers(&mut self, sink: &mut Sink, epoch: u64, clock: &mut SessionClock) -> Result<(), Outcome> {
+    async fn on_timers(
+        &mut self,
+        sink: &mut Sink,
+        epoch: u64,
+        clock: &mut SessionClock,
+    ) -> Result<(), Outcome> {
         let now = Instant::now();
         let o = &self.options;
         if now >= clock.last_seen + o.ping_interval + o.pong_timeout {
@@ -1013,7 +1071,10 @@ impl Core {
             }
         }
         for (id, request) in self.requests.iter_mut().filter(|(_, r)| !r.written) {
-            let remaining = request.deadline.saturating_duration_since(now).max(Duration::from_millis(1));
+            let remaining = request
+                .deadline
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1));
             let message = AgentMessage::Request {
                 id: id.clone(),
                 data: request.data.clone(),
@@ -1026,13 +1087,23 @@ impl Core {
     }
 }
 
-async fn write(sink: &mut Sink, message: &AgentMessage, clock: &SessionClock, options: &Options) -> Result<(), Outcome> {
+async fn write(
+    sink: &mut Sink,
+    message: &AgentMessage,
+    clock: &SessionClock,
+    options: &Options,
+) -> Result<(), Outcome> {
     send_frame(sink, Message::text(message.encode()), clock, options).await
 }
 
 /// Writes one frame. A write that cannot complete within the pong timeout means the
 /// gateway stopped reading: the session is treated as lost.
-async fn send_frame(sink: &mut Sink, frame: Message, clock: &SessionClock, options: &Options) -> Result<(), Outcome> {
+async fn send_frame(
+    sink: &mut Sink,
+    frame: Message,
+    clock: &SessionClock,
+    options: &Options,
+) -> Result<(), Outcome> {
     match timeout(options.pong_timeout, sink.send(frame)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(Outcome::Ended(Ended::Lost { hint: clock.hint })),
@@ -1045,7 +1116,9 @@ mod tests {
     //! real gateway is covered by `tests/gateway.rs`.
 
     use tokio::net::TcpListener;
-    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request as HsRequest, Response as HsResponse};
+    use tokio_tungstenite::tungstenite::handshake::server::{
+        ErrorResponse, Request as HsRequest, Response as HsResponse,
+    };
 
     use super::*;
     use crate::token::StaticToken;
@@ -1054,7 +1127,9 @@ mod tests {
 
     /// Accepts connections; each accepted socket is handed to the test. With `status`
     /// set, the upgrade is refused with that HTTP status instead.
-    async fn scripted_server(status: Option<u16>) -> (String, mpsc::Receiver<ServerWs>, mpsc::Receiver<String>) {
+    async fn scripted_server(
+        status: Option<u16>,
+    ) -> (String, mpsc::Receiver<ServerWs>, mpsc::Receiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/connect", listener.local_addr().unwrap());
         let (tx, rx) = mpsc::channel(16);
@@ -1064,15 +1139,25 @@ mod tests {
                 let tx = tx.clone();
                 let auth_tx = auth_tx.clone();
                 tokio::spawn(async move {
-                    let callback = |req: &HsRequest, mut resp: HsResponse| -> Result<HsResponse, ErrorResponse> {
-                        let auth = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_owned());
+                    // The callback's error type is fixed by tungstenite.
+                    #[allow(clippy::result_large_err)]
+                    let callback = |req: &HsRequest,
+                                    mut resp: HsResponse|
+                     -> Result<HsResponse, ErrorResponse> {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap().to_owned());
                         let _ = auth_tx.try_send(auth.unwrap_or_default());
                         if let Some(status) = status {
                             let mut err = ErrorResponse::new(None);
                             *err.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             return Err(err);
                         }
-                        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+                        resp.headers_mut().insert(
+                            header::SEC_WEBSOCKET_PROTOCOL,
+                            HeaderValue::from_static(SUBPROTOCOL),
+                        );
                         Ok(resp)
                     };
                     if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, callback).await {
@@ -1120,7 +1205,9 @@ mod tests {
     }
 
     async fn within<T>(fut: impl Future<Output = T>) -> T {
-        timeout(Duration::from_secs(10), fut).await.expect("test step timed out")
+        timeout(Duration::from_secs(10), fut)
+            .await
+            .expect("test step timed out")
     }
 
     #[tokio::test]
@@ -1150,7 +1237,9 @@ mod tests {
         };
         assert_eq!(retried, id, "a retry reuses the idempotency id");
         assert!(!send.is_finished());
-        ws.send(Message::text(GatewayMessage::Ack { id }.encode())).await.unwrap();
+        ws.send(Message::text(GatewayMessage::Ack { id }.encode()))
+            .await
+            .unwrap();
         within(send).await.unwrap().unwrap();
         agent.close().await;
     }
@@ -1177,7 +1266,10 @@ mod tests {
             panic!("expected the resend")
         };
         assert_eq!(again, id);
-        second.send(Message::text(GatewayMessage::Ack { id }.encode())).await.unwrap();
+        second
+            .send(Message::text(GatewayMessage::Ack { id }.encode()))
+            .await
+            .unwrap();
         within(send).await.unwrap().unwrap();
         agent.close().await;
     }
@@ -1185,19 +1277,27 @@ mod tests {
     #[tokio::test]
     async fn permanent_nack_fails_the_send() {
         let (url, mut conns, _auths) = scripted_server(None).await;
-        let agent = Agent::builder(url, StaticToken("tok".into())).options(fast_options()).start().unwrap();
+        let agent = Agent::builder(url, StaticToken("tok".into()))
+            .options(fast_options())
+            .start()
+            .unwrap();
         let mut ws = within(conns.recv()).await.unwrap();
         welcome(&mut ws, "c1").await;
         let sender = agent.clone();
         let send = tokio::spawn(async move { sender.send("x").await });
-        let AgentMessage::Send { id, .. } = within(next_envelope(&mut ws)).await else { panic!() };
+        let AgentMessage::Send { id, .. } = within(next_envelope(&mut ws)).await else {
+            panic!()
+        };
         let nack = GatewayMessage::Nack {
             id,
             error: ErrorBody::new(ErrorCode::TooLarge, "too big"),
             retry_after_ms: None,
         };
         ws.send(Message::text(nack.encode())).await.unwrap();
-        assert!(matches!(within(send).await.unwrap(), Err(Error::Rejected(_))));
+        assert!(matches!(
+            within(send).await.unwrap(),
+            Err(Error::Rejected(_))
+        ));
         agent.close().await;
     }
 
@@ -1227,8 +1327,13 @@ mod tests {
             ack: true,
         };
         ws.send(Message::text(push.encode())).await.unwrap();
-        assert_eq!(within(seen.recv()).await.unwrap(), serde_json::json!({"cmd": "scan"}));
-        assert!(matches!(within(next_envelope(&mut ws)).await, AgentMessage::Ack { id } if id == "p1"));
+        assert_eq!(
+            within(seen.recv()).await.unwrap(),
+            serde_json::json!({"cmd": "scan"})
+        );
+        assert!(
+            matches!(within(next_envelope(&mut ws)).await, AgentMessage::Ack { id } if id == "p1")
+        );
         let request = GatewayMessage::Request {
             id: "r1".into(),
             data: RawValue::from_string("21".into()).unwrap(),
@@ -1248,19 +1353,35 @@ mod tests {
     #[tokio::test]
     async fn auth_rejection_stops_without_retrying() {
         let (url, _conns, mut auths) = scripted_server(Some(401)).await;
-        let agent = Agent::builder(url, StaticToken("bad".into())).options(fast_options()).start().unwrap();
+        let agent = Agent::builder(url, StaticToken("bad".into()))
+            .options(fast_options())
+            .start()
+            .unwrap();
         let err = within(agent.connected()).await.unwrap_err();
-        assert!(matches!(err, Error::Stopped(StopReason::AuthRejected { status: 401 })), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Stopped(StopReason::AuthRejected { status: 401 })
+            ),
+            "{err}"
+        );
         assert!(auths.recv().await.is_some());
         // No second attempt follows.
-        assert!(timeout(Duration::from_millis(300), auths.recv()).await.is_err());
+        assert!(
+            timeout(Duration::from_millis(300), auths.recv())
+                .await
+                .is_err()
+        );
         assert!(matches!(agent.send("x").await, Err(Error::Stopped(_))));
     }
 
     #[tokio::test]
     async fn overloaded_upgrade_is_retried() {
         let (url, _conns, mut auths) = scripted_server(Some(503)).await;
-        let agent = Agent::builder(url, StaticToken("t".into())).options(fast_options()).start().unwrap();
+        let agent = Agent::builder(url, StaticToken("t".into()))
+            .options(fast_options())
+            .start()
+            .unwrap();
         for _ in 0..3 {
             within(auths.recv()).await.unwrap();
         }
@@ -1276,7 +1397,10 @@ mod tests {
             pong_timeout: Duration::from_millis(200),
             ..fast_options()
         };
-        let agent = Agent::builder(url, StaticToken("t".into())).options(options).start().unwrap();
+        let agent = Agent::builder(url, StaticToken("t".into()))
+            .options(options)
+            .start()
+            .unwrap();
         let mut first = within(conns.recv()).await.unwrap();
         welcome(&mut first, "c1").await;
         assert_eq!(within(agent.connected()).await.unwrap().connection_id, "c1");
@@ -1284,9 +1408,13 @@ mod tests {
         let mut second = within(conns.recv()).await.unwrap();
         welcome(&mut second, "c2").await;
         let mut state = agent.state();
-        within(state.wait_for(|s| matches!(s, State::Connected(session) if session.connection_id == "c2")))
-            .await
-            .unwrap();
+        within(
+            state.wait_for(
+                |s| matches!(s, State::Connected(session) if session.connection_id == "c2"),
+            ),
+        )
+        .await
+        .unwrap();
         drop(first);
         agent.close().await;
     }
@@ -1294,15 +1422,24 @@ mod tests {
     #[tokio::test]
     async fn refusing_close_codes_stop_the_agent() {
         let (url, mut conns, _auths) = scripted_server(None).await;
-        let agent = Agent::builder(url, StaticToken("t".into())).options(fast_options()).start().unwrap();
+        let agent = Agent::builder(url, StaticToken("t".into()))
+            .options(fast_options())
+            .start()
+            .unwrap();
         let mut ws = within(conns.recv()).await.unwrap();
         welcome(&mut ws, "c1").await;
         within(agent.connected()).await.unwrap();
-        ws.close(Some(CloseFrame { code: WsCloseCode::from(4003), reason: "replaced".into() }))
-            .await
-            .unwrap();
+        ws.close(Some(CloseFrame {
+            code: WsCloseCode::from(4003),
+            reason: "replaced".into(),
+        }))
+        .await
+        .unwrap();
         let mut state = agent.state();
-        let stopped = within(state.wait_for(|s| matches!(s, State::Stopped(_)))).await.unwrap().clone();
+        let stopped = within(state.wait_for(|s| matches!(s, State::Stopped(_))))
+            .await
+            .unwrap()
+            .clone();
         assert_eq!(stopped, State::Stopped(StopReason::Refused { code: 4003 }));
     }
 }

@@ -7,12 +7,17 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use tether_agent::{
-    Agent, ErrorBody, ErrorCode, Hs256Minter, Payload, RawValue, StaticToken, TokenFile, TokenProvider,
+    Agent, ErrorBody, ErrorCode, Hs256Minter, Payload, RawValue, StaticToken, TokenFile,
+    TokenProvider,
 };
 use tokio::io::AsyncWriteExt;
 
 #[derive(Parser, Debug)]
-#[command(name = "tether-agent", version, about = "Connect to a Tether gateway as an agent")]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "Connect to a Tether gateway as an agent"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -48,7 +53,11 @@ struct TokenArgs {
 #[derive(ClapArgs, Debug)]
 struct ConnectArgs {
     /// Gateway URL.
-    #[arg(long, env = "TETHER_URL", default_value = "ws://127.0.0.1:8080/v1/connect")]
+    #[arg(
+        long,
+        env = "TETHER_URL",
+        default_value = "ws://127.0.0.1:8080/v1/connect"
+    )]
     url: String,
     /// A bearer token.
     #[arg(long, env = "TETHER_TOKEN", conflicts_with_all = ["token_file", "hs256_secret_file"])]
@@ -77,7 +86,8 @@ struct ConnectArgs {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "tether_agent=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tether_agent=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -138,7 +148,9 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
                 Payload::Json(data) => {
                     serde_json::json!({"event": "push", "id": push.id, "data": data})
                 }
-                Payload::Binary(bytes) => serde_json::json!({"event": "push", "binary_len": bytes.len()}),
+                Payload::Binary(bytes) => {
+                    serde_json::json!({"event": "push", "binary_len": bytes.len()})
+                }
             };
             println!("{line}");
         })
@@ -153,7 +165,10 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
                 match (reply, exec) {
                     (Some(reply), _) => Ok(reply),
                     (None, Some(command)) => run_command(&command, request.data.get()).await,
-                    (None, None) => Err(ErrorBody::new(ErrorCode::HandlerError, "no --reply or --exec given")),
+                    (None, None) => Err(ErrorBody::new(
+                        ErrorCode::HandlerError,
+                        "no --reply or --exec given",
+                    )),
                 }
             }
         })

@@ -118,24 +118,31 @@ impl Default for ReconnectPolicy {
 
 /// Decides whether and when to reconnect. `attempt` counts consecutive failures since
 /// the last session that got a `welcome` (0 for the first retry).
-pub fn decide(ended: &Ended, attempt: u32, policy: &ReconnectPolicy, rng: &mut impl Rng) -> Decision {
+pub fn decide(
+    ended: &Ended,
+    attempt: u32,
+    policy: &ReconnectPolicy,
+    rng: &mut impl Rng,
+) -> Decision {
     let backoff = policy.backoff.delay(attempt, rng);
     match *ended {
-        Ended::Rejected { status: status @ (401 | 403) } => {
-            Decision::Stop(StopReason::AuthRejected { status })
+        Ended::Rejected {
+            status: status @ (401 | 403),
+        } => Decision::Stop(StopReason::AuthRejected { status }),
+        Ended::Rejected { status: 503 | 429 } => {
+            Decision::Reconnect(policy.overload_floor + backoff)
         }
-        Ended::Rejected { status: 503 | 429 } => Decision::Reconnect(policy.overload_floor + backoff),
         Ended::Rejected { .. } | Ended::TokenUnavailable => Decision::Reconnect(backoff),
         Ended::Closed { code, hint } => match CloseCode::from_code(code) {
-            Some(known) if !known.should_reconnect() => Decision::Stop(StopReason::Refused { code }),
+            Some(known) if !known.should_reconnect() => {
+                Decision::Stop(StopReason::Refused { code })
+            }
             // The gateway already jittered its hint across its agents; honour it as is.
             _ if hint.is_some() => Decision::Reconnect(hint.unwrap_or_default()),
             Some(CloseCode::TryAgainLater) => Decision::Reconnect(policy.overload_floor + backoff),
             // The token ran out: a fresh one fixes it, so come back without waiting for
             // the back-off to grow (still jittered: many agents may share an expiry).
-            Some(CloseCode::TokenExpired) => {
-                Decision::Reconnect(policy.backoff.delay(0, rng))
-            }
+            Some(CloseCode::TokenExpired) => Decision::Reconnect(policy.backoff.delay(0, rng)),
             _ => Decision::Reconnect(backoff),
         },
         Ended::Lost { hint: Some(hint) } => Decision::Reconnect(hint),
@@ -221,7 +228,15 @@ mod tests {
         }
         for code in [4002, 4003, 4005] {
             assert_eq!(
-                decide(&Ended::Closed { code, hint: Some(Duration::from_secs(1)) }, 0, &p, &mut rng()),
+                decide(
+                    &Ended::Closed {
+                        code,
+                        hint: Some(Duration::from_secs(1))
+                    },
+                    0,
+                    &p,
+                    &mut rng()
+                ),
                 Decision::Stop(StopReason::Refused { code })
             );
         }
@@ -255,7 +270,10 @@ mod tests {
         };
         let mut rng = rng();
         for ended in [
-            Ended::Closed { code: 1013, hint: None },
+            Ended::Closed {
+                code: 1013,
+                hint: None,
+            },
             Ended::Rejected { status: 503 },
             Ended::Rejected { status: 429 },
         ] {
@@ -277,8 +295,14 @@ mod tests {
         let mut rng = rng();
         for ended in [
             Ended::Lost { hint: None },
-            Ended::Closed { code: 1006, hint: None },
-            Ended::Closed { code: 4007, hint: None },
+            Ended::Closed {
+                code: 1006,
+                hint: None,
+            },
+            Ended::Closed {
+                code: 4007,
+                hint: None,
+            },
             Ended::Rejected { status: 502 },
             Ended::TokenUnavailable,
         ] {
@@ -292,7 +316,15 @@ mod tests {
     #[test]
     fn token_expiry_reconnects_within_the_first_window() {
         let p = ReconnectPolicy::default();
-        match decide(&Ended::Closed { code: 4001, hint: None }, 9, &p, &mut rng()) {
+        match decide(
+            &Ended::Closed {
+                code: 4001,
+                hint: None,
+            },
+            9,
+            &p,
+            &mut rng(),
+        ) {
             Decision::Reconnect(d) => assert!(d <= p.backoff.base),
             other => panic!("{other:?}"),
         }
@@ -328,7 +360,10 @@ mod tests {
     #[test]
     fn resend_prefers_the_gateway_hint() {
         let b = Backoff::default();
-        assert_eq!(resend_delay(Some(700), 3, &b, &mut rng()), Duration::from_millis(700));
+        assert_eq!(
+            resend_delay(Some(700), 3, &b, &mut rng()),
+            Duration::from_millis(700)
+        );
         assert!(resend_delay(None, 0, &b, &mut rng()) <= b.base);
     }
 }

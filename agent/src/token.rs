@@ -60,12 +60,13 @@ pub struct TokenFile(pub PathBuf);
 impl TokenProvider for TokenFile {
     fn token(&self) -> BoxFuture<'_, Result<String, TokenError>> {
         Box::pin(async move {
-            let text = tokio::fs::read_to_string(&self.0)
-                .await
-                .map_err(|source| TokenError::Read {
-                    path: self.0.clone(),
-                    source,
-                })?;
+            let text =
+                tokio::fs::read_to_string(&self.0)
+                    .await
+                    .map_err(|source| TokenError::Read {
+                        path: self.0.clone(),
+                        source,
+                    })?;
             Ok(text.trim().to_owned())
         })
     }
@@ -151,7 +152,10 @@ impl Hs256Minter {
     }
 
     /// Reads the secret from a file (trailing newline trimmed, as the gateway does).
-    pub fn from_secret_file(path: &std::path::Path, agent_id: impl Into<String>) -> Result<Self, TokenError> {
+    pub fn from_secret_file(
+        path: &std::path::Path,
+        agent_id: impl Into<String>,
+    ) -> Result<Self, TokenError> {
         let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
             path: path.to_owned(),
             source,

@@ -61,7 +61,10 @@ async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
         .expect("step timed out")
 }
 
-async fn wait_session(agent: &Agent, pred: impl Fn(&tether_agent::Session) -> bool) -> tether_agent::Session {
+async fn wait_session(
+    agent: &Agent,
+    pred: impl Fn(&tether_agent::Session) -> bool,
+) -> tether_agent::Session {
     let mut state = agent.state();
     let state = within(state.wait_for(|s| matches!(s, State::Connected(session) if pred(session))))
         .await
@@ -74,7 +77,10 @@ async fn wait_session(agent: &Agent, pred: impl Fn(&tether_agent::Session) -> bo
 }
 
 async fn push(gateway: &Gateway, agent: &str, body: serde_json::Value) -> StatusCode {
-    let url = format!("http://{}/v1/agents/{agent}/messages", gateway.internal_addr());
+    let url = format!(
+        "http://{}/v1/agents/{agent}/messages",
+        gateway.internal_addr()
+    );
     let resp = reqwest::Client::new()
         .post(url)
         .bearer_auth(API_KEY)
@@ -88,31 +94,44 @@ async fn push(gateway: &Gateway, agent: &str, body: serde_json::Value) -> Status
 #[tokio::test]
 async fn reconnects_after_a_gateway_restart_and_receives_pushes() {
     let files = files();
-    let first = Gateway::start(config(&files, "127.0.0.1:0"), "g1".into()).await.unwrap();
+    let first = Gateway::start(config(&files, "127.0.0.1:0"), "g1".into())
+        .await
+        .unwrap();
     let addr = first.public_addr();
     let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
-    let agent = Agent::builder(format!("ws://{addr}/v1/connect"), Hs256Minter::new(SECRET.as_bytes(), "a1"))
-        .options(fast())
-        .on_push(move |push| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(push.json::<serde_json::Value>().unwrap());
-            }
-        })
-        .start()
-        .unwrap();
+    let agent = Agent::builder(
+        format!("ws://{addr}/v1/connect"),
+        Hs256Minter::new(SECRET.as_bytes(), "a1"),
+    )
+    .options(fast())
+    .on_push(move |push| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(push.json::<serde_json::Value>().unwrap());
+        }
+    })
+    .start()
+    .unwrap();
     let one = within(agent.connected()).await.unwrap();
     assert_eq!(one.agent_id, "a1");
-    assert_eq!(push(&first, "a1", serde_json::json!({"n": 1})).await, StatusCode::ACCEPTED);
+    assert_eq!(
+        push(&first, "a1", serde_json::json!({"n": 1})).await,
+        StatusCode::ACCEPTED
+    );
     assert_eq!(within(pushes.recv()).await.unwrap()["n"], 1);
 
     // Restart: the first process drains and exits, a new one binds the same port.
     first.drain();
     within(first.wait()).await;
-    let second = Gateway::start(config(&files, &addr.to_string()), "g2".into()).await.unwrap();
+    let second = Gateway::start(config(&files, &addr.to_string()), "g2".into())
+        .await
+        .unwrap();
     let two = wait_session(&agent, |s| s.number > one.number).await;
     assert_eq!(two.agent_id, "a1");
-    assert_eq!(push(&second, "a1", serde_json::json!({"n": 2})).await, StatusCode::ACCEPTED);
+    assert_eq!(
+        push(&second, "a1", serde_json::json!({"n": 2})).await,
+        StatusCode::ACCEPTED
+    );
     assert_eq!(within(pushes.recv()).await.unwrap()["n"], 2);
     agent.close().await;
     second.drain();
@@ -140,8 +159,12 @@ async fn forwarder(target: Arc<Mutex<SocketAddr>>) -> SocketAddr {
 #[tokio::test]
 async fn drain_hint_is_honoured_over_the_backoff() {
     let files = files();
-    let old = Gateway::start(config(&files, "127.0.0.1:0"), "old".into()).await.unwrap();
-    let new = Gateway::start(config(&files, "127.0.0.1:0"), "new".into()).await.unwrap();
+    let old = Gateway::start(config(&files, "127.0.0.1:0"), "old".into())
+        .await
+        .unwrap();
+    let new = Gateway::start(config(&files, "127.0.0.1:0"), "new".into())
+        .await
+        .unwrap();
     let target = Arc::new(Mutex::new(old.public_addr()));
     let front = forwarder(target.clone()).await;
     // A back-off window of ten minutes: only the gateway's hint (0 ms here, jitter 0)
@@ -156,16 +179,22 @@ async fn drain_hint_is_honoured_over_the_backoff() {
         },
         ..Options::default()
     };
-    let agent = Agent::builder(format!("ws://{front}/v1/connect"), Hs256Minter::new(SECRET.as_bytes(), "a2"))
-        .options(options)
-        .start()
-        .unwrap();
+    let agent = Agent::builder(
+        format!("ws://{front}/v1/connect"),
+        Hs256Minter::new(SECRET.as_bytes(), "a2"),
+    )
+    .options(options)
+    .start()
+    .unwrap();
     let first = within(agent.connected()).await.unwrap();
     *target.lock().unwrap() = new.public_addr();
     old.drain();
     let second = wait_session(&agent, |s| s.number > first.number).await;
     assert_eq!(second.agent_id, "a2");
-    assert_eq!(push(&new, "a2", serde_json::json!("after drain")).await, StatusCode::ACCEPTED);
+    assert_eq!(
+        push(&new, "a2", serde_json::json!("after drain")).await,
+        StatusCode::ACCEPTED
+    );
     within(old.wait()).await;
     agent.close().await;
     new.drain();
@@ -179,7 +208,9 @@ struct Counting {
 }
 
 impl TokenProvider for Counting {
-    fn token(&self) -> tether_agent::token::BoxFuture<'_, Result<String, tether_agent::TokenError>> {
+    fn token(
+        &self,
+    ) -> tether_agent::token::BoxFuture<'_, Result<String, tether_agent::TokenError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.minter.token()
     }
@@ -188,7 +219,9 @@ impl TokenProvider for Counting {
 #[tokio::test]
 async fn token_is_refreshed_in_band_before_expiry() {
     let files = files();
-    let gateway = Gateway::start(config(&files, "127.0.0.1:0"), "g".into()).await.unwrap();
+    let gateway = Gateway::start(config(&files, "127.0.0.1:0"), "g".into())
+        .await
+        .unwrap();
     let mut minter = Hs256Minter::new(SECRET.as_bytes(), "a3");
     minter.ttl = Duration::from_secs(3);
     let calls = Arc::new(AtomicUsize::new(0));
@@ -207,13 +240,20 @@ async fn token_is_refreshed_in_band_before_expiry() {
     // Outlive the first token by a margin: the same session must still be open, with a
     // later expiry, and more than one token fetched.
     let later = wait_session(&agent, |s| s.expires_at.is_some_and(|e| e > expiry + 1)).await;
-    assert_eq!(later.number, first.number, "refreshed in band, not reconnected");
+    assert_eq!(
+        later.number, first.number,
+        "refreshed in band, not reconnected"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     match &*agent.state().borrow() {
         State::Connected(session) => assert_eq!(session.number, first.number),
         other => panic!("session lost: {other:?}"),
     }
-    assert!(calls.load(Ordering::SeqCst) >= 3, "tokens fetched: {}", calls.load(Ordering::SeqCst));
+    assert!(
+        calls.load(Ordering::SeqCst) >= 3,
+        "tokens fetched: {}",
+        calls.load(Ordering::SeqCst)
+    );
     agent.close().await;
     gateway.drain();
     within(gateway.wait()).await;
@@ -269,10 +309,16 @@ async fn send_is_at_least_once_across_upstream_failures() {
     .start()
     .unwrap();
     within(agent.connected()).await.unwrap();
-    within(agent.send(&serde_json::json!({"payload": 1}))).await.unwrap();
+    within(agent.send(&serde_json::json!({"payload": 1})))
+        .await
+        .unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(seen.iter().all(|(key, _)| !key.is_empty() && *key == seen[0].0), "one idempotency key: {seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(key, _)| !key.is_empty() && *key == seen[0].0),
+        "one idempotency key: {seen:?}"
+    );
     assert_eq!(seen[2].1, StatusCode::OK);
     agent.close().await;
     gateway.drain();
@@ -282,7 +328,9 @@ async fn send_is_at_least_once_across_upstream_failures() {
 #[tokio::test]
 async fn backend_request_is_answered_by_the_handler() {
     let files = files();
-    let gateway = Gateway::start(config(&files, "127.0.0.1:0"), "g".into()).await.unwrap();
+    let gateway = Gateway::start(config(&files, "127.0.0.1:0"), "g".into())
+        .await
+        .unwrap();
     let agent = Agent::builder(
         format!("ws://{}/v1/connect", gateway.public_addr()),
         Hs256Minter::new(SECRET.as_bytes(), "a5"),
@@ -295,7 +343,10 @@ async fn backend_request_is_answered_by_the_handler() {
     .start()
     .unwrap();
     within(agent.connected()).await.unwrap();
-    let url = format!("http://{}/v1/agents/a5/requests?timeout_ms=3000", gateway.internal_addr());
+    let url = format!(
+        "http://{}/v1/agents/a5/requests?timeout_ms=3000",
+        gateway.internal_addr()
+    );
     let resp = reqwest::Client::new()
         .post(url)
         .bearer_auth(API_KEY)
@@ -314,7 +365,9 @@ async fn backend_request_is_answered_by_the_handler() {
 #[tokio::test]
 async fn invalid_token_stops_the_agent() {
     let files = files();
-    let gateway = Gateway::start(config(&files, "127.0.0.1:0"), "g".into()).await.unwrap();
+    let gateway = Gateway::start(config(&files, "127.0.0.1:0"), "g".into())
+        .await
+        .unwrap();
     let agent = Agent::builder(
         format!("ws://{}/v1/connect", gateway.public_addr()),
         Hs256Minter::new(b"a-wrong-secret-that-is-also-32-bytes-long", "a6"),
@@ -324,7 +377,10 @@ async fn invalid_token_stops_the_agent() {
     .unwrap();
     let err = within(agent.connected()).await.unwrap_err();
     assert!(
-        matches!(err, tether_agent::Error::Stopped(tether_agent::StopReason::AuthRejected { status: 401 })),
+        matches!(
+            err,
+            tether_agent::Error::Stopped(tether_agent::StopReason::AuthRejected { status: 401 })
+        ),
         "{err}"
     );
     gateway.drain();

@@ -46,9 +46,21 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
     let mode_rows: Option<Vec<Vec<String>>> = match mode {
         "push" | "request" => Some(
             std::iter::once(
-                ["target", "sent", "accepted", "delivered", "errors", "msg/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "cpu-s"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "target",
+                    "sent",
+                    "accepted",
+                    "delivered",
+                    "errors",
+                    "msg/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "p999 ms",
+                    "max ms",
+                    "cpu-s",
+                ]
+                .map(String::from)
+                .to_vec(),
             )
             .chain(results.iter().filter_map(|r| {
                 let l = r.latency.as_ref()?;
@@ -70,9 +82,18 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
         ),
         "broadcast" => Some(
             std::iter::once(
-                ["target", "expected", "delivered", "deliv/s", "cpu-s", "deliv/cpu-s", "p50 ms", "p99 ms"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "target",
+                    "expected",
+                    "delivered",
+                    "deliv/s",
+                    "cpu-s",
+                    "deliv/cpu-s",
+                    "p50 ms",
+                    "p99 ms",
+                ]
+                .map(String::from)
+                .to_vec(),
             )
             .chain(results.iter().filter_map(|r| {
                 let b = r.broadcast.as_ref()?;
@@ -91,9 +112,11 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
         ),
         "churn" => Some(
             std::iter::once(
-                ["target", "closed", "back", "seconds", "reconn/s", "p50 ms", "p99 ms", "cpu-s"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "target", "closed", "back", "seconds", "reconn/s", "p50 ms", "p99 ms", "cpu-s",
+                ]
+                .map(String::from)
+                .to_vec(),
             )
             .chain(results.iter().filter_map(|r| {
                 let ch = r.churn.as_ref()?;
@@ -124,11 +147,23 @@ fn ratios(out: &mut String, mode: &str, results: &[TargetResult]) {
     let Some(tether) = results.iter().find(|r| r.target == "tether") else {
         return;
     };
-    let _ = writeln!(out, "\ntether's advantage (peer ÷ tether for costs, tether ÷ peer for rates; > 1 = tether better):");
-    for peer in results.iter().filter(|r| r.target != "tether" && r.connections_ok > 0) {
+    let _ = writeln!(
+        out,
+        "\ntether's advantage (peer ÷ tether for costs, tether ÷ peer for rates; > 1 = tether better):"
+    );
+    for peer in results
+        .iter()
+        .filter(|r| r.target != "tether" && r.connections_ok > 0)
+    {
         let mut parts = vec![
-            format!("rss/conn {}", ratio(peer.rss_per_conn_bytes, tether.rss_per_conn_bytes)),
-            format!("conn/cpu-s {}", ratio(tether.handshakes_per_cpu_s, peer.handshakes_per_cpu_s)),
+            format!(
+                "rss/conn {}",
+                ratio(peer.rss_per_conn_bytes, tether.rss_per_conn_bytes)
+            ),
+            format!(
+                "conn/cpu-s {}",
+                ratio(tether.handshakes_per_cpu_s, peer.handshakes_per_cpu_s)
+            ),
         ];
         match mode {
             "push" | "request" => {
@@ -138,12 +173,18 @@ fn ratios(out: &mut String, mode: &str, results: &[TargetResult]) {
             }
             "broadcast" => {
                 if let (Some(t), Some(p)) = (&tether.broadcast, &peer.broadcast) {
-                    parts.push(format!("deliv/cpu-s {}", ratio(t.deliveries_per_cpu_s, p.deliveries_per_cpu_s)));
+                    parts.push(format!(
+                        "deliv/cpu-s {}",
+                        ratio(t.deliveries_per_cpu_s, p.deliveries_per_cpu_s)
+                    ));
                 }
             }
             "churn" => {
                 if let (Some(t), Some(p)) = (&tether.churn, &peer.churn) {
-                    parts.push(format!("reconn/s {}", ratio(t.reconnects_per_s, p.reconnects_per_s)));
+                    parts.push(format!(
+                        "reconn/s {}",
+                        ratio(t.reconnects_per_s, p.reconnects_per_s)
+                    ));
                 }
             }
             _ => {}
@@ -162,20 +203,47 @@ fn ratio(numerator: f64, denominator: f64) -> String {
 fn render(out: &mut String, rows: &[Vec<String>]) {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for (n, row) in rows.iter().enumerate() {
         let line: Vec<String> = row
             .iter()
             .enumerate()
-            .map(|(i, cell)| if i == 0 { format!("{cell:<w$}", w = widths[i]) } else { format!("{cell:>w$}", w = widths[i]) })
+            .map(|(i, cell)| {
+                if i == 0 {
+                    format!("{cell:<w$}", w = widths[i])
+                } else {
+                    format!("{cell:>w$}", w = widths[i])
+                }
+            })
             .collect();
         let _ = writeln!(out, "| {} |", line.join(" | "));
         if n == 0 {
-            let rule: Vec<String> = widths.iter().enumerate().map(|(i, w)| {
-                if i == 0 { format!(":{}", "-".repeat(w.saturating_sub(1).max(1))) } else { format!("{}:", "-".repeat(w.saturating_sub(1).max(1))) }
-            }).collect();
-            let _ = writeln!(out, "|{}|", rule.iter().map(|r| format!(" {r} ")).collect::<Vec<_>>().join("|"));
+            let rule: Vec<String> = widths
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    if i == 0 {
+                        format!(":{}", "-".repeat(w.saturating_sub(1).max(1)))
+                    } else {
+                        format!("{}:", "-".repeat(w.saturating_sub(1).max(1)))
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "|{}|",
+                rule.iter()
+                    .map(|r| format!(" {r} "))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            );
         }
     }
 }
@@ -193,13 +261,32 @@ mod tests {
     #[test]
     fn table_has_a_row_per_target_and_a_ratio_line() {
         let results = vec![
-            TargetResult { target: "tether".into(), connections_ok: 10, rss_per_conn_bytes: 1000.0, handshakes_per_cpu_s: 100.0, ..Default::default() },
-            TargetResult { target: "node-ws".into(), connections_ok: 10, rss_per_conn_bytes: 5000.0, handshakes_per_cpu_s: 50.0, ..Default::default() },
+            TargetResult {
+                target: "tether".into(),
+                connections_ok: 10,
+                rss_per_conn_bytes: 1000.0,
+                handshakes_per_cpu_s: 100.0,
+                ..Default::default()
+            },
+            TargetResult {
+                target: "node-ws".into(),
+                connections_ok: 10,
+                rss_per_conn_bytes: 5000.0,
+                handshakes_per_cpu_s: 50.0,
+                ..Default::default()
+            },
         ];
         let c = <crate::run::Args as clap::Parser>::parse_from(["tether-bench", "connect"]);
-        let crate::run::Mode::Connect(common) = c.mode else { panic!() };
+        let crate::run::Mode::Connect(common) = c.mode else {
+            panic!()
+        };
         let text = table("connect", &common, &results);
         assert!(text.contains("| tether "), "{text}");
-        assert!(text.contains("vs node-ws") && text.contains("rss/conn 5.00x") && text.contains("conn/cpu-s 2.00x"), "{text}");
+        assert!(
+            text.contains("vs node-ws")
+                && text.contains("rss/conn 5.00x")
+                && text.contains("conn/cpu-s 2.00x"),
+            "{text}"
+        );
     }
 }

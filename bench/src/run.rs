@@ -33,7 +33,11 @@ const WORKER_CAPACITY: u64 = 19_000;
 
 /// Command line of `tether-bench`.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "tether-bench", version, about = "Side-by-side WebSocket gateway benchmarks")]
+#[command(
+    name = "tether-bench",
+    version,
+    about = "Side-by-side WebSocket gateway benchmarks"
+)]
 pub struct Args {
     /// What to measure.
     #[command(subcommand)]
@@ -241,7 +245,11 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
     };
     let mut results = Vec::new();
     for kind in common.targets.clone() {
-        eprintln!("== {name}: {} ({} connections)", kind.name(), common.connections);
+        eprintln!(
+            "== {name}: {} ({} connections)",
+            kind.name(),
+            common.connections
+        );
         match run_target(name, kind, &common, &paths).await {
             Ok(result) => results.push(result),
             Err(err) => {
@@ -289,17 +297,29 @@ impl WorkerProc {
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|p| stats::cpu_seconds(*p).ok()).sum()
+    pids.iter()
+        .filter_map(|p| stats::cpu_seconds(*p).ok())
+        .sum()
 }
 
 fn rss_of(pids: &[u32]) -> u64 {
     pids.iter().filter_map(|p| stats::rss_kib(*p).ok()).sum()
 }
 
-async fn run_target(mode: &str, kind: Kind, c: &Common, paths: &Paths) -> anyhow::Result<TargetResult> {
+async fn run_target(
+    mode: &str,
+    kind: Kind,
+    c: &Common,
+    paths: &Paths,
+) -> anyhow::Result<TargetResult> {
     let n = c.connections.max(1);
-    let shards = c.shards.unwrap_or_else(|| n.div_ceil(SHARD_CAPACITY as u64 - 500) as usize);
-    let workers = c.workers.unwrap_or_else(|| n.div_ceil(WORKER_CAPACITY)).max(1);
+    let shards = c
+        .shards
+        .unwrap_or_else(|| n.div_ceil(SHARD_CAPACITY as u64 - 500) as usize);
+    let workers = c
+        .workers
+        .unwrap_or_else(|| n.div_ceil(WORKER_CAPACITY))
+        .max(1);
     if n.div_ceil(workers) > WORKER_CAPACITY {
         bail!("{workers} workers cannot hold {n} sockets (≤{WORKER_CAPACITY} each)");
     }
@@ -309,7 +329,13 @@ async fn run_target(mode: &str, kind: Kind, c: &Common, paths: &Paths) -> anyhow
     result
 }
 
-async fn measure(mode: &str, d: &Deployment, c: &Common, n: u64, workers: u64) -> anyhow::Result<TargetResult> {
+async fn measure(
+    mode: &str,
+    d: &Deployment,
+    c: &Common,
+    n: u64,
+    workers: u64,
+) -> anyhow::Result<TargetResult> {
     let pids = d.pids();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_base = rss_of(&pids);
@@ -344,8 +370,14 @@ async fn measure(mode: &str, d: &Deployment, c: &Common, n: u64, workers: u64) -
             rate: c.rate / workers as f64,
             concurrency: c.concurrency,
         };
-        stdin.write_all(format!("{}\n", serde_json::to_string(&job)?).as_bytes()).await?;
-        procs.push(WorkerProc { child, stdin, events });
+        stdin
+            .write_all(format!("{}\n", serde_json::to_string(&job)?).as_bytes())
+            .await?;
+        procs.push(WorkerProc {
+            child,
+            stdin,
+            events,
+        });
     }
 
     let mut result = TargetResult {
@@ -521,12 +553,20 @@ async fn drive_messages(
         // Open loop: message i leaves at i / rate, whatever happened to the ones before.
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / c.msg_rate)).await;
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            *errors.lock().expect("lock").entry("client saturated".into()).or_insert(0) += 1;
+            *errors
+                .lock()
+                .expect("lock")
+                .entry("client saturated".into())
+                .or_insert(0) += 1;
             continue;
         };
         let agent = rand::random_range(0..n);
         let body = probe(c.payload_bytes);
-        let req = if mode == "push" { api.push(agent, body) } else { api.request(agent, body) };
+        let req = if mode == "push" {
+            api.push(agent, body)
+        } else {
+            api.request(agent, body)
+        };
         let (errors, accepted, rtt) = (errors.clone(), accepted.clone(), rtt.clone());
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
@@ -536,14 +576,28 @@ async fn drive_messages(
                 Ok(resp) if resp.status().is_success() => {
                     let _ = resp.bytes().await;
                     accepted.fetch_add(1, Ordering::Relaxed);
-                    rtt.lock().expect("lock").record_us(sent.elapsed().as_micros() as u64);
+                    rtt.lock()
+                        .expect("lock")
+                        .record_us(sent.elapsed().as_micros() as u64);
                 }
                 Ok(resp) => {
-                    *errors.lock().expect("lock").entry(resp.status().as_u16().to_string()).or_insert(0) += 1;
+                    *errors
+                        .lock()
+                        .expect("lock")
+                        .entry(resp.status().as_u16().to_string())
+                        .or_insert(0) += 1;
                 }
                 Err(err) => {
-                    let cause = if err.is_timeout() { "timeout" } else { "http error" };
-                    *errors.lock().expect("lock").entry(cause.into()).or_insert(0) += 1;
+                    let cause = if err.is_timeout() {
+                        "timeout"
+                    } else {
+                        "http error"
+                    };
+                    *errors
+                        .lock()
+                        .expect("lock")
+                        .entry(cause.into())
+                        .or_insert(0) += 1;
                 }
             }
         }));
@@ -591,7 +645,8 @@ async fn drive_broadcast(
         if b > 0 {
             tokio::time::sleep(Duration::from_millis(c.interval_ms)).await;
         }
-        let sends = (0..api.controls.len()).map(|shard| api.broadcast(shard, probe(c.payload_bytes)).send());
+        let sends = (0..api.controls.len())
+            .map(|shard| api.broadcast(shard, probe(c.payload_bytes)).send());
         for outcome in futures_util::future::join_all(sends).await {
             let status = outcome?.status();
             if !status.is_success() {
@@ -617,7 +672,8 @@ async fn drive_broadcast(
     let elapsed_s = (last_ns.saturating_sub(first_ns)) as f64 / 1e9;
     // The pauses between broadcasts are idle time, not fan-out: count only the spans in
     // flight by taking out the configured gaps.
-    let busy_s = (elapsed_s - (c.broadcasts.saturating_sub(1) * c.interval_ms) as f64 / 1000.0).max(1e-6);
+    let busy_s =
+        (elapsed_s - (c.broadcasts.saturating_sub(1) * c.interval_ms) as f64 / 1000.0).max(1e-6);
     result.broadcast = Some(BroadcastResult {
         broadcasts: c.broadcasts,
         expected,
@@ -640,7 +696,10 @@ async fn drive_churn(
 ) -> anyhow::Result<()> {
     let cpu_before = cpu_of(pids);
     for proc in procs.iter_mut() {
-        proc.command(&Cmd::Churn { fraction: c.fraction }).await?;
+        proc.command(&Cmd::Churn {
+            fraction: c.fraction,
+        })
+        .await?;
     }
     let mut churn = ChurnResult::default();
     let mut hist = Hist::default();

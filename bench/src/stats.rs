@@ -139,7 +139,8 @@ mod tests {
         assert_eq!(parse_status_kib(status, "VmRSS:"), Some(12345));
         let stat = "42 (my proc) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 1000 10";
         assert_eq!(parse_stat_cpu(stat), Some(3.0));
-        let sockstat = "sockets: used 300\nTCP: inuse 10 orphan 0 tw 2 alloc 12 mem 7\nUDP: inuse 1 mem 0\n";
+        let sockstat =
+            "sockets: used 300\nTCP: inuse 10 orphan 0 tw 2 alloc 12 mem 7\nUDP: inuse 1 mem 0\n";
         assert_eq!(parse_sockstat_mem(sockstat), Some(7 * 4096));
     }
 

@@ -103,7 +103,10 @@ impl Deployment {
                     let config = write_gateway_config(dir.path(), &s, &k)?;
                     let mut c = Command::new(paths.bin_dir.join("tether-gateway"));
                     c.arg("--config").arg(config);
-                    c.env("RUST_LOG", std::env::var("TETHER_BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()));
+                    c.env(
+                        "RUST_LOG",
+                        std::env::var("TETHER_BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
+                    );
                     c
                 }
                 Kind::Axum => Command::new(paths.bin_dir.join("peer-axum")),
@@ -229,7 +232,9 @@ pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
 fn random_hex(bytes: usize) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -238,11 +243,14 @@ mod tests {
 
     #[test]
     fn parses_both_listening_lines() {
-        let (ws, control) =
-            parse_listening("tether-gateway listening public=127.0.0.1:4000 internal=127.0.0.1:4001").unwrap();
+        let (ws, control) = parse_listening(
+            "tether-gateway listening public=127.0.0.1:4000 internal=127.0.0.1:4001",
+        )
+        .unwrap();
         assert_eq!(ws.port(), 4000);
         assert_eq!(control.port(), 4001);
-        let (ws, control) = parse_listening("listening ws=127.0.0.1:5 control=127.0.0.1:6").unwrap();
+        let (ws, control) =
+            parse_listening("listening ws=127.0.0.1:5 control=127.0.0.1:6").unwrap();
         assert_eq!((ws.port(), control.port()), (5, 6));
         assert!(parse_listening("starting").is_none());
     }

@@ -148,7 +148,10 @@ impl Target {
         socket
             .bind(SocketAddr::new(self.source(n).into(), 0))
             .map_err(|e| format!("bind: {}", e.kind()))?;
-        let tcp = socket.connect(dst).await.map_err(|e| format!("connect: {}", e.kind()))?;
+        let tcp = socket
+            .connect(dst)
+            .await
+            .map_err(|e| format!("connect: {}", e.kind()))?;
         let _ = tcp.set_nodelay(true);
         let url = match &self.minter {
             Some(_) => format!("ws://{dst}/v1/connect"),
@@ -162,14 +165,21 @@ impl Target {
                 http::header::AUTHORIZATION,
                 HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?,
             );
-            headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+            headers.insert(
+                http::header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
         }
         // Small client buffers: the bench holds tens of thousands of sockets itself.
-        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
             .await
             .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(r) => format!("http {}", r.status().as_u16()),
+                tokio_tungstenite::tungstenite::Error::Http(r) => {
+                    format!("http {}", r.status().as_u16())
+                }
                 other => format!("handshake: {other}"),
             })?;
         match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
@@ -298,7 +308,10 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 fn emit(event: &Event) {
-    println!("{}", serde_json::to_string(event).expect("events serialize"));
+    println!(
+        "{}",
+        serde_json::to_string(event).expect("events serialize")
+    );
 }
 
 /// Whether connection `n` is in the churned fraction (a fixed, well-spread subset).
@@ -308,7 +321,9 @@ fn churned(n: u64, fraction: f64) -> bool {
 }
 
 fn job_share(job: &Job, fraction: f64) -> u64 {
-    (job.first..job.first + job.count).filter(|n| churned(*n, fraction)).count() as u64
+    (job.first..job.first + job.count)
+        .filter(|n| churned(*n, fraction))
+        .count() as u64
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -339,7 +354,9 @@ impl Conn {
         drop(permit);
         let mut ws = match ws {
             Ok(Ok(ws)) => {
-                let _ = self.results.send(ConnectResult::Opened(started.elapsed().as_micros() as u64));
+                let _ = self
+                    .results
+                    .send(ConnectResult::Opened(started.elapsed().as_micros() as u64));
                 ws
             }
             Ok(Err(cause)) => {
@@ -364,7 +381,9 @@ impl Conn {
             let closed_at = Instant::now();
             let mut retry = Duration::from_millis(50);
             ws = loop {
-                match tokio::time::timeout(Duration::from_secs(30), self.target.connect(self.n)).await {
+                match tokio::time::timeout(Duration::from_secs(30), self.target.connect(self.n))
+                    .await
+                {
                     Ok(Ok(ws)) => break ws,
                     _ if closed_at.elapsed() > Duration::from_secs(90) => {
                         let _ = self.results.send(ConnectResult::GaveUp);
@@ -376,7 +395,9 @@ impl Conn {
                     }
                 }
             };
-            let _ = self.results.send(ConnectResult::Back(closed_at.elapsed().as_micros() as u64));
+            let _ = self
+                .results
+                .send(ConnectResult::Back(closed_at.elapsed().as_micros() as u64));
         }
     }
 
@@ -418,7 +439,10 @@ impl Conn {
                 self.shared.last_ns.fetch_max(now, Ordering::Relaxed);
             }
             Ok(GatewayMessage::Request { id, data, .. }) => {
-                let response = AgentMessage::Response { id, result: Ok(data) };
+                let response = AgentMessage::Response {
+                    id,
+                    result: Ok(data),
+                };
                 let _ = ws.send(Message::text(response.encode())).await;
                 self.shared.requests.fetch_add(1, Ordering::Relaxed);
             }

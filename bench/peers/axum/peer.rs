@@ -105,7 +105,10 @@ async fn connection(socket: WebSocket, id: String, peer: Shared) {
         }
     }
     let mut conns = peer.conns.lock().unwrap();
-    if conns.get(&id).is_some_and(|current| current.same_channel(&tx)) {
+    if conns
+        .get(&id)
+        .is_some_and(|current| current.same_channel(&tx))
+    {
         conns.remove(&id);
     }
 }
@@ -123,7 +126,11 @@ fn on_text(peer: &Peer, text: &str) {
         && let Some(id) = env.id
         && let Some(waiter) = peer.pending.lock().unwrap().remove(&id)
     {
-        let _ = waiter.send(env.data.map(|d| d.get().to_owned()).unwrap_or_else(|| "null".into()));
+        let _ = waiter.send(
+            env.data
+                .map(|d| d.get().to_owned())
+                .unwrap_or_else(|| "null".into()),
+        );
     }
 }
 
@@ -152,8 +159,15 @@ async fn broadcast(State(peer): State<Shared>, body: Bytes) -> Response {
     // Encoded once; each socket gets a cheap clone of the same bytes.
     let message = Message::text(text);
     let conns: Vec<_> = peer.conns.lock().unwrap().values().cloned().collect();
-    let delivered = conns.iter().filter(|tx| tx.send(message.clone()).is_ok()).count();
-    (StatusCode::ACCEPTED, format!(r#"{{"delivered":{delivered}}}"#)).into_response()
+    let delivered = conns
+        .iter()
+        .filter(|tx| tx.send(message.clone()).is_ok())
+        .count();
+    (
+        StatusCode::ACCEPTED,
+        format!(r#"{{"delivered":{delivered}}}"#),
+    )
+        .into_response()
 }
 
 async fn request(
@@ -162,7 +176,10 @@ async fn request(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    let timeout_ms: u64 = q.get("timeout_ms").and_then(|t| t.parse().ok()).unwrap_or(5000);
+    let timeout_ms: u64 = q
+        .get("timeout_ms")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(5000);
     let n = peer.next_id.fetch_add(1, Ordering::Relaxed);
     let Some(text) = envelope("request", n, &body) else {
         return StatusCode::BAD_REQUEST.into_response();
