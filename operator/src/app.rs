@@ -61,6 +61,9 @@ pub struct Args {
     /// Run without leader election (one replica only).
     #[arg(long)]
     pub no_leader_election: bool,
+    /// How soon a pool waiting for a missing Secret is looked at again.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub secret_recheck: Duration,
     /// Log format: `text` or `json`.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -73,11 +76,22 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Aborts a spawned task when dropped, so that dropping [`run`]'s future (a test
+/// simulating a crash) stops everything it started.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the operator with `client` until `shutdown` resolves, then stops the
-/// controller, releases the lease and returns.
+/// controller, releases the lease and returns. Reconciles are recorded in `metrics`.
 pub async fn run(
     client: Client,
     args: Args,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let Args {
@@ -91,6 +105,7 @@ pub async fn run(
         lease_duration,
         lease_renew,
         no_leader_election,
+        secret_recheck,
         log_format: _, // used by main's telemetry setup
     } = args;
     let identity = identity.unwrap_or_else(default_identity);
@@ -101,7 +116,6 @@ pub async fn run(
     if let Some(image) = gateway_image {
         settings.gateway_image = image;
     }
-    let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -112,23 +126,23 @@ pub async fn run(
         ready: ready.clone(),
     });
     let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(async move {
+    let admin_task = AbortOnDrop(tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
             })
             .await
-    });
+    }));
 
     let (leader_tx, mut leader_rx) = watch::channel(false);
     let lease_task = if no_leader_election {
         leader_tx.send_replace(true);
         // Keep the sender alive for the whole run.
         let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let _leader_tx = leader_tx;
             let _ = stop.wait_for(|s| *s).await;
-        })
+        }))
     } else {
         let elector = Elector::new(
             client.clone(),
@@ -140,16 +154,13 @@ pub async fn run(
                 renew_every: lease_renew,
             },
         );
-        tokio::spawn(elector.run(leader_tx, stop_rx.clone()))
+        AbortOnDrop(tokio::spawn(elector.run(leader_tx, stop_rx.clone())))
     };
     ready.store(true, Ordering::Relaxed);
 
-    let ctx = Arc::new(Context::new(
-        client,
-        settings,
-        metrics.clone(),
-        Some(identity),
-    ));
+    let mut ctx = Context::new(client, settings, metrics.clone(), Some(identity));
+    ctx.secret_recheck = secret_recheck;
+    let ctx = Arc::new(ctx);
     let scope = Scope { namespace };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -167,12 +178,16 @@ pub async fn run(
                 _ = stopping.wait_for(|s| *s) => {}
             }
         };
-        let mut controller = tokio::spawn(controller::run(ctx.clone(), scope.clone(), trigger));
+        let mut controller = AbortOnDrop(tokio::spawn(controller::run(
+            ctx.clone(),
+            scope.clone(),
+            trigger,
+        )));
         let shutting_down = tokio::select! {
-            _ = &mut controller => false,
+            _ = &mut controller.0 => false,
             _ = &mut shutdown => {
                 stop_tx.send_replace(true);
-                let _ = controller.await;
+                let _ = (&mut controller.0).await;
                 true
             }
         };
@@ -183,7 +198,7 @@ pub async fn run(
         info!("lost the leader lease: controller stopped, campaigning again");
     }
     stop_tx.send_replace(true);
-    let _ = lease_task.await;
-    let _ = admin_task.await;
+    let _ = (&mut { lease_task }.0).await;
+    let _ = (&mut { admin_task }.0).await;
     Ok(())
 }

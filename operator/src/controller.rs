@@ -42,7 +42,8 @@ pub const FIELD_MANAGER: &str = "tether-operator";
 pub const FINALIZER: &str = "tether.dev/cleanup";
 /// Safety-net requeue of a healthy pool.
 pub const RESYNC: Duration = Duration::from_secs(300);
-/// How soon a pool waiting for a Secret is looked at again.
+/// How soon a pool waiting for a Secret is looked at again, by default. Secrets are not
+/// watched: that would cache every Secret of the cluster in the operator's memory.
 pub const SECRET_RECHECK: Duration = Duration::from_secs(30);
 
 /// Why a reconcile failed (and will be retried).
@@ -69,6 +70,8 @@ pub struct Context {
     pub settings: Settings,
     /// Reconcile counters and timings.
     pub metrics: Arc<Metrics>,
+    /// How soon a pool waiting for a Secret is looked at again.
+    pub secret_recheck: Duration,
     /// Consecutive failures per pool, for the backoff.
     failures: Mutex<HashMap<ObjectRef<ConnectionPool>, u32>>,
 }
@@ -92,6 +95,7 @@ impl Context {
             client,
             settings,
             metrics,
+            secret_recheck: SECRET_RECHECK,
             failures: Mutex::default(),
         }
     }
@@ -132,6 +136,10 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
     let result = async {
         let ns = pool.namespace().ok_or(Error::NoNamespace)?;
         let api: Api<ConnectionPool> = Api::namespaced(ctx.client.clone(), &ns);
+        if add_finalizer(&api, &pool).await? {
+            // The patch is a change of its own: the next reconcile applies.
+            return Ok(Action::await_change());
+        }
         finalizer(&api, FINALIZER, pool.clone(), |event| async {
             match event {
                 finalizer::Event::Apply(pool) => apply(&pool, &ctx).await,
@@ -149,6 +157,37 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         ctx.reset_failures(&ObjectRef::from_obj(&*pool));
     }
     result
+}
+
+/// Adds [`FINALIZER`] if it is missing and the pool is not being deleted; returns
+/// whether it patched. kube's `finalizer` helper would do it with a JSON-patch `test` of
+/// a null `/metadata/finalizers`, which only some servers accept for a missing path; a
+/// `test` of the `resourceVersion` read gives the same optimistic concurrency everywhere.
+async fn add_finalizer(api: &Api<ConnectionPool>, pool: &ConnectionPool) -> Result<bool, Error> {
+    if pool.metadata.deletion_timestamp.is_some()
+        || pool.finalizers().iter().any(|f| f == FINALIZER)
+    {
+        return Ok(false);
+    }
+    let ops = if pool.finalizers().is_empty() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": pool.resource_version()},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": pool.finalizers()},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+    api.patch::<ConnectionPool>(
+        &pool.name_any(),
+        &PatchParams::default(),
+        &Patch::Json(patch),
+    )
+    .await?;
+    Ok(true)
 }
 
 /// Retry policy after a failed reconcile: exponential backoff per pool, never a hot loop.
@@ -203,7 +242,7 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
             let action = if problem.may_resolve_itself() {
-                Action::requeue(SECRET_RECHECK)
+                Action::requeue(ctx.secret_recheck)
             } else {
                 Action::await_change()
             };

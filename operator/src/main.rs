@@ -17,7 +17,8 @@ async fn main() -> anyhow::Result<()> {
         builder.init();
     }
     let client = kube::Client::try_default().await?;
-    run(client, args, shutdown_signal()).await?;
+    let metrics = std::sync::Arc::new(tether_operator::metrics::Metrics::new());
+    run(client, args, metrics, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -1,0 +1,149 @@
+//! Two operator processes against the stand-in: one leads, the other takes over when
+//! the leader dies (crash: the lease expires) or stops (clean: the lease is released).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use tether_crds::ConnectionPool;
+
+async fn holder(client: &Client) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    leases
+        .get_opt("tether-operator")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+/// The real binary, pointed at the stand-in through KUBECONFIG.
+fn spawn_operator(kubeconfig: &std::path::Path, identity: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tether-operator"))
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--identity",
+            identity,
+            "--lease-namespace",
+            "default",
+            "--lease-duration",
+            "2s",
+            "--lease-renew",
+            "300ms",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tether-operator")
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn one_leader_of_two_processes_and_failover_when_it_dies() {
+    let (sim, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig).unwrap();
+    let a = KillOnDrop(spawn_operator(&kubeconfig, "op-a"));
+    let b = KillOnDrop(spawn_operator(&kubeconfig, "op-b"));
+
+    let first = eventually("a leader", 15, || holder(&client)).await;
+    assert!(first == "op-a" || first == "op-b", "{first}");
+    // It stays the only leader while it lives.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(holder(&client).await.as_deref(), Some(first.as_str()));
+    }
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+    pools
+        .create(&PostParams::default(), &pool("one", json!({})))
+        .await
+        .unwrap();
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    eventually("pool one reconciled", 15, || async {
+        sts.get_opt("one").await.unwrap()
+    })
+    .await;
+
+    // SIGKILL the leader: no release, the follower waits out the lease and takes over.
+    let (mut dead, survivor) = if first == "op-a" { (a, b) } else { (b, a) };
+    dead.0.kill().unwrap();
+    dead.0.wait().unwrap();
+    let expected = if first == "op-a" { "op-b" } else { "op-a" };
+    eventually("failover", 15, || async {
+        (holder(&client).await.as_deref() == Some(expected)).then_some(())
+    })
+    .await;
+    // The new leader reconciles.
+    pools
+        .create(&PostParams::default(), &pool("two", json!({})))
+        .await
+        .unwrap();
+    eventually("pool two reconciled", 15, || async {
+        sts.get_opt("two").await.unwrap()
+    })
+    .await;
+    drop(survivor);
+}
+
+#[tokio::test]
+async fn a_clean_stop_hands_the_lease_over_at_once() {
+    let (_sim, client) = cluster().await;
+    // A long lease: a takeover within it can only come from the release.
+    let long = |id: &str| {
+        let mut a = args(id);
+        a.lease_duration = Duration::from_secs(60);
+        a
+    };
+    let a = Operator::start(&client, long("op-a"));
+    eventually("op-a leads", 10, || async {
+        (holder(&client).await.as_deref() == Some("op-a")).then_some(())
+    })
+    .await;
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+    pools
+        .create(&PostParams::default(), &pool("early", json!({})))
+        .await
+        .unwrap();
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    eventually("reconciled by op-a", 10, || async {
+        sts.get_opt("early").await.unwrap()
+    })
+    .await;
+    let b = Operator::start(&client, long("op-b"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(holder(&client).await.as_deref(), Some("op-a"));
+    assert_eq!(b.metrics.reconciles(), 0, "a follower does not reconcile");
+    a.stop().await;
+    eventually("op-b leads", 10, || async {
+        (holder(&client).await.as_deref() == Some("op-b")).then_some(())
+    })
+    .await;
+    pools
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    eventually("reconciled by op-b", 10, || async {
+        sts.get_opt("acme").await.unwrap()
+    })
+    .await;
+    b.stop().await;
+}

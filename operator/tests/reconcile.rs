@@ -1,0 +1,510 @@
+//! The operator end to end against the Kubernetes API stand-in (real HTTP, real watches):
+//! create, change, delete, invalid specs, injected API faults, and that the pods'
+//! status entries survive the operator's status writes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tether_crds::ConnectionPool;
+use tether_kube_sim::FaultMatch;
+use tether_operator::resources::CONFIG_HASH_ANNOTATION;
+
+fn pools(client: &Client) -> Api<ConnectionPool> {
+    Api::namespaced(client.clone(), NS)
+}
+
+fn api<K>(client: &Client) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    Api::namespaced(client.clone(), NS)
+}
+
+async fn wait_sts(client: &Client, name: &str) -> StatefulSet {
+    let sts = api::<StatefulSet>(client);
+    eventually("the StatefulSet", 10, || async {
+        sts.get_opt(name).await.unwrap()
+    })
+    .await
+}
+
+/// Does what the StatefulSet controller would: `ready` pods exist, updated and ready.
+async fn play_statefulset_controller(client: &Client, sts: &StatefulSet, ready: i32) {
+    api::<StatefulSet>(client)
+        .patch_status(
+            &sts.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "replicas": ready, "readyReplicas": ready, "updatedReplicas": ready, "availableReplicas": ready,
+                "observedGeneration": sts.metadata.generation, "currentRevision": "r1", "updateRevision": "r1",
+            }})),
+        )
+        .await
+        .unwrap();
+}
+
+fn template_hash(sts: &StatefulSet) -> String {
+    sts.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()[CONFIG_HASH_ANNOTATION]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_new_pool_gets_its_objects_owners_probes_rbac_and_status() {
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    let created = pools(&client)
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+
+    let sts = wait_sts(&client, "acme").await;
+    let owned = |meta: &kube::api::ObjectMeta| {
+        let owners = meta.owner_references.clone().unwrap_or_default();
+        assert_eq!(owners.len(), 1, "{:?}", meta.name);
+        assert_eq!(
+            (owners[0].uid.as_str(), owners[0].controller),
+            (uid.as_str(), Some(true))
+        );
+        assert_eq!(meta.labels.as_ref().unwrap()["tether.dev/pool"], "acme");
+    };
+    owned(&sts.metadata);
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    let container = &spec.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.test/tether-gateway:test")
+    );
+    assert_eq!(
+        container
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+
+    let cm = eventually("the ConfigMap", 10, || async {
+        api::<ConfigMap>(&client)
+            .get_opt("acme-config")
+            .await
+            .unwrap()
+    })
+    .await;
+    owned(&cm.metadata);
+    let yaml = &cm.data.as_ref().unwrap()["gateway.yaml"];
+    tether_config::GatewayConfig::from_yaml(yaml).expect("the gateway accepts the rendered config");
+    for name in ["acme", "acme-headless", "acme-api"] {
+        owned(&api::<Service>(&client).get(name).await.unwrap().metadata);
+    }
+    owned(
+        &api::<PodDisruptionBudget>(&client)
+            .get("acme")
+            .await
+            .unwrap()
+            .metadata,
+    );
+    owned(
+        &api::<ServiceAccount>(&client)
+            .get("acme-gateway")
+            .await
+            .unwrap()
+            .metadata,
+    );
+    let role = api::<Role>(&client).get("acme-gateway").await.unwrap();
+    owned(&role.metadata);
+    let rule = &role.rules.as_ref().unwrap()[0];
+    assert_eq!(
+        rule.resource_names.as_deref(),
+        Some(&["acme".to_string()][..])
+    );
+    owned(
+        &api::<RoleBinding>(&client)
+            .get("acme-gateway")
+            .await
+            .unwrap()
+            .metadata,
+    );
+
+    // Children were written by one field manager, server-side.
+    let managers: Vec<_> = sts
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(managers, ["tether-operator"]);
+
+    let pool = eventually("status", 10, || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (p.status.as_ref()?.observed_generation == p.metadata.generation).then_some(p)
+    })
+    .await;
+    assert!(
+        pool.finalizers()
+            .contains(&"tether.dev/cleanup".to_string())
+    );
+    assert_eq!(
+        condition(&pool, "Degraded"),
+        Some(("False".into(), "AsExpected".into()))
+    );
+    assert_eq!(
+        condition(&pool, "Ready").unwrap().0,
+        "False",
+        "no pod is ready yet"
+    );
+    let status = pool.status.as_ref().unwrap();
+    assert_eq!(status.desired_replicas, Some(1));
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/name=tether-gateway,tether.dev/pool=acme")
+    );
+
+    // Play the StatefulSet controller: all pods ready → the pool turns Ready.
+    play_statefulset_controller(&client, &sts, 1).await;
+    let ready = eventually("Ready", 10, || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (condition(&p, "Ready")? == ("True".to_string(), "Available".to_string())).then_some(p)
+    })
+    .await;
+    assert_eq!(ready.status.unwrap().ready_replicas, Some(1));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn spec_changes_converge_and_roll_pods_only_for_config() {
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    let routed =
+        json!({"replicas": {"min": 1, "max": 4}, "routing": {"nats": {"url": "nats://bus:4222"}}});
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", routed))
+        .await
+        .unwrap();
+    let before = wait_sts(&client, "acme").await;
+    assert_eq!(before.spec.as_ref().unwrap().replicas, Some(1));
+
+    // A resize changes the replicas, not the pod template: no rollout.
+    pools(&client)
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": {"min": 3}}})),
+        )
+        .await
+        .unwrap();
+    let resized = eventually("3 replicas", 10, || async {
+        let sts = api::<StatefulSet>(&client).get("acme").await.unwrap();
+        (sts.spec.as_ref()?.replicas == Some(3)).then_some(sts)
+    })
+    .await;
+    assert_eq!(
+        resized.spec.as_ref().unwrap().template,
+        before.spec.as_ref().unwrap().template
+    );
+
+    // A limit change changes gateway.yaml: new hash on the template, so the pods roll.
+    pools(&client)
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"limits": {"outboundQueue": 256}}})),
+        )
+        .await
+        .unwrap();
+    let rolled = eventually("a new config hash", 10, || async {
+        let sts = api::<StatefulSet>(&client).get("acme").await.unwrap();
+        (template_hash(&sts) != template_hash(&before)).then_some(sts)
+    })
+    .await;
+    let cm = api::<ConfigMap>(&client).get("acme-config").await.unwrap();
+    assert!(cm.data.unwrap()["gateway.yaml"].contains("outboundQueue: 256"));
+    assert_eq!(rolled.spec.as_ref().unwrap().replicas, Some(3));
+
+    // A manual edit of a child is taken back on the next reconcile.
+    api::<Service>(&client)
+        .patch(
+            "acme-api",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tether.dev/pool": "hijacked"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the label restored", 10, || async {
+        let svc = api::<Service>(&client).get("acme-api").await.unwrap();
+        (svc.labels()["tether.dev/pool"] == "acme").then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_pool_removes_everything() {
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    let managed = json!({"routing": {"nats": {"managed": true}}});
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", managed))
+        .await
+        .unwrap();
+    wait_sts(&client, "acme").await;
+    wait_sts(&client, "acme-nats").await;
+
+    pools(&client)
+        .delete("acme", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the pool gone", 10, || async {
+        pools(&client)
+            .get_opt("acme")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let selector = ListParams::default().labels("tether.dev/pool=acme");
+    eventually("children gone", 10, || async {
+        let left = api::<StatefulSet>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len()
+            + api::<Service>(&client)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .len()
+            + api::<ConfigMap>(&client)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .len()
+            + api::<PodDisruptionBudget>(&client)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .len()
+            + api::<ServiceAccount>(&client)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .len()
+            + api::<Role>(&client)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .len()
+            + api::<RoleBinding>(&client)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .len();
+        (left == 0).then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+async fn warning_events(client: &Client, reason: &str) -> Vec<Event> {
+    api::<Event>(client)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some("Warning"))
+        .collect()
+}
+
+#[tokio::test]
+async fn invalid_specs_get_a_condition_and_an_event_and_no_objects() {
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+
+    // The schema refuses what it can: CEL rejects min > max at admission.
+    let refused = pools(&client)
+        .create(
+            &PostParams::default(),
+            &pool("bad", json!({"replicas": {"min": 3, "max": 2}})),
+        )
+        .await;
+    match refused {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 422, "{s:?}"),
+        other => panic!("expected 422, got {other:?}"),
+    }
+
+    // What needs the cluster or a parser is the operator's: a missing Secret...
+    let missing = json!({"auth": {"apiKeysSecretRef": {"name": "nope", "key": "keys"}}});
+    pools(&client)
+        .create(&PostParams::default(), &pool("nosecret", missing))
+        .await
+        .unwrap();
+    // ...and an image reference that does not parse.
+    let bad_image = json!({"template": {"image": "Not A/Valid:image:"}});
+    pools(&client)
+        .create(&PostParams::default(), &pool("badimage", bad_image))
+        .await
+        .unwrap();
+
+    for (name, reason) in [("nosecret", "SecretMissing"), ("badimage", "InvalidImage")] {
+        let p = eventually(reason, 10, || async {
+            let p = pools(&client).get(name).await.unwrap();
+            (condition(&p, "Degraded")? == ("True".to_string(), reason.to_string())).then_some(p)
+        })
+        .await;
+        assert_eq!(condition(&p, "Ready").unwrap().0, "False");
+        let events = eventually("a Warning event", 10, || async {
+            let events = warning_events(&client, reason).await;
+            (!events.is_empty()).then_some(events)
+        })
+        .await;
+        let regarding = events[0].regarding.as_ref().unwrap();
+        assert_eq!(regarding.name.as_deref(), Some(name));
+        assert!(
+            api::<StatefulSet>(&client)
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            api::<ConfigMap>(&client)
+                .get_opt(&format!("{name}-config"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    // Once the Secret exists, the pool converges without being touched.
+    create_secret(&client, "nope", "keys").await;
+    wait_sts(&client, "nosecret").await;
+    eventually("recovered", 10, || async {
+        let p = pools(&client).get("nosecret").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    // A permanent problem is not retried in a loop: with no change, few reconciles run.
+    let before = op.metrics.reconciles();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        op.metrics.reconciles() - before < 5,
+        "hot loop: {} reconciles",
+        op.metrics.reconciles() - before
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn api_faults_are_retried_until_the_pool_converges() {
+    let (sim, client) = cluster().await;
+    // Server errors fail the reconcile (retried by error_policy with backoff);
+    // throttling and 503s are retried inside kube's client, honouring Retry-After.
+    sim.faults()
+        .fail_next(1, FaultMatch::verb("get").on("secrets"), 500);
+    sim.faults()
+        .fail_next(1, FaultMatch::verb("patch").on("configmaps"), 500);
+    sim.faults()
+        .fail_next(1, FaultMatch::verb("patch").on("statefulsets"), 500);
+    sim.faults()
+        .fail_next(2, FaultMatch::verb("patch").on("connectionpools"), 429);
+    sim.faults()
+        .fail_next(1, FaultMatch::verb("patch").on("services"), 503);
+    let op = Operator::start(&client, args("op-a"));
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    // Backoff after three failures in a row: about 1 + 2 + 4 s.
+    eventually("status written", 20, || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    assert!(op.metrics.errors() >= 3, "errors: {}", op.metrics.errors());
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn the_operator_never_wipes_the_pods_status_entries() {
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    let sts = wait_sts(&client, "acme").await;
+    play_statefulset_controller(&client, &sts, 1).await;
+
+    // A gateway pod applies its own entry under its own field manager, as the gateway does.
+    let entry = json!({
+        "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+        "metadata": {"name": "acme"},
+        "status": {"pods": [{"name": "acme-0", "connections": 42, "ready": true, "draining": false, "bootId": "b1"}]},
+    });
+    pools(&client)
+        .patch_status(
+            "acme",
+            &PatchParams::apply("tether-gateway/acme-0"),
+            &Patch::Apply(entry),
+        )
+        .await
+        .unwrap();
+    // The total reflects it once the operator reconciles (the status write triggers one)...
+    eventually("totalConnections 42", 10, || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (p.status?.total_connections == Some(42)).then_some(())
+    })
+    .await;
+    // ...and further operator writes (a spec change → new observedGeneration) keep it.
+    pools(&client)
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"drain": {"deadlineSeconds": 30}}})),
+        )
+        .await
+        .unwrap();
+    let p = eventually("observedGeneration 2", 10, || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (p.status.as_ref()?.observed_generation == Some(2)).then_some(p)
+    })
+    .await;
+    let pods = &p.status.as_ref().unwrap().pods;
+    assert_eq!(pods.len(), 1);
+    assert_eq!((pods[0].name.as_str(), pods[0].connections), ("acme-0", 42));
+    op.stop().await;
+}
