@@ -92,7 +92,7 @@ impl FaultMatch {
     }
 
     /// Narrows to a subresource.
-    pub fn sub(mut self, subresource: &str) -> Self {
+    pub fn subresource(mut self, subresource: &str) -> Self {
         self.subresource = Some(subresource.into());
         self
     }
@@ -213,7 +213,7 @@ mod tests {
             2,
             FaultMatch::verb("patch")
                 .on("connectionpools")
-                .sub("status"),
+                .subresource("status"),
             500,
         );
         let hit = RequestInfo {

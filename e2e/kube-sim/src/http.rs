@@ -198,7 +198,7 @@ fn truthy(q: &HashMap<String, String>, k: &str) -> bool {
     q.get(k).is_some_and(|v| v == "true" || v == "1")
 }
 
-fn header_str<'a>(h: &'a HeaderMap, k: header::HeaderName) -> &'a str {
+fn header_str(h: &HeaderMap, k: header::HeaderName) -> &str {
     h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 

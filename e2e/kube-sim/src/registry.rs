@@ -112,6 +112,7 @@ impl ResourceType {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one row of the built-in kinds table
 fn builtin(
     group: &str,
     version: &str,
@@ -491,7 +492,7 @@ impl Registry {
         }
         out.sort_by_key(|(_, _, builtin)| !*builtin);
         for (_, versions, _) in &mut out {
-            versions.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+            versions.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
         }
         out.into_iter().map(|(g, v, _)| (g, v)).collect()
     }
@@ -744,7 +745,7 @@ mod tests {
     #[test]
     fn version_ordering() {
         let mut v = vec!["v1alpha1", "v2", "v1beta2", "v1", "v1beta1"];
-        v.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+        v.sort_by_key(|x| std::cmp::Reverse(version_priority(x)));
         assert_eq!(v, ["v2", "v1", "v1beta2", "v1beta1", "v1alpha1"]);
     }
 }

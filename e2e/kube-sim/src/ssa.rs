@@ -91,10 +91,8 @@ impl FieldSet {
     pub fn from_fields_v1(v: &Value) -> FieldSet {
         fn walk(node: &Value, prefix: &mut Path, out: &mut BTreeSet<Path>) {
             let Value::Object(m) = node else { return };
-            if m.is_empty() || m.contains_key(".") {
-                if !prefix.is_empty() {
-                    out.insert(prefix.clone());
-                }
+            if (m.is_empty() || m.contains_key(".")) && !prefix.is_empty() {
+                out.insert(prefix.clone());
             }
             for (k, child) in m {
                 if k == "." {

@@ -971,7 +971,35 @@ impl State {
             now: &now,
         };
         let live = existing.clone().unwrap_or(Value::Null);
-        let merged = ssa::apply(&live, &applied, cursor, &req).map_err(|conflicts| {
+        let mut result = ssa::apply(&live, &applied, cursor, &req);
+        // kubectl's client-side to server-side upgrade (the real server's
+        // lastAppliedManager): for manager "kubectl", conflicts on fields present in the
+        // last-applied-configuration annotation are allowed, and the apply is forced.
+        if let Err(conflicts) = &result
+            && manager == "kubectl"
+            && let Some(last) = live
+                .pointer("/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration")
+                .and_then(Value::as_str)
+                .and_then(|s| serde_json::from_str::<Value>(s).ok())
+        {
+            let allowed: Vec<String> = ssa::FieldSet::of(&last, cursor)
+                .0
+                .iter()
+                .map(|p| ssa::display_path(p))
+                .collect();
+            if conflicts.iter().all(|c| allowed.contains(&c.field)) {
+                result = ssa::apply(
+                    &live,
+                    &applied,
+                    cursor,
+                    &ApplyRequest {
+                        force: true,
+                        ..req.clone()
+                    },
+                );
+            }
+        }
+        let merged = result.map_err(|conflicts| {
             let mut by_manager: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
             for c in &conflicts {
                 by_manager.entry(&c.manager).or_default().push(&c.field);
@@ -1106,6 +1134,7 @@ impl State {
             };
         }
         // Server-owned metadata is carried over.
+        let mut client_managed = false;
         {
             let old_meta = old.get("metadata").cloned().unwrap_or_default();
             let m = meta_mut(&mut new);
@@ -1124,9 +1153,28 @@ impl State {
                 };
             }
             if !applied {
-                match old_meta.get("managedFields") {
-                    Some(v) => m.insert("managedFields".into(), v.clone()),
-                    None => m.remove("managedFields"),
+                // A client may set managedFields explicitly (kubectl's client-side to
+                // server-side apply migration does); `[]` or `[{}]` clears them. Otherwise
+                // the server keeps its own and records this write below.
+                let incoming = m.get("managedFields").cloned();
+                client_managed = match incoming {
+                    Some(Value::Array(list))
+                        if list.is_empty()
+                            || list
+                                .iter()
+                                .all(|e| e.as_object().is_some_and(|o| o.is_empty())) =>
+                    {
+                        m.remove("managedFields");
+                        true
+                    }
+                    Some(v) if Some(&v) != old_meta.get("managedFields") => true,
+                    _ => {
+                        match old_meta.get("managedFields") {
+                            Some(v) => m.insert("managedFields".into(), v.clone()),
+                            None => m.remove("managedFields"),
+                        };
+                        false
+                    }
                 };
             }
             m.insert(
@@ -1186,7 +1234,11 @@ impl State {
                 .unwrap_or(0);
             meta_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
-        if !applied {
+        if client_managed {
+            // Normalise what the client sent (drops malformed entries).
+            let entries = ssa::read_managed(&new);
+            ssa::write_managed(&mut new, &entries);
+        } else if !applied {
             let cursor = TypeCursor::root(&rt, &t.version);
             let manager = manager_name(o);
             let now = now();
@@ -1251,7 +1303,7 @@ impl State {
             ));
         }
         let replicas = scale.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
-        if !replicas.as_i64().is_some_and(|r| r >= 0) {
+        if replicas.as_i64().is_none_or(|r| r < 0) {
             return Err(ApiError::invalid(
                 "autoscaling",
                 "Scale",
@@ -1446,10 +1498,10 @@ impl State {
 
     /// Removes a namespace whose contents are gone.
     pub(crate) fn finalize_namespace(&mut self, t: &Target) {
-        if let Ok(ns) = self.get(t).cloned() {
-            if finalizers(&ns).is_empty() {
-                self.remove(t, ns);
-            }
+        if let Ok(ns) = self.get(t).cloned()
+            && finalizers(&ns).is_empty()
+        {
+            self.remove(t, ns);
         }
     }
 }

@@ -21,18 +21,37 @@ use serde_json::json;
 use tether_kube_sim::Server;
 
 fn cm(name: &str) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": "x"}}, "data": {"k": "v"}})).unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"app": "x"}}, "data": {"k": "v"}}),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
 async fn raw_watch_from_resource_version_with_selectors_and_bookmarks() {
-    let sim = Server::builder().bookmark_interval(Duration::from_millis(200)).start().await.unwrap();
+    let sim = Server::builder()
+        .bookmark_interval(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
     let cms: Api<ConfigMap> = Api::default_namespaced(sim.client().unwrap());
     let a = cms.create(&PostParams::default(), &cm("a")).await.unwrap();
     let from = a.metadata.resource_version.clone().unwrap();
-    cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "2"}}))).await.unwrap();
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "2"}})),
+    )
+    .await
+    .unwrap();
     // Stops matching the selector: seen as DELETED by a selector watch.
-    cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "y"}}}))).await.unwrap();
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "y"}}})),
+    )
+    .await
+    .unwrap();
     cms.delete("a", &DeleteParams::default()).await.unwrap();
 
     let wp = WatchParams::default().labels("app=x").timeout(5);
@@ -42,7 +61,9 @@ async fn raw_watch_from_resource_version_with_selectors_and_bookmarks() {
         match ev {
             WatchEvent::Added(o) => seen.push(format!("ADDED {}", o.data.unwrap()["k"])),
             WatchEvent::Modified(o) => seen.push(format!("MODIFIED {}", o.data.unwrap()["k"])),
-            WatchEvent::Deleted(o) => seen.push(format!("DELETED {}", o.metadata.labels.unwrap()["app"])),
+            WatchEvent::Deleted(o) => {
+                seen.push(format!("DELETED {}", o.metadata.labels.unwrap()["app"]))
+            }
             WatchEvent::Bookmark(b) => {
                 let rv: u64 = b.metadata.resource_version.parse().unwrap();
                 assert!(rv >= sim.store().resource_version() - 1);
@@ -63,18 +84,38 @@ async fn too_old_resource_version_is_410_gone_in_an_error_event() {
     let cms: Api<ConfigMap> = Api::default_namespaced(sim.client().unwrap());
     let first = cms.create(&PostParams::default(), &cm("a")).await.unwrap();
     for i in 0..3 {
-        cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": i.to_string()}}))).await.unwrap();
+        cms.patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"k": i.to_string()}})),
+        )
+        .await
+        .unwrap();
     }
-    let mut stream = cms.watch(&WatchParams::default(), first.metadata.resource_version.as_deref().unwrap()).await.unwrap().boxed();
+    let mut stream = cms
+        .watch(
+            &WatchParams::default(),
+            first.metadata.resource_version.as_deref().unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
     match stream.try_next().await.unwrap() {
         Some(WatchEvent::Error(s)) => {
             assert_eq!(s.code, 410);
             assert_eq!(s.reason, "Expired");
-            assert!(s.message.starts_with("too old resource version"), "{}", s.message);
+            assert!(
+                s.message.starts_with("too old resource version"),
+                "{}",
+                s.message
+            );
         }
         other => panic!("expected ERROR 410, got {other:?}"),
     }
-    assert!(stream.try_next().await.unwrap().is_none(), "stream ends after the error");
+    assert!(
+        stream.try_next().await.unwrap().is_none(),
+        "stream ends after the error"
+    );
 }
 
 #[tokio::test]
@@ -82,8 +123,14 @@ async fn watcher_survives_dropped_streams_and_compaction() {
     for streaming in [false, true] {
         let sim = Server::start().await.unwrap();
         let cms: Api<ConfigMap> = Api::default_namespaced(sim.client().unwrap());
-        cms.create(&PostParams::default(), &cm("before")).await.unwrap();
-        let cfg = if streaming { watcher::Config::default().streaming_lists() } else { watcher::Config::default() };
+        cms.create(&PostParams::default(), &cm("before"))
+            .await
+            .unwrap();
+        let cfg = if streaming {
+            watcher::Config::default().streaming_lists()
+        } else {
+            watcher::Config::default()
+        };
         let names = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
         let sink = names.clone();
         let task = tokio::spawn(async move {
@@ -95,14 +142,27 @@ async fn watcher_survives_dropped_streams_and_compaction() {
             }
         });
         let cms: Api<ConfigMap> = Api::default_namespaced(sim.client().unwrap());
-        eventually("initial list", || async { names.lock().contains(&"before".to_string()).then_some(()) }).await;
-        cms.create(&PostParams::default(), &cm("live")).await.unwrap();
-        eventually("live event", || async { names.lock().contains(&"live".to_string()).then_some(()) }).await;
+        eventually("initial list", || async {
+            names.lock().contains(&"before".to_string()).then_some(())
+        })
+        .await;
+        cms.create(&PostParams::default(), &cm("live"))
+            .await
+            .unwrap();
+        eventually("live event", || async {
+            names.lock().contains(&"live".to_string()).then_some(())
+        })
+        .await;
         // Cut the stream and compact history: the watcher must re-list (410) and continue.
         sim.faults().compact();
         sim.faults().drop_watches();
-        cms.create(&PostParams::default(), &cm("after")).await.unwrap();
-        eventually("event after reconnect", || async { names.lock().contains(&"after".to_string()).then_some(()) }).await;
+        cms.create(&PostParams::default(), &cm("after"))
+            .await
+            .unwrap();
+        eventually("event after reconnect", || async {
+            names.lock().contains(&"after".to_string()).then_some(())
+        })
+        .await;
         task.abort();
     }
 }
@@ -116,7 +176,10 @@ async fn controller_reconciles_and_owns_children() {
         client: kube::Client,
         runs: AtomicUsize,
     }
-    let ctx = Arc::new(Ctx { client: client.clone(), runs: AtomicUsize::new(0) });
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        runs: AtomicUsize::new(0),
+    });
     async fn reconcile(p: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
         ctx.runs.fetch_add(1, Ordering::SeqCst);
         let name = p.metadata.name.clone().unwrap();
@@ -127,38 +190,98 @@ async fn controller_reconciles_and_owns_children() {
                 "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool", "name": name, "uid": p.metadata.uid, "controller": true}]},
             "data": {"tenant": p.data["spec"]["tenant"]},
         });
-        cms.patch(&format!("{name}-config"), &PatchParams::apply("tether-operator").force(), &Patch::Apply(child)).await?;
-        let pools: Api<DynamicObject> = Api::default_namespaced_with(ctx.client.clone(), &pool_resource());
+        cms.patch(
+            &format!("{name}-config"),
+            &PatchParams::apply("tether-operator").force(),
+            &Patch::Apply(child),
+        )
+        .await?;
+        let pools: Api<DynamicObject> =
+            Api::default_namespaced_with(ctx.client.clone(), &pool_resource());
         let status = json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
             "status": {"observedGeneration": p.metadata.generation}});
-        pools.patch_status(&name, &PatchParams::apply("tether-operator").force(), &Patch::Apply(status)).await?;
+        pools
+            .patch_status(
+                &name,
+                &PatchParams::apply("tether-operator").force(),
+                &Patch::Apply(status),
+            )
+            .await?;
         Ok(Action::await_change())
     }
     fn error_policy(_: Arc<DynamicObject>, _: &kube::Error, _: Arc<Ctx>) -> Action {
         Action::requeue(Duration::from_millis(100))
     }
-    let controller = Controller::new_with(pools_api.clone(), watcher::Config::default(), pool_resource())
-        .owns_with(cms.clone(), (), watcher::Config::default())
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|_| async {});
+    let controller = Controller::new_with(
+        pools_api.clone(),
+        watcher::Config::default(),
+        pool_resource(),
+    )
+    .owns_with(cms.clone(), (), watcher::Config::default())
+    .run(reconcile, error_policy, ctx.clone())
+    .for_each(|_| async {});
     let task = tokio::spawn(controller);
 
-    pools_api.create(&PostParams::default(), &pool("p", json!({"tenant": "acme"}))).await.unwrap();
-    eventually("child config map", || async { cms.get_opt("p-config").await.unwrap().map(|c| c.data.unwrap()["tenant"].clone()) }).await;
-    eventually("observedGeneration", || async { (pools_api.get("p").await.unwrap().data["status"]["observedGeneration"] == 1).then_some(()) }).await;
+    pools_api
+        .create(
+            &PostParams::default(),
+            &pool("p", json!({"tenant": "acme"})),
+        )
+        .await
+        .unwrap();
+    eventually("child config map", || async {
+        cms.get_opt("p-config")
+            .await
+            .unwrap()
+            .map(|c| c.data.unwrap()["tenant"].clone())
+    })
+    .await;
+    eventually("observedGeneration", || async {
+        (pools_api.get("p").await.unwrap().data["status"]["observedGeneration"] == 1).then_some(())
+    })
+    .await;
 
     // A spec change reconciles again and updates the child.
-    pools_api.patch("p", &PatchParams::default(), &Patch::Merge(json!({"spec": {"tenant": "other"}}))).await.unwrap();
-    eventually("child follows spec", || async { (cms.get("p-config").await.unwrap().data.unwrap()["tenant"] == "other").then_some(()) }).await;
+    pools_api
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"tenant": "other"}})),
+        )
+        .await
+        .unwrap();
+    eventually("child follows spec", || async {
+        (cms.get("p-config").await.unwrap().data.unwrap()["tenant"] == "other").then_some(())
+    })
+    .await;
 
     // Someone edits the owned child: the controller (owns) puts it back.
-    cms.patch("p-config", &PatchParams::default(), &Patch::Merge(json!({"data": {"tenant": "tampered"}}))).await.unwrap();
-    eventually("child restored", || async { (cms.get("p-config").await.unwrap().data.unwrap()["tenant"] == "other").then_some(()) }).await;
+    cms.patch(
+        "p-config",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"tenant": "tampered"}})),
+    )
+    .await
+    .unwrap();
+    eventually("child restored", || async {
+        (cms.get("p-config").await.unwrap().data.unwrap()["tenant"] == "other").then_some(())
+    })
+    .await;
     assert!(ctx.runs.load(Ordering::SeqCst) >= 3);
 
     // Deleting the pool garbage-collects the child.
-    pools_api.delete("p", &DeleteParams::default()).await.unwrap();
-    eventually("child collected", || async { cms.get_opt("p-config").await.unwrap().is_none().then_some(()) }).await;
+    pools_api
+        .delete("p", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("child collected", || async {
+        cms.get_opt("p-config")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
     task.abort();
 }
 
@@ -166,33 +289,83 @@ async fn controller_reconciles_and_owns_children() {
 async fn server_side_apply_two_managers_on_a_list_map_status() {
     let (_sim, client) = sim_with_crd().await;
     let pools = pools(&client, "default");
-    pools.create(&PostParams::default(), &pool("p", json!({"tenant": "acme"}))).await.unwrap();
+    pools
+        .create(
+            &PostParams::default(),
+            &pool("p", json!({"tenant": "acme"})),
+        )
+        .await
+        .unwrap();
     let entry = |pod: &str, conns: i64| {
         json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool", "metadata": {"name": "p"},
                "status": {"pods": [{"name": pod, "connections": conns, "ready": true}]}})
     };
     // Two gateway pods report concurrently, each under its own field manager.
-    let (pp0, pp1) = (PatchParams::apply("gateway-pod-0"), PatchParams::apply("gateway-pod-1"));
-    let (e0, e1) = (Patch::Apply(entry("pod-0", 10)), Patch::Apply(entry("pod-1", 20)));
-    let (a, b) = tokio::join!(pools.patch_status("p", &pp0, &e0), pools.patch_status("p", &pp1, &e1));
+    let (pp0, pp1) = (
+        PatchParams::apply("gateway-pod-0"),
+        PatchParams::apply("gateway-pod-1"),
+    );
+    let (e0, e1) = (
+        Patch::Apply(entry("pod-0", 10)),
+        Patch::Apply(entry("pod-1", 20)),
+    );
+    let (a, b) = tokio::join!(
+        pools.patch_status("p", &pp0, &e0),
+        pools.patch_status("p", &pp1, &e1)
+    );
     a.unwrap();
     b.unwrap();
     for round in 0..5 {
-        pools.patch_status("p", &PatchParams::apply("gateway-pod-0"), &Patch::Apply(entry("pod-0", 100 + round))).await.unwrap();
+        pools
+            .patch_status(
+                "p",
+                &PatchParams::apply("gateway-pod-0"),
+                &Patch::Apply(entry("pod-0", 100 + round)),
+            )
+            .await
+            .unwrap();
     }
     let p = pools.get("p").await.unwrap();
     let pods = p.data["status"]["pods"].as_array().unwrap();
     assert_eq!(pods.len(), 2, "{pods:?}");
-    assert_eq!(pods.iter().find(|x| x["name"] == "pod-0").unwrap()["connections"], 104);
-    assert_eq!(pods.iter().find(|x| x["name"] == "pod-1").unwrap()["connections"], 20);
-    let managers: Vec<_> = p.metadata.managed_fields.unwrap().into_iter().map(|m| (m.manager.unwrap(), m.operation.unwrap(), m.subresource)).collect();
-    assert!(managers.contains(&("gateway-pod-0".into(), "Apply".into(), Some("status".into()))), "{managers:?}");
-    assert!(managers.contains(&("gateway-pod-1".into(), "Apply".into(), Some("status".into()))));
+    assert_eq!(
+        pods.iter().find(|x| x["name"] == "pod-0").unwrap()["connections"],
+        104
+    );
+    assert_eq!(
+        pods.iter().find(|x| x["name"] == "pod-1").unwrap()["connections"],
+        20
+    );
+    let managers: Vec<_> = p
+        .metadata
+        .managed_fields
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.manager.unwrap(), m.operation.unwrap(), m.subresource))
+        .collect();
+    assert!(
+        managers.contains(&(
+            "gateway-pod-0".into(),
+            "Apply".into(),
+            Some("status".into())
+        )),
+        "{managers:?}"
+    );
+    assert!(managers.contains(&(
+        "gateway-pod-1".into(),
+        "Apply".into(),
+        Some("status".into())
+    )));
 
     // A pod that stops reporting its entry (applies an empty list) removes only its own entry.
     pools.patch_status("p", &PatchParams::apply("gateway-pod-1"), &Patch::Apply(json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool", "status": {"pods": []}}))).await.unwrap();
     let p = pools.get("p").await.unwrap();
-    let names: Vec<_> = p.data["status"]["pods"].as_array().unwrap().iter().map(|x| x["name"].clone()).collect();
+    let names: Vec<_> = p.data["status"]["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].clone())
+        .collect();
     assert_eq!(names, [json!("pod-0")]);
 }
 
@@ -202,30 +375,102 @@ async fn server_side_apply_conflicts_force_and_field_removal() {
     let pools = pools(&client, "default");
     let cfg = |spec: serde_json::Value| json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool", "metadata": {"name": "p"}, "spec": spec});
     // Apply-to-create.
-    let created = pools.patch("p", &PatchParams::apply("alice"), &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 2, "tags": ["a"]})))).await.unwrap();
+    let created = pools
+        .patch(
+            "p",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 2, "tags": ["a"]}))),
+        )
+        .await
+        .unwrap();
     assert_eq!(created.metadata.generation, Some(1));
-    assert_eq!(created.metadata.managed_fields.as_ref().unwrap()[0].operation.as_deref(), Some("Apply"));
+    assert_eq!(
+        created.metadata.managed_fields.as_ref().unwrap()[0]
+            .operation
+            .as_deref(),
+        Some("Apply")
+    );
     // Same value from another manager: shared, no conflict.
-    pools.patch("p", &PatchParams::apply("bob"), &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 2})))).await.unwrap();
+    pools
+        .patch(
+            "p",
+            &PatchParams::apply("bob"),
+            &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 2}))),
+        )
+        .await
+        .unwrap();
     // Different value: 409 naming the other managers and the field.
-    let s = status_of(pools.patch("p", &PatchParams::apply("carol"), &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 5})))).await);
+    let s = status_of(
+        pools
+            .patch(
+                "p",
+                &PatchParams::apply("carol"),
+                &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 5}))),
+            )
+            .await,
+    );
     assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
-    assert!(s.message.starts_with("Apply failed with 2 conflicts: conflict with \"alice\": .spec.replicas"), "{}", s.message);
+    assert!(
+        s.message
+            .starts_with("Apply failed with 2 conflicts: conflict with \"alice\": .spec.replicas"),
+        "{}",
+        s.message
+    );
     let causes = s.details.unwrap().causes;
-    assert!(causes.iter().all(|c| c.reason == "FieldManagerConflict" && c.field == ".spec.replicas"));
+    assert!(
+        causes
+            .iter()
+            .all(|c| c.reason == "FieldManagerConflict" && c.field == ".spec.replicas")
+    );
     // Forced: carol takes the field.
-    let forced = pools.patch("p", &PatchParams::apply("carol").force(), &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 5})))).await.unwrap();
+    let forced = pools
+        .patch(
+            "p",
+            &PatchParams::apply("carol").force(),
+            &Patch::Apply(cfg(json!({"tenant": "acme", "replicas": 5}))),
+        )
+        .await
+        .unwrap();
     assert_eq!(forced.data["spec"]["replicas"], 5);
     // alice stops applying `tags` (owned only by her): removed. `tenant` is shared: kept.
-    let after = pools.patch("p", &PatchParams::apply("alice"), &Patch::Apply(cfg(json!({"tenant": "acme"})))).await.unwrap();
+    let after = pools
+        .patch(
+            "p",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(cfg(json!({"tenant": "acme"}))),
+        )
+        .await
+        .unwrap();
     assert!(after.data["spec"].get("tags").is_none(), "{:?}", after.data);
     assert_eq!(after.data["spec"]["tenant"], "acme");
     // A plain update (merge patch) takes ownership from appliers: re-applying conflicts.
-    let mut pp = PatchParams::default();
-    pp.field_manager = Some("kubectl-edit".into());
-    pools.patch("p", &pp, &Patch::Merge(json!({"spec": {"tenant": "edited"}}))).await.unwrap();
-    let s = status_of(pools.patch("p", &PatchParams::apply("alice"), &Patch::Apply(cfg(json!({"tenant": "acme"})))).await);
-    assert!(s.message.contains("conflict with \"kubectl-edit\": .spec.tenant"), "{}", s.message);
+    let pp = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..Default::default()
+    };
+    pools
+        .patch(
+            "p",
+            &pp,
+            &Patch::Merge(json!({"spec": {"tenant": "edited"}})),
+        )
+        .await
+        .unwrap();
+    let s = status_of(
+        pools
+            .patch(
+                "p",
+                &PatchParams::apply("alice"),
+                &Patch::Apply(cfg(json!({"tenant": "acme"}))),
+            )
+            .await,
+    );
+    assert!(
+        s.message
+            .contains("conflict with \"kubectl-edit\": .spec.tenant"),
+        "{}",
+        s.message
+    );
 }
 
 /// A minimal lease-based leader election over the API's optimistic concurrency, the way
@@ -255,7 +500,10 @@ async fn try_acquire(leases: &Api<Lease>, me: &str, now_ms: i64, ttl_ms: i64) ->
             s.holder_identity = Some(me.to_string());
             s.renew_time = Some(stamp);
             // replace carries metadata.resourceVersion: a concurrent writer gets 409.
-            leases.replace("leader", &PostParams::default(), &l).await.is_ok()
+            leases
+                .replace("leader", &PostParams::default(), &l)
+                .await
+                .is_ok()
         }
     }
 }
@@ -268,8 +516,18 @@ async fn lease_leader_election_with_two_contenders() {
     // Logical clock so the test asserts behaviour, not timings.
     for t in 0..20i64 {
         let now = t * 300;
-        let (a, b) = tokio::join!(try_acquire(&leases, "a", now, ttl), try_acquire(&leases, "b", now, ttl));
-        let holder = leases.get("leader").await.unwrap().spec.unwrap().holder_identity.unwrap();
+        let (a, b) = tokio::join!(
+            try_acquire(&leases, "a", now, ttl),
+            try_acquire(&leases, "b", now, ttl)
+        );
+        let holder = leases
+            .get("leader")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .unwrap();
         assert!(!(a && b), "both contenders won round {t}");
         if a {
             assert_eq!(holder, "a");
@@ -282,10 +540,23 @@ async fn lease_leader_election_with_two_contenders() {
         }
     }
     // The holder stops renewing; after the TTL the other takes over and transitions count.
-    let holder = leases.get("leader").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    let holder = leases
+        .get("leader")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
     let other = if holder == "a" { "b" } else { "a" };
-    assert!(!try_acquire(&leases, other, 20 * 300, ttl).await, "lease still valid");
-    assert!(try_acquire(&leases, other, 20 * 300 + ttl + 1, ttl).await, "expired lease is taken");
+    assert!(
+        !try_acquire(&leases, other, 20 * 300, ttl).await,
+        "lease still valid"
+    );
+    assert!(
+        try_acquire(&leases, other, 20 * 300 + ttl + 1, ttl).await,
+        "expired lease is taken"
+    );
     let l = leases.get("leader").await.unwrap().spec.unwrap();
     assert_eq!(l.holder_identity.as_deref(), Some(other));
     assert!(l.lease_transitions.unwrap() >= 1);

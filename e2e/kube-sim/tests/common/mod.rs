@@ -1,6 +1,5 @@
 //! Shared fixtures of the conformance suite: a ConnectionPool-like CRD, helpers to wait.
 
-
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -79,7 +78,10 @@ pub fn crd() -> Value {
 
 /// The ConnectionPool ApiResource.
 pub fn pool_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("tether.dev", "v1alpha1", "ConnectionPool"), "connectionpools")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("tether.dev", "v1alpha1", "ConnectionPool"),
+        "connectionpools",
+    )
 }
 
 /// Starts a server with the CRD applied.
@@ -92,12 +94,17 @@ pub async fn sim_with_crd() -> (Server, kube::Client) {
 
 /// Creates the CRD.
 pub async fn install_crd(client: &kube::Client) {
-    let crds: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
-        "customresourcedefinitions",
-    ));
+    let crds: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+            "customresourcedefinitions",
+        ),
+    );
     let obj: DynamicObject = serde_json::from_value(crd()).unwrap();
-    crds.create(&PostParams::default(), &obj).await.expect("create crd");
+    crds.create(&PostParams::default(), &obj)
+        .await
+        .expect("create crd");
 }
 
 /// The ConnectionPool API in a namespace.
@@ -125,7 +132,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
