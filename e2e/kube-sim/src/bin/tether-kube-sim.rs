@@ -45,6 +45,11 @@ async fn main() -> anyhow::Result<()> {
         sim.write_kubeconfig(&path)?;
     }
     println!("listening on {}", sim.url());
-    tokio::signal::ctrl_c().await?;
+    // Stop on SIGINT or SIGTERM (how test harnesses end child processes).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     Ok(())
 }
