@@ -24,6 +24,7 @@ pub mod api;
 pub mod auth;
 pub mod hub;
 pub mod metrics;
+pub mod nats;
 pub mod rate;
 pub mod router;
 pub mod server;

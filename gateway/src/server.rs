@@ -98,9 +98,32 @@ fn listen(addr: &str, backlog: u32) -> Result<TcpListener, StartError> {
 }
 
 impl Gateway {
-    /// Starts a gateway that routes within this process only.
+    /// Starts a gateway: routing on NATS when `routing.nats` is set, else within this
+    /// process only.
     pub async fn start(config: GatewayConfig, pod: String) -> Result<Self, StartError> {
         let pod_name = pod.clone();
+        if let Some(nats) = config.routing.nats.clone() {
+            let namespace = crate::nats::namespace(&config);
+            return Self::start_with_router(
+                config,
+                pod,
+                Box::new(move |hub| {
+                    Box::pin(async move {
+                        let router = crate::nats::NatsRouter::connect(
+                            &nats.url,
+                            &namespace,
+                            hub,
+                            &pod_name,
+                            crate::nats::Tuning::default(),
+                        )
+                        .await
+                        .map_err(|e| StartError::Routing(e.to_string()))?;
+                        Ok(Arc::new(router) as Arc<dyn Router>)
+                    })
+                }),
+            )
+            .await;
+        }
         Self::start_with_router(
             config,
             pod,

@@ -20,14 +20,27 @@ pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, ApiError> {
         ))
     })?;
     let mut out = target.clone();
-    json_patch::patch(&mut out, &p).map_err(|e| {
+    let invalid = |e: String| {
         // The real server answers a failed `test` op and a bad path with 422 Invalid.
         ApiError::new(
             422,
             "Invalid",
             format!("the server rejected our request due to an error in our request: {e}"),
         )
-    })?;
+    };
+    for op in p.0 {
+        // evanphx/json-patch, which the real server uses, lets `test` of a missing path
+        // against null succeed; kube-runtime's finalizer helper relies on it.
+        if let json_patch::PatchOperation::Test(t) = &op
+            && t.value.is_null()
+        {
+            match out.pointer(t.path.as_str()) {
+                None | Some(Value::Null) => continue,
+                Some(_) => return Err(invalid(format!("testing value {} failed", t.path))),
+            }
+        }
+        json_patch::patch(&mut out, &[op]).map_err(|e| invalid(e.to_string()))?;
+    }
     Ok(out)
 }
 
@@ -301,5 +314,20 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.code, 422);
+        // A missing path tests equal to null (evanphx/json-patch semantics).
+        let out = json_patch(
+            &pod(),
+            &json!([{"op": "test", "path": "/metadata/labels", "value": null},
+            {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}}]),
+        )
+        .unwrap();
+        assert_eq!(out["metadata"]["labels"]["a"], "b");
+        assert!(
+            json_patch(
+                &out,
+                &json!([{"op": "test", "path": "/metadata/labels", "value": null}])
+            )
+            .is_err()
+        );
     }
 }

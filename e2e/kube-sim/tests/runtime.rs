@@ -561,3 +561,37 @@ async fn lease_leader_election_with_two_contenders() {
     assert_eq!(l.holder_identity.as_deref(), Some(other));
     assert!(l.lease_transitions.unwrap() >= 1);
 }
+
+#[tokio::test]
+async fn kube_runtime_finalizer_helper_adds_and_cleans_up() {
+    use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+    let sim = Server::start().await.unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(sim.client().unwrap());
+    cms.create(&PostParams::default(), &cm("f")).await.unwrap();
+    let cleaned = Arc::new(AtomicUsize::new(0));
+    let run = |obj: ConfigMap| {
+        let cms = cms.clone();
+        let cleaned = cleaned.clone();
+        async move {
+            finalizer(&cms, "tether.dev/cleanup", Arc::new(obj), |ev| async move {
+                if let Finalizer::Cleanup(_) = ev {
+                    cleaned.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, kube::Error>(Action::await_change())
+            })
+            .await
+        }
+    };
+    // First pass adds the finalizer (JSON patch: test null + add).
+    run(cms.get("f").await.unwrap()).await.unwrap();
+    assert_eq!(
+        cms.get("f").await.unwrap().metadata.finalizers.unwrap(),
+        ["tether.dev/cleanup"]
+    );
+    // Apply pass, then deletion: the cleanup runs and the finalizer removal deletes it.
+    run(cms.get("f").await.unwrap()).await.unwrap();
+    cms.delete("f", &DeleteParams::default()).await.unwrap();
+    run(cms.get("f").await.unwrap()).await.unwrap();
+    assert_eq!(cleaned.load(Ordering::SeqCst), 1);
+    assert!(cms.get_opt("f").await.unwrap().is_none());
+}

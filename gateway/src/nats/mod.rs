@@ -1,0 +1,38 @@
+//! Cross-pod routing on NATS: a pool of gateway pods behaves like one gateway.
+//!
+//! ```text
+//!            ┌──────── pod A ────────┐                 ┌──────── pod B ────────┐
+//!  backend ─>│ push API ─> NatsRouter│── request ─────>│ serve loop ─> hub ─> agent
+//!            │      │ cache          │  tether.<ns>.pod.B.push                 │
+//!            └──────┼────────────────┘                 └───────────────────────┘
+//!                   └── KV tether-<ns>-agents: agent → (pod, boot, connection)
+//! ```
+//!
+//! - [`subjects`]: pure encoding of pools, agents, groups and pods into subjects, keys
+//!   and bucket names; nothing a tenant controls can widen or inject into a subject.
+//! - [`wire`]: what travels between pods (a small JSON call/answer and the frame as
+//!   encoded once), and the W3C trace context in NATS headers.
+//! - [`directory`]: the agent → pod directory (JetStream KV, compare-and-set) and its
+//!   pure decisions (newest wins, re-registration after an outage).
+//! - [`router`]: [`NatsRouter`], the [`crate::router::Router`] on top of them.
+//!
+//! docs/routing.md explains the design and its failure behaviour.
+
+pub mod directory;
+pub mod router;
+pub mod subjects;
+pub mod wire;
+
+pub use router::{NatsError, NatsRouter, Tuning};
+
+/// The namespace a pool's subjects and buckets live in: the configured one, else the
+/// tenant, else `dev`.
+pub fn namespace(config: &tether_config::GatewayConfig) -> String {
+    config
+        .routing
+        .nats
+        .as_ref()
+        .and_then(|n| n.namespace.clone())
+        .or_else(|| config.tenant.clone())
+        .unwrap_or_else(|| "dev".into())
+}

@@ -1,0 +1,350 @@
+//! Harness for cross-pod tests: a real `nats-server` with JetStream on a free loopback
+//! port (killed and restarted by fault tests), and gateway "pods" that route over it,
+//! either in this process or as separate `tether-gateway` processes.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tether_config::{GatewayConfig, NatsConfig};
+use tether_gateway::Gateway;
+use tether_protocol::GatewayMessage;
+
+use crate::common::{self, API_KEY, Ws};
+
+/// A `nats-server -js` on 127.0.0.1 with its store in a temp dir.
+pub struct Nats {
+    pub port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_binary() -> PathBuf {
+    let candidates = [
+        std::env::var_os("NATS_SERVER").map(PathBuf::from),
+        Some(PathBuf::from("/usr/sbin/nats-server")),
+        Some(PathBuf::from("/usr/bin/nats-server")),
+        Some(PathBuf::from("/usr/local/bin/nats-server")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "nats-server not found: these tests need a real NATS server with JetStream \
+             (apt-get install nats-server, or set NATS_SERVER=/path/to/nats-server)"
+            )
+        })
+}
+
+impl Nats {
+    pub async fn start() -> Self {
+        let mut nats = Self {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        nats.spawn().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(nats_binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("nats-server did not listen on {addr}");
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port; `wipe` loses everything JetStream stored.
+    pub async fn restart(&mut self, wipe: bool) {
+        self.kill();
+        if wipe {
+            self.store = tempfile::tempdir().unwrap();
+        }
+        self.spawn().await;
+    }
+
+    /// A plain client for inspecting subjects and the directory.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("test client connects")
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Gateway config routing on `nats`.
+pub fn config(dir: &Path, nats: &Nats, tweak: impl FnOnce(&mut GatewayConfig)) -> GatewayConfig {
+    let url = nats.url();
+    common::config(dir, |c| {
+        c.routing.nats = Some(NatsConfig {
+            url,
+            namespace: None,
+        });
+        tweak(c);
+    })
+}
+
+/// One in-process gateway pod.
+pub struct Pod {
+    pub name: String,
+    pub gateway: Gateway,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Pod {
+    pub async fn start(nats: &Nats, name: &str) -> Self {
+        Self::start_with(nats, name, |_| {}).await
+    }
+
+    pub async fn start_with(
+        nats: &Nats,
+        name: &str,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), nats, tweak);
+        let gateway = Gateway::start(config, name.into())
+            .await
+            .expect("gateway starts with NATS routing");
+        Self {
+            name: name.into(),
+            gateway,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.internal_addr())
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/connect", self.gateway.public_addr())
+    }
+
+    pub async fn agent(&self, sub: &str, groups: &[&str]) -> Ws {
+        agent_at(&self.ws_url(), sub, groups).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.api(path))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.api(path))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.gateway.state().hub.len()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.gateway.state().router.ready()
+    }
+}
+
+/// Connects an agent and reads its `welcome` (the directory is written before it).
+pub async fn agent_at(ws_url: &str, sub: &str, groups: &[&str]) -> Ws {
+    let token = common::token(sub, groups, 3600);
+    let (mut ws, _) = common::connect(ws_url, Some(&token))
+        .await
+        .expect("agent connects");
+    match common::next_message(&mut ws).await {
+        GatewayMessage::Welcome(w) => assert_eq!(w.agent_id, sub),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    ws
+}
+
+/// Percent-encodes a path segment (agent ids and groups may hold anything).
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The data of the next `push` envelope.
+pub async fn next_push(ws: &mut Ws) -> (String, Value) {
+    match common::next_message(ws).await {
+        GatewayMessage::Push { id, data, .. } => (id, serde_json::from_str(data.get()).unwrap()),
+        other => panic!("expected push, got {other:?}"),
+    }
+}
+
+/// Asserts nothing arrives for a short while (used only to show a message was NOT
+/// delivered to a bystander after the target already got it).
+pub async fn assert_silent(ws: &mut Ws) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(other) => panic!("expected nothing, got {other:?}"),
+        }
+    }
+}
+
+/// A `tether-gateway` process.
+pub struct Process {
+    pub child: Child,
+    pub public: String,
+    pub internal: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    pub fn start(nats: &Nats, pod: &str) -> Self {
+        Self::start_with_config(nats, pod, |_| {})
+    }
+
+    pub fn start_with_config(
+        nats: &Nats,
+        pod: &str,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), nats, tweak);
+        let file = dir.path().join("gateway.yaml");
+        std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether-gateway"))
+            .arg("--config")
+            .arg(&file)
+            .env("POD_NAME", pod)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tether-gateway starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        Self {
+            public: field("public="),
+            internal: field("internal="),
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/connect", self.public)
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.internal)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the pod dies without cleaning anything up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// POSTs JSON with the API key.
+pub async fn post(http: &reqwest::Client, url: String, body: Value) -> reqwest::Response {
+    http.post(url)
+        .bearer_auth(API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The directory's entry for an agent, read straight from the KV bucket.
+pub async fn directory_entry(client: &async_nats::Client, ns: &str, agent: &str) -> Option<Value> {
+    use tether_gateway::nats::subjects::Subjects;
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js
+        .get_key_value(Subjects::new(ns).agents_bucket())
+        .await
+        .ok()?;
+    let value = kv.get(Subjects::agent_key(agent)).await.unwrap()?;
+    Some(serde_json::from_slice(&value).unwrap())
+}

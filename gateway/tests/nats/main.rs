@@ -1,0 +1,532 @@
+//! Cross-pod routing on a real `nats-server` (JetStream on): push, request, groups,
+//! broadcast, presence and disconnect across three gateway pods; newest-wins across
+//! pods and its races; NATS killed and restarted mid-run; subject-injection attempts;
+//! dead pods; the binary wired from its config file.
+
+#[path = "../gateway/common.rs"]
+mod common;
+mod harness;
+mod measure;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tether_protocol::{AgentMessage, CloseCode, GatewayMessage, RawValue};
+
+use common::{API_KEY, eventually, expect_close, send_text};
+use harness::*;
+
+async fn three_pods(nats: &Nats) -> [Pod; 3] {
+    let (a, b, c) = tokio::join!(
+        Pod::start(nats, "gw-0"),
+        Pod::start(nats, "gw-1"),
+        Pod::start(nats, "gw-2")
+    );
+    [a, b, c]
+}
+
+#[tokio::test]
+async fn push_request_presence_and_disconnect_reach_an_agent_on_another_pod() {
+    let nats = Nats::start().await;
+    let [p0, p1, p2] = three_pods(&nats).await;
+    let mut agent = p1.agent("agent-1", &[]).await;
+
+    // Push through another pod: 202 only once queued on gw-1.
+    let response = p0
+        .post("/v1/agents/agent-1/messages", json!({"cmd": "scan"}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"].clone();
+    let (got, data) = next_push(&mut agent).await;
+    assert_eq!(json!(got), id);
+    assert_eq!(data, json!({"cmd": "scan"}));
+
+    // The second push hits the cache: same result.
+    let response = p2.post("/v1/agents/agent-1/messages", json!(2)).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(next_push(&mut agent).await.1, json!(2));
+
+    // Request through another pod: the agent's answer comes back.
+    let http = p2.http.clone();
+    let url = p2.api("/v1/agents/agent-1/requests?timeout_ms=5000");
+    let call = tokio::spawn(async move { post(&http, url, json!({"q": "uptime"})).await });
+    let GatewayMessage::Request { id, data, .. } = common::next_message(&mut agent).await else {
+        panic!("expected a request");
+    };
+    assert_eq!(data.get(), r#"{"q":"uptime"}"#);
+    let answer = AgentMessage::Response {
+        id,
+        result: Ok(RawValue::from_string(r#"{"up":42}"#.into()).unwrap()),
+    };
+    send_text(&mut agent, &answer.encode()).await;
+    let response = call.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"up": 42}));
+
+    // No answer: 504 from the remote pod's wait.
+    let response = p0
+        .post("/v1/agents/agent-1/requests?timeout_ms=300", json!({}))
+        .await;
+    assert_eq!(response.status(), 504);
+    let _ = common::next_message(&mut agent).await; // the unanswered request
+
+    // Acked push through another pod.
+    let http = p0.http.clone();
+    let url = p0.api("/v1/agents/agent-1/messages?ack=true&timeout_ms=5000");
+    let call = tokio::spawn(async move { post(&http, url, json!("ack me")).await });
+    let GatewayMessage::Push { id, ack: true, .. } = common::next_message(&mut agent).await else {
+        panic!("expected an acked push");
+    };
+    send_text(&mut agent, &AgentMessage::Ack { id }.encode()).await;
+    assert_eq!(call.await.unwrap().status(), 200);
+
+    // Presence and listing from any pod.
+    let presence: Value = p0.get("/v1/agents/agent-1").await.json().await.unwrap();
+    assert_eq!(presence["pod"], "gw-1");
+    let _other = p2.agent("agent-0", &[]).await;
+    let page: Value = p0.get("/v1/agents?limit=1").await.json().await.unwrap();
+    assert_eq!(page["agents"][0]["agent_id"], "agent-0");
+    assert_eq!(page["next_cursor"], "agent-0");
+    let page: Value = p0
+        .get("/v1/agents?limit=1&cursor=agent-0")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["agents"][0]["agent_id"], "agent-1");
+    assert_eq!(page["agents"][0]["pod"], "gw-1");
+
+    // Unknown agents: 404 from every pod, for every operation.
+    for pod in [&p0, &p1, &p2] {
+        assert_eq!(
+            pod.post("/v1/agents/nobody/messages", json!(1))
+                .await
+                .status(),
+            404
+        );
+        assert_eq!(pod.get("/v1/agents/nobody").await.status(), 404);
+    }
+
+    // Disconnect through another pod closes the agent with its code, and the
+    // directory forgets it.
+    let response = p0
+        .http
+        .delete(p0.api("/v1/agents/agent-1"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    expect_close(&mut agent, CloseCode::Disconnected).await;
+    let probe = nats.client().await;
+    for _ in 0..500 {
+        if directory_entry(&probe, "acme", "agent-1").await.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(directory_entry(&probe, "acme", "agent-1").await.is_none());
+    assert_eq!(
+        p2.post("/v1/agents/agent-1/messages", json!(1))
+            .await
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn groups_and_broadcasts_are_fanned_out_by_every_pod() {
+    let nats = Nats::start().await;
+    let pods = three_pods(&nats).await;
+    let mut members = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        members.push(pod.agent(&format!("red-{i}"), &["red"]).await);
+    }
+    let mut blue = pods[2].agent("blue-0", &["blue"]).await;
+
+    let response = pods[0]
+        .post("/v1/groups/red/messages", json!("to red"))
+        .await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["delivered"], 3);
+    for ws in &mut members {
+        assert_eq!(next_push(ws).await.1, json!("to red"));
+    }
+
+    let response = pods[1].post("/v1/broadcast", json!("to all")).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.json::<Value>().await.unwrap()["delivered"], 4);
+    for ws in &mut members {
+        assert_eq!(next_push(ws).await.1, json!("to all"));
+    }
+    assert_eq!(next_push(&mut blue).await.1, json!("to all"));
+    // Blue never saw the red message.
+    assert_silent(&mut blue).await;
+
+    let response = pods[1].post("/v1/groups/nobody/messages", json!(1)).await;
+    assert_eq!(response.json::<Value>().await.unwrap()["delivered"], 0);
+}
+
+#[tokio::test]
+async fn newest_connection_wins_across_pods() {
+    let nats = Nats::start().await;
+    let [p0, p1, p2] = three_pods(&nats).await;
+    let mut old = p0.agent("agent-1", &[]).await;
+    let mut new = p1.agent("agent-1", &[]).await;
+    expect_close(&mut old, CloseCode::Replaced).await;
+    eventually(|| p0.connections() == 0).await;
+    assert_eq!(
+        p2.post("/v1/agents/agent-1/messages", json!("hi"))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(next_push(&mut new).await.1, json!("hi"));
+    // The replaced connection's disconnect must not remove its successor's entry.
+    let probe = nats.client().await;
+    let entry = directory_entry(&probe, "acme", "agent-1").await.unwrap();
+    assert_eq!(entry["pod"], "gw-1");
+}
+
+#[tokio::test]
+async fn simultaneous_connects_on_three_pods_end_with_exactly_one() {
+    let nats = Nats::start().await;
+    let pods = three_pods(&nats).await;
+    for round in 0..5 {
+        let agent = format!("racer-{round}");
+        let (a, b, c) = tokio::join!(
+            pods[0].agent(&agent, &[]),
+            pods[1].agent(&agent, &[]),
+            pods[2].agent(&agent, &[])
+        );
+        let mut sockets = vec![a, b, c];
+        eventually(|| {
+            pods.iter()
+                .filter(|p| p.gateway.state().hub.get(&agent).is_some())
+                .count()
+                == 1
+        })
+        .await;
+        let survivor = pods
+            .iter()
+            .position(|p| p.gateway.state().hub.get(&agent).is_some())
+            .unwrap();
+        // The losers were closed as replaced; the survivor gets pushes from any pod.
+        for (i, ws) in sockets.iter_mut().enumerate() {
+            if i != survivor {
+                expect_close(ws, CloseCode::Replaced).await;
+            }
+        }
+        let path = format!("/v1/agents/{agent}/messages");
+        for pod in &pods {
+            assert_eq!(pod.post(&path, json!(round)).await.status(), 202);
+            assert_eq!(next_push(&mut sockets[survivor]).await.1, json!(round));
+        }
+        let probe = nats.client().await;
+        let entry = directory_entry(&probe, "acme", &agent).await.unwrap();
+        assert_eq!(entry["pod"], pods[survivor].name);
+    }
+}
+
+#[tokio::test]
+async fn hostile_agent_ids_and_group_names_cannot_widen_a_subject() {
+    let nats = Nats::start().await;
+    let [p0, p1, _p2] = three_pods(&nats).await;
+    let hostile = ["*", ">", "a.>", "a.*.c", "x y", "gw-1.push", "_2A"];
+    let mut victims = Vec::new();
+    for name in ["a", "a.b.c", "victim", "a.x.c"] {
+        victims.push(p1.agent(name, &["victims"]).await);
+    }
+    let mut attackers = Vec::new();
+    for name in hostile {
+        attackers.push(p1.agent(name, &[name]).await);
+    }
+    for (name, ws) in hostile.iter().zip(&mut attackers) {
+        let response = p0
+            .post(&format!("/v1/agents/{}/messages", seg(name)), json!(name))
+            .await;
+        assert_eq!(response.status(), 202, "{name:?}");
+        assert_eq!(next_push(ws).await.1, json!(name));
+        let response = p0
+            .post(
+                &format!("/v1/groups/{}/messages", seg(name)),
+                json!(["group", name]),
+            )
+            .await;
+        assert_eq!(
+            response.json::<Value>().await.unwrap()["delivered"],
+            1,
+            "{name:?}"
+        );
+        assert_eq!(next_push(ws).await.1, json!(["group", name]));
+    }
+    // Wildcard-looking ids that are not connected are just unknown agents.
+    for name in ["**", ">.>", "a.>.x"] {
+        let response = p0
+            .post(&format!("/v1/agents/{}/messages", seg(name)), json!(1))
+            .await;
+        assert_eq!(response.status(), 404, "{name:?}");
+    }
+    for ws in &mut victims {
+        assert_silent(ws).await;
+    }
+    for ws in &mut attackers {
+        assert_silent(ws).await;
+    }
+    // On the wire, every subject the pods used is a literal one.
+    let spy = nats.client().await;
+    let mut all = spy.subscribe("tether.>").await.unwrap();
+    spy.flush().await.unwrap();
+    p0.post(&format!("/v1/agents/{}/messages", seg("a.>")), json!(1))
+        .await;
+    p0.post(&format!("/v1/groups/{}/messages", seg("*")), json!(1))
+        .await;
+    let mut seen = HashSet::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), all.next()).await
+    {
+        seen.insert(message.subject.to_string());
+    }
+    assert!(seen.contains("tether.acme.pod.gw-1.push"), "{seen:?}");
+    assert!(seen.contains("tether.acme.group._2A"), "{seen:?}");
+    for subject in &seen {
+        assert!(
+            subject
+                .split('.')
+                .all(|l| l != "*" && l != ">" && !l.contains(' ')),
+            "{subject}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn trace_context_travels_in_nats_headers() {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tether_gateway::router::Push;
+    let nats = Nats::start().await;
+    let [p0, p1, _p2] = three_pods(&nats).await;
+    let mut agent = p1.agent("traced", &[]).await;
+    let spy = nats.client().await;
+    let mut pushes = spy.subscribe("tether.acme.pod.gw-1.push").await.unwrap();
+    spy.flush().await.unwrap();
+
+    let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+    let cx = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        trace_id,
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+    let router = p0.gateway.state().router.clone();
+    let frame = tether_gateway::hub::Outbound::Text(
+        tether_protocol::encode_push("t1", &RawValue::from_string("1".into()).unwrap(), false)
+            .into(),
+    );
+    {
+        let _guard = cx.attach();
+        router
+            .push(
+                "traced",
+                Push {
+                    id: "t1".into(),
+                    frame,
+                    ack_timeout: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(next_push(&mut agent).await.0, "t1");
+    let message = tokio::time::timeout(common::PATIENCE, pushes.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let traceparent = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .expect("traceparent header")
+        .to_string();
+    assert_eq!(
+        traceparent,
+        format!("00-{trace_id}-00f067aa0ba902b7-01"),
+        "the push keeps its trace across pods"
+    );
+}
+
+/// Sends numbered pushes from one pod to an agent on another until stopped; returns
+/// the ids that got 202 and the statuses seen.
+async fn push_loop(
+    http: reqwest::Client,
+    url: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Vec<u64>, HashSet<u16>) {
+    let mut accepted = Vec::new();
+    let mut statuses = HashSet::new();
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let response = http
+            .post(&url)
+            .bearer_auth(API_KEY)
+            .json(&json!(n))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        if let Ok(response) = response {
+            let status = response.status().as_u16();
+            statuses.insert(status);
+            if status == 202 {
+                accepted.push(n);
+            } else {
+                assert!(
+                    status == 503,
+                    "only 202 or 503 while NATS flaps, got {status}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (accepted, statuses)
+}
+
+#[tokio::test]
+async fn nats_restart_keeps_connections_loses_nothing_accepted_and_recovers() {
+    let mut nats = Nats::start().await;
+    let (p0, p1) = tokio::join!(Pod::start(&nats, "gw-0"), Pod::start(&nats, "gw-1"));
+    let mut agent = p1.agent("agent-1", &["g"]).await;
+    let mut local = p0.agent("local-1", &[]).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = tokio::spawn(push_loop(
+        p0.http.clone(),
+        p0.api("/v1/agents/agent-1/messages"),
+        stop.clone(),
+    ));
+    let mut received = Vec::new();
+    read_some(&mut agent, &mut received, 5).await;
+
+    for wipe in [false, true] {
+        nats.kill();
+        eventually(|| !p0.ready() && !p1.ready()).await;
+        assert_eq!(
+            p0.get("/readyz").await.status(),
+            503,
+            "readiness reflects the lost bus"
+        );
+        // Local connections stay and local delivery works; cross-pod answers 503.
+        assert_eq!(p0.connections(), 1);
+        assert_eq!(p1.connections(), 1);
+        assert_eq!(
+            p0.post("/v1/agents/local-1/messages", json!("local"))
+                .await
+                .status(),
+            202
+        );
+        assert_eq!(next_push(&mut local).await.1, json!("local"));
+        assert_eq!(
+            p0.post("/v1/agents/agent-1/messages", json!(0))
+                .await
+                .status(),
+            503
+        );
+        assert_eq!(p0.post("/v1/broadcast", json!(0)).await.status(), 503);
+
+        nats.restart(wipe).await;
+        eventually(|| p0.ready() && p1.ready()).await;
+        // The directory comes back (re-registered if NATS lost it) and routing resumes.
+        let probe = nats.client().await;
+        for _ in 0..500 {
+            if directory_entry(&probe, "acme", "agent-1").await.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            directory_entry(&probe, "acme", "agent-1").await.unwrap()["pod"],
+            "gw-1",
+            "wipe={wipe}"
+        );
+        let before = received.len();
+        read_some(&mut agent, &mut received, 5).await;
+        assert!(received.len() > before);
+        let response = p0.post("/v1/groups/g/messages", json!("group")).await;
+        assert_eq!(response.status(), 202);
+        assert_eq!(response.json::<Value>().await.unwrap()["delivered"], 1);
+        // The group message is in the stream of numbered pushes; take it out.
+        loop {
+            let (_, data) = next_push(&mut agent).await;
+            match data.as_u64() {
+                Some(n) => received.push(n),
+                None => break,
+            }
+        }
+    }
+
+    stop.cancel();
+    let (accepted, statuses) = sender.await.unwrap();
+    assert!(
+        statuses.contains(&503),
+        "the sender saw the outage: {statuses:?}"
+    );
+    // Every push that got 202 arrives, once and in order. (A push that got 503 because
+    // the bus died while its answer was in flight may have arrived too: the caller was
+    // told of the failure and retries with its Idempotency-Key.)
+    while !accepted.iter().all(|n| received.contains(n)) {
+        let (_, data) = next_push(&mut agent).await;
+        received.push(data.as_u64().unwrap());
+    }
+    assert!(
+        received.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicates: {received:?}"
+    );
+}
+
+async fn read_some(agent: &mut common::Ws, received: &mut Vec<u64>, n: usize) {
+    for _ in 0..n {
+        let (_, data) = next_push(agent).await;
+        received.push(data.as_u64().unwrap());
+    }
+}
+
+#[tokio::test]
+async fn binary_routes_from_config_and_dead_pods_leave_no_wrong_routes() {
+    let nats = Nats::start().await;
+    let mut a = Process::start(&nats, "gw-a");
+    let b = Process::start(&nats, "gw-b");
+    let http = reqwest::Client::new();
+    let mut agent = agent_at(&a.ws_url(), "agent-1", &[]).await;
+    let response = post(&http, b.api("/v1/agents/agent-1/messages"), json!("via b")).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(next_push(&mut agent).await.1, json!("via b"));
+    let _other = agent_at(&a.ws_url(), "agent-2", &[]).await;
+
+    // gw-a dies without cleaning up: its entries are found stale on use and removed.
+    a.kill();
+    let response = post(&http, b.api("/v1/agents/agent-1/messages"), json!("lost")).await;
+    assert_eq!(response.status(), 404);
+    let probe = nats.client().await;
+    assert!(directory_entry(&probe, "acme", "agent-1").await.is_none());
+    // agent-2's entry is still there until gw-a's next incarnation sweeps it.
+    assert_eq!(
+        directory_entry(&probe, "acme", "agent-2").await.unwrap()["pod"],
+        "gw-a"
+    );
+    let _a2 = Process::start(&nats, "gw-a");
+    for _ in 0..500 {
+        if directory_entry(&probe, "acme", "agent-2").await.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        directory_entry(&probe, "acme", "agent-2").await.is_none(),
+        "a restarted pod removes what its previous incarnation left"
+    );
+    let response = post(&http, b.api("/v1/broadcast"), json!("all")).await;
+    assert_eq!(response.status(), 202);
+}
