@@ -128,10 +128,11 @@ impl Cache {
     /// Remembers a route; evicts an arbitrary entry when full (a miss costs one read).
     pub fn put(&self, agent: &str, route: Route, revision: u64) {
         let mut map = self.map.lock();
-        if map.len() >= self.capacity && !map.contains_key(agent) {
-            if let Some(victim) = map.keys().next().cloned() {
-                map.remove(&victim);
-            }
+        if map.len() >= self.capacity
+            && !map.contains_key(agent)
+            && let Some(victim) = map.keys().next().cloned()
+        {
+            map.remove(&victim);
         }
         map.insert(agent.to_owned(), (route, revision));
     }
@@ -376,12 +377,12 @@ impl Directory {
                 let Ok(route) = serde_json::from_slice::<Route>(&message.payload) else {
                     continue;
                 };
-                if route.on_pod(me) && route.boot != me.boot {
-                    if let Some(agent) = Subjects::agent_of_key(key) {
-                        if self.remove(&agent, message.sequence).await? {
-                            removed += 1;
-                        }
-                    }
+                if route.on_pod(me)
+                    && route.boot != me.boot
+                    && let Some(agent) = Subjects::agent_of_key(key)
+                    && self.remove(&agent, message.sequence).await?
+                {
+                    removed += 1;
                 }
             }
             Ok(removed)

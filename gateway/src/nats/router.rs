@@ -462,10 +462,10 @@ impl Inner {
             let Ok(Some(message)) = tokio::time::timeout_at(deadline, answers.next()).await else {
                 break;
             };
-            if let Ok(Answer::Delivered { pod, n }) = Answer::decode(&message.payload) {
-                if answered.insert(pod) {
-                    delivered += n;
-                }
+            if let Ok(Answer::Delivered { pod, n }) = Answer::decode(&message.payload)
+                && answered.insert(pod)
+            {
+                delivered += n;
             }
         }
         if answered.is_empty() {
@@ -499,12 +499,12 @@ impl Inner {
             let request = async_nats::Request::new()
                 .payload(payload)
                 .timeout(Some(timeout));
-            if let Err(e) = client.send_request(subject, request).await {
-                if e.kind() == RequestErrorKind::NoResponders {
-                    info!(%pod, "pod is gone; removing it from the registry");
-                    let _ = directory.forget_pod(&pod).await;
-                    pods.lock().pods.remove(&pod);
-                }
+            if let Err(e) = client.send_request(subject, request).await
+                && e.kind() == RequestErrorKind::NoResponders
+            {
+                info!(%pod, "pod is gone; removing it from the registry");
+                let _ = directory.forget_pod(&pod).await;
+                pods.lock().pods.remove(&pod);
             }
         });
     }
@@ -683,10 +683,10 @@ async fn serve(inner: Arc<Inner>, mut incoming: impl futures_util::Stream<Item =
 
 impl Inner {
     async fn send_answer(&self, reply: Option<async_nats::Subject>, answer: Option<Answer>) {
-        if let (Some(reply), Some(answer)) = (reply, answer) {
-            if let Err(e) = self.client.publish(reply, answer.encode()).await {
-                debug!(%e, "answer not sent");
-            }
+        if let (Some(reply), Some(answer)) = (reply, answer)
+            && let Err(e) = self.client.publish(reply, answer.encode()).await
+        {
+            debug!(%e, "answer not sent");
         }
     }
 
@@ -754,11 +754,11 @@ impl Inner {
             },
             Call::Disconnect { agent } => result(self.local.disconnect(&agent).await),
             Call::Replace { agent, conn } => {
-                if let Some(current) = self.hub.get(&agent) {
-                    if current.id == conn {
-                        debug!(agent, conn, "newer connection on another pod: closing ours");
-                        current.close(CloseCode::Replaced);
-                    }
+                if let Some(current) = self.hub.get(&agent)
+                    && current.id == conn
+                {
+                    debug!(agent, conn, "newer connection on another pod: closing ours");
+                    current.close(CloseCode::Replaced);
                 }
                 return None;
             }

@@ -202,7 +202,7 @@ async fn simultaneous_connects_on_three_pods_end_with_exactly_one() {
             pods[1].agent(&agent, &[]),
             pods[2].agent(&agent, &[])
         );
-        let mut sockets = vec![a, b, c];
+        let mut sockets = [a, b, c];
         eventually(|| {
             pods.iter()
                 .filter(|p| p.gateway.state().hub.get(&agent).is_some())
