@@ -595,3 +595,43 @@ async fn kube_runtime_finalizer_helper_adds_and_cleans_up() {
     assert_eq!(cleaned.load(Ordering::SeqCst), 1);
     assert!(cms.get_opt("f").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn kube_runtime_event_recorder_creates_then_patches_series() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let sim = Server::start().await.unwrap();
+    let client = sim.client().unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let obj = cms
+        .create(&PostParams::default(), &cm("src"))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tether-operator".into(),
+            instance: None,
+        },
+    );
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "InvalidSpec".into(),
+        note: Some("bad".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let reference = kube::Resource::object_ref(&obj, &());
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap();
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::default_namespaced(client);
+    let list = events.list(&Default::default()).await.unwrap();
+    assert_eq!(
+        list.items.len(),
+        1,
+        "the repeat is recorded as a series on the same Event"
+    );
+    let e = &list.items[0];
+    assert_eq!(e.reason.as_deref(), Some("InvalidSpec"));
+    assert_eq!(e.regarding.as_ref().unwrap().name.as_deref(), Some("src"));
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(2));
+}
