@@ -280,10 +280,14 @@ async fn hostile_agent_ids_and_group_names_cannot_widen_a_subject() {
     let spy = nats.client().await;
     let mut all = spy.subscribe("tether.>").await.unwrap();
     spy.flush().await.unwrap();
-    p0.post(&format!("/v1/agents/{}/messages", seg("a.>")), json!(1))
+    let pushed = p0
+        .post(&format!("/v1/agents/{}/messages", seg("a.>")), json!(1))
         .await;
-    p0.post(&format!("/v1/groups/{}/messages", seg("*")), json!(1))
+    assert_eq!(pushed.status(), 202);
+    let sent = p0
+        .post(&format!("/v1/groups/{}/messages", seg("*")), json!(1))
         .await;
+    assert_eq!(sent.status(), 202);
     let mut seen = HashSet::new();
     while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), all.next()).await
     {
