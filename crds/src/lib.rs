@@ -664,16 +664,28 @@ pub const GENERATED_FILES: [&str; 2] = [
     "charts/tether/crds/connectionpool.yaml",
 ];
 
-/// Returns the generated files under `root` whose content differs from [`crd_yaml`]
-/// (missing files count as different).
+/// The generated field reference, relative to the repository root.
+pub const REFERENCE_FILE: &str = "docs/crd.md";
+
+/// Every generated file with its expected content.
+pub fn generated() -> Vec<(&'static str, String)> {
+    let yaml = crd_yaml();
+    let mut files: Vec<_> = GENERATED_FILES.iter().map(|f| (*f, yaml.clone())).collect();
+    files.push((REFERENCE_FILE, reference::markdown()));
+    files
+}
+
+/// Returns the generated files under `root` whose content differs from what the types
+/// generate (missing files count as different).
 pub fn check_generated(root: &std::path::Path) -> Vec<String> {
-    let want = crd_yaml();
-    GENERATED_FILES
-        .iter()
-        .filter(|rel| std::fs::read_to_string(root.join(rel)).ok().as_deref() != Some(&want))
-        .map(|rel| rel.to_string())
+    generated()
+        .into_iter()
+        .filter(|(rel, want)| std::fs::read_to_string(root.join(rel)).ok().as_deref() != Some(want))
+        .map(|(rel, _)| rel.to_string())
         .collect()
 }
+
+pub mod reference;
 
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! crdgen            print the YAML
-//! crdgen --write    write every committed copy (crds/, charts/tether/crds/)
+//! crdgen --write    write every committed copy (crds/, charts/tether/crds/, docs/crd.md)
 //! crdgen --check    exit 1, naming the stale copies, if any differs from the types
 //! ```
 //! `--root DIR` points at the repository root (default: the workspace this crate is in).
@@ -31,8 +31,7 @@ fn main() -> ExitCode {
     }
     match mode {
         "write" => {
-            let yaml = tether_crds::crd_yaml();
-            for rel in tether_crds::GENERATED_FILES {
+            for (rel, content) in tether_crds::generated() {
                 let path = root.join(rel);
                 if let Some(dir) = path.parent()
                     && let Err(err) = std::fs::create_dir_all(dir)
@@ -40,7 +39,7 @@ fn main() -> ExitCode {
                     eprintln!("crdgen: creating {}: {err}", dir.display());
                     return ExitCode::FAILURE;
                 }
-                if let Err(err) = std::fs::write(&path, &yaml) {
+                if let Err(err) = std::fs::write(&path, &content) {
                     eprintln!("crdgen: writing {}: {err}", path.display());
                     return ExitCode::FAILURE;
                 }
