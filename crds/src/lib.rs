@@ -212,6 +212,17 @@ pub struct ScalingSpec {
     #[serde(default = "default_tolerance")]
     #[schemars(range(min = 0, max = 100))]
     pub tolerance_percent: i32,
+    /// Rebalancing after a scale-up: pods holding more than this many percent above the
+    /// mean connections per pod are asked to shed the excess gradually (`reconnect`
+    /// hints at `drain.connectionsPerSecond`), until every pod is within the bound.
+    /// 0 turns rebalancing off.
+    #[serde(default = "default_rebalance_spread")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub rebalance_spread_percent: i32,
+}
+
+fn default_rebalance_spread() -> i32 {
+    25
 }
 
 fn default_target_connections() -> i32 {
@@ -229,6 +240,7 @@ impl Default for ScalingSpec {
             scale_up: ScaleUpSpec::default(),
             scale_down: ScaleDownSpec::default(),
             tolerance_percent: default_tolerance(),
+            rebalance_spread_percent: default_rebalance_spread(),
         }
     }
 }
@@ -616,11 +628,46 @@ pub struct ConnectionPoolStatus {
     /// Label selector of the pool's pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// Ready, Progressing and Degraded, in the standard condition shape.
+    /// Ready, Progressing, Degraded and Scaling, in the standard condition shape.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The operator's instructions to individual pods (drain before a scale-down, shed
+    /// connections to rebalance after a scale-up). Each gateway pod watches its pool and
+    /// acts on the entry that names it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
+    pub instructions: Vec<PodInstruction>,
 }
+
+/// What the operator asks one gateway pod to do.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodInstruction {
+    /// The pod the instruction is for.
+    pub pod: String,
+    /// Identifies this instruction: a pod acts once per id, so a new rebalancing round
+    /// gets a new id.
+    pub id: String,
+    /// Drain: turn unready, refuse new agents and close every connection with a
+    /// `reconnect` hint, without exiting; the operator removes the pod once it reports
+    /// no connections (or `drain.deadlineSeconds` passed). Removing the instruction
+    /// cancels the drain and the pod turns ready again.
+    #[serde(default)]
+    pub drain: bool,
+    /// Shed: close this many connections gradually with `reconnect` hints, so that
+    /// their agents reconnect through the Service to less loaded pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub shed: Option<i64>,
+    /// When the operator issued the instruction (the drain deadline counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+}
+
+/// Condition type: the autoscaler's last decision (reason `ScaledUp`, `ScaledDown`,
+/// `Draining`, `Rebalancing`, `Stable`, ...), with the figures behind it in the message.
+pub const CONDITION_SCALING: &str = "Scaling";
 
 /// One gateway pod's report.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

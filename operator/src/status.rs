@@ -76,6 +76,7 @@ pub fn pool_status(
         observed_generation: pool.metadata.generation,
         selector: Some(selector_string(pool)),
         conditions: conditions(pool, observed, target, now),
+        instructions: vec![],
     }
 }
 
