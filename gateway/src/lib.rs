@@ -15,6 +15,9 @@
 //!   for one pod, a bus-backed router for a pool of pods.
 //! - [`api`]: the push API, admin and health endpoints.
 //! - [`server`]: listeners, accept loop and drain.
+//! - [`shed`]: closing connections with `reconnect` hints at a bounded rate.
+//! - [`status`]: reporting this pod's count into its pool; following the operator's
+//!   drain and shed instructions.
 //!
 //! Memory per idle connection is the headline: no per-connection channel or buffer
 //! beyond tungstenite's small read buffer, one task and one timer per connection, and
@@ -29,7 +32,9 @@ pub mod rate;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod shed;
 pub mod state;
+pub mod status;
 pub mod telemetry;
 pub mod upgrade;
 pub mod upstream;

@@ -17,9 +17,8 @@ use axum::routing::get;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use rand::Rng;
 use tether_config::GatewayConfig;
-use tether_protocol::{CloseCode, GatewayMessage};
+use tether_protocol::CloseCode;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::auth::{ApiKeys, KeyError, TokenVerifier};
-use crate::hub::{Hub, Outbound};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::router::{LocalRouter, Router};
 use crate::state::{AppState, websocket_config};
@@ -239,6 +238,12 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     });
     let reload_keys = tokio::spawn(reload_api_keys(state.clone()));
 
+    let status = state
+        .config
+        .status
+        .clone()
+        .map(|config| crate::status::spawn(state.clone(), config));
+
     state.drain_requested.cancelled().await;
     drain(&state).await;
     stop_accepting.cancel();
@@ -246,6 +251,9 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     reload_keys.abort();
     stop_internal.cancel();
     let _ = internal_server.await;
+    if let Some(status) = status {
+        status.shutdown(Duration::from_secs(5)).await;
+    }
     info!("gateway stopped");
 }
 
@@ -312,38 +320,21 @@ async fn drain(state: &Arc<AppState>) {
             .drain_remaining
             .add(connections.len() as i64, &[]);
 
-        // Close in small batches every 10 ms: smooth at any rate without a timer per
-        // connection.
-        let per_tick = (f64::from(config.connections_per_second) / 100.0).max(1.0);
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        let mut budget = 0.0;
         let mut remaining = connections.into_iter();
-        'outer: loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = tokio::time::sleep_until(deadline) => break,
-            }
-            budget += per_tick;
-            while budget >= 1.0 {
-                let Some(conn) = remaining.next() else {
-                    break 'outer;
-                };
-                budget -= 1.0;
-                let after_ms = rand::rng().random_range(0..=config.reconnect_jitter_ms);
-                let hint = GatewayMessage::Reconnect {
-                    after_ms,
-                    reason: "drain".into(),
-                };
-                // The hint may not fit a full queue; the close code alone still says
-                // "reconnect".
-                let _ = conn.enqueue(
-                    Outbound::Text(hint.encode().into()),
-                    state.config.limits.outbound_queue + 1,
-                );
-                conn.close(CloseCode::ServiceRestart);
-                state.metrics.drain_remaining.add(-1, &[]);
-            }
-        }
+        crate::shed::close_paced(
+            state,
+            || {
+                let next = remaining.next();
+                if next.is_some() {
+                    state.metrics.drain_remaining.add(-1, &[]);
+                }
+                next
+            },
+            config.connections_per_second,
+            "drain",
+            tokio::time::sleep_until(deadline),
+        )
+        .await;
 
         // Wait for the sessions (and upstream calls) to finish, up to the deadline.
         state.tasks.close();
