@@ -22,6 +22,7 @@ pub mod controller;
 pub mod lease;
 pub mod metrics;
 pub mod resources;
+pub mod scaling;
 pub mod status;
 pub mod validate;
 
