@@ -135,7 +135,7 @@ impl Default for Limits {
             request_timeout_ms: 10_000,
             max_request_timeout_ms: 60_000,
             max_pending_requests: 64,
-            read_buffer_bytes: 1024,
+            read_buffer_bytes: 256,
             max_write_buffer_bytes: 1024 * 1024,
         }
     }

@@ -22,6 +22,8 @@ use tether_protocol::{CloseCode, ErrorBody, RawValue};
 use tokio::sync::{Notify, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::liveness::Clock;
+
 /// One frame waiting to be written to an agent.
 #[derive(Debug, Clone)]
 pub enum Outbound {
@@ -29,6 +31,8 @@ pub enum Outbound {
     Text(Utf8Bytes),
     /// An opaque binary payload.
     Binary(Bytes),
+    /// A WebSocket ping (queued by the liveness sweeper).
+    Ping,
     /// Close the connection with this code once everything queued before it is written.
     Close(CloseCode),
 }
@@ -71,6 +75,8 @@ pub struct Connection {
     pub groups: Box<[Box<str>]>,
     /// Unix seconds when the connection was accepted.
     pub connected_at: u64,
+    /// Liveness stamps: last frames, outstanding ping, token expiry.
+    pub clock: Clock,
     outbox: Outbox,
     /// Set once a `Close` is queued: nothing more is accepted.
     closing: AtomicBool,
@@ -79,13 +85,15 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A connection not yet registered in a hub.
-    pub fn new(id: u64, agent_id: &str, groups: Vec<String>) -> Arc<Self> {
+    /// A connection not yet registered in a hub, whose token expires at `expires_at`
+    /// (Unix seconds, grace included).
+    pub fn new(id: u64, agent_id: &str, groups: Vec<String>, expires_at: u64) -> Arc<Self> {
         Arc::new(Self {
             id,
             agent_id: agent_id.into(),
             groups: groups.into_iter().map(String::into_boxed_str).collect(),
             connected_at: unix_now(),
+            clock: Clock::new(expires_at),
             outbox: Outbox::default(),
             closing: AtomicBool::new(false),
             pending: AtomicU32::new(0),
@@ -381,6 +389,14 @@ impl Hub {
     pub fn snapshot(&self) -> Vec<Arc<Connection>> {
         self.agents.read().values().cloned().collect()
     }
+
+    /// Visits every connection under the read lock (no copy of the set). `f` must be
+    /// quick and must not call back into the hub's write paths.
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<Connection>)) {
+        for conn in self.agents.read().values() {
+            f(conn);
+        }
+    }
 }
 
 /// A request or acked push waiting for the agent's answer. Dropping it (timeout, caller
@@ -424,8 +440,8 @@ mod tests {
     #[test]
     fn newest_connection_wins_and_old_one_is_closed() {
         let hub = Hub::new(8, 8);
-        let old = Connection::new(hub.next_connection_id(), "a", vec!["g".into()]);
-        let new = Connection::new(hub.next_connection_id(), "a", vec!["g".into()]);
+        let old = Connection::new(hub.next_connection_id(), "a", vec!["g".into()], u64::MAX);
+        let new = Connection::new(hub.next_connection_id(), "a", vec!["g".into()], u64::MAX);
         assert!(hub.register(&old).replaced.is_none());
         let replaced = hub.register(&new).replaced.unwrap();
         assert_eq!(replaced.id, old.id);
@@ -445,7 +461,7 @@ mod tests {
     #[test]
     fn queue_is_bounded_and_close_stops_accepting() {
         let hub = Hub::new(2, 8);
-        let conn = Connection::new(1, "a", vec![]);
+        let conn = Connection::new(1, "a", vec![], u64::MAX);
         hub.register(&conn);
         hub.deliver("a", text("1")).unwrap();
         hub.deliver("a", text("2")).unwrap();
@@ -470,8 +486,8 @@ mod tests {
     #[test]
     fn broadcast_closes_slow_consumers_instead_of_skipping_them() {
         let hub = Hub::new(1, 8);
-        let slow = Connection::new(1, "slow", vec![]);
-        let fast = Connection::new(2, "fast", vec![]);
+        let slow = Connection::new(1, "slow", vec![], u64::MAX);
+        let fast = Connection::new(2, "fast", vec![], u64::MAX);
         hub.register(&slow);
         hub.register(&fast);
         hub.deliver("slow", text("backlog")).unwrap();
@@ -483,7 +499,7 @@ mod tests {
     #[tokio::test]
     async fn replies_reach_their_waiter_and_late_replies_are_ignored() {
         let hub = Hub::new(8, 1);
-        let conn = Connection::new(7, "a", vec![]);
+        let conn = Connection::new(7, "a", vec![], u64::MAX);
         hub.register(&conn);
         let ok = RawValue::from_string("1".into()).unwrap();
         {
@@ -508,7 +524,7 @@ mod tests {
     fn listing_pages_in_id_order() {
         let hub = Hub::new(8, 8);
         for (i, name) in ["c", "a", "b", "d"].iter().enumerate() {
-            hub.register(&Connection::new(i as u64, name, vec![]));
+            hub.register(&Connection::new(i as u64, name, vec![], u64::MAX));
         }
         let (page, next) = hub.list(None, 3);
         let ids: Vec<&str> = page.iter().map(|c| &*c.agent_id).collect();

@@ -11,6 +11,7 @@
 //! - [`upgrade`]: the RFC 6455 handshake; JWT auth and admission happen before the 101.
 //! - [`session`]: one task per connection: inbound frames, outbox, one timer.
 //! - [`hub`]: this process's connections, groups and pending requests.
+//! - [`liveness`]: one sweeper per process for pings, idle and token expiry.
 //! - [`router`]: the seam between the push API and the hub; [`router::LocalRouter`]
 //!   for one pod, a bus-backed router for a pool of pods.
 //! - [`api`]: the push API, admin and health endpoints.
@@ -26,6 +27,7 @@
 pub mod api;
 pub mod auth;
 pub mod hub;
+pub mod liveness;
 pub mod metrics;
 pub mod nats;
 pub mod rate;

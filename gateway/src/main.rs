@@ -14,6 +14,7 @@ use tracing::info;
 
 // mimalloc returns freed memory to the OS sooner and packs small allocations tighter
 // than the system allocator: it matters when a process holds a million small sessions.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -237,6 +237,10 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
         }
     });
     let reload_keys = tokio::spawn(reload_api_keys(state.clone()));
+    let liveness = tokio::spawn(crate::liveness::sweep(
+        state.hub.clone(),
+        state.config.limits.clone(),
+    ));
 
     let status = state
         .config
@@ -249,6 +253,7 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     stop_accepting.cancel();
     let _ = accept.await;
     reload_keys.abort();
+    liveness.abort();
     stop_internal.cancel();
     let _ = internal_server.await;
     if let Some(status) = status {

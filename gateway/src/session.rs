@@ -1,17 +1,19 @@
 //! One agent connection: a single task that owns the socket and `select!`s over inbound
-//! frames, its outbox and one timer.
+//! frames and its outbox. It owns no timer: [`crate::liveness`] decides pings and
+//! deadlines for every connection from one task per process.
 //!
 //! ```text
 //!            ┌──────────── session task (one per connection) ─────────────┐
 //!  socket ──>│ inbound: rate limit → decode → upstream / complete / refresh│
 //!  outbox ──>│ outbound: write queued frames in order, flush, maybe close  │──> socket
-//!  timer  ──>│ deadlines: ping, pong, idle, token expiry                   │
 //!            └─────────────────────────────────────────────────────────────┘
+//!  liveness sweeper (one per process) ──> outbox: ping, or close on pong/idle/expiry
 //! ```
 //!
-//! Only one timer exists per connection; it is re-armed to the earliest deadline. Work
-//! that waits on the network (upstream POSTs) runs in its own short-lived task and
-//! answers through the outbox, so a slow backend never stalls the socket.
+//! The handlers run as boxed futures: an idle session's task then holds only the socket
+//! and the wait on its outbox, not the largest state any handler can reach. Work that
+//! waits on the network (upstream POSTs) runs in its own short-lived task and answers
+//! through the outbox, so a slow backend never stalls the socket.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,13 +28,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::AgentIdentity;
-use crate::hub::{Connection, Outbound, unix_now};
+use crate::hub::{Connection, Outbound};
 use crate::metrics::label;
 use crate::rate::TokenBucket;
-use crate::state::AppState;
+use crate::state::{Admission, AppState};
 use crate::upstream::{Event, UpstreamError};
 
 /// How long to wait for the peer's close frame after sending ours.
@@ -41,47 +43,34 @@ const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one batch of writes may take before the agent counts as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one authenticated agent until its connection ends.
-pub async fn run<T>(state: Arc<AppState>, ws: WebSocketStream<T>, identity: AgentIdentity)
+/// The task that serves one authenticated agent until its connection ends. `admission`
+/// is its slot under `limits.maxConnections`, released when the session is over.
+///
+/// The session is built here, synchronously, and moved into the future as its only
+/// state: an async fn's arguments are stored beside its locals for its whole life, so
+/// passing the socket in and building the session inside would keep two copies of it.
+pub fn task<T>(
+    state: Arc<AppState>,
+    ws: WebSocketStream<T>,
+    identity: AgentIdentity,
+    admission: Admission,
+) -> impl Future<Output = ()>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    let grace = state.config.auth.jwt.refresh_grace_seconds;
     let conn = Connection::new(
         state.hub.next_connection_id(),
         &identity.agent_id,
         identity.groups,
+        identity.expires_at.saturating_add(grace),
     );
-    let span = info_span!("session", agent = %conn.agent_id, connection = conn.id);
-    async move {
-        if let Some(old) = state.hub.register(&conn).replaced {
-            debug!(old = old.id, "replaced older connection");
-        }
-        state.router.connected(&conn).await;
-        state.metrics.connections_active.add(1, &[]);
-        notify_upstream(&state, &conn, UpstreamEvent::Connect);
-
-        let mut session = Session::new(state.clone(), conn.clone(), ws, identity.expires_at);
-        let code = session.serve().await;
-        debug!(code = code.map(CloseCode::code), "session ended");
-
-        state.hub.unregister(&conn);
-        state.router.disconnected(&conn).await;
-        state.metrics.connections_active.add(-1, &[]);
-        let code_label = code.map(|c| i64::from(c.code())).unwrap_or(1006);
-        state
-            .metrics
-            .connections_closed
-            .add(1, &label("code", code_label));
-        let lost = conn.queue_len();
-        if lost > 0 {
-            state.metrics.messages_dropped.add(lost as u64, &[]);
-        }
-        notify_upstream(&state, &conn, UpstreamEvent::Disconnect);
-    }
-    .instrument(span)
-    .await
+    // A span lives as long as its connection and costs memory in the subscriber while
+    // enabled: per-connection spans are debug-level, per-message work is traced above it.
+    let span = debug_span!("session", agent = %conn.agent_id, connection = conn.id);
+    let session = Session::new(state, conn, ws, admission);
+    session.run().instrument(span)
 }
-
 /// Tells the upstream about connect/disconnect when it asked for those events.
 fn notify_upstream(state: &Arc<AppState>, conn: &Arc<Connection>, event: UpstreamEvent) {
     let Some(upstream) = state.upstream.clone() else {
@@ -114,14 +103,10 @@ struct Session<T> {
     state: Arc<AppState>,
     conn: Arc<Connection>,
     ws: WebSocketStream<T>,
-    /// Token expiry as an instant; the session closes with 4001 after it.
-    expires_at: Instant,
     bucket: TokenBucket,
     rate_violations: u32,
     invalid_envelopes: u32,
-    last_inbound: Instant,
-    last_data: Instant,
-    awaiting_pong_since: Option<Instant>,
+    _admission: Admission,
 }
 
 /// Why the loop stopped: close with this code (`None`: the socket is already gone).
@@ -135,22 +120,57 @@ where
         state: Arc<AppState>,
         conn: Arc<Connection>,
         ws: WebSocketStream<T>,
-        expires_at: u64,
+        admission: Admission,
     ) -> Self {
-        let now = Instant::now();
         let limits = &state.config.limits;
-        let bucket = TokenBucket::new(limits.messages_per_second, limits.message_burst, now);
+        let bucket = TokenBucket::new(
+            limits.messages_per_second,
+            limits.message_burst,
+            Instant::now(),
+        );
         Self {
-            expires_at: instant_of_unix(expires_at, state.config.auth.jwt.refresh_grace_seconds),
             state,
             conn,
             ws,
             bucket,
             rate_violations: 0,
             invalid_envelopes: 0,
-            last_inbound: now,
-            last_data: now,
-            awaiting_pong_since: None,
+            _admission: admission,
+        }
+    }
+
+    /// Registers the connection, serves it, and cleans up after it.
+    ///
+    /// Not an `async fn`: its argument would be stored in the future twice (once as the
+    /// argument, once as the local it is moved into) — 400 bytes per idle connection.
+    /// An async block captures the session once.
+    fn run(self) -> impl Future<Output = ()> {
+        let mut session = self;
+        async move {
+            let (state, conn) = (session.state.clone(), session.conn.clone());
+            if let Some(old) = state.hub.register(&conn).replaced {
+                debug!(old = old.id, "replaced older connection");
+            }
+            state.router.connected(&conn).await;
+            state.metrics.connections_active.add(1, &[]);
+            notify_upstream(&state, &conn, UpstreamEvent::Connect);
+
+            let code = session.serve().await;
+            debug!(code = code.map(CloseCode::code), "session ended");
+
+            state.hub.unregister(&conn);
+            state.router.disconnected(&conn).await;
+            state.metrics.connections_active.add(-1, &[]);
+            let code_label = code.map(|c| i64::from(c.code())).unwrap_or(1006);
+            state
+                .metrics
+                .connections_closed
+                .add(1, &label("code", code_label));
+            let lost = conn.queue_len();
+            if lost > 0 {
+                state.metrics.messages_dropped.add(lost as u64, &[]);
+            }
+            notify_upstream(&state, &conn, UpstreamEvent::Disconnect);
         }
     }
 
@@ -159,90 +179,38 @@ where
         let welcome = GatewayMessage::Welcome(Welcome {
             agent_id: self.conn.agent_id.to_string(),
             connection_id: self.conn.id.to_string(),
-            expires_at: Some(self.unix_expiry()),
+            expires_at: Some(
+                self.conn
+                    .clock
+                    .expires_at()
+                    .saturating_sub(self.state.config.auth.jwt.refresh_grace_seconds),
+            ),
             max_message_bytes: self.state.config.limits.max_message_bytes,
             messages_per_second: self.state.config.limits.messages_per_second,
         });
-        if self.write_now(welcome).await.is_err() {
+        if Box::pin(self.write_now(welcome)).await.is_err() {
             return None;
         }
-        let timer = tokio::time::sleep_until(self.next_deadline().into());
-        tokio::pin!(timer);
         let mut batch = Vec::new();
         let ended = loop {
             tokio::select! {
                 frame = self.ws.next() => {
-                    if let Some(ended) = self.on_inbound(frame).await {
+                    if let Some(ended) = Box::pin(self.on_inbound(frame)).await {
                         break ended;
                     }
                 }
                 () = self.conn.queued() => {
                     self.conn.take_queued(&mut batch);
-                    if let Some(ended) = self.write_batch(&mut batch).await {
-                        break ended;
-                    }
-                }
-                () = &mut timer => {
-                    if let Some(ended) = self.on_deadline().await {
+                    if let Some(ended) = Box::pin(self.write_batch(&mut batch)).await {
                         break ended;
                     }
                 }
             }
-            timer.as_mut().reset(self.next_deadline().into());
         };
         if let Some(code) = ended {
-            self.close(code).await;
+            Box::pin(self.close(code)).await;
         }
         ended
-    }
-
-    fn unix_expiry(&self) -> u64 {
-        let grace = self.state.config.auth.jwt.refresh_grace_seconds;
-        let remaining = self.expires_at.saturating_duration_since(Instant::now());
-        (unix_now() + remaining.as_secs()).saturating_sub(grace)
-    }
-
-    fn next_deadline(&self) -> Instant {
-        let limits = &self.state.config.limits;
-        let liveness = match self.awaiting_pong_since {
-            Some(sent) => sent + Duration::from_secs(limits.pong_timeout_seconds),
-            None => self.last_inbound + Duration::from_secs(limits.ping_interval_seconds),
-        };
-        let mut deadline = liveness.min(self.expires_at);
-        if limits.idle_timeout_seconds > 0 {
-            deadline =
-                deadline.min(self.last_data + Duration::from_secs(limits.idle_timeout_seconds));
-        }
-        deadline
-    }
-
-    async fn on_deadline(&mut self) -> Option<Ended> {
-        let now = Instant::now();
-        let limits = &self.state.config.limits;
-        if now >= self.expires_at {
-            return Some(Some(CloseCode::TokenExpired));
-        }
-        if limits.idle_timeout_seconds > 0
-            && now >= self.last_data + Duration::from_secs(limits.idle_timeout_seconds)
-        {
-            return Some(Some(CloseCode::IdleTimeout));
-        }
-        match self.awaiting_pong_since {
-            Some(sent) if now >= sent + Duration::from_secs(limits.pong_timeout_seconds) => {
-                Some(Some(CloseCode::PingTimeout))
-            }
-            Some(_) => None,
-            None if now
-                >= self.last_inbound + Duration::from_secs(limits.ping_interval_seconds) =>
-            {
-                self.awaiting_pong_since = Some(now);
-                match self.ws.send(Message::Ping(Default::default())).await {
-                    Ok(()) => None,
-                    Err(_) => Some(None),
-                }
-            }
-            None => None,
-        }
     }
 
     async fn on_inbound(&mut self, frame: Option<Result<Message, WsError>>) -> Option<Ended> {
@@ -252,11 +220,11 @@ where
             Some(Ok(message)) => message,
             Some(Err(e)) => return Some(close_code_for(&e)),
         };
-        self.last_inbound = now;
-        self.awaiting_pong_since = None;
+        self.conn
+            .clock
+            .touch(matches!(message, Message::Text(_) | Message::Binary(_)));
         match message {
             Message::Text(text) => {
-                self.last_data = now;
                 self.state
                     .metrics
                     .messages_received
@@ -267,7 +235,6 @@ where
                 self.on_text(text.as_str()).await
             }
             Message::Binary(data) => {
-                self.last_data = now;
                 self.state
                     .metrics
                     .messages_received
@@ -351,7 +318,9 @@ where
         match self.state.verifier.verify(token) {
             Ok(identity) if identity.agent_id == *self.conn.agent_id => {
                 let grace = self.state.config.auth.jwt.refresh_grace_seconds;
-                self.expires_at = instant_of_unix(identity.expires_at, grace);
+                self.conn
+                    .clock
+                    .set_expiry(identity.expires_at.saturating_add(grace));
                 let reply = GatewayMessage::Refreshed {
                     expires_at: Some(identity.expires_at),
                 };
@@ -456,6 +425,7 @@ where
                 let message = match frame {
                     Outbound::Text(text) => Message::Text(text),
                     Outbound::Binary(data) => Message::Binary(data),
+                    Outbound::Ping => Message::Ping(Default::default()),
                     Outbound::Close(code) => {
                         close = Some(code);
                         break;
@@ -500,12 +470,6 @@ where
         })
         .await;
     }
-}
-
-/// Converts a token's `exp` (Unix seconds) plus grace into a monotonic instant.
-fn instant_of_unix(exp: u64, grace: u64) -> Instant {
-    let remaining = exp.saturating_add(grace).saturating_sub(unix_now());
-    Instant::now() + Duration::from_secs(remaining)
 }
 
 /// The RFC 6455 close code for a read error, `None` when the socket is simply gone.

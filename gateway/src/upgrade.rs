@@ -19,7 +19,7 @@ use tether_protocol::SUBPROTOCOL;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, warn};
 
 use crate::api::ApiError;
 use crate::auth::AuthError;
@@ -185,21 +185,20 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
     let on_upgrade = hyper::upgrade::on(&mut req);
     let ws_config = state.ws_config;
     let session_state = state.clone();
-    let span = info_span!("connect", agent = %identity.agent_id);
     state.tasks.spawn(async move {
-        let _admission = admission;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
-                let _enter = span.enter();
-                warn!(%e, "upgrade failed after 101");
+                warn!(%e, agent = %identity.agent_id, "upgrade failed after 101");
                 return;
             }
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
-        crate::session::run(session_state, ws, identity).await;
+        let io = TokioIo::new(upgraded);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+        // A task of its own: the session's future is then only the session, not this
+        // handshake's state too — it is what every idle connection keeps in memory.
+        let tasks = session_state.tasks.clone();
+        tasks.spawn(crate::session::task(session_state, ws, identity, admission));
     });
     state.metrics.handshakes.add(1, &label("result", "ok"));
     Response::builder()

@@ -1,0 +1,228 @@
+//! Liveness without a timer per connection: one sweeper task per process checks every
+//! connection once a second and queues a ping or a close where one is due.
+//!
+//! A tokio `Sleep` costs over 100 bytes inline in every session future, and re-arming it
+//! on each message costs timer-wheel work; at a million idle sockets both add up. Here a
+//! connection carries four small atomics ([`Clock`]), its session stamps them as frames
+//! arrive, and [`verdict`] — a pure function — decides. Deadlines are second-granular,
+//! which is plenty for pings every tens of seconds and token lifetimes in minutes.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tether_config::Limits;
+use tether_protocol::CloseCode;
+
+use crate::hub::{Hub, Outbound, unix_now};
+
+/// Seconds since the process started: a compact, monotonic time for per-connection
+/// stamps (u32 lasts 136 years).
+pub fn now_secs() -> u32 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs() as u32
+}
+
+/// Per-connection liveness stamps, written by the session and read by the sweeper.
+#[derive(Debug)]
+pub struct Clock {
+    last_inbound: AtomicU32,
+    last_data: AtomicU32,
+    /// When the unanswered ping was sent, plus one (0: none outstanding).
+    ping_sent: AtomicU32,
+    /// Unix seconds after which the session ends unless refreshed.
+    expires_at: AtomicU64,
+}
+
+impl Clock {
+    /// A clock for a connection that opened now and expires at `expires_at`.
+    pub fn new(expires_at: u64) -> Self {
+        let now = now_secs();
+        Self {
+            last_inbound: AtomicU32::new(now),
+            last_data: AtomicU32::new(now),
+            ping_sent: AtomicU32::new(0),
+            expires_at: AtomicU64::new(expires_at),
+        }
+    }
+
+    /// Any frame arrived: the peer is alive. `data` for text and binary messages.
+    pub fn touch(&self, data: bool) {
+        let now = now_secs();
+        self.last_inbound.store(now, Ordering::Relaxed);
+        if data {
+            self.last_data.store(now, Ordering::Relaxed);
+        }
+        self.ping_sent.store(0, Ordering::Relaxed);
+    }
+
+    /// A refreshed token moved the expiry.
+    pub fn set_expiry(&self, expires_at: u64) {
+        self.expires_at.store(expires_at, Ordering::Relaxed);
+    }
+
+    /// The current expiry (Unix seconds).
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at.load(Ordering::Relaxed)
+    }
+
+    fn stamps(&self) -> Stamps {
+        let ping = self.ping_sent.load(Ordering::Relaxed);
+        Stamps {
+            last_inbound: self.last_inbound.load(Ordering::Relaxed),
+            last_data: self.last_data.load(Ordering::Relaxed),
+            ping_sent: ping.checked_sub(1),
+            expires_at: self.expires_at(),
+        }
+    }
+
+    fn ping_sent_now(&self, now: u32) {
+        self.ping_sent.store(now + 1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of a connection's stamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamps {
+    /// Last frame of any kind (process seconds).
+    pub last_inbound: u32,
+    /// Last text or binary message (process seconds).
+    pub last_data: u32,
+    /// When the outstanding ping was sent, if one is.
+    pub ping_sent: Option<u32>,
+    /// Token expiry plus grace (Unix seconds).
+    pub expires_at: u64,
+}
+
+/// What a connection needs now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing.
+    Fine,
+    /// Nothing heard for a ping interval: ask.
+    Ping,
+    /// End it with this code.
+    Close(CloseCode),
+}
+
+/// Decides what a connection needs, from its stamps, the time (process seconds and
+/// Unix seconds) and the limits.
+pub fn verdict(stamps: Stamps, now: u32, unix: u64, limits: &Limits) -> Verdict {
+    if unix >= stamps.expires_at {
+        return Verdict::Close(CloseCode::TokenExpired);
+    }
+    let elapsed = |since: u32| u64::from(now.saturating_sub(since));
+    if limits.idle_timeout_seconds > 0 && elapsed(stamps.last_data) >= limits.idle_timeout_seconds {
+        return Verdict::Close(CloseCode::IdleTimeout);
+    }
+    match stamps.ping_sent {
+        Some(sent) if elapsed(sent) >= limits.pong_timeout_seconds => {
+            Verdict::Close(CloseCode::PingTimeout)
+        }
+        Some(_) => Verdict::Fine,
+        None if elapsed(stamps.last_inbound) >= limits.ping_interval_seconds => Verdict::Ping,
+        None => Verdict::Fine,
+    }
+}
+
+/// Checks every connection once a second, forever.
+pub async fn sweep(hub: Arc<Hub>, limits: Limits) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (now, unix) = (now_secs(), unix_now());
+        hub.for_each(
+            |conn| match verdict(conn.clock.stamps(), now, unix, &limits) {
+                Verdict::Fine => {}
+                Verdict::Ping => {
+                    conn.clock.ping_sent_now(now);
+                    // One slot over the bound: a ping must not be refused by a full queue,
+                    // and a full queue's writes will time the connection out anyway.
+                    let _ = conn.enqueue(Outbound::Ping, limits.outbound_queue + 1);
+                }
+                Verdict::Close(code) => conn.close(code),
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            ping_interval_seconds: 30,
+            pong_timeout_seconds: 10,
+            idle_timeout_seconds: 0,
+            ..Limits::default()
+        }
+    }
+
+    fn stamps() -> Stamps {
+        Stamps {
+            last_inbound: 100,
+            last_data: 100,
+            ping_sent: None,
+            expires_at: 10_000,
+        }
+    }
+
+    #[test]
+    fn pings_after_a_quiet_interval_then_closes_without_pong() {
+        let l = limits();
+        assert_eq!(verdict(stamps(), 129, 0, &l), Verdict::Fine);
+        assert_eq!(verdict(stamps(), 130, 0, &l), Verdict::Ping);
+        let pinged = Stamps {
+            ping_sent: Some(130),
+            ..stamps()
+        };
+        assert_eq!(verdict(pinged, 139, 0, &l), Verdict::Fine);
+        assert_eq!(
+            verdict(pinged, 140, 0, &l),
+            Verdict::Close(CloseCode::PingTimeout)
+        );
+    }
+
+    #[test]
+    fn expiry_wins_over_everything() {
+        let s = Stamps {
+            expires_at: 500,
+            ..stamps()
+        };
+        assert_eq!(
+            verdict(s, 100, 500, &limits()),
+            Verdict::Close(CloseCode::TokenExpired)
+        );
+        assert_eq!(verdict(s, 100, 499, &limits()), Verdict::Fine);
+    }
+
+    #[test]
+    fn idle_timeout_counts_only_data() {
+        let l = Limits {
+            idle_timeout_seconds: 60,
+            ..limits()
+        };
+        // Pongs keep last_inbound fresh, but no data for 60 s still closes.
+        let s = Stamps {
+            last_inbound: 159,
+            ..stamps()
+        };
+        assert_eq!(verdict(s, 159, 0, &l), Verdict::Fine);
+        assert_eq!(
+            verdict(s, 160, 0, &l),
+            Verdict::Close(CloseCode::IdleTimeout)
+        );
+    }
+
+    #[test]
+    fn clock_touch_clears_the_outstanding_ping() {
+        let clock = Clock::new(10_000);
+        clock.ping_sent_now(now_secs());
+        assert!(clock.stamps().ping_sent.is_some());
+        clock.touch(false);
+        assert_eq!(clock.stamps().ping_sent, None);
+    }
+}
