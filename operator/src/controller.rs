@@ -33,7 +33,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::resources::{self, Desired, MANAGED_BY, Settings};
-use crate::status::{Observed, pool_status, target_replicas};
+use crate::status::{Observed, pool_status};
 use crate::validate::{SpecError, validate};
 
 /// The one field manager the operator applies with (children and status alike).
@@ -74,6 +74,8 @@ pub struct Context {
     pub secret_recheck: Duration,
     /// Consecutive failures per pool, for the backoff.
     failures: Mutex<HashMap<ObjectRef<ConnectionPool>, u32>>,
+    /// Scaling memory per pool (the stabilization window's recommendations).
+    pub autoscaler: crate::autoscale::Autoscaler,
 }
 
 // === impl Context ===
@@ -97,6 +99,7 @@ impl Context {
             metrics,
             secret_recheck: SECRET_RECHECK,
             failures: Mutex::default(),
+            autoscaler: Default::default(),
         }
     }
 
@@ -200,7 +203,10 @@ pub fn error_policy(pool: Arc<ConnectionPool>, err: &Error, ctx: Arc<Context>) -
 }
 
 async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
-    let target = target_replicas(pool);
+    // The autoscaler decides the StatefulSet's replicas (and drains before lowering them).
+    let now = Timestamp::now();
+    let plan = ctx.autoscaler.step(&ctx.client, pool, now).await?;
+    let target = plan.stateful_set_replicas;
     let outcome: Result<StatefulSet, SpecError> = match validate(pool) {
         Err(problem) => Err(problem),
         Ok(()) => match check_secrets(pool, ctx).await? {
@@ -228,7 +234,7 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
                     stateful_set: Some(sts),
                     problem: None,
                 },
-                Action::requeue(RESYNC),
+                Action::requeue(plan.requeue.min(RESYNC)),
             )
         }
         Err(problem) => {
@@ -255,7 +261,24 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
             )
         }
     };
-    let status = pool_status(pool, &observed, target, Timestamp::now());
+    let mut status = pool_status(pool, &observed, target, now);
+    let applied = outcome.is_ok();
+    if applied {
+        crate::autoscale::write_status(
+            &mut status,
+            pool.status.as_ref(),
+            &plan,
+            pool.metadata.generation,
+            now,
+        );
+    } else {
+        // Nothing was applied: keep the instructions as they were.
+        status.instructions = pool
+            .status
+            .as_ref()
+            .map(|s| s.instructions.clone())
+            .unwrap_or_default();
+    }
     let body = serde_json::json!({
         "apiVersion": format!("{}/{}", tether_crds::GROUP, tether_crds::VERSION),
         "kind": "ConnectionPool",
@@ -268,6 +291,9 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     );
     api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(body))
         .await?;
+    if applied {
+        crate::autoscale::after_apply(&ctx.client, &ctx.recorder, pool, &plan).await;
+    }
     Ok(action)
 }
 
@@ -429,6 +455,7 @@ where
 /// is where a drain-before-delete will go.
 async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    ctx.autoscaler.forget(pool);
     let client = &ctx.client;
     let base = resources::base_name(pool);
     let rbac = resources::rbac_name(pool);

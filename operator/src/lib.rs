@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod autoscale;
 pub mod controller;
 pub mod lease;
 pub mod metrics;

@@ -401,7 +401,9 @@ pub fn desired(
         }),
     )?;
     // Pods report into `status.pods[]` of their own pool and of nothing else: the rule
-    // names the pool, so a compromised gateway cannot touch other tenants' pools.
+    // names the pool, so a compromised gateway cannot touch other tenants' pools. They
+    // watch that one pool (a list/watch with `fieldSelector=metadata.name=<pool>`, which
+    // `resourceNames` permits) for the operator's drain and shed instructions.
     let role = typed(
         "Role",
         json!({
@@ -412,6 +414,11 @@ pub fn desired(
                 "resources": ["connectionpools/status"],
                 "resourceNames": [pool.name_any()],
                 "verbs": ["get", "patch"],
+            }, {
+                "apiGroups": [tether_crds::GROUP],
+                "resources": ["connectionpools"],
+                "resourceNames": [pool.name_any()],
+                "verbs": ["get", "list", "watch"],
             }],
         }),
     )?;

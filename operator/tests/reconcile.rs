@@ -473,7 +473,9 @@ async fn the_operator_never_wipes_the_pods_status_entries() {
     let entry = json!({
         "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
         "metadata": {"name": "acme"},
-        "status": {"pods": [{"name": "acme-0", "connections": 42, "ready": true, "draining": false, "bootId": "b1"}]},
+        // Dated now: undated or stale entries are ignored (and pruned) by the autoscaler.
+        "status": {"pods": [{"name": "acme-0", "connections": 42, "ready": true, "draining": false, "bootId": "b1",
+                             "observedAt": k8s_openapi::jiff::Timestamp::now().to_string()}]},
     });
     pools(&client)
         .patch_status(

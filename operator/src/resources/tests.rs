@@ -267,7 +267,17 @@ fn config_hash_changes_with_config_only() {
 fn gateway_rbac_is_limited_to_the_pools_own_status() {
     let d = build(&pool("acme"));
     let rules = d.role.rules.as_ref().unwrap();
-    assert_eq!(rules.len(), 1);
+    assert_eq!(rules.len(), 2);
+    // Reading (and watching) its own pool, for the operator's instructions.
+    assert_eq!(
+        rules[1].resources.as_deref(),
+        Some(&["connectionpools".to_string()][..])
+    );
+    assert_eq!(
+        rules[1].resource_names.as_deref(),
+        Some(&["acme".to_string()][..])
+    );
+    assert_eq!(rules[1].verbs, ["get", "list", "watch"]);
     assert_eq!(
         rules[0].resources.as_deref(),
         Some(&["connectionpools/status".to_string()][..])
