@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         pod_name,
         log_json,
     } = Args::parse();
-    tether_gateway::telemetry::init(log_json);
+    let _telemetry = tether_gateway::telemetry::init("tether-gateway", log_json)?;
 
     let mut config = match &config {
         Some(path) => GatewayConfig::from_file(path)?,
