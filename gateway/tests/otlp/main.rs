@@ -12,7 +12,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 #[path = "../gateway/common.rs"]
-#[allow(dead_code)]
 mod common;
 
 /// Every request body the receiver got, by signal (`metrics`, `traces`).

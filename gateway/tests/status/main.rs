@@ -5,7 +5,6 @@
 //! clean shutdown.
 
 #[path = "../gateway/common.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::time::Duration;
