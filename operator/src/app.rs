@@ -64,6 +64,12 @@ pub struct Args {
     /// How soon a pool waiting for a missing Secret is looked at again.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub secret_recheck: Duration,
+    /// Most reconciles in flight at once (0: unbounded).
+    #[arg(long, env = "TETHER_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+    /// Debounce of reconcile requests (coalesces the burst of events an apply causes).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub debounce: Duration,
     /// Log format: `text` or `json`.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -106,6 +112,8 @@ pub async fn run(
         lease_renew,
         no_leader_election,
         secret_recheck,
+        concurrency,
+        debounce,
         log_format: _, // used by main's telemetry setup
     } = args;
     let identity = identity.unwrap_or_else(default_identity);
@@ -161,7 +169,11 @@ pub async fn run(
     let mut ctx = Context::new(client, settings, metrics.clone(), Some(identity));
     ctx.secret_recheck = secret_recheck;
     let ctx = Arc::new(ctx);
-    let scope = Scope { namespace };
+    let scope = Scope {
+        namespace,
+        concurrency,
+        debounce,
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {

@@ -499,11 +499,18 @@ async fn publish(
     }
 }
 
-/// Which pools one operator process manages.
+/// Which pools one operator process manages, and how many at once.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
     /// Only this namespace; all namespaces when `None`.
     pub namespace: Option<String>,
+    /// Most reconciles in flight (0: unbounded). A bound keeps a burst of pools (an
+    /// operator restart, a namespace applied at once) from queueing hundreds of requests
+    /// at the API server at the same moment.
+    pub concurrency: u16,
+    /// Trailing-edge debounce of reconcile requests: the burst of watch events a pool's
+    /// own apply causes (nine children, its status) becomes one reconcile.
+    pub debounce: Duration,
 }
 
 fn api_for<K>(client: &Client, scope: &Scope) -> Api<K>

@@ -110,3 +110,116 @@ async fn hundred_pools_latency_and_memory() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The stand-in's own cost per request, to read the figures above against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures"]
+async fn stand_in_request_cost() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+    let (_sim, client) = cluster().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    for objects in [0usize, 1000] {
+        for i in 0..objects {
+            let cm: ConfigMap = serde_json::from_value(
+                json!({"metadata": {"name": format!("filler-{objects}-{i}")}, "data": {"k": "v"}}),
+            )
+            .unwrap();
+            cms.create(&PostParams::default(), &cm).await.unwrap();
+        }
+        let started = Instant::now();
+        for i in 0..200 {
+            let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("ssa-{objects}-{}", i % 20)}, "data": {"i": i.to_string()}});
+            cms.patch(
+                &format!("ssa-{objects}-{}", i % 20),
+                &PatchParams::apply("bench").force(),
+                &Patch::Apply(cm),
+            )
+            .await
+            .unwrap();
+        }
+        let apply = started.elapsed() / 200;
+        let started = Instant::now();
+        for i in 0..200 {
+            cms.get(&format!("ssa-{objects}-{}", i % 20)).await.unwrap();
+        }
+        println!(
+            "stand-in with {objects} extra objects: SSA apply {apply:?}, get {:?} per request",
+            started.elapsed() / 200
+        );
+    }
+}
+
+/// Cost of each kind of call one reconcile makes, with 100 reconciled pools around.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures"]
+async fn stand_in_cost_per_call_with_100_pools() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams};
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("bench"));
+    create_pools(&client).await;
+    await_all_reconciled(&client).await;
+    let settled = op.metrics.reconciles();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!(
+        "reconciles in 3 s after convergence: {}",
+        op.metrics.reconciles() - settled
+    );
+    drop(op);
+    let stss: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+    let sts = stss.get("pool-000").await.unwrap();
+    let mut body = serde_json::to_value(&sts).unwrap();
+    body["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| ["name", "namespace", "labels", "ownerReferences"].contains(&k.as_str()));
+    body.as_object_mut().unwrap().remove("status");
+    let n = 20;
+    let t = Instant::now();
+    for _ in 0..n {
+        secrets.get("acme-jwt").await.unwrap();
+    }
+    println!("get secret: {:?}", t.elapsed() / n);
+    let t = Instant::now();
+    for _ in 0..n {
+        stss.patch(
+            "pool-000",
+            &PatchParams::apply("tether-operator").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .unwrap();
+    }
+    println!("SSA statefulset (no-op): {:?}", t.elapsed() / n);
+    let status = json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool", "metadata": {"name": "pool-000"}, "status": {"replicas": 0}});
+    let t = Instant::now();
+    for _ in 0..n {
+        pools
+            .patch_status(
+                "pool-000",
+                &PatchParams::apply("bench-status").force(),
+                &Patch::Apply(&status),
+            )
+            .await
+            .unwrap();
+    }
+    println!("SSA pool status: {:?}", t.elapsed() / n);
+    let rv = |p: ConnectionPool| p.metadata.resource_version.unwrap();
+    let before = rv(pools.get("pool-000").await.unwrap());
+    pools
+        .patch_status(
+            "pool-000",
+            &PatchParams::apply("bench-status").force(),
+            &Patch::Apply(&status),
+        )
+        .await
+        .unwrap();
+    println!(
+        "no-op status apply changes resourceVersion: {}",
+        before != rv(pools.get("pool-000").await.unwrap())
+    );
+}
