@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -228,6 +229,10 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     let internal_server = tokio::spawn({
         let stop = stop_internal.clone();
         async move {
+            // Small JSON answers must not wait for Nagle + delayed ACK (tens of ms).
+            let internal = internal.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(internal, internal_app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
