@@ -1,7 +1,7 @@
 //! `meta.k8s.io/v1` Table responses, which `kubectl get` asks for (`Accept: ...;as=Table`).
 //!
 //! Columns: Name, then the CRD's `additionalPrinterColumns` (simple `.a.b` JSON paths;
-//! array indexes and filters are not evaluated) or a few built-in ones, then Age.
+//! array indexes and filters are not evaluated), or a few built-in ones then Age.
 
 use serde_json::{Value, json};
 
@@ -56,22 +56,26 @@ pub fn columns(t: &ResourceType, version: &str) -> Vec<(String, String, String)>
     let mut cols: Vec<(String, String, String)> =
         vec![("Name".into(), "string".into(), ".metadata.name".into())];
     match t.version(version) {
+        // A CRD with additionalPrinterColumns gets exactly Name + its columns: the real
+        // server (apiextensions tableconvertor) adds no Age of its own; CRDs list it.
         Some(v) if !v.columns.is_empty() => cols.extend(
             v.columns
                 .iter()
                 .map(|c| (c.name.clone(), c.type_.clone(), c.json_path.clone())),
         ),
-        _ => cols.extend(
-            builtin_columns(t)
-                .into_iter()
-                .map(|(a, b, c)| (a.into(), b.into(), c.into())),
-        ),
+        _ => {
+            cols.extend(
+                builtin_columns(t)
+                    .into_iter()
+                    .map(|(a, b, c)| (a.into(), b.into(), c.into())),
+            );
+            cols.push((
+                "Age".into(),
+                "date".into(),
+                ".metadata.creationTimestamp".into(),
+            ));
+        }
     }
-    cols.push((
-        "Age".into(),
-        "date".into(),
-        ".metadata.creationTimestamp".into(),
-    ));
     cols
 }
 
