@@ -369,19 +369,32 @@ async fn request(
     result
 }
 
-#[instrument(skip_all, fields(group = %group))]
-async fn send_to_group(
-    State(state): State<Arc<AppState>>,
-    Path(group): Path<String>,
-    headers: HeaderMap,
+/// Which audience a fan-out goes to.
+enum Audience<'a> {
+    Group(&'a str),
+    Everyone,
+}
+
+/// Group send and broadcast: the frame is encoded once and shared by every recipient.
+async fn fan_out(
+    state: &AppState,
+    audience: Audience<'_>,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
+    let op = match audience {
+        Audience::Group(_) => "group",
+        Audience::Everyone => "broadcast",
+    };
     let result = async {
-        let body = checked_body(&state, body)?;
-        let id = message_id(&headers)?;
-        let frame = push_frame(&headers, &body, &id, false)?;
-        let delivered = state.router.send_to_group(&group, frame).await?;
+        let body = checked_body(state, body)?;
+        let id = message_id(headers)?;
+        let frame = push_frame(headers, &body, &id, false)?;
+        let delivered = match audience {
+            Audience::Group(group) => state.router.send_to_group(group, frame).await?,
+            Audience::Everyone => state.router.broadcast(frame).await?,
+        };
         Ok((
             StatusCode::ACCEPTED,
             Json(json!({"id": id, "delivered": delivered})),
@@ -389,8 +402,18 @@ async fn send_to_group(
             .into_response())
     }
     .await;
-    record(&state, "group", started, &result);
+    record(state, op, started, &result);
     result
+}
+
+#[instrument(skip_all, fields(group = %group))]
+async fn send_to_group(
+    State(state): State<Arc<AppState>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    fan_out(&state, Audience::Group(&group), &headers, body).await
 }
 
 #[instrument(skip_all)]
@@ -399,21 +422,7 @@ async fn broadcast(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let started = Instant::now();
-    let result = async {
-        let body = checked_body(&state, body)?;
-        let id = message_id(&headers)?;
-        let frame = push_frame(&headers, &body, &id, false)?;
-        let delivered = state.router.broadcast(frame).await?;
-        Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({"id": id, "delivered": delivered})),
-        )
-            .into_response())
-    }
-    .await;
-    record(&state, "broadcast", started, &result);
-    result
+    fan_out(&state, Audience::Everyone, &headers, body).await
 }
 
 async fn presence(
