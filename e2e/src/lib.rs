@@ -811,7 +811,7 @@ impl Agents {
                 stop.clone(),
             ));
             self.agents.push((id, state, stop, task));
-            if self.agents.len() % 50 == 0 {
+            if self.agents.len().is_multiple_of(50) {
                 // Arrive in waves rather than one burst of SYNs.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

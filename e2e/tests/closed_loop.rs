@@ -126,11 +126,14 @@ async fn run(s: Scenario) -> anyhow::Result<()> {
         let storm = agents.stats.hints.load(Ordering::Relaxed);
         println!(
             "phase many: {} agents → {expected_many} pods in {:?} (scaled and all connected after {to_scale:?}); \
-             balanced after {:?}: max {max} per pod vs mean {mean:.0}; reconnect hints so far {storm} ({} during rebalancing); per pod {:?}",
+             balanced after {:?}: max {max} per pod vs mean {mean:.0}; reconnect storm: {storm} hints ({} after the size settled); \
+             sessions {}, refused handshakes {}; per pod {:?}",
             s.agents_many,
             t0.elapsed(),
             t0.elapsed(),
             storm - hints_before.min(storm),
+            agents.stats.sessions.load(Ordering::Relaxed),
+            agents.stats.refused.load(Ordering::Relaxed),
             agents.per_pod()
         );
 

@@ -159,7 +159,12 @@ pub fn plan(
         history,
         now,
     );
-    let wanted = decision.replicas;
+    // While a drain is under way, the pool only goes further down once it is done (a
+    // step is drained and removed before the next begins); going up calls it off.
+    let wanted = match settling {
+        Some(floor) => decision.replicas.max(floor),
+        None => decision.replicas,
+    };
 
     let mut events = Vec::new();
     let mut instructions: Vec<PodInstruction> = Vec::new();
@@ -301,27 +306,24 @@ pub fn plan(
         && instructions
             .iter()
             .all(|i| ordinal(&name, &i.pod).is_some_and(|o| o >= n));
-    if settled && orch.spread_percent > 0 {
-        if let Some((round, reason)) =
+    if settled
+        && orch.spread_percent > 0
+        && let Some((round, reason)) =
             rebalance(&name, &status.instructions, &live, n, &policy, &orch, now)
-        {
-            if reason.is_some()
-                && round
-                    .iter()
-                    .any(|i| i.issued_at.as_ref().is_some_and(|t| t.0 == now))
-            {
-                events.push(ScaleEvent {
-                    reason: "Rebalancing",
-                    note: reason.clone().unwrap_or_default(),
-                });
-            }
-            scaling = (
-                true,
-                "Rebalancing",
-                reason.unwrap_or_else(|| "rebalancing round in progress".into()),
-            );
-            instructions.extend(round);
+    {
+        // A new round (not one still running) gets an Event.
+        if let Some(note) = &reason {
+            events.push(ScaleEvent {
+                reason: "Rebalancing",
+                note: note.clone(),
+            });
         }
+        scaling = (
+            true,
+            "Rebalancing",
+            reason.unwrap_or_else(|| "rebalancing round in progress".into()),
+        );
+        instructions.extend(round);
     }
     instructions.sort_by(|a, b| a.pod.cmp(&b.pod));
 
@@ -689,6 +691,35 @@ mod tests {
         let step4 = plan(&p, Some(1), &old_history(), t(115));
         assert!(step4.instructions.is_empty());
         assert_eq!(step4.stateful_set_replicas, 1);
+    }
+
+    #[test]
+    fn one_step_is_drained_and_removed_before_the_next_begins() {
+        // 4 pods, load for 1, at most 2 removed per step: p-2 and p-3 drain first.
+        let p = pool(
+            &[(0, 5, false), (1, 5, false), (2, 5, false), (3, 5, false)],
+            vec![],
+            Some(4),
+            100,
+        );
+        let first = plan(&p, Some(4), &old_history(), t(100));
+        assert_eq!(
+            (first.stateful_set_replicas, first.desired_replicas),
+            (4, 2)
+        );
+        // Still draining: the next decision would go lower, but waits for this step.
+        let p = pool(
+            &[(0, 8, false), (1, 8, false), (2, 2, true), (3, 2, true)],
+            first.instructions.clone(),
+            Some(2),
+            101,
+        );
+        let waiting = plan(&p, Some(4), &old_history(), t(101));
+        assert_eq!(
+            (waiting.stateful_set_replicas, waiting.desired_replicas),
+            (4, 2)
+        );
+        assert_eq!(waiting.instructions, first.instructions);
     }
 
     #[test]
