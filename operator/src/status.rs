@@ -17,20 +17,6 @@ use tether_crds::{
 use crate::resources::selector_string;
 use crate::validate::SpecError;
 
-/// The StatefulSet's replicas. This is the one place that decides them: the autoscaler
-/// (issue 7) replaces the body with its decision, and nothing else in the operator sets
-/// `spec.replicas`. For now: the last desired size, else `replicas.min`, within bounds.
-pub fn target_replicas(pool: &ConnectionPool) -> i32 {
-    let bounds = &pool.spec.replicas;
-    let wanted = pool
-        .status
-        .as_ref()
-        .and_then(|s| s.desired_replicas)
-        .unwrap_or(bounds.min);
-    // `max(min)` keeps `clamp` from panicking on a spec the schema should have refused.
-    wanted.clamp(bounds.min, bounds.max.max(bounds.min))
-}
-
 /// What one reconcile saw and did.
 #[derive(Debug, Clone, Default)]
 pub struct Observed<'a> {
@@ -269,23 +255,6 @@ mod tests {
 
     fn find<'a>(conds: &'a [Condition], type_: &str) -> &'a Condition {
         conds.iter().find(|c| c.type_ == type_).unwrap()
-    }
-
-    #[test]
-    fn replicas_come_from_desired_within_bounds() {
-        let mut p = pool("acme");
-        p.spec.replicas.min = 2;
-        p.spec.replicas.max = 5;
-        assert_eq!(target_replicas(&p), 2);
-        p.status = Some(ConnectionPoolStatus {
-            desired_replicas: Some(4),
-            ..Default::default()
-        });
-        assert_eq!(target_replicas(&p), 4);
-        p.spec.replicas.max = 3;
-        assert_eq!(target_replicas(&p), 3);
-        p.spec.replicas.min = 9; // refused by the schema, must still not panic
-        assert_eq!(target_replicas(&p), 9);
     }
 
     #[test]
