@@ -279,7 +279,15 @@ async fn hostile_agent_ids_and_group_names_cannot_widen_a_subject() {
     // On the wire, every subject the pods used is a literal one.
     let spy = nats.client().await;
     let mut all = spy.subscribe("tether.>").await.unwrap();
-    spy.flush().await.unwrap();
+    // `flush` only writes the SUB out; a probe through the server proves the
+    // subscription is active before the pods publish (without it, a loaded machine
+    // sometimes let the first push go by unseen).
+    spy.publish("tether.probe", "probe".into()).await.unwrap();
+    let probe = tokio::time::timeout(common::PATIENCE, all.next())
+        .await
+        .expect("the spy's own probe comes back")
+        .unwrap();
+    assert_eq!(probe.subject.as_str(), "tether.probe");
     let pushed = p0
         .post(&format!("/v1/agents/{}/messages", seg("a.>")), json!(1))
         .await;
