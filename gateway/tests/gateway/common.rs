@@ -95,22 +95,11 @@ impl TestGateway {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(self.api(path))
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        api_post(&self.http, self.api(path), body).await
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(self.api(path))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
+        api_get(&self.http, self.api(path)).await
     }
 
     /// Waits until the hub holds `n` connections (sessions register right after 101).
@@ -118,6 +107,21 @@ impl TestGateway {
         let hub = self.gateway.state().hub.clone();
         eventually(|| hub.len() == n).await;
     }
+}
+
+/// POSTs JSON to the push API with the test key.
+pub async fn api_post(http: &reqwest::Client, url: String, body: Value) -> reqwest::Response {
+    http.post(url)
+        .bearer_auth(API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// GETs from the push API with the test key.
+pub async fn api_get(http: &reqwest::Client, url: String) -> reqwest::Response {
+    http.get(url).bearer_auth(API_KEY).send().await.unwrap()
 }
 
 /// Polls a condition until it holds or [`PATIENCE`] runs out.

@@ -176,22 +176,11 @@ impl Pod {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(self.api(path))
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        crate::common::api_post(&self.http, self.api(path), body).await
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(self.api(path))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
+        crate::common::api_get(&self.http, self.api(path)).await
     }
 
     pub fn connections(&self) -> usize {
