@@ -37,7 +37,6 @@ pub mod session;
 pub mod shed;
 pub mod state;
 pub mod status;
-pub mod telemetry;
 pub mod upgrade;
 pub mod upstream;
 

@@ -51,7 +51,6 @@ async fn main() -> anyhow::Result<()> {
         pod_name,
         log_json,
     } = Args::parse();
-    let _telemetry = tether_gateway::telemetry::init("tether-gateway", log_json)?;
 
     let mut config = match &config {
         Some(path) => GatewayConfig::from_file(path)?,
@@ -69,6 +68,18 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = internal_addr {
         config.listen.internal = addr;
     }
+
+    // Pod and pool name every span and metric (`instance`, `tether_pool` in Prometheus).
+    let mut telemetry = tether_telemetry::Options::new("tether-gateway")
+        .json(log_json)
+        .instance(pod_name.clone())
+        .attribute("k8s.pod.name", pod_name.clone());
+    if let Some(status) = &config.status {
+        telemetry = telemetry
+            .attribute("k8s.namespace.name", status.namespace.clone())
+            .attribute("tether.pool", status.pool.clone());
+    }
+    let _telemetry = tether_telemetry::init(telemetry)?;
 
     let gateway = Gateway::start(config, pod_name).await?;
     println!(

@@ -1,5 +1,5 @@
 //! OpenTelemetry instruments of the gateway. Created once from the global meter
-//! provider (installed by `telemetry::init`, exporting over OTLP when
+//! provider (installed by `tether_telemetry::init`, exporting over OTLP when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and shared through the app state.
 
 use opentelemetry::KeyValue;
