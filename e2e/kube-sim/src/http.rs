@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, Method, StatusCode, Uri, header};
@@ -18,6 +19,7 @@ use crate::discovery;
 use crate::error::{ApiError, Result};
 use crate::faults::{FaultRule, Faults, RequestInfo};
 use crate::selector::{FieldSelector, LabelSelector};
+use crate::stats::{RequestKey, WatchKey};
 use crate::store::{
     DeleteOpts, Deleted, FieldValidation, PatchKind, Store, Target, WriteOpts, scale_of,
 };
@@ -82,8 +84,48 @@ pub fn app(state: Arc<AppState>) -> Router {
                 },
             ),
         )
+        .route(
+            "/_sim/stats",
+            get(|State(s): State<Arc<AppState>>| async move {
+                json_response(StatusCode::OK, &s.store.stats().snapshot().to_json())
+            })
+            .delete(|State(s): State<Arc<AppState>>| async move {
+                s.store.stats().reset();
+                StatusCode::NO_CONTENT
+            }),
+        )
         .fallback(resource)
+        .layer(middleware::from_fn_with_state(state.clone(), account))
         .with_state(state)
+}
+
+/// Counts every API request (not the `/_sim` control endpoints) once it is answered:
+/// resource requests under the key the handler resolved, others under their path.
+async fn account(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if path.starts_with("/_sim/") {
+        return next.run(req).await;
+    }
+    let method = req.method().as_str().to_ascii_lowercase();
+    let user_agent = header_str(req.headers(), header::USER_AGENT).to_string();
+    let manager = query_map(req.uri()).remove("fieldManager");
+    let resp = next.run(req).await;
+    let mut key = resp
+        .extensions()
+        .get::<RequestKey>()
+        .cloned()
+        .unwrap_or_else(|| RequestKey {
+            verb: method,
+            path: Some(path),
+            ..Default::default()
+        });
+    if matches!(key.verb.as_str(), "create" | "update" | "patch") {
+        key.field_manager = manager;
+    }
+    key.user_agent = user_agent;
+    key.code = resp.status().as_u16();
+    s.store.stats().record_request(key);
+    resp
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
@@ -245,10 +287,15 @@ async fn resource(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match handle(&s, &method, &uri, &headers, &body).await {
+    let mut key = None;
+    let mut resp = match handle(&s, &method, &uri, &headers, &body, &mut key).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
+    };
+    if let Some(k) = key {
+        resp.extensions_mut().insert(k);
     }
+    resp
 }
 
 fn not_found_path(uri: &Uri) -> ApiError {
@@ -268,6 +315,7 @@ async fn handle(
     uri: &Uri,
     headers: &HeaderMap,
     body: &Bytes,
+    key: &mut Option<RequestKey>,
 ) -> Result<Response> {
     let path = uri.path();
     let accept = header_str(headers, header::ACCEPT);
@@ -353,6 +401,14 @@ async fn handle(
             )));
         }
     };
+    *key = Some(RequestKey {
+        verb: verb.into(),
+        group: rt.group.clone(),
+        version: p.version.clone(),
+        resource: plural.clone(),
+        subresource: p.subresource.clone(),
+        ..Default::default()
+    });
     let info = RequestInfo {
         verb: verb.into(),
         resource: plural.clone(),
@@ -409,7 +465,7 @@ async fn handle(
             Ok(json_response(StatusCode::OK, &out))
         }
         "list" => list(s, &target, &q, wants_table, &include),
-        "watch" => watch(s, &target, &q, wants_table, &include),
+        "watch" => watch(s, &target, &q, wants_table, &include, headers),
         "create" => {
             let obj = parse_body(body, &content_type)?;
             let w = s.store.create(&target, obj, &wopts)?;
@@ -492,12 +548,10 @@ async fn handle(
                 LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
             let fields =
                 FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let (items, rv) = s.store.list(&target);
+            let page = s.store.select(&target, &labels, &fields, None, None);
+            let rv = page.rv;
             let mut deleted = Vec::new();
-            for obj in items
-                .into_iter()
-                .filter(|o| labels.matches(o) && fields.matches(o))
-            {
+            for obj in page.items {
                 let name = obj
                     .pointer("/metadata/name")
                     .and_then(Value::as_str)
@@ -601,7 +655,6 @@ fn list(
 ) -> Result<Response> {
     let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
     let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-    let (items, rv) = s.store.list(t);
     let key = |o: &Value| {
         (
             o.pointer("/metadata/namespace")
@@ -618,24 +671,19 @@ fn list(
         Some(c) => Some(parse_continue(c)?),
         None => None,
     };
-    let mut matching: Vec<Value> = items
-        .into_iter()
-        .filter(|o| labels.matches(o) && fields.matches(o))
-        .filter(|o| start.as_ref().is_none_or(|st| key(o) > *st))
-        .map(|o| render(t, o))
-        .collect();
-    let mut meta = json!({"resourceVersion": rv.to_string()});
-    if let Some(limit) = q
+    let limit = q
         .get("limit")
         .and_then(|l| l.parse::<usize>().ok())
-        .filter(|l| *l > 0)
-        && matching.len() > limit
+        .filter(|l| *l > 0);
+    let page = s.store.select(t, &labels, &fields, start.as_ref(), limit);
+    let rv = page.rv;
+    let matching: Vec<Value> = page.items.into_iter().map(|o| render(t, o)).collect();
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if page.remaining > 0
+        && let Some(last) = matching.last()
     {
-        let remaining = matching.len() - limit;
-        matching.truncate(limit);
-        let last = key(matching.last().expect("limit > 0"));
-        meta["continue"] = json!(continue_token(rv, &last));
-        meta["remainingItemCount"] = json!(remaining);
+        meta["continue"] = json!(continue_token(rv, &key(last)));
+        meta["remainingItemCount"] = json!(page.remaining);
     }
     if wants_table {
         return Ok(json_response(
@@ -655,6 +703,7 @@ fn watch(
     q: &HashMap<String, String>,
     wants_table: bool,
     include: &str,
+    headers: &HeaderMap,
 ) -> Result<Response> {
     let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
     let mut fields =
@@ -685,24 +734,26 @@ fn watch(
         initial_events_end: send_initial,
         table: wants_table.then(|| include.to_string()),
     };
+    let pinned = spec.fields.pinned_name().map(str::to_string);
+    let tap = s.store.stats().open_watch(WatchKey {
+        resource: format!("{}/{}", t.rt.api_version(&t.version), t.rt.plural),
+        namespace: t.namespace.clone(),
+        label_selector: q.get("labelSelector").cloned().unwrap_or_default(),
+        field_selector: match &t.name {
+            Some(n) => format!("metadata.name={n}"),
+            None => q.get("fieldSelector").cloned().unwrap_or_default(),
+        },
+        user_agent: header_str(headers, header::USER_AGENT).to_string(),
+    });
     // sendInitialEvents replays the current state whatever the resourceVersion (NotOlderThan).
-    let start = if send_initial {
-        s.store.watch(
-            &Target {
-                name: None,
-                ..t.clone()
-            },
-            None,
-        )
-    } else {
-        s.store.watch(
-            &Target {
-                name: None,
-                ..t.clone()
-            },
-            from,
-        )
-    };
+    let start = s.store.watch_scoped(
+        &Target {
+            name: None,
+            ..t.clone()
+        },
+        if send_initial { None } else { from },
+        pinned.as_deref(),
+    );
     let headers = [
         (header::CONTENT_TYPE, "application/json"),
         (header::CACHE_CONTROL, "no-cache, private"),
@@ -715,6 +766,7 @@ fn watch(
                 ws.backlog,
                 ws.rx,
                 ws.rv,
+                tap,
             ));
             Ok((StatusCode::OK, headers, body).into_response())
         }
@@ -722,7 +774,7 @@ fn watch(
         Err(e) if e.code == 410 => Ok((
             StatusCode::OK,
             headers,
-            Body::from_stream(watch::error_stream(e.status())),
+            Body::from_stream(watch::error_stream(e.status(), tap)),
         )
             .into_response()),
         Err(e) => Err(e),

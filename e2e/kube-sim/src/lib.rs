@@ -41,6 +41,7 @@
 pub mod cel;
 pub mod discovery;
 pub mod error;
+pub mod events;
 pub mod faults;
 pub mod gc;
 pub mod http;
@@ -49,6 +50,7 @@ pub mod registry;
 pub mod schema;
 pub mod selector;
 pub mod ssa;
+pub mod stats;
 pub mod store;
 pub mod table;
 pub mod watch;
@@ -60,6 +62,7 @@ use std::time::Duration;
 
 pub use error::ApiError;
 pub use faults::{FaultMatch, FaultRule, Faults};
+pub use stats::{Snapshot, Stats};
 pub use store::Store;
 
 /// Errors starting or using the server handle.
@@ -224,6 +227,21 @@ impl Server {
     /// The object store (direct access: resourceVersion, history size, compaction).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// API accounting: `sim.stats().snapshot()` (also `GET /_sim/stats`), `reset()`
+    /// (`DELETE /_sim/stats`), and `Snapshot::since` for the difference of two snapshots.
+    pub fn stats(&self) -> &Stats {
+        self.store.stats()
+    }
+
+    /// Waits until the garbage collector has handled every write so far (at most 10 s),
+    /// so that counts read next include its work.
+    pub async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.store.gc_pending() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 

@@ -161,6 +161,16 @@ impl LabelSelector {
             .join(",")
     }
 
+    /// The `key=value` requirements (including a one-value `in`): the store answers a
+    /// selector holding one from its label index instead of visiting every object.
+    pub fn equalities(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().filter_map(|r| match r {
+            Req::Eq(k, v) => Some((k.as_str(), v.as_str())),
+            Req::In(k, vs) if vs.len() == 1 => Some((k.as_str(), vs[0].as_str())),
+            _ => None,
+        })
+    }
+
     /// Whether an object's `metadata.labels` satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = obj.pointer("/metadata/labels");

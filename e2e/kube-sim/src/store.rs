@@ -11,7 +11,8 @@
 //!                     └─ notify the garbage collector after deletions
 //! ```
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -22,7 +23,9 @@ use crate::error::{ApiError, Cause, Result};
 use crate::patch;
 use crate::registry::{Registry, ResourceKey, ResourceType, TypeCursor, from_crd};
 use crate::schema;
+use crate::selector::{FieldSelector, LabelSelector};
 use crate::ssa::{self, ApplyRequest};
+use crate::stats::Stats;
 
 /// Watch event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +66,9 @@ pub struct Event {
 /// What a watch starts with.
 pub struct WatchStart {
     /// Events to send first (synthetic ADDED for a fresh watch, or the log backlog).
-    pub backlog: Vec<Event>,
-    /// Live events.
-    pub rx: mpsc::UnboundedReceiver<Event>,
+    pub backlog: Vec<Arc<Event>>,
+    /// Live events (shared: one event is allocated once, whatever the number of watchers).
+    pub rx: mpsc::UnboundedReceiver<Arc<Event>>,
     /// Current resourceVersion when the watch started.
     pub rv: u64,
 }
@@ -156,13 +159,64 @@ pub enum Deleted {
     Pending(Value),
 }
 
+/// An object's key within its type: (namespace, or "" when cluster-scoped; name).
+pub type ObjKey = (String, String);
+
+/// A stored object's address: storage type, namespace, name.
+pub(crate) type ObjRef = (ResourceKey, String, String);
+
+/// Which watchers an event may concern: (namespace, name), `None` meaning any.
+type Scope = (Option<String>, Option<String>);
+
+/// Watchers of one type, bucketed by scope so that an event is offered only to the
+/// watchers of all namespaces, of its namespace, and of its exact name (a pod watching
+/// its own Pod by `metadata.name` costs nothing to the other pods' events).
+#[derive(Default)]
+struct Watchers {
+    scopes: HashMap<Scope, Vec<mpsc::UnboundedSender<Arc<Event>>>>,
+}
+
+impl Watchers {
+    fn add(&mut self, scope: Scope, tx: mpsc::UnboundedSender<Arc<Event>>) {
+        let bucket = self.scopes.entry(scope).or_default();
+        // Closed watchers of a quiet bucket would otherwise linger until its next event.
+        bucket.retain(|t| !t.is_closed());
+        bucket.push(tx);
+    }
+
+    /// Sends `ev` to the watchers it may concern; returns how many were considered.
+    fn send(&mut self, ev: &Arc<Event>, ns: Option<&str>, name: &str) -> u64 {
+        let ns = ns.map(str::to_string);
+        let name = Some(name.to_string());
+        let mut scopes: Vec<Scope> = vec![(None, None), (None, name.clone())];
+        if ns.is_some() {
+            scopes.push((ns.clone(), None));
+            scopes.push((ns, name));
+        }
+        let mut examined = 0;
+        for scope in scopes {
+            if let Some(bucket) = self.scopes.get_mut(&scope) {
+                examined += bucket.len() as u64;
+                bucket.retain(|tx| tx.send(ev.clone()).is_ok());
+                if bucket.is_empty() {
+                    self.scopes.remove(&scope);
+                }
+            }
+        }
+        examined
+    }
+}
+
 #[derive(Default)]
 struct TypeState {
-    objects: BTreeMap<(String, String), Value>,
-    log: VecDeque<Event>,
+    objects: BTreeMap<ObjKey, Value>,
+    /// Label index for equality selectors: key → value → objects.
+    labels: HashMap<String, HashMap<String, BTreeSet<ObjKey>>>,
+    /// Event log, ordered by resourceVersion.
+    log: VecDeque<Arc<Event>>,
     /// Highest resourceVersion dropped from the log: watches from before it get 410.
     compacted: u64,
-    watchers: Vec<(Option<String>, mpsc::UnboundedSender<Event>)>,
+    watchers: Watchers,
 }
 
 pub(crate) struct State {
@@ -170,13 +224,72 @@ pub(crate) struct State {
     pub(crate) registry: Registry,
     types: HashMap<ResourceKey, TypeState>,
     history: usize,
+    /// uid → object, for the garbage collector.
+    uids: HashMap<String, ObjRef>,
+    /// owner uid → objects whose ownerReferences name it.
+    dependents: HashMap<String, BTreeSet<ObjRef>>,
+    /// Objects the garbage collector must look at (queued by the writes that concern it).
+    gc_queue: BTreeSet<ObjRef>,
+    stats: Stats,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Matching objects, in (namespace, name) order.
+    pub items: Vec<Value>,
+    /// The list's resourceVersion.
+    pub rv: u64,
+    /// Matching objects after this page (for `remainingItemCount`).
+    pub remaining: usize,
 }
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
     state: Mutex<State>,
-    /// Woken after deletions and ownerReference changes.
+    /// Woken after writes that queued work for the garbage collector.
     pub(crate) gc: Notify,
+    stats: Stats,
+}
+
+/// The key objects of a resource type are stored under: the Event kinds of core/v1 and
+/// events.k8s.io/v1 are one storage, as on a real cluster.
+pub fn storage_key(rt: &ResourceType) -> ResourceKey {
+    if rt.group == "events.k8s.io" && rt.plural == "events" {
+        (String::new(), "events".into())
+    } else {
+        rt.key()
+    }
+}
+
+fn labels_of(obj: &Value) -> Vec<(String, String)> {
+    obj.pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn uid_of(obj: &Value) -> Option<&str> {
+    obj.pointer("/metadata/uid").and_then(Value::as_str)
+}
+
+pub(crate) fn owner_uids(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.get("uid").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn deleting(obj: &Value) -> bool {
+    obj.pointer("/metadata/deletionTimestamp").is_some()
 }
 
 /// Current time, RFC 3339 with second precision as the real server writes it.
@@ -304,14 +417,20 @@ impl Store {
     /// A store with the built-in kinds, the default namespaces, and `history` events
     /// retained per resource type.
     pub fn new(history: usize) -> Store {
+        let stats = Stats::default();
         let store = Store {
             state: Mutex::new(State {
                 rv: 0,
                 registry: Registry::with_builtins(),
                 types: HashMap::new(),
                 history: history.max(1),
+                uids: HashMap::new(),
+                dependents: HashMap::new(),
+                gc_queue: BTreeSet::new(),
+                stats: stats.clone(),
             }),
             gc: Notify::new(),
+            stats,
         };
         {
             let mut st = store.state.lock();
@@ -337,6 +456,26 @@ impl Store {
             }
         }
         store
+    }
+
+    /// API accounting (requests, watches, and the store's own work).
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Objects queued for the garbage collector (0 once it has caught up with the writes).
+    pub fn gc_pending(&self) -> usize {
+        self.state.lock().gc_queue.len()
+    }
+
+    /// Number of stored objects of every type.
+    pub fn object_count(&self) -> usize {
+        self.state
+            .lock()
+            .types
+            .values()
+            .map(|ts| ts.objects.len())
+            .sum()
     }
 
     /// The registry (a snapshot).
@@ -377,7 +516,7 @@ impl Store {
     pub fn drop_watches(&self) {
         let mut st = self.state.lock();
         for ts in st.types.values_mut() {
-            ts.watchers.clear();
+            ts.watchers = Watchers::default();
         }
     }
 
@@ -390,24 +529,109 @@ impl Store {
 
     /// Reads one object.
     pub fn get(&self, t: &Target) -> Result<Value> {
-        self.state.lock().get(t).cloned()
+        self.state.lock().read(t)
     }
 
     /// Lists objects (namespace-filtered when `t.namespace` is set), with the list's rv.
     pub fn list(&self, t: &Target) -> (Vec<Value>, u64) {
+        let p = self.select(
+            t,
+            &LabelSelector::default(),
+            &FieldSelector::default(),
+            None,
+            None,
+        );
+        (p.items, p.rv)
+    }
+
+    /// Lists the objects matching the selectors, after `after` (a continue key), at most
+    /// `limit` of them. Visits only the candidates of the namespace (a range of the
+    /// ordered map), of a `metadata.name=` field selector (one lookup), or of a
+    /// `key=value` label requirement (the label index) — never unrelated objects.
+    pub fn select(
+        &self,
+        t: &Target,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        after: Option<&ObjKey>,
+        limit: Option<usize>,
+    ) -> Page {
         let st = self.state.lock();
-        let items = st
-            .types
-            .get(&t.rt.key())
-            .map(|ts| {
-                ts.objects
-                    .iter()
-                    .filter(|((ns, _), _)| t.namespace.as_ref().is_none_or(|want| want == ns))
-                    .map(|(_, v)| v.clone())
-                    .collect()
+        let mut page = Page {
+            rv: st.rv,
+            ..Default::default()
+        };
+        let Some(ts) = st.types.get(&storage_key(&t.rt)) else {
+            return page;
+        };
+        let ns = if t.rt.namespaced {
+            t.namespace.clone()
+        } else {
+            Some(String::new())
+        };
+        let mut visit = |k: &ObjKey, v: &Value| {
+            if after.is_some_and(|a| k <= a) || ns.as_ref().is_some_and(|n| *n != k.0) {
+                return;
+            }
+            self.stats.objects_examined(1);
+            let v = st.read_as(t, v);
+            if !(labels.matches(&v) && fields.matches(&v)) {
+                return;
+            }
+            if limit.is_some_and(|l| page.items.len() >= l) {
+                page.remaining += 1;
+            } else {
+                page.items.push(v.into_owned());
+            }
+        };
+        let indexed = labels
+            .equalities()
+            .map(|(k, v)| {
+                ts.labels
+                    .get(k)
+                    .and_then(|vals| vals.get(v))
+                    .map(|keys| keys.len())
+                    .unwrap_or(0)
             })
-            .unwrap_or_default();
-        (items, st.rv)
+            .enumerate()
+            .min_by_key(|(_, n)| *n);
+        match (fields.pinned_name(), &ns, indexed) {
+            (Some(name), Some(n), _) => {
+                let k = (n.clone(), name.to_string());
+                if let Some(v) = ts.objects.get(&k) {
+                    visit(&k, v);
+                }
+            }
+            (_, _, Some((i, _))) => {
+                let (lk, lv) = labels.equalities().nth(i).expect("indexed requirement");
+                for k in ts
+                    .labels
+                    .get(lk)
+                    .and_then(|vals| vals.get(lv))
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(v) = ts.objects.get(k) {
+                        visit(k, v);
+                    }
+                }
+            }
+            _ => {
+                let lower = match (&ns, after) {
+                    (Some(n), Some(a)) if a.0 < *n => Bound::Included((n.clone(), String::new())),
+                    (_, Some(a)) => Bound::Excluded(a.clone()),
+                    (Some(n), None) => Bound::Included((n.clone(), String::new())),
+                    (None, None) => Bound::Unbounded,
+                };
+                for (k, v) in ts.objects.range((lower, Bound::Unbounded)) {
+                    if ns.as_ref().is_some_and(|n| *n != k.0) {
+                        break;
+                    }
+                    visit(k, v);
+                }
+            }
+        }
+        page
     }
 
     /// Replaces an object (PUT), on the main resource or `/status`.
@@ -439,26 +663,78 @@ impl Store {
 
     /// Starts a watch from `from` (None or 0: synthetic ADDED for the current objects).
     pub fn watch(&self, t: &Target, from: Option<u64>) -> Result<WatchStart> {
+        self.watch_scoped(t, from, t.name.as_deref())
+    }
+
+    /// Starts a watch of the namespace in `t` (all namespaces when None) and, when `name`
+    /// is set, of that one object: it is registered under that scope, so events of other
+    /// objects never reach it (nor cost anything to send).
+    pub fn watch_scoped(
+        &self,
+        t: &Target,
+        from: Option<u64>,
+        name: Option<&str>,
+    ) -> Result<WatchStart> {
         let mut st = self.state.lock();
         let rv = st.rv;
-        let ts = st.types.entry(t.rt.key()).or_default();
-        let in_ns = |obj: &Value| {
-            t.namespace
-                .as_deref()
-                .is_none_or(|ns| meta_str(obj, "namespace") == Some(ns))
+        let ns = if t.rt.namespaced {
+            t.namespace.clone()
+        } else {
+            None
         };
+        let in_scope = |obj: &Value| {
+            ns.as_deref()
+                .is_none_or(|n| meta_str(obj, "namespace") == Some(n))
+                && name.is_none_or(|n| meta_str(obj, "name") == Some(n))
+        };
+        let ts = st.types.entry(storage_key(&t.rt)).or_default();
+        let mut examined = 0u64;
         let backlog = match from {
-            None | Some(0) => ts
-                .objects
-                .values()
-                .filter(|o| in_ns(o))
-                .map(|o| Event {
-                    rv,
-                    kind: EventType::Added,
-                    object: o.clone(),
-                    old: None,
-                })
-                .collect(),
+            None | Some(0) => {
+                let added = |o: &Value| {
+                    Arc::new(Event {
+                        rv,
+                        kind: EventType::Added,
+                        object: o.clone(),
+                        old: None,
+                    })
+                };
+                match (&ns, name) {
+                    (_, Some(n)) => {
+                        let k = (ns.clone().unwrap_or_default(), n.to_string());
+                        match (&ns, t.rt.namespaced) {
+                            // One object of one namespace (or of a cluster-scoped type).
+                            (Some(_), _) | (None, false) => ts
+                                .objects
+                                .get(&k)
+                                .into_iter()
+                                .inspect(|_| examined += 1)
+                                .map(added)
+                                .collect(),
+                            (None, true) => ts
+                                .objects
+                                .values()
+                                .inspect(|_| examined += 1)
+                                .filter(|o| in_scope(o))
+                                .map(added)
+                                .collect(),
+                        }
+                    }
+                    (Some(n), None) => ts
+                        .objects
+                        .range((n.clone(), String::new())..)
+                        .take_while(|(k, _)| k.0 == *n)
+                        .inspect(|_| examined += 1)
+                        .map(|(_, o)| added(o))
+                        .collect(),
+                    (None, None) => ts
+                        .objects
+                        .values()
+                        .inspect(|_| examined += 1)
+                        .map(added)
+                        .collect(),
+                }
+            }
             Some(from) if from < ts.compacted => {
                 // Wording of the real watch cache (storage/cacher: "too old resource version").
                 return Err(ApiError::gone(format!(
@@ -466,15 +742,20 @@ impl Store {
                     ts.compacted + 1
                 )));
             }
-            Some(from) => ts
-                .log
-                .iter()
-                .filter(|e| e.rv > from && in_ns(&e.object))
-                .cloned()
-                .collect(),
+            Some(from) => {
+                // The log is ordered by resourceVersion: start at the first newer event.
+                let first = ts.log.partition_point(|e| e.rv <= from);
+                ts.log
+                    .range(first..)
+                    .inspect(|_| examined += 1)
+                    .filter(|e| in_scope(&e.object))
+                    .cloned()
+                    .collect()
+            }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        ts.watchers.push((t.namespace.clone(), tx));
+        ts.watchers.add((ns, name.map(str::to_string)), tx);
+        self.stats.objects_examined(examined);
         Ok(WatchStart { backlog, rx, rv })
     }
 
@@ -494,12 +775,56 @@ impl State {
             .flat_map(|ts| ts.objects.values())
     }
 
-    /// Every stored object with its type key (garbage collector scans).
-    pub(crate) fn all_objects(&self) -> Vec<(ResourceKey, Value)> {
-        self.types
-            .iter()
-            .flat_map(|(k, ts)| ts.objects.values().map(move |v| (k.clone(), v.clone())))
+    /// The stored object at `r`.
+    pub(crate) fn object(&self, r: &ObjRef) -> Option<&Value> {
+        let v = self
+            .types
+            .get(&r.0)?
+            .objects
+            .get(&(r.1.clone(), r.2.clone()));
+        if v.is_some() {
+            self.stats.objects_examined(1);
+        }
+        v
+    }
+
+    /// Whether an object with this uid exists.
+    pub(crate) fn uid_exists(&self, uid: &str) -> bool {
+        self.uids.contains_key(uid)
+    }
+
+    /// The objects whose ownerReferences name `uid`.
+    pub(crate) fn dependents_of(&self, uid: &str) -> Vec<(ObjRef, Value)> {
+        self.dependents
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| self.object(r).map(|v| (r.clone(), v.clone())))
             .collect()
+    }
+
+    /// Every object in a namespace, of every namespaced type (namespace controller).
+    pub(crate) fn namespace_contents(&self, ns: &str) -> Vec<(ObjRef, Value)> {
+        let mut out = Vec::new();
+        for (key, ts) in &self.types {
+            if key.0.is_empty() && key.1 == "namespaces" {
+                continue;
+            }
+            for (k, v) in ts
+                .objects
+                .range((ns.to_string(), String::new())..)
+                .take_while(|(k, _)| k.0 == ns)
+            {
+                self.stats.objects_examined(1);
+                out.push(((key.clone(), k.0.clone(), k.1.clone()), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// Takes the next object queued for the garbage collector.
+    pub(crate) fn gc_pop(&mut self) -> Option<ObjRef> {
+        self.gc_queue.pop_first()
     }
 
     pub(crate) fn target_of(&self, key: &ResourceKey, obj: &Value) -> Option<Target> {
@@ -524,24 +849,143 @@ impl State {
         )
     }
 
+    /// The stored object `t` names, in storage form.
     fn get(&self, t: &Target) -> Result<&Value> {
         let name = t.name.as_deref().unwrap_or("");
-        self.types
-            .get(&t.rt.key())
+        let v = self
+            .types
+            .get(&storage_key(&t.rt))
             .and_then(|ts| ts.objects.get(&Self::ns_key(t, name)))
-            .ok_or_else(|| ApiError::not_found(&t.rt.group, &t.rt.plural, name))
+            .ok_or_else(|| ApiError::not_found(&t.rt.group, &t.rt.plural, name))?;
+        self.stats.objects_examined(1);
+        Ok(v)
+    }
+
+    /// The object `t` names, in the form of `t`'s resource (an events.k8s.io/v1 Event is
+    /// stored as a core/v1 Event).
+    fn read(&self, t: &Target) -> Result<Value> {
+        let v = self.get(t)?;
+        Ok(self.read_as(t, v).into_owned())
+    }
+
+    /// A stored object in the form of `t`'s resource.
+    fn read_as<'v>(&self, t: &Target, stored: &'v Value) -> std::borrow::Cow<'v, Value> {
+        crate::events::read_as(&t.rt, stored)
+    }
+
+    /// Inserts or replaces an object, keeping every index and queueing the garbage
+    /// collector where the object concerns it (it has owners, or is being deleted).
+    fn put(&mut self, key: &ResourceKey, ok: ObjKey, obj: Value) {
+        let r: ObjRef = (key.clone(), ok.0.clone(), ok.1.clone());
+        let old = self
+            .types
+            .entry(key.clone())
+            .or_default()
+            .objects
+            .insert(ok, obj);
+        if let Some(old) = &old {
+            self.unindex(&r, old);
+        }
+        let ts = self.types.get_mut(key).expect("just inserted");
+        let obj = ts
+            .objects
+            .get(&(r.1.clone(), r.2.clone()))
+            .expect("just inserted");
+        for (k, v) in labels_of(obj) {
+            ts.labels
+                .entry(k)
+                .or_default()
+                .entry(v)
+                .or_default()
+                .insert((r.1.clone(), r.2.clone()));
+        }
+        let owners = owner_uids(obj);
+        let queue = !owners.is_empty() || deleting(obj);
+        if let Some(uid) = uid_of(obj) {
+            self.uids.insert(uid.to_string(), r.clone());
+        }
+        for o in owners {
+            self.dependents.entry(o).or_default().insert(r.clone());
+        }
+        if queue {
+            self.gc_queue.insert(r);
+        }
+    }
+
+    /// Removes an object, keeping every index, and queues what its removal concerns:
+    /// its dependents (now perhaps orphans), its owners (a foreground deletion may be
+    /// waiting for it) and its namespace (a namespace being deleted waits for it).
+    fn take(&mut self, key: &ResourceKey, ok: &ObjKey) -> Option<Value> {
+        let obj = self.types.get_mut(key)?.objects.remove(ok)?;
+        let r: ObjRef = (key.clone(), ok.0.clone(), ok.1.clone());
+        self.unindex(&r, &obj);
+        if let Some(uid) = uid_of(&obj) {
+            let deps: Vec<ObjRef> = self
+                .dependents
+                .get(uid)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            self.gc_queue.extend(deps);
+        }
+        for o in owner_uids(&obj) {
+            if let Some(owner) = self.uids.get(&o) {
+                self.gc_queue.insert(owner.clone());
+            }
+        }
+        if !ok.0.is_empty() {
+            let ns: ObjRef = (
+                (String::new(), "namespaces".into()),
+                String::new(),
+                ok.0.clone(),
+            );
+            if self.object(&ns).is_some_and(deleting) {
+                self.gc_queue.insert(ns);
+            }
+        }
+        Some(obj)
+    }
+
+    fn unindex(&mut self, r: &ObjRef, obj: &Value) {
+        if let Some(ts) = self.types.get_mut(&r.0) {
+            for (k, v) in labels_of(obj) {
+                if let Some(vals) = ts.labels.get_mut(&k) {
+                    if let Some(keys) = vals.get_mut(&v) {
+                        keys.remove(&(r.1.clone(), r.2.clone()));
+                        if keys.is_empty() {
+                            vals.remove(&v);
+                        }
+                    }
+                    if vals.is_empty() {
+                        ts.labels.remove(&k);
+                    }
+                }
+            }
+        }
+        if let Some(uid) = uid_of(obj)
+            && self.uids.get(uid) == Some(r)
+        {
+            self.uids.remove(uid);
+        }
+        for o in owner_uids(obj) {
+            if let Some(deps) = self.dependents.get_mut(&o) {
+                deps.remove(r);
+                if deps.is_empty() {
+                    self.dependents.remove(&o);
+                }
+            }
+        }
     }
 
     fn emit(&mut self, key: &ResourceKey, ev: Event) {
         let history = self.history;
+        let ev = Arc::new(ev);
         let ts = self.types.entry(key.clone()).or_default();
-        let ns = meta_str(&ev.object, "namespace").map(str::to_string);
-        ts.watchers.retain(|(want, tx)| {
-            if want.is_some() && *want != ns {
-                return !tx.is_closed();
-            }
-            tx.send(ev.clone()).is_ok()
-        });
+        let ns = meta_str(&ev.object, "namespace");
+        let name = meta_str(&ev.object, "name").unwrap_or("");
+        let examined = ts.watchers.send(&ev, ns, name);
+        self.stats.watchers_examined(examined);
         ts.log.push_back(ev);
         while ts.log.len() > history {
             let e = ts.log.pop_front().expect("non-empty");
@@ -593,7 +1037,19 @@ impl State {
         Ok(warnings)
     }
 
-    fn create(&mut self, t: &Target, mut obj: Value, o: &WriteOpts) -> Result<Written> {
+    fn create(&mut self, t: &Target, obj: Value, o: &WriteOpts) -> Result<Written> {
+        self.create_with(t, obj, o, None)
+    }
+
+    /// Creates; `applied_managed_fields` (an apply that creates) replaces the Update entry
+    /// a plain create records.
+    fn create_with(
+        &mut self,
+        t: &Target,
+        mut obj: Value,
+        o: &WriteOpts,
+        applied_managed_fields: Option<Value>,
+    ) -> Result<Written> {
         let rt = t.rt.clone();
         if !obj.is_object() {
             return Err(ApiError::bad_request(
@@ -685,7 +1141,7 @@ impl State {
         let key = Self::ns_key(t, &name);
         if self
             .types
-            .get(&rt.key())
+            .get(&storage_key(&rt))
             .is_some_and(|ts| ts.objects.contains_key(&key))
         {
             return Err(ApiError::already_exists(&rt.group, &rt.plural, &name));
@@ -756,6 +1212,10 @@ impl State {
             now: &now,
         };
         ssa::record_update(&Value::Null, &mut obj, cursor, &req);
+        // An apply that creates the object owns what it applied as an Apply entry.
+        if let Some(mf) = applied_managed_fields {
+            meta_mut(&mut obj).insert("managedFields".into(), mf);
+        }
         if o.dry_run {
             return Ok(Written {
                 object: obj,
@@ -764,17 +1224,15 @@ impl State {
         }
         let rv = self.next_rv();
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
-        self.types
-            .entry(rt.key())
-            .or_default()
-            .objects
-            .insert(key, obj.clone());
+        let skey = storage_key(&rt);
+        let stored = crate::events::to_storage(&rt, &obj).into_owned();
+        self.put(&skey, key, stored.clone());
         self.emit(
-            &rt.key(),
+            &skey,
             Event {
                 rv,
                 kind: EventType::Added,
-                object: obj.clone(),
+                object: stored,
                 old: None,
             },
         );
@@ -828,17 +1286,16 @@ impl State {
         meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
         let name = meta_str(&new, "name").unwrap_or("").to_string();
         let key = Self::ns_key(t, &name);
-        self.types
-            .entry(t.rt.key())
-            .or_default()
-            .objects
-            .insert(key, new.clone());
+        let skey = storage_key(&t.rt);
+        let stored = crate::events::to_storage(&t.rt, &new).into_owned();
+        let old = crate::events::to_storage(&t.rt, &old).into_owned();
+        self.put(&skey, key, stored.clone());
         self.emit(
-            &t.rt.key(),
+            &skey,
             Event {
                 rv,
                 kind: EventType::Modified,
-                object: new.clone(),
+                object: stored,
                 old: Some(old),
             },
         );
@@ -846,7 +1303,7 @@ impl State {
     }
 
     fn replace(&mut self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
-        let old = self.get(t)?.clone();
+        let old = self.read(t)?;
         if !body.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request was in an unknown format",
@@ -875,7 +1332,7 @@ impl State {
         if kind == PatchKind::Apply {
             return self.apply(t, body, o);
         }
-        let old = self.get(t)?.clone();
+        let old = self.read(t)?;
         // A patch addressed to /scale is a patch of the Scale object.
         if t.subresource.as_deref() == Some("scale") {
             let scale = scale_of(&t.rt, &t.version, &old)?;
@@ -933,7 +1390,7 @@ impl State {
                 "the name of the object ({n}) does not match the name on the URL ({name})"
             )));
         }
-        let existing = self.get(t).ok().cloned();
+        let existing = self.read(t).ok();
         let sub = t.subresource.as_deref();
         if existing.is_none() && sub.is_some() {
             return Err(ApiError::not_found(&rt.group, &rt.plural, &name));
@@ -1028,33 +1485,16 @@ impl State {
         })?;
         match existing {
             None => {
-                let mut w = self.create(
+                let applied_mf = merged.pointer("/metadata/managedFields").cloned();
+                self.create_with(
                     t,
-                    merged.clone(),
+                    merged,
                     &WriteOpts {
                         manager: Some(manager.clone()),
                         ..o.clone()
                     },
-                )?;
-                // create() recorded an Update entry; an apply-create is owned as Apply.
-                let applied_mf = merged.pointer("/metadata/managedFields").cloned();
-                if !o.dry_run {
-                    let stored = self.get(t)?.clone();
-                    let mut fixed = stored.clone();
-                    if let Some(mf) = applied_mf {
-                        meta_mut(&mut fixed).insert("managedFields".into(), mf);
-                    }
-                    let k = Self::ns_key(t, &name);
-                    let ts = self.types.get_mut(&rt.key()).expect("just created");
-                    ts.objects.insert(k, fixed.clone());
-                    if let Some(last) = ts.log.back_mut()
-                        && meta_str(&last.object, "uid") == meta_str(&fixed, "uid")
-                    {
-                        last.object = fixed.clone();
-                    }
-                    w.object = fixed;
-                }
-                Ok(w)
+                    applied_mf,
+                )
             }
             Some(old) => self.write(t, old, merged, o, true),
         }
@@ -1348,15 +1788,14 @@ impl State {
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
         let name = meta_str(&obj, "name").unwrap_or("").to_string();
         let key = Self::ns_key(t, &name);
-        if let Some(ts) = self.types.get_mut(&t.rt.key()) {
-            ts.objects.remove(&key);
-        }
+        let skey = storage_key(&t.rt);
+        self.take(&skey, &key);
         self.emit(
-            &t.rt.key(),
+            &skey,
             Event {
                 rv,
                 kind: EventType::Deleted,
-                object: obj.clone(),
+                object: crate::events::to_storage(&t.rt, &obj).into_owned(),
                 old: None,
             },
         );
@@ -1381,7 +1820,7 @@ impl State {
             }
             self.registry.remove(&ckey);
             if let Some(ts) = self.types.get_mut(&ckey) {
-                ts.watchers.clear();
+                ts.watchers = Watchers::default();
             }
         }
         obj
@@ -1390,7 +1829,7 @@ impl State {
     pub(crate) fn delete(&mut self, t: &Target, d: &DeleteOpts, _who: &str) -> Result<Deleted> {
         let rt = t.rt.clone();
         let name = t.name.clone().unwrap_or_default();
-        let old = self.get(t)?.clone();
+        let old = self.read(t)?;
         if let Some(uid) = &d.uid
             && Some(uid.as_str()) != meta_str(&old, "uid")
         {
@@ -1463,7 +1902,7 @@ impl State {
 
     /// Removes one finalizer (GC and namespace controller); removes the object when none remain.
     pub(crate) fn remove_finalizer(&mut self, t: &Target, finalizer: &str) {
-        let Ok(old) = self.get(t).cloned() else {
+        let Ok(old) = self.read(t) else {
             return;
         };
         let mut new = old.clone();
@@ -1484,7 +1923,7 @@ impl State {
 
     /// Rewrites an object's ownerReferences (GC orphaning), as an update by the GC.
     pub(crate) fn set_owner_refs(&mut self, t: &Target, refs: Vec<Value>) {
-        let Ok(old) = self.get(t).cloned() else {
+        let Ok(old) = self.read(t) else {
             return;
         };
         let mut new = old.clone();
@@ -1498,7 +1937,7 @@ impl State {
 
     /// Removes a namespace whose contents are gone.
     pub(crate) fn finalize_namespace(&mut self, t: &Target) {
-        if let Ok(ns) = self.get(t).cloned()
+        if let Ok(ns) = self.read(t)
             && finalizers(&ns).is_empty()
         {
             self.remove(t, ns);

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::registry::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
+use crate::stats::WatchTap;
 use crate::store::{Event, EventType, Store};
 
 /// How a watch renders and filters events.
@@ -41,8 +42,8 @@ pub struct WatchSpec {
 }
 
 impl WatchSpec {
-    fn render(&self, obj: &Value) -> Value {
-        let mut o = obj.clone();
+    fn render(&self, obj: Value) -> Value {
+        let mut o = obj;
         o["apiVersion"] = json!(self.rt.api_version(&self.version));
         o
     }
@@ -53,18 +54,23 @@ impl WatchSpec {
 
     /// Maps a store event to the (type, object) to send, if any.
     fn translate(&self, e: &Event) -> Option<(&'static str, Value)> {
-        let now = self.matches(&e.object);
+        // Selectors apply to the object as this resource serves it (events.k8s.io/v1
+        // Events are stored as core/v1 Events).
+        let obj = crate::events::read_as(&self.rt, &e.object);
+        let now = self.matches(&obj);
         let kind = match (e.kind, &e.old) {
-            (EventType::Modified, Some(old)) => match (self.matches(old), now) {
-                (true, true) => EventType::Modified,
-                (false, true) => EventType::Added,
-                (true, false) => EventType::Deleted,
-                (false, false) => return None,
-            },
+            (EventType::Modified, Some(old)) => {
+                match (self.matches(&crate::events::read_as(&self.rt, old)), now) {
+                    (true, true) => EventType::Modified,
+                    (false, true) => EventType::Added,
+                    (true, false) => EventType::Deleted,
+                    (false, false) => return None,
+                }
+            }
             (k, _) if now => k,
             _ => return None,
         };
-        Some((kind.as_str(), self.render(&e.object)))
+        Some((kind.as_str(), self.render(obj.into_owned())))
     }
 }
 
@@ -83,15 +89,18 @@ fn bookmark(spec: &WatchSpec, rv: u64, end_of_initial: bool) -> Value {
 }
 
 /// A stream carrying one ERROR event (e.g. 410 Gone) and then ending.
-pub fn error_stream(status: Value) -> impl Stream<Item = Result<Bytes, Infallible>> {
-    futures::stream::iter([Ok(line(&json!({"type": "ERROR", "object": status})))])
+pub fn error_stream(status: Value, tap: WatchTap) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    let l = line(&json!({"type": "ERROR", "object": status}));
+    tap.frame("ERROR", l.len());
+    futures::stream::iter([Ok(l)])
 }
 
 struct Running {
     spec: WatchSpec,
     store: Arc<Store>,
-    backlog: std::vec::IntoIter<Event>,
-    rx: mpsc::UnboundedReceiver<Event>,
+    backlog: std::vec::IntoIter<Arc<Event>>,
+    rx: mpsc::UnboundedReceiver<Arc<Event>>,
+    tap: WatchTap,
     last_rv: u64,
     initial_end: Option<u64>,
     deadline: Option<Instant>,
@@ -101,6 +110,18 @@ struct Running {
 
 impl Running {
     fn frame(&mut self, typ: &str, obj: Value) -> Bytes {
+        let b = self.encode(typ, obj);
+        self.tap.frame(typ, b.len());
+        b
+    }
+
+    fn bookmark(&mut self, rv: u64, end_of_initial: bool) -> Bytes {
+        let b = line(&bookmark(&self.spec, rv, end_of_initial));
+        self.tap.frame("BOOKMARK", b.len());
+        b
+    }
+
+    fn encode(&mut self, typ: &str, obj: Value) -> Bytes {
         let obj = match &self.spec.table {
             Some(include) => {
                 let rv = obj
@@ -134,7 +155,7 @@ impl Running {
                 continue;
             }
             if let Some(rv) = self.initial_end.take() {
-                return Some(line(&bookmark(&self.spec, rv, true)));
+                return Some(self.bookmark(rv, true));
             }
             let sleep_until = match self.deadline {
                 Some(d) if !self.spec.bookmarks || d < self.next_bookmark => d,
@@ -163,13 +184,13 @@ impl Running {
                             pending.push(e);
                         }
                         if !pending.is_empty() {
-                            self.backlog = pending.into_iter().collect::<Vec<_>>().into_iter();
+                            self.backlog = pending.into_iter();
                             // Bookmark follows on the next timer tick.
                             continue;
                         }
                         let rv = rv.max(self.last_rv);
                         self.last_rv = rv;
-                        return Some(line(&bookmark(&self.spec, rv, false)));
+                        return Some(self.bookmark(rv, false));
                     }
                 }
             }
@@ -177,13 +198,14 @@ impl Running {
     }
 }
 
-/// The event stream of a started watch.
+/// The event stream of a started watch; `tap` counts what it delivers.
 pub fn stream(
     spec: WatchSpec,
     store: Arc<Store>,
-    backlog: Vec<Event>,
-    rx: mpsc::UnboundedReceiver<Event>,
+    backlog: Vec<Arc<Event>>,
+    rx: mpsc::UnboundedReceiver<Arc<Event>>,
     start_rv: u64,
+    tap: WatchTap,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let now = Instant::now();
     let running = Running {
@@ -194,6 +216,7 @@ pub fn stream(
         store,
         backlog: backlog.into_iter(),
         rx,
+        tap,
         last_rv: start_rv,
         headers_sent: false,
     };
