@@ -351,6 +351,7 @@ mod tests {
             ErrorCode::RateLimited,
             ErrorCode::Unavailable,
             ErrorCode::Internal,
+            ErrorCode::Overloaded,
             ErrorCode::Unknown,
         ] {
             assert!(nack_is_retryable(code), "{code:?}");

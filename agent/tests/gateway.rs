@@ -299,6 +299,7 @@ async fn send_is_at_least_once_across_upstream_failures() {
         timeout_ms: 2000,
         events: vec![UpstreamEvent::Message],
         max_concurrency: 4,
+        queue_timeout_ms: 1_000,
     });
     let gateway = Gateway::start(config, "g".into()).await.unwrap();
     let agent = Agent::builder(

@@ -65,8 +65,19 @@ pub struct ListenConfig {
     /// Listen backlog. Reconnect storms arrive as bursts of SYNs; a small backlog makes
     /// the kernel drop them and clients wait a full SYN retransmit (1 s) per drop.
     pub backlog: u32,
-    /// Deadline for the HTTP headers of an upgrade request (slowloris), in milliseconds.
+    /// Deadline for the HTTP headers of a request on either port (slowloris), in
+    /// milliseconds.
     pub header_timeout_ms: u64,
+    /// Largest HTTP request head (request line + headers) accepted on either port, in
+    /// bytes; a longer head is answered 431 and the connection closed.
+    pub max_header_bytes: usize,
+    /// Public-port TCP connections that have not finished their upgrade yet (headers,
+    /// auth). Above it new connections are closed at once: a flood of half-open
+    /// handshakes cannot hold more than this many sockets and buffers.
+    pub max_pending_upgrades: usize,
+    /// Concurrent TCP connections on the internal port (push API, health); more are
+    /// closed at accept.
+    pub max_internal_connections: usize,
 }
 
 impl Default for ListenConfig {
@@ -76,6 +87,9 @@ impl Default for ListenConfig {
             internal: "0.0.0.0:8081".into(),
             backlog: 4096,
             header_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_pending_upgrades: 1024,
+            max_internal_connections: 1024,
         }
     }
 }
@@ -117,6 +131,12 @@ pub struct Limits {
     /// Bytes the gateway may buffer for one socket's writes before it stops accepting
     /// more (the bound tungstenite's `max_write_buffer_size` enforces).
     pub max_write_buffer_bytes: usize,
+    /// How long one batch of writes to an agent (or the close frame) may take before
+    /// the agent counts as a slow consumer and its socket is dropped, in milliseconds.
+    pub write_timeout_ms: u64,
+    /// Agent `send`/`request` messages of one connection waiting on the upstream at
+    /// once; more are refused with `nack`/`error` code `overloaded`.
+    pub max_upstream_in_flight: u32,
 }
 
 impl Default for Limits {
@@ -137,6 +157,8 @@ impl Default for Limits {
             max_pending_requests: 64,
             read_buffer_bytes: 256,
             max_write_buffer_bytes: 1024 * 1024,
+            write_timeout_ms: 10_000,
+            max_upstream_in_flight: 8,
         }
     }
 }
@@ -147,7 +169,9 @@ impl Default for Limits {
 pub struct AuthConfig {
     /// Agent tokens.
     pub jwt: JwtConfig,
-    /// File with one push-API key per line (a mounted Secret); `#` starts a comment.
+    /// File with one push-API key per line (a mounted Secret), optionally followed by
+    /// its scopes: `<key> push,request,presence` or `<key> admin`; a bare key has every
+    /// scope (the format before scopes). `#` starts a comment. See docs/security.md.
     pub api_keys_file: Option<PathBuf>,
 }
 
@@ -157,7 +181,9 @@ pub struct AuthConfig {
 pub struct JwtConfig {
     /// File holding the HS256 shared secret (raw bytes, trailing newline trimmed).
     pub hs256_secret_file: Option<PathBuf>,
-    /// File holding PEM public keys (RSA for RS256, EC P-256 for ES256), one or more.
+    /// File holding the public keys: PEM (RSA for RS256, EC P-256 for ES256), one or
+    /// more blocks, or a JWKS document (`{"keys":[...]}`) whose `kid`s select the key a
+    /// token names. Re-read while running, so keys rotate without a restart.
     pub public_keys_file: Option<PathBuf>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
@@ -200,7 +226,8 @@ pub enum UpstreamEvent {
 pub struct UpstreamConfig {
     /// URL the gateway POSTs to.
     pub url: String,
-    /// File with the HMAC-SHA256 key that signs each POST (`X-Tether-Signature`).
+    /// File with the HMAC-SHA256 key that signs each POST (`X-Tether-Signature`), at
+    /// least 32 bytes.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
     /// Deadline of one POST, in milliseconds.
@@ -212,6 +239,14 @@ pub struct UpstreamConfig {
     /// Concurrent POSTs in flight from this pod; more wait (back-pressure on agents).
     #[serde(default = "default_upstream_concurrency")]
     pub max_concurrency: usize,
+    /// How long a message may wait for one of the `maxConcurrency` slots before it is
+    /// refused (`nack` code `overloaded`), in milliseconds.
+    #[serde(default = "default_upstream_queue_timeout")]
+    pub queue_timeout_ms: u64,
+}
+
+fn default_upstream_queue_timeout() -> u64 {
+    1_000
 }
 
 fn default_upstream_timeout() -> u64 {
@@ -243,6 +278,51 @@ pub struct NatsConfig {
     /// Subject/bucket namespace; defaults to the tenant (or `dev`).
     #[serde(default)]
     pub namespace: Option<String>,
+    /// How the gateway authenticates to NATS. A bus without credentials lets anything
+    /// that reaches it push to or disconnect any agent: production pools set one.
+    #[serde(default)]
+    pub auth: NatsAuth,
+    /// TLS to NATS.
+    #[serde(default)]
+    pub tls: Option<NatsTls>,
+}
+
+/// NATS credentials: at most one of these (each a mounted Secret file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct NatsAuth {
+    /// User name, with `passwordFile`.
+    pub user: Option<String>,
+    /// File holding the password of `user`.
+    pub password_file: Option<PathBuf>,
+    /// File holding a bearer token.
+    pub token_file: Option<PathBuf>,
+    /// File holding an NKey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (JWT + NKey seed) of a decentralised-auth account.
+    pub creds_file: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// Whether any credential is configured.
+    pub fn is_set(&self) -> bool {
+        self.user.is_some()
+            || self.token_file.is_some()
+            || self.nkey_seed_file.is_some()
+            || self.creds_file.is_some()
+    }
+}
+
+/// TLS to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct NatsTls {
+    /// CA bundle (PEM) that signs the server's certificate; the system roots otherwise.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients.
+    pub cert_file: Option<PathBuf>,
+    /// Key of `certFile` (PEM).
+    pub key_file: Option<PathBuf>,
 }
 
 /// How the gateway empties itself.
@@ -336,6 +416,19 @@ impl GatewayConfig {
             ),
             ("listen.backlog", u64::from(self.listen.backlog)),
             ("listen.headerTimeoutMs", self.listen.header_timeout_ms),
+            (
+                "listen.maxPendingUpgrades",
+                self.listen.max_pending_upgrades as u64,
+            ),
+            (
+                "listen.maxInternalConnections",
+                self.listen.max_internal_connections as u64,
+            ),
+            ("limits.writeTimeoutMs", l.write_timeout_ms),
+            (
+                "limits.maxUpstreamInFlight",
+                u64::from(l.max_upstream_in_flight),
+            ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!(
@@ -357,6 +450,12 @@ impl GatewayConfig {
                 "limits.maxWriteBufferBytes must be at least limits.maxMessageBytes".into(),
             ));
         }
+        if self.listen.max_header_bytes < 8192 {
+            // hyper's smallest read buffer; below it the limit would not hold.
+            return Err(ConfigError::Invalid(
+                "listen.maxHeaderBytes must be at least 8192".into(),
+            ));
+        }
         let jwt = &self.auth.jwt;
         if jwt.hs256_secret_file.is_some() && jwt.public_keys_file.is_some() {
             return Err(ConfigError::Invalid(
@@ -370,9 +469,42 @@ impl GatewayConfig {
                     "upstream.url must be an http:// or https:// URL".into(),
                 ));
             }
-            if upstream.timeout_ms == 0 || upstream.max_concurrency == 0 {
+            if upstream.timeout_ms == 0
+                || upstream.max_concurrency == 0
+                || upstream.queue_timeout_ms == 0
+            {
                 return Err(ConfigError::Invalid(
-                    "upstream.timeoutMs and upstream.maxConcurrency must be greater than 0".into(),
+                    "upstream.timeoutMs, upstream.maxConcurrency and upstream.queueTimeoutMs \
+                     must be greater than 0"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(nats) = &self.routing.nats {
+            let a = &nats.auth;
+            let methods = [
+                a.user.is_some() || a.password_file.is_some(),
+                a.token_file.is_some(),
+                a.nkey_seed_file.is_some(),
+                a.creds_file.is_some(),
+            ];
+            if methods.iter().filter(|m| **m).count() > 1 {
+                return Err(ConfigError::Invalid(
+                    "routing.nats.auth: set one of user/passwordFile, tokenFile, \
+                     nkeySeedFile or credsFile"
+                        .into(),
+                ));
+            }
+            if a.user.is_some() != a.password_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "routing.nats.auth: user and passwordFile go together".into(),
+                ));
+            }
+            if let Some(tls) = &nats.tls
+                && tls.cert_file.is_some() != tls.key_file.is_some()
+            {
+                return Err(ConfigError::Invalid(
+                    "routing.nats.tls: certFile and keyFile go together".into(),
                 ));
             }
         }
@@ -412,6 +544,7 @@ mod tests {
             timeout_ms: 1000,
             events: vec![UpstreamEvent::Connect, UpstreamEvent::Message],
             max_concurrency: 8,
+            queue_timeout_ms: 500,
         });
         let text = config.to_yaml();
         assert_eq!(GatewayConfig::from_yaml(&text).unwrap(), config);

@@ -10,6 +10,12 @@
 //! buffer while idle: its outbox is a `VecDeque` that allocates only when a message is
 //! queued and gives its memory back once drained, and pending requests live in one map
 //! for the whole hub instead of a map per connection.
+//!
+//! The agent and group maps sit under one lock ([`Index`]), so a reconnect racing the
+//! old connection's `unregister` (or a `refresh` changing groups) never loses or leaks
+//! a group membership. A pending answer is owned by the waiter that created it (a
+//! gateway-made token): a waiter removes only its own entry, an in-flight id cannot be
+//! reused (409), and an `ack` completes only an acked push, a `response` only a request.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -49,6 +55,18 @@ pub enum DeliveryError {
     /// Too many requests to this agent are waiting for answers.
     #[error("too many pending requests for this agent")]
     TooManyPending,
+    /// A request or acked push with this id is already waiting for this agent's answer.
+    #[error("a message with this id is already waiting for the agent's answer")]
+    Duplicate,
+}
+
+/// Which answer a pending entry waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A `response` to a `request`.
+    Response,
+    /// An `ack` of a push sent with `ack=true`.
+    Ack,
 }
 
 /// The agent's answer to a request (or acknowledgement of a push).
@@ -71,8 +89,9 @@ pub struct Connection {
     pub id: u64,
     /// The agent id (the token's `sub`).
     pub agent_id: Box<str>,
-    /// Groups from the token's `groups` claim.
-    pub groups: Box<[Box<str>]>,
+    /// Groups from the token's `groups` claim (replaced by a `refresh`; changed only
+    /// under the hub's index lock).
+    groups: RwLock<Box<[Box<str>]>>,
     /// Unix seconds when the connection was accepted.
     pub connected_at: u64,
     /// Liveness stamps: last frames, outstanding ping, token expiry.
@@ -82,6 +101,8 @@ pub struct Connection {
     closing: AtomicBool,
     /// Requests and acked pushes to this agent that wait for an answer.
     pending: AtomicU32,
+    /// The agent's `send`/`request` messages waiting on the upstream.
+    upstream_in_flight: AtomicU32,
 }
 
 impl Connection {
@@ -91,13 +112,29 @@ impl Connection {
         Arc::new(Self {
             id,
             agent_id: agent_id.into(),
-            groups: groups.into_iter().map(String::into_boxed_str).collect(),
+            groups: RwLock::new(groups.into_iter().map(String::into_boxed_str).collect()),
             connected_at: unix_now(),
             clock: Clock::new(expires_at),
             outbox: Outbox::default(),
             closing: AtomicBool::new(false),
             pending: AtomicU32::new(0),
+            upstream_in_flight: AtomicU32::new(0),
         })
+    }
+
+    /// The connection's groups.
+    pub fn groups(&self) -> Vec<String> {
+        self.groups.read().iter().map(ToString::to_string).collect()
+    }
+
+    /// Takes one of `max` upstream slots of this connection; `None` when all are busy.
+    pub fn try_upstream_slot(self: &Arc<Self>, max: u32) -> Option<UpstreamSlot> {
+        self.upstream_in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| UpstreamSlot(self.clone()))
     }
 
     /// Queues a frame unless the queue holds `capacity` frames already or the connection
@@ -153,6 +190,16 @@ impl Connection {
     }
 }
 
+/// One in-flight upstream call of a connection, released on drop.
+#[derive(Debug)]
+pub struct UpstreamSlot(Arc<Connection>);
+
+impl Drop for UpstreamSlot {
+    fn drop(&mut self) {
+        self.0.upstream_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Unix time in seconds.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -171,12 +218,55 @@ pub struct Registered {
 
 type PendingKey = (u64, Box<str>);
 
+/// A waiter's entry: its token (gateway-made, unique), what it waits for, where to.
+#[derive(Debug)]
+struct Pending {
+    token: u64,
+    expect: Expect,
+    tx: oneshot::Sender<AgentReply>,
+}
+
+/// Agents and group memberships, changed together under one lock.
+#[derive(Debug, Default)]
+struct Index {
+    agents: HashMap<Box<str>, Arc<Connection>>,
+    groups: HashMap<Box<str>, HashSet<Box<str>>>,
+}
+
+impl Index {
+    fn join_groups(&mut self, conn: &Connection) {
+        for group in conn.groups.read().iter() {
+            self.groups
+                .entry(group.clone())
+                .or_default()
+                .insert(conn.agent_id.clone());
+        }
+    }
+
+    fn leave_groups(&mut self, conn: &Connection) {
+        for group in conn.groups.read().iter() {
+            if let Some(members) = self.groups.get_mut(group) {
+                members.remove(&conn.agent_id);
+                if members.is_empty() {
+                    self.groups.remove(group);
+                }
+            }
+        }
+    }
+
+    fn is_current(&self, conn: &Connection) -> bool {
+        self.agents
+            .get(&conn.agent_id)
+            .is_some_and(|c| c.id == conn.id)
+    }
+}
+
 /// All connections of this process.
 #[derive(Debug)]
 pub struct Hub {
-    agents: RwLock<HashMap<Box<str>, Arc<Connection>>>,
-    groups: RwLock<HashMap<Box<str>, HashSet<Box<str>>>>,
-    pending: Mutex<HashMap<PendingKey, oneshot::Sender<AgentReply>>>,
+    index: RwLock<Index>,
+    pending: Mutex<HashMap<PendingKey, Pending>>,
+    next_pending_token: AtomicU64,
     next_connection_id: AtomicU64,
     outbound_queue: usize,
     max_pending: u32,
@@ -187,9 +277,9 @@ impl Hub {
     /// at most `max_pending` answers each.
     pub fn new(outbound_queue: usize, max_pending: usize) -> Self {
         Self {
-            agents: RwLock::default(),
-            groups: RwLock::default(),
+            index: RwLock::default(),
             pending: Mutex::default(),
+            next_pending_token: AtomicU64::new(1),
             next_connection_id: AtomicU64::new(1),
             outbound_queue,
             max_pending: u32::try_from(max_pending).unwrap_or(u32::MAX),
@@ -204,24 +294,33 @@ impl Hub {
     /// Adds a connection. The newest connection of an agent wins: an older one is told
     /// to close with [`CloseCode::Replaced`] after what it has queued.
     pub fn register(&self, conn: &Arc<Connection>) -> Registered {
-        let replaced = self
-            .agents
-            .write()
-            .insert(conn.agent_id.clone(), conn.clone());
+        let replaced = {
+            let mut index = self.index.write();
+            let replaced = index.agents.insert(conn.agent_id.clone(), conn.clone());
+            if let Some(old) = &replaced {
+                index.leave_groups(old);
+            }
+            index.join_groups(conn);
+            replaced
+        };
         if let Some(old) = &replaced {
             old.close(CloseCode::Replaced);
-            self.remove_from_groups(old);
-        }
-        if !conn.groups.is_empty() {
-            let mut groups = self.groups.write();
-            for group in conn.groups.iter() {
-                groups
-                    .entry(group.clone())
-                    .or_default()
-                    .insert(conn.agent_id.clone());
-            }
         }
         Registered { replaced }
+    }
+
+    /// Replaces a connection's groups (a `refresh` with a token naming other groups).
+    pub fn set_groups(&self, conn: &Connection, groups: Vec<String>) {
+        let groups: Box<[Box<str>]> = groups.into_iter().map(String::into_boxed_str).collect();
+        let mut index = self.index.write();
+        let current = index.is_current(conn);
+        if current {
+            index.leave_groups(conn);
+        }
+        *conn.groups.write() = groups;
+        if current {
+            index.join_groups(conn);
+        }
     }
 
     /// Removes a connection if it is still the agent's current one (a replaced
@@ -229,18 +328,14 @@ impl Hub {
     /// Returns whether it was current.
     pub fn unregister(&self, conn: &Arc<Connection>) -> bool {
         let removed = {
-            let mut agents = self.agents.write();
-            match agents.get(&conn.agent_id) {
-                Some(current) if current.id == conn.id => {
-                    agents.remove(&conn.agent_id);
-                    true
-                }
-                _ => false,
+            let mut index = self.index.write();
+            let current = index.is_current(conn);
+            if current {
+                index.agents.remove(&conn.agent_id);
+                index.leave_groups(conn);
             }
+            current
         };
-        if removed {
-            self.remove_from_groups(conn);
-        }
         if conn.pending.load(Ordering::Acquire) > 0 {
             // Dropping the senders tells every waiter the agent went away.
             self.pending.lock().retain(|(id, _), _| *id != conn.id);
@@ -248,34 +343,31 @@ impl Hub {
         removed
     }
 
-    fn remove_from_groups(&self, conn: &Connection) {
-        if conn.groups.is_empty() {
-            return;
-        }
-        let mut groups = self.groups.write();
-        for group in conn.groups.iter() {
-            if let Some(members) = groups.get_mut(group) {
-                members.remove(&conn.agent_id);
-                if members.is_empty() {
-                    groups.remove(group);
-                }
-            }
-        }
-    }
-
     /// The agent's current connection on this pod.
     pub fn get(&self, agent: &str) -> Option<Arc<Connection>> {
-        self.agents.read().get(agent).cloned()
+        self.index.read().agents.get(agent).cloned()
     }
 
     /// Number of registered connections.
     pub fn len(&self) -> usize {
-        self.agents.read().len()
+        self.index.read().agents.len()
     }
 
     /// Whether no connection is registered.
     pub fn is_empty(&self) -> bool {
-        self.agents.read().is_empty()
+        self.index.read().agents.is_empty()
+    }
+
+    /// Members of a group on this pod (agent ids, sorted).
+    pub fn group_members(&self, group: &str) -> Vec<String> {
+        let index = self.index.read();
+        let mut members: Vec<String> = index
+            .groups
+            .get(group)
+            .map(|m| m.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        members.sort_unstable();
+        members
     }
 
     /// Queues a frame for one agent.
@@ -286,11 +378,13 @@ impl Hub {
 
     /// Queues a frame that expects an answer (`request`, or `push` with `ack`) and
     /// returns the receiver of that answer. The receiver errors if the agent
-    /// disconnects first.
+    /// disconnects first. An id already waiting for this agent's answer is refused
+    /// ([`DeliveryError::Duplicate`]): its answer could not tell the two apart.
     pub fn deliver_expecting_reply(
         &self,
         agent: &str,
         message_id: &str,
+        expect: Expect,
         frame: Outbound,
     ) -> Result<PendingReply<'_>, DeliveryError> {
         let conn = self.get(agent).ok_or(DeliveryError::NotConnected)?;
@@ -299,12 +393,22 @@ impl Hub {
             return Err(DeliveryError::TooManyPending);
         }
         let key: PendingKey = (conn.id, message_id.into());
+        let token = self.next_pending_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(key.clone(), tx);
+        {
+            let mut pending = self.pending.lock();
+            if pending.contains_key(&key) {
+                drop(pending);
+                conn.pending.fetch_sub(1, Ordering::AcqRel);
+                return Err(DeliveryError::Duplicate);
+            }
+            pending.insert(key.clone(), Pending { token, expect, tx });
+        }
         let guard = PendingReply {
             hub: self,
             conn,
             key,
+            token,
             rx,
         };
         guard.conn.enqueue(frame, self.outbound_queue)?;
@@ -312,13 +416,23 @@ impl Hub {
     }
 
     /// Hands an agent's answer to whoever waits for it. Returns false when nobody waits
-    /// (late answer after a timeout, or an id the gateway never sent).
-    pub fn complete(&self, connection_id: u64, message_id: &str, reply: AgentReply) -> bool {
+    /// for this kind of answer (late answer after a timeout, an id the gateway never
+    /// sent, or an `ack` naming a request).
+    pub fn complete(
+        &self,
+        connection_id: u64,
+        message_id: &str,
+        answer: Expect,
+        reply: AgentReply,
+    ) -> bool {
         let key: PendingKey = (connection_id, message_id.into());
-        match self.pending.lock().remove(&key) {
-            Some(tx) => tx.send(reply).is_ok(),
-            None => false,
+        let mut pending = self.pending.lock();
+        if pending.get(&key).is_none_or(|p| p.expect != answer) {
+            return false;
         }
+        let entry = pending.remove(&key).expect("checked above");
+        drop(pending);
+        entry.tx.send(reply).is_ok()
     }
 
     /// Queues the same frame for every member of a group; returns how many got it.
@@ -326,14 +440,13 @@ impl Hub {
     /// answer 429 per recipient, and silently skipping one would lose the message.
     pub fn deliver_to_group(&self, group: &str, frame: &Outbound) -> usize {
         let members: Vec<Arc<Connection>> = {
-            let groups = self.groups.read();
-            let Some(names) = groups.get(group) else {
+            let index = self.index.read();
+            let Some(names) = index.groups.get(group) else {
                 return 0;
             };
-            let agents = self.agents.read();
             names
                 .iter()
-                .filter_map(|n| agents.get(n).cloned())
+                .filter_map(|n| index.agents.get(n).cloned())
                 .collect()
         };
         self.fan_out(members.iter(), frame)
@@ -341,7 +454,7 @@ impl Hub {
 
     /// Queues the same frame for every connection; returns how many got it.
     pub fn broadcast(&self, frame: &Outbound) -> usize {
-        let all: Vec<Arc<Connection>> = self.agents.read().values().cloned().collect();
+        let all: Vec<Arc<Connection>> = self.index.read().agents.values().cloned().collect();
         self.fan_out(all.iter(), frame)
     }
 
@@ -367,7 +480,8 @@ impl Hub {
         cursor: Option<&str>,
         limit: usize,
     ) -> (Vec<Arc<Connection>>, Option<String>) {
-        let agents = self.agents.read();
+        let index = self.index.read();
+        let agents = &index.agents;
         let mut ids: Vec<&Box<str>> = agents
             .keys()
             .filter(|id| cursor.is_none_or(|c| &***id > c))
@@ -387,13 +501,13 @@ impl Hub {
 
     /// Every connection, for drain.
     pub fn snapshot(&self) -> Vec<Arc<Connection>> {
-        self.agents.read().values().cloned().collect()
+        self.index.read().agents.values().cloned().collect()
     }
 
     /// Visits every connection under the read lock (no copy of the set). `f` must be
     /// quick and must not call back into the hub's write paths.
     pub fn for_each(&self, mut f: impl FnMut(&Arc<Connection>)) {
-        for conn in self.agents.read().values() {
+        for conn in self.index.read().agents.values() {
             f(conn);
         }
     }
@@ -406,6 +520,7 @@ pub struct PendingReply<'a> {
     hub: &'a Hub,
     conn: Arc<Connection>,
     key: PendingKey,
+    token: u64,
     rx: oneshot::Receiver<AgentReply>,
 }
 
@@ -418,7 +533,16 @@ impl PendingReply<'_> {
 
 impl Drop for PendingReply<'_> {
     fn drop(&mut self) {
-        self.hub.pending.lock().remove(&self.key);
+        // Only its own entry: once this one was answered or failed, the id may wait
+        // again for a newer call.
+        let mut pending = self.hub.pending.lock();
+        if pending
+            .get(&self.key)
+            .is_some_and(|p| p.token == self.token)
+        {
+            pending.remove(&self.key);
+        }
+        drop(pending);
         self.conn.pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -503,21 +627,110 @@ mod tests {
         hub.register(&conn);
         let ok = RawValue::from_string("1".into()).unwrap();
         {
-            let mut pending = hub.deliver_expecting_reply("a", "r1", text("req")).unwrap();
+            let mut pending = hub
+                .deliver_expecting_reply("a", "r1", Expect::Response, text("req"))
+                .unwrap();
             assert_eq!(
-                hub.deliver_expecting_reply("a", "r2", text("req"))
+                hub.deliver_expecting_reply("a", "r2", Expect::Response, text("req"))
                     .unwrap_err(),
                 DeliveryError::TooManyPending
             );
-            assert!(hub.complete(7, "r1", Ok(ok.clone())));
+            assert!(
+                !hub.complete(7, "r1", Expect::Ack, Ok(ok.clone())),
+                "an ack does not complete a request"
+            );
+            assert!(hub.complete(7, "r1", Expect::Response, Ok(ok.clone())));
             assert_eq!(pending.wait().await.unwrap().unwrap().get(), "1");
         }
         // The waiter is gone: a second answer finds nobody.
-        assert!(!hub.complete(7, "r1", Ok(ok)));
+        assert!(!hub.complete(7, "r1", Expect::Response, Ok(ok)));
         // Disconnect fails whoever still waits.
-        let mut pending = hub.deliver_expecting_reply("a", "r3", text("req")).unwrap();
+        let mut pending = hub
+            .deliver_expecting_reply("a", "r3", Expect::Response, text("req"))
+            .unwrap();
         hub.unregister(&conn);
         assert!(pending.wait().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_id_in_flight_is_refused_and_waiters_remove_only_their_own_entry() {
+        let hub = Hub::new(8, 8);
+        let conn = Connection::new(3, "a", vec![], u64::MAX);
+        hub.register(&conn);
+        let first = hub
+            .deliver_expecting_reply("a", "k", Expect::Ack, text("push"))
+            .unwrap();
+        assert_eq!(
+            hub.deliver_expecting_reply("a", "k", Expect::Response, text("req"))
+                .unwrap_err(),
+            DeliveryError::Duplicate
+        );
+        let ok = RawValue::from_string("null".into()).unwrap();
+        assert!(hub.complete(3, "k", Expect::Ack, Ok(ok.clone())));
+        // The id is free again; the first waiter's late drop must not remove the
+        // second waiter's entry.
+        let mut second = hub
+            .deliver_expecting_reply("a", "k", Expect::Response, text("req"))
+            .unwrap();
+        drop(first);
+        assert!(hub.complete(3, "k", Expect::Response, Ok(ok)));
+        assert!(second.wait().await.is_some());
+    }
+
+    #[test]
+    fn group_membership_follows_replacement_and_refresh() {
+        let hub = Hub::new(8, 8);
+        let old = Connection::new(1, "a", vec!["g1".into(), "g2".into()], u64::MAX);
+        let new = Connection::new(2, "a", vec!["g2".into(), "g3".into()], u64::MAX);
+        hub.register(&old);
+        hub.register(&new);
+        // The replaced connection unregisters after its successor registered.
+        assert!(!hub.unregister(&old));
+        assert!(hub.group_members("g1").is_empty());
+        assert_eq!(hub.group_members("g2"), ["a"]);
+        assert_eq!(hub.group_members("g3"), ["a"]);
+        hub.set_groups(&new, vec!["g4".into()]);
+        assert!(hub.group_members("g2").is_empty() && hub.group_members("g3").is_empty());
+        assert_eq!(hub.group_members("g4"), ["a"]);
+        // A stale connection's refresh changes nothing in the index.
+        hub.set_groups(&old, vec!["g9".into()]);
+        assert!(hub.group_members("g9").is_empty());
+        assert!(hub.unregister(&new));
+        assert!(hub.group_members("g4").is_empty());
+    }
+
+    #[test]
+    fn racing_reconnects_never_leak_group_members() {
+        let hub = Arc::new(Hub::new(8, 8));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_000u64 {
+                        let conn = Connection::new(
+                            t * 1_000_000 + i,
+                            "racer",
+                            vec![format!("g{}", i % 3)],
+                            u64::MAX,
+                        );
+                        hub.register(&conn);
+                        hub.unregister(&conn);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        // Whatever interleaving happened, groups name only the current connection.
+        let current = hub.get("racer");
+        for g in ["g0", "g1", "g2"] {
+            let expected: Vec<String> = match &current {
+                Some(c) if c.groups().iter().any(|x| x == g) => vec!["racer".into()],
+                _ => vec![],
+            };
+            assert_eq!(hub.group_members(g), expected, "{g}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::hub::{AgentReply, Connection, DeliveryError, Hub, Outbound};
+use crate::hub::{AgentReply, Connection, DeliveryError, Expect, Hub, Outbound};
 
 /// Why a message could not be routed. Each maps to one push-API status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +26,9 @@ pub enum RouteError {
     /// Too many requests to the agent are waiting for answers (429).
     #[error("too many pending requests for this agent")]
     TooManyPending,
+    /// A request or acked push with this id already waits for the agent (409).
+    #[error("a message with this Idempotency-Key is already waiting for the agent")]
+    Duplicate,
     /// The agent did not answer in time (504).
     #[error("agent did not answer within {0:?}")]
     Timeout(Duration),
@@ -44,6 +47,7 @@ impl From<DeliveryError> for RouteError {
             DeliveryError::NotConnected => RouteError::NotConnected,
             DeliveryError::QueueFull => RouteError::QueueFull,
             DeliveryError::TooManyPending => RouteError::TooManyPending,
+            DeliveryError::Duplicate => RouteError::Duplicate,
         }
     }
 }
@@ -150,7 +154,7 @@ impl LocalRouter {
             agent_id: conn.agent_id.to_string(),
             connection_id: conn.id.to_string(),
             pod: self.pod.to_string(),
-            groups: conn.groups.iter().map(ToString::to_string).collect(),
+            groups: conn.groups(),
             connected_at: conn.connected_at,
         }
     }
@@ -159,10 +163,11 @@ impl LocalRouter {
         &self,
         agent: &str,
         id: &str,
+        expect: Expect,
         frame: Outbound,
         timeout: Duration,
     ) -> Result<AgentReply, RouteError> {
-        let mut pending = self.hub.deliver_expecting_reply(agent, id, frame)?;
+        let mut pending = self.hub.deliver_expecting_reply(agent, id, expect, frame)?;
         match tokio::time::timeout(timeout, pending.wait()).await {
             Ok(Some(reply)) => Ok(reply),
             Ok(None) => Err(RouteError::AgentGone),
@@ -181,7 +186,7 @@ impl Router for LocalRouter {
         match push.ack_timeout {
             None => Ok(self.hub.deliver(agent, push.frame)?),
             Some(timeout) => match self
-                .await_reply(agent, &push.id, push.frame, timeout)
+                .await_reply(agent, &push.id, Expect::Ack, push.frame, timeout)
                 .await?
             {
                 Ok(_) => Ok(()),
@@ -192,8 +197,14 @@ impl Router for LocalRouter {
     }
 
     async fn request(&self, agent: &str, request: Request) -> Result<AgentReply, RouteError> {
-        self.await_reply(agent, &request.id, request.frame, request.timeout)
-            .await
+        self.await_reply(
+            agent,
+            &request.id,
+            Expect::Response,
+            request.frame,
+            request.timeout,
+        )
+        .await
     }
 
     async fn send_to_group(&self, group: &str, frame: Outbound) -> Result<usize, RouteError> {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  public listener ──accept──> hyper http1 (header timeout) ──> /v1/connect ──101──> session task
-//!  internal listener ─────────> axum (push API, admin, health)
+//!  internal listener ──accept (cap)──> hyper http1 (header timeout) ──> axum (push API, admin, health)
 //!  drain (SIGTERM | POST /admin/drain) ──> readiness false, stop accepting,
 //!        reconnect hints + 1012 at drain.connectionsPerSecond, exit when empty or at the deadline
 //! ```
@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tether_config::GatewayConfig;
 use tether_protocol::CloseCode;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -153,7 +153,11 @@ impl Gateway {
                 .into());
             }
         };
-        let upstream = config.upstream.as_ref().map(Upstream::new).transpose()?;
+        let upstream = config
+            .upstream
+            .as_ref()
+            .map(|u| Upstream::new(u, config.limits.max_message_bytes))
+            .transpose()?;
         let public = listen(&config.listen.public, config.listen.backlog)?;
         let internal = listen(&config.listen.internal, config.listen.backlog)?;
         let public_addr = public.local_addr().map_err(|source| StartError::Bind {
@@ -225,22 +229,11 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     let stop_accepting = CancellationToken::new();
     let stop_internal = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(state.clone(), public, stop_accepting.clone()));
-    let internal_app = crate::api::router(state.clone());
-    let internal_server = tokio::spawn({
-        let stop = stop_internal.clone();
-        async move {
-            // Small JSON answers must not wait for Nagle + delayed ACK (tens of ms).
-            let internal = internal.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            if let Err(e) = axum::serve(internal, internal_app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
-                warn!(%e, "internal API server failed");
-            }
-        }
-    });
+    let internal_server = tokio::spawn(serve_internal(
+        state.clone(),
+        internal,
+        stop_internal.clone(),
+    ));
     let reload_keys = tokio::spawn(reload_api_keys(state.clone()));
     let liveness = tokio::spawn(crate::liveness::sweep(
         state.hub.clone(),
@@ -279,34 +272,111 @@ async fn reload_api_keys(state: Arc<AppState>) {
     }
 }
 
-async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
-    let app = axum::Router::new()
-        .route("/v1/connect", get(crate::upgrade::connect))
-        .with_state(state.clone());
-    let header_timeout = Duration::from_millis(state.config.listen.header_timeout_ms);
+/// How long internal-API connections may finish their requests once the drain is
+/// over; then they are dropped. A half-sent request must not hold the process.
+const INTERNAL_GRACE: Duration = Duration::from_secs(2);
+
+/// HTTP/1 settings both ports share: the header deadline (slowloris) and the largest
+/// request head (header flood, 431 above it).
+fn http1_builder(listen: &tether_config::ListenConfig) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(listen.header_timeout_ms))
+        .max_buf_size(listen.max_header_bytes);
+    builder
+}
+
+/// Accepts one connection, or `None` once `stop` is cancelled.
+async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<TcpStream> {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => return None,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        match accepted {
+            Ok((stream, _)) => {
+                // Small answers must not wait for Nagle + delayed ACK (tens of ms).
+                let _ = stream.set_nodelay(true);
+                return Some(stream);
+            }
             Err(e) => {
                 // EMFILE/ENFILE: back off instead of spinning; the backlog holds the
                 // rest of the burst meanwhile.
                 warn!(%e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
+        }
+    }
+}
+
+/// The internal port: the push API, admin and health. Not `axum::serve`: that sets no
+/// header deadline, caps nothing, and its graceful shutdown waits for every connection
+/// — a neighbour's half-sent request would hold the process forever.
+async fn serve_internal(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
+    let app = crate::api::router(state.clone());
+    let builder = http1_builder(&state.config.listen);
+    let slots = Arc::new(Semaphore::new(state.config.listen.max_internal_connections));
+    let connections = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
+    while let Some(stream) = accept(&listener, &stop).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: close at once rather than queue; a backend retries, a flood ends.
+            state
+                .metrics
+                .handshakes
+                .add(1, &crate::metrics::label("result", "internal_full"));
+            continue;
         };
-        let _ = stream.set_nodelay(true);
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let (stop, hard_stop) = (stop.clone(), hard_stop.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+            tokio::select! {
+                _ = connection => {}
+                () = hard_stop.cancelled() => {}
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(INTERNAL_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        hard_stop.cancel();
+        connections.wait().await;
+    }
+}
+
+/// The public port: upgrades only. Connections that have not finished their upgrade
+/// are capped by `listen.maxPendingUpgrades`; beyond it new ones are closed at accept.
+async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
+    let app = axum::Router::new()
+        .route("/v1/connect", get(crate::upgrade::connect))
+        .with_state(state.clone());
+    let builder = http1_builder(&state.config.listen);
+    let pending = Arc::new(Semaphore::new(state.config.listen.max_pending_upgrades));
+    while let Some(stream) = accept(&listener, &stop).await {
+        let Ok(slot) = pending.clone().try_acquire_owned() else {
+            state
+                .metrics
+                .handshakes
+                .add(1, &crate::metrics::label("result", "pending_full"));
+            continue;
+        };
         let service = TowerToHyperService::new(app.clone());
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
+        let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         state.tasks.spawn(async move {
+            // Held until the HTTP phase ends: after a 101 the socket is the session's.
+            let _slot = slot;
             let _ = connection.await;
         });
     }

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tether_config::UpstreamEvent;
 use tether_protocol::{
     AgentMessage, CloseCode, ErrorBody, ErrorCode, GatewayMessage, RawValue, Welcome, salvage_id,
@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityE
 use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::AgentIdentity;
-use crate::hub::{Connection, Outbound};
+use crate::hub::{Connection, Expect, Outbound, UpstreamSlot};
 use crate::metrics::label;
 use crate::rate::TokenBucket;
 use crate::state::{Admission, AppState};
@@ -39,9 +39,6 @@ use crate::upstream::{Event, UpstreamError};
 
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long one batch of writes may take before the agent counts as a slow consumer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The task that serves one authenticated agent until its connection ends. `admission`
 /// is its slot under `limits.maxConnections`, released when the session is over.
@@ -294,20 +291,39 @@ where
             }
         };
         match message {
-            AgentMessage::Send { id, data } => self.forward_upstream("message", id, data),
+            AgentMessage::Send { id, data } => match self.upstream_slot() {
+                Some(slot) => self.forward_upstream("message", id, data, slot),
+                None => answer(&self.state, &self.conn, nack(id, UpstreamError::Overloaded)),
+            },
             AgentMessage::Request {
                 id,
                 data,
                 timeout_ms,
-            } => self.forward_upstream_request(id, data, timeout_ms),
+            } => match self.upstream_slot() {
+                Some(slot) => self.forward_upstream_request(id, data, timeout_ms, slot),
+                None => {
+                    let result = Err(error_body(&UpstreamError::Overloaded));
+                    answer(
+                        &self.state,
+                        &self.conn,
+                        GatewayMessage::Response { id, result },
+                    );
+                }
+            },
             AgentMessage::Response { id, result } => {
-                if !self.state.hub.complete(self.conn.id, &id, result) {
+                if !self
+                    .state
+                    .hub
+                    .complete(self.conn.id, &id, Expect::Response, result)
+                {
                     debug!(%id, "response for no pending request (late or unknown)");
                 }
             }
             AgentMessage::Ack { id } => {
                 let null = RawValue::from_string("null".into()).expect("valid JSON");
-                self.state.hub.complete(self.conn.id, &id, Ok(null));
+                self.state
+                    .hub
+                    .complete(self.conn.id, &id, Expect::Ack, Ok(null));
             }
             AgentMessage::Refresh { token } => return self.refresh(&token).await,
         }
@@ -321,6 +337,11 @@ where
                 self.conn
                     .clock
                     .set_expiry(identity.expires_at.saturating_add(grace));
+                // The new token's groups are the agent's groups from now on: a token
+                // that drops a group must also stop that group's messages.
+                if identity.groups != self.conn.groups() {
+                    self.state.hub.set_groups(&self.conn, identity.groups);
+                }
                 let reply = GatewayMessage::Refreshed {
                     expires_at: Some(identity.expires_at),
                 };
@@ -338,10 +359,31 @@ where
         }
     }
 
+    /// One of this connection's `limits.maxUpstreamInFlight` upstream slots.
+    fn upstream_slot(&self) -> Option<UpstreamSlot> {
+        let slot = self
+            .conn
+            .try_upstream_slot(self.state.config.limits.max_upstream_in_flight);
+        if slot.is_none() {
+            self.state
+                .metrics
+                .messages_dropped
+                .add(1, &label("reason", "upstream_in_flight"));
+        }
+        slot
+    }
+
     /// `send` → upstream, answered with `ack`/`nack` through the outbox.
-    fn forward_upstream(&self, kind: &'static str, id: String, data: Box<RawValue>) {
+    fn forward_upstream(
+        &self,
+        kind: &'static str,
+        id: String,
+        data: Box<RawValue>,
+        slot: UpstreamSlot,
+    ) {
         let (state, conn) = (self.state.clone(), self.conn.clone());
         self.state.tasks.spawn(async move {
+            let _slot = slot;
             let reply = match deliver_upstream(&state, &conn, kind, &id, &data).await {
                 Ok(_) => GatewayMessage::Ack { id },
                 Err(e) => nack(id, e),
@@ -351,7 +393,13 @@ where
     }
 
     /// Agent `request` → upstream, answered with `response`.
-    fn forward_upstream_request(&self, id: String, data: Box<RawValue>, timeout_ms: Option<u64>) {
+    fn forward_upstream_request(
+        &self,
+        id: String,
+        data: Box<RawValue>,
+        timeout_ms: Option<u64>,
+        slot: UpstreamSlot,
+    ) {
         let (state, conn) = (self.state.clone(), self.conn.clone());
         let limits = &self.state.config.limits;
         let timeout = Duration::from_millis(
@@ -360,6 +408,7 @@ where
                 .min(limits.max_request_timeout_ms),
         );
         self.state.tasks.spawn(async move {
+            let _slot = slot;
             let outcome = tokio::time::timeout(
                 timeout,
                 deliver_upstream(&state, &conn, "request", &id, &data),
@@ -379,8 +428,13 @@ where
 
     fn forward_binary(&self, data: bytes::Bytes) {
         use base64::Engine;
+        // Binary frames carry no id to nack: over the cap they are dropped (counted).
+        let Some(slot) = self.upstream_slot() else {
+            return;
+        };
         let (state, conn) = (self.state.clone(), self.conn.clone());
         self.state.tasks.spawn(async move {
+            let _slot = slot;
             let Some(upstream) = state
                 .upstream
                 .as_ref()
@@ -404,7 +458,8 @@ where
     /// Writes one frame the session itself produced (welcome, error, refreshed).
     async fn write_now(&mut self, message: GatewayMessage) -> Result<(), ()> {
         let text = message.encode();
-        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.send(Message::text(text))).await {
+        let timeout = self.write_timeout();
+        match tokio::time::timeout(timeout, self.ws.send(Message::text(text))).await {
             Ok(Ok(())) => {
                 self.state
                     .metrics
@@ -420,6 +475,7 @@ where
     async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Option<Ended> {
         let mut close = None;
         let mut written = 0u64;
+        let timeout = self.write_timeout();
         let writes = async {
             for frame in batch.drain(..) {
                 let message = match frame {
@@ -436,7 +492,7 @@ where
             }
             self.ws.flush().await
         };
-        let result = tokio::time::timeout(WRITE_TIMEOUT, writes).await;
+        let result = tokio::time::timeout(timeout, writes).await;
         batch.clear();
         if written > 0 {
             self.state
@@ -451,14 +507,33 @@ where
         }
     }
 
+    /// `limits.writeTimeoutMs`.
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.state.config.limits.write_timeout_ms)
+    }
+
     /// Sends a close frame and waits (bounded) for the peer's answer, so that everything
     /// written before it is known to have been read.
+    ///
+    /// Every step is bounded: a peer that stops reading (zero receive window) would
+    /// otherwise hold this task, its slot, its hub entry and its write buffer forever,
+    /// since sending waits for the window to open.
     async fn close(&mut self, code: CloseCode) {
-        let frame = CloseFrame {
+        let frame = Message::Close(Some(CloseFrame {
             code: WsCloseCode::from(code.code()),
             reason: code.reason().into(),
-        };
-        if self.ws.send(Message::Close(Some(frame))).await.is_err() {
+        }));
+        if code == CloseCode::SlowConsumer {
+            // It does not read: write the close only if the socket takes it at once,
+            // then drop the socket without waiting for anything.
+            let _ = self.ws.send(frame).now_or_never();
+            return;
+        }
+        let timeout = self.write_timeout();
+        if !matches!(
+            tokio::time::timeout(timeout, self.ws.send(frame)).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
         if code == CloseCode::PingTimeout {
@@ -513,16 +588,27 @@ async fn deliver_upstream(
     result
 }
 
+/// What the agent is told: a fixed message per kind of failure. The detail (URL, the
+/// HTTP client's error text) goes to the log only.
 fn error_body(e: &UpstreamError) -> ErrorBody {
-    match e {
-        UpstreamError::NotConfigured => ErrorBody::new(ErrorCode::Unavailable, e.to_string()),
-        _ => ErrorBody::new(ErrorCode::UpstreamError, e.to_string()),
+    let code = match e {
+        UpstreamError::NotConfigured => ErrorCode::Unavailable,
+        UpstreamError::Overloaded => ErrorCode::Overloaded,
+        _ => ErrorCode::UpstreamError,
+    };
+    if !matches!(e, UpstreamError::NotConfigured | UpstreamError::Overloaded) {
+        debug!(error = %e, "upstream call failed");
     }
+    ErrorBody::new(code, e.agent_message())
 }
+
+/// The retry hint of an overloaded answer, in milliseconds.
+const OVERLOADED_RETRY_MS: u64 = 1_000;
 
 fn nack(id: String, e: UpstreamError) -> GatewayMessage {
     let retry_after_ms = match &e {
         UpstreamError::Rejected { retry_after_ms, .. } => *retry_after_ms,
+        UpstreamError::Overloaded => Some(OVERLOADED_RETRY_MS),
         _ => None,
     };
     GatewayMessage::Nack {

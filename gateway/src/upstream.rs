@@ -5,6 +5,12 @@
 //! A 2xx answer acknowledges the event; anything else (or a timeout) is a failure the
 //! agent sees as `nack` and retries — delivery is at-least-once, and the message id is
 //! sent as `Idempotency-Key` so the backend can deduplicate.
+//!
+//! A hostile or broken upstream cannot hold the gateway: every POST has a deadline,
+//! waits for a pod-wide slot at most `queueTimeoutMs`, is not redirected (a 3xx is a
+//! failure, so an upstream cannot bounce signed events elsewhere), and its answer is
+//! read up to `limits.maxMessageBytes` only. Errors carry detail for logs; agents see
+//! only [`UpstreamError::agent_message`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +29,8 @@ use crate::auth::KeyError;
 pub const TIMESTAMP_HEADER: &str = "x-tether-timestamp";
 /// Header carrying `v1=<hex hmac>`.
 pub const SIGNATURE_HEADER: &str = "x-tether-signature";
+/// Shortest HMAC key accepted (the output size of SHA-256).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Why an event was not accepted by the upstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +49,27 @@ pub enum UpstreamError {
     /// The upstream could not be reached or did not answer in time.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// Every pod-wide slot stayed busy for `queueTimeoutMs`, or the connection has
+    /// `limits.maxUpstreamInFlight` messages waiting already.
+    #[error("too many upstream calls in flight")]
+    Overloaded,
+    /// The upstream's answer exceeded `limits.maxMessageBytes`.
+    #[error("upstream answer exceeds {0} bytes")]
+    TooLarge(usize),
+}
+
+impl UpstreamError {
+    /// What an agent is told: a fixed text per kind of failure. The upstream's URL and
+    /// the HTTP client's error text stay in the gateway's logs.
+    pub fn agent_message(&self) -> String {
+        match self {
+            UpstreamError::NotConfigured => "no upstream receives agent messages".into(),
+            UpstreamError::Rejected { status, .. } => format!("upstream answered {status}"),
+            UpstreamError::Unreachable(_) => "upstream unreachable".into(),
+            UpstreamError::Overloaded => "too many messages in flight; retry later".into(),
+            UpstreamError::TooLarge(_) => "upstream answer too large".into(),
+        }
+    }
 }
 
 /// One event, as POSTed.
@@ -79,11 +108,14 @@ pub struct Upstream {
     secret: Option<Arc<[u8]>>,
     events: Vec<UpstreamEvent>,
     in_flight: Arc<Semaphore>,
+    queue_timeout: Duration,
+    max_answer_bytes: usize,
 }
 
 impl Upstream {
-    /// A client for the configured upstream.
-    pub fn new(config: &UpstreamConfig) -> Result<Self, KeyError> {
+    /// A client for the configured upstream whose answers may be `max_answer_bytes`
+    /// long at most.
+    pub fn new(config: &UpstreamConfig, max_answer_bytes: usize) -> Result<Self, KeyError> {
         let secret = match &config.secret_file {
             Some(path) => {
                 let mut key = std::fs::read(path).map_err(|source| KeyError::Read {
@@ -93,6 +125,12 @@ impl Upstream {
                 while key.last().is_some_and(|b| b.is_ascii_whitespace()) {
                     key.pop();
                 }
+                if key.len() < MIN_SECRET_BYTES {
+                    return Err(KeyError::Invalid(format!(
+                        "{}: the upstream HMAC key needs at least {MIN_SECRET_BYTES} bytes",
+                        path.display()
+                    )));
+                }
                 Some(Arc::from(key))
             }
             None => None,
@@ -100,6 +138,7 @@ impl Upstream {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .pool_idle_timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| KeyError::Invalid(format!("upstream client: {e}")))?;
         Ok(Self {
@@ -108,6 +147,8 @@ impl Upstream {
             secret,
             events: config.events.clone(),
             in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
+            queue_timeout: Duration::from_millis(config.queue_timeout_ms),
+            max_answer_bytes,
         })
     }
 
@@ -119,14 +160,15 @@ impl Upstream {
     /// POSTs one event; returns the response body on 2xx.
     #[tracing::instrument(level = "debug", skip_all, fields(kind = event.kind, agent = event.agent_id))]
     pub async fn post(&self, event: &Event<'_>) -> Result<Bytes, UpstreamError> {
-        let body = serde_json::to_vec(event).expect("events always serialize");
         // Bounded concurrency: a slow backend makes agents wait for acks instead of
-        // piling up unbounded requests in this process.
-        let _permit = self
-            .in_flight
-            .acquire()
+        // piling up unbounded requests in this process; bounded waiting, so the wait
+        // itself cannot pile up either.
+        let _permit = tokio::time::timeout(self.queue_timeout, self.in_flight.acquire())
             .await
+            .map_err(|_| UpstreamError::Overloaded)?
             .map_err(|_| UpstreamError::Unreachable("shutting down".into()))?;
+        // Serialized only now: waiters hold no copy of their payload.
+        let body = serde_json::to_vec(event).expect("events always serialize");
         let timestamp = crate::hub::unix_now();
         let mut request = self
             .client
@@ -157,10 +199,23 @@ impl Upstream {
                 retry_after_ms,
             });
         }
-        response
-            .bytes()
+        let limit = self.max_answer_bytes;
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(UpstreamError::TooLarge(limit));
+        }
+        let mut response = response;
+        let mut answer = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?
+        {
+            if answer.len() + chunk.len() > limit {
+                return Err(UpstreamError::TooLarge(limit));
+            }
+            answer.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(answer))
     }
 }
 

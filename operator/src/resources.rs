@@ -332,6 +332,7 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
             })
             .collect(),
         max_concurrency: 256,
+        queue_timeout_ms: 1_000,
     });
     let config = GatewayConfig {
         tenant: Some(spec.tenant.clone()),
@@ -346,6 +347,8 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
             nats: nats_url(pool).map(|url| NatsConfig {
                 url,
                 namespace: None,
+                auth: Default::default(),
+                tls: None,
             }),
         },
         drain: DrainConfig {

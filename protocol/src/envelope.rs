@@ -30,6 +30,9 @@ pub enum ErrorCode {
     HandlerError,
     /// The gateway failed internally.
     Internal,
+    /// Too much of the sender's work is in flight (its upstream calls, or the pod's);
+    /// retry after `retryAfterMs`.
+    Overloaded,
     /// A code this version does not know; newer peers may send more codes.
     #[serde(other)]
     Unknown,
@@ -74,7 +77,7 @@ pub enum ProtocolError {
         field: &'static str,
     },
     /// An id is empty or longer than [`MAX_ID_LEN`].
-    #[error("id must be 1..={MAX_ID_LEN} bytes")]
+    #[error("id must be 1..={MAX_ID_LEN} bytes without control characters")]
     BadId,
 }
 
@@ -207,7 +210,7 @@ fn parse(text: &str) -> Result<Wire<'_>, ProtocolError> {
 
 fn checked_id(kind: &'static str, id: Option<String>) -> Result<String, ProtocolError> {
     let id = id.ok_or(ProtocolError::MissingField { kind, field: "id" })?;
-    if id.is_empty() || id.len() > MAX_ID_LEN {
+    if !valid_id(&id) {
         return Err(ProtocolError::BadId);
     }
     Ok(id)
@@ -230,7 +233,13 @@ pub fn salvage_id(text: &str) -> Option<String> {
     serde_json::from_str::<IdOnly>(text)
         .ok()?
         .id
-        .filter(|id| !id.is_empty() && id.len() <= MAX_ID_LEN)
+        .filter(|id| valid_id(id))
+}
+
+/// Whether an id is acceptable: 1..=[`MAX_ID_LEN`] bytes, no control characters (ids
+/// end up in log lines, HTTP headers and bus subjects).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control)
 }
 
 // === impl AgentMessage ===

@@ -20,7 +20,7 @@ mod envelope;
 pub use close::CloseCode;
 pub use envelope::{
     AgentMessage, ErrorBody, ErrorCode, GatewayMessage, ProtocolError, Welcome, encode_push,
-    salvage_id,
+    salvage_id, valid_id,
 };
 pub use serde_json::value::RawValue;
 

@@ -146,6 +146,8 @@ pub enum Answer {
     QueueFull,
     /// Too many requests wait for this agent (429).
     TooManyPending,
+    /// A message with this id already waits for this agent's answer (409).
+    Duplicate,
     /// The agent did not answer in time (504).
     Timeout {
         /// The wait, in milliseconds.
@@ -197,6 +199,7 @@ impl Answer {
             RouteError::NotConnected => Answer::NotHere,
             RouteError::QueueFull => Answer::QueueFull,
             RouteError::TooManyPending => Answer::TooManyPending,
+            RouteError::Duplicate => Answer::Duplicate,
             RouteError::Timeout(d) => Answer::Timeout {
                 ms: d.as_millis() as u64,
             },
@@ -212,6 +215,7 @@ impl Answer {
             Answer::NotHere => RouteError::NotConnected,
             Answer::QueueFull => RouteError::QueueFull,
             Answer::TooManyPending => RouteError::TooManyPending,
+            Answer::Duplicate => RouteError::Duplicate,
             Answer::Timeout { ms } => RouteError::Timeout(std::time::Duration::from_millis(*ms)),
             Answer::Gone => RouteError::AgentGone,
             Answer::Failed { message } => RouteError::Unavailable(message.clone()),

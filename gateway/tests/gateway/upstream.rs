@@ -13,7 +13,7 @@ use tether_protocol::{AgentMessage, ErrorCode, GatewayMessage, RawValue};
 
 use crate::common::*;
 
-const HMAC_KEY: &str = "upstream-hmac-key";
+const HMAC_KEY: &str = "upstream-hmac-key-0123456789abcdef";
 
 #[derive(Default)]
 struct Upstream {
@@ -75,6 +75,7 @@ async fn gateway_with_upstream(url: String, events: Vec<UpstreamEvent>) -> TestG
             timeout_ms: 2_000,
             events,
             max_concurrency: 16,
+            queue_timeout_ms: 1_000,
         });
     })
     .await;

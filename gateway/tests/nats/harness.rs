@@ -127,6 +127,8 @@ pub fn config(dir: &Path, nats: &Nats, tweak: impl FnOnce(&mut GatewayConfig)) -
         c.routing.nats = Some(NatsConfig {
             url,
             namespace: None,
+            auth: Default::default(),
+            tls: None,
         });
         tweak(c);
     })

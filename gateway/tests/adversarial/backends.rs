@@ -1,0 +1,1 @@
+//! Tenant backends (they hold API keys) and hostile upstreams.
