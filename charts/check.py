@@ -6,6 +6,7 @@ Helm's Go SDK), and checks what it renders. Exits non-zero on any problem.
     python3 charts/check.py
 """
 
+import json
 import pathlib
 import sys
 
@@ -13,6 +14,7 @@ import helm_python as helm
 import yaml
 
 CHART = pathlib.Path(__file__).resolve().parent / "tether"
+REPO = CHART.parent.parent
 failures = []
 
 
@@ -33,6 +35,11 @@ def render(values):
             if doc:
                 docs.append(doc)
     return docs
+
+
+def notes(values, **release):
+    chart = helm.Chart.load(CHART)
+    return chart.render(values, name="tether", namespace="tether-system", **release)["tether/templates/NOTES.txt"]
 
 
 def kinds(docs):
@@ -60,6 +67,8 @@ check(
         [
             "ClusterRole/tether-operator",
             "ClusterRoleBinding/tether-operator",
+            "ConfigMap/tether-dashboard-gateway",
+            "ConfigMap/tether-dashboard-operator",
             "Deployment/tether-operator",
             "PodDisruptionBudget/tether-operator",
             "Role/tether-operator-leader",
@@ -111,8 +120,79 @@ except helm.HelmError as err:
 crds = [c["name"] for c in helm.Chart.load(CHART).crds]
 check(crds == ["crds/connectionpool.yaml"], f"chart CRDs: {crds}")
 
+# 6. Grafana dashboards: one ConfigMap per dashboards/*.json, labelled for the Grafana
+#    sidecar, carrying the file unchanged; off with dashboards.enabled=false.
+files = sorted((CHART / "dashboards").glob("*.json"))
+check([f.name for f in files] == ["tether-gateway.json", "tether-operator.json"], f"dashboard files: {files}")
+maps = {d["metadata"]["name"]: d for d in find(render({}), "ConfigMap")}
+for f in files:
+    name = "tether-dashboard-" + f.stem.removeprefix("tether-")
+    cm = maps.get(name)
+    if cm is None:
+        failures.append(f"no ConfigMap {name} for {f.name}: {sorted(maps)}")
+        continue
+    check(cm["metadata"]["labels"].get("grafana_dashboard") == "1", f"{name}: grafana_dashboard label")
+    check(cm["metadata"]["namespace"] == "tether-system", f"{name}: release namespace")
+    check(cm["metadata"].get("annotations", {}).get("grafana_folder") == "Tether", f"{name}: folder")
+    try:
+        shipped = json.loads(cm["data"][f.name])
+        check(shipped == json.loads(f.read_text()), f"{name}: the dashboard is shipped unchanged")
+        check(shipped.get("uid") == f.stem, f"{name}: uid {shipped.get('uid')} is the file's stem")
+    except (KeyError, ValueError) as err:
+        failures.append(f"{name}: dashboard JSON: {err}")
+check(not find(render({"dashboards": {"enabled": False}}), "ConfigMap"), "dashboards.enabled=false ships none")
+moved = find(render({"dashboards": {"namespace": "monitoring", "label": "grafana.io/dashboard", "labelValue": "tether"}}), "ConfigMap")
+check(
+    len(moved) == 2
+    and all(c["metadata"]["namespace"] == "monitoring" for c in moved)
+    and all(c["metadata"]["labels"].get("grafana.io/dashboard") == "tether" for c in moved),
+    "dashboards.namespace and the sidecar label are honoured",
+)
+
+# 7. Image digests: accepted, rendered as repository:tag@digest, and anything else refused.
+digest = "sha256:" + "0123456789abcdef" * 4
+docs = render({"image": {"repository": "registry.test/op", "digest": digest},
+               "gatewayImage": {"repository": "registry.test/gw", "tag": "1.2.3", "digest": digest}})
+container = find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+check(container["image"] == f"registry.test/op:0.1.0@{digest}", f"operator image by digest: {container['image']}")
+check(f"--gateway-image=registry.test/gw:1.2.3@{digest}" in container["args"], f"gateway image by digest: {container['args']}")
+for bad in ({"image": {"repository": "r", "digest": "sha256:short"}},
+            {"gatewayImage": {"repository": "r", "digest": "md5:" + "0" * 32}},
+            {"gatewayImage": {"repository": "r", "tag": "bad tag"}},
+            {"dashboards": {"labelValue": "not a label value"}}):
+    try:
+        render(bad)
+        failures.append(f"values {bad} were accepted")
+    except helm.HelmError:
+        pass
+
+# 8. NOTES: the first commands on install; on upgrade, the CRD step Helm does not do,
+#    the same command docs/upgrading.md gives, pointing at a CRD file the chart has.
+install_notes = notes({}, is_install=True)
+for command in ("rollout status deployment/tether-operator", "kubectl apply -f examples/minimal.yaml",
+                "kubectl get cpool", "kubectl patch cpool"):
+    check(command in install_notes, f"install notes show `{command}`")
+check("--server-side" not in install_notes, "install notes do not ask for a CRD apply")
+upgrade_notes = notes({}, is_install=False, is_upgrade=True, revision=2)
+crd_apply = "kubectl apply --server-side --force-conflicts -f"
+check(f"| {crd_apply} -" in upgrade_notes, f"upgrade notes pipe `helm show crds` into `{crd_apply} -`")
+check(f"{crd_apply} charts/tether/crds/" in upgrade_notes, "upgrade notes name the chart's crds/ directory")
+upgrading = (REPO / "docs" / "upgrading.md").read_text()
+check(f"{crd_apply} charts/tether/crds/" in upgrading and f"| {crd_apply} -" in upgrading,
+      "docs/upgrading.md gives the same CRD commands")
+check('"image":"ghcr.io/tether-dev/tether-gateway:0.1.0"' in install_notes, "install notes show how to pin the gateway image")
+
+# 9. The chart's CRD is the generated one and plain YAML: Helm does not template crds/.
+chart_crd = (CHART / "crds" / "connectionpool.yaml").read_text()
+check(chart_crd == (REPO / "crds" / "connectionpool.yaml").read_text(), "charts/tether/crds is the generated CRD")
+check("{{" not in chart_crd, "the CRD file has no template directives")
+crd = yaml.safe_load(chart_crd)
+check(crd["metadata"]["name"] == "connectionpools.tether.dev" and "upgrade" not in str(crd["metadata"].get("annotations", {})),
+      "the CRD is not a Helm hook")
+check("connectionpools.tether.dev" in install_notes, "install notes name the CRD")
+
 if failures:
     for f in failures:
         print(f"chart check FAILED: {f}", file=sys.stderr)
     sys.exit(1)
-print("chart check: lint, schema and rendering OK")
+print("chart check: lint, schema, rendering, dashboards, image digests, notes and CRD upgrade path OK")
