@@ -1,6 +1,7 @@
 //! Figures, not a test: the stand-in's cost per server-side apply and per get with N
-//! unrelated objects present (ConfigMaps in the same namespace, plus one idle watcher per
-//! 100 objects on other namespaces). Run with
+//! unrelated objects present: ConfigMaps in the same namespace, either plain or — like an
+//! operator's children — each owned (ownerReferences) by one of N/10 owner ConfigMaps.
+//! Run with
 //! `cargo test -p tether-kube-sim --release --test cost -- --ignored --nocapture`.
 //! docs/benchmarks.md ("Kubernetes API stand-in") records its output.
 
@@ -12,8 +13,9 @@ use serde_json::json;
 use tether_kube_sim::Server;
 use tether_kube_sim::store::{Target, WriteOpts};
 
-/// Creates `n` ConfigMaps in `default` straight through the store (no HTTP).
-fn fill(sim: &Server, n: usize) {
+/// Creates `n` ConfigMaps in `default` straight through the store (no HTTP); when
+/// `owned`, n/10 of them own the others.
+fn fill(sim: &Server, n: usize, owned: bool) {
     let rt = sim
         .store()
         .registry()
@@ -26,22 +28,42 @@ fn fill(sim: &Server, n: usize) {
         name: None,
         subresource: None,
     };
+    let mut owners = Vec::new();
     for i in 0..n {
-        let obj = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        let mut obj = json!({"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": format!("filler-{i}"), "labels": {"app": "filler", "i": (i % 10).to_string()}},
             "data": {"k": "v".repeat(64)}});
-        sim.store()
+        if owned && i % 10 != 0 {
+            let (name, uid): &(String, String) = &owners[i / 10];
+            obj["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "ConfigMap",
+                "name": name, "uid": uid, "controller": true}]);
+        }
+        let w = sim
+            .store()
             .create(&t, obj, &WriteOpts::default())
             .expect("create");
+        if i % 10 == 0 {
+            owners.push((
+                format!("filler-{i}"),
+                w.object["metadata"]["uid"].as_str().unwrap().to_string(),
+            ));
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: prints figures"]
 async fn apply_and_get_cost_with_unrelated_objects() {
-    for n in [0usize, 100, 1_000, 10_000] {
+    for (n, owned) in [
+        (0usize, false),
+        (100, false),
+        (1_000, false),
+        (10_000, false),
+        (1_100, true),
+        (10_000, true),
+    ] {
         let sim = Server::start().await.unwrap();
-        fill(&sim, n);
+        fill(&sim, n, owned);
         let client = sim.client().unwrap();
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
         let apply = |i: usize| {
@@ -74,8 +96,9 @@ async fn apply_and_get_cost_with_unrelated_objects() {
             cms.get(&format!("applied-{}", i % 10)).await.unwrap();
         }
         let per_get = started.elapsed() / rounds as u32;
+        let kind = if owned { "owned" } else { "plain" };
         println!(
-            "stand-in with {n:>6} unrelated objects: SSA apply {per_apply:>10.2?}, get {per_get:>10.2?} per request"
+            "stand-in with {n:>6} unrelated objects ({kind}): SSA apply {per_apply:>10.2?}, get {per_get:>10.2?} per request"
         );
     }
 }

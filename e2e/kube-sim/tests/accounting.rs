@@ -1,0 +1,371 @@
+//! The stand-in at scale and its API accounting, asserted by counts (never timings):
+//! a request's cost does not grow with unrelated objects (the store's own counter of
+//! objects examined), watch fan-out considers only the watchers an event concerns, and
+//! `Server::stats()` / `GET /_sim/stats` count exactly what was sent.
+
+#![recursion_limit = "256"]
+
+mod common;
+
+use common::*;
+use futures::AsyncBufReadExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use tether_kube_sim::Server;
+use tether_kube_sim::store::{Target, WatchStart, WriteOpts};
+
+fn target(sim: &Server, plural: &str, ns: &str) -> Target {
+    Target {
+        rt: sim.store().registry().find("", "v1", plural).unwrap(),
+        version: "v1".into(),
+        namespace: Some(ns.into()),
+        name: None,
+        subresource: None,
+    }
+}
+
+/// `n` ConfigMaps in `ns` straight through the store, labelled `i` = index mod 10.
+fn fill(sim: &Server, ns: &str, n: usize) {
+    let t = target(sim, "configmaps", ns);
+    for i in 0..n {
+        let obj = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("filler-{i}"), "labels": {"i": (i % 10).to_string()}},
+            "data": {"k": "v"}});
+        sim.store()
+            .create(&t, obj, &WriteOpts::default())
+            .expect("create");
+    }
+}
+
+/// Watchers that an apply of `default/target` does not concern: other namespaces and
+/// other names. Returned to keep them open.
+fn unrelated_watchers(sim: &Server, n: usize) -> Vec<WatchStart> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            sim.store()
+                .watch(
+                    &target(sim, "configmaps", &format!("other-{i}")),
+                    Some(sim.store().resource_version()),
+                )
+                .unwrap(),
+        );
+        out.push(
+            sim.store()
+                .watch_scoped(
+                    &target(sim, "configmaps", "default"),
+                    Some(sim.store().resource_version()),
+                    Some(&format!("filler-{i}")),
+                )
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// Applies `default/target` twice (create, then change) and reads it back; returns what
+/// the store examined for it, once the garbage collector has caught up.
+async fn apply_twice_and_get(sim: &Server) -> tether_kube_sim::Snapshot {
+    let client = sim.client().unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    sim.settle().await;
+    let before = sim.stats().snapshot();
+    for v in ["1", "2"] {
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "target", "labels": {"i": "3"}}, "data": {"v": v}});
+        cms.patch("target", &PatchParams::apply("bench"), &Patch::Apply(cm))
+            .await
+            .unwrap();
+    }
+    cms.get("target").await.unwrap();
+    sim.settle().await;
+    sim.stats().snapshot().since(&before)
+}
+
+#[tokio::test]
+async fn apply_among_10000_unrelated_objects_touches_the_index_not_a_scan() {
+    // The same calls with nothing else stored, then with 10,000 unrelated ConfigMaps in
+    // the same namespace and 200 unrelated watchers (other namespaces, other names).
+    let empty = Server::start().await.unwrap();
+    let _quiet = unrelated_watchers(&empty, 0);
+    let _ns_watch = empty
+        .store()
+        .watch(&target(&empty, "configmaps", "default"), None)
+        .unwrap();
+    let baseline = apply_twice_and_get(&empty).await;
+
+    let crowded = Server::start().await.unwrap();
+    fill(&crowded, "default", 10_000);
+    let _unrelated = unrelated_watchers(&crowded, 100);
+    let _ns_watch = crowded
+        .store()
+        .watch(
+            &target(&crowded, "configmaps", "default"),
+            Some(crowded.store().resource_version()),
+        )
+        .unwrap();
+    let d = apply_twice_and_get(&crowded).await;
+
+    // Structural: the work is the same whatever else is stored.
+    assert_eq!(
+        d.objects_examined, baseline.objects_examined,
+        "objects examined with 10,000 unrelated objects vs none"
+    );
+    // And small: each apply reads the object (the handler's existence check and the
+    // write), the get reads it once.
+    assert!(d.objects_examined <= 6, "{}", d.objects_examined);
+    // Two events (ADDED, MODIFIED), each offered to the one namespace watcher only.
+    assert_eq!(d.watchers_examined, 2);
+    assert_eq!(d.watchers_examined, baseline.watchers_examined);
+    assert_eq!(d.requests("patch", "configmaps"), 2);
+    assert_eq!(d.requests("get", "configmaps"), 1);
+    assert_eq!(d.by_field_manager()["bench"], 2);
+}
+
+#[tokio::test]
+async fn selected_lists_visit_only_their_candidates() {
+    let sim = Server::start().await.unwrap();
+    fill(&sim, "default", 2_000);
+    fill(&sim, "kube-system", 500);
+    let cms: Api<ConfigMap> = Api::namespaced(sim.client().unwrap(), "default");
+    let all: Api<ConfigMap> = Api::all(sim.client().unwrap());
+    let examined =
+        |before: &tether_kube_sim::Snapshot| sim.stats().snapshot().since(before).objects_examined;
+
+    // A label equality comes from the label index: exactly the matching objects.
+    let s = sim.stats().snapshot();
+    let l = cms
+        .list(&ListParams::default().labels("i=3"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 200);
+    assert_eq!(examined(&s), 200);
+
+    // A name pinned by the field selector is one lookup.
+    let s = sim.stats().snapshot();
+    let l = cms
+        .list(&ListParams::default().fields("metadata.name=filler-7"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 1);
+    assert_eq!(examined(&s), 1);
+
+    // A namespace is a range of the ordered map: the other namespace is never visited.
+    let s = sim.stats().snapshot();
+    let l = Api::<ConfigMap>::namespaced(sim.client().unwrap(), "kube-system")
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 500);
+    assert_eq!(examined(&s), 500);
+
+    // Pages continue where the last ended: 2,500 objects in pages of 1,000 visit each
+    // object once, plus the remaining ones counted for remainingItemCount.
+    let s = sim.stats().snapshot();
+    let p1 = all.list(&ListParams::default().limit(1000)).await.unwrap();
+    assert_eq!(p1.metadata.remaining_item_count, Some(1500));
+    let token = p1.metadata.continue_.clone().unwrap();
+    let p2 = all
+        .list(&ListParams::default().limit(1000).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(p2.metadata.remaining_item_count, Some(500));
+    assert_eq!(p2.items.len(), 1000);
+    assert_eq!(examined(&s), 2500 + 1500);
+}
+
+#[tokio::test]
+async fn garbage_collection_work_follows_the_writes_not_the_store_size() {
+    let (sim, client) = sim_with_crd().await;
+    fill(&sim, "default", 5_000);
+    let pools = pools(&client, "default");
+    let p = pools
+        .create(
+            &Default::default(),
+            &pool("owner", json!({"tenant": "acme"})),
+        )
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for i in 0..3 {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("child-{i}"),
+            "ownerReferences": [{"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+                "name": "owner", "uid": p.metadata.uid.clone().unwrap()}]}}))
+            .unwrap();
+        cms.create(&Default::default(), &cm).await.unwrap();
+    }
+    sim.settle().await;
+    let before = sim.stats().snapshot();
+    pools
+        .delete("owner", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("children collected", || async {
+        for i in 0..3 {
+            if cms.get_opt(&format!("child-{i}")).await.unwrap().is_some() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    sim.settle().await;
+    let d = sim.stats().snapshot().since(&before);
+    // The owner, its three dependents (each queued once by the owner's removal, read
+    // to check its owners, then deleted) and the polling gets — nothing of the 5,000.
+    let polls = d.requests("get", "configmaps");
+    assert!(
+        d.objects_examined <= 12 + polls,
+        "{} examined, {polls} polling gets",
+        d.objects_examined
+    );
+}
+
+/// Reads `n` lines of a watch stream; returns them and their bytes (newline included).
+async fn read_lines(
+    lines: &mut (impl futures::AsyncBufRead + Unpin),
+    n: usize,
+) -> (Vec<Value>, u64) {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..n {
+        let mut l = String::new();
+        let got = lines.read_line(&mut l).await.unwrap();
+        assert!(got > 0, "stream ended early");
+        bytes += got as u64;
+        out.push(serde_json::from_str(&l).unwrap());
+    }
+    (out, bytes)
+}
+
+#[tokio::test]
+async fn stats_count_exactly_what_was_sent() {
+    let (sim, client) = sim_with_crd().await;
+    sim.stats().reset();
+    assert_eq!(sim.stats().snapshot(), tether_kube_sim::Snapshot::default());
+
+    // A watch of the pools labelled team=a, from a client with its own User-Agent.
+    let req = http::Request::get(
+        "/apis/tether.dev/v1alpha1/namespaces/default/connectionpools?watch=1&labelSelector=team%3Da",
+    )
+    .header("User-Agent", "stats-test/1.0")
+    .body(Vec::new())
+    .unwrap();
+    let mut stream = Box::pin(client.request_stream(req).await.unwrap());
+
+    let pools = pools(&client, "default");
+    let apply = |name: &str, team: &str, replicas: i64| {
+        json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+            "metadata": {"name": name, "labels": {"team": team}},
+            "spec": {"tenant": "acme", "replicas": replicas}})
+    };
+    // 3 applies by "op": p1 created, changed; p2 created (team b: not watched).
+    for (name, team, r) in [("p1", "a", 1), ("p1", "a", 2), ("p2", "b", 1)] {
+        pools
+            .patch(
+                name,
+                &PatchParams::apply("op"),
+                &Patch::Apply(apply(name, team, r)),
+            )
+            .await
+            .unwrap();
+    }
+    // 2 status applies by two pods.
+    for pod in ["pod-0", "pod-1"] {
+        let st = json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+            "metadata": {"name": "p1"}, "status": {"pods": [{"name": pod, "connections": 5}]}});
+        pools
+            .patch_status("p1", &PatchParams::apply(pod), &Patch::Apply(st))
+            .await
+            .unwrap();
+    }
+    pools.get("p1").await.unwrap();
+    assert_eq!(status_of(pools.get("missing").await).code, 404);
+    pools.list(&ListParams::default()).await.unwrap();
+    pools.delete("p1", &DeleteParams::default()).await.unwrap();
+
+    // The watch saw: ADDED p1, MODIFIED p1 (spec), MODIFIED ×2 (status), DELETED p1.
+    let (events, bytes) = read_lines(&mut stream, 5).await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["ADDED", "MODIFIED", "MODIFIED", "MODIFIED", "DELETED"]
+    );
+
+    let s = sim.stats().snapshot();
+    // Requests, by what was sent.
+    let pools_req = |verb: &str, sub: Option<&str>, manager: Option<&str>, code: u16| {
+        s.count(|k| {
+            k.verb == verb
+                && k.group == "tether.dev"
+                && k.version == "v1alpha1"
+                && k.resource == "connectionpools"
+                && k.subresource.as_deref() == sub
+                && k.field_manager.as_deref() == manager
+                && k.code == code
+        })
+    };
+    assert_eq!(pools_req("patch", None, Some("op"), 201), 2);
+    assert_eq!(pools_req("patch", None, Some("op"), 200), 1);
+    assert_eq!(pools_req("patch", Some("status"), Some("pod-0"), 200), 1);
+    assert_eq!(pools_req("patch", Some("status"), Some("pod-1"), 200), 1);
+    assert_eq!(pools_req("get", None, None, 200), 1);
+    assert_eq!(pools_req("get", None, None, 404), 1);
+    assert_eq!(pools_req("list", None, None, 200), 1);
+    assert_eq!(pools_req("delete", None, None, 200), 1);
+    assert_eq!(pools_req("watch", None, None, 200), 1);
+    assert_eq!(s.requests_total(), 10);
+    assert_eq!(s.by_user_agent()["stats-test/1.0"], 1);
+    assert_eq!(s.by_user_agent()[""], 9);
+    assert_eq!(
+        s.by_resource()["tether.dev/v1alpha1/connectionpools/status"],
+        2
+    );
+
+    // The watch, by resource + selector + user agent: exactly the lines and bytes read.
+    assert_eq!(s.watches.len(), 1);
+    let w = &s.watches[0];
+    assert_eq!(w.key.resource, "tether.dev/v1alpha1/connectionpools");
+    assert_eq!(w.key.namespace.as_deref(), Some("default"));
+    assert_eq!(w.key.label_selector, "team=a");
+    assert_eq!(w.key.user_agent, "stats-test/1.0");
+    assert_eq!((w.opened, w.open, w.events, w.bytes), (1, 1, 5, bytes));
+    assert_eq!(w.by_type["MODIFIED"], 3);
+    assert_eq!(s.watch_total().bytes, bytes);
+
+    // The same over HTTP (the /_sim endpoints are not counted themselves).
+    let doc: Value = client
+        .request(http::Request::get("/_sim/stats").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(doc["requests"]["total"], 10);
+    assert_eq!(doc["requests"]["byVerb"]["patch"], 5);
+    assert_eq!(doc["requests"]["byFieldManager"]["op"], 3);
+    assert_eq!(doc["requests"]["byCode"]["404"], 1);
+    assert_eq!(doc["watches"]["events"], 5);
+    assert_eq!(doc["watches"]["bytes"], bytes);
+    assert_eq!(doc["watches"]["entries"][0]["labelSelector"], "team=a");
+    assert_eq!(doc["watches"]["entries"][0]["byType"]["DELETED"], 1);
+    assert!(doc["store"]["objectsExamined"].as_u64().unwrap() > 0);
+
+    // Reset over HTTP: counters start again from zero; the open watch is still known.
+    client
+        .request_text(
+            http::Request::delete("/_sim/stats")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let s = sim.stats().snapshot();
+    assert_eq!(s.requests_total(), 0);
+    assert_eq!(s.watch_total().events, 0);
+    assert_eq!(s.watch_total().open, 1);
+    drop(stream);
+    eventually("watch closed", || async {
+        (sim.stats().snapshot().watch_total().open == 0).then_some(())
+    })
+    .await;
+}
