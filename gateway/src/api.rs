@@ -9,18 +9,18 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router as HttpRouter;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
-use tether_protocol::{ErrorBody, GatewayMessage, MAX_ID_LEN, RawValue, encode_push};
+use tether_protocol::{ErrorBody, GatewayMessage, MAX_ID_LEN, RawValue, encode_push, valid_id};
 use tracing::instrument;
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, MAX_AGENT_ID_LEN, MAX_GROUP_LEN, Scope, valid_name};
 use crate::hub::Outbound;
 use crate::metrics::label;
 use crate::router::{Push, Request as AgentRequest, RouteError};
@@ -156,8 +156,24 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .with_state(state)
 }
 
+/// The scope a route needs. Reading (presence) and writing to one agent or a group
+/// are a backend's daily work; broadcast, disconnect and drain reach every agent or
+/// the pod itself and need `admin`.
+fn required_scope(method: &http::Method, route: &str) -> Scope {
+    match (method, route) {
+        (&http::Method::POST, "/v1/agents/{agent}/messages" | "/v1/groups/{group}/messages") => {
+            Scope::Push
+        }
+        (&http::Method::POST, "/v1/agents/{agent}/requests") => Scope::Request,
+        (&http::Method::GET, "/v1/agents" | "/v1/agents/{agent}" | "/v1/stats") => Scope::Presence,
+        // Broadcast, disconnect, drain — and any route added without a decision here.
+        _ => Scope::Admin,
+    }
+}
+
 async fn require_api_key(
     State(state): State<Arc<AppState>>,
+    route: Option<MatchedPath>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -168,9 +184,22 @@ async fn require_api_key(
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim());
-    match presented {
-        Some(key) if state.api_keys.verify(key) => next.run(request).await,
-        Some(_) => {
+    match presented.map(|key| state.api_keys.verify(key)) {
+        Some(Some(scopes)) => {
+            let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("");
+            let scope = required_scope(request.method(), route);
+            if scopes.allows(scope) {
+                next.run(request).await
+            } else {
+                state
+                    .metrics
+                    .auth_failures
+                    .add(1, &label("reason", "api_key_scope"));
+                ApiError::Forbidden(format!("this API key lacks the `{}` scope", scope.name()))
+                    .into_response()
+            }
+        }
+        Some(None) => {
             state
                 .metrics
                 .auth_failures
@@ -228,9 +257,9 @@ fn message_id(headers: &HeaderMap) -> ApiResult<String> {
             let id = value
                 .to_str()
                 .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?;
-            if id.is_empty() || id.len() > MAX_ID_LEN {
+            if !valid_id(id) {
                 return Err(ApiError::BadRequest(format!(
-                    "Idempotency-Key must be 1..={MAX_ID_LEN} bytes"
+                    "Idempotency-Key must be 1..={MAX_ID_LEN} bytes without control characters"
                 )));
             }
             Ok(id.to_owned())
@@ -276,6 +305,16 @@ struct PushQuery {
 }
 
 impl PushQuery {
+    /// The query, or 400 in the API's error shape (not axum's plain-text rejection).
+    fn checked(query: Result<Query<PushQuery>, QueryRejection>) -> ApiResult<Self> {
+        let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        if query.timeout_ms == Some(0) {
+            return Err(ApiError::BadRequest("timeout_ms must be at least 1".into()));
+        }
+        Ok(query)
+    }
+
+    /// The caller's timeout, capped at `limits.maxRequestTimeoutMs`.
     fn timeout(&self, state: &AppState) -> Duration {
         let limits = &state.config.limits;
         Duration::from_millis(
@@ -286,16 +325,40 @@ impl PushQuery {
     }
 }
 
+/// Agent ids and group names from the path: the same rule as in tokens (length, no
+/// control characters), so a name no agent can have is a clear 400, not a 404.
+fn checked_agent(agent: &str) -> ApiResult<()> {
+    valid_name(agent, MAX_AGENT_ID_LEN)
+        .then_some(())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "agent id must be 1..={MAX_AGENT_ID_LEN} bytes without control characters"
+            ))
+        })
+}
+
+fn checked_group(group: &str) -> ApiResult<()> {
+    valid_name(group, MAX_GROUP_LEN)
+        .then_some(())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "group must be 1..={MAX_GROUP_LEN} bytes without control characters"
+            ))
+        })
+}
+
 #[instrument(skip_all, fields(agent = %agent))]
 async fn push(
     State(state): State<Arc<AppState>>,
     Path(agent): Path<String>,
-    Query(query): Query<PushQuery>,
+    query: Result<Query<PushQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let result = async {
+        checked_agent(&agent)?;
+        let query = PushQuery::checked(query)?;
         let body = checked_body(&state, body)?;
         let id = message_id(&headers)?;
         let frame = push_frame(&headers, &body, &id, query.ack)?;
@@ -327,12 +390,14 @@ async fn push(
 async fn request(
     State(state): State<Arc<AppState>>,
     Path(agent): Path<String>,
-    Query(query): Query<PushQuery>,
+    query: Result<Query<PushQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let result = async {
+        checked_agent(&agent)?;
+        let query = PushQuery::checked(query)?;
         let body = checked_body(&state, body)?;
         let data = json_payload(&body)?;
         let id = message_id(&headers)?;
@@ -393,6 +458,9 @@ async fn fan_out(
         Audience::Everyone => "broadcast",
     };
     let result = async {
+        if let Audience::Group(group) = audience {
+            checked_group(group)?;
+        }
         let body = checked_body(state, body)?;
         let id = message_id(headers)?;
         let frame = push_frame(headers, &body, &id, false)?;
@@ -434,6 +502,7 @@ async fn presence(
     State(state): State<Arc<AppState>>,
     Path(agent): Path<String>,
 ) -> ApiResult<Response> {
+    checked_agent(&agent)?;
     match state.router.presence(&agent).await? {
         Some(presence) => Ok(Json(presence).into_response()),
         None => Err(RouteError::NotConnected.into()),
@@ -467,6 +536,7 @@ async fn disconnect(
     State(state): State<Arc<AppState>>,
     Path(agent): Path<String>,
 ) -> ApiResult<StatusCode> {
+    checked_agent(&agent)?;
     state.router.disconnect(&agent).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,10 +4,16 @@
 //! Algorithm confusion is impossible by construction: a verifier holds either one HS256
 //! secret or a set of public keys, never both, and a token's `alg` must belong to the
 //! family of the key it is checked against. `alg: none` does not parse.
+//!
+//! Keys rotate without a restart: both the JWT key file and the API-key file are
+//! re-read while running ([`TokenVerifier::reload`], [`ApiKeys::reload`]); a public-key
+//! file may be a JWKS whose `kid`s pick the key a token names, so old and new keys
+//! overlap during a rotation. API keys carry scopes ([`Scope`]): a push key cannot
+//! drain the pod or disconnect agents.
 
 use std::path::{Path, PathBuf};
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation, errors::ErrorKind};
 use parking_lot::RwLock;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -74,12 +80,20 @@ struct Claims {
 
 enum Keys {
     Hs256(DecodingKey),
-    Public(Vec<DecodingKey>),
+    Public(Vec<PublicKey>),
+}
+
+/// A public key and the `kid` it was published under (JWKS), if any.
+struct PublicKey {
+    kid: Option<String>,
+    key: DecodingKey,
 }
 
 /// Verifies agent tokens against the pool's keys.
 pub struct TokenVerifier {
-    keys: Keys,
+    keys: RwLock<Keys>,
+    /// Where the keys came from, to re-read them on rotation (`None`: fixed keys).
+    source: Option<JwtConfig>,
     /// One validation per accepted algorithm: jsonwebtoken refuses a validation that
     /// lists algorithms of another family than the key's.
     validations: Vec<Validation>,
@@ -128,10 +142,30 @@ fn pem_blocks(text: &str) -> Vec<&str> {
     blocks
 }
 
-impl TokenVerifier {
-    /// A verifier from the pool's JWT settings.
-    pub fn from_config(config: &JwtConfig, tenant: Option<String>) -> Result<Self, KeyError> {
-        let keys = match (&config.hs256_secret_file, &config.public_keys_file) {
+/// Public keys from a JWKS document (`{"keys":[...]}`): RSA and EC keys, each with its
+/// `kid`. Symmetric (`oct`) keys are refused: a public-key file must not hold secrets.
+fn jwks_keys(path: &Path, text: &str) -> Result<Vec<PublicKey>, KeyError> {
+    let bad = |what: String| KeyError::Invalid(format!("{}: {what}", path.display()));
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(text).map_err(|e| bad(format!("not a JWKS document: {e}")))?;
+    set.keys
+        .iter()
+        .map(|jwk| {
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(format!("bad key: {e}")))?;
+            if key.family() == AlgorithmFamily::Hmac {
+                return Err(bad("symmetric keys do not belong in publicKeysFile".into()));
+            }
+            Ok(PublicKey {
+                kid: jwk.common.key_id.clone(),
+                key,
+            })
+        })
+        .collect()
+}
+
+fn load_keys(config: &JwtConfig) -> Result<Keys, KeyError> {
+    Ok(
+        match (&config.hs256_secret_file, &config.public_keys_file) {
             (Some(path), None) => {
                 let mut secret = read(path)?;
                 while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
@@ -148,16 +182,21 @@ impl TokenVerifier {
             (None, Some(path)) => {
                 let text = String::from_utf8(read(path)?)
                     .map_err(|_| KeyError::Invalid(format!("{}: not PEM text", path.display())))?;
-                let keys = pem_blocks(&text)
-                    .into_iter()
-                    .map(|block| {
-                        DecodingKey::from_rsa_pem(block.as_bytes())
-                            .or_else(|_| DecodingKey::from_ec_pem(block.as_bytes()))
-                            .map_err(|e| {
-                                KeyError::Invalid(format!("{}: bad key: {e}", path.display()))
-                            })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let keys = if text.trim_start().starts_with('{') {
+                    jwks_keys(path, &text)?
+                } else {
+                    pem_blocks(&text)
+                        .into_iter()
+                        .map(|block| {
+                            DecodingKey::from_rsa_pem(block.as_bytes())
+                                .or_else(|_| DecodingKey::from_ec_pem(block.as_bytes()))
+                                .map(|key| PublicKey { kid: None, key })
+                                .map_err(|e| {
+                                    KeyError::Invalid(format!("{}: bad key: {e}", path.display()))
+                                })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                };
                 if keys.is_empty() {
                     return Err(KeyError::Invalid(format!(
                         "{}: no PEM public key found",
@@ -176,8 +215,37 @@ impl TokenVerifier {
                     "auth.jwt: set hs256SecretFile or publicKeysFile, not both".into(),
                 ));
             }
-        };
-        Ok(Self::new(keys, config, tenant))
+        },
+    )
+}
+
+impl TokenVerifier {
+    /// A verifier from the pool's JWT settings.
+    pub fn from_config(config: &JwtConfig, tenant: Option<String>) -> Result<Self, KeyError> {
+        let keys = load_keys(config)?;
+        let mut verifier = Self::new(keys, config, tenant);
+        verifier.source = Some(config.clone());
+        Ok(verifier)
+    }
+
+    /// Re-reads the key file (a rotated Secret); keeps the current keys if the new file
+    /// is unreadable or holds no usable key, so a bad rotation locks nobody out.
+    pub fn reload(&self) -> Result<(), KeyError> {
+        if let Some(config) = &self.source {
+            let keys = load_keys(config)?;
+            let same_kind = matches!(
+                (&*self.keys.read(), &keys),
+                (Keys::Hs256(_), Keys::Hs256(_)) | (Keys::Public(_), Keys::Public(_))
+            );
+            if !same_kind {
+                return Err(KeyError::Invalid(
+                    "the key file changed between a secret and public keys; restart to switch"
+                        .into(),
+                ));
+            }
+            *self.keys.write() = keys;
+        }
+        Ok(())
     }
 
     /// A verifier for one HS256 secret (dev mode and tests).
@@ -212,7 +280,8 @@ impl TokenVerifier {
             })
             .collect();
         Self {
-            keys,
+            keys: RwLock::new(keys),
+            source: None,
             validations,
             tenant,
         }
@@ -232,12 +301,31 @@ impl TokenVerifier {
                 header.alg
             )));
         };
-        let candidates: Vec<&DecodingKey> = match &self.keys {
+        let keys = self.keys.read();
+        let candidates: Vec<&DecodingKey> = match &*keys {
             Keys::Hs256(key) => vec![key],
-            Keys::Public(keys) => keys
-                .iter()
-                .filter(|k| k.family() == header.alg.family())
-                .collect(),
+            Keys::Public(keys) => {
+                let family: Vec<&PublicKey> = keys
+                    .iter()
+                    .filter(|k| k.key.family() == header.alg.family())
+                    .collect();
+                // A token naming a `kid` is checked against that key only, when the
+                // keys have ids (JWKS); an unknown `kid` is refused outright.
+                match &header.kid {
+                    Some(kid) if family.iter().any(|k| k.kid.is_some()) => {
+                        let named: Vec<&DecodingKey> = family
+                            .iter()
+                            .filter(|k| k.kid.as_deref() == Some(kid))
+                            .map(|k| &k.key)
+                            .collect();
+                        if named.is_empty() {
+                            return Err(AuthError::Invalid("unknown key id (kid)".into()));
+                        }
+                        named
+                    }
+                    _ => family.iter().map(|k| &k.key).collect(),
+                }
+            }
         };
         let mut last = AuthError::Invalid("no key for this algorithm".into());
         for key in candidates {
@@ -261,12 +349,20 @@ impl TokenVerifier {
     }
 
     fn identity(&self, claims: Claims) -> Result<AgentIdentity, AuthError> {
-        if let (Some(expected), Some(actual)) = (&self.tenant, &claims.tenant)
-            && expected != actual
-        {
-            return Err(AuthError::Forbidden(format!(
-                "token is for tenant {actual:?}, this pool serves {expected:?}"
-            )));
+        // A pool with a tenant takes only tokens that say so: a token without the claim
+        // could have been minted for any tenant sharing the issuer and keys.
+        if let Some(expected) = &self.tenant {
+            match &claims.tenant {
+                Some(actual) if actual == expected => {}
+                Some(_) => {
+                    return Err(AuthError::Forbidden("token is for another tenant".into()));
+                }
+                None => {
+                    return Err(AuthError::Forbidden(
+                        "token has no tenant claim; this pool requires one".into(),
+                    ));
+                }
+            }
         }
         validate_name("sub", &claims.sub, MAX_AGENT_ID_LEN)?;
         if claims.groups.len() > MAX_GROUPS {
@@ -291,7 +387,7 @@ impl TokenVerifier {
 /// Agent ids and group names end up in log lines, URLs and bus subjects: refuse empty,
 /// oversized or control-character names up front.
 fn validate_name(what: &str, name: &str, max: usize) -> Result<(), AuthError> {
-    if name.is_empty() || name.len() > max || name.chars().any(char::is_control) {
+    if !valid_name(name, max) {
         return Err(AuthError::Invalid(format!(
             "{what} must be 1..={max} bytes without control characters"
         )));
@@ -299,16 +395,102 @@ fn validate_name(what: &str, name: &str, max: usize) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// The push API's keys, compared in constant time. Reloadable, because the operator
-/// mounts them from a Secret that can be rotated while the pod runs.
+/// What an API key may do on the push API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Send to one agent or to a group (`POST /v1/agents/{a}/messages`,
+    /// `POST /v1/groups/{g}/messages`).
+    Push,
+    /// Request-response to one agent (`POST /v1/agents/{a}/requests`).
+    Request,
+    /// Presence lookup, listing and stats (`GET /v1/agents[/{a}]`, `GET /v1/stats`).
+    Presence,
+    /// Broadcast to every agent, disconnect an agent, drain the pod.
+    Admin,
+}
+
+impl Scope {
+    const ALL: [Scope; 4] = [Scope::Push, Scope::Request, Scope::Presence, Scope::Admin];
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
+    /// The name used in the key file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Push => "push",
+            Scope::Request => "request",
+            Scope::Presence => "presence",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// A set of scopes, as a bit mask (selected in constant time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Every scope: what a key without scopes (the format before scopes) gets.
+    pub const ALL: Scopes = Scopes(0b1111);
+
+    /// Whether the set holds `scope`.
+    pub fn allows(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+
+    /// Parses `push,request` (`*` or `all`: every scope).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut bits = 0;
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" || name == "all" {
+                bits |= Scopes::ALL.0;
+                continue;
+            }
+            let scope = Scope::ALL
+                .into_iter()
+                .find(|s| s.name() == name)
+                .ok_or_else(|| {
+                    format!("unknown scope {name:?} (push, request, presence, admin, all)")
+                })?;
+            bits |= scope.bit();
+        }
+        if bits == 0 {
+            return Err("no scope given".into());
+        }
+        Ok(Scopes(bits))
+    }
+}
+
+/// Whether `name` is a valid agent id or group name: 1..=`max` bytes, no control
+/// characters.
+pub fn valid_name(name: &str, max: usize) -> bool {
+    !name.is_empty() && name.len() <= max && !name.chars().any(char::is_control)
+}
+
+/// The push API's keys with their scopes, compared in constant time. Reloadable,
+/// because the operator mounts them from a Secret that can be rotated while the pod
+/// runs.
+///
+/// File format, one key per line, `#` comments and blank lines ignored:
+///
+/// ```text
+/// # backend that pushes and asks
+/// k3y-one push,request,presence
+/// # operations
+/// k3y-two admin,presence
+/// # a bare key (the format before scopes) has every scope
+/// k3y-three
+/// ```
 #[derive(Debug)]
 pub struct ApiKeys {
     path: Option<PathBuf>,
-    keys: RwLock<Vec<Vec<u8>>>,
+    keys: RwLock<Vec<(Vec<u8>, Scopes)>>,
 }
 
 impl ApiKeys {
-    /// Keys read from a file: one per line, blank lines and `#` comments ignored.
+    /// Keys read from a file (format above).
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
         let keys = Self::parse(path)?;
         Ok(Self {
@@ -317,23 +499,39 @@ impl ApiKeys {
         })
     }
 
-    /// Fixed keys (dev mode and tests).
+    /// Fixed keys with every scope (dev mode and tests).
     pub fn fixed(keys: Vec<String>) -> Self {
+        Self::scoped(keys.into_iter().map(|k| (k, Scopes::ALL)).collect())
+    }
+
+    /// Fixed keys with their scopes.
+    pub fn scoped(keys: Vec<(String, Scopes)>) -> Self {
         Self {
             path: None,
-            keys: RwLock::new(keys.into_iter().map(String::into_bytes).collect()),
+            keys: RwLock::new(keys.into_iter().map(|(k, s)| (k.into_bytes(), s)).collect()),
         }
     }
 
-    fn parse(path: &Path) -> Result<Vec<Vec<u8>>, KeyError> {
+    fn parse(path: &Path) -> Result<Vec<(Vec<u8>, Scopes)>, KeyError> {
         let text = String::from_utf8(read(path)?)
             .map_err(|_| KeyError::Invalid(format!("{}: not UTF-8", path.display())))?;
-        let keys: Vec<Vec<u8>> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| l.as_bytes().to_vec())
-            .collect();
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, scopes) = match line.split_once(char::is_whitespace) {
+                Some((key, scopes)) => (
+                    key,
+                    Scopes::parse(scopes.trim()).map_err(|e| {
+                        KeyError::Invalid(format!("{}:{}: {e}", path.display(), n + 1))
+                    })?,
+                ),
+                None => (line, Scopes::ALL),
+            };
+            keys.push((key.as_bytes().to_vec(), scopes));
+        }
         if keys.is_empty() {
             return Err(KeyError::Invalid(format!(
                 "{}: no API key found",
@@ -343,7 +541,8 @@ impl ApiKeys {
         Ok(keys)
     }
 
-    /// Re-reads the key file; keeps the old keys if the file is unreadable or empty.
+    /// Re-reads the key file; keeps the old keys if the file is unreadable, malformed
+    /// or empty.
     pub fn reload(&self) -> Result<(), KeyError> {
         if let Some(path) = &self.path {
             let keys = Self::parse(path)?;
@@ -352,13 +551,22 @@ impl ApiKeys {
         Ok(())
     }
 
-    /// Whether `presented` is one of the keys. Every key is compared, each in constant
-    /// time, so timing tells nothing about which key or prefix matched.
-    pub fn verify(&self, presented: &str) -> bool {
+    /// The scopes of `presented`, or `None` if it is no key. Every key is compared,
+    /// each in constant time, and the scopes are selected by mask, so timing tells
+    /// nothing about which key or prefix matched.
+    pub fn verify(&self, presented: &str) -> Option<Scopes> {
         let presented = presented.as_bytes();
-        self.keys.read().iter().fold(0u8, |found, key| {
-            found | key.as_slice().ct_eq(presented).unwrap_u8()
-        }) == 1
+        let (found, scopes) =
+            self.keys
+                .read()
+                .iter()
+                .fold((0u8, 0u8), |(found, scopes), (key, key_scopes)| {
+                    let eq = key.as_slice().ct_eq(presented).unwrap_u8();
+                    // 0xFF when equal, 0 otherwise.
+                    let mask = eq.wrapping_neg();
+                    (found | eq, scopes | (mask & key_scopes.0))
+                });
+        (found == 1).then_some(Scopes(scopes))
     }
 }
 
@@ -469,6 +677,100 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_with_a_tenant_requires_the_claim() {
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("tenant");
+        assert!(matches!(
+            verifier().verify(&hs(c.clone())),
+            Err(AuthError::Forbidden(_))
+        ));
+        // A pool without a tenant takes tokens without the claim.
+        let open = TokenVerifier::hs256(SECRET, &config(), None);
+        assert!(open.verify(&hs(c)).is_ok());
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
+    fn signed(alg: Algorithm, kid: Option<&str>, private: &str) -> String {
+        let pem = std::fs::read(fixture(private)).unwrap();
+        let key = match alg {
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem).unwrap(),
+            _ => EncodingKey::from_rsa_pem(&pem).unwrap(),
+        };
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        encode(&header, &claims(), &key).unwrap()
+    }
+
+    fn jwks_verifier(dir: &Path) -> TokenVerifier {
+        let path = dir.join("jwks.json");
+        std::fs::copy(fixture("jwks.json"), &path).unwrap();
+        let config = JwtConfig {
+            public_keys_file: Some(path),
+            ..config()
+        };
+        TokenVerifier::from_config(&config, Some("acme".into())).unwrap()
+    }
+
+    #[test]
+    fn jwks_keys_are_selected_by_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = jwks_verifier(dir.path());
+        for (alg, kid, key) in [
+            (Algorithm::RS256, "rsa-1", "rsa-private.pem"),
+            (Algorithm::RS256, "rsa-2", "rsa2-private.pem"),
+            (Algorithm::ES256, "ec-1", "ec-private.pem"),
+        ] {
+            assert!(v.verify(&signed(alg, Some(kid), key)).is_ok(), "{kid}");
+        }
+        // Signed by rsa-1 but naming rsa-2: only rsa-2 is tried.
+        assert!(matches!(
+            v.verify(&signed(Algorithm::RS256, Some("rsa-2"), "rsa-private.pem")),
+            Err(AuthError::Invalid(_))
+        ));
+        let unknown = v
+            .verify(&signed(Algorithm::RS256, Some("rsa-9"), "rsa-private.pem"))
+            .unwrap_err();
+        assert!(unknown.to_string().contains("kid"), "{unknown}");
+        // No kid: every key of the token's family is tried.
+        assert!(
+            v.verify(&signed(Algorithm::RS256, None, "rsa2-private.pem"))
+                .is_ok()
+        );
+        // An HS256 token against public keys: wrong family, refused.
+        assert!(matches!(
+            v.verify(&hs(claims())),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn jwt_keys_reload_and_a_bad_file_keeps_the_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.pem");
+        std::fs::copy(fixture("rsa-public.pem"), &path).unwrap();
+        let config = JwtConfig {
+            public_keys_file: Some(path.clone()),
+            ..config()
+        };
+        let v = TokenVerifier::from_config(&config, Some("acme".into())).unwrap();
+        let old = signed(Algorithm::RS256, None, "rsa-private.pem");
+        let new = signed(Algorithm::RS256, Some("rsa-2"), "rsa2-private.pem");
+        assert!(v.verify(&old).is_ok() && v.verify(&new).is_err());
+        // Rotation: the Secret now holds a JWKS with both keys.
+        std::fs::copy(fixture("jwks.json"), &path).unwrap();
+        v.reload().unwrap();
+        assert!(v.verify(&new).is_ok());
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(v.reload().is_err());
+        assert!(v.verify(&new).is_ok(), "a bad file keeps the previous keys");
+    }
+
+    #[test]
     fn alg_none_is_refused() {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -494,10 +796,10 @@ mod tests {
     #[test]
     fn api_keys_match_exactly() {
         let keys = ApiKeys::fixed(vec!["key-one".into(), "key-two".into()]);
-        assert!(keys.verify("key-two"));
-        assert!(!keys.verify("key-tw"));
-        assert!(!keys.verify("key-two "));
-        assert!(!keys.verify(""));
+        assert!(keys.verify("key-two").is_some());
+        assert!(keys.verify("key-tw").is_none());
+        assert!(keys.verify("key-two ").is_none());
+        assert!(keys.verify("").is_none());
     }
 
     #[test]
@@ -506,16 +808,38 @@ mod tests {
         let path = dir.path().join("keys");
         std::fs::write(&path, "# rotated monthly\nalpha\n\n").unwrap();
         let keys = ApiKeys::from_file(&path).unwrap();
-        assert!(keys.verify("alpha"));
+        assert_eq!(keys.verify("alpha"), Some(Scopes::ALL));
         std::fs::write(&path, "beta\n").unwrap();
         keys.reload().unwrap();
-        assert!(keys.verify("beta") && !keys.verify("alpha"));
+        assert!(keys.verify("beta").is_some() && keys.verify("alpha").is_none());
         std::fs::write(&path, "").unwrap();
         assert!(keys.reload().is_err());
         assert!(
-            keys.verify("beta"),
+            keys.verify("beta").is_some(),
             "an empty file must not lock everyone out"
         );
+        std::fs::write(&path, "gamma push,bogus\n").unwrap();
+        let err = keys.reload().unwrap_err().to_string();
+        assert!(err.contains(":1:") && err.contains("bogus"), "{err}");
+        assert!(
+            keys.verify("beta").is_some(),
+            "a malformed file keeps the old keys"
+        );
+    }
+
+    #[test]
+    fn api_keys_carry_scopes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "pusher push,request\nops\tadmin, presence\nold\n").unwrap();
+        let keys = ApiKeys::from_file(&path).unwrap();
+        let pusher = keys.verify("pusher").unwrap();
+        assert!(pusher.allows(Scope::Push) && pusher.allows(Scope::Request));
+        assert!(!pusher.allows(Scope::Admin) && !pusher.allows(Scope::Presence));
+        let ops = keys.verify("ops").unwrap();
+        assert!(ops.allows(Scope::Admin) && ops.allows(Scope::Presence));
+        assert!(!ops.allows(Scope::Push));
+        assert_eq!(keys.verify("old"), Some(Scopes::ALL));
     }
 
     #[test]

@@ -184,6 +184,7 @@ impl Gateway {
             upstream,
             metrics: Metrics::global(),
             admitted: AtomicUsize::new(0),
+            refused_full: Default::default(),
             draining: AtomicBool::new(false),
             drain_requested: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -234,7 +235,7 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
         internal,
         stop_internal.clone(),
     ));
-    let reload_keys = tokio::spawn(reload_api_keys(state.clone()));
+    let reload_keys = tokio::spawn(reload_keys(state.clone()));
     let liveness = tokio::spawn(crate::liveness::sweep(
         state.hub.clone(),
         state.config.limits.clone(),
@@ -260,14 +261,18 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     info!("gateway stopped");
 }
 
-/// Mounted Secrets change in place when rotated; pick the new keys up.
-async fn reload_api_keys(state: Arc<AppState>) {
+/// Mounted Secrets change in place when rotated; pick the new keys up (API keys and
+/// the agents' JWT keys alike).
+async fn reload_keys(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     tick.tick().await;
     loop {
         tick.tick().await;
         if let Err(e) = state.api_keys.reload() {
             warn!(%e, "keeping the previous API keys");
+        }
+        if let Err(e) = state.verifier.reload() {
+            warn!(%e, "keeping the previous JWT keys");
         }
     }
 }
