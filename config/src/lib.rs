@@ -363,10 +363,26 @@ pub struct StatusConfig {
     /// Longest time between two reports.
     #[serde(default = "default_report_interval")]
     pub report_interval_seconds: u64,
+    /// A change of the connection count worth a report before the heartbeat is due:
+    /// at least this many percent of the last reported count...
+    #[serde(default = "default_change_percent")]
+    pub change_percent: u64,
+    /// ...or at least this many connections, whichever is smaller (and at least one).
+    /// Smaller moves wait for the heartbeat (two report intervals).
+    #[serde(default = "default_change_connections")]
+    pub change_connections: u64,
 }
 
 fn default_report_interval() -> u64 {
     10
+}
+
+fn default_change_percent() -> u64 {
+    5
+}
+
+fn default_change_connections() -> u64 {
+    100
 }
 
 // === impl GatewayConfig ===

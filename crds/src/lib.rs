@@ -116,8 +116,12 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "self.scaling.targetConnectionsPerPod <= self.limits.maxConnectionsPerPod",
-        "message": "scaling.targetConnectionsPerPod must not exceed limits.maxConnectionsPerPod (pods would be full before the pool scales)"
+        "rule": "self.scaling.targetConnectionsPerPod * (100 + self.scaling.tolerancePercent) < self.limits.maxConnectionsPerPod * 100",
+        "message": "scaling.targetConnectionsPerPod plus scaling.tolerancePercent must stay below limits.maxConnectionsPerPod: pods must have headroom left when the pool scales up, or new agents are refused while the autoscaler sees nothing to do"
+    },
+    {
+        "rule": "self.tenant == oldSelf.tenant",
+        "message": "tenant is immutable: agents' tokens and the bus subjects are bound to it (create a new pool instead)"
     },
     {
         "rule": "self.replicas.max == 1 || has(self.routing)",
@@ -605,7 +609,7 @@ pub struct ServiceSpec {
 pub struct ConnectionPoolStatus {
     /// One entry per gateway pod, applied by that pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 2000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub pods: Vec<PodReport>,
     /// Open agent connections over all live pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -632,11 +636,13 @@ pub struct ConnectionPoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// The operator's instructions to individual pods (drain before a scale-down, shed
-    /// connections to rebalance after a scale-up). Each gateway pod watches its pool and
-    /// acts on the entry that names it.
+    /// The operator's record of its instructions to individual pods (drain before a
+    /// scale-down, shed connections to rebalance after a scale-up). Gateway pods do not
+    /// read it: each instruction is delivered on the annotation
+    /// [`INSTRUCTION_ANNOTATION`] of the pod's own Pod object, and the pod's report
+    /// echoes the id it acts on (`pods[].instruction`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
+    #[schemars(length(max = 2000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
     pub instructions: Vec<PodInstruction>,
 }
 
@@ -665,6 +671,13 @@ pub struct PodInstruction {
     pub issued_at: Option<Time>,
 }
 
+/// Annotation on a gateway's own Pod object that carries its current instruction: the
+/// JSON of a [`PodInstruction`] (`{"pod", "id", "drain"?, "shed"?, "issuedAt"?}`).
+/// Only the operator writes it and only that pod reads it (a watch of one Pod by
+/// `metadata.name`), so an instruction costs one watch event to one reader, whatever the
+/// size of the pool. No annotation: no instruction (a drain under way is called off).
+pub const INSTRUCTION_ANNOTATION: &str = "tether.dev/instruction";
+
 /// Condition type: the autoscaler's last decision (reason `ScaledUp`, `ScaledDown`,
 /// `Draining`, `Rebalancing`, `Stable`, ...), with the figures behind it in the message.
 pub const CONDITION_SCALING: &str = "Scaling";
@@ -677,8 +690,20 @@ pub struct PodReport {
     pub name: String,
     /// Open agent connections on the pod.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 100_000_000))]
     pub connections: i64,
+    /// Agents refused because the pod was full (503 at `limits.maxConnectionsPerPod`)
+    /// since its previous report: demand the pool could not serve, which the autoscaler
+    /// counts as connections.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 100_000_000))]
+    pub refused: i64,
+    /// Id of the instruction (see [`INSTRUCTION_ANNOTATION`]) the pod is acting on, or
+    /// acted on last. The operator completes a drain only on a report that echoes the
+    /// drain's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub instruction: Option<String>,
     /// The pod accepts new connections.
     #[serde(default)]
     pub ready: bool,
@@ -692,6 +717,10 @@ pub struct PodReport {
     /// apart from its predecessor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 // === generated YAML ===

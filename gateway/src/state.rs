@@ -1,7 +1,7 @@
 //! The state shared by every handler and session of one gateway process.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use tether_config::GatewayConfig;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -37,6 +37,9 @@ pub struct AppState {
     /// Connections admitted (including upgrades in progress); bounded by
     /// `limits.maxConnections`.
     pub admitted: AtomicUsize,
+    /// Upgrades refused because the pod was full, ever (the status reporter sends the
+    /// increase since its previous report: demand the pool could not serve).
+    pub refused_full: AtomicU64,
     /// Set once a drain starts: no new upgrades, readiness false.
     pub draining: AtomicBool,
     /// Cancelled to start a drain.
@@ -65,14 +68,17 @@ impl AppState {
     /// Reserves a connection slot; `None` when the pod is full.
     pub fn admit(self: &Arc<Self>) -> Option<Admission> {
         let max = self.config.limits.max_connections;
-        self.admitted
+        let admitted = self
+            .admitted
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Admission {
-                state: self.clone(),
-            })
+            });
+        if admitted.is_err() {
+            self.refused_full.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted.ok().map(|_| Admission {
+            state: self.clone(),
+        })
     }
 
     /// Starts a drain (idempotent).

@@ -1,38 +1,45 @@
 //! The pod's side of the autoscaling loop: it reports its connection count into its
-//! pool's `status.pods[]` and follows the operator's instructions in
-//! `status.instructions[]`.
+//! pool's `status.pods[]` and follows the operator's instructions, which arrive on the
+//! annotation `tether.dev/instruction` of its own Pod object.
 //!
 //! ```text
-//!   hub.len(), ready, draining ──(every 100 ms: due? pure `next_report`)──► SSA /status
-//!        status.pods[{name, connections, ready, draining, observedAt, bootId}]
+//!   hub.len(), refused, ready, draining, instruction id
+//!        ──(every 100 ms: due? pure `next_report`)──► SSA /status of the pool
+//!        status.pods[{name, connections, refused, ready, draining, instruction, observedAt, bootId}]
 //!        field manager `tether-gateway-<pod>`: pods never overwrite each other
-//!   watch pool (fieldSelector metadata.name) ──► instruction for this pod?
+//!   watch own Pod (fieldSelector metadata.name=<pod>) ──► annotation changed?
 //!        drain ──► shed::drain_in_place (unready, stays up)   gone ──► drain called off
 //!        shed N (new id) ──► shed::shed(N)
 //! ```
 //!
-//! The instructions travel through the pool object the pod already reads and writes
-//! rather than through the admin endpoint: the operator needs no network path to every
-//! pod (no NetworkPolicy hole, no pod IPs, works across clusters' API proxies), the
-//! instruction survives an operator failover, and a pod that restarts under the same
-//! name sees it again.
+//! Why the Pod and not the pool: every pod writes the pool (its report), so a pod
+//! watching the pool would receive every other pod's report — watch traffic growing
+//! with the square of the pool's size. Its own Pod changes only when the kubelet or the
+//! operator touches it, and only that pod reads it. (A downward-API file would need no
+//! API access at all, but the kubelet refreshes it only on its sync period, up to a
+//! minute or more: too slow for a drain.) The operator needs no network path to every
+//! pod, the instruction survives an operator failover, and a container restarted in the
+//! same Pod sees it again. Each report echoes the id of the instruction the pod acts on,
+//! so the operator completes a drain only on a report made while draining for it.
 //!
 //! Reporting runs on its own task and only reads counters, so API errors or a slow API
 //! server never hold a connection up; a failed report is retried with back-off, and each
 //! attempt sends the count of that moment, never a queued old one.
 
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use rand::Rng;
 use serde_json::json;
 use tether_config::StatusConfig;
-use tether_crds::{ConnectionPool, PodInstruction};
+use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,31 +48,61 @@ use tracing::{debug, info, warn};
 use crate::state::AppState;
 
 /// What a pod reports about itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Open agent connections.
     pub connections: i64,
+    /// Agents refused because the pod was full, since the previous report.
+    pub refused: i64,
     /// Accepting new agents.
     pub ready: bool,
     /// Draining (instructed or for shutdown).
     pub draining: bool,
+    /// Id of the instruction the pod acts on (or acted on last).
+    pub instruction: Option<String>,
+}
+
+/// When a change of the connection count is worth a report before the heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Significance {
+    /// Percent of the last reported count.
+    pub percent: u64,
+    /// Connections; the smaller of the two thresholds applies.
+    pub connections: u64,
+}
+
+impl Significance {
+    /// The thresholds of a status configuration.
+    pub fn of(config: &StatusConfig) -> Self {
+        Self {
+            percent: config.change_percent,
+            connections: config.change_connections,
+        }
+    }
+
+    fn threshold(&self, last: i64) -> i64 {
+        let by_percent = last.unsigned_abs().saturating_mul(self.percent) / 100;
+        by_percent.min(self.connections).max(1) as i64
+    }
 }
 
 /// When the next report is due, given the last one that reached the API server.
 ///
 /// - nothing sent yet: now;
-/// - `ready` or `draining` changed: 250 ms after the last report (the operator waits on
-///   these to finish a drain);
-/// - the count moved by at least 1 % (and at least one connection): one interval after
-///   the last report, so a pod writes at most once per interval for counts;
-/// - nothing changed: two intervals after the last report, which keeps the entry fresh
-///   (the operator ignores entries older than three intervals).
+/// - `ready`, `draining` or the instruction changed, or agents were refused for want of
+///   room: 250 ms after the last report (the operator waits on these to finish a drain
+///   or to scale up a full pool);
+/// - the count moved by a significant amount ([`Significance`]): one interval after the
+///   last report, so a pod writes at most once per interval for counts;
+/// - otherwise: two intervals after the last report, a heartbeat that keeps the entry
+///   fresh (the operator ignores entries unchanged for three intervals).
 ///
 /// `jitter` (e.g. 0.9..1.1) stretches the interval so pods that started together do not
 /// write together.
 pub fn next_report(
-    last: Option<(Instant, Snapshot)>,
-    current: Snapshot,
+    last: Option<(Instant, &Snapshot)>,
+    current: &Snapshot,
+    significance: Significance,
     interval: Duration,
     jitter: f64,
 ) -> Instant {
@@ -73,11 +110,15 @@ pub fn next_report(
         return Instant::now();
     };
     let interval = interval.mul_f64(jitter.clamp(0.5, 1.5));
-    if sent.ready != current.ready || sent.draining != current.draining {
+    if sent.ready != current.ready
+        || sent.draining != current.draining
+        || sent.instruction != current.instruction
+        || (current.refused > 0 && sent.refused == 0)
+    {
         return at + Duration::from_millis(250).min(interval);
     }
-    let threshold = (sent.connections / 100).max(1);
-    if (current.connections - sent.connections).abs() >= threshold {
+    let threshold = significance.threshold(sent.connections);
+    if (current.connections - sent.connections).abs() >= threshold || current.refused > 0 {
         at + interval
     } else {
         at + interval * 2
@@ -102,22 +143,46 @@ pub fn report_body(
     pool: &str,
     pod: &str,
     boot_id: &str,
-    snap: Snapshot,
+    snap: &Snapshot,
     now: Timestamp,
 ) -> serde_json::Value {
+    let mut entry = json!({
+        "name": pod,
+        "connections": snap.connections,
+        "ready": snap.ready,
+        "draining": snap.draining,
+        "observedAt": now.to_string(),
+        "bootId": boot_id,
+    });
+    if snap.refused > 0 {
+        entry["refused"] = json!(snap.refused);
+    }
+    if let Some(id) = &snap.instruction {
+        entry["instruction"] = json!(id);
+    }
     json!({
         "apiVersion": format!("{}/{}", tether_crds::GROUP, tether_crds::VERSION),
         "kind": "ConnectionPool",
         "metadata": {"name": pool},
-        "status": {"pods": [{
-            "name": pod,
-            "connections": snap.connections,
-            "ready": snap.ready,
-            "draining": snap.draining,
-            "observedAt": now.to_string(),
-            "bootId": boot_id,
-        }]},
+        "status": {"pods": [entry]},
     })
+}
+
+/// The instruction carried by a Pod's annotation; `None` when absent or unreadable (an
+/// unreadable one is logged: only the operator writes it).
+pub fn instruction_of(pod: &Pod) -> Option<PodInstruction> {
+    let raw = pod
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(INSTRUCTION_ANNOTATION)?;
+    match serde_json::from_str(raw) {
+        Ok(instruction) => Some(instruction),
+        Err(e) => {
+            warn!(%e, "unreadable instruction annotation; ignored");
+            None
+        }
+    }
 }
 
 /// The body that withdraws this pod's entry: applying nothing under the pod's field
@@ -133,6 +198,8 @@ pub fn withdraw_body(pool: &str) -> serde_json::Value {
 /// What the pod is doing about its instructions.
 #[derive(Debug, Default)]
 struct Following {
+    /// The id of the instruction acted on last, shared with the reporter.
+    acting_on: Arc<Mutex<Option<String>>>,
     /// The instructed drain under way, if any.
     drain: Option<CancellationToken>,
     /// The last shed instruction acted on, and its task's stop.
@@ -177,15 +244,26 @@ pub fn spawn_with_client(
     let boot_id = uuid::Uuid::new_v4().to_string();
     let stop = CancellationToken::new();
     let client = Arc::new(tokio::sync::OnceCell::new_with(client));
+    let acting_on = Arc::new(Mutex::new(None));
     let reporter = tokio::spawn(report_loop(
-        state.clone(),
-        config.clone(),
-        pod.clone(),
-        boot_id,
+        Reporter {
+            state: state.clone(),
+            config: config.clone(),
+            pod: pod.clone(),
+            boot_id,
+            acting_on: acting_on.clone(),
+        },
         client.clone(),
         stop.clone(),
     ));
-    let follower = tokio::spawn(follow_loop(state, config, pod, client, stop.clone()));
+    let follower = tokio::spawn(follow_loop(
+        state,
+        config,
+        pod,
+        acting_on,
+        client,
+        stop.clone(),
+    ));
     StatusHandle {
         stop,
         reporter,
@@ -213,30 +291,53 @@ async fn client(cell: &SharedClient, stop: &CancellationToken) -> Option<kube::C
     }
 }
 
-fn snapshot(state: &AppState) -> Snapshot {
-    let draining = state.is_draining();
-    Snapshot {
-        connections: state.hub.len() as i64,
-        ready: !draining && state.router.ready(),
-        draining,
-    }
-}
-
-async fn report_loop(
+/// What the report loop reads from.
+struct Reporter {
     state: Arc<AppState>,
     config: StatusConfig,
     pod: String,
     boot_id: String,
-    cell: SharedClient,
-    stop: CancellationToken,
-) {
+    acting_on: Arc<Mutex<Option<String>>>,
+}
+
+impl Reporter {
+    /// The pod now; `refused_base` is the refusal count at the last report.
+    fn snapshot(&self, refused_base: u64) -> Snapshot {
+        let state = &self.state;
+        let draining = state.is_draining();
+        Snapshot {
+            connections: state.hub.len() as i64,
+            refused: state
+                .refused_full
+                .load(Ordering::Relaxed)
+                .saturating_sub(refused_base) as i64,
+            ready: !draining && state.router.ready(),
+            draining,
+            instruction: self
+                .acting_on
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+}
+
+async fn report_loop(reporter: Reporter, cell: SharedClient, stop: CancellationToken) {
     let Some(client) = client(&cell, &stop).await else {
         return;
     };
+    let Reporter {
+        config,
+        pod,
+        boot_id,
+        ..
+    } = &reporter;
     let api: Api<ConnectionPool> = Api::namespaced(client, &config.namespace);
-    let params = PatchParams::apply(&field_manager(&pod)).force();
+    let params = PatchParams::apply(&field_manager(pod)).force();
     let interval = Duration::from_secs(config.report_interval_seconds);
+    let significance = Significance::of(config);
     let mut last: Option<(Instant, Snapshot)> = None;
+    let mut refused_base = 0u64;
     let mut failures = 0u32;
     let mut retry_at = Instant::now();
     let mut jitter = 1.0;
@@ -248,12 +349,20 @@ async fn report_loop(
             _ = tick.tick() => {}
             () = stop.cancelled() => break,
         }
-        let current = snapshot(&state);
-        let due = next_report(last, current, interval, jitter).max(retry_at);
+        let refused_now = reporter.state.refused_full.load(Ordering::Relaxed);
+        let current = reporter.snapshot(refused_base);
+        let due = next_report(
+            last.as_ref().map(|(at, s)| (*at, s)),
+            &current,
+            significance,
+            interval,
+            jitter,
+        )
+        .max(retry_at);
         if Instant::now() < due {
             continue;
         }
-        let body = report_body(&config.pool, &pod, &boot_id, current, Timestamp::now());
+        let body = report_body(&config.pool, pod, boot_id, &current, Timestamp::now());
         match api
             .patch_status(&config.pool, &params, &Patch::Apply(body))
             .await
@@ -261,11 +370,15 @@ async fn report_loop(
             Ok(_) => {
                 debug!(
                     connections = current.connections,
+                    refused = current.refused,
                     ready = current.ready,
                     draining = current.draining,
+                    instruction = ?current.instruction,
                     "status reported"
                 );
                 last = Some((Instant::now(), current));
+                // Refusals are counted from here on for the next report.
+                refused_base = refused_now;
                 failures = 0;
                 jitter = rand::rng().random_range(0.9..1.1);
             }
@@ -294,30 +407,32 @@ async fn follow_loop(
     state: Arc<AppState>,
     config: StatusConfig,
     pod: String,
+    acting_on: Arc<Mutex<Option<String>>>,
     cell: SharedClient,
     stop: CancellationToken,
 ) {
     let Some(client) = client(&cell, &stop).await else {
         return;
     };
-    let api: Api<ConnectionPool> = Api::namespaced(client, &config.namespace);
-    let watch = watcher::Config::default().fields(&format!("metadata.name={}", config.pool));
-    let mut pools = std::pin::pin!(watcher(api, watch).default_backoff().applied_objects());
-    let mut following = Following::default();
+    // This pod's own Pod object, and nothing else.
+    let api: Api<Pod> = Api::namespaced(client, &config.namespace);
+    let watch = watcher::Config::default().fields(&format!("metadata.name={pod}"));
+    let mut pods = std::pin::pin!(watcher(api, watch).default_backoff().applied_objects());
+    let mut following = Following {
+        acting_on,
+        ..Default::default()
+    };
     loop {
         let next = tokio::select! {
-            next = pools.next() => next,
+            next = pods.next() => next,
             () = stop.cancelled() => break,
         };
         match next {
-            Some(Ok(pool)) => {
-                let instruction = pool
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.instructions.iter().find(|i| i.pod == pod));
-                follow(&state, &mut following, instruction);
+            Some(Ok(object)) => {
+                let instruction = instruction_of(&object).filter(|i| i.pod == pod);
+                follow(&state, &mut following, instruction.as_ref());
             }
-            Some(Err(e)) => warn!(%e, "watching the pool for instructions"),
+            Some(Err(e)) => warn!(%e, "watching this pod for instructions"),
             None => break,
         }
     }
@@ -331,6 +446,13 @@ async fn follow_loop(
 
 /// Brings what the pod does in line with its current instruction.
 fn follow(state: &Arc<AppState>, following: &mut Following, instruction: Option<&PodInstruction>) {
+    if let Some(i) = instruction {
+        // Reports from now on say which instruction the pod acts on.
+        *following
+            .acting_on
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(i.id.clone());
+    }
     let drain = instruction.is_some_and(|i| i.drain);
     match (&following.drain, drain) {
         (None, true) => {
@@ -380,64 +502,97 @@ mod tests {
     use super::*;
 
     const I: Duration = Duration::from_secs(10);
+    const SIG: Significance = Significance {
+        percent: 5,
+        connections: 100,
+    };
 
     fn snap(connections: i64) -> Snapshot {
         Snapshot {
             connections,
+            refused: 0,
             ready: true,
             draining: false,
+            instruction: None,
         }
+    }
+
+    fn next(sent: i64, now: &Snapshot, at: Instant) -> Instant {
+        next_report(Some((at, &snap(sent))), now, SIG, I, 1.0)
     }
 
     #[test]
     fn first_report_is_due_at_once() {
         let before = Instant::now();
-        assert!(next_report(None, snap(0), I, 1.0) <= Instant::now().max(before));
+        assert!(next_report(None, &snap(0), SIG, I, 1.0) <= Instant::now().max(before));
     }
 
     #[test]
-    fn a_count_change_waits_one_interval_and_no_change_two() {
+    fn a_significant_change_waits_one_interval_and_anything_else_two() {
         let at = Instant::now();
+        assert_eq!(next(100, &snap(150), at), at + I);
+        assert_eq!(next(100, &snap(100), at), at + 2 * I);
+        // Below 5 %: noise, not worth a write before the heartbeat.
+        assert_eq!(next(1_000, &snap(1_040), at), at + 2 * I);
+        assert_eq!(next(1_000, &snap(1_050), at), at + I);
+        // On a big pod 100 connections are enough, though far below 5 %.
+        assert_eq!(next(100_000, &snap(100_099), at), at + 2 * I);
+        assert_eq!(next(100_000, &snap(100_100), at), at + I);
+        // Any change counts on a small pod.
+        assert_eq!(next(3, &snap(2), at), at + I);
+    }
+
+    #[test]
+    fn thresholds_come_from_the_configuration() {
+        let at = Instant::now();
+        let coarse = Significance {
+            percent: 50,
+            connections: 1_000,
+        };
+        let moved = snap(140);
         assert_eq!(
-            next_report(Some((at, snap(100))), snap(150), I, 1.0),
+            next_report(Some((at, &snap(100))), &moved, coarse, I, 1.0),
+            at + 2 * I
+        );
+        assert_eq!(
+            next_report(Some((at, &snap(100))), &moved, SIG, I, 1.0),
             at + I
         );
-        assert_eq!(
-            next_report(Some((at, snap(100))), snap(100), I, 1.0),
-            at + 2 * I
-        );
-        // Below 1 %: noise, not worth a write.
-        assert_eq!(
-            next_report(Some((at, snap(10_000))), snap(10_050), I, 1.0),
-            at + 2 * I
-        );
-        // Any change counts on a small pod.
-        assert_eq!(next_report(Some((at, snap(3))), snap(2), I, 1.0), at + I);
     }
 
     #[test]
-    fn readiness_and_draining_flips_are_reported_quickly() {
+    fn flips_instructions_and_refusals_are_reported_quickly() {
         let at = Instant::now();
+        let quick = at + Duration::from_millis(250);
         let draining = Snapshot {
             connections: 5,
             ready: false,
             draining: true,
+            ..snap(5)
         };
-        assert_eq!(
-            next_report(Some((at, snap(5))), draining, I, 1.0),
-            at + Duration::from_millis(250)
-        );
+        assert_eq!(next(5, &draining, at), quick);
+        let acting = Snapshot {
+            instruction: Some("drain-1".into()),
+            ..snap(5)
+        };
+        assert_eq!(next(5, &acting, at), quick);
+        let full = Snapshot {
+            refused: 3,
+            ..snap(5)
+        };
+        assert_eq!(next(5, &full, at), quick);
     }
 
     #[test]
     fn jitter_stretches_the_interval_within_bounds() {
         let at = Instant::now();
+        let sent = snap(1);
         assert_eq!(
-            next_report(Some((at, snap(1))), snap(50), I, 1.1),
+            next_report(Some((at, &sent)), &snap(50), SIG, I, 1.1),
             at + I.mul_f64(1.1)
         );
         assert_eq!(
-            next_report(Some((at, snap(1))), snap(50), I, 9.0),
+            next_report(Some((at, &sent)), &snap(50), SIG, I, 9.0),
             at + I.mul_f64(1.5)
         );
     }
@@ -451,14 +606,40 @@ mod tests {
 
     #[test]
     fn the_body_names_only_this_pods_entry() {
-        let body = report_body("p", "p-1", "boot", snap(7), Timestamp::UNIX_EPOCH);
+        let body = report_body("p", "p-1", "boot", &snap(7), Timestamp::UNIX_EPOCH);
         assert_eq!(body["metadata"], json!({"name": "p"}));
         assert_eq!(
             body["status"]["pods"],
             json!([{"name": "p-1", "connections": 7, "ready": true, "draining": false,
                     "observedAt": "1970-01-01T00:00:00Z", "bootId": "boot"}])
         );
+        let acting = Snapshot {
+            refused: 4,
+            instruction: Some("shed-9".into()),
+            ..snap(7)
+        };
+        let body = report_body("p", "p-1", "boot", &acting, Timestamp::UNIX_EPOCH);
+        assert_eq!(body["status"]["pods"][0]["refused"], json!(4));
+        assert_eq!(body["status"]["pods"][0]["instruction"], json!("shed-9"));
         assert!(withdraw_body("p").get("status").is_none());
         assert_eq!(field_manager("p-1"), "tether-gateway-p-1");
+    }
+
+    #[test]
+    fn instructions_are_read_from_the_pods_annotation() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p-0", "annotations": {
+                INSTRUCTION_ANNOTATION: r#"{"pod":"p-0","id":"drain-1","drain":true}"#,
+            }},
+        }))
+        .unwrap();
+        let i = instruction_of(&pod).unwrap();
+        assert_eq!((i.id.as_str(), i.drain), ("drain-1", true));
+        let garbled: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p-0", "annotations": {INSTRUCTION_ANNOTATION: "{"}},
+        }))
+        .unwrap();
+        assert!(instruction_of(&garbled).is_none());
+        assert!(instruction_of(&Pod::default()).is_none());
     }
 }

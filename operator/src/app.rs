@@ -2,8 +2,11 @@
 //! wired together. `main` only parses [`Args`] and calls [`run`].
 //!
 //! ```text
-//!  lease loop ──leader: watch<bool>──► while leader: controller::run (stops when the
-//!      │                                 lease is lost or on shutdown, then campaigns again)
+//!  lease loop ──leader: watch<bool>──► while leader: controller::run with a fresh Context
+//!      │        (every lease call bounded     lease lost: the controller is dropped at
+//!      │         by the renew deadline)        once (no reconcile outlives the term);
+//!      │                                      shutdown: in-flight reconciles get until
+//!      │                                      the renew deadline, then the lease is released
 //!  admin server (/healthz /readyz /metrics) runs throughout
 //! ```
 
@@ -15,7 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 use kube::Client;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::controller::{self, Context, Scope};
@@ -68,11 +71,22 @@ pub struct Args {
     #[arg(long, env = "TETHER_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
     /// Debounce of reconcile requests (coalesces the burst of events an apply causes).
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    /// Keep it well below the pods' report interval: every request restarts it.
+    #[arg(long, env = "TETHER_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
+    /// Least time between two autoscaling steps of one pool (pod reports arriving
+    /// faster are folded into the next step).
+    #[arg(long, env = "TETHER_SCALE_SPACING", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub scale_spacing: Duration,
     /// Log format: `text` or `json`.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// How long a leader may go without renewing before it steps down: two thirds of the
+/// lease duration (client-go's 10 s of 15 s), so it stops before anyone may take over.
+pub fn renew_deadline(lease_duration: Duration) -> Duration {
+    lease_duration.mul_f64(2.0 / 3.0)
 }
 
 fn default_identity() -> String {
@@ -114,6 +128,7 @@ pub async fn run(
         secret_recheck,
         concurrency,
         debounce,
+        scale_spacing,
         log_format: _, // used by main's telemetry setup
     } = args;
     let identity = identity.unwrap_or_else(default_identity);
@@ -160,20 +175,21 @@ pub async fn run(
                 identity: identity.clone(),
                 duration: lease_duration,
                 renew_every: lease_renew,
+                renew_deadline: renew_deadline(lease_duration),
             },
         );
         AbortOnDrop(tokio::spawn(elector.run(leader_tx, stop_rx.clone())))
     };
     ready.store(true, Ordering::Relaxed);
 
-    let mut ctx = Context::new(client, settings, metrics.clone(), Some(identity));
-    ctx.secret_recheck = secret_recheck;
-    let ctx = Arc::new(ctx);
     let scope = Scope {
         namespace,
         concurrency,
         debounce,
     };
+    // In-flight reconciles may finish on shutdown, but not past the point where the
+    // lease could be taken over: the renew deadline.
+    let grace = renew_deadline(lease_duration);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -181,28 +197,43 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
         metrics.set_leader(true);
-        info!("leading: starting the controller");
-        let mut lost = leader_rx.clone();
+        info!("leading: starting the controller with a fresh state");
+        // A fresh Context per term: no scaling history or cached decision of an earlier
+        // term survives into this one.
+        let mut ctx = Context::new(client.clone(), settings.clone(), metrics.clone(), Some(identity.clone()));
+        ctx.secret_recheck = secret_recheck;
+        ctx.scale_spacing = scale_spacing;
         let mut stopping = stop_rx.clone();
-        let trigger = async move {
-            tokio::select! {
-                _ = lost.wait_for(|l| !*l) => {}
-                _ = stopping.wait_for(|s| *s) => {}
-            }
+        let graceful = async move {
+            let _ = stopping.wait_for(|s| *s).await;
         };
         let mut controller = AbortOnDrop(tokio::spawn(controller::run(
-            ctx.clone(),
+            Arc::new(ctx),
             scope.clone(),
-            trigger,
+            graceful,
         )));
+        let mut leadership = leader_rx.clone();
+        let lost = async move {
+            let _ = leadership.wait_for(|l| !*l).await;
+        };
         let shutting_down = tokio::select! {
             _ = &mut controller.0 => false,
+            _ = lost => {
+                // Lost: stop at once. A reconcile half-way through would otherwise
+                // force-apply under a lease someone else may hold by now.
+                controller.0.abort();
+                false
+            }
             _ = &mut shutdown => {
                 stop_tx.send_replace(true);
-                let _ = (&mut controller.0).await;
+                if tokio::time::timeout(grace, &mut controller.0).await.is_err() {
+                    warn!(?grace, "reconciles still running at the renew deadline: aborted");
+                    controller.0.abort();
+                }
                 true
             }
         };
+        let _ = (&mut controller.0).await;
         metrics.set_leader(false);
         if shutting_down {
             break;

@@ -4,38 +4,46 @@
 //! ```text
 //!  scale-up:    replicas := decision                      ──► Event ScaledUp
 //!               drains of pods that are kept are called off ──► Event DrainCancelled
-//!  scale-down:  instructions[pod].drain for the highest ordinals ──► Event DrainStarted
-//!               ... each reconcile: drained (reported 0 while draining) or deadline passed?
+//!  scale-down:  instruction drain for the highest ordinals    ──► Event DrainStarted
+//!               ... each step: drained (a report echoing the drain's id, draining, 0
+//!               connections) or deadline passed?
 //!               all done ──► replicas := decision            ──► Event ScaledDown
 //!  rebalance:   size settled, every pod ready and reporting, some pod above
-//!               mean × (1 + rebalanceSpreadPercent) ──► instructions[pod].shed = excess
-//!               (one round at a time; next round after it had time to act and be reported)
-//!  stale:       status.pods[] entries older than 3 report intervals, or of pods the
-//!               StatefulSet no longer has, are ignored and pruned
+//!               mean × (1 + rebalanceSpreadPercent): an episode begins with a budget =
+//!               the excess measured then; each round sheds at most what is left of it,
+//!               and the next round waits until the shed agents are back (total
+//!               recovered). Not back in time, or budget spent ──► the episode stops
+//!               (Event RebalanceStopped) until the pool is resized or a cool-down passed.
+//!  stale:       status.pods[] entries the operator has not seen change for 3 report
+//!               intervals (its own clock), or of pods the StatefulSet no longer has,
+//!               are ignored and pruned
 //! ```
 //!
-//! Everything that decides is the pure [`plan`]; [`Autoscaler::step`] reads the
-//! StatefulSet and remembers each pool's [`History`] (in memory, as the HPA does; a new
-//! leader starts a fresh stabilization window, so a failover never causes a
-//! scale-down). The plan's instructions live in the pool's status, so a drain in
-//! progress survives a failover.
+//! Everything that decides is the pure [`plan`]. [`Autoscaler`] is the memory of one
+//! leadership term (each term starts a fresh one, as the HPA does: a new leader starts a
+//! fresh stabilization window, so a failover never causes a scale-down): each pool's
+//! [`History`], when each pod entry last changed, and which instructions were delivered.
+//!
+//! Instructions are delivered on the annotation [`INSTRUCTION_ANNOTATION`] of each
+//! pod's own Pod object (read by that pod alone through a watch of one object), and
+//! recorded in `status.instructions` so that a drain in progress survives a failover.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
-use tether_crds::{CONDITION_SCALING, ConnectionPool, ConnectionPoolStatus, PodInstruction};
-use tracing::{debug, info, warn};
+use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction, PodReport};
+use tracing::{debug, info, info_span, warn};
 
-use crate::resources::base_name;
 use crate::scaling::{
-    Decision, History, Observed, Policy, decide, is_stale, live_reports, ordinal,
+    Ages, Decision, History, Live, Observed, Policy, decide, is_stale, live_reports, ordinal,
 };
 
 /// Drain and rebalance settings from the spec.
@@ -79,6 +87,24 @@ pub struct ScaleEvent {
     pub note: String,
 }
 
+/// A rebalancing episode: the rounds of shedding that follow one measured imbalance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Episode {
+    /// Pods in the pool when it began; a resize ends it.
+    pub replicas: i32,
+    /// Connections over the pool when it began: shed agents count as back once the
+    /// total is there again (within 1 %).
+    pub total_at_start: i64,
+    /// The most the whole episode may shed: the excess measured when it began.
+    pub budget: i64,
+    /// Connections asked to be shed so far.
+    pub shed: i64,
+    /// Shed agents must be back by then, or the episode stops.
+    pub recover_by: Timestamp,
+    /// When the episode stopped issuing rounds, and why.
+    pub stopped: Option<(Timestamp, String)>,
+}
+
 /// What one reconcile should do about the pool's size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -99,23 +125,31 @@ pub struct Plan {
     pub scaled: bool,
     /// `status.pods[]` entries to remove.
     pub prune: Vec<String>,
-    /// When to look again.
+    /// When to look again if nothing else happens.
     pub requeue: Duration,
     /// The policy's decision behind it.
     pub decision: Decision,
     /// The size the decision was made from.
     pub decided_from: i32,
+    /// The rebalancing episode after this step.
+    pub episode: Option<Episode>,
 }
 
 fn signed(d: Duration) -> SignedDuration {
     SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
 
-/// Plans one step. `current` is the StatefulSet's replicas (None before it exists).
+fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
+}
+
+/// Plans one step. `current` is the StatefulSet's replicas (None before it exists);
+/// `ages` says how long ago this operator saw each pod entry change.
 pub fn plan(
     pool: &ConnectionPool,
     current: Option<i32>,
     history: &History,
+    ages: &Ages,
     now: Timestamp,
 ) -> Plan {
     let name = pool.name_any();
@@ -127,8 +161,10 @@ pub fn plan(
         .unwrap_or(policy.min)
         .max(0);
     let stale_after = policy.stale_after();
-    let live = live_reports(&name, &status.pods, n, stale_after, now);
-    let total: i64 = live.iter().map(|l| l.connections).sum();
+    let live = live_reports(&name, &status.pods, n, stale_after, ages);
+    let total: i64 = live
+        .iter()
+        .fold(0i64, |sum, l| sum.saturating_add(l.connections));
     let report_of = |ordinal: i32| live.iter().find(|l| l.ordinal == ordinal);
     let has_entry = |ordinal: i32| {
         status
@@ -170,6 +206,7 @@ pub fn plan(
     let mut instructions: Vec<PodInstruction> = Vec::new();
     let mut scaled = false;
     let stateful_set_replicas;
+    let mut requeue = None;
     let mut scaling = (
         !matches!(
             decision.reason.as_str(),
@@ -226,16 +263,21 @@ pub fn plan(
                 }
             };
             let issued = instruction.issued_at.as_ref().map_or(now, |t| t.0);
-            let drained = report_of(o).is_some_and(|r| r.draining && r.connections == 0);
-            let expired = now.duration_since(issued) >= signed(orch.drain_deadline);
+            // Only a report made while acting on this very instruction counts: not one
+            // from a cancelled drain, a shutdown drain or an earlier boot of the pod.
+            let drained = report_of(o).is_some_and(|r| {
+                r.draining && r.connections == 0 && r.instruction.as_ref() == Some(&instruction.id)
+            });
+            let left = orch.drain_deadline.saturating_sub(elapsed(issued, now));
             if !drained {
-                if expired {
+                if left.is_zero() {
                     deadline_passed.push(format!(
                         "{} ({} connections)",
                         pod_name(o),
                         report_of(o).map_or(0, |r| r.connections)
                     ));
                 } else {
+                    requeue = Some(requeue.map_or(left, |r: Duration| r.min(left)));
                     pending.push(format!(
                         "{} ({})",
                         pod_name(o),
@@ -306,24 +348,29 @@ pub fn plan(
         && instructions
             .iter()
             .all(|i| ordinal(&name, &i.pod).is_some_and(|o| o >= n));
-    if settled
-        && orch.spread_percent > 0
-        && let Some((round, reason)) =
-            rebalance(&name, &status.instructions, &live, n, &policy, &orch, now)
-    {
-        // A new round (not one still running) gets an Event.
-        if let Some(note) = &reason {
-            events.push(ScaleEvent {
-                reason: "Rebalancing",
-                note: note.clone(),
-            });
-        }
-        scaling = (
-            true,
-            "Rebalancing",
-            reason.unwrap_or_else(|| "rebalancing round in progress".into()),
+    let mut episode = history.rebalance.clone().filter(|e| e.replicas == n);
+    if settled && orch.spread_percent > 0 {
+        let step = rebalance(
+            &name,
+            &status.instructions,
+            &live,
+            n,
+            &policy,
+            &orch,
+            episode.take(),
+            now,
         );
-        instructions.extend(round);
+        episode = step.episode;
+        if let Some(event) = step.event {
+            events.push(event);
+        }
+        if let Some(message) = step.message {
+            scaling = (step.active, "Rebalancing", message);
+        }
+        if let Some(at) = step.look_again {
+            requeue = Some(requeue.map_or(at, |r: Duration| r.min(at)));
+        }
+        instructions.extend(step.round);
     }
     instructions.sort_by(|a, b| a.pod.cmp(&b.pod));
 
@@ -333,10 +380,20 @@ pub fn plan(
         .filter(|p| {
             let gone = ordinal(&name, &p.name).is_none_or(|o| o >= stateful_set_replicas)
                 && !instructions.iter().any(|i| i.pod == p.name);
-            gone || is_stale(p, stale_after, now)
+            gone || is_stale(p, ages, stale_after)
         })
         .map(|p| p.name.clone())
         .collect();
+
+    // Reports trigger the next step; time alone matters for deadlines, rounds, the
+    // windows of the policy and for noticing that pods went silent.
+    let requeue = requeue
+        .unwrap_or(if scaling.0 {
+            policy.report_interval
+        } else {
+            stale_after
+        })
+        .clamp(Duration::from_millis(500), stale_after.max(Duration::from_secs(1)));
 
     Plan {
         stateful_set_replicas,
@@ -347,26 +404,44 @@ pub fn plan(
         events,
         scaled,
         prune,
-        requeue: policy
-            .report_interval
-            .clamp(Duration::from_millis(500), Duration::from_secs(10)),
+        requeue,
         decision,
         decided_from,
+        episode,
     }
 }
 
-/// One rebalancing step: the shed instructions to keep or issue, and a note when a new
-/// round starts (`None` while a round is still in progress). `None` when balanced (or
-/// not every pod is ready and reporting).
+/// What rebalancing does in one step.
+#[derive(Debug, Default)]
+struct RebalanceStep {
+    /// Shed instructions to keep or issue.
+    round: Vec<PodInstruction>,
+    /// The episode afterwards.
+    episode: Option<Episode>,
+    /// An Event, when a round starts or the episode stops.
+    event: Option<ScaleEvent>,
+    /// The Scaling condition's message while an episode is under way.
+    message: Option<String>,
+    /// Whether the episode is still acting (the condition's status).
+    active: bool,
+    /// When time alone changes the answer.
+    look_again: Option<Duration>,
+}
+
+/// One rebalancing step. Rounds run one at a time; an episode never sheds more than the
+/// excess measured when it began, waits for the shed agents to come back before the next
+/// round, and stops when they do not.
+#[allow(clippy::too_many_arguments)]
 fn rebalance(
     name: &str,
     previous: &[PodInstruction],
-    live: &[crate::scaling::Live],
+    live: &[Live],
     n: i32,
     policy: &Policy,
     orch: &Orchestration,
+    episode: Option<Episode>,
     now: Timestamp,
-) -> Option<(Vec<PodInstruction>, Option<String>)> {
+) -> RebalanceStep {
     let running: Vec<&PodInstruction> = previous
         .iter()
         .filter(|i| i.shed.is_some() && !i.drain)
@@ -374,130 +449,346 @@ fn rebalance(
     if let Some(first) = running.first() {
         // A round lasts until its pods had time to close the excess and report it.
         let most = running.iter().filter_map(|i| i.shed).max().unwrap_or(0);
-        let round = Duration::from_secs_f64(most as f64 / f64::from(orch.close_rate))
+        let round = Duration::from_secs_f64(most.max(0) as f64 / f64::from(orch.close_rate))
             + orch.reconnect_jitter
             + policy.report_interval * 2;
         let issued = first.issued_at.as_ref().map_or(now, |t| t.0);
-        if now.duration_since(issued) < signed(round) {
-            return Some((running.into_iter().cloned().collect(), None));
+        let left = round.saturating_sub(elapsed(issued, now));
+        if !left.is_zero() {
+            return RebalanceStep {
+                round: running.into_iter().cloned().collect(),
+                episode,
+                message: Some("rebalancing round in progress".into()),
+                active: true,
+                look_again: Some(left),
+                ..Default::default()
+            };
         }
+    }
+    let total: i64 = live
+        .iter()
+        .fold(0i64, |sum, l| sum.saturating_add(l.connections));
+    // A stopped episode stays stopped until the pool is resized (a new size starts
+    // afresh) or is balanced again: shedding more would only chase agents that are away.
+    if let Some(ep) = &episode
+        && let Some((_, why)) = &ep.stopped
+    {
+        let balanced = live.len() == n as usize && heavy_pods(live, n, orch).is_empty();
+        return RebalanceStep {
+            message: (!balanced).then(|| format!("rebalancing stopped: {why}")),
+            episode: (!balanced).then_some(episode.clone()).flatten(),
+            ..Default::default()
+        };
     }
     let all_reporting = live.len() == n as usize && live.iter().all(|l| l.ready && !l.draining);
     if n < 2 || !all_reporting {
-        return None;
+        return RebalanceStep {
+            episode,
+            ..Default::default()
+        };
     }
-    let total: i64 = live.iter().map(|l| l.connections).sum();
     let mean = total as f64 / f64::from(n);
     let bound = mean * (1.0 + f64::from(orch.spread_percent) / 100.0);
-    let heavy: Vec<_> = live
-        .iter()
-        .filter(|l| l.connections as f64 > bound && l.connections as f64 - mean >= 2.0)
-        .collect();
+    let heavy = heavy_pods(live, n, orch);
     if heavy.is_empty() {
-        return None;
+        // Balanced: the episode is over.
+        return RebalanceStep::default();
     }
+    let stop = |mut ep: Episode, why: String| {
+        ep.stopped = Some((now, why.clone()));
+        RebalanceStep {
+            event: Some(ScaleEvent {
+                reason: "RebalanceStopped",
+                note: why.clone(),
+            }),
+            message: Some(format!("rebalancing stopped: {why}")),
+            episode: Some(ep),
+            ..Default::default()
+        }
+    };
+    let excess = |l: &Live| l.connections.saturating_sub(mean.ceil() as i64).max(0);
+    let mut ep = match episode.filter(|e| e.stopped.is_none()) {
+        Some(ep) => {
+            let slack = (ep.total_at_start / 100).max(2);
+            if total < ep.total_at_start.saturating_sub(slack) {
+                let missing = ep.total_at_start - total;
+                let left = elapsed(now, ep.recover_by);
+                if left.is_zero() {
+                    return stop(
+                        ep,
+                        format!("{missing} shed agents did not come back; not shedding more"),
+                    );
+                }
+                return RebalanceStep {
+                    episode: Some(ep),
+                    message: Some(format!(
+                        "waiting for {missing} shed agents to come back before the next round"
+                    )),
+                    active: true,
+                    look_again: Some(left),
+                    ..Default::default()
+                };
+            }
+            if ep.shed >= ep.budget {
+                let why = format!(
+                    "{} of the {} connections of excess measured when it began were shed and the pool is still uneven",
+                    ep.shed, ep.budget
+                );
+                return stop(ep, why);
+            }
+            ep
+        }
+        None => Episode {
+            replicas: n,
+            total_at_start: total,
+            budget: heavy.iter().map(|l| excess(l)).sum(),
+            shed: 0,
+            recover_by: now,
+            stopped: None,
+        },
+    };
     let id = format!("shed-{}", now.as_millisecond());
-    let round: Vec<PodInstruction> = heavy
-        .iter()
-        .map(|l| PodInstruction {
+    let mut left = ep.budget - ep.shed;
+    let mut round = Vec::new();
+    for l in &heavy {
+        let count = excess(l).min(left);
+        if count <= 0 {
+            break;
+        }
+        left -= count;
+        round.push(PodInstruction {
             pod: format!("{name}-{}", l.ordinal),
             id: id.clone(),
             drain: false,
-            shed: Some(l.connections - mean.ceil() as i64),
+            shed: Some(count),
             issued_at: Some(Time(now)),
-        })
-        .collect();
+        });
+    }
+    let shedding: i64 = round.iter().filter_map(|i| i.shed).sum();
+    let most = round.iter().filter_map(|i| i.shed).max().unwrap_or(0);
+    let round_time = Duration::from_secs_f64(most as f64 / f64::from(orch.close_rate))
+        + orch.reconnect_jitter
+        + policy.report_interval * 2;
+    ep.shed = ep.shed.saturating_add(shedding);
+    ep.total_at_start = ep.total_at_start.max(total);
+    // Agents get the round, their reconnect delay and three report intervals to show up.
+    ep.recover_by = now + signed(round_time + orch.reconnect_jitter + policy.report_interval * 3);
     let note = format!(
-        "mean {mean:.0} connections per pod, bound {bound:.0}: shedding {}",
+        "mean {mean:.0} connections per pod, bound {bound:.0}: shedding {} (episode: {} of {} shed)",
         round
             .iter()
             .map(|i| format!("{} from {}", i.shed.unwrap_or(0), i.pod))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        ep.shed,
+        ep.budget,
     );
-    Some((round, Some(note)))
+    RebalanceStep {
+        round,
+        episode: Some(ep),
+        event: Some(ScaleEvent {
+            reason: "Rebalancing",
+            note: note.clone(),
+        }),
+        message: Some(note),
+        active: true,
+        look_again: Some(round_time),
+    }
 }
 
-/// Writes the plan into the operator's status: desired size, total, instructions, the
-/// Scaling condition (keeping its transition time while its status holds) and
-/// `lastScaleTime`.
-pub fn write_status(
-    status: &mut ConnectionPoolStatus,
-    previous: Option<&ConnectionPoolStatus>,
-    plan: &Plan,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    status.desired_replicas = Some(plan.desired_replicas);
-    status.total_connections = Some(plan.total_connections);
-    status.instructions = plan.instructions.clone();
-    status.last_scale_time = if plan.scaled {
-        Some(Time(now))
-    } else {
-        previous.and_then(|p| p.last_scale_time.clone())
-    };
-    let (active, reason, message) = &plan.scaling;
-    let status_str = if *active { "True" } else { "False" };
-    let since = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_SCALING))
-        .filter(|c| c.status == status_str)
-        .map_or(Time(now), |c| c.last_transition_time.clone());
-    status.conditions.retain(|c| c.type_ != CONDITION_SCALING);
-    status.conditions.push(Condition {
-        type_: CONDITION_SCALING.into(),
-        status: status_str.into(),
-        reason: (*reason).into(),
-        message: message.clone(),
-        observed_generation: generation,
-        last_transition_time: since,
-    });
+/// Pods above the rebalance bound (and at least two connections above the mean).
+fn heavy_pods<'a>(live: &'a [Live], n: i32, orch: &Orchestration) -> Vec<&'a Live> {
+    let total = live
+        .iter()
+        .fold(0i64, |sum, l| sum.saturating_add(l.connections));
+    let mean = total as f64 / f64::from(n.max(1));
+    let bound = mean * (1.0 + f64::from(orch.spread_percent) / 100.0);
+    live.iter()
+        .filter(|l| l.connections as f64 > bound && l.connections as f64 - mean >= 2.0)
+        .collect()
 }
 
 // === impl Autoscaler ===
 
-/// Per-pool scaling memory of this operator process.
+/// What the autoscaler remembers about one pool during one leadership term.
+#[derive(Debug, Default)]
+struct PoolMemory {
+    history: History,
+    /// Per pod entry: a fingerprint of its content and when this process saw it change.
+    seen: HashMap<String, (u64, Instant)>,
+    /// Instruction id delivered to each pod's annotation in this term.
+    delivered: HashMap<String, String>,
+    /// When the status was last written, for pacing `totalConnections` refreshes.
+    last_status_write: Option<Instant>,
+}
+
+/// Per-pool scaling memory of one leadership term. Create a new one per term: nothing
+/// learnt under an earlier lease carries over.
 #[derive(Debug, Default)]
 pub struct Autoscaler {
-    histories: Mutex<HashMap<(String, String), History>>,
+    pools: Mutex<HashMap<(String, String), PoolMemory>>,
+}
+
+fn fingerprint(report: &PodReport) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(report)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+fn key(pool: &ConnectionPool) -> (String, String) {
+    (pool.namespace().unwrap_or_default(), pool.name_any())
 }
 
 impl Autoscaler {
-    /// Reads the StatefulSet's replicas and plans one step for `pool`, recording the
-    /// decision in the pool's history.
-    pub async fn step(
-        &self,
-        client: &Client,
-        pool: &ConnectionPool,
-        now: Timestamp,
-    ) -> Result<Plan, kube::Error> {
-        let ns = pool.namespace().unwrap_or_default();
-        let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-        let current = sets
-            .get_opt(&base_name(pool))
-            .await?
-            .and_then(|s| s.spec.and_then(|s| s.replicas));
-        let key = (ns, pool.name_any());
-        let mut histories = self.histories.lock().unwrap_or_else(|e| e.into_inner());
-        let history = histories.entry(key).or_default();
-        let plan = plan(pool, current, history, now);
-        history.record(
+    /// Plans one step for `pool` whose StatefulSet has `current` replicas, noting which
+    /// pod entries changed since the last step and recording the decision.
+    pub fn step(&self, pool: &ConnectionPool, current: Option<i32>, now: Timestamp) -> Plan {
+        let span = info_span!("autoscale", pool = %pool.name_any(), replicas = current);
+        let _entered = span.enter();
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let memory = pools.entry(key(pool)).or_default();
+        let seen_now = Instant::now();
+        let pods = pool
+            .status
+            .as_ref()
+            .map(|s| s.pods.as_slice())
+            .unwrap_or_default();
+        memory.seen.retain(|name, _| pods.iter().any(|p| p.name == *name));
+        let mut ages = Ages::new();
+        for report in pods {
+            let print = fingerprint(report);
+            let (seen_print, at) = memory
+                .seen
+                .entry(report.name.clone())
+                .or_insert((print, seen_now));
+            if *seen_print != print {
+                *seen_print = print;
+                *at = seen_now;
+            }
+            ages.insert(report.name.clone(), seen_now.duration_since(*at));
+        }
+        let plan = plan(pool, current, &memory.history, &ages, now);
+        memory.history.record(
             &plan.decision,
             plan.decided_from,
             &Policy::from_spec(&pool.spec),
             now,
         );
-        debug!(pool = %pool.name_any(), replicas = plan.stateful_set_replicas, desired = plan.desired_replicas,
+        memory.history.rebalance = plan.episode.clone();
+        debug!(replicas = plan.stateful_set_replicas, desired = plan.desired_replicas,
                total = plan.total_connections, reason = plan.scaling.1, "autoscale step");
-        Ok(plan)
+        plan
+    }
+
+    /// Whether a `totalConnections`-only refresh of the status is due (about once per
+    /// report interval).
+    pub fn status_refresh_due(&self, pool: &ConnectionPool) -> bool {
+        let interval = Policy::from_spec(&pool.spec).report_interval;
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .get(&key(pool))
+            .and_then(|m| m.last_status_write)
+            .is_none_or(|at| at.elapsed() >= interval)
+    }
+
+    /// Notes that the status of `pool` was written.
+    pub fn status_written(&self, pool: &ConnectionPool) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.entry(key(pool)).or_default().last_status_write = Some(Instant::now());
     }
 
     /// Forgets a deleted pool.
     pub fn forget(&self, pool: &ConnectionPool) {
-        let key = (pool.namespace().unwrap_or_default(), pool.name_any());
-        self.histories
+        self.pools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+            .remove(&key(pool));
+    }
+
+    /// Delivers the plan's instructions to the pods' annotations: sets the annotation of
+    /// each pod whose instruction is new in this term, removes it where an instruction
+    /// ended. Each delivery is one merge patch of one Pod (a Pod that is gone is fine).
+    /// Called before the status records the plan, so a failed delivery is retried.
+    pub async fn deliver(
+        &self,
+        client: &Client,
+        pool: &ConnectionPool,
+        plan: &Plan,
+    ) -> Result<(), kube::Error> {
+        let recorded: Vec<String> = pool
+            .status
+            .as_ref()
+            .map(|s| s.instructions.iter().map(|i| i.pod.clone()).collect())
+            .unwrap_or_default();
+        let (sets, clears) = {
+            let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            let delivered = pools.get(&key(pool)).map(|m| &m.delivered);
+            let is_delivered = |pod: &str, id: &str| {
+                delivered.is_some_and(|d| d.get(pod).is_some_and(|have| have == id))
+            };
+            let sets: Vec<PodInstruction> = plan
+                .instructions
+                .iter()
+                .filter(|i| !is_delivered(&i.pod, &i.id))
+                .cloned()
+                .collect();
+            let clears: Vec<String> = recorded
+                .into_iter()
+                .chain(delivered.into_iter().flat_map(|d| d.keys().cloned()))
+                .filter(|pod| !plan.instructions.iter().any(|i| i.pod == *pod))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            (sets, clears)
+        };
+        if sets.is_empty() && clears.is_empty() {
+            return Ok(());
+        }
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &pool.namespace().unwrap_or_default());
+        let params = PatchParams {
+            field_manager: Some(crate::controller::FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        for instruction in &sets {
+            let value = serde_json::to_string(instruction).unwrap_or_default();
+            annotate(&pods, &params, &instruction.pod, Some(value)).await?;
+            info!(pod = %instruction.pod, id = %instruction.id, drain = instruction.drain,
+                  shed = ?instruction.shed, "instruction delivered");
+            self.note_delivered(pool, &instruction.pod, Some(&instruction.id));
+        }
+        for pod in &clears {
+            annotate(&pods, &params, pod, None).await?;
+            debug!(%pod, "instruction withdrawn");
+            self.note_delivered(pool, pod, None);
+        }
+        Ok(())
+    }
+
+    fn note_delivered(&self, pool: &ConnectionPool, pod: &str, id: Option<&str>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let delivered = &mut pools.entry(key(pool)).or_default().delivered;
+        match id {
+            Some(id) => delivered.insert(pod.to_string(), id.to_string()),
+            None => delivered.remove(pod),
+        };
+    }
+}
+
+/// Sets (or with `None` removes) the instruction annotation of one Pod. A merge patch,
+/// not an apply: a Pod that is gone answers 404 instead of being created half-empty.
+async fn annotate(
+    pods: &Api<Pod>,
+    params: &PatchParams,
+    pod: &str,
+    value: Option<String>,
+) -> Result<(), kube::Error> {
+    let body = serde_json::json!({"metadata": {"annotations": {INSTRUCTION_ANNOTATION: value}}});
+    match pods.patch(pod, params, &Patch::Merge(body)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err),
     }
 }
 
@@ -528,14 +819,13 @@ pub async fn after_apply(client: &Client, recorder: &Recorder, pool: &Connection
 }
 
 /// Removes the named `status.pods[]` entries with a JSON patch whose `test` operations
-/// make it fail (and be retried) if the list changed since it was read.
+/// make it fail (and be retried) if the list changed since it was read. The list is the
+/// one the operator's cache holds: if it moved on since, the tests fail and the next
+/// step tries again with a fresher copy.
 async fn prune(client: &Client, pool: &ConnectionPool, names: &[String]) {
     let ns = pool.namespace().unwrap_or_default();
     let api: Api<ConnectionPool> = Api::namespaced(client.clone(), &ns);
-    let Ok(fresh) = api.get_status(&pool.name_any()).await else {
-        return;
-    };
-    let pods = fresh.status.map(|s| s.pods).unwrap_or_default();
+    let pods = pool.status.as_ref().map(|s| s.pods.as_slice()).unwrap_or_default();
     let mut ops = Vec::new();
     // Highest index first, so earlier removals do not shift later ones.
     for (i, p) in pods.iter().enumerate().rev() {
@@ -568,7 +858,7 @@ async fn prune(client: &Client, pool: &ConnectionPool, names: &[String]) {
 mod tests {
     use super::*;
     use crate::fixtures::pool as fixture_pool;
-    use tether_crds::PodReport;
+    use tether_crds::ConnectionPoolStatus;
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + secs).unwrap()
@@ -593,12 +883,21 @@ mod tests {
         p.spec.scaling.scale_down.max_pods_per_step = 2;
         p.spec.drain.deadline_seconds = 30;
         p.spec.report_interval_seconds = 2;
+        // A draining pod echoes the id of the drain it acts on.
+        let acting_on = |pod: &str| {
+            instructions
+                .iter()
+                .find(|i| i.pod == pod && i.drain)
+                .map(|i| i.id.clone())
+        };
         p.status = Some(ConnectionPoolStatus {
             pods: reports
                 .iter()
                 .map(|(o, c, draining)| PodReport {
                     name: format!("p-{o}"),
                     connections: *c,
+                    refused: 0,
+                    instruction: draining.then(|| acting_on(&format!("p-{o}"))).flatten(),
                     ready: !draining,
                     draining: *draining,
                     observed_at: Some(Time(t(at))),
@@ -612,6 +911,15 @@ mod tests {
         p
     }
 
+    /// Every entry just seen changing.
+    fn fresh(p: &ConnectionPool) -> Ages {
+        p.status
+            .iter()
+            .flat_map(|s| &s.pods)
+            .map(|r| (r.name.clone(), Duration::ZERO))
+            .collect()
+    }
+
     fn old_history() -> History {
         History {
             since: Some(t(-10_000)),
@@ -622,7 +930,7 @@ mod tests {
     #[test]
     fn scale_up_raises_the_stateful_set_at_once() {
         let p = pool(&[(0, 350, false)], vec![], Some(1), 100);
-        let plan = plan(&p, Some(1), &old_history(), t(100));
+        let plan = plan(&p, Some(1), &old_history(), &fresh(&p), t(100));
         assert_eq!(
             (
                 plan.stateful_set_replicas,
@@ -643,7 +951,7 @@ mod tests {
             Some(3),
             100,
         );
-        let step1 = plan(&p, Some(3), &old_history(), t(100));
+        let step1 = plan(&p, Some(3), &old_history(), &fresh(&p), t(100));
         // 60 connections: one pod; at most two removed per step.
         assert_eq!(
             (step1.stateful_set_replicas, step1.desired_replicas),
@@ -665,7 +973,7 @@ mod tests {
             Some(1),
             105,
         );
-        let step2 = plan(&p, Some(3), &old_history(), t(105));
+        let step2 = plan(&p, Some(3), &old_history(), &fresh(&p), t(105));
         assert_eq!(step2.stateful_set_replicas, 3);
         assert_eq!(step2.instructions, step1.instructions);
         assert!(step2.events.is_empty());
@@ -677,7 +985,7 @@ mod tests {
             Some(1),
             110,
         );
-        let step3 = plan(&p, Some(3), &old_history(), t(110));
+        let step3 = plan(&p, Some(3), &old_history(), &fresh(&p), t(110));
         assert_eq!((step3.stateful_set_replicas, step3.scaled), (1, true));
         assert_eq!(step3.events[0].reason, "ScaledDown");
         assert_eq!(step3.instructions, step1.instructions);
@@ -688,7 +996,7 @@ mod tests {
 
         // The pods withdrew their entries: instructions dropped.
         let p = pool(&[(0, 60, false)], step1.instructions.clone(), Some(1), 115);
-        let step4 = plan(&p, Some(1), &old_history(), t(115));
+        let step4 = plan(&p, Some(1), &old_history(), &fresh(&p), t(115));
         assert!(step4.instructions.is_empty());
         assert_eq!(step4.stateful_set_replicas, 1);
     }
@@ -702,7 +1010,7 @@ mod tests {
             Some(4),
             100,
         );
-        let first = plan(&p, Some(4), &old_history(), t(100));
+        let first = plan(&p, Some(4), &old_history(), &fresh(&p), t(100));
         assert_eq!(
             (first.stateful_set_replicas, first.desired_replicas),
             (4, 2)
@@ -714,7 +1022,7 @@ mod tests {
             Some(2),
             101,
         );
-        let waiting = plan(&p, Some(4), &old_history(), t(101));
+        let waiting = plan(&p, Some(4), &old_history(), &fresh(&p), t(101));
         assert_eq!(
             (waiting.stateful_set_replicas, waiting.desired_replicas),
             (4, 2)
@@ -738,11 +1046,11 @@ mod tests {
             20,
         );
         assert_eq!(
-            plan(&p, Some(2), &old_history(), t(20)).stateful_set_replicas,
+            plan(&p, Some(2), &old_history(), &fresh(&p), t(20)).stateful_set_replicas,
             2
         );
         let p = pool(&[(0, 10, false), (1, 5, true)], instructions, Some(1), 31);
-        let done = plan(&p, Some(2), &old_history(), t(31));
+        let done = plan(&p, Some(2), &old_history(), &fresh(&p), t(31));
         assert_eq!(done.stateful_set_replicas, 1);
         assert!(
             done.events[0]
@@ -763,7 +1071,7 @@ mod tests {
             issued_at: Some(Time(t(0))),
         }];
         let p = pool(&[(0, 190, false), (1, 150, true)], instructions, Some(1), 5);
-        let plan = plan(&p, Some(2), &old_history(), t(5));
+        let plan = plan(&p, Some(2), &old_history(), &fresh(&p), t(5));
         assert!(plan.stateful_set_replicas >= 4, "{plan:?}");
         assert!(plan.instructions.is_empty(), "drain cancelled");
         let reasons: Vec<_> = plan.events.iter().map(|e| e.reason).collect();
@@ -779,7 +1087,7 @@ mod tests {
             Some(3),
             100,
         );
-        let round = plan(&p, Some(3), &old_history(), t(100));
+        let round = plan(&p, Some(3), &old_history(), &fresh(&p), t(100));
         assert_eq!(round.stateful_set_replicas, 3);
         assert_eq!(round.instructions.len(), 1);
         let shed = &round.instructions[0];
@@ -797,7 +1105,7 @@ mod tests {
             Some(3),
             102,
         );
-        let running = plan(&p, Some(3), &old_history(), t(102));
+        let running = plan(&p, Some(3), &old_history(), &fresh(&p), t(102));
         assert_eq!(running.instructions, round.instructions);
         assert!(running.events.is_empty());
 
@@ -808,48 +1116,136 @@ mod tests {
             Some(3),
             120,
         );
-        let balanced = plan(&p, Some(3), &old_history(), t(120));
+        let balanced = plan(&p, Some(3), &old_history(), &fresh(&p), t(120));
         assert!(balanced.instructions.is_empty(), "{balanced:?}");
         assert_ne!(balanced.scaling.1, "Rebalancing");
     }
 
     #[test]
     fn stale_and_gone_entries_are_ignored_and_pruned() {
-        let mut p = pool(
+        let p = pool(
             &[(0, 100, false), (1, 100, false), (7, 500, false)],
             vec![],
             Some(2),
             100,
         );
-        // p-1 reported 7 s ago: older than 3 × 2 s.
-        p.status.as_mut().unwrap().pods[1].observed_at = Some(Time(t(93)));
-        let plan = plan(&p, Some(2), &old_history(), t(100));
+        // p-1's entry has not changed for 7 s on the operator's clock: older than 3 × 2 s.
+        let mut ages = fresh(&p);
+        ages.insert("p-1".into(), Duration::from_secs(7));
+        let plan = plan(&p, Some(2), &old_history(), &ages, t(100));
         assert_eq!(plan.total_connections, 100);
         assert_eq!(plan.prune, vec!["p-1".to_string(), "p-7".to_string()]);
     }
 
     #[test]
+    fn only_a_report_echoing_the_drain_id_completes_it() {
+        let drain = PodInstruction {
+            pod: "p-1".into(),
+            id: "drain-2".into(),
+            drain: true,
+            shed: None,
+            issued_at: Some(Time(t(0))),
+        };
+        let mut p = pool(&[(0, 10, false), (1, 0, true)], vec![drain.clone()], Some(1), 5);
+        // An empty, draining report left over from an earlier drain (or boot).
+        p.status.as_mut().unwrap().pods[1].instruction = Some("drain-1".into());
+        let waiting = plan(&p, Some(2), &old_history(), &fresh(&p), t(5));
+        assert_eq!(waiting.stateful_set_replicas, 2, "{waiting:?}");
+        assert_eq!(waiting.scaling.1, "Draining");
+        assert!(waiting.requeue <= Duration::from_secs(25));
+        p.status.as_mut().unwrap().pods[1].instruction = Some("drain-2".into());
+        let done = plan(&p, Some(2), &old_history(), &fresh(&p), t(6));
+        assert_eq!((done.stateful_set_replicas, done.scaled), (1, true));
+    }
+
+    /// Plays rebalancing steps for a pool of three at `per_pod`, feeding each plan's
+    /// episode and instructions into the next step, like the Autoscaler does.
+    fn rebalance_step(
+        per_pod: [i64; 3],
+        previous: &Plan,
+        at: i64,
+    ) -> Plan {
+        let reports: Vec<_> = per_pod
+            .iter()
+            .enumerate()
+            .map(|(o, c)| (o as i32, *c, false))
+            .collect();
+        let mut p = pool(&reports, previous.instructions.clone(), Some(3), at);
+        // The pool stays at three pods whatever its load: rebalancing alone is tested.
+        p.spec.replicas.min = 3;
+        p.spec.drain.reconnect_jitter_ms = 1000;
+        p.spec.drain.connections_per_second = 1000;
+        let mut history = old_history();
+        history.rebalance = previous.episode.clone();
+        plan(&p, Some(3), &history, &fresh(&p), t(at))
+    }
+
+    fn shed_total(plan: &Plan) -> i64 {
+        plan.instructions.iter().filter_map(|i| i.shed).sum()
+    }
+
+    #[test]
+    fn a_rebalance_episode_never_sheds_more_than_its_first_excess() {
+        // 2,500 agents on one pod of three (the runaway measured on the local platform).
+        let start = rebalance_step([250, 0, 0], &plan(&pool(&[], vec![], Some(3), 0), Some(3), &old_history(), &Ages::new(), t(0)), 100);
+        assert_eq!(shed_total(&start), 250 - 84);
+        let budget = start.episode.as_ref().unwrap().budget;
+        assert_eq!(budget, 166);
+        // The shed agents stay away (behind NATs, long back-off): the round ends, the
+        // pool waits for them instead of recomputing the mean from what is left.
+        let mut last = start.clone();
+        let mut shed = shed_total(&start);
+        for at in (101..200).step_by(3) {
+            let step = rebalance_step([84, 0, 0], &last, at);
+            if step.instructions.iter().any(|i| i.id != start.instructions[0].id) {
+                shed += shed_total(&step);
+            }
+            last = step;
+        }
+        assert_eq!(shed, budget, "no round beyond the first: {last:?}");
+        assert_eq!(last.scaling.1, "Rebalancing");
+        assert!(last.scaling.2.contains("did not come back"), "{}", last.scaling.2);
+        assert!(last.instructions.is_empty());
+    }
+
+    #[test]
+    fn the_next_round_waits_for_the_shed_agents_and_stays_within_the_budget() {
+        let first = rebalance_step([250, 0, 0], &plan(&pool(&[], vec![], Some(3), 0), Some(3), &old_history(), &Ages::new(), t(0)), 100);
+        // Round over (166 / 1000 per s + 1 s + 4 s), agents not back yet: wait.
+        let waiting = rebalance_step([84, 40, 40], &first, 106);
+        assert!(waiting.instructions.is_empty(), "{waiting:?}");
+        assert!(waiting.scaling.2.contains("waiting for"), "{}", waiting.scaling.2);
+        // A load balancer sent them all back to the same pod: the total recovered, the
+        // pod is as heavy as before, and the budget is spent: stop, no second round.
+        let back = rebalance_step([250, 0, 0], &waiting, 108);
+        assert!(back.instructions.is_empty(), "{back:?}");
+        assert!(back.events.iter().any(|e| e.reason == "RebalanceStopped"), "{:?}", back.events);
+        // Evenly back: balanced, the episode is over.
+        let even = rebalance_step([84, 83, 83], &waiting, 108);
+        assert!(even.episode.is_none() && even.instructions.is_empty(), "{even:?}");
+    }
+
+    #[test]
     fn scaling_condition_keeps_its_transition_time() {
-        let p = pool(&[(0, 100, false)], vec![], Some(1), 100);
-        let first = plan(&p, Some(1), &old_history(), t(100));
-        let mut status = ConnectionPoolStatus::default();
-        write_status(&mut status, None, &first, Some(1), t(100));
+        let mut p = pool(&[(0, 100, false)], vec![], Some(1), 100);
+        let first = plan(&p, Some(1), &old_history(), &fresh(&p), t(100));
+        let status = crate::status::pool_status(&p, &Default::default(), Some(&first), t(100));
         let cond = status
             .conditions
             .iter()
-            .find(|c| c.type_ == CONDITION_SCALING)
+            .find(|c| c.type_ == tether_crds::CONDITION_SCALING)
             .unwrap()
             .clone();
         assert_eq!(
             (cond.status.as_str(), cond.reason.as_str()),
             ("False", "WithinTolerance")
         );
-        let mut next = ConnectionPoolStatus::default();
-        write_status(&mut next, Some(&status), &first, Some(1), t(200));
+        p.status.as_mut().unwrap().conditions = status.conditions.clone();
+        let next = crate::status::pool_status(&p, &Default::default(), Some(&first), t(200));
         let again = next
             .conditions
             .iter()
-            .find(|c| c.type_ == CONDITION_SCALING)
+            .find(|c| c.type_ == tether_crds::CONDITION_SCALING)
             .unwrap();
         assert_eq!(again.last_transition_time, cond.last_transition_time);
         assert_eq!(next.desired_replicas, Some(1));

@@ -1,18 +1,32 @@
-//! The reconcile loop: I/O around the pure builders.
+//! The reconcile loop: I/O around the pure builders, acting only on what changed.
 //!
-//! One reconcile of a pool: add the finalizer if missing, check the spec (pure) and the
-//! Secrets it references (API), build the desired objects (pure), server-side apply them
-//! under one field manager, then apply the operator's part of the status. A spec the
-//! operator cannot act on becomes a `Degraded` condition and a Warning Event, with
-//! nothing created; API failures return an error and `error_policy` retries with a
-//! per-pool exponential backoff. Nothing here panics on input.
+//! ```text
+//!  pools (watch, cached) ──predicate: generation, deletion, finalizers, status.pods──┐
+//!  children (metadata watches; StatefulSets in full, cached) ──changed by someone? ──┤
+//!                                                            (marks the pool dirty) ▼
+//!  reconcile(pool):  spec part — only when the generation moved, a child was changed
+//!                    or deleted by someone else, or a missing Secret may have appeared:
+//!                    validate, check Secrets, server-side apply every child
+//!                    autoscale part — on every trigger (pod reports), at most once per
+//!                    `scale_spacing` per pool: plan (pure), apply the StatefulSet alone
+//!                    when its replicas change, deliver instructions to Pod annotations
+//!                    status — built in one place (`status::pool_status`), written only
+//!                    when an operator-owned field changed
+//! ```
+//!
+//! A pod report therefore costs no child apply and no read: the pool and its
+//! StatefulSet come from the watch caches. A spec the operator cannot act on becomes a
+//! `Degraded` condition and a Warning Event, with nothing created; API failures return
+//! an error and `error_policy` retries with a per-pool exponential backoff. Nothing here
+//! panics on input.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
@@ -20,11 +34,12 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -33,7 +48,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::resources::{self, Desired, MANAGED_BY, Settings};
-use crate::status::{Observed, pool_status};
+use crate::status::{Observed, pool_status, worth_writing};
 use crate::validate::{SpecError, validate};
 
 /// The one field manager the operator applies with (children and status alike).
@@ -42,6 +57,9 @@ pub const FIELD_MANAGER: &str = "tether-operator";
 pub const FINALIZER: &str = "tether.dev/cleanup";
 /// Safety-net requeue of a healthy pool.
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// Least time between two autoscaling steps of one pool, by default: a pool of 1,000
+/// pods sends ~100 reports a second, and one step per report would be wasted work.
+pub const SCALE_SPACING: Duration = Duration::from_secs(1);
 /// How soon a pool waiting for a Secret is looked at again, by default. Secrets are not
 /// watched: that would cache every Secret of the cluster in the operator's memory.
 pub const SECRET_RECHECK: Duration = Duration::from_secs(30);
@@ -60,7 +78,9 @@ pub enum Error {
     NoNamespace,
 }
 
-/// What every reconcile shares.
+/// What every reconcile of one leadership term shares. A new term builds a new
+/// Context: nothing learnt under an earlier lease (scaling history, what was applied)
+/// carries over.
 pub struct Context {
     /// API client.
     pub client: Client,
@@ -72,10 +92,34 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How soon a pool waiting for a Secret is looked at again.
     pub secret_recheck: Duration,
+    /// Least time between two autoscaling steps of one pool.
+    pub scale_spacing: Duration,
     /// Consecutive failures per pool, for the backoff.
     failures: Mutex<HashMap<ObjectRef<ConnectionPool>, u32>>,
-    /// Scaling memory per pool (the stabilization window's recommendations).
+    /// Scaling memory per pool.
     pub autoscaler: crate::autoscale::Autoscaler,
+    /// What the spec part last did per pool.
+    applied: Mutex<HashMap<ObjectRef<ConnectionPool>, Applied>>,
+    /// Pools whose children someone else changed or deleted since they were applied.
+    dirty: Dirty,
+    /// When each pool's autoscaler last stepped.
+    stepped: Mutex<HashMap<ObjectRef<ConnectionPool>, Instant>>,
+    /// The pools' StatefulSets, from a watch.
+    stateful_sets: Store<StatefulSet>,
+    stateful_set_writer: Mutex<Option<reflector::store::Writer<StatefulSet>>>,
+}
+
+type Dirty = Arc<Mutex<HashSet<ObjectRef<ConnectionPool>>>>;
+
+/// The outcome of the spec part for one pool.
+#[derive(Debug, Clone)]
+struct Applied {
+    /// The generation it acted on.
+    generation: Option<i64>,
+    /// Why nothing could be applied, if so.
+    problem: Option<SpecError>,
+    /// The StatefulSet's replicas as last applied (ahead of the cache).
+    replicas: Option<i32>,
 }
 
 // === impl Context ===
@@ -92,14 +136,21 @@ impl Context {
             controller: FIELD_MANAGER.into(),
             instance,
         };
+        let (stateful_sets, writer) = reflector::store();
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
             metrics,
             secret_recheck: SECRET_RECHECK,
+            scale_spacing: SCALE_SPACING,
             failures: Mutex::default(),
             autoscaler: Default::default(),
+            applied: Mutex::default(),
+            dirty: Dirty::default(),
+            stepped: Mutex::default(),
+            stateful_sets,
+            stateful_set_writer: Mutex::new(Some(writer)),
         }
     }
 
@@ -116,6 +167,48 @@ impl Context {
             .unwrap_or_else(|e| e.into_inner())
             .remove(pool);
     }
+
+    fn applied(&self, pool: &ObjectRef<ConnectionPool>) -> Option<Applied> {
+        lock(&self.applied).get(pool).cloned()
+    }
+
+    fn record_applied(&self, pool: ObjectRef<ConnectionPool>, applied: Applied) {
+        lock(&self.applied).insert(pool, applied);
+    }
+
+    fn take_dirty(&self, pool: &ObjectRef<ConnectionPool>) -> bool {
+        lock(&self.dirty).remove(pool)
+    }
+
+    /// How long until the pool's autoscaler may step again (zero: now), noting a step.
+    fn claim_step(&self, pool: &ObjectRef<ConnectionPool>) -> Duration {
+        let mut stepped = lock(&self.stepped);
+        let wait = stepped
+            .get(pool)
+            .map_or(Duration::ZERO, |at| self.scale_spacing.saturating_sub(at.elapsed()));
+        if wait.is_zero() {
+            stepped.insert(pool.clone(), Instant::now());
+        }
+        wait
+    }
+
+    /// The pool's StatefulSet as the watch cache has it.
+    fn stateful_set(&self, pool: &ConnectionPool) -> Option<Arc<StatefulSet>> {
+        let key = ObjectRef::new(&resources::base_name(pool))
+            .within(&pool.namespace().unwrap_or_default());
+        self.stateful_sets.get(&key)
+    }
+
+    fn forget(&self, pool: &ConnectionPool) {
+        let key = ObjectRef::from_obj(pool);
+        lock(&self.applied).remove(&key);
+        lock(&self.stepped).remove(&key);
+        self.autoscaler.forget(pool);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Delay before retry number `attempt` (1-based): 1 s doubling to 5 min, with up to 20 %
@@ -203,98 +296,142 @@ pub fn error_policy(pool: Arc<ConnectionPool>, err: &Error, ctx: Arc<Context>) -
 }
 
 async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
+    let key = ObjectRef::from_obj(pool);
+    let previous = ctx.applied(&key);
+    let spec_due = match &previous {
+        None => true,
+        Some(applied) => {
+            applied.generation != pool.metadata.generation
+                || applied
+                    .problem
+                    .as_ref()
+                    .is_some_and(SpecError::may_resolve_itself)
+        }
+    };
+    // Read (and clear) the mark in any case: an apply now covers it.
+    let spec_due = ctx.take_dirty(&key) || spec_due;
+    let wait = ctx.claim_step(&key);
+    if !spec_due && !wait.is_zero() {
+        // A report within the spacing: the step it asks for runs when the spacing ends.
+        return Ok(Action::requeue(wait));
+    }
+    if ctx.stateful_sets.wait_until_ready().await.is_err() {
+        warn!("the StatefulSet cache is gone; reconciling without it");
+    }
+    let cached = ctx.stateful_set(pool);
+    let current = previous
+        .as_ref()
+        .and_then(|a| a.replicas)
+        .or_else(|| cached.as_ref().and_then(|s| s.spec.as_ref()?.replicas));
+
     // The autoscaler decides the StatefulSet's replicas (and drains before lowering them).
     let now = Timestamp::now();
-    let plan = ctx.autoscaler.step(&ctx.client, pool, now).await?;
-    let target = plan.stateful_set_replicas;
-    let outcome: Result<StatefulSet, SpecError> = match validate(pool) {
-        Err(problem) => Err(problem),
-        Ok(()) => match check_secrets(pool, ctx).await? {
-            Err(problem) => Err(problem),
-            Ok(()) => match resources::desired(pool, &ctx.settings, target) {
-                Err(problem) => Err(problem),
-                Ok(desired) => apply_children(pool, &desired, ctx).await?,
-            },
-        },
-    };
-    let (observed, action) = match &outcome {
-        Ok(sts) => {
-            if was_degraded(pool) {
-                publish(
-                    ctx,
-                    pool,
-                    EventType::Normal,
-                    "Recovered",
-                    "the spec was applied".into(),
-                )
-                .await;
+    let plan = ctx.autoscaler.step(pool, current, now);
+    let replicas = plan.stateful_set_replicas;
+    let mut applied_sts: Option<StatefulSet> = None;
+    let problem = if spec_due {
+        let outcome = apply_spec(pool, ctx, replicas).await?;
+        let problem = outcome.as_ref().err().cloned();
+        match &outcome {
+            Ok(_) if was_degraded(pool) => {
+                publish(ctx, pool, EventType::Normal, "Recovered", "the spec was applied".into()).await;
             }
-            (
-                Observed {
-                    stateful_set: Some(sts),
-                    problem: None,
-                },
-                Action::requeue(plan.requeue.min(RESYNC)),
-            )
+            Ok(_) => {}
+            Err(problem) => {
+                info!(pool = %pool.name_any(), reason = problem.reason(), %problem, "spec cannot be applied");
+                publish(ctx, pool, EventType::Warning, problem.reason(), problem.to_string()).await;
+            }
         }
-        Err(problem) => {
-            info!(pool = %pool.name_any(), reason = problem.reason(), %problem, "spec cannot be applied");
-            publish(
-                ctx,
-                pool,
-                EventType::Warning,
-                problem.reason(),
-                problem.to_string(),
-            )
-            .await;
-            let action = if problem.may_resolve_itself() {
-                Action::requeue(ctx.secret_recheck)
-            } else {
-                Action::await_change()
-            };
-            (
-                Observed {
-                    stateful_set: None,
-                    problem: Some(problem),
-                },
-                action,
-            )
-        }
-    };
-    let mut status = pool_status(pool, &observed, target, now);
-    let applied = outcome.is_ok();
-    if applied {
-        crate::autoscale::write_status(
-            &mut status,
-            pool.status.as_ref(),
-            &plan,
-            pool.metadata.generation,
-            now,
-        );
+        applied_sts = outcome.ok();
+        problem
     } else {
-        // Nothing was applied: keep the instructions as they were.
-        status.instructions = pool
-            .status
-            .as_ref()
-            .map(|s| s.instructions.clone())
-            .unwrap_or_default();
-    }
-    let body = serde_json::json!({
-        "apiVersion": format!("{}/{}", tether_crds::GROUP, tether_crds::VERSION),
-        "kind": "ConnectionPool",
-        "metadata": {"name": pool.name_any()},
-        "status": status,
-    });
-    let api: Api<ConnectionPool> = Api::namespaced(
-        ctx.client.clone(),
-        &pool.namespace().ok_or(Error::NoNamespace)?,
+        let mut problem = previous.as_ref().and_then(|a| a.problem.clone());
+        if problem.is_none() && current != Some(replicas) {
+            // A resize alone: the StatefulSet is the only object that changes.
+            match apply_stateful_set(pool, ctx, replicas).await? {
+                Ok(sts) => applied_sts = Some(sts),
+                Err(rejected) => problem = Some(rejected),
+            }
+        }
+        problem
+    };
+    ctx.record_applied(
+        key,
+        Applied {
+            generation: pool.metadata.generation,
+            replicas: if problem.is_none() { Some(replicas) } else { current },
+            problem: problem.clone(),
+        },
     );
-    api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(body))
-        .await?;
-    if applied {
-        crate::autoscale::after_apply(&ctx.client, &ctx.recorder, pool, &plan).await;
+
+    let plan = problem.is_none().then_some(plan);
+    if let Some(plan) = &plan {
+        // Before the status records them, so that a failed delivery is retried.
+        ctx.autoscaler.deliver(&ctx.client, pool, plan).await?;
     }
-    Ok(action)
+    let sts = applied_sts.as_ref().or(cached.as_deref());
+    let observed = Observed {
+        stateful_set: sts,
+        problem: problem.as_ref(),
+    };
+    let status = pool_status(pool, &observed, plan.as_ref(), now);
+    if worth_writing(pool, &status, ctx.autoscaler.status_refresh_due(pool)) {
+        let body = serde_json::json!({
+            "apiVersion": format!("{}/{}", tether_crds::GROUP, tether_crds::VERSION),
+            "kind": "ConnectionPool",
+            "metadata": {"name": pool.name_any()},
+            "status": status,
+        });
+        let api: Api<ConnectionPool> = Api::namespaced(
+            ctx.client.clone(),
+            &pool.namespace().ok_or(Error::NoNamespace)?,
+        );
+        api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(body))
+            .await?;
+        ctx.autoscaler.status_written(pool);
+    }
+    Ok(match (&plan, &problem) {
+        (Some(plan), _) => {
+            crate::autoscale::after_apply(&ctx.client, &ctx.recorder, pool, plan).await;
+            Action::requeue(plan.requeue.min(RESYNC))
+        }
+        (None, Some(problem)) if problem.may_resolve_itself() => {
+            Action::requeue(ctx.secret_recheck)
+        }
+        _ => Action::await_change(),
+    })
+}
+
+/// The spec part: validate, check the Secrets, apply every child. `Ok(Err(_))` is a
+/// spec problem (nothing applied); `Err(_)` an API failure.
+async fn apply_spec(
+    pool: &ConnectionPool,
+    ctx: &Context,
+    replicas: i32,
+) -> Result<Result<StatefulSet, SpecError>, Error> {
+    if let Err(problem) = validate(pool) {
+        return Ok(Err(problem));
+    }
+    if let Err(problem) = check_secrets(pool, ctx).await? {
+        return Ok(Err(problem));
+    }
+    match resources::desired(pool, &ctx.settings, replicas) {
+        Err(problem) => Ok(Err(problem)),
+        Ok(desired) => apply_children(pool, &desired, ctx).await,
+    }
+}
+
+/// Applies the StatefulSet alone, at `replicas` (its other fields as the spec has them).
+async fn apply_stateful_set(
+    pool: &ConnectionPool,
+    ctx: &Context,
+    replicas: i32,
+) -> Result<Result<StatefulSet, SpecError>, Error> {
+    let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    match resources::desired(pool, &ctx.settings, replicas) {
+        Err(problem) => Ok(Err(problem)),
+        Ok(desired) => server_side_apply(&ctx.client, &ns, &desired.stateful_set).await,
+    }
 }
 
 fn was_degraded(pool: &ConnectionPool) -> bool {
@@ -455,7 +592,7 @@ where
 /// is where a drain-before-delete will go.
 async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
-    ctx.autoscaler.forget(pool);
+    ctx.forget(pool);
     let client = &ctx.client;
     let base = resources::base_name(pool);
     let rbac = resources::rbac_name(pool);
@@ -509,8 +646,19 @@ pub struct Scope {
     /// at the API server at the same moment.
     pub concurrency: u16,
     /// Trailing-edge debounce of reconcile requests: the burst of watch events a pool's
-    /// own apply causes (nine children, its status) becomes one reconcile.
+    /// own apply causes becomes one reconcile. Keep it short: a pool whose pods report
+    /// more often than this would never be reconciled (kube-runtime resets the timer on
+    /// every request); per-pool pacing of autoscaling is `Context::scale_spacing`.
     pub debounce: Duration,
+}
+
+impl Scope {
+    /// The kube-runtime controller configuration for this scope.
+    pub fn controller_config(&self) -> kube_controller::Config {
+        kube_controller::Config::default()
+            .concurrency(self.concurrency)
+            .debounce(self.debounce)
+    }
 }
 
 fn api_for<K>(client: &Client, scope: &Scope) -> Api<K>
@@ -523,40 +671,200 @@ where
     }
 }
 
+fn hash_of(value: &impl Hash) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What makes a pool worth a reconcile: its spec (generation), its deletion and
+/// finalizers, and its pods' reports. The operator's own status writes are not: they
+/// would reconcile every pool once more after each of its steps.
+fn pool_trigger(pool: &ConnectionPool) -> Option<u64> {
+    let pods = pool
+        .status
+        .as_ref()
+        .map(|s| serde_json::to_string(&s.pods).unwrap_or_default());
+    Some(hash_of(&(
+        pool.metadata.generation,
+        pool.metadata.deletion_timestamp.is_some(),
+        pool.finalizers(),
+        pods,
+    )))
+}
+
+/// The part of a StatefulSet the spec decides (everything but `replicas`, which the
+/// autoscaler moves without a spec change).
+fn stateful_set_spec_version(sts: &StatefulSet) -> u64 {
+    let mut spec = sts.spec.clone().unwrap_or_default();
+    spec.replicas = None;
+    hash_of(&serde_json::to_string(&spec).unwrap_or_default())
+}
+
+/// What the status part reads of a StatefulSet: its replicas and status.
+fn stateful_set_status_version(sts: &StatefulSet) -> u64 {
+    hash_of(&(
+        sts.spec.as_ref().and_then(|s| s.replicas),
+        serde_json::to_string(&sts.status).unwrap_or_default(),
+    ))
+}
+
+/// A child without status: any write is an edit.
+fn meta_version<K: Resource>(obj: &K) -> u64 {
+    hash_of(&obj.meta().resource_version)
+}
+
+/// A child whose status moves on its own (a PodDisruptionBudget counts healthy pods):
+/// only its generation says its spec was edited.
+fn meta_generation<K: Resource>(obj: &K) -> u64 {
+    hash_of(&obj.meta().generation)
+}
+
+/// Marks the pool that controls `obj` as dirty: its children are applied again.
+fn mark_owner_dirty<K: Resource>(obj: &K, dirty: &Dirty) {
+    let ns = obj.meta().namespace.clone().unwrap_or_default();
+    for owner in obj.owner_references() {
+        if owner.kind == "ConnectionPool" && owner.controller == Some(true) {
+            lock(dirty).insert(ObjectRef::new(&owner.name).within(&ns));
+        }
+    }
+}
+
+/// Turns the watch of one kind of child into triggers of its pool: an object whose
+/// spec `version` changed since it was last seen (an edit: the pool is marked dirty and
+/// its children applied again), that was deleted (same), or whose `status_version`
+/// changed (a look at the status only). Re-lists after a dropped watch trigger nothing
+/// for objects that did not change.
+fn child_triggers<K, S>(
+    events: S,
+    dirty: Dirty,
+    version: fn(&K) -> u64,
+    status_version: fn(&K) -> u64,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    let mut seen: HashMap<ObjectRef<K>, (u64, u64)> = HashMap::new();
+    events.flat_map(move |event| {
+        let out: Vec<Result<K, watcher::Error>> = match event {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                let now = (version(&obj), status_version(&obj));
+                match seen.insert(ObjectRef::from_obj(&obj), now) {
+                    Some(before) if before == now => vec![],
+                    Some(before) if before.0 == now.0 => vec![Ok(obj)],
+                    _ => {
+                        mark_owner_dirty(&obj, &dirty);
+                        vec![Ok(obj)]
+                    }
+                }
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                seen.remove(&ObjectRef::from_obj(&obj));
+                mark_owner_dirty(&obj, &dirty);
+                vec![Ok(obj)]
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => vec![],
+            Err(err) => vec![Err(err)],
+        };
+        futures::stream::iter(out)
+    })
+}
+
+fn no_status<K>(_: &K) -> u64 {
+    0
+}
+
+/// The metadata watch of one kind of child, as pool triggers.
+fn child_metadata<K>(
+    ctx: &Context,
+    scope: &Scope,
+    version: fn(&PartialObjectMeta<K>) -> u64,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let labels = format!("app.kubernetes.io/managed-by={MANAGED_BY}");
+    let api: Api<PartialObjectMeta<K>> = match &scope.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let events = watcher(api, watcher::Config::default().labels(&labels)).default_backoff();
+    child_triggers(events, ctx.dirty.clone(), version, no_status)
+}
+
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Dropping the returned future stops it at once (leadership lost).
 pub async fn run(
     ctx: Arc<Context>,
     scope: Scope,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = &ctx.client;
-    // Children are selected by label so the operator caches its own objects only.
-    let children =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    info!(namespace = ?scope.namespace, "controller starting");
-    Controller::new(
+    let Some(sts_writer) = lock(&ctx.stateful_set_writer).take() else {
+        warn!("controller::run called twice on one Context");
+        return;
+    };
+    // Children are selected by label so the operator caches its own objects only, and
+    // watched as metadata where the content is not needed (a smaller cache).
+    let labels = format!("app.kubernetes.io/managed-by={MANAGED_BY}");
+    let stateful_sets = watcher(
+        api_for::<StatefulSet>(client, &scope),
+        watcher::Config::default().labels(&labels),
+    )
+    .default_backoff()
+    .modify(|sts| {
+        // Neither read nor compared: keep them out of the cache.
+        sts.managed_fields_mut().clear();
+    })
+    .reflect(sts_writer);
+    let stateful_sets = child_triggers(
+        stateful_sets,
+        ctx.dirty.clone(),
+        stateful_set_spec_version,
+        stateful_set_status_version,
+    );
+
+    let (pools_reader, pools_writer) = reflector::store();
+    let pools = watcher(
         api_for::<ConnectionPool>(client, &scope),
         watcher::Config::default(),
     )
-    .owns(api_for::<StatefulSet>(client, &scope), children.clone())
-    .owns(api_for::<Service>(client, &scope), children.clone())
-    .owns(api_for::<ConfigMap>(client, &scope), children.clone())
-    .owns(
-        api_for::<PodDisruptionBudget>(client, &scope),
-        children.clone(),
-    )
-    .owns(api_for::<ServiceAccount>(client, &scope), children.clone())
-    .owns(api_for::<Role>(client, &scope), children.clone())
-    .owns(api_for::<RoleBinding>(client, &scope), children)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx.clone())
-    .for_each(|result| async move {
-        match result {
-            Ok((pool, _)) => debug!(pool = %pool.name, "reconciled"),
-            Err(err) => debug!(%err, "reconcile error (retried by error_policy)"),
-        }
-    })
-    .await;
+    .default_backoff()
+    .modify(|pool| pool.managed_fields_mut().clear())
+    .reflect(pools_writer)
+    .applied_objects()
+    .predicate_filter(pool_trigger, Default::default());
+
+    info!(namespace = ?scope.namespace, concurrency = scope.concurrency, debounce = ?scope.debounce, "controller starting");
+    Controller::for_stream(pools, pools_reader)
+        .with_config(scope.controller_config())
+        .owns_stream(stateful_sets)
+        .owns_stream(child_metadata::<Service>(&ctx, &scope, meta_version))
+        .owns_stream(child_metadata::<ConfigMap>(&ctx, &scope, meta_version))
+        .owns_stream(child_metadata::<PodDisruptionBudget>(
+            &ctx,
+            &scope,
+            meta_generation,
+        ))
+        .owns_stream(child_metadata::<ServiceAccount>(&ctx, &scope, meta_version))
+        .owns_stream(child_metadata::<Role>(&ctx, &scope, meta_version))
+        .owns_stream(child_metadata::<RoleBinding>(&ctx, &scope, meta_version))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            match result {
+                Ok((pool, _)) => debug!(pool = %pool.name, "reconciled"),
+                Err(err) => debug!(%err, "reconcile error (retried by error_policy)"),
+            }
+        })
+        .await;
     info!("controller stopped");
 }
 

@@ -32,6 +32,11 @@ pub struct LeaseConfig {
     pub duration: Duration,
     /// How often the holder renews (and a follower looks again).
     pub renew_every: Duration,
+    /// How long the holder may go without a successful renewal before it steps down;
+    /// shorter than `duration`, so it stops acting before anyone may take over. Every
+    /// lease call is bounded by what is left of it (kube's client sets no read timeout:
+    /// a hung call would otherwise keep a stale leader acting).
+    pub renew_deadline: Duration,
 }
 
 /// What to do with the lease as last read.
@@ -214,8 +219,18 @@ impl Elector {
     /// lease is released if held.
     pub async fn run(mut self, leader: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
         let mut last_renewal: Option<Instant> = None;
+        let deadline = self.config.renew_deadline.min(self.config.duration);
         loop {
-            match self.step().await {
+            // A leader's call may take what is left until its renew deadline; a
+            // follower's, the whole deadline.
+            let bound = last_renewal.map_or(deadline, |t| deadline.saturating_sub(t.elapsed()));
+            let outcome = match tokio::time::timeout(bound, self.step()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(kube::Error::Service(
+                    format!("lease call took longer than {bound:?}").into(),
+                )),
+            };
+            match outcome {
                 Ok(true) => {
                     last_renewal = Some(Instant::now());
                     leader.send_if_modified(|l| !std::mem::replace(l, true));
@@ -228,7 +243,6 @@ impl Elector {
                     warn!(%err, "lease request failed");
                     // Step down before the lease can expire for the others: from then
                     // on a follower may hold it, and two leaders must never overlap.
-                    let deadline = self.config.duration.mul_f64(2.0 / 3.0);
                     if last_renewal.is_none_or(|t| t.elapsed() >= deadline) {
                         last_renewal = None;
                         leader.send_if_modified(|l| std::mem::replace(l, false));
@@ -242,10 +256,12 @@ impl Elector {
         }
         if *leader.borrow() {
             leader.send_replace(false);
-            if let Err(err) = self.release().await {
-                warn!(%err, "could not release the leader lease");
-            } else {
-                info!(identity = %self.config.identity, "released the leader lease");
+            match tokio::time::timeout(deadline, self.release()).await {
+                Ok(Ok(())) => {
+                    info!(identity = %self.config.identity, "released the leader lease")
+                }
+                Ok(Err(err)) => warn!(%err, "could not release the leader lease"),
+                Err(_) => warn!("releasing the leader lease timed out; it will expire"),
             }
         }
     }

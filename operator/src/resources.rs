@@ -361,6 +361,8 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
             pool: pool.name_any(),
             pod_name: None,
             report_interval_seconds: positive(spec.report_interval_seconds),
+            change_percent: 5,
+            change_connections: 100,
         }),
     };
     config
@@ -404,9 +406,14 @@ pub fn desired(
         }),
     )?;
     // Pods report into `status.pods[]` of their own pool and of nothing else: the rule
-    // names the pool, so a compromised gateway cannot touch other tenants' pools. They
-    // watch that one pool (a list/watch with `fieldSelector=metadata.name=<pool>`, which
-    // `resourceNames` permits) for the operator's drain and shed instructions.
+    // names the pool, so a compromised gateway cannot touch other tenants' pools. They do
+    // not read the pool (every pod watching an object every pod writes would make watch
+    // traffic grow with the square of the pods): each reads its instructions from its
+    // own Pod object (a list/watch with `fieldSelector=metadata.name=<pod>`, which
+    // `resourceNames` permits), read-only, and only the pool's own pods by name.
+    let pod_names: Vec<String> = (0..pool.spec.replicas.max.max(1))
+        .map(|o| format!("{}-{o}", base_name(pool)))
+        .collect();
     let role = typed(
         "Role",
         json!({
@@ -418,9 +425,9 @@ pub fn desired(
                 "resourceNames": [pool.name_any()],
                 "verbs": ["get", "patch"],
             }, {
-                "apiGroups": [tether_crds::GROUP],
-                "resources": ["connectionpools"],
-                "resourceNames": [pool.name_any()],
+                "apiGroups": [""],
+                "resources": ["pods"],
+                "resourceNames": pod_names,
                 "verbs": ["get", "list", "watch"],
             }],
         }),

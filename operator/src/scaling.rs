@@ -14,8 +14,17 @@
 //! Pods without a fresh report are treated as the HPA treats missing metrics: as empty
 //! when deciding a scale-up, as full (at the target) when deciding a scale-down, so a
 //! silent pod never causes a resize on its own.
+//!
+//! Demand is what pods hold plus what they refused because they were full: a pool whose
+//! pods sit at `maxConnectionsPerPod` while agents get 503 is under-sized, even if the
+//! mean of what it holds looks within the tolerance.
+//!
+//! Freshness is judged on the operator's own monotonic clock: an entry is fresh while it
+//! changed (heartbeats change `observedAt`) less than three report intervals ago *as
+//! the operator saw it*. Comparing the pod's `observedAt` with the operator's wall
+//! clock would make every report stale (or none) under a clock skew between nodes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -69,12 +78,16 @@ impl Policy {
 }
 
 /// One usable pod report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Live {
     /// The pod's ordinal in the StatefulSet.
     pub ordinal: i32,
     /// Its connections.
     pub connections: i64,
+    /// Agents it refused because it was full, since its previous report.
+    pub refused: i64,
+    /// The instruction id it acts on.
+    pub instruction: Option<String>,
     /// It accepts agents.
     pub ready: bool,
     /// It is draining.
@@ -90,13 +103,13 @@ pub fn ordinal(pool: &str, pod: &str) -> Option<i32> {
         .filter(|n: &i32| *n >= 0)
 }
 
-/// Whether a report is older than the staleness bound (or undated).
-pub fn is_stale(report: &PodReport, stale_after: Duration, now: Timestamp) -> bool {
-    let Some(at) = &report.observed_at else {
-        return true;
-    };
-    let age = now.duration_since(at.0);
-    age > SignedDuration::try_from(stale_after).unwrap_or(SignedDuration::MAX)
+/// How long ago the operator saw each `status.pods[]` entry change, by pod name.
+pub type Ages = HashMap<String, Duration>;
+
+/// Whether an entry is stale: unchanged for longer than `stale_after` on the operator's
+/// clock, or never seen.
+pub fn is_stale(report: &PodReport, ages: &Ages, stale_after: Duration) -> bool {
+    ages.get(&report.name).is_none_or(|age| *age > stale_after)
 }
 
 /// The reports that count: fresh, and from a pod with an ordinal below `existing` (the
@@ -106,16 +119,18 @@ pub fn live_reports(
     pods: &[PodReport],
     existing: i32,
     stale_after: Duration,
-    now: Timestamp,
+    ages: &Ages,
 ) -> Vec<Live> {
     let mut live: Vec<Live> = pods
         .iter()
-        .filter(|p| !is_stale(p, stale_after, now))
+        .filter(|p| !is_stale(p, ages, stale_after))
         .filter_map(|p| {
             let ordinal = ordinal(pool, &p.name).filter(|o| *o < existing)?;
             Some(Live {
                 ordinal,
                 connections: p.connections.max(0),
+                refused: p.refused.max(0),
+                instruction: p.instruction.clone(),
                 ready: p.ready,
                 draining: p.draining,
             })
@@ -138,7 +153,23 @@ pub struct Observed {
 impl Observed {
     /// Connections over the live reports.
     pub fn total(&self) -> i64 {
-        self.reports.iter().map(|r| r.connections).sum()
+        self.reports
+            .iter()
+            .fold(0i64, |sum, r| sum.saturating_add(r.connections))
+    }
+
+    /// Demand: connections plus the agents refused for want of room.
+    pub fn demand(&self) -> i64 {
+        self.reports.iter().fold(0i64, |sum, r| {
+            sum.saturating_add(r.connections).saturating_add(r.refused)
+        })
+    }
+
+    /// Agents refused for want of room, over the live reports.
+    pub fn refused(&self) -> i64 {
+        self.reports
+            .iter()
+            .fold(0i64, |sum, r| sum.saturating_add(r.refused))
     }
 }
 
@@ -152,6 +183,8 @@ pub struct History {
     pub recommendations: VecDeque<(Timestamp, i32)>,
     /// The last scale-up.
     pub last_scale_up: Option<Timestamp>,
+    /// The rebalancing episode under way (or stopped), if any.
+    pub rebalance: Option<crate::autoscale::Episode>,
 }
 
 impl History {
@@ -226,23 +259,34 @@ pub struct Decision {
 }
 
 fn ceil_div(a: i64, b: i64) -> i64 {
-    (a + b - 1) / b
+    let b = b.max(1);
+    a.max(0) / b + i64::from(a.max(0) % b != 0)
 }
 
 /// Decides the pool's size. Pure: the same inputs give the same decision.
 pub fn decide(policy: &Policy, observed: &Observed, history: &History, now: Timestamp) -> Decision {
     let current = observed.replicas.max(0);
     let clamp = |n: i64| n.clamp(i64::from(policy.min), i64::from(policy.max)) as i32;
-    let total = observed.total();
+    let total = observed.demand();
+    let refused = observed.refused();
+    let held = observed.total();
     let decision = |replicas: i32, recommendation: i32, reason: Reason, detail: &str| Decision {
         replicas,
         recommendation,
         reason,
-        message: format!(
-            "{total} connections on {} reporting of {current} pods (target {} per pod): {detail}",
-            observed.reports.len(),
-            policy.target
-        ),
+        message: if refused > 0 {
+            format!(
+                "{held} connections and {refused} refused for want of room on {} reporting of {current} pods (target {} per pod): {detail}",
+                observed.reports.len(),
+                policy.target
+            )
+        } else {
+            format!(
+                "{held} connections on {} reporting of {current} pods (target {} per pod): {detail}",
+                observed.reports.len(),
+                policy.target
+            )
+        },
     };
 
     // Bounds first: a spec change (or `kubectl scale`) is obeyed at once.
@@ -263,7 +307,8 @@ pub fn decide(policy: &Policy, observed: &Observed, history: &History, now: Time
     let missing = (i64::from(current) - reporting).max(0);
     // Missing pods count as empty for a scale-up and as full for a scale-down.
     let up = ceil_div(total, policy.target);
-    let down = ceil_div(total + missing * policy.target, policy.target);
+    let assumed_full = missing.saturating_mul(policy.target);
+    let down = ceil_div(total.saturating_add(assumed_full), policy.target);
     let raw = if up > i64::from(current) {
         up
     } else if down < i64::from(current) {
@@ -274,7 +319,7 @@ pub fn decide(policy: &Policy, observed: &Observed, history: &History, now: Time
     let assumed_total = if up > i64::from(current) {
         total
     } else {
-        total + missing * policy.target
+        total.saturating_add(assumed_full)
     };
     let ratio = assumed_total as f64 / (i64::from(current.max(1)) * policy.target) as f64;
     let within = (ratio - 1.0).abs() <= policy.tolerance && current > 0;
@@ -382,6 +427,8 @@ mod tests {
                 .map(|(i, c)| Live {
                     ordinal: i as i32,
                     connections: *c,
+                    refused: 0,
+                    instruction: None,
                     ready: true,
                     draining: false,
                 })
@@ -401,23 +448,59 @@ mod tests {
         assert_eq!(ordinal("p", "p-3"), Some(3));
         assert_eq!(ordinal("p", "pp-3"), None);
         assert_eq!(ordinal("p", "p-x"), None);
-        let report = |name: &str, at: Option<i64>| PodReport {
+        let report = |name: &str| PodReport {
             name: name.into(),
             connections: 5,
+            refused: 0,
+            instruction: None,
             ready: true,
             draining: false,
-            observed_at: at.map(|s| Time(t(s))),
+            // The pod's own clock says nothing about freshness: a year-old stamp from a
+            // skewed node is fresh if the operator saw the entry change just now.
+            observed_at: Some(Time(t(-31_536_000))),
             boot_id: None,
         };
         let pods = [
-            report("p-0", Some(100)),
-            report("p-1", Some(93)),  // older than 3 × 2 s
-            report("p-2", None),      // undated
-            report("p-3", Some(100)), // beyond the StatefulSet
-            report("other-0", Some(100)),
+            report("p-0"),
+            report("p-1"), // unchanged for 7 s on the operator's clock: stale
+            report("p-2"), // never seen by this operator
+            report("p-3"), // beyond the StatefulSet
+            report("other-0"),
         ];
-        let live = live_reports("p", &pods, 3, Duration::from_secs(6), t(100));
+        let ages: Ages = [
+            ("p-0", 1),
+            ("p-1", 7),
+            ("p-3", 0),
+            ("other-0", 0),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), Duration::from_secs(s)))
+        .collect();
+        let live = live_reports("p", &pods, 3, Duration::from_secs(6), &ages);
         assert_eq!(live.iter().map(|l| l.ordinal).collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn refused_agents_count_as_demand() {
+        // Two full pods within the tolerance of what they hold, but turning agents away.
+        let mut full = observed(2, &[105, 105]);
+        let d = decide(&policy(), &full, &watched(0), t(100));
+        assert_eq!(d.reason, Reason::WithinTolerance);
+        full.reports[0].refused = 120;
+        let d = decide(&policy(), &full, &watched(0), t(100));
+        assert_eq!((d.replicas, d.reason), (4, Reason::ScaledUp), "{}", d.message);
+        assert!(d.message.contains("120 refused"), "{}", d.message);
+    }
+
+    #[test]
+    fn absurd_counts_saturate_instead_of_overflowing() {
+        let d = decide(
+            &policy(),
+            &observed(3, &[i64::MAX, i64::MAX, 5]),
+            &watched(0),
+            t(100),
+        );
+        assert_eq!((d.replicas, d.reason), (5, Reason::ScaledUp));
     }
 
     #[test]

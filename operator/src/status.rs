@@ -1,5 +1,7 @@
-//! Pure status logic: how many pods the StatefulSet should have, and the status the
-//! operator writes (conditions, counts, observedGeneration) from what it observed.
+//! Pure status logic: the one place that builds the operator's part of the status
+//! (conditions, counts, desired size, instructions, observedGeneration) from what it
+//! observed and what the autoscaler planned. One writer per field: nothing else in the
+//! operator computes a status field.
 //!
 //! The operator never writes `status.pods[]` (each gateway pod owns its entry); the
 //! [`ConnectionPoolStatus`] built here leaves it empty, and an empty list is not
@@ -10,27 +12,29 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tether_crds::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, ConnectionPool,
-    ConnectionPoolStatus,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CONDITION_SCALING,
+    ConnectionPool, ConnectionPoolStatus,
 };
 
+use crate::autoscale::Plan;
 use crate::resources::selector_string;
 use crate::validate::SpecError;
 
 /// What one reconcile saw and did.
 #[derive(Debug, Clone, Default)]
 pub struct Observed<'a> {
-    /// The StatefulSet as the API server returned it after the apply, with its status.
+    /// The StatefulSet as the operator's cache has it, with its status.
     pub stateful_set: Option<&'a StatefulSet>,
-    /// Why nothing was applied, if so.
+    /// Why the spec could not be applied, if so.
     pub problem: Option<&'a SpecError>,
 }
 
-/// The whole operator-owned status.
+/// The whole operator-owned status. `plan` is the autoscaler's step (none while the spec
+/// cannot be applied: the pool then keeps its last size and instructions).
 pub fn pool_status(
     pool: &ConnectionPool,
     observed: &Observed<'_>,
-    target: i32,
+    plan: Option<&Plan>,
     now: Timestamp,
 ) -> ConnectionPoolStatus {
     let previous = pool.status.clone().unwrap_or_default();
@@ -39,31 +43,81 @@ pub fn pool_status(
     let ready_replicas = sts_status
         .map(|s| s.ready_replicas.unwrap_or(0))
         .or(previous.ready_replicas);
+    let target = plan
+        .map(|p| p.stateful_set_replicas)
+        .or_else(|| observed.stateful_set.and_then(|s| s.spec.as_ref()?.replicas))
+        .or(previous.desired_replicas)
+        .unwrap_or(1);
 
-    // A bad spec leaves the pool at its last size: nothing was applied.
-    let desired = if observed.problem.is_some() {
-        previous.desired_replicas
-    } else {
-        Some(target)
-    };
-    let last_scale_time = if desired.is_some() && desired != previous.desired_replicas {
-        Some(Time(now))
-    } else {
-        previous.last_scale_time.clone()
-    };
-
+    let mut conditions = conditions(pool, observed, target, now);
+    match plan {
+        Some(plan) => conditions.push(scaling_condition(pool, plan, now)),
+        None => conditions.extend(
+            previous
+                .conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_SCALING)
+                .cloned(),
+        ),
+    }
     ConnectionPoolStatus {
         pods: vec![],
-        total_connections: Some(total_connections(pool, replicas)),
+        total_connections: Some(
+            plan.map_or_else(|| total_connections(pool, replicas), |p| p.total_connections),
+        ),
         replicas,
         ready_replicas,
-        desired_replicas: desired,
-        last_scale_time,
+        desired_replicas: plan.map(|p| p.desired_replicas).or(previous.desired_replicas),
+        last_scale_time: if plan.is_some_and(|p| p.scaled) {
+            Some(Time(now))
+        } else {
+            previous.last_scale_time.clone()
+        },
         observed_generation: pool.metadata.generation,
         selector: Some(selector_string(pool)),
-        conditions: conditions(pool, observed, target, now),
-        instructions: vec![],
+        conditions,
+        instructions: plan.map_or(previous.instructions, |p| p.instructions.clone()),
     }
+}
+
+/// The Scaling condition of a plan, keeping its transition time while its status holds.
+fn scaling_condition(pool: &ConnectionPool, plan: &Plan, now: Timestamp) -> Condition {
+    let (active, reason, message) = &plan.scaling;
+    let status = if *active { "True" } else { "False" };
+    let since = pool
+        .status
+        .as_ref()
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_SCALING))
+        .filter(|c| c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: CONDITION_SCALING.into(),
+        status: status.into(),
+        reason: (*reason).into(),
+        message: message.clone(),
+        observed_generation: pool.metadata.generation,
+        last_transition_time: since,
+    }
+}
+
+/// Whether `next` is worth a write over what the pool's status holds now: any change of
+/// an operator-owned field except `totalConnections`, which alone is written only when it
+/// moved by at least 5 % (or 100 connections) or when `refresh_due` (the caller's
+/// pacing, about once per report interval). This keeps the operator's own writes from
+/// doubling the pods' report traffic.
+pub fn worth_writing(pool: &ConnectionPool, next: &ConnectionPoolStatus, refresh_due: bool) -> bool {
+    let mut current = pool.status.clone().unwrap_or_default();
+    current.pods.clear();
+    let (now_total, next_total) = (
+        current.total_connections.unwrap_or(-1),
+        next.total_connections.unwrap_or(-1),
+    );
+    current.total_connections = next.total_connections;
+    if current != *next {
+        return true;
+    }
+    let moved = (next_total - now_total).abs();
+    moved > 0 && (refresh_due || moved >= 100 || moved * 20 >= now_total.max(1))
 }
 
 /// Connections over the pods that exist: entries of pods with an ordinal at or above
@@ -253,6 +307,17 @@ mod tests {
         Timestamp::from_second(secs).unwrap()
     }
 
+    /// The autoscaler's step for a pool without reports, at `replicas` pods.
+    fn planned(p: &ConnectionPool, replicas: i32) -> Plan {
+        crate::autoscale::plan(
+            p,
+            Some(replicas),
+            &Default::default(),
+            &Default::default(),
+            at(100),
+        )
+    }
+
     fn find<'a>(conds: &'a [Condition], type_: &str) -> &'a Condition {
         conds.iter().find(|c| c.type_ == type_).unwrap()
     }
@@ -260,9 +325,9 @@ mod tests {
     #[test]
     fn a_new_pool_is_creating() {
         let p = pool("acme");
-        let status = pool_status(&p, &Observed::default(), 1, at(100));
+        let status = pool_status(&p, &Observed::default(), Some(&planned(&p, 1)), at(100));
         assert_eq!(status.desired_replicas, Some(1));
-        assert_eq!(status.last_scale_time, Some(Time(at(100))));
+        assert_eq!(status.last_scale_time, None, "creating is not scaling");
         assert_eq!(status.observed_generation, Some(1));
         assert_eq!(find(&status.conditions, "Ready").reason, "Creating");
         assert_eq!(find(&status.conditions, "Progressing").status, "True");
@@ -278,7 +343,7 @@ mod tests {
             stateful_set: Some(&sts),
             problem: None,
         };
-        let status = pool_status(&p, &observed, 2, at(100));
+        let status = pool_status(&p, &observed, Some(&planned(&p, 2)), at(100));
         let ready = find(&status.conditions, "Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -292,7 +357,7 @@ mod tests {
             stateful_set: Some(&rolling),
             problem: None,
         };
-        let status = pool_status(&p, &observed, 2, at(100));
+        let status = pool_status(&p, &observed, Some(&planned(&p, 2)), at(100));
         assert_eq!(find(&status.conditions, "Ready").reason, "RollingOut");
         assert_eq!(find(&status.conditions, "Progressing").status, "True");
     }
@@ -313,7 +378,7 @@ mod tests {
             stateful_set: None,
             problem: Some(&problem),
         };
-        let status = pool_status(&p, &observed, 1, at(100));
+        let status = pool_status(&p, &observed, None, at(100));
         assert_eq!(status.desired_replicas, Some(3));
         assert_eq!(status.last_scale_time, Some(Time(at(5))));
         let degraded = find(&status.conditions, "Degraded");
@@ -333,9 +398,9 @@ mod tests {
             stateful_set: Some(&sts),
             problem: None,
         };
-        let first = pool_status(&p, &observed, 1, at(100));
+        let first = pool_status(&p, &observed, Some(&planned(&p, 1)), at(100));
         p.status = Some(first);
-        let second = pool_status(&p, &observed, 1, at(200));
+        let second = pool_status(&p, &observed, Some(&planned(&p, 1)), at(200));
         assert_eq!(
             find(&second.conditions, "Ready").last_transition_time,
             Time(at(100))
@@ -346,7 +411,7 @@ mod tests {
             stateful_set: Some(&down),
             problem: None,
         };
-        let third = pool_status(&p, &observed, 1, at(300));
+        let third = pool_status(&p, &observed, Some(&planned(&p, 1)), at(300));
         assert_eq!(
             find(&third.conditions, "Ready").last_transition_time,
             Time(at(300))
@@ -363,6 +428,8 @@ mod tests {
         let report = |name: &str, connections| PodReport {
             name: name.into(),
             connections,
+            refused: 0,
+            instruction: None,
             ready: true,
             draining: false,
             observed_at: None,

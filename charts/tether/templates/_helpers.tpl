@@ -61,6 +61,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Pods: the operator writes each gateway pod's instruction annotation (patch); it also
+# needs get/list/watch itself to grant them to the gateway Role (RBAC forbids granting
+# what one does not hold). It does not watch pods.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "patch"]
 # Only read by name, to check that the Secrets a pool references exist: no list or
 # watch, so the operator never holds Secret contents it was not pointed at.
 - apiGroups: [""]

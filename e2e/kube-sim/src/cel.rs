@@ -27,8 +27,27 @@ fn compile(rule: &str) -> Result<cel::Program, String> {
     cel::Program::compile(rule).map_err(|e| format!("compilation failed: {e}"))
 }
 
+/// JSON as CEL sees it on a real API server: a schema `integer` is a CEL `int` (int64),
+/// so `self.a * 100` and `100 + self.b` type-check. (serde_json hands positive numbers
+/// to serializers as u64, which the `cel` crate would turn into `uint`.)
 fn to_cel(v: &Value) -> Result<cel::Value, String> {
-    cel::to_value(v).map_err(|e| e.to_string())
+    cel::to_value(Signed(v)).map_err(|e| e.to_string())
+}
+
+struct Signed<'a>(&'a Value);
+
+impl serde::Serialize for Signed<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => s.serialize_i64(i),
+                None => n.serialize(s),
+            },
+            Value::Array(items) => s.collect_seq(items.iter().map(Signed)),
+            Value::Object(map) => s.collect_map(map.iter().map(|(k, v)| (k, Signed(v)))),
+            other => other.serialize(s),
+        }
+    }
 }
 
 /// Evaluates one rule; `Some(cause)` when it fails.
@@ -115,6 +134,14 @@ fn failure(rule: &Value, v: &Value, path: &str, msg: String) -> Cause {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn schema_integers_are_cel_ints() {
+        let rule = json!({"rule": "self.a * (100 + self.b) < self.c * 100", "message": "no room"});
+        assert!(check_rule(&rule, &json!({"a": 10, "b": 10, "c": 20}), None, "spec").is_none());
+        let cause = check_rule(&rule, &json!({"a": 10, "b": 10, "c": 11}), None, "spec").unwrap();
+        assert!(cause.message.contains("no room"), "{cause:?}");
+    }
 
     #[test]
     fn rules_see_self_and_macros() {

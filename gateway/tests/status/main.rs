@@ -1,7 +1,8 @@
 //! The pod's side of autoscaling against the Kubernetes API stand-in: a real gateway
 //! reports its connection count into `status.pods[]` (one field manager per pod, so two
 //! pods never overwrite each other), follows shed and drain instructions the operator
-//! writes into `status.instructions[]`, survives API errors, and withdraws its entry on
+//! writes on its own Pod's annotation and echoes their ids, reports refused agents as
+//! demand, never watches the pool, survives API errors, and withdraws its entry on
 //! clean shutdown.
 
 #[path = "../gateway/common.rs"]
@@ -11,12 +12,13 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
 use serde_json::json;
 use tether_config::StatusConfig;
-use tether_crds::{ConnectionPool, PodReport};
+use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodReport};
 use tether_gateway::status::{StatusHandle, spawn_with_client};
 use tether_kube_sim::Server;
 use tether_kube_sim::faults::FaultMatch;
@@ -47,8 +49,9 @@ async fn cluster() -> (Server, Client) {
     // CRD registration is asynchronous on a real server; retry briefly.
     let pools: Api<ConnectionPool> = Api::default_namespaced(client.clone());
     for _ in 0..50 {
-        if pools.create(&PostParams::default(), &pool).await.is_ok() {
-            break;
+        match pools.create(&PostParams::default(), &pool).await {
+            Ok(_) => break,
+            Err(e) => eprintln!("creating the pool: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -61,6 +64,8 @@ fn status_config(pod: &str) -> StatusConfig {
         pool: POOL.into(),
         pod_name: Some(pod.into()),
         report_interval_seconds: 1,
+        change_percent: 5,
+        change_connections: 100,
     }
 }
 
@@ -95,25 +100,43 @@ async fn await_report(client: &Client, pod: &str, ok: impl Fn(Option<&PodReport>
     }
 }
 
-async fn set_instructions(client: &Client, instructions: serde_json::Value) {
-    let pools: Api<ConnectionPool> = Api::default_namespaced(client.clone());
-    let body = json!({
-        "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
-        "metadata": {"name": POOL},
-        "status": {"instructions": instructions},
-    });
-    pools
-        .patch_status(
-            POOL,
-            &PatchParams::apply("tether-operator").force(),
-            &Patch::Apply(body),
-        )
-        .await
-        .unwrap();
+/// Writes (or with `None` removes) `pod`'s instruction, as the operator does: a merge
+/// patch of the annotation on the pod's own Pod object.
+async fn instruct(client: &Client, pod: &str, instruction: Option<serde_json::Value>) {
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let value = instruction.map(|i| i.to_string());
+    pods.patch(
+        pod,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {INSTRUCTION_ANNOTATION: value}}})),
+    )
+    .await
+    .unwrap();
+}
+
+/// The Pod object a kubelet would have created for `pod`.
+async fn create_pod(client: &Client, pod: &str) {
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let object: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": "default"},
+        "spec": {"containers": [{"name": "gateway", "image": "tether-gateway"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &object).await.unwrap();
 }
 
 async fn start(client: &Client, pod: &str) -> (TestGateway, StatusHandle) {
-    let gw = TestGateway::start().await;
+    start_with(client, pod, |_| {}).await
+}
+
+async fn start_with(
+    client: &Client,
+    pod: &str,
+    tweak: impl FnOnce(&mut tether_config::GatewayConfig),
+) -> (TestGateway, StatusHandle) {
+    create_pod(client, pod).await;
+    let gw = TestGateway::start_with(tweak).await;
     let handle = spawn_with_client(
         gw.gateway.state().clone(),
         status_config(pod),
@@ -158,7 +181,20 @@ async fn two_pods_report_their_own_entries_and_withdraw_them() {
     assert!(!entry.draining);
 
     // The operator's own status writes leave the pods' entries alone.
-    set_instructions(&client, json!([])).await;
+    let pools: Api<ConnectionPool> = Api::default_namespaced(client.clone());
+    let operator_status = json!({
+        "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+        "metadata": {"name": POOL},
+        "status": {"totalConnections": 3},
+    });
+    pools
+        .patch_status(
+            POOL,
+            &PatchParams::apply("tether-operator").force(),
+            &Patch::Apply(operator_status),
+        )
+        .await
+        .unwrap();
     assert_eq!(reports(&client).await.len(), 2);
 
     handle_a.shutdown(Duration::from_secs(5)).await;
@@ -202,9 +238,14 @@ async fn shed_and_drain_instructions_are_followed_and_a_drain_can_be_called_off(
     await_report(&client, "p-0", |r| r.is_some_and(|r| r.connections == 6)).await;
 
     // Shed 2: exactly two agents get a hint and a 1012; the pod stays ready.
-    set_instructions(&client, json!([{"pod": "p-0", "id": "r1", "shed": 2}])).await;
+    instruct(
+        &client,
+        "p-0",
+        Some(json!({"pod": "p-0", "id": "r1", "shed": 2})),
+    )
+    .await;
     await_report(&client, "p-0", |r| {
-        r.is_some_and(|r| r.connections == 4 && r.ready)
+        r.is_some_and(|r| r.connections == 4 && r.ready && r.instruction.as_deref() == Some("r1"))
     })
     .await;
     let mut closed = Vec::new();
@@ -222,19 +263,36 @@ async fn shed_and_drain_instructions_are_followed_and_a_drain_can_be_called_off(
         assert_eq!(code, Some(1012));
         agents.remove(i);
     }
-    // The same id again is not a new instruction.
-    set_instructions(
+    // The same id again is not a new instruction; one naming another pod is ignored.
+    instruct(
         &client,
-        json!([{"pod": "p-0", "id": "r1", "shed": 2}, {"pod": "p-9", "id": "x", "drain": true}]),
+        "p-0",
+        Some(json!({"pod": "p-0", "id": "r1", "shed": 2})),
+    )
+    .await;
+    create_pod(&client, "p-9").await;
+    instruct(
+        &client,
+        "p-9",
+        Some(json!({"pod": "p-9", "id": "x", "drain": true})),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(gw.gateway.state().hub.len(), 4);
+    assert!(!gw.gateway.state().is_draining());
 
-    // Drain: unready, new agents refused with 503, every agent hinted and closed.
-    set_instructions(&client, json!([{"pod": "p-0", "id": "d1", "drain": true}])).await;
+    // Drain: unready, new agents refused with 503, every agent hinted and closed; the
+    // reports echo the drain's id.
+    instruct(
+        &client,
+        "p-0",
+        Some(json!({"pod": "p-0", "id": "d1", "drain": true})),
+    )
+    .await;
     await_report(&client, "p-0", |r| {
-        r.is_some_and(|r| r.connections == 0 && r.draining && !r.ready)
+        r.is_some_and(|r| {
+            r.connections == 0 && r.draining && !r.ready && r.instruction.as_deref() == Some("d1")
+        })
     })
     .await;
     for ws in &mut agents {
@@ -248,7 +306,7 @@ async fn shed_and_drain_instructions_are_followed_and_a_drain_can_be_called_off(
     );
 
     // Called off: ready again, agents welcome.
-    set_instructions(&client, json!([])).await;
+    instruct(&client, "p-0", None).await;
     await_report(&client, "p-0", |r| {
         r.is_some_and(|r| r.ready && !r.draining)
     })
@@ -256,4 +314,73 @@ async fn shed_and_drain_instructions_are_followed_and_a_drain_can_be_called_off(
     let _back = gw.agent("back", &[]).await;
     await_report(&client, "p-0", |r| r.is_some_and(|r| r.connections == 1)).await;
     handle.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_refused_by_a_full_pod_are_reported_as_demand() {
+    let (_sim, client) = cluster().await;
+    let (gw, handle) = start_with(&client, "p-0", |c| c.limits.max_connections = 2).await;
+    let _a1 = gw.agent("a1", &[]).await;
+    let _a2 = gw.agent("a2", &[]).await;
+    for i in 0..3 {
+        let late = token(&format!("late{i}"), &[], 60);
+        assert_eq!(refused_status(&gw.ws_url(), Some(&late)).await, 503);
+    }
+    await_report(&client, "p-0", |r| {
+        r.is_some_and(|r| r.connections == 2 && r.refused == 3)
+    })
+    .await;
+    // Counted once: the next report carries only what was refused since.
+    await_report(&client, "p-0", |r| r.is_some_and(|r| r.refused == 0)).await;
+    handle.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_never_watches_or_reads_its_pool() {
+    let (sim, client) = cluster().await;
+    let (gw, handle) = start(&client, "p-0").await;
+    let _a1 = gw.agent("a1", &[]).await;
+    await_report(&client, "p-0", |r| r.is_some_and(|r| r.connections == 1)).await;
+    instruct(
+        &client,
+        "p-0",
+        Some(json!({"pod": "p-0", "id": "r1", "shed": 1})),
+    )
+    .await;
+    await_report(&client, "p-0", |r| {
+        r.is_some_and(|r| r.instruction.as_deref() == Some("r1"))
+    })
+    .await;
+    handle.shutdown(Duration::from_secs(5)).await;
+    let stats = sim.stats().snapshot();
+    let count = |verb: &str, resource: &str| -> u64 {
+        stats
+            .requests
+            .iter()
+            .filter(|r| r.key.verb == verb && r.key.resource == resource)
+            .map(|r| r.count)
+            .sum()
+    };
+    // The test reads the status itself (`get`); nobody lists or watches pools.
+    assert_eq!(
+        count("list", "connectionpools") + count("watch", "connectionpools"),
+        0
+    );
+    assert!(count("watch", "pods") >= 1, "the pod watches its own Pod");
+    // Its Pod, and only its Pod: every pod watch is pinned to one name.
+    for w in stats
+        .watches
+        .iter()
+        .filter(|w| w.key.resource.ends_with("/pods"))
+    {
+        assert_eq!(w.key.field_selector, "metadata.name=p-0", "{w:?}");
+    }
+    assert!(
+        stats
+            .watches
+            .iter()
+            .all(|w| !w.key.resource.ends_with("connectionpools")),
+        "{:?}",
+        stats.watches
+    );
 }

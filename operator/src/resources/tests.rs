@@ -268,16 +268,22 @@ fn gateway_rbac_is_limited_to_the_pools_own_status() {
     let d = build(&pool("acme"));
     let rules = d.role.rules.as_ref().unwrap();
     assert_eq!(rules.len(), 2);
-    // Reading (and watching) its own pool, for the operator's instructions.
-    assert_eq!(
-        rules[1].resources.as_deref(),
-        Some(&["connectionpools".to_string()][..])
-    );
+    // Reading (and watching) its own Pod object, for the operator's instructions; never
+    // the pool, which every pod writes.
+    assert_eq!(rules[1].resources.as_deref(), Some(&["pods".to_string()][..]));
+    assert_eq!(rules[1].api_groups.as_deref(), Some(&["".to_string()][..]));
     assert_eq!(
         rules[1].resource_names.as_deref(),
-        Some(&["acme".to_string()][..])
+        Some(&["acme-0".to_string()][..]),
+        "the pool's own pods by name (replicas.max = 1)"
     );
     assert_eq!(rules[1].verbs, ["get", "list", "watch"]);
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r.resources.as_deref() == Some(&["connectionpools".to_string()][..])),
+        "gateways do not read the shared pool object"
+    );
     assert_eq!(
         rules[0].resources.as_deref(),
         Some(&["connectionpools/status".to_string()][..])
