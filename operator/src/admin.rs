@@ -1,6 +1,7 @@
 //! The admin HTTP server: `/healthz` (the process serves), `/readyz` (the lease loop
 //! and client are up, so a second replica is ready too while it waits as a follower),
-//! `/metrics` (Prometheus text).
+//! `/metrics` (the Prometheus text of the operator's OTel instruments, the same values
+//! OTLP exports).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +44,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            tether_telemetry::PrometheusText::CONTENT_TYPE,
         )],
         state.metrics.encode(),
     )

@@ -1,24 +1,31 @@
-//! `tether-operator`: parses flags, sets up logging, connects to the API server
+//! `tether-operator`: parses flags, sets up telemetry, connects to the API server
 //! (in-cluster or `KUBECONFIG`) and runs the operator until SIGTERM or Ctrl-C.
 
 use clap::Parser;
 use tether_operator::app::{Args, run};
-use tracing_subscriber::EnvFilter;
+use tether_operator::metrics::{self, Metrics};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    // Logs, spans (one per reconcile) and metrics: OTLP when the `OTEL_*` variables ask
+    // for it, and always the Prometheus text of `/metrics`, from the same instruments.
+    let mut telemetry = tether_telemetry::Options::new(metrics::SCOPE)
+        .json(args.log_format == "json")
+        .default_filter("info,kube=warn")
+        .prometheus(true)
+        .attribute("k8s.namespace.name", args.lease_namespace.clone());
+    if let Some(identity) = &args.identity {
+        telemetry = telemetry
+            .instance(identity.clone())
+            .attribute("k8s.pod.name", identity.clone());
     }
+    let telemetry = tether_telemetry::init(telemetry)?;
+    let metrics = std::sync::Arc::new(Metrics::from_telemetry(&telemetry));
     let client = kube::Client::try_default().await?;
-    let metrics = std::sync::Arc::new(tether_operator::metrics::Metrics::new());
     run(client, args, metrics, shutdown_signal()).await?;
+    // Flushes the last spans and metrics.
+    drop(telemetry);
     Ok(())
 }
 

@@ -1,0 +1,145 @@
+//! OTLP export, checked against a real OTLP/HTTP receiver started here: the real
+//! operator binary, pointed at the Kubernetes API stand-in, exports its reconcile spans
+//! and `tether.operator.*` metrics to it, and serves the same counters as Prometheus
+//! text on `/metrics`.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::routing::post;
+use common::*;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use tether_crds::ConnectionPool;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// Every request body the receiver got, by signal (`metrics`, `traces`).
+type Received = Arc<Mutex<Vec<(String, Bytes)>>>;
+
+async fn receive(State(received): State<Received>, Path(signal): Path<String>, body: Bytes) {
+    received.lock().unwrap().push((signal, body));
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// `GET path` over plain HTTP/1.0; the response body.
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn operator_exports_reconcile_spans_and_metrics_over_otlp_http() {
+    let received: Received = Arc::default();
+    let app = axum::Router::new()
+        .route("/v1/{signal}", post(receive))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let (sim, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether-operator"))
+        .args([
+            "--admin-addr=127.0.0.1:0",
+            "--no-leader-election",
+            "--identity=otlp-operator",
+            "--log-format=json",
+            "--gateway-image=registry.test/tether-gateway:test",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("operator binary starts");
+    // The admin address is in the JSON log line that announces it.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let admin = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["fields"]["message"] == "admin server listening" {
+                return entry["fields"]["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the operator exited before announcing its admin address");
+    })
+    .await
+    .expect("the operator announces its admin address");
+    // Keep draining its logs so the pipe never fills.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+    pools
+        .create(&PostParams::default(), &pool("traced", json!({})))
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (metrics, spans) = {
+            let got = received.lock().unwrap();
+            let has = |signal: &str, name: &str| {
+                got.iter()
+                    .any(|(s, body)| s == signal && contains(body, name))
+            };
+            (
+                has("metrics", "tether.operator.reconciles")
+                    && has("metrics", "tether.operator.reconcile.duration")
+                    && has("metrics", "tether.operator.leader"),
+                has("traces", "reconcile") && has("traces", "tether-operator"),
+            )
+        };
+        if metrics && spans {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "OTLP receiver did not get the expected data (metrics: {metrics}, spans: {spans})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Scrapers read the same instruments.
+    let text = http_get(&admin, "/metrics").await;
+    let reconciles = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_operator_reconciles_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        reconciles.is_some_and(|n| n >= 1),
+        "reconciles in /metrics: {text}"
+    );
+    assert!(text.contains("tether_operator_leader 1"), "{text}");
+    assert!(
+        text.contains("tether_operator_reconcile_duration_seconds_bucket{le=\"0.0005\"}"),
+        "seconds histograms have latency buckets: {text}"
+    );
+    child.kill().await.unwrap();
+}
