@@ -201,8 +201,8 @@ fn latency_view(instrument: &Instrument) -> Option<Stream> {
         .ok()
 }
 
-fn prometheus_reader() -> Result<(opentelemetry_prometheus::PrometheusExporter, PrometheusText), Error>
-{
+fn prometheus_reader()
+-> Result<(opentelemetry_prometheus::PrometheusExporter, PrometheusText), Error> {
     let registry = prometheus::Registry::new();
     let exporter = opentelemetry_prometheus::exporter()
         .with_registry(registry.clone())

@@ -149,7 +149,11 @@ mod tests {
             .with_unit("{connection}")
             .build()
             .add(1, &[]);
-        meter.f64_gauge("c.level").with_unit("1").build().record(0.5, &[]);
+        meter
+            .f64_gauge("c.level")
+            .with_unit("1")
+            .build()
+            .record(0.5, &[]);
         meter
             .f64_histogram("d.duration")
             .with_unit("s")
