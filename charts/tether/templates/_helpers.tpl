@@ -33,14 +33,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{- define "tether.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
-{{- end -}}
-
-{{- define "tether.gatewayImage" -}}
-{{- printf "%s:%s" .Values.gatewayImage.repository (default .Chart.AppVersion .Values.gatewayImage.tag) -}}
-{{- end -}}
-
 {{/* The rules the operator needs on pools and their children (namespaced resources). */}}
 {{- define "tether.poolRules" -}}
 - apiGroups: ["tether.dev"]
