@@ -216,24 +216,29 @@ pub async fn run(
         let lost = async move {
             let _ = leadership.wait_for(|l| !*l).await;
         };
-        let shutting_down = tokio::select! {
-            _ = &mut controller.0 => false,
+        // (shutting down, the task already finished)
+        let (shutting_down, finished) = tokio::select! {
+            _ = &mut controller.0 => (false, true),
             _ = lost => {
                 // Lost: stop at once. A reconcile half-way through would otherwise
                 // force-apply under a lease someone else may hold by now.
                 controller.0.abort();
-                false
+                (false, false)
             }
             _ = &mut shutdown => {
                 stop_tx.send_replace(true);
-                if tokio::time::timeout(grace, &mut controller.0).await.is_err() {
+                let finished = tokio::time::timeout(grace, &mut controller.0).await.is_ok();
+                if !finished {
                     warn!(?grace, "reconciles still running at the renew deadline: aborted");
                     controller.0.abort();
                 }
-                true
+                (true, finished)
             }
         };
-        let _ = (&mut controller.0).await;
+        if !finished {
+            // Wait for the abort to land: nothing of this term runs past this point.
+            let _ = (&mut controller.0).await;
+        }
         metrics.set_leader(false);
         if shutting_down {
             break;
