@@ -108,6 +108,12 @@ async fn account(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Re
     }
     let method = req.method().as_str().to_ascii_lowercase();
     let user_agent = header_str(req.headers(), header::USER_AGENT).to_string();
+    let content_type = header_str(req.headers(), header::CONTENT_TYPE)
+        .split(';')
+        .next()
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
     let manager = query_map(req.uri()).remove("fieldManager");
     let resp = next.run(req).await;
     let mut key = resp
@@ -123,6 +129,7 @@ async fn account(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Re
         key.field_manager = manager;
     }
     key.user_agent = user_agent;
+    key.content_type = content_type;
     key.code = resp.status().as_u16();
     s.store.stats().record_request(key);
     resp
@@ -251,12 +258,14 @@ fn parse_body(body: &[u8], content_type: &str) -> Result<Value> {
     if content_type.contains("yaml") {
         serde_yaml::from_slice::<Value>(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+    } else if content_type.contains(crate::protobuf::CONTENT_TYPE) {
+        crate::protobuf::decode(body)
     } else if content_type.contains("protobuf") || content_type.contains("cbor") {
         Err(ApiError::new(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type})"
             ),
         ))
     } else {
@@ -526,7 +535,7 @@ async fn handle(
             Ok(with_warnings(json_response(code, &out), &w.warnings))
         }
         "delete" => {
-            let d = delete_opts(&q, body)?;
+            let d = delete_opts(&q, body, &content_type)?;
             match s.store.delete(&target, &d)? {
                 Deleted::Pending(obj) => Ok(json_response(StatusCode::OK, &render(&target, obj))),
                 Deleted::Gone(obj) => {
@@ -543,7 +552,7 @@ async fn handle(
             }
         }
         "deletecollection" => {
-            let d = delete_opts(&q, body)?;
+            let d = delete_opts(&q, body, &content_type)?;
             let labels =
                 LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
             let fields =
@@ -588,9 +597,15 @@ fn aggregated_response(v: &Value) -> Response {
         .into_response()
 }
 
-fn delete_opts(q: &HashMap<String, String>, body: &Bytes) -> Result<DeleteOpts> {
+fn delete_opts(
+    q: &HashMap<String, String>,
+    body: &Bytes,
+    content_type: &str,
+) -> Result<DeleteOpts> {
     let b: Value = if body.is_empty() {
         Value::Null
+    } else if content_type.contains(crate::protobuf::CONTENT_TYPE) {
+        crate::protobuf::decode_delete_options(body)?
     } else {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?

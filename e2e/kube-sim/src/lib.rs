@@ -46,6 +46,7 @@ pub mod faults;
 pub mod gc;
 pub mod http;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod schema;
 pub mod selector;

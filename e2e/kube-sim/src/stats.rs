@@ -40,6 +40,10 @@ pub struct RequestKey {
     pub field_manager: Option<String>,
     /// The `User-Agent` header.
     pub user_agent: String,
+    /// Media type of the request body, when it has one (`application/apply-patch+yaml`,
+    /// `application/vnd.kubernetes.protobuf` ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
     /// HTTP status of the answer.
     pub code: u16,
     /// The path of a non-resource request (discovery, OpenAPI, `/version`).
@@ -430,6 +434,7 @@ mod tests {
             subresource: Some("status".into()),
             field_manager: manager.map(str::to_string),
             user_agent: "t".into(),
+            content_type: None,
             code: 200,
             path: None,
         }

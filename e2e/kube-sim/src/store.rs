@@ -411,6 +411,47 @@ fn spec_part(obj: &Value, has_status: bool) -> Value {
     c
 }
 
+/// Conversions and defaults the real server applies to every write of a built-in kind: a
+/// Secret's `stringData` is merged into `data` (base64, `stringData` winning on a shared
+/// key) and never stored or returned (`Convert_v1_Secret_To_core_Secret`); its `type`
+/// defaults to `Opaque` (`SetDefaults_Secret`).
+fn normalize_builtin(rt: &ResourceType, obj: &mut Value) {
+    use base64::Engine;
+    if !(rt.builtin && rt.group.is_empty() && rt.plural == "secrets") {
+        return;
+    }
+    let Some(root) = obj.as_object_mut() else {
+        return;
+    };
+    // SetDefaults_Secret.
+    if root
+        .get("type")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        root.insert("type".into(), json!("Opaque"));
+    }
+    let Some(Value::Object(string_data)) = root.remove("stringData") else {
+        return;
+    };
+    let data = root.entry("data").or_insert_with(|| json!({}));
+    if !data.is_object() {
+        *data = json!({});
+    }
+    let data = data.as_object_mut().expect("object");
+    for (k, v) in string_data {
+        let text = match v {
+            Value::String(s) => s,
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        data.insert(
+            k,
+            json!(base64::engine::general_purpose::STANDARD.encode(text)),
+        );
+    }
+}
+
 // === impl Store ===
 
 impl Store {
@@ -1069,6 +1110,7 @@ impl State {
         obj["kind"] = json!(rt.kind);
         obj["apiVersion"] = json!(api_version);
         schema::prune_metadata(&mut obj);
+        normalize_builtin(&rt, &mut obj);
         // Namespace from the URL; a different one in the body is a 400, as in the real server.
         if rt.namespaced {
             let ns = t.namespace.clone().ok_or_else(|| {
@@ -1546,6 +1588,7 @@ impl State {
         new["apiVersion"] = json!(api_version);
         new["kind"] = json!(rt.kind);
         schema::prune_metadata(&mut new);
+        normalize_builtin(&rt, &mut new);
         // Subresource isolation (the status strategies' PrepareForUpdate).
         if sub == Some("status") {
             let status = new.get("status").cloned();

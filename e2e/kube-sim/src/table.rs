@@ -1,12 +1,61 @@
 //! `meta.k8s.io/v1` Table responses, which `kubectl get` asks for (`Accept: ...;as=Table`).
 //!
-//! Columns: Name, then the CRD's `additionalPrinterColumns` (simple `.a.b` JSON paths;
-//! array indexes and filters are not evaluated), or a few built-in ones then Age.
+//! Columns: Name, then the CRD's `additionalPrinterColumns` (JSONPath evaluated by
+//! `serde_json_path`, filters such as `.status.conditions[?(@.type=="Ready")].status`
+//! included; the first result is shown, typed as the real server's tableconvertor does),
+//! or a few built-in ones then Age; Events get the real server's event columns.
 
 use serde_json::{Value, json};
 
 use crate::registry::ResourceType;
 use crate::store::get_json_path;
+
+/// Evaluates a printer column's JSONPath (Kubernetes syntax: `.a.b[0].c`, `{.a.b}`,
+/// filters `[?(@.k=="v")]`) and returns the first result.
+pub fn eval_json_path(obj: &Value, path: &str) -> Option<Value> {
+    let p = path.trim();
+    let p = p
+        .strip_prefix('{')
+        .and_then(|x| x.strip_suffix('}'))
+        .unwrap_or(p)
+        .trim();
+    let expr = if p.starts_with('$') {
+        p.to_string()
+    } else {
+        format!("${p}")
+    };
+    match serde_json_path::JsonPath::parse(&expr) {
+        Ok(jp) => jp.query(obj).first().cloned(),
+        // Kubernetes allows names RFC 9535 shorthands do not (e.g. with '-'): plain paths
+        // still resolve segment by segment.
+        Err(_) => get_json_path(obj, p).cloned(),
+    }
+}
+
+/// A cell as the real server's CRD tableconvertor types it (`cellForJSONValue`; string
+/// columns print any value, as its JSONPath printer does).
+fn typed_cell(type_: &str, v: Option<Value>) -> Value {
+    let Some(v) = v else {
+        return Value::Null;
+    };
+    match (type_, &v) {
+        (_, Value::Null) => Value::Null,
+        ("string", Value::String(_)) => v,
+        ("string", Value::Number(_) | Value::Bool(_)) => json!(v.to_string()),
+        ("string", _) => json!(v.to_string()),
+        ("integer", Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f as i64))
+            .map_or(Value::Null, |i| json!(i)),
+        ("number", Value::Number(n)) => n.as_f64().map_or(Value::Null, |f| json!(f)),
+        ("boolean", Value::Bool(_)) => v,
+        ("date", Value::String(s)) => match chrono::DateTime::parse_from_rfc3339(s) {
+            Ok(_) => json!(age(Some(s))),
+            Err(_) => json!("<invalid>"),
+        },
+        _ => Value::Null,
+    }
+}
 
 /// Whether the Accept header asks for a Table.
 pub fn wants_table(accept: &str) -> bool {
@@ -80,14 +129,80 @@ pub fn columns(t: &ResourceType, version: &str) -> Vec<(String, String, String)>
 }
 
 fn cell(obj: &Value, type_: &str, path: &str) -> Value {
-    if type_ == "date" {
-        return json!(age(get_json_path(obj, path).and_then(Value::as_str)));
+    let v = if is_simple(path) {
+        get_json_path(obj, path).cloned()
+    } else {
+        eval_json_path(obj, path)
+    };
+    if type_ == "date" && path == ".metadata.creationTimestamp" {
+        return json!(age(v.as_ref().and_then(Value::as_str)));
     }
-    match get_json_path(obj, path) {
-        Some(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_))) => v.clone(),
-        Some(Value::Null) | None => Value::Null,
-        Some(other) => json!(other.to_string()),
-    }
+    typed_cell(type_, v)
+}
+
+/// The real server's Event columns (`printEvent` in pkg/printers/internalversion):
+/// (name, type, priority).
+const EVENT_COLUMNS: [(&str, &str, u8); 10] = [
+    ("Last Seen", "string", 0),
+    ("Type", "string", 0),
+    ("Reason", "string", 0),
+    ("Object", "string", 0),
+    ("Subobject", "string", 1),
+    ("Source", "string", 1),
+    ("Message", "string", 0),
+    ("First Seen", "string", 1),
+    ("Count", "string", 1),
+    ("Name", "string", 1),
+];
+
+/// One Event row, from the core/v1 form (events.k8s.io/v1 objects are converted first).
+fn event_cells(ev: &Value) -> Vec<Value> {
+    let str_at = |p: &str| ev.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let set = |p: &str| Some(str_at(p)).filter(|x| !x.is_empty());
+    let event_time = set("/eventTime");
+    let (last, count) = if ev.get("series").is_some_and(|s| s.is_object()) {
+        (
+            set("/series/lastObservedTime"),
+            ev.pointer("/series/count").cloned(),
+        )
+    } else {
+        (
+            set("/lastTimestamp").or(event_time),
+            ev.get("count").cloned(),
+        )
+    };
+    let first = set("/firstTimestamp").or(event_time);
+    let component = set("/source/component").or(set("/reportingComponent"));
+    let instance = set("/source/host").or(set("/reportingInstance"));
+    let source = match (component, instance) {
+        (None, _) => String::new(),
+        (Some(c), None) => c.to_string(),
+        (Some(c), Some(i)) => format!("{c}, {i}"),
+    };
+    vec![
+        json!(age(last)),
+        json!(str_at("/type")),
+        json!(str_at("/reason")),
+        json!(format!(
+            "{}/{}",
+            str_at("/involvedObject/kind").to_lowercase(),
+            str_at("/involvedObject/name")
+        )),
+        json!(str_at("/involvedObject/fieldPath")),
+        json!(source),
+        json!(str_at("/message").trim()),
+        json!(age(first)),
+        json!(count.and_then(|c| c.as_i64()).unwrap_or(0)),
+        json!(str_at("/metadata/name")),
+    ]
+}
+
+/// A `.a.b` path without indexes or filters (built-in columns and most CRD ones).
+fn is_simple(path: &str) -> bool {
+    path.starts_with('.')
+        && path[1..]
+            .split('.')
+            .all(|seg| !seg.is_empty() && !seg.contains(['[', ']', '?', '@', '*', '{', '}']))
 }
 
 fn row_object(obj: &Value, include: &str) -> Value {
@@ -109,6 +224,24 @@ pub fn table(
     include: &str,
     with_headers: bool,
 ) -> Value {
+    if t.plural == "events" && (t.group.is_empty() || t.group == "events.k8s.io") {
+        let defs: Vec<Value> = if with_headers {
+            EVENT_COLUMNS
+                .iter()
+                .map(|(n, ty, p)| json!({"name": n, "type": ty, "format": if *n == "Name" { "name" } else { "" }, "description": "", "priority": p}))
+                .collect()
+        } else {
+            vec![]
+        };
+        let rows: Vec<Value> = objects
+            .iter()
+            .map(|o| {
+                let core = crate::events::to_storage(t, o);
+                json!({"cells": event_cells(&core), "object": row_object(o, include)})
+            })
+            .collect();
+        return json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv}, "columnDefinitions": defs, "rows": rows});
+    }
     let cols = columns(t, version);
     let defs: Vec<Value> = if with_headers {
         cols.iter()
@@ -145,5 +278,58 @@ mod tests {
         assert!(wants_table(
             "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
         ));
+    }
+
+    #[test]
+    fn json_path_filters_and_typed_cells() {
+        let o = json!({"status": {"conditions": [
+            {"type": "Scaling", "status": "False"},
+            {"type": "Ready", "status": "True", "observedGeneration": 3}
+        ], "total": 4.0, "pods": [{"name": "a"}]}, "spec": {"some-field": "x"}});
+        let ready = r#".status.conditions[?(@.type=="Ready")].status"#;
+        assert_eq!(cell(&o, "string", ready), json!("True"));
+        assert_eq!(cell(&o, "string", &format!("{{{ready}}}")), json!("True"));
+        assert_eq!(
+            cell(
+                &o,
+                "integer",
+                r#".status.conditions[?(@.type=="Ready")].observedGeneration"#
+            ),
+            json!(3)
+        );
+        assert_eq!(
+            cell(
+                &o,
+                "string",
+                r#".status.conditions[?(@.type=="Gone")].status"#
+            ),
+            Value::Null
+        );
+        assert_eq!(cell(&o, "integer", ".status.total"), json!(4));
+        assert_eq!(cell(&o, "string", ".status.pods[0].name"), json!("a"));
+        assert_eq!(cell(&o, "boolean", ".status.total"), Value::Null);
+        assert_eq!(cell(&o, "string", ".spec.some-field"), json!("x"));
+    }
+
+    #[test]
+    fn event_rows_follow_the_real_printer() {
+        let ev = builtins()
+            .into_iter()
+            .find(|t| t.plural == "events" && t.group == "events.k8s.io")
+            .unwrap();
+        let o = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": "p.1", "namespace": "ns"},
+            "regarding": {"kind": "ConnectionPool", "name": "p"}, "note": "scaled to 3 ",
+            "reason": "Scaled", "type": "Normal", "reportingController": "tether-operator",
+            "reportingInstance": "op-0", "eventTime": "2020-01-01T00:00:00.000000Z"});
+        let t = table(&ev, "v1", &[o], "1", "Metadata", true);
+        let cells = &t["rows"][0]["cells"];
+        assert_eq!(cells[1], "Normal");
+        assert_eq!(cells[2], "Scaled");
+        assert_eq!(cells[3], "connectionpool/p");
+        assert_eq!(cells[5], "tether-operator, op-0");
+        assert_eq!(cells[6], "scaled to 3");
+        assert!(cells[0].as_str().unwrap().ends_with('d'));
+        assert_eq!(t["columnDefinitions"][9]["priority"], 1);
     }
 }

@@ -408,3 +408,373 @@ async fn builtin_kinds_strategic_apply_scale_explain_and_discovery() {
     );
     let _ = k.path();
 }
+
+/// kubectl's typed generators send built-in kinds as protobuf
+/// (`application/vnd.kubernetes.protobuf`); the stand-in decodes them (k8s-pb) and
+/// answers JSON.
+#[tokio::test]
+async fn create_namespace_secret_configmap_serviceaccount_rbac_from_protobuf() {
+    let sim = Server::start().await.unwrap();
+    let k = Kubectl::new(&sim);
+    with_crd(&k).await;
+    let out = k.ok(&["create", "namespace", "team-a"]).await;
+    assert_eq!(out.trim(), "namespace/team-a created");
+    assert_eq!(
+        k.ok(&["get", "ns", "team-a", "-o", "jsonpath={.status.phase}"])
+            .await,
+        "Active"
+    );
+
+    let out = k
+        .ok(&[
+            "create",
+            "secret",
+            "generic",
+            "acme-jwt",
+            "-n",
+            "team-a",
+            "--from-literal=key=s3cret",
+            "--from-literal=issuer=https://id.example",
+        ])
+        .await;
+    assert_eq!(out.trim(), "secret/acme-jwt created");
+    let secret: serde_json::Value = serde_json::from_str(
+        &k.ok(&["get", "secret", "acme-jwt", "-n", "team-a", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(secret["type"], "Opaque");
+    assert_eq!(secret["data"]["key"], "czNjcmV0");
+    assert_eq!(secret["data"]["issuer"], "aHR0cHM6Ly9pZC5leGFtcGxl");
+
+    let f = k.file("gateway.yaml", "maxConnections: 1000\nidle: 30s\n");
+    let out = k
+        .ok(&[
+            "create",
+            "configmap",
+            "gw-config",
+            "-n",
+            "team-a",
+            &format!("--from-file={f}"),
+            "--from-literal=mode=dev",
+        ])
+        .await;
+    assert_eq!(out.trim(), "configmap/gw-config created");
+    let cm: serde_json::Value = serde_json::from_str(
+        &k.ok(&["get", "cm", "gw-config", "-n", "team-a", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(
+        cm["data"]["gateway.yaml"],
+        "maxConnections: 1000\nidle: 30s\n"
+    );
+    assert_eq!(cm["data"]["mode"], "dev");
+
+    assert_eq!(
+        k.ok(&["create", "serviceaccount", "gw", "-n", "team-a"])
+            .await
+            .trim(),
+        "serviceaccount/gw created"
+    );
+    assert_eq!(
+        k.ok(&[
+            "create",
+            "role",
+            "status-writer",
+            "-n",
+            "team-a",
+            "--verb=get,patch",
+            "--resource=connectionpools.tether.dev/status",
+            "--resource-name=p1",
+        ])
+        .await
+        .trim(),
+        "role.rbac.authorization.k8s.io/status-writer created"
+    );
+    assert_eq!(
+        k.ok(&[
+            "create",
+            "rolebinding",
+            "gw",
+            "-n",
+            "team-a",
+            "--role=status-writer",
+            "--serviceaccount=team-a:gw",
+        ])
+        .await
+        .trim(),
+        "rolebinding.rbac.authorization.k8s.io/gw created"
+    );
+    let rb: serde_json::Value = serde_json::from_str(
+        &k.ok(&["get", "rolebinding", "gw", "-n", "team-a", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(rb["subjects"][0]["kind"], "ServiceAccount");
+    assert_eq!(rb["subjects"][0]["name"], "gw");
+    assert_eq!(rb["roleRef"]["name"], "status-writer");
+
+    // Every create above travelled as protobuf.
+    let creates = sim.stats().snapshot();
+    for resource in [
+        "namespaces",
+        "secrets",
+        "configmaps",
+        "serviceaccounts",
+        "roles",
+        "rolebindings",
+    ] {
+        assert_eq!(
+            creates.count(|r| r.verb == "create"
+                && r.resource == resource
+                && r.code == 201
+                && r.content_type.as_deref() == Some("application/vnd.kubernetes.protobuf")
+                && r.user_agent.starts_with("kubectl")),
+            1,
+            "{resource}: {:?}",
+            creates.requests
+        );
+    }
+
+    // A name taken is the usual AlreadyExists, worded as the real server words it.
+    let o = k.run(&["create", "namespace", "team-a"]).await;
+    assert!(
+        !o.ok && o.stderr.contains("namespaces \"team-a\" already exists"),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        k.ok(&["delete", "secret", "acme-jwt", "-n", "team-a"])
+            .await
+            .contains("secret \"acme-jwt\" deleted")
+    );
+}
+
+/// A Secret written with `stringData` is stored with it merged into base64 `data`;
+/// `stringData` is never returned (`kubectl get secret -o yaml` shows `data` only).
+#[tokio::test]
+async fn secret_string_data_round_trips_into_data() {
+    let sim = Server::start().await.unwrap();
+    let k = Kubectl::new(&sim);
+    let f = k.file(
+        "secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: keys\nstringData:\n  push: k-123\n  shared: from-string\ndata:\n  shared: b2xk\n  raw: cmF3\n",
+    );
+    assert!(
+        k.ok(&["apply", "-f", &f])
+            .await
+            .contains("secret/keys created")
+    );
+    let get = async || -> serde_json::Value {
+        serde_json::from_str(&k.ok(&["get", "secret", "keys", "-o", "json"]).await).unwrap()
+    };
+    let s = get().await;
+    assert!(s.get("stringData").is_none(), "{s}");
+    assert_eq!(s["data"]["push"], "ay0xMjM="); // k-123
+    assert_eq!(s["data"]["shared"], "ZnJvbS1zdHJpbmc="); // stringData wins
+    assert_eq!(s["data"]["raw"], "cmF3");
+    let yaml = k.ok(&["get", "secret", "keys", "-o", "yaml"]).await;
+    // (Only inside kubectl's last-applied annotation, which records what was applied.)
+    assert!(!yaml.contains("\nstringData:"), "{yaml}");
+    // What a user types to read a key.
+    assert_eq!(
+        k.ok(&["get", "secret", "keys", "-o", "jsonpath={.data.push}"])
+            .await,
+        "ay0xMjM="
+    );
+
+    // A later write with stringData (merge patch, then server-side apply) updates data.
+    k.ok(&[
+        "patch",
+        "secret",
+        "keys",
+        "--type=merge",
+        "-p",
+        r#"{"stringData":{"push":"k-456"}}"#,
+    ])
+    .await;
+    assert_eq!(get().await["data"]["push"], "ay00NTY=");
+    let f2 = k.file(
+        "secret2.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: keys2\nstringData:\n  token: abc\n",
+    );
+    k.ok(&["apply", "--server-side", "-f", &f2]).await;
+    let s2: serde_json::Value =
+        serde_json::from_str(&k.ok(&["get", "secret", "keys2", "-o", "json"]).await).unwrap();
+    assert_eq!(s2["data"]["token"], "YWJj");
+    assert!(s2.get("stringData").is_none(), "{s2}");
+}
+
+/// The STATUS column of a CRD whose printer column filters a list
+/// (`.status.conditions[?(@.type=="Ready")].status`) shows the filtered value.
+#[tokio::test]
+async fn printer_column_with_jsonpath_filter() {
+    let sim = Server::start().await.unwrap();
+    let k = Kubectl::new(&sim);
+    let mut crd = common::crd();
+    crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "Status", "type": "string",
+            "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}));
+    let f = k.file("crd.json", &crd.to_string());
+    k.ok(&["apply", "-f", &f]).await;
+    k.ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "crd/connectionpools.tether.dev",
+        "--timeout=10s",
+    ])
+    .await;
+    let p = k.file("pool.yaml", &POOL.replace("REPLICAS", "1"));
+    k.ok(&["apply", "-f", &p]).await;
+    let row = |table: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with("p1 "))
+            .unwrap_or_else(|| panic!("no p1 row in:\n{table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let table = k.ok(&["get", "cpool"]).await;
+    assert!(table.lines().next().unwrap().contains("STATUS"), "{table}");
+    // No status yet: empty cells.
+    assert_eq!(row(&table), ["p1", "acme"], "{table}");
+    k.ok(&[
+        "patch",
+        "cpool",
+        "p1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"totalConnections":7,"conditions":[{"type":"Scaling","status":"False"},{"type":"Ready","status":"True"}]}}"#,
+    ])
+    .await;
+    let table = k.ok(&["get", "cpool"]).await;
+    assert_eq!(row(&table), ["p1", "acme", "7", "True"], "{table}");
+}
+
+/// core/v1 and events.k8s.io/v1 Events are one store: what the operator writes through
+/// kube's Recorder (events.k8s.io/v1) is what `kubectl get events` and `kubectl
+/// describe` show, and `kubectl get events --watch` streams new ones.
+#[tokio::test]
+async fn events_from_the_recorder_show_in_get_events_describe_and_watch() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let sim = Server::start().await.unwrap();
+    let k = Kubectl::new(&sim);
+    with_crd(&k).await;
+    let f = k.file("pool.yaml", &POOL.replace("REPLICAS", "1"));
+    k.ok(&["apply", "-f", &f]).await;
+    let client = sim.client().unwrap();
+    let pool = common::pools(&client, "default").get("p1").await.unwrap();
+    let reference = kube::Resource::object_ref(&pool, &common::pool_resource());
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tether-operator".into(),
+            instance: Some("operator-0".into()),
+        },
+    );
+    let event = |reason: &str, note: &str| Event {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "Scale".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&event("ScaledUp", "desired replicas 1 -> 3"), &reference)
+        .await
+        .unwrap();
+
+    let events = k.ok(&["get", "events"]).await;
+    let header = events.lines().next().unwrap();
+    for col in ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"] {
+        assert!(header.contains(col), "{events}");
+    }
+    let line = events
+        .lines()
+        .find(|l| l.contains("ScaledUp"))
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(
+        line.contains("Normal")
+            && line.contains("connectionpool/p1")
+            && line.contains("desired replicas 1 -> 3"),
+        "{line}"
+    );
+    // The core/v1 fields of an events.k8s.io/v1 write.
+    let core: serde_json::Value =
+        serde_json::from_str(&k.ok(&["get", "events", "-o", "json"]).await).unwrap();
+    let e = &core["items"][0];
+    assert_eq!(e["apiVersion"], "v1");
+    assert_eq!(e["involvedObject"]["name"], "p1");
+    assert_eq!(e["involvedObject"]["kind"], "ConnectionPool");
+    assert_eq!(e["message"], "desired replicas 1 -> 3");
+    assert_eq!(e["reportingComponent"], "tether-operator");
+    assert_eq!(e["reportingInstance"], "operator-0");
+
+    let describe = k.ok(&["describe", "cpool", "p1"]).await;
+    let events_part = describe
+        .split("Events:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{describe}"));
+    assert!(
+        events_part.contains("ScaledUp")
+            && events_part.contains("desired replicas 1 -> 3")
+            && events_part.contains("tether-operator"),
+        "{describe}"
+    );
+
+    // `get events --watch`, bounded: kubectl's own request timeout, and ours per line.
+    let mut child = k
+        .command(&["get", "events", "--watch", "--request-timeout=20s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a watch line within 10 s")
+            .unwrap()
+            .expect("the watch is still open")
+    };
+    // The initial list: header, then the existing event.
+    let mut seen = String::new();
+    while !seen.contains("ScaledUp") {
+        seen = next().await;
+    }
+    // A new event written through core/v1 (as client-go's old recorder does) streams too.
+    k.ok(&[
+        "create",
+        "-f",
+        &k.file(
+            "event.yaml",
+            "apiVersion: v1\nkind: Event\nmetadata:\n  name: p1.drain\ninvolvedObject:\n  apiVersion: tether.dev/v1alpha1\n  kind: ConnectionPool\n  name: p1\n  namespace: default\nreason: DrainStarted\nmessage: draining pod p1-2\ntype: Warning\nsource:\n  component: tether-operator\n",
+        ),
+    ])
+    .await;
+    let line = next().await;
+    assert!(
+        line.contains("DrainStarted")
+            && line.contains("Warning")
+            && line.contains("connectionpool/p1"),
+        "{line}"
+    );
+    child.kill().await.unwrap();
+    // And it is an events.k8s.io/v1 Event too, with that API's field names.
+    let notes = k
+        .ok(&[
+            "get",
+            "events.events.k8s.io",
+            "p1.drain",
+            "-o",
+            "jsonpath={.note}/{.regarding.name}/{.deprecatedSource.component}",
+        ])
+        .await;
+    assert_eq!(notes, "draining pod p1-2/p1/tether-operator");
+}
