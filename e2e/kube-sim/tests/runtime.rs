@@ -635,3 +635,133 @@ async fn kube_runtime_event_recorder_creates_then_patches_series() {
     assert_eq!(e.regarding.as_ref().unwrap().name.as_deref(), Some("src"));
     assert_eq!(e.series.as_ref().map(|s| s.count), Some(2));
 }
+
+/// core/v1 and events.k8s.io/v1 Events are one storage: a write through either API is
+/// read, listed (with that API's field selectors) and watched through the other, with
+/// the real server's field mapping.
+#[tokio::test]
+async fn core_and_events_v1_events_are_one_store() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event as EventsV1;
+    use kube::api::ListParams;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let sim = Server::start().await.unwrap();
+    let client = sim.client().unwrap();
+    let core: Api<CoreEvent> = Api::default_namespaced(client.clone());
+    let v1: Api<EventsV1> = Api::default_namespaced(client.clone());
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let obj = cms
+        .create(&PostParams::default(), &cm("src"))
+        .await
+        .unwrap();
+
+    // A core/v1 watch is open before the events.k8s.io/v1 write.
+    let mut core_watch = core
+        .watch(&WatchParams::default(), "0")
+        .await
+        .unwrap()
+        .boxed();
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tether-operator".into(),
+            instance: Some("op-0".into()),
+        },
+    );
+    let reference = kube::Resource::object_ref(&obj, &());
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "InvalidSpec".into(),
+        note: Some("bad spec".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap();
+
+    // Read through core/v1 with its field names and field selectors (kubectl describe).
+    let by_object = core
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.kind=ConfigMap,involvedObject.name=src,involvedObject.uid={}",
+            obj.metadata.uid.clone().unwrap()
+        )))
+        .await
+        .unwrap();
+    assert_eq!(by_object.items.len(), 1);
+    let e = &by_object.items[0];
+    assert_eq!(e.message.as_deref(), Some("bad spec"));
+    assert_eq!(e.reason.as_deref(), Some("InvalidSpec"));
+    assert_eq!(e.involved_object.name.as_deref(), Some("src"));
+    assert_eq!(e.reporting_component.as_deref(), Some("tether-operator"));
+    assert_eq!(e.reporting_instance.as_deref(), Some("op-0"));
+    assert_eq!(e.series.as_ref().and_then(|s| s.count), Some(2));
+    assert!(e.event_time.is_some());
+
+    // The core/v1 watch saw the create and the series update.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), core_watch.next())
+            .await
+            .expect("watch event")
+            .unwrap()
+            .unwrap()
+        {
+            WatchEvent::Added(e) => seen.push(("ADDED", e.message)),
+            WatchEvent::Modified(e) => seen.push(("MODIFIED", e.message)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("ADDED", Some("bad spec".to_string())),
+            ("MODIFIED", Some("bad spec".to_string()))
+        ]
+    );
+
+    // A core/v1 write (client-go's older recorder) is an events.k8s.io/v1 Event too.
+    let legacy: CoreEvent = serde_json::from_value(json!({
+        "metadata": {"name": "src.legacy"},
+        "involvedObject": {"kind": "ConfigMap", "name": "src", "namespace": "default"},
+        "reason": "Synced", "message": "synced ok", "type": "Normal", "count": 3,
+        "source": {"component": "old-controller", "host": "node-1"},
+        "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:01:00Z",
+    }))
+    .unwrap();
+    core.create(&PostParams::default(), &legacy).await.unwrap();
+    let e = v1.get("src.legacy").await.unwrap();
+    assert_eq!(e.note.as_deref(), Some("synced ok"));
+    assert_eq!(
+        e.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("src")
+    );
+    assert_eq!(e.deprecated_count, Some(3));
+    assert_eq!(
+        e.deprecated_source
+            .as_ref()
+            .and_then(|s| s.component.as_deref()),
+        Some("old-controller")
+    );
+    assert!(e.deprecated_last_timestamp.is_some());
+    // events.k8s.io/v1 field selectors use its own names.
+    let synced = v1
+        .list(&ListParams::default().fields("regarding.name=src,reason=Synced"))
+        .await
+        .unwrap();
+    assert_eq!(synced.items.len(), 1);
+    assert_eq!(
+        core.list(&ListParams::default()).await.unwrap().items.len(),
+        2
+    );
+    assert_eq!(
+        v1.list(&ListParams::default()).await.unwrap().items.len(),
+        2
+    );
+
+    // Deleting through one API removes it from both.
+    v1.delete("src.legacy", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(core.get_opt("src.legacy").await.unwrap().is_none());
+}
