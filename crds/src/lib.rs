@@ -477,6 +477,10 @@ pub struct RoutingSpec {
     {
         "rule": "has(self.url) != (has(self.managed) && self.managed)",
         "message": "set exactly one of routing.nats.url and routing.nats.managed: true"
+    },
+    {
+        "rule": "!(has(self.auth) || has(self.tls)) || has(self.url)",
+        "message": "routing.nats.auth and routing.nats.tls apply to an existing NATS (url)"
     }
 ]))]
 pub struct NatsRoutingSpec {
@@ -487,6 +491,68 @@ pub struct NatsRoutingSpec {
     /// Run a small NATS server for this pool, owned by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<bool>,
+    /// Credentials the gateways present to an existing NATS (`url`). Anything that can
+    /// publish on the pool's subjects can push to or disconnect its agents: give each
+    /// pool an account limited to its own subjects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<NatsAuthSpec>,
+    /// TLS to an existing NATS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NatsTlsSpec>,
+}
+
+/// NATS credentials, each from a Secret key: one of user + password, token, NKey seed
+/// or a `.creds` file.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.user) ? 1 : 0) + (has(self.tokenSecretRef) ? 1 : 0) + (has(self.nkeySeedSecretRef) ? 1 : 0) + (has(self.credsSecretRef) ? 1 : 0) <= 1",
+        "message": "set one of user, tokenSecretRef, nkeySeedSecretRef and credsSecretRef"
+    },
+    {
+        "rule": "has(self.user) == has(self.passwordSecretRef)",
+        "message": "user and passwordSecretRef go together"
+    }
+]))]
+pub struct NatsAuthSpec {
+    /// User name (with `passwordSecretRef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub user: Option<String>,
+    /// Secret key holding the password of `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding an NKey seed (`SU...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_seed_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding a `.creds` file (user JWT + NKey seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_secret_ref: Option<SecretKeyRef>,
+}
+
+/// TLS to NATS, each file from a Secret key.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.certSecretRef) == has(self.keySecretRef)",
+        "message": "certSecretRef and keySecretRef go together"
+    }
+]))]
+pub struct NatsTlsSpec {
+    /// CA bundle (PEM) that signs the server's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Client certificate (PEM), for servers that verify clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_secret_ref: Option<SecretKeyRef>,
+    /// Key of the client certificate (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret_ref: Option<SecretKeyRef>,
 }
 
 /// How a gateway pod drains: it turns unready, sends agents a `reconnect` hint and

@@ -212,6 +212,35 @@ fn nats_is_url_or_managed_not_both() {
 }
 
 #[test]
+fn nats_credentials_are_one_method_and_only_for_an_existing_bus() {
+    let secret = |key: &str| json!({"name": "acme-nats", "key": key});
+    let mut pool = minimal();
+    pool["spec"]["routing"] = json!({"nats": {"url": "tls://n:4222",
+        "auth": {"user": "acme", "passwordSecretRef": secret("password")},
+        "tls": {"caSecretRef": secret("ca.crt")}}});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+    pool["spec"]["routing"]["nats"]["auth"]["tokenSecretRef"] = secret("token");
+    let failures = cel_failures(&pool);
+    assert!(
+        failures.iter().any(|f| f.contains("set one of")),
+        "{failures:?}"
+    );
+    pool["spec"]["routing"] = json!({"nats": {"url": "nats://n:4222", "auth": {"user": "acme"}}});
+    let failures = cel_failures(&pool);
+    assert!(
+        failures.iter().any(|f| f.contains("go together")),
+        "{failures:?}"
+    );
+    pool["spec"]["routing"] = json!({"nats": {"managed": true,
+        "auth": {"tokenSecretRef": secret("token")}}});
+    let failures = cel_failures(&pool);
+    assert!(
+        failures.iter().any(|f| f.contains("existing NATS")),
+        "{failures:?}"
+    );
+}
+
+#[test]
 fn scaling_target_must_fit_in_a_pod() {
     let mut pool = minimal();
     pool["spec"]["limits"] = json!({"maxConnectionsPerPod": 1000});

@@ -103,6 +103,12 @@ impl Gateway {
     pub async fn start(config: GatewayConfig, pod: String) -> Result<Self, StartError> {
         let pod_name = pod.clone();
         if let Some(nats) = config.routing.nats.clone() {
+            if !nats.auth.is_set() {
+                warn!(
+                    "routing.nats has no credentials: anything that reaches NATS can push to \
+                     and disconnect this pool's agents (see docs/security.md)"
+                );
+            }
             let namespace = crate::nats::namespace(&config);
             return Self::start_with_router(
                 config,
@@ -110,7 +116,7 @@ impl Gateway {
                 Box::new(move |hub| {
                     Box::pin(async move {
                         let router = crate::nats::NatsRouter::connect(
-                            &nats.url,
+                            &nats,
                             &namespace,
                             hub,
                             &pod_name,

@@ -13,11 +13,14 @@
 //! | PodDisruptionBudget | `P` |
 //! | ServiceAccount, Role, RoleBinding | `P-gateway` |
 //! | managed NATS StatefulSet + Service | `P-nats` |
+//! | NetworkPolicy, gateways (`ws` open, `api` only from allowed pods) | `P-gateway` |
+//! | NetworkPolicy, managed NATS (only from the pool's gateways) | `P-nats` |
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -26,8 +29,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tether_config::{
-    AuthConfig, DrainConfig, GatewayConfig, JwtConfig, Limits, NatsConfig, RoutingConfig,
-    StatusConfig, UpstreamConfig, UpstreamEvent as ConfigEvent,
+    AuthConfig, DrainConfig, GatewayConfig, JwtConfig, Limits, NatsAuth, NatsConfig, NatsTls,
+    RoutingConfig, StatusConfig, UpstreamConfig, UpstreamEvent as ConfigEvent,
 };
 use tether_crds::{ConnectionPool, ImagePullPolicy, SecretKeyRef, ServiceType, UpstreamEvent};
 
@@ -48,6 +51,9 @@ pub const SECRETS_DIR: &str = "/etc/tether/secrets";
 pub const CONFIG_HASH_ANNOTATION: &str = "tether.dev/config-hash";
 /// Label carrying the pool's name on every child object and pod.
 pub const POOL_LABEL: &str = "tether.dev/pool";
+/// Label a pod in the pool's namespace carries (value: the pool's name) to be allowed
+/// to the gateways' push API by [`gateway_network_policy`].
+pub const API_CLIENT_LABEL: &str = "tether.dev/api-client";
 /// Label carrying the tenant on every child object and pod.
 pub const TENANT_LABEL: &str = "tether.dev/tenant";
 /// `app.kubernetes.io/managed-by` value of every child; the operator's watches select on it.
@@ -259,7 +265,98 @@ pub fn secret_mounts(pool: &ConnectionPool) -> Vec<SecretMount> {
             field: "upstream.secretRef",
         });
     }
+    let nats = pool.spec.routing.as_ref().map(|r| &r.nats);
+    if let Some(auth) = nats.and_then(|n| n.auth.as_ref()) {
+        let refs = [
+            (
+                &auth.password_secret_ref,
+                "nats-password",
+                "password",
+                "routing.nats.auth.passwordSecretRef",
+            ),
+            (
+                &auth.token_secret_ref,
+                "nats-token",
+                "token",
+                "routing.nats.auth.tokenSecretRef",
+            ),
+            (
+                &auth.nkey_seed_secret_ref,
+                "nats-nkey",
+                "seed",
+                "routing.nats.auth.nkeySeedSecretRef",
+            ),
+            (
+                &auth.creds_secret_ref,
+                "nats-creds",
+                "nats.creds",
+                "routing.nats.auth.credsSecretRef",
+            ),
+        ];
+        for (source, volume, file, field) in refs {
+            if let Some(source) = source {
+                mounts.push(SecretMount {
+                    volume,
+                    file,
+                    source: source.clone(),
+                    field,
+                });
+            }
+        }
+    }
+    if let Some(tls) = nats.and_then(|n| n.tls.as_ref()) {
+        let refs = [
+            (
+                &tls.ca_secret_ref,
+                "nats-ca",
+                "ca.pem",
+                "routing.nats.tls.caSecretRef",
+            ),
+            (
+                &tls.cert_secret_ref,
+                "nats-cert",
+                "cert.pem",
+                "routing.nats.tls.certSecretRef",
+            ),
+            (
+                &tls.key_secret_ref,
+                "nats-key",
+                "key.pem",
+                "routing.nats.tls.keySecretRef",
+            ),
+        ];
+        for (source, volume, file, field) in refs {
+            if let Some(source) = source {
+                mounts.push(SecretMount {
+                    volume,
+                    file,
+                    source: source.clone(),
+                    field,
+                });
+            }
+        }
+    }
     mounts
+}
+
+/// NATS credentials and TLS as the gateway reads them: paths of the mounted Secrets.
+fn nats_settings(pool: &ConnectionPool, mounts: &[SecretMount]) -> (NatsAuth, Option<NatsTls>) {
+    let nats = pool.spec.routing.as_ref().map(|r| &r.nats);
+    let auth = NatsAuth {
+        user: nats
+            .and_then(|n| n.auth.as_ref())
+            .and_then(|a| a.user.clone()),
+        password_file: mount_path(mounts, "nats-password"),
+        token_file: mount_path(mounts, "nats-token"),
+        nkey_seed_file: mount_path(mounts, "nats-nkey"),
+        creds_file: mount_path(mounts, "nats-creds"),
+    };
+    let tls = nats.and_then(|n| n.tls.as_ref()).map(|_| NatsTls {
+        ca_file: mount_path(mounts, "nats-ca"),
+        cert_file: mount_path(mounts, "nats-cert"),
+        key_file: mount_path(mounts, "nats-key"),
+    });
+    (auth, tls)
 }
 
 fn mount_path(mounts: &[SecretMount], volume: &str) -> Option<std::path::PathBuf> {
@@ -344,11 +441,14 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
         },
         upstream,
         routing: RoutingConfig {
-            nats: nats_url(pool).map(|url| NatsConfig {
-                url,
-                namespace: None,
-                auth: Default::default(),
-                tls: None,
+            nats: nats_url(pool).map(|url| {
+                let (auth, tls) = nats_settings(pool, &mounts);
+                NatsConfig {
+                    url,
+                    namespace: None,
+                    auth,
+                    tls,
+                }
             }),
         },
         drain: DrainConfig {
@@ -652,6 +752,58 @@ fn gateway_stateful_set(
                     "metadata": {"labels": pod_labels, "annotations": pod_annotations},
                     "spec": pod_spec,
                 },
+            },
+        }),
+    )
+}
+
+/// The gateways' NetworkPolicy: agents reach `ws` from anywhere; the push API (`api`)
+/// only from the pool's own pods and from pods of the pool's namespace labelled
+/// [`API_CLIENT_LABEL`]`=<pool>` (the tenant's backends opt in). A neighbour elsewhere in
+/// the cluster cannot call the push API. (Kubelet probes are not subject to
+/// NetworkPolicy.)
+pub fn gateway_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, SpecError> {
+    typed(
+        "NetworkPolicy",
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": meta(pool, rbac_name(pool), "gateway")?,
+            "spec": {
+                "podSelector": {"matchLabels": selector_labels(pool)},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"ports": [{"protocol": "TCP", "port": WS_PORT}]},
+                    {
+                        "ports": [{"protocol": "TCP", "port": API_PORT}],
+                        "from": [
+                            {"podSelector": {"matchLabels": selector_labels(pool)}},
+                            {"podSelector": {"matchLabels": {API_CLIENT_LABEL: pool.name_any()}}},
+                        ],
+                    },
+                ],
+            },
+        }),
+    )
+}
+
+/// The managed NATS's NetworkPolicy: only the pool's gateways reach its client port;
+/// nothing reaches the monitoring port but the kubelet's probes.
+pub fn nats_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, SpecError> {
+    typed(
+        "NetworkPolicy",
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": meta(pool, nats_name(pool), "nats")?,
+            "spec": {
+                "podSelector": {"matchLabels": {
+                    "app.kubernetes.io/name": "tether-nats",
+                    POOL_LABEL: pool.name_any(),
+                }},
+                "policyTypes": ["Ingress"],
+                "ingress": [{
+                    "ports": [{"protocol": "TCP", "port": NATS_PORT}],
+                    "from": [{"podSelector": {"matchLabels": selector_labels(pool)}}],
+                }],
             },
         }),
     )

@@ -18,6 +18,7 @@
 //!
 //! docs/routing.md explains the design and its failure behaviour.
 
+pub mod credentials;
 pub mod directory;
 pub mod router;
 pub mod subjects;

@@ -136,6 +136,14 @@ pub enum NatsError {
     /// A subscription failed.
     #[error("subscribing: {0}")]
     Subscribe(String),
+    /// A credential file could not be used.
+    #[error("NATS credentials in {path}: {message}")]
+    Credentials {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
 }
 
 fn unavailable(what: impl std::fmt::Display) -> RouteError {
@@ -146,7 +154,7 @@ impl NatsRouter {
     /// Connects to NATS, opens the pool's directory, subscribes this pod's subjects and
     /// starts serving other pods' calls.
     pub async fn connect(
-        url: &str,
+        config: &tether_config::NatsConfig,
         namespace: &str,
         hub: Arc<Hub>,
         pod: &str,
@@ -158,7 +166,9 @@ impl NatsRouter {
         let on_outage = outage.clone();
         let settle = tuning.settle;
         let pod_name = pod.to_owned();
-        let client = async_nats::ConnectOptions::new()
+        let url = config.url.as_str();
+        let options = super::credentials::apply(async_nats::ConnectOptions::new(), config).await?;
+        let client = options
             .name(format!("tether-gateway/{pod}"))
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)

@@ -19,6 +19,8 @@ pub struct Nats {
     pub port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra command-line arguments (auth settings).
+    args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -50,10 +52,16 @@ fn nats_binary() -> PathBuf {
 
 impl Nats {
     pub async fn start() -> Self {
+        Self::start_with_args(&[]).await
+    }
+
+    /// A server with extra arguments, e.g. `--user u --pass p` to require credentials.
+    pub async fn start_with_args(args: &[&str]) -> Self {
         let mut nats = Self {
             port: free_port(),
             store: tempfile::tempdir().unwrap(),
             child: None,
+            args: args.iter().map(ToString::to_string).collect(),
         };
         nats.spawn().await;
         nats
@@ -74,6 +82,7 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.store.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

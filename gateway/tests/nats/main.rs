@@ -542,3 +542,60 @@ async fn binary_routes_from_config_and_dead_pods_leave_no_wrong_routes() {
     let response = post(&http, b.api("/v1/broadcast"), json!("all")).await;
     assert_eq!(response.status(), 202);
 }
+
+/// A bus with authentication: pods with the pool's credentials route; a client without
+/// them — a forged caller that reached NATS — is refused before it can publish a call,
+/// and a pod with a wrong password does not start.
+#[tokio::test]
+async fn a_bus_with_credentials_refuses_clients_without_them() {
+    let nats = Nats::start_with_args(&["--user", "tether", "--pass", "pool-s3cret"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("nats-password");
+    std::fs::write(&password, "pool-s3cret\n").unwrap();
+    let with_credentials = |c: &mut tether_config::GatewayConfig| {
+        let nats = c.routing.nats.as_mut().unwrap();
+        nats.auth.user = Some("tether".into());
+        nats.auth.password_file = Some(password.clone());
+    };
+    let (p0, p1) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", with_credentials),
+        Pod::start_with(&nats, "gw-1", with_credentials)
+    );
+    let mut agent = p1.agent("agent-1", &[]).await;
+    let response = p0
+        .post("/v1/agents/agent-1/messages", json!("via the bus"))
+        .await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(next_push(&mut agent).await.1, json!("via the bus"));
+
+    // No credentials: the server refuses the connection (authorization violation).
+    let anonymous = async_nats::ConnectOptions::new()
+        .max_reconnects(Some(1))
+        .connect(nats.url())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client is refused");
+    let wrong = async_nats::ConnectOptions::with_user_and_password("tether".into(), "guess".into())
+        .max_reconnects(Some(1))
+        .connect(nats.url())
+        .await;
+    assert!(wrong.is_err(), "a wrong password is refused");
+
+    // A pod with the wrong password does not start (it would route nothing).
+    let bad = dir.path().join("bad-password");
+    std::fs::write(&bad, "guess").unwrap();
+    let config = harness::config(dir.path(), &nats, |c| {
+        let nats = c.routing.nats.as_mut().unwrap();
+        nats.auth.user = Some("tether".into());
+        nats.auth.password_file = Some(bad.clone());
+    });
+    let started = tether_gateway::Gateway::start(config, "gw-bad".into()).await;
+    assert!(
+        started.is_err(),
+        "a pod with wrong credentials does not start"
+    );
+
+    // The agent is untouched by all of this.
+    let response = p0.post("/v1/agents/agent-1/messages", json!("still")).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(next_push(&mut agent).await.1, json!("still"));
+}

@@ -50,6 +50,8 @@ fn every_object_is_owned_by_the_pool_and_labelled() {
         nats: NatsRoutingSpec {
             url: None,
             managed: Some(true),
+            auth: None,
+            tls: None,
         },
     });
     let d = build(&p);
@@ -163,6 +165,8 @@ fn secrets_are_mounted_read_only_and_never_in_the_config_map() {
         nats: NatsRoutingSpec {
             url: Some("nats://bus:4222".into()),
             managed: None,
+            auth: None,
+            tls: None,
         },
     });
     p.spec.upstream = Some(UpstreamSpec {
@@ -270,7 +274,10 @@ fn gateway_rbac_is_limited_to_the_pools_own_status() {
     assert_eq!(rules.len(), 2);
     // Reading (and watching) its own Pod object, for the operator's instructions; never
     // the pool, which every pod writes.
-    assert_eq!(rules[1].resources.as_deref(), Some(&["pods".to_string()][..]));
+    assert_eq!(
+        rules[1].resources.as_deref(),
+        Some(&["pods".to_string()][..])
+    );
     assert_eq!(rules[1].api_groups.as_deref(), Some(&["".to_string()][..]));
     assert_eq!(
         rules[1].resource_names.as_deref(),
@@ -344,6 +351,8 @@ fn managed_nats_gets_its_own_server() {
         nats: NatsRoutingSpec {
             url: None,
             managed: Some(true),
+            auth: None,
+            tls: None,
         },
     });
     let d = build(&p);
@@ -462,4 +471,108 @@ fn snapshot_of_the_minimal_pool() {
         got == want,
         "objects of the minimal pool changed; review and record with UPDATE_SNAPSHOTS=1\n--- got ---\n{got}"
     );
+}
+
+#[test]
+fn nats_credentials_and_tls_are_mounted_and_rendered_as_paths() {
+    let mut p = pool("acme");
+    p.spec.routing = Some(RoutingSpec {
+        nats: NatsRoutingSpec {
+            url: Some("tls://bus:4222".into()),
+            managed: None,
+            auth: Some(tether_crds::NatsAuthSpec {
+                user: Some("acme".into()),
+                password_secret_ref: Some(crate::fixtures::secret("acme-nats", "password")),
+                ..Default::default()
+            }),
+            tls: Some(tether_crds::NatsTlsSpec {
+                ca_secret_ref: Some(crate::fixtures::secret("acme-nats", "ca.crt")),
+                ..Default::default()
+            }),
+        },
+    });
+    let d = build(&p);
+    let volumes = pod_spec(&d).volumes.as_ref().unwrap();
+    let nats_volumes: Vec<_> = volumes
+        .iter()
+        .filter(|v| v.name.starts_with("secret-nats"))
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(nats_volumes, ["secret-nats-password", "secret-nats-ca"]);
+    let yaml = &d.config_map.data.as_ref().unwrap()["gateway.yaml"];
+    assert!(
+        !yaml.contains("acme-nats"),
+        "no Secret content or name in the ConfigMap"
+    );
+    let config = tether_config::GatewayConfig::from_yaml(yaml).expect("the gateway accepts it");
+    let nats = config.routing.nats.unwrap();
+    assert_eq!(nats.auth.user.as_deref(), Some("acme"));
+    assert_eq!(
+        nats.auth.password_file.as_deref(),
+        Some(std::path::Path::new(
+            "/etc/tether/secrets/nats-password/password"
+        ))
+    );
+    assert_eq!(
+        nats.tls.unwrap().ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/tether/secrets/nats-ca/ca.pem"))
+    );
+}
+
+#[test]
+fn network_policies_keep_neighbours_off_the_push_api_and_the_bus() {
+    let p = pool("acme");
+    let gw = gateway_network_policy(&p).unwrap();
+    let spec = gw.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_string()][..])
+    );
+    assert_eq!(
+        spec.pod_selector.as_ref().unwrap().match_labels.as_ref(),
+        Some(&selector_labels(&p))
+    );
+    let rules = spec.ingress.as_ref().unwrap();
+    let port_of = |r: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        r.ports.as_ref().unwrap()[0].port.clone().unwrap()
+    };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    // Agents: the WebSocket port from anywhere.
+    assert_eq!(port_of(&rules[0]), IntOrString::Int(WS_PORT));
+    assert!(rules[0].from.is_none());
+    // The push API: only the pool's pods and labelled clients in the namespace.
+    assert_eq!(port_of(&rules[1]), IntOrString::Int(API_PORT));
+    let from = rules[1].from.as_ref().unwrap();
+    assert_eq!(from.len(), 2);
+    for peer in from {
+        assert!(peer.namespace_selector.is_none() && peer.ip_block.is_none());
+    }
+    assert_eq!(
+        from[1]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()[API_CLIENT_LABEL],
+        "acme"
+    );
+    assert_eq!(rules.len(), 2, "no other port is open");
+
+    let nats = nats_network_policy(&p).unwrap();
+    let rules = nats.spec.as_ref().unwrap().ingress.clone().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(port_of(&rules[0]), IntOrString::Int(NATS_PORT));
+    assert_eq!(
+        rules[0].from.as_ref().unwrap()[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref(),
+        Some(&selector_labels(&p))
+    );
+    for policy in [&gw, &nats] {
+        assert_eq!(policy.metadata.owner_references.as_ref().unwrap().len(), 1);
+    }
 }
