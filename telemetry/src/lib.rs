@@ -12,8 +12,9 @@
 //! - OTLP export is on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or a per-signal
 //!   `OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT`) is set; the exporters read the other
 //!   standard `OTEL_*` variables themselves (`OTEL_METRIC_EXPORT_INTERVAL`,
-//!   `OTEL_BSP_SCHEDULE_DELAY`, headers, timeouts), and the resource honours
-//!   `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`. The SDK exports from its own
+//!   `OTEL_BSP_SCHEDULE_DELAY`, headers, timeouts), and the resource takes extra
+//!   attributes from `OTEL_RESOURCE_ATTRIBUTES` (`service.name` is the binary's own and
+//!   the attributes the binary sets win). The SDK exports from its own
 //!   threads, hence the blocking HTTP client (an async client there has no tokio
 //!   reactor; the gateway's `tests/otlp` caught exactly that).
 //! - The Prometheus reader ([`Options::prometheus`]) reads the same instruments as the
