@@ -92,8 +92,9 @@ pub struct Connection {
     /// Groups from the token's `groups` claim (replaced by a `refresh`; changed only
     /// under the hub's index lock).
     groups: RwLock<Box<[Box<str>]>>,
-    /// Unix seconds when the connection was accepted.
-    pub connected_at: u64,
+    /// Unix milliseconds when the connection was accepted (orders an agent's
+    /// connections across pods: newest wins).
+    pub connected_at_ms: u64,
     /// Liveness stamps: last frames, outstanding ping, token expiry.
     pub clock: Clock,
     outbox: Outbox,
@@ -113,7 +114,7 @@ impl Connection {
             id,
             agent_id: agent_id.into(),
             groups: RwLock::new(groups.into_iter().map(String::into_boxed_str).collect()),
-            connected_at: unix_now(),
+            connected_at_ms: unix_now_ms(),
             clock: Clock::new(expires_at),
             outbox: Outbox::default(),
             closing: AtomicBool::new(false),
@@ -139,12 +140,16 @@ impl Connection {
 
     /// Queues a frame unless the queue holds `capacity` frames already or the connection
     /// is closing.
+    ///
+    /// `closing` is checked under the queue's lock, and [`Connection::close`] sets it
+    /// under the same lock: a push racing a close is either queued before the `Close`
+    /// (and written) or refused (and the caller told) — never queued after it and lost.
     pub fn enqueue(&self, frame: Outbound, capacity: usize) -> Result<(), DeliveryError> {
-        if self.closing.load(Ordering::Acquire) {
-            return Err(DeliveryError::NotConnected);
-        }
         {
             let mut queue = self.outbox.queue.lock();
+            if self.closing.load(Ordering::Acquire) {
+                return Err(DeliveryError::NotConnected);
+            }
             if queue.len() >= capacity {
                 return Err(DeliveryError::QueueFull);
             }
@@ -157,10 +162,13 @@ impl Connection {
     /// Queues a close after whatever is already queued. The first close wins; later
     /// ones are ignored so the agent sees the reason that actually ended the session.
     pub fn close(&self, code: CloseCode) {
-        if self.closing.swap(true, Ordering::AcqRel) {
-            return;
+        {
+            let mut queue = self.outbox.queue.lock();
+            if self.closing.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            queue.push_back(Outbound::Close(code));
         }
-        self.outbox.queue.lock().push_back(Outbound::Close(code));
         self.outbox.notify.notify_one();
     }
 
@@ -198,6 +206,14 @@ impl Drop for UpstreamSlot {
     fn drop(&mut self) {
         self.0.upstream_in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Unix time in milliseconds.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 /// Unix time in seconds.

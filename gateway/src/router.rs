@@ -155,7 +155,7 @@ impl LocalRouter {
             connection_id: conn.id.to_string(),
             pod: self.pod.to_string(),
             groups: conn.groups(),
-            connected_at: conn.connected_at,
+            connected_at: conn.connected_at_ms / 1000,
         }
     }
 

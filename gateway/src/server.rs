@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::routing::get;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -368,9 +367,7 @@ async fn serve_internal(state: Arc<AppState>, listener: TcpListener, stop: Cance
 /// The public port: upgrades only. Connections that have not finished their upgrade
 /// are capped by `listen.maxPendingUpgrades`; beyond it new ones are closed at accept.
 async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
-    let app = axum::Router::new()
-        .route("/v1/connect", get(crate::upgrade::connect))
-        .with_state(state.clone());
+    let app = crate::upgrade::public_app(state.clone());
     let builder = http1_builder(&state.config.listen);
     let pending = Arc::new(Semaphore::new(state.config.listen.max_pending_upgrades));
     while let Some(stream) = accept(&listener, &stop).await {
@@ -411,21 +408,33 @@ async fn drain(state: &Arc<AppState>) {
             .drain_remaining
             .add(connections.len() as i64, &[]);
 
-        let mut remaining = connections.into_iter();
-        crate::shed::close_paced(
-            state,
-            || {
-                let next = remaining.next();
-                if next.is_some() {
-                    state.metrics.drain_remaining.add(-1, &[]);
-                }
-                next
-            },
-            config.connections_per_second,
-            "drain",
-            tokio::time::sleep_until(deadline),
-        )
-        .await;
+        // Sessions past admission when the drain started register afterwards: scan
+        // again until a scan finds nothing open (or the deadline passes).
+        let mut batch = connections;
+        while !batch.is_empty() && tokio::time::Instant::now() < deadline {
+            let mut remaining = batch.into_iter();
+            crate::shed::close_paced(
+                state,
+                || {
+                    let next = remaining.next();
+                    if next.is_some() {
+                        state.metrics.drain_remaining.add(-1, &[]);
+                    }
+                    next
+                },
+                config.connections_per_second,
+                "drain",
+                tokio::time::sleep_until(deadline),
+            )
+            .await;
+            batch = state
+                .hub
+                .snapshot()
+                .into_iter()
+                .filter(|c| !c.is_closing())
+                .collect();
+            state.metrics.drain_remaining.add(batch.len() as i64, &[]);
+        }
 
         // Wait for the sessions (and upstream calls) to finish, up to the deadline.
         state.tasks.close();

@@ -26,6 +26,13 @@ use crate::auth::AuthError;
 use crate::metrics::label;
 use crate::state::AppState;
 
+/// The public port's routes: `GET /v1/connect` only. Tests drive it with `oneshot`.
+pub fn public_app(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/connect", axum::routing::get(connect))
+        .with_state(state)
+}
+
 /// Why a handshake was refused before the upgrade.
 fn refuse(state: &AppState, result: &'static str, error: ApiError) -> Response {
     state.metrics.handshakes.add(1, &label("result", result));
@@ -45,6 +52,17 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether the client offered `tether.v1` — exactly: subprotocol names are
+/// case-sensitive tokens (RFC 6455 §4.1), and the 101 answers with the name as offered.
+fn offers_subprotocol(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == SUBPROTOCOL)
 }
 
 /// The bearer token from `Authorization`, or the `access_token` query parameter for
@@ -96,9 +114,47 @@ fn percent_decode(value: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Headers that must appear at most once: a second copy would make the gateway and
+/// anything in front of it disagree on which one counts.
+const SINGLE_HEADERS: [header::HeaderName; 4] = [
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::AUTHORIZATION,
+    header::HOST,
+];
+
 /// Handles `GET /v1/connect`.
 pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>) -> Response {
+    // axum routes HEAD to GET handlers; an upgrade is a GET on HTTP/1.1 only.
+    if req.method() != http::Method::GET {
+        let mut response = refuse(
+            &state,
+            "bad_method",
+            ApiError::MethodNotAllowed("a WebSocket upgrade is a GET".into()),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    if req.version() != http::Version::HTTP_11 {
+        return refuse(
+            &state,
+            "bad_version",
+            ApiError::BadRequest("a WebSocket upgrade needs HTTP/1.1".into()),
+        );
+    }
     let headers = req.headers();
+    if let Some(name) = SINGLE_HEADERS
+        .iter()
+        .find(|name| headers.get_all(*name).iter().nth(1).is_some())
+    {
+        return refuse(
+            &state,
+            "duplicate_header",
+            ApiError::BadRequest(format!("header {name} must appear once")),
+        );
+    }
     if !header_has_token(headers, header::UPGRADE, "websocket")
         || !header_has_token(headers, header::CONNECTION, "upgrade")
     {
@@ -143,7 +199,7 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
             );
         }
     };
-    if !header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL) {
+    if !offers_subprotocol(headers) {
         return refuse(
             &state,
             "no_subprotocol",

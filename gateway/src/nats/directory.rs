@@ -57,13 +57,36 @@ impl Route {
     }
 }
 
+/// The older connection another pod must close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replace {
+    /// Its pod.
+    pub pod: String,
+    /// That pod process's boot id.
+    pub boot: String,
+    /// The connection.
+    pub conn: u64,
+}
+
 /// Whom to tell to close an older connection after this pod overwrote `previous`.
 /// A previous entry of this pod needs nothing: the hub already replaced the older
 /// connection, or it belonged to a previous incarnation that is gone.
-pub fn to_replace(previous: Option<&Route>, me: &Me) -> Option<(String, u64)> {
-    previous
-        .filter(|p| !p.on_pod(me))
-        .map(|p| (p.pod.clone(), p.conn))
+pub fn to_replace(previous: Option<&Route>, me: &Me) -> Option<Replace> {
+    previous.filter(|p| !p.on_pod(me)).map(|p| Replace {
+        pod: p.pod.clone(),
+        boot: p.boot.clone(),
+        conn: p.conn,
+    })
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// The entry now names this connection; it replaced this one (if any).
+    Replaced(Option<Route>),
+    /// Another pod holds a connection accepted later: the entry was left alone and
+    /// this connection must yield.
+    Newer(Route),
 }
 
 /// What to do about one local connection when re-registering after a NATS outage.
@@ -252,18 +275,30 @@ impl Directory {
     /// Writes `route` for `agent`, whatever was there; returns the entry it replaced.
     /// Compare-and-set: a write that loses a race re-reads and tries again, so two
     /// connects at once end with one entry, and each writer learns whom it replaced.
+    ///
+    /// Newest wins by acceptance time, decided inside the compare-and-set: an entry of
+    /// another pod accepted later than `route` is kept (a slow directory write of an
+    /// older connection must not evict the newer one).
     pub async fn register(
         &self,
         agent: &str,
         route: &Route,
-    ) -> Result<(Option<Route>, u64), DirectoryError> {
+        me: &Me,
+    ) -> Result<Written, DirectoryError> {
         let value = Bytes::from(serde_json::to_vec(route).map_err(err)?);
         let key = Subjects::agent_key(agent);
         let mut last = None;
         for _ in 0..CAS_ATTEMPTS {
             let (expected, previous) = self.entry(agent).await?;
+            let previous = previous.map(|(r, _)| r);
+            if let (Some(newer), Reconcile::CloseLocal) = (
+                &previous,
+                reconcile(previous.as_ref(), me, route.conn, route.at_ms),
+            ) {
+                return Ok(Written::Newer(newer.clone()));
+            }
             match self.agents.update(&key, value.clone(), expected).await {
-                Ok(revision) => return Ok((previous.map(|(r, _)| r), revision)),
+                Ok(_) => return Ok(Written::Replaced(previous)),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     last = Some(e);
                 }
@@ -420,7 +455,11 @@ mod tests {
         assert_eq!(to_replace(Some(&route("gw-0", "b0", 3, 0)), &me()), None);
         assert_eq!(
             to_replace(Some(&route("gw-1", "x", 3, 0)), &me()),
-            Some(("gw-1".into(), 3))
+            Some(Replace {
+                pod: "gw-1".into(),
+                boot: "x".into(),
+                conn: 3
+            })
         );
     }
 

@@ -556,31 +556,46 @@ fn route_of(me: &Me, conn: &Connection) -> Route {
         pod: me.pod.clone(),
         boot: me.boot.clone(),
         conn: conn.id,
-        at_ms: conn.connected_at * 1000,
+        at_ms: conn.connected_at_ms,
     }
 }
 
 impl Inner {
     /// Records a connection; tells the pod of the older connection (if any) to close it.
+    /// A connection that lost to a newer one on another pod (the comparison happens
+    /// inside the directory's compare-and-set) is closed here with 4003.
     async fn register(&self, conn: &Connection) -> Result<(), directory::DirectoryError> {
         let route = route_of(&self.me, conn);
-        let (previous, _) = self.directory.register(&conn.agent_id, &route).await?;
+        let written = self
+            .directory
+            .register(&conn.agent_id, &route, &self.me)
+            .await?;
         self.cache.invalidate(&conn.agent_id);
-        if let Some((pod, old)) = directory::to_replace(previous.as_ref(), &self.me) {
-            self.tell_replace(&pod, &conn.agent_id, old).await;
+        match written {
+            directory::Written::Newer(newer) => {
+                debug!(agent = %conn.agent_id, pod = %newer.pod, "a newer connection exists elsewhere");
+                conn.close(CloseCode::Replaced);
+            }
+            directory::Written::Replaced(previous) => {
+                if let Some(old) = directory::to_replace(previous.as_ref(), &self.me) {
+                    self.tell_replace(&conn.agent_id, old).await;
+                }
+            }
         }
         Ok(())
     }
 
-    async fn tell_replace(&self, pod: &str, agent: &str, conn: u64) {
+    async fn tell_replace(&self, agent: &str, old: directory::Replace) {
+        let pod = old.pod;
         let call = Call::Replace {
             agent: agent.to_owned(),
-            conn,
+            conn: old.conn,
+            boot: Some(old.boot),
         };
         if let Ok(payload) = wire::encode_call(&call, &[]) {
             // Fire and forget: if it is lost, the other pod's re-registration after its
             // own outage finds the newer entry and closes its connection.
-            let subject = self.subjects.pod(pod, PodOp::Replace);
+            let subject = self.subjects.pod(&pod, PodOp::Replace);
             if let Err(e) = self
                 .client
                 .publish_with_headers(subject, wire::trace_headers(), payload)
@@ -602,7 +617,7 @@ impl Inner {
             .map(|conn| async move {
                 let entry = self.directory.lookup(&conn.agent_id).await?;
                 let route = entry.as_ref().map(|(r, _)| r);
-                match directory::reconcile(route, &self.me, conn.id, conn.connected_at * 1000) {
+                match directory::reconcile(route, &self.me, conn.id, conn.connected_at_ms) {
                     Reconcile::Keep => Ok(0),
                     Reconcile::CloseLocal => {
                         conn.close(CloseCode::Replaced);
@@ -763,9 +778,12 @@ impl Inner {
                 None => Answer::NotHere,
             },
             Call::Disconnect { agent } => result(self.local.disconnect(&agent).await),
-            Call::Replace { agent, conn } => {
+            Call::Replace { agent, conn, boot } => {
+                // Connection ids restart with each process: the boot id tells an entry
+                // of a previous incarnation from the connection that reuses its id.
                 if let Some(current) = self.hub.get(&agent)
                     && current.id == conn
+                    && boot.is_none_or(|b| b == self.me.boot)
                 {
                     debug!(agent, conn, "newer connection on another pod: closing ours");
                     current.close(CloseCode::Replaced);

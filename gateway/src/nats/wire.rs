@@ -76,6 +76,9 @@ pub enum Call {
         agent: String,
         /// The connection the directory named before it was overwritten.
         conn: u64,
+        /// The boot id of the process that holds `conn` (absent from older pods).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot: Option<String>,
     },
     /// A page of local agents after `cursor`.
     List {

@@ -52,3 +52,203 @@ async fn slow_reader_with_zero_window_is_evicted() {
     arena.check().await;
     drop(slow);
 }
+
+/// Fragments that add up to more than `maxMessageBytes` are refused with 1009 before
+/// the whole message is buffered.
+#[tokio::test]
+async fn fragmented_message_growing_past_the_limit_closes_1009() {
+    let mut arena = Arena::start_with(|c| c.limits.max_message_bytes = 1024).await;
+    let mut agent = raw_agent(arena.public(), "fragments", None).await;
+    let chunk = vec![b'x'; 600];
+    agent
+        .write_all(&client_frame(0x1, false, &chunk))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        // The gateway may close before every fragment is written.
+        if agent
+            .write_all(&client_frame(0x0, false, &chunk))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(raw_close_code(&mut agent).await, Some(1009));
+    arena.check().await;
+}
+
+/// A control frame over 125 bytes breaks RFC 6455: 1002.
+#[tokio::test]
+async fn control_frame_over_125_bytes_closes_1002() {
+    let mut arena = Arena::start().await;
+    let mut agent = raw_agent(arena.public(), "big-ping", None).await;
+    agent
+        .write_all(&client_frame(0x9, true, &[7u8; 200]))
+        .await
+        .unwrap();
+    assert_eq!(raw_close_code(&mut agent).await, Some(1002));
+    arena.check().await;
+}
+
+/// A ping flood from an agent that never reads: tungstenite keeps one pending pong,
+/// not one per ping, so memory stays flat; if its socket backs up it is evicted as a
+/// slow consumer like any other non-reader.
+#[tokio::test]
+async fn ping_flood_keeps_memory_bounded() {
+    let mut arena = Arena::start_with(|c| c.limits.write_timeout_ms = 500).await;
+    let mut agent = raw_agent(arena.public(), "pinger", Some(4096)).await;
+    let ping = client_frame(0x9, true, &[1u8; 125]);
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 1000)
+        .collect();
+    for _ in 0..20 {
+        if agent.write_all(&burst).await.is_err() {
+            break;
+        }
+    }
+    arena.check().await;
+    drop(agent);
+}
+
+/// HEAD and HTTP/1.0 cannot upgrade; duplicated handshake headers are ambiguous;
+/// a non-Bearer `Authorization` is no token.
+#[tokio::test]
+async fn malformed_handshakes_get_their_documented_status() {
+    let mut arena = Arena::start().await;
+    let addr = arena.public();
+    let token = token("h", &[], 3600);
+    let good = upgrade_request(Some(&token), "");
+    let head = good.replacen("GET ", "HEAD ", 1);
+    assert_eq!(raw_status(addr, head.as_bytes()).await, Some(405));
+    let http10 = good.replacen("HTTP/1.1", "HTTP/1.0", 1);
+    assert_eq!(raw_status(addr, http10.as_bytes()).await, Some(400));
+    let dup_key = upgrade_request(
+        Some(&token),
+        "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+    );
+    assert_eq!(raw_status(addr, dup_key.as_bytes()).await, Some(400));
+    let dup_auth = upgrade_request(Some(&token), &format!("Authorization: Bearer {token}\r\n"));
+    assert_eq!(raw_status(addr, dup_auth.as_bytes()).await, Some(400));
+    let basic = upgrade_request(None, "Authorization: Basic dXNlcjpwYXNz\r\n");
+    assert_eq!(raw_status(addr, basic.as_bytes()).await, Some(401));
+    let wrong_case = good.replace("tether.v1", "Tether.V1");
+    assert_eq!(raw_status(addr, wrong_case.as_bytes()).await, Some(400));
+    // The well-formed request still upgrades.
+    assert_eq!(raw_status(addr, good.as_bytes()).await, Some(101));
+    arena.check().await;
+}
+
+/// Hostile tokens: too many groups, no `exp`, no `tenant`, another key family.
+#[tokio::test]
+async fn hostile_tokens_are_refused_before_the_upgrade() {
+    let mut arena = Arena::start().await;
+    let url = arena.gw.ws_url();
+    let groups: Vec<String> = (0..1000).map(|i| format!("g{i}")).collect();
+    let mut many = claims("many", &[], 3600);
+    many["groups"] = serde_json::json!(groups);
+    assert_eq!(refused_status(&url, Some(&sign(&many))).await, 401);
+    let mut no_exp = claims("no-exp", &[], 3600);
+    no_exp.as_object_mut().unwrap().remove("exp");
+    assert_eq!(refused_status(&url, Some(&sign(&no_exp))).await, 401);
+    let mut no_tenant = claims("no-tenant", &[], 3600);
+    no_tenant.as_object_mut().unwrap().remove("tenant");
+    assert_eq!(refused_status(&url, Some(&sign(&no_tenant))).await, 403);
+    let mut other = claims("other", &[], 3600);
+    other["tenant"] = serde_json::json!("globex");
+    assert_eq!(refused_status(&url, Some(&sign(&other))).await, 403);
+    // RS256, while the pool verifies HS256: another key family.
+    let rsa = std::fs::read(fixture("rsa-private.pem")).unwrap();
+    let rs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims("rsa", &[], 3600),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&rsa).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(refused_status(&url, Some(&rs256)).await, 401);
+    arena.check().await;
+}
+
+/// A pool whose keys are a JWKS: a token naming an unknown `kid` is refused (401), a
+/// known one connects.
+#[tokio::test]
+async fn unknown_kid_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::copy(fixture("jwks.json"), &jwks).unwrap();
+    let gw = TestGateway::start_with(|c| {
+        c.auth.jwt.hs256_secret_file = None;
+        c.auth.jwt.public_keys_file = Some(jwks);
+    })
+    .await;
+    let rsa = std::fs::read(fixture("rsa-private.pem")).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&rsa).unwrap();
+    let signed = |kid: &str| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &claims("kid-agent", &[], 3600), &key).unwrap()
+    };
+    assert_eq!(
+        refused_status(&gw.ws_url(), Some(&signed("rsa-9"))).await,
+        401
+    );
+    assert!(connect(&gw.ws_url(), Some(&signed("rsa-1"))).await.is_ok());
+    assert!(rss_mib() < RSS_BOUND_MIB);
+}
+
+/// In-band refreshes: a forged, an expired and another tenant's token end the
+/// session with 4002; a valid one with other groups moves the agent's memberships.
+#[tokio::test]
+async fn refreshes_are_verified_and_apply_their_groups() {
+    let mut arena = Arena::start().await;
+    let refresh = |token: String| tether_protocol::AgentMessage::Refresh { token }.encode();
+
+    let mut forged = arena.gw.agent("forged", &[]).await;
+    let mut bad = token("forged", &[], 3600);
+    bad.push_str("tampered");
+    send_text(&mut forged, &refresh(bad)).await;
+    expect_close(&mut forged, tether_protocol::CloseCode::TokenInvalid).await;
+
+    let mut expired = arena.gw.agent("expired", &[]).await;
+    send_text(&mut expired, &refresh(token("expired", &[], -3600))).await;
+    expect_close(&mut expired, tether_protocol::CloseCode::TokenInvalid).await;
+
+    let mut tenant = arena.gw.agent("tenant", &[]).await;
+    let mut other = claims("tenant", &[], 3600);
+    other["tenant"] = serde_json::json!("globex");
+    send_text(&mut tenant, &refresh(sign(&other))).await;
+    expect_close(&mut tenant, tether_protocol::CloseCode::TokenInvalid).await;
+
+    let mut mover = arena.gw.agent("mover", &["old"]).await;
+    send_text(&mut mover, &refresh(token("mover", &["new"], 3600))).await;
+    assert!(matches!(
+        next_message(&mut mover).await,
+        tether_protocol::GatewayMessage::Refreshed { .. }
+    ));
+    let sent = |group: &'static str| {
+        let gw = &arena.gw;
+        async move {
+            let body: serde_json::Value = gw
+                .post(&format!("/v1/groups/{group}/messages"), json!(group))
+                .await
+                .json()
+                .await
+                .unwrap();
+            body["delivered"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(
+        sent("old").await,
+        0,
+        "the dropped group no longer reaches it"
+    );
+    assert_eq!(sent("new").await, 1);
+    match next_message(&mut mover).await {
+        tether_protocol::GatewayMessage::Push { data, .. } => assert_eq!(data.get(), "\"new\""),
+        other => panic!("expected the group push, got {other:?}"),
+    }
+    arena.check().await;
+}

@@ -159,3 +159,72 @@ pub async fn closed_by_server(stream: &mut TcpStream) {
         .await
         .expect("the server closes the connection");
 }
+
+/// A masked client frame (RFC 6455 §5.2) built by hand, so a test can send what no
+/// well-behaved client library would.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    let len = payload.len();
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else if len < 65_536 {
+        frame.push(0x80 | 126);
+        frame.extend((len as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | 127);
+        frame.extend((len as u64).to_be_bytes());
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    frame.extend(mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Upgrades a raw TCP connection with a valid token for `sub`; returns it after the 101.
+pub async fn raw_agent(addr: SocketAddr, sub: &str, recv_buffer: Option<u32>) -> TcpStream {
+    let mut stream = tcp(addr, recv_buffer).await;
+    stream
+        .write_all(upgrade_request(Some(&token(sub, &[], 3600)), "").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await.expect("an answer");
+    assert_eq!(status_of(&head), 101, "{head}");
+    stream
+}
+
+/// Reads server frames (unmasked) until a close frame; returns its code (`None`: the
+/// connection ended without one).
+pub async fn raw_close_code(stream: &mut TcpStream) -> Option<u16> {
+    let read = async {
+        loop {
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await.ok()?;
+            let opcode = head[0] & 0x0f;
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut b = [0u8; 2];
+                    stream.read_exact(&mut b).await.ok()?;
+                    u64::from(u16::from_be_bytes(b))
+                }
+                127 => {
+                    let mut b = [0u8; 8];
+                    stream.read_exact(&mut b).await.ok()?;
+                    u64::from_be_bytes(b)
+                }
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; len as usize];
+            stream.read_exact(&mut payload).await.ok()?;
+            if opcode == 8 {
+                return Some(
+                    payload
+                        .get(..2)
+                        .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]])),
+                );
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("a close in time")
+}
