@@ -174,12 +174,21 @@ type Scope = (Option<String>, Option<String>);
 #[derive(Default)]
 struct Watchers {
     scopes: HashMap<Scope, Vec<mpsc::UnboundedSender<Arc<Event>>>>,
+    added: usize,
 }
 
 impl Watchers {
     fn add(&mut self, scope: Scope, tx: mpsc::UnboundedSender<Arc<Event>>) {
+        // Closed watchers of a quiet bucket would otherwise linger until its next event:
+        // sweep this bucket now, and every bucket once per 1,024 watches (amortized O(1)).
+        self.added += 1;
+        if self.added.is_multiple_of(1024) {
+            self.scopes.retain(|_, b| {
+                b.retain(|t| !t.is_closed());
+                !b.is_empty()
+            });
+        }
         let bucket = self.scopes.entry(scope).or_default();
-        // Closed watchers of a quiet bucket would otherwise linger until its next event.
         bucket.retain(|t| !t.is_closed());
         bucket.push(tx);
     }

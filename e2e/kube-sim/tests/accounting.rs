@@ -369,3 +369,37 @@ async fn stats_count_exactly_what_was_sent() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_name_pinned_watch_is_offered_only_its_object() {
+    let sim = Server::start().await.unwrap();
+    let client = sim.client().unwrap();
+    // One watch by field selector, one by URL (`.../configmaps/cm-7?watch=1`).
+    let by_selector = http::Request::get(
+        "/api/v1/namespaces/default/configmaps?watch=1&fieldSelector=metadata.name%3Dcm-3",
+    )
+    .body(Vec::new())
+    .unwrap();
+    let by_url = http::Request::get("/api/v1/namespaces/default/configmaps/cm-7?watch=1")
+        .body(Vec::new())
+        .unwrap();
+    let mut w3 = Box::pin(client.request_stream(by_selector).await.unwrap());
+    let mut w7 = Box::pin(client.request_stream(by_url).await.unwrap());
+    let before = sim.stats().snapshot();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for i in 0..10 {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}})).unwrap();
+        cms.create(&Default::default(), &cm).await.unwrap();
+    }
+    let (e3, _) = read_lines(&mut w3, 1).await;
+    let (e7, _) = read_lines(&mut w7, 1).await;
+    assert_eq!(e3[0]["object"]["metadata"]["name"], "cm-3");
+    assert_eq!(e7[0]["object"]["metadata"]["name"], "cm-7");
+    let d = sim.stats().snapshot().since(&before);
+    // Ten events; each pinned watcher was considered for its own object's event only.
+    assert_eq!(d.watchers_examined, 2);
+    let pinned = |sel: &str| d.watch(|k| k.field_selector == sel).events;
+    assert_eq!(pinned("metadata.name=cm-3"), 1);
+    assert_eq!(pinned("metadata.name=cm-7"), 1);
+}
