@@ -7,6 +7,7 @@
 //! push accepted before the close is not lost.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rand::Rng;
@@ -65,8 +66,11 @@ pub async fn close_paced(
 }
 
 /// Closes up to `count` of this pod's open connections at `drain.connectionsPerSecond`
-/// (rebalancing: their agents reconnect through the Service, most of them elsewhere).
-/// Returns how many were closed.
+/// (rebalancing: their agents reconnect through the Service, elsewhere). The pod is
+/// unready and refuses upgrades from the first close until the last shed agent's
+/// reconnect delay (`drain.reconnectJitterMs`) has passed: otherwise a Service that
+/// balances at random sends a third of a three-pod pool's shed agents straight back,
+/// and the excess never goes. Returns how many were closed.
 pub async fn shed(state: &Arc<AppState>, count: usize, stop: &CancellationToken) -> usize {
     let mut candidates = state
         .hub
@@ -74,15 +78,27 @@ pub async fn shed(state: &Arc<AppState>, count: usize, stop: &CancellationToken)
         .into_iter()
         .filter(|c| !c.is_closing())
         .take(count);
-    close_paced(
+    state.shedding.store(true, Ordering::Release);
+    let closed = close_paced(
         state,
         || candidates.next(),
         state.config.drain.connections_per_second,
         "rebalance",
         stop.cancelled(),
     )
-    .await
+    .await;
+    let reconnects = Duration::from_millis(state.config.drain.reconnect_jitter_ms) + SHED_MARGIN;
+    tokio::select! {
+        () = tokio::time::sleep(reconnects) => {}
+        () = stop.cancelled() => {}
+    }
+    state.shedding.store(false, Ordering::Release);
+    closed
 }
+
+/// How long after its shed agents' reconnect window a pod stays closed to them: their
+/// first attempt may come a little after the hinted delay.
+const SHED_MARGIN: Duration = Duration::from_millis(500);
 
 /// An operator-instructed drain: the pod turns unready and refuses new agents, then
 /// closes every connection at `drain.connectionsPerSecond` — and stays up, empty, until

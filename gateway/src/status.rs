@@ -311,7 +311,7 @@ impl Reporter {
                 .refused_full
                 .load(Ordering::Relaxed)
                 .saturating_sub(refused_base) as i64,
-            ready: !draining && state.router.ready(),
+            ready: !draining && !state.is_shedding() && state.router.ready(),
             draining,
             instruction: self
                 .acting_on

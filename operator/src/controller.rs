@@ -183,9 +183,9 @@ impl Context {
     /// How long until the pool's autoscaler may step again (zero: now), noting a step.
     fn claim_step(&self, pool: &ObjectRef<ConnectionPool>) -> Duration {
         let mut stepped = lock(&self.stepped);
-        let wait = stepped
-            .get(pool)
-            .map_or(Duration::ZERO, |at| self.scale_spacing.saturating_sub(at.elapsed()));
+        let wait = stepped.get(pool).map_or(Duration::ZERO, |at| {
+            self.scale_spacing.saturating_sub(at.elapsed())
+        });
         if wait.is_zero() {
             stepped.insert(pool.clone(), Instant::now());
         }
@@ -296,6 +296,7 @@ pub fn error_policy(pool: Arc<ConnectionPool>, err: &Error, ctx: Arc<Context>) -
 }
 
 async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
+    ctx.metrics.observe_pool(pool);
     let key = ObjectRef::from_obj(pool);
     let previous = ctx.applied(&key);
     let spec_due = match &previous {
@@ -334,12 +335,26 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         let problem = outcome.as_ref().err().cloned();
         match &outcome {
             Ok(_) if was_degraded(pool) => {
-                publish(ctx, pool, EventType::Normal, "Recovered", "the spec was applied".into()).await;
+                publish(
+                    ctx,
+                    pool,
+                    EventType::Normal,
+                    "Recovered",
+                    "the spec was applied".into(),
+                )
+                .await;
             }
             Ok(_) => {}
             Err(problem) => {
                 info!(pool = %pool.name_any(), reason = problem.reason(), %problem, "spec cannot be applied");
-                publish(ctx, pool, EventType::Warning, problem.reason(), problem.to_string()).await;
+                publish(
+                    ctx,
+                    pool,
+                    EventType::Warning,
+                    problem.reason(),
+                    problem.to_string(),
+                )
+                .await;
             }
         }
         applied_sts = outcome.ok();
@@ -359,7 +374,11 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         key,
         Applied {
             generation: pool.metadata.generation,
-            replicas: if problem.is_none() { Some(replicas) } else { current },
+            replicas: if problem.is_none() {
+                Some(replicas)
+            } else {
+                current
+            },
             problem: problem.clone(),
         },
     );
@@ -392,6 +411,9 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     }
     Ok(match (&plan, &problem) {
         (Some(plan), _) => {
+            for event in &plan.events {
+                ctx.metrics.observe_scaling(pool, event.reason);
+            }
             crate::autoscale::after_apply(&ctx.client, &ctx.recorder, pool, plan).await;
             Action::requeue(plan.requeue.min(RESYNC))
         }
@@ -593,6 +615,7 @@ where
 async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     ctx.forget(pool);
+    ctx.metrics.forget_pool(pool);
     let client = &ctx.client;
     let base = resources::base_name(pool);
     let rbac = resources::rbac_name(pool);

@@ -10,16 +10,22 @@
 //!                     │ HTTP (JSON, watch streams)
 //!   ┌─────────────────▼───────────────────────────────────────────┐
 //!   │ http      routing, query params, content types, Table, faults│
+//!   │   └ protobuf  kubectl's protobuf bodies (k8s-pb) → JSON      │
 //!   │ discovery /api /apis /version /openapi/v3 (legacy+aggregated)│
 //!   │ watch     selector-aware event streams, bookmarks, 410       │
+//!   │ stats     API accounting: requests, watch events and bytes   │
 //!   ├──────────────────────────────────────────────────────────────┤
-//!   │ store     objects, global resourceVersion, bounded event log,│
-//!   │           write pipeline (status/scale isolation, finalizers)│
+//!   │ store     objects indexed by type/namespace/name and labels, │
+//!   │           global resourceVersion, bounded event log, watcher │
+//!   │           buckets, write pipeline (status/scale isolation,   │
+//!   │           finalizers, Secret stringData)                     │
 //!   │   ├ ssa       managedFields, conflicts, list-map merging     │
 //!   │   ├ patch     JSON / merge / strategic-merge patch           │
 //!   │   ├ schema    CRD pruning, defaulting, validation (+ cel)    │
+//!   │   ├ events    core/v1 ⇄ events.k8s.io/v1 Event (one storage) │
 //!   │   └ registry  built-in kinds + CRD-registered kinds          │
-//!   │ gc        ownerReference garbage collection, namespace cleanup│
+//!   │ gc        ownerReference garbage collection, namespace       │
+//!   │           cleanup, driven by a queue of what writes concern  │
 //!   └──────────────────────────────────────────────────────────────┘
 //! ```
 //!
