@@ -552,7 +552,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "admitted": state.admitted.load(Ordering::Acquire),
         "max_connections": state.config.limits.max_connections,
         "draining": state.is_draining(),
-        "ready": state.router.ready() && !state.is_draining(),
+        "ready": state.router.ready() && !state.is_draining() && !state.is_shedding(),
     }))
 }
 
@@ -571,6 +571,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
     if state.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if state.is_shedding() {
+        (StatusCode::SERVICE_UNAVAILABLE, "rebalancing")
     } else if !state.router.ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "routing unavailable")
     } else {

@@ -190,6 +190,7 @@ impl Gateway {
             metrics: Metrics::global(),
             admitted: AtomicUsize::new(0),
             refused_full: Default::default(),
+            shedding: Default::default(),
             draining: AtomicBool::new(false),
             drain_requested: CancellationToken::new(),
             tasks: TaskTracker::new(),

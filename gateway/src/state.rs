@@ -42,6 +42,9 @@ pub struct AppState {
     pub refused_full: AtomicU64,
     /// Set once a drain starts: no new upgrades, readiness false.
     pub draining: AtomicBool,
+    /// Set while an instructed shed round runs and its agents reconnect: no new
+    /// upgrades, readiness false, so that the agents it sheds land on other pods.
+    pub shedding: AtomicBool,
     /// Cancelled to start a drain.
     pub drain_requested: CancellationToken,
     /// Every session and background task, so shutdown can wait for them (axum's
@@ -63,6 +66,11 @@ impl AppState {
     /// Whether a drain has started.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether a shed round is under way.
+    pub fn is_shedding(&self) -> bool {
+        self.shedding.load(Ordering::Acquire)
     }
 
     /// Reserves a connection slot; `None` when the pod is full.

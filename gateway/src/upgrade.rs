@@ -215,6 +215,14 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
             ApiError::Unavailable("gateway is draining".into()),
         );
     }
+    if state.is_shedding() {
+        // Rebalancing: an agent this pod just shed must land on another one.
+        return refuse(
+            &state,
+            "shedding",
+            ApiError::Unavailable("gateway is rebalancing; connect again".into()),
+        );
+    }
     let Some(admission) = state.admit() else {
         return refuse(
             &state,
