@@ -200,7 +200,12 @@ pub async fn run(
         info!("leading: starting the controller with a fresh state");
         // A fresh Context per term: no scaling history or cached decision of an earlier
         // term survives into this one.
-        let mut ctx = Context::new(client.clone(), settings.clone(), metrics.clone(), Some(identity.clone()));
+        let mut ctx = Context::new(
+            client.clone(),
+            settings.clone(),
+            metrics.clone(),
+            Some(identity.clone()),
+        );
         ctx.secret_recheck = secret_recheck;
         ctx.scale_spacing = scale_spacing;
         let mut stopping = stop_rx.clone();

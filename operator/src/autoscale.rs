@@ -393,7 +393,10 @@ pub fn plan(
         } else {
             stale_after
         })
-        .clamp(Duration::from_millis(500), stale_after.max(Duration::from_secs(1)));
+        .clamp(
+            Duration::from_millis(500),
+            stale_after.max(Duration::from_secs(1)),
+        );
 
     Plan {
         stateful_set_replicas,
@@ -655,7 +658,9 @@ impl Autoscaler {
             .as_ref()
             .map(|s| s.pods.as_slice())
             .unwrap_or_default();
-        memory.seen.retain(|name, _| pods.iter().any(|p| p.name == *name));
+        memory
+            .seen
+            .retain(|name, _| pods.iter().any(|p| p.name == *name));
         let mut ages = Ages::new();
         for report in pods {
             let print = fingerprint(report);
@@ -677,8 +682,13 @@ impl Autoscaler {
             now,
         );
         memory.history.rebalance = plan.episode.clone();
-        debug!(replicas = plan.stateful_set_replicas, desired = plan.desired_replicas,
-               total = plan.total_connections, reason = plan.scaling.1, "autoscale step");
+        debug!(
+            replicas = plan.stateful_set_replicas,
+            desired = plan.desired_replicas,
+            total = plan.total_connections,
+            reason = plan.scaling.1,
+            "autoscale step"
+        );
         plan
     }
 
@@ -825,7 +835,11 @@ pub async fn after_apply(client: &Client, recorder: &Recorder, pool: &Connection
 async fn prune(client: &Client, pool: &ConnectionPool, names: &[String]) {
     let ns = pool.namespace().unwrap_or_default();
     let api: Api<ConnectionPool> = Api::namespaced(client.clone(), &ns);
-    let pods = pool.status.as_ref().map(|s| s.pods.as_slice()).unwrap_or_default();
+    let pods = pool
+        .status
+        .as_ref()
+        .map(|s| s.pods.as_slice())
+        .unwrap_or_default();
     let mut ops = Vec::new();
     // Highest index first, so earlier removals do not shift later ones.
     for (i, p) in pods.iter().enumerate().rev() {
@@ -1146,7 +1160,12 @@ mod tests {
             shed: None,
             issued_at: Some(Time(t(0))),
         };
-        let mut p = pool(&[(0, 10, false), (1, 0, true)], vec![drain.clone()], Some(1), 5);
+        let mut p = pool(
+            &[(0, 10, false), (1, 0, true)],
+            vec![drain.clone()],
+            Some(1),
+            5,
+        );
         // An empty, draining report left over from an earlier drain (or boot).
         p.status.as_mut().unwrap().pods[1].instruction = Some("drain-1".into());
         let waiting = plan(&p, Some(2), &old_history(), &fresh(&p), t(5));
@@ -1160,11 +1179,7 @@ mod tests {
 
     /// Plays rebalancing steps for a pool of three at `per_pod`, feeding each plan's
     /// episode and instructions into the next step, like the Autoscaler does.
-    fn rebalance_step(
-        per_pod: [i64; 3],
-        previous: &Plan,
-        at: i64,
-    ) -> Plan {
+    fn rebalance_step(per_pod: [i64; 3], previous: &Plan, at: i64) -> Plan {
         let reports: Vec<_> = per_pod
             .iter()
             .enumerate()
@@ -1187,7 +1202,17 @@ mod tests {
     #[test]
     fn a_rebalance_episode_never_sheds_more_than_its_first_excess() {
         // 2,500 agents on one pod of three (the runaway measured on the local platform).
-        let start = rebalance_step([250, 0, 0], &plan(&pool(&[], vec![], Some(3), 0), Some(3), &old_history(), &Ages::new(), t(0)), 100);
+        let start = rebalance_step(
+            [250, 0, 0],
+            &plan(
+                &pool(&[], vec![], Some(3), 0),
+                Some(3),
+                &old_history(),
+                &Ages::new(),
+                t(0),
+            ),
+            100,
+        );
         assert_eq!(shed_total(&start), 250 - 84);
         let budget = start.episode.as_ref().unwrap().budget;
         assert_eq!(budget, 166);
@@ -1197,32 +1222,61 @@ mod tests {
         let mut shed = shed_total(&start);
         for at in (101..200).step_by(3) {
             let step = rebalance_step([84, 0, 0], &last, at);
-            if step.instructions.iter().any(|i| i.id != start.instructions[0].id) {
+            if step
+                .instructions
+                .iter()
+                .any(|i| i.id != start.instructions[0].id)
+            {
                 shed += shed_total(&step);
             }
             last = step;
         }
         assert_eq!(shed, budget, "no round beyond the first: {last:?}");
         assert_eq!(last.scaling.1, "Rebalancing");
-        assert!(last.scaling.2.contains("did not come back"), "{}", last.scaling.2);
+        assert!(
+            last.scaling.2.contains("did not come back"),
+            "{}",
+            last.scaling.2
+        );
         assert!(last.instructions.is_empty());
     }
 
     #[test]
     fn the_next_round_waits_for_the_shed_agents_and_stays_within_the_budget() {
-        let first = rebalance_step([250, 0, 0], &plan(&pool(&[], vec![], Some(3), 0), Some(3), &old_history(), &Ages::new(), t(0)), 100);
+        let first = rebalance_step(
+            [250, 0, 0],
+            &plan(
+                &pool(&[], vec![], Some(3), 0),
+                Some(3),
+                &old_history(),
+                &Ages::new(),
+                t(0),
+            ),
+            100,
+        );
         // Round over (166 / 1000 per s + 1 s + 4 s), agents not back yet: wait.
         let waiting = rebalance_step([84, 40, 40], &first, 106);
         assert!(waiting.instructions.is_empty(), "{waiting:?}");
-        assert!(waiting.scaling.2.contains("waiting for"), "{}", waiting.scaling.2);
+        assert!(
+            waiting.scaling.2.contains("waiting for"),
+            "{}",
+            waiting.scaling.2
+        );
         // A load balancer sent them all back to the same pod: the total recovered, the
         // pod is as heavy as before, and the budget is spent: stop, no second round.
         let back = rebalance_step([250, 0, 0], &waiting, 108);
         assert!(back.instructions.is_empty(), "{back:?}");
-        assert!(back.events.iter().any(|e| e.reason == "RebalanceStopped"), "{:?}", back.events);
+        assert!(
+            back.events.iter().any(|e| e.reason == "RebalanceStopped"),
+            "{:?}",
+            back.events
+        );
         // Evenly back: balanced, the episode is over.
         let even = rebalance_step([84, 83, 83], &waiting, 108);
-        assert!(even.episode.is_none() && even.instructions.is_empty(), "{even:?}");
+        assert!(
+            even.episode.is_none() && even.instructions.is_empty(),
+            "{even:?}"
+        );
     }
 
     #[test]

@@ -467,15 +467,10 @@ mod tests {
             report("p-3"), // beyond the StatefulSet
             report("other-0"),
         ];
-        let ages: Ages = [
-            ("p-0", 1),
-            ("p-1", 7),
-            ("p-3", 0),
-            ("other-0", 0),
-        ]
-        .into_iter()
-        .map(|(n, s)| (n.to_string(), Duration::from_secs(s)))
-        .collect();
+        let ages: Ages = [("p-0", 1), ("p-1", 7), ("p-3", 0), ("other-0", 0)]
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), Duration::from_secs(s)))
+            .collect();
         let live = live_reports("p", &pods, 3, Duration::from_secs(6), &ages);
         assert_eq!(live.iter().map(|l| l.ordinal).collect::<Vec<_>>(), vec![0]);
     }
@@ -488,7 +483,12 @@ mod tests {
         assert_eq!(d.reason, Reason::WithinTolerance);
         full.reports[0].refused = 120;
         let d = decide(&policy(), &full, &watched(0), t(100));
-        assert_eq!((d.replicas, d.reason), (4, Reason::ScaledUp), "{}", d.message);
+        assert_eq!(
+            (d.replicas, d.reason),
+            (4, Reason::ScaledUp),
+            "{}",
+            d.message
+        );
         assert!(d.message.contains("120 refused"), "{}", d.message);
     }
 

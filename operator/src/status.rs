@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tether_crds::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CONDITION_SCALING,
-    ConnectionPool, ConnectionPoolStatus,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CONDITION_SCALING, ConnectionPool,
+    ConnectionPoolStatus,
 };
 
 use crate::autoscale::Plan;
@@ -45,7 +45,11 @@ pub fn pool_status(
         .or(previous.ready_replicas);
     let target = plan
         .map(|p| p.stateful_set_replicas)
-        .or_else(|| observed.stateful_set.and_then(|s| s.spec.as_ref()?.replicas))
+        .or_else(|| {
+            observed
+                .stateful_set
+                .and_then(|s| s.spec.as_ref()?.replicas)
+        })
         .or(previous.desired_replicas)
         .unwrap_or(1);
 
@@ -62,12 +66,15 @@ pub fn pool_status(
     }
     ConnectionPoolStatus {
         pods: vec![],
-        total_connections: Some(
-            plan.map_or_else(|| total_connections(pool, replicas), |p| p.total_connections),
-        ),
+        total_connections: Some(plan.map_or_else(
+            || total_connections(pool, replicas),
+            |p| p.total_connections,
+        )),
         replicas,
         ready_replicas,
-        desired_replicas: plan.map(|p| p.desired_replicas).or(previous.desired_replicas),
+        desired_replicas: plan
+            .map(|p| p.desired_replicas)
+            .or(previous.desired_replicas),
         last_scale_time: if plan.is_some_and(|p| p.scaled) {
             Some(Time(now))
         } else {
@@ -105,7 +112,11 @@ fn scaling_condition(pool: &ConnectionPool, plan: &Plan, now: Timestamp) -> Cond
 /// moved by at least 5 % (or 100 connections) or when `refresh_due` (the caller's
 /// pacing, about once per report interval). This keeps the operator's own writes from
 /// doubling the pods' report traffic.
-pub fn worth_writing(pool: &ConnectionPool, next: &ConnectionPoolStatus, refresh_due: bool) -> bool {
+pub fn worth_writing(
+    pool: &ConnectionPool,
+    next: &ConnectionPoolStatus,
+    refresh_due: bool,
+) -> bool {
     let mut current = pool.status.clone().unwrap_or_default();
     current.pods.clear();
     let (now_total, next_total) = (
