@@ -28,8 +28,13 @@ use crate::state::AppState;
 
 /// The public port's routes: `GET /v1/connect` only. Tests drive it with `oneshot`.
 pub fn public_app(state: Arc<AppState>) -> axum::Router {
+    // Every method reaches `connect`, which answers 405 in the API's error shape; any
+    // other path gets a JSON 404.
     axum::Router::new()
-        .route("/v1/connect", axum::routing::get(connect))
+        .route("/v1/connect", axum::routing::any(connect))
+        .fallback(|| async {
+            ApiError::NotFound("agents connect at GET /v1/connect".into()).into_response()
+        })
         .with_state(state)
 }
 

@@ -31,6 +31,8 @@ pub struct Arena {
     pub gw: TestGateway,
     pub canary: Ws,
     pushes: u32,
+    /// The API key the canary's pushes use.
+    key: String,
 }
 
 impl Arena {
@@ -39,12 +41,21 @@ impl Arena {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut tether_config::GatewayConfig)) -> Self {
+        Self::start_with_key(API_KEY, tweak).await
+    }
+
+    /// A gateway whose key file (set by `tweak`) holds `key` with the `push` scope.
+    pub async fn start_with_key(
+        key: &str,
+        tweak: impl FnOnce(&mut tether_config::GatewayConfig),
+    ) -> Self {
         let gw = TestGateway::start_with(tweak).await;
         let canary = gw.agent("canary", &["canaries"]).await;
         let mut arena = Self {
             gw,
             canary,
             pushes: 0,
+            key: key.to_owned(),
         };
         arena.check().await;
         arena
@@ -56,8 +67,13 @@ impl Arena {
         let n = self.pushes;
         let response = self
             .gw
-            .post("/v1/agents/canary/messages", json!({"canary": n}))
-            .await;
+            .http
+            .post(self.gw.api("/v1/agents/canary/messages"))
+            .bearer_auth(&self.key)
+            .json(&json!({"canary": n}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202, "the canary's push is accepted");
         loop {
             match next_message(&mut self.canary).await {

@@ -60,3 +60,121 @@ async fn half_open_internal_requests_do_not_hold_shutdown() {
     );
     drop((lorises, canary));
 }
+
+/// A request head over `listen.maxHeaderBytes` (one huge header, or very many) gets
+/// 431 on either port, without buffering it whole.
+#[tokio::test]
+async fn header_floods_get_431_on_both_ports() {
+    let mut arena = Arena::start().await;
+    let huge = format!("X-Flood: {}\r\n", "a".repeat(64 * 1024));
+    let many: String = (0..4000).map(|i| format!("X-F{i}: v\r\n")).collect();
+    for extra in [&huge, &many] {
+        let public = upgrade_request(Some(&token("flood", &[], 3600)), extra);
+        let status = raw_status(arena.public(), public.as_bytes()).await;
+        assert_eq!(status, Some(431), "public");
+        let internal = format!("GET /healthz HTTP/1.1\r\nHost: gateway\r\n{extra}\r\n");
+        let status = raw_status(arena.internal(), internal.as_bytes()).await;
+        assert_eq!(status, Some(431), "internal");
+    }
+    // One giant token in Authorization: the same answer.
+    let giant = "e".repeat(32 * 1024);
+    let status = raw_status(arena.public(), upgrade_request(Some(&giant), "").as_bytes()).await;
+    assert_eq!(status, Some(431));
+    arena.check().await;
+}
+
+/// Connections that never finish their handshake are capped on the public port:
+/// beyond `listen.maxPendingUpgrades` new ones are closed at once, and agents connect
+/// again as soon as the idle ones are gone.
+#[tokio::test]
+async fn pending_upgrades_are_capped() {
+    let mut arena = Arena::start_with(|c| {
+        c.listen.max_pending_upgrades = 4;
+        c.listen.header_timeout_ms = 600_000;
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tcp(arena.public(), None).await;
+        stream
+            .write_all(b"GET /v1/connect HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        idle.push(stream);
+    }
+    arena.gw.wait_for_connections(1).await;
+    for _ in 0..3 {
+        let mut extra = tcp(arena.public(), None).await;
+        closed_by_server(&mut extra).await;
+    }
+    arena.check().await;
+    drop(idle);
+    let state = arena.gw.gateway.state().clone();
+    eventually(|| state.admitted.load(std::sync::atomic::Ordering::Acquire) == 1).await;
+    let mut late = None;
+    for _ in 0..100 {
+        // The slots free as the server notices the closed sockets.
+        if let Ok((ws, _)) = connect(&arena.gw.ws_url(), Some(&token("late", &[], 3600))).await {
+            late = Some(ws);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        late.is_some(),
+        "agents connect once the idle handshakes are gone"
+    );
+}
+
+/// The internal port holds at most `listen.maxInternalConnections` connections;
+/// beyond it new ones are closed at accept.
+#[tokio::test]
+async fn internal_connections_are_capped() {
+    let mut arena = Arena::start_with(|c| {
+        c.listen.max_internal_connections = 4;
+        c.listen.header_timeout_ms = 600_000;
+    })
+    .await;
+    // The canary's HTTP client keeps one pooled connection; fill the rest.
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        let mut stream = tcp(arena.internal(), None).await;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut byte),
+        )
+        .await
+        {
+            Ok(Ok(0) | Err(_)) => refused += 1,
+            _ => idle.push(stream),
+        }
+    }
+    assert!(
+        idle.len() <= 4,
+        "at most the cap is held ({} held)",
+        idle.len()
+    );
+    assert!(
+        refused >= 4,
+        "connections beyond the cap are closed ({refused})"
+    );
+    drop(idle);
+    // Slots come back once the idle connections are gone.
+    let mut ok = false;
+    for _ in 0..100 {
+        let client = reqwest::Client::new();
+        if let Ok(r) = client.get(arena.gw.api("/healthz")).send().await {
+            ok = r.status() == 200;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ok);
+    arena.check().await;
+}
