@@ -25,8 +25,14 @@ pub struct PrinterColumn {
     pub name: String,
     /// OpenAPI type (`string`, `integer`, `date` ...).
     pub type_: String,
-    /// Simple JSON path such as `.spec.tenant`.
+    /// JSONPath such as `.spec.tenant` or `.status.conditions[?(@.type=="Ready")].status`.
     pub json_path: String,
+    /// 0: shown by `kubectl get`; higher: only with `-o wide`.
+    pub priority: i64,
+    /// Column description.
+    pub description: String,
+    /// OpenAPI format (`name`, `date-time` ...).
+    pub format: String,
 }
 
 /// One served version of a resource.
@@ -380,6 +386,17 @@ pub fn from_crd(crd: &Value) -> Result<ResourceType, String> {
                                 .unwrap_or("string")
                                 .to_string(),
                             json_path: c.get("jsonPath")?.as_str()?.to_string(),
+                            priority: c.get("priority").and_then(Value::as_i64).unwrap_or(0),
+                            description: c
+                                .get("description")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
+                            format: c
+                                .get("format")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string(),
                         })
                     })
                     .collect()

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::registry::ResourceType;
+use crate::registry::{PrinterColumn, ResourceType};
 use crate::store::get_json_path;
 
 /// Evaluates a printer column's JSONPath (Kubernetes syntax: `.a.b[0].c`, `{.a.b}`,
@@ -100,29 +100,36 @@ fn builtin_columns(t: &ResourceType) -> Vec<(&'static str, &'static str, &'stati
     }
 }
 
-/// The column definitions for a type.
+/// The column definitions for a type: (name, type, JSONPath).
 pub fn columns(t: &ResourceType, version: &str) -> Vec<(String, String, String)> {
-    let mut cols: Vec<(String, String, String)> =
-        vec![("Name".into(), "string".into(), ".metadata.name".into())];
+    column_defs(t, version)
+        .into_iter()
+        .map(|c| (c.name, c.type_, c.json_path))
+        .collect()
+}
+
+/// The column definitions for a type, with priority, description and format.
+fn column_defs(t: &ResourceType, version: &str) -> Vec<PrinterColumn> {
+    let col = |name: &str, type_: &str, path: &str, format: &str| PrinterColumn {
+        name: name.into(),
+        type_: type_.into(),
+        json_path: path.into(),
+        priority: 0,
+        description: String::new(),
+        format: format.into(),
+    };
+    let mut cols = vec![col("Name", "string", ".metadata.name", "name")];
     match t.version(version) {
         // A CRD with additionalPrinterColumns gets exactly Name + its columns: the real
         // server (apiextensions tableconvertor) adds no Age of its own; CRDs list it.
-        Some(v) if !v.columns.is_empty() => cols.extend(
-            v.columns
-                .iter()
-                .map(|c| (c.name.clone(), c.type_.clone(), c.json_path.clone())),
-        ),
+        Some(v) if !v.columns.is_empty() => cols.extend(v.columns.iter().cloned()),
         _ => {
             cols.extend(
                 builtin_columns(t)
                     .into_iter()
-                    .map(|(a, b, c)| (a.into(), b.into(), c.into())),
+                    .map(|(a, b, c)| col(a, b, c, "")),
             );
-            cols.push((
-                "Age".into(),
-                "date".into(),
-                ".metadata.creationTimestamp".into(),
-            ));
+            cols.push(col("Age", "date", ".metadata.creationTimestamp", ""));
         }
     }
     cols
@@ -242,17 +249,17 @@ pub fn table(
             .collect();
         return json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv}, "columnDefinitions": defs, "rows": rows});
     }
-    let cols = columns(t, version);
+    let cols = column_defs(t, version);
     let defs: Vec<Value> = if with_headers {
         cols.iter()
-            .map(|(n, ty, _)| json!({"name": n, "type": ty, "format": if n == "Name" { "name" } else { "" }, "description": "", "priority": 0}))
+            .map(|c| json!({"name": c.name, "type": c.type_, "format": c.format, "description": c.description, "priority": c.priority}))
             .collect()
     } else {
         vec![]
     };
     let rows: Vec<Value> = objects
         .iter()
-        .map(|o| json!({"cells": cols.iter().map(|(_, ty, p)| cell(o, ty, p)).collect::<Vec<_>>(), "object": row_object(o, include)}))
+        .map(|o| json!({"cells": cols.iter().map(|c| cell(o, &c.type_, &c.json_path)).collect::<Vec<_>>(), "object": row_object(o, include)}))
         .collect();
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv}, "columnDefinitions": defs, "rows": rows})
 }

@@ -618,6 +618,14 @@ async fn printer_column_with_jsonpath_filter() {
         .unwrap()
         .push(serde_json::json!({"name": "Status", "type": "string",
             "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}));
+    // A priority-1 column is shown by `-o wide` only, as on a real cluster.
+    crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array_mut()
+        .unwrap()
+        .push(
+            serde_json::json!({"name": "Scaling", "type": "string", "priority": 1,
+            "jsonPath": ".status.conditions[?(@.type==\"Scaling\")].status"}),
+        );
     let f = k.file("crd.json", &crd.to_string());
     k.ok(&["apply", "-f", &f]).await;
     k.ok(&[
@@ -655,6 +663,10 @@ async fn printer_column_with_jsonpath_filter() {
     .await;
     let table = k.ok(&["get", "cpool"]).await;
     assert_eq!(row(&table), ["p1", "acme", "7", "True"], "{table}");
+    assert!(!table.contains("SCALING"), "{table}");
+    let wide = k.ok(&["get", "cpool", "-o", "wide"]).await;
+    assert!(wide.lines().next().unwrap().ends_with("SCALING"), "{wide}");
+    assert_eq!(row(&wide), ["p1", "acme", "7", "True", "False"], "{wide}");
 }
 
 /// core/v1 and events.k8s.io/v1 Events are one store: what the operator writes through
