@@ -44,6 +44,9 @@ pub enum ApiError {
     /// 405.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// 408: the body did not arrive within the header deadline.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 409.
     #[error("{0}")]
     Conflict(String),
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -193,7 +197,10 @@ async fn require_api_key(
             let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("");
             let scope = required_scope(request.method(), route);
             if scopes.allows(scope) {
-                next.run(request).await
+                match read_body(&state, request).await {
+                    Ok(request) => next.run(request).await,
+                    Err(e) => e.into_response(),
+                }
             } else {
                 state
                     .metrics
@@ -218,6 +225,33 @@ async fn require_api_key(
             ApiError::Unauthorized("missing API key (Authorization: Bearer <key>)".into())
                 .into_response()
         }
+    }
+}
+
+/// Reads the whole body within `listen.headerTimeoutMs` (a body dripped a byte at a
+/// time must not hold a connection and its buffer; the header deadline does not cover
+/// the body) and at most one byte over `limits.maxMessageBytes`.
+async fn read_body(state: &AppState, request: Request) -> ApiResult<Request> {
+    let (parts, body) = request.into_parts();
+    let limit = state.config.limits.max_message_bytes + 1;
+    let deadline = Duration::from_millis(state.config.listen.header_timeout_ms);
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::RequestTimeout(
+            "the request body did not arrive in time".into(),
+        )),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                ApiError::TooLarge(format!(
+                    "body exceeds limits.maxMessageBytes ({} bytes)",
+                    limit - 1
+                ))
+            } else {
+                ApiError::BadRequest("the request body could not be read".into())
+            })
+        }
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
     }
 }
 

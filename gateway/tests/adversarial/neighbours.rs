@@ -178,3 +178,33 @@ async fn internal_connections_are_capped() {
     assert!(ok);
     arena.check().await;
 }
+
+/// A body dripped slowly on the internal port is cut at the header deadline with 408;
+/// an oversized one is refused with 413 before it is all read.
+#[tokio::test]
+async fn slow_and_oversized_bodies_on_the_internal_port() {
+    let mut arena = Arena::start_with(|c| {
+        c.listen.header_timeout_ms = 500;
+        c.limits.max_message_bytes = 4096;
+    })
+    .await;
+    let head = |len: usize| {
+        format!(
+            "POST /v1/agents/canary/messages HTTP/1.1\r\nHost: gateway\r\n\
+             Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\n\r\n"
+        )
+    };
+    let mut slow = tcp(arena.internal(), None).await;
+    slow.write_all(head(1000).as_bytes()).await.unwrap();
+    slow.write_all(b"\"abc").await.unwrap();
+    let answer = read_head(&mut slow).await.expect("an answer");
+    assert_eq!(status_of(&answer), 408);
+
+    let mut big = tcp(arena.internal(), None).await;
+    big.write_all(head(1 << 20).as_bytes()).await.unwrap();
+    let _ = big.write_all(&vec![b' '; 64 * 1024]).await;
+    let answer = read_head(&mut big).await.expect("an answer");
+    assert_eq!(status_of(&answer), 413);
+    arena.check().await;
+}
