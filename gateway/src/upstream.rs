@@ -224,6 +224,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_short_hmac_key_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hmac");
+        std::fs::write(&path, "too-short\n").unwrap();
+        let config = UpstreamConfig {
+            url: "http://127.0.0.1:9/events".into(),
+            secret_file: Some(path.clone()),
+            timeout_ms: 1000,
+            events: vec![UpstreamEvent::Message],
+            max_concurrency: 1,
+            queue_timeout_ms: 1000,
+        };
+        let err = Upstream::new(&config, 1024).unwrap_err().to_string();
+        assert!(err.contains("32 bytes"), "{err}");
+        std::fs::write(&path, "k".repeat(32)).unwrap();
+        assert!(Upstream::new(&config, 1024).is_ok());
+    }
+
+    #[test]
     fn signature_matches_a_known_vector() {
         // printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac key
         assert_eq!(
