@@ -479,8 +479,12 @@ pub struct RoutingSpec {
         "message": "set exactly one of routing.nats.url and routing.nats.managed: true"
     },
     {
-        "rule": "!(has(self.auth) || has(self.tls)) || has(self.url)",
-        "message": "routing.nats.auth and routing.nats.tls apply to an existing NATS (url)"
+        "rule": "!has(self.tls) || has(self.url)",
+        "message": "routing.nats.tls applies to an existing NATS (url)"
+    },
+    {
+        "rule": "has(self.url) || !has(self.auth) || !(has(self.auth.nkeySeedSecretRef) || has(self.auth.credsSecretRef))",
+        "message": "a managed NATS takes routing.nats.auth user/passwordSecretRef or tokenSecretRef"
     }
 ]))]
 pub struct NatsRoutingSpec {
@@ -491,9 +495,10 @@ pub struct NatsRoutingSpec {
     /// Run a small NATS server for this pool, owned by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<bool>,
-    /// Credentials the gateways present to an existing NATS (`url`). Anything that can
-    /// publish on the pool's subjects can push to or disconnect its agents: give each
-    /// pool an account limited to its own subjects.
+    /// Credentials the gateways present to NATS. Anything that can publish on the
+    /// pool's subjects can push to or disconnect its agents: give each pool an account
+    /// limited to its own subjects. With `managed: true` the operator's NATS requires
+    /// these (user + password, or token) from every client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<NatsAuthSpec>,
     /// TLS to an existing NATS.

@@ -233,6 +233,15 @@ fn nats_credentials_are_one_method_and_only_for_an_existing_bus() {
     );
     pool["spec"]["routing"] = json!({"nats": {"managed": true,
         "auth": {"tokenSecretRef": secret("token")}}});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+    pool["spec"]["routing"]["nats"]["auth"] = json!({"credsSecretRef": secret("creds")});
+    let failures = cel_failures(&pool);
+    assert!(
+        failures.iter().any(|f| f.contains("managed NATS takes")),
+        "{failures:?}"
+    );
+    pool["spec"]["routing"] = json!({"nats": {"managed": true,
+        "tls": {"caSecretRef": secret("ca.crt")}}});
     let failures = cel_failures(&pool);
     assert!(
         failures.iter().any(|f| f.contains("existing NATS")),

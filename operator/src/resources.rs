@@ -821,6 +821,38 @@ fn managed_nats(
         ),
         (POOL_LABEL.to_string(), pool.name_any()),
     ]);
+    // JetStream holds the agent directory (a key-value bucket).
+    let mut args = vec![
+        json!("--jetstream"),
+        json!("--store_dir"),
+        json!("/data"),
+        json!("--http_port"),
+        json!("8222"),
+    ];
+    let mut env = vec![];
+    // With `routing.nats.auth`, the server requires the pool's credentials from every
+    // client (the secret reaches it as an env var expanded in its args, never in the
+    // object); CEL admits user + password or a token here.
+    let auth = pool
+        .spec
+        .routing
+        .as_ref()
+        .and_then(|r| r.nats.auth.as_ref());
+    if let Some(auth) = auth {
+        let from = |name: &str, source: &SecretKeyRef| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": source.name, "key": source.key}}});
+        if let (Some(user), Some(password)) = (&auth.user, &auth.password_secret_ref) {
+            env.push(from("NATS_PASSWORD", password));
+            args.extend([
+                json!("--user"),
+                json!(user),
+                json!("--pass"),
+                json!("$(NATS_PASSWORD)"),
+            ]);
+        } else if let Some(token) = &auth.token_secret_ref {
+            env.push(from("NATS_TOKEN", token));
+            args.extend([json!("--auth"), json!("$(NATS_TOKEN)")]);
+        }
+    }
     let sts = typed(
         "StatefulSet",
         json!({
@@ -840,8 +872,8 @@ fn managed_nats(
                         "containers": [{
                             "name": "nats",
                             "image": settings.nats_image,
-                            // JetStream holds the agent directory (a key-value bucket).
-                            "args": ["--jetstream", "--store_dir", "/data", "--http_port", "8222"],
+                            "args": args,
+                            "env": env,
                             "ports": [
                                 {"name": "client", "containerPort": NATS_PORT, "protocol": "TCP"},
                                 {"name": "monitor", "containerPort": 8222, "protocol": "TCP"},

@@ -576,3 +576,54 @@ fn network_policies_keep_neighbours_off_the_push_api_and_the_bus() {
         assert_eq!(policy.metadata.owner_references.as_ref().unwrap().len(), 1);
     }
 }
+
+#[test]
+fn a_managed_nats_with_auth_requires_the_pools_credentials() {
+    let mut p = pool("acme");
+    p.spec.routing = Some(RoutingSpec {
+        nats: NatsRoutingSpec {
+            url: None,
+            managed: Some(true),
+            auth: Some(tether_crds::NatsAuthSpec {
+                user: Some("acme".into()),
+                password_secret_ref: Some(crate::fixtures::secret("acme-nats", "password")),
+                ..Default::default()
+            }),
+            tls: None,
+        },
+    });
+    let d = build(&p);
+    let (sts, _) = d.nats.as_ref().unwrap();
+    let nats = &sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let args = nats.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--user").unwrap();
+    assert_eq!(
+        args[at..at + 4],
+        ["--user", "acme", "--pass", "$(NATS_PASSWORD)"]
+    );
+    let env = &nats.env.as_ref().unwrap()[0];
+    assert_eq!(env.name, "NATS_PASSWORD");
+    let source = env
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (source.name.as_str(), source.key.as_str()),
+        ("acme-nats", "password")
+    );
+    // The gateways present the same credentials to it.
+    let nats_config = d.config.routing.nats.as_ref().unwrap();
+    assert_eq!(nats_config.auth.user.as_deref(), Some("acme"));
+    assert!(nats_config.auth.password_file.is_some());
+}
