@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -77,8 +77,20 @@ pub type AgentReply = Result<Box<RawValue>, ErrorBody>;
 /// allocates its first block of slots up front).
 #[derive(Debug, Default)]
 struct Outbox {
-    queue: Mutex<VecDeque<Outbound>>,
+    state: Mutex<Mutable>,
     notify: Notify,
+}
+
+/// What changes in a connection after it is created, under one byte-sized lock: the
+/// queue, the closing flag (read and set with the queue, so a push racing a close is
+/// never queued behind it) and the groups (replaced by a `refresh`, under the hub's
+/// index lock too). One lock instead of three keeps an idle connection's size.
+#[derive(Debug, Default)]
+struct Mutable {
+    queue: VecDeque<Outbound>,
+    /// Set once a `Close` is queued: nothing more is accepted.
+    closing: bool,
+    groups: Box<[Box<str>]>,
 }
 
 /// One agent's connection, shared by the hub (for delivery) and its session task.
@@ -89,17 +101,13 @@ pub struct Connection {
     pub id: u64,
     /// The agent id (the token's `sub`).
     pub agent_id: Box<str>,
-    /// Groups from the token's `groups` claim (replaced by a `refresh`; changed only
-    /// under the hub's index lock).
-    groups: RwLock<Box<[Box<str>]>>,
     /// Unix milliseconds when the connection was accepted (orders an agent's
     /// connections across pods: newest wins).
     pub connected_at_ms: u64,
     /// Liveness stamps: last frames, outstanding ping, token expiry.
     pub clock: Clock,
+    /// Queue, closing flag and groups (the token's `groups` claim).
     outbox: Outbox,
-    /// Set once a `Close` is queued: nothing more is accepted.
-    closing: AtomicBool,
     /// Requests and acked pushes to this agent that wait for an answer.
     pending: AtomicU32,
     /// The agent's `send`/`request` messages waiting on the upstream.
@@ -113,11 +121,16 @@ impl Connection {
         Arc::new(Self {
             id,
             agent_id: agent_id.into(),
-            groups: RwLock::new(groups.into_iter().map(String::into_boxed_str).collect()),
             connected_at_ms: unix_now_ms(),
             clock: Clock::new(expires_at),
-            outbox: Outbox::default(),
-            closing: AtomicBool::new(false),
+            outbox: Outbox {
+                state: Mutex::new(Mutable {
+                    queue: VecDeque::new(),
+                    closing: false,
+                    groups: groups.into_iter().map(String::into_boxed_str).collect(),
+                }),
+                notify: Notify::new(),
+            },
             pending: AtomicU32::new(0),
             upstream_in_flight: AtomicU32::new(0),
         })
@@ -125,7 +138,8 @@ impl Connection {
 
     /// The connection's groups.
     pub fn groups(&self) -> Vec<String> {
-        self.groups.read().iter().map(ToString::to_string).collect()
+        let state = self.outbox.state.lock();
+        state.groups.iter().map(ToString::to_string).collect()
     }
 
     /// Takes one of `max` upstream slots of this connection; `None` when all are busy.
@@ -146,14 +160,14 @@ impl Connection {
     /// (and written) or refused (and the caller told) — never queued after it and lost.
     pub fn enqueue(&self, frame: Outbound, capacity: usize) -> Result<(), DeliveryError> {
         {
-            let mut queue = self.outbox.queue.lock();
-            if self.closing.load(Ordering::Acquire) {
+            let mut state = self.outbox.state.lock();
+            if state.closing {
                 return Err(DeliveryError::NotConnected);
             }
-            if queue.len() >= capacity {
+            if state.queue.len() >= capacity {
                 return Err(DeliveryError::QueueFull);
             }
-            queue.push_back(frame);
+            state.queue.push_back(frame);
         }
         self.outbox.notify.notify_one();
         Ok(())
@@ -163,27 +177,27 @@ impl Connection {
     /// ones are ignored so the agent sees the reason that actually ended the session.
     pub fn close(&self, code: CloseCode) {
         {
-            let mut queue = self.outbox.queue.lock();
-            if self.closing.swap(true, Ordering::AcqRel) {
+            let mut state = self.outbox.state.lock();
+            if std::mem::replace(&mut state.closing, true) {
                 return;
             }
-            queue.push_back(Outbound::Close(code));
+            state.queue.push_back(Outbound::Close(code));
         }
         self.outbox.notify.notify_one();
     }
 
     /// Whether a close has been queued.
     pub fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire)
+        self.outbox.state.lock().closing
     }
 
     /// Takes everything queued. Returns the queue's allocation to the allocator when it
     /// grew, so a burst does not leave memory behind on an idle connection.
     pub fn take_queued(&self, into: &mut Vec<Outbound>) {
-        let mut queue = self.outbox.queue.lock();
-        into.extend(queue.drain(..));
-        if queue.capacity() > 0 {
-            *queue = VecDeque::new();
+        let mut state = self.outbox.state.lock();
+        into.extend(state.queue.drain(..));
+        if state.queue.capacity() > 0 {
+            state.queue = VecDeque::new();
         }
     }
 
@@ -194,7 +208,7 @@ impl Connection {
 
     /// Number of frames waiting to be written.
     pub fn queue_len(&self) -> usize {
-        self.outbox.queue.lock().len()
+        self.outbox.state.lock().queue.len()
     }
 }
 
@@ -251,7 +265,7 @@ struct Index {
 
 impl Index {
     fn join_groups(&mut self, conn: &Connection) {
-        for group in conn.groups.read().iter() {
+        for group in conn.outbox.state.lock().groups.iter() {
             self.groups
                 .entry(group.clone())
                 .or_default()
@@ -260,7 +274,7 @@ impl Index {
     }
 
     fn leave_groups(&mut self, conn: &Connection) {
-        for group in conn.groups.read().iter() {
+        for group in conn.outbox.state.lock().groups.iter() {
             if let Some(members) = self.groups.get_mut(group) {
                 members.remove(&conn.agent_id);
                 if members.is_empty() {
@@ -333,7 +347,7 @@ impl Hub {
         if current {
             index.leave_groups(conn);
         }
-        *conn.groups.write() = groups;
+        conn.outbox.state.lock().groups = groups;
         if current {
             index.join_groups(conn);
         }
