@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use serde_json::json;
+use tether_protocol::GatewayMessage;
 use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
@@ -191,11 +192,26 @@ async fn unknown_kid_is_refused() {
         header.kid = Some(kid.into());
         jsonwebtoken::encode(&header, &claims("kid-agent", &[], 3600), &key).unwrap()
     };
+    // This pool's canary holds a token with a known kid.
+    let (mut canary, _) = connect(&gw.ws_url(), Some(&signed("rsa-1"))).await.unwrap();
+    assert!(matches!(
+        next_message(&mut canary).await,
+        GatewayMessage::Welcome(_)
+    ));
     assert_eq!(
         refused_status(&gw.ws_url(), Some(&signed("rsa-9"))).await,
         401
     );
-    assert!(connect(&gw.ws_url(), Some(&signed("rsa-1"))).await.is_ok());
+    assert_eq!(
+        gw.post("/v1/agents/kid-agent/messages", json!("still here"))
+            .await
+            .status(),
+        202
+    );
+    assert!(matches!(
+        next_message(&mut canary).await,
+        GatewayMessage::Push { .. }
+    ));
     assert!(rss_mib() < RSS_BOUND_MIB);
 }
 
