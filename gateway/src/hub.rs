@@ -764,6 +764,27 @@ mod tests {
     }
 
     #[test]
+    fn a_push_racing_a_close_is_queued_before_it_or_refused() {
+        for round in 0..200 {
+            let conn = Connection::new(round, "a", vec![], u64::MAX);
+            let pusher = {
+                let conn = conn.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .filter(|i| conn.enqueue(text(&i.to_string()), 1_000).is_ok())
+                        .count()
+                })
+            };
+            conn.close(CloseCode::Disconnected);
+            let accepted = pusher.join().unwrap();
+            let frames = queued(&conn);
+            // Everything accepted sits before the close; nothing after it.
+            assert!(matches!(frames.last(), Some(Outbound::Close(_))));
+            assert_eq!(frames.len(), accepted + 1, "round {round}");
+        }
+    }
+
+    #[test]
     fn listing_pages_in_id_order() {
         let hub = Hub::new(8, 8);
         for (i, name) in ["c", "a", "b", "d"].iter().enumerate() {

@@ -437,12 +437,22 @@ async fn drain(state: &Arc<AppState>) {
             state.metrics.drain_remaining.add(batch.len() as i64, &[]);
         }
 
-        // Wait for the sessions (and upstream calls) to finish, up to the deadline.
+        // Wait for the sessions (and upstream calls) to finish, up to the deadline; an
+        // upgrade that was past admission may still register meanwhile, so look again
+        // every 200 ms and close what is new.
         state.tasks.close();
-        if tokio::time::timeout_at(deadline, state.tasks.wait())
-            .await
-            .is_err()
-        {
+        let finished = loop {
+            tokio::select! {
+                () = state.tasks.wait() => break true,
+                () = tokio::time::sleep_until(deadline) => break false,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    for conn in state.hub.snapshot().into_iter().filter(|c| !c.is_closing()) {
+                        crate::shed::hint_and_close(state, &conn, "drain");
+                    }
+                }
+            }
+        };
+        if !finished {
             let left = state.hub.len();
             warn!(left, "drain deadline passed; closing the rest now");
             for conn in state.hub.snapshot() {

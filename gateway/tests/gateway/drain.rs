@@ -65,3 +65,36 @@ async fn drain_of_an_empty_gateway_finishes_at_once() {
     let wait = tokio::time::timeout(PATIENCE, gw.gateway.wait()).await;
     assert!(wait.is_ok());
 }
+
+/// A session that registers after the drain took its first snapshot (its upgrade was
+/// past admission) is found by the drain's re-scans and closed too.
+#[tokio::test]
+async fn drain_closes_sessions_that_register_after_it_started() {
+    let gw = TestGateway::start_with(|c| {
+        c.drain.connections_per_second = 1000;
+        c.drain.deadline_seconds = 30;
+    })
+    .await;
+    let state = gw.gateway.state().clone();
+    // Stands for work the drain waits for, so it is still running when `late` comes.
+    let (release, held) = tokio::sync::oneshot::channel::<()>();
+    state.tasks.spawn(async move {
+        let _ = held.await;
+    });
+    let mut early = gw.agent("early", &[]).await;
+    gw.gateway.drain();
+    expect_close(&mut early, CloseCode::ServiceRestart).await;
+    // Registered after the first pass closed everything, as a late upgrade would be.
+    let late = tether_gateway::hub::Connection::new(
+        state.hub.next_connection_id(),
+        "late",
+        vec![],
+        u64::MAX,
+    );
+    state.hub.register(&late);
+    eventually(|| late.is_closing()).await;
+    state.hub.unregister(&late);
+    let _ = release.send(());
+    let wait = tokio::time::timeout(PATIENCE, gw.gateway.wait()).await;
+    assert!(wait.is_ok());
+}
