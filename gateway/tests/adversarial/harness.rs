@@ -87,6 +87,9 @@ impl Arena {
             }
         }
         let rss = rss_mib();
+        // Printed for the record (shown with `--no-capture`); only ever compared with
+        // the generous bound.
+        eprintln!("adversarial: RSS {rss} MiB after canary push {n}");
         assert!(
             rss < RSS_BOUND_MIB,
             "RSS {rss} MiB over the {RSS_BOUND_MIB} MiB bound"
