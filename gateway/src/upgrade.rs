@@ -2,10 +2,12 @@
 //! done before the upgrade — the last moment the gateway can still answer with an HTTP
 //! status instead of a WebSocket close.
 //!
-//! Order of checks: is it a WebSocket handshake at all (426/400), does it speak
-//! `tether.v1` (400), is the pod accepting (503), is the token valid (401/403). Cheap,
+//! Order of checks: a `GET` on HTTP/1.1 (405/400) with each handshake header once
+//! (400), is it a WebSocket handshake at all (426/400), does it speak `tether.v1`
+//! exactly (400), is the pod accepting (503), is the token valid (401/403). Cheap,
 //! anonymous checks come first so an overloaded pod spends no signature verification
-//! on requests it will refuse anyway.
+//! on requests it will refuse anyway. The HTTP layer before it (server.rs) bounds the
+//! request head's size (431) and time, and the number of handshakes in progress.
 
 use std::sync::Arc;
 
