@@ -13,7 +13,12 @@
 //! The handlers run as boxed futures: an idle session's task then holds only the socket
 //! and the wait on its outbox, not the largest state any handler can reach. Work that
 //! waits on the network (upstream POSTs) runs in its own short-lived task and answers
-//! through the outbox, so a slow backend never stalls the socket.
+//! through the outbox, so a slow backend never stalls the socket; at most
+//! `limits.maxUpstreamInFlight` of them per connection (more are refused `overloaded`).
+//!
+//! Every write is bounded by `limits.writeTimeoutMs`, the close frame included: a peer
+//! that stops reading is a slow consumer, and its socket is dropped without waiting
+//! for a close it could never receive.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
