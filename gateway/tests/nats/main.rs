@@ -599,3 +599,56 @@ async fn a_bus_with_credentials_refuses_clients_without_them() {
     assert_eq!(response.status(), 202);
     assert_eq!(next_push(&mut agent).await.1, json!("still"));
 }
+
+/// A token-protected bus: pods with the token route, anonymous clients are refused.
+#[tokio::test]
+async fn a_bus_with_a_token_refuses_clients_without_it() {
+    let nats = Nats::start_with_args(&["--auth", "pool-token-0123"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("nats-token");
+    std::fs::write(&token_file, "pool-token-0123\n").unwrap();
+    let with_token = |c: &mut tether_config::GatewayConfig| {
+        c.routing.nats.as_mut().unwrap().auth.token_file = Some(token_file.clone());
+    };
+    let (p0, p1) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", with_token),
+        Pod::start_with(&nats, "gw-1", with_token)
+    );
+    let mut agent = p1.agent("agent-t", &[]).await;
+    let response = p0.post("/v1/agents/agent-t/messages", json!("t")).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(next_push(&mut agent).await.1, json!("t"));
+    let anonymous = async_nats::ConnectOptions::new()
+        .max_reconnects(Some(1))
+        .connect(nats.url())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client is refused");
+}
+
+/// An Idempotency-Key waiting for an agent's answer on another pod is exclusive there
+/// too: the second call gets 409 through the bus.
+#[tokio::test]
+async fn an_in_flight_idempotency_key_is_exclusive_across_pods() {
+    let nats = Nats::start().await;
+    let [p0, p1, p2] = three_pods(&nats).await;
+    let mut agent = p1.agent("agent-k", &[]).await;
+    let send = |pod: &Pod| {
+        let http = pod.http.clone();
+        let url = pod.api("/v1/agents/agent-k/messages?ack=true&timeout_ms=10000");
+        async move {
+            http.post(url)
+                .bearer_auth(API_KEY)
+                .header("idempotency-key", "k-1")
+                .json(&json!("x"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = tokio::spawn(send(&p0));
+    let (id, _) = next_push(&mut agent).await;
+    assert_eq!(id, "k-1");
+    assert_eq!(send(&p2).await.status(), 409);
+    send_text(&mut agent, &AgentMessage::Ack { id }.encode()).await;
+    assert_eq!(first.await.unwrap().status(), 200);
+}
