@@ -158,6 +158,16 @@ impl Gateway {
                 .into());
             }
         };
+        if config
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.secret_file.is_none())
+        {
+            warn!(
+                "upstream.secretFile is not set: events reach the upstream unsigned, so it \
+                 cannot tell them from forgeries (see docs/security.md)"
+            );
+        }
         let upstream = config
             .upstream
             .as_ref()

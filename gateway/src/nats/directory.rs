@@ -79,6 +79,15 @@ pub fn to_replace(previous: Option<&Route>, me: &Me) -> Option<Replace> {
     })
 }
 
+/// Whether a `Replace` notice for connection `conn` (named with `boot`, the boot id of
+/// the process that held it) applies to this process's current connection `current`.
+/// Connection ids restart with each process, so without the boot id a notice about a
+/// previous incarnation's connection could close a new connection that reuses its id.
+/// Notices from older pods carry no boot id and are trusted on the id alone.
+pub fn replace_applies(me: &Me, current: u64, conn: u64, boot: Option<&str>) -> bool {
+    current == conn && boot.is_none_or(|b| b == me.boot)
+}
+
 /// What a registration did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
@@ -461,6 +470,16 @@ mod tests {
                 conn: 3
             })
         );
+    }
+
+    #[test]
+    fn replace_notices_name_a_connection_of_this_incarnation() {
+        let me = me();
+        assert!(replace_applies(&me, 3, 3, Some("b1")));
+        // A previous incarnation's connection 3, not today's connection 3.
+        assert!(!replace_applies(&me, 3, 3, Some("b0")));
+        assert!(!replace_applies(&me, 4, 3, Some("b1")));
+        assert!(replace_applies(&me, 3, 3, None));
     }
 
     #[test]

@@ -782,8 +782,7 @@ impl Inner {
                 // Connection ids restart with each process: the boot id tells an entry
                 // of a previous incarnation from the connection that reuses its id.
                 if let Some(current) = self.hub.get(&agent)
-                    && current.id == conn
-                    && boot.is_none_or(|b| b == self.me.boot)
+                    && directory::replace_applies(&self.me, current.id, conn, boot.as_deref())
                 {
                     debug!(agent, conn, "newer connection on another pod: closing ours");
                     current.close(CloseCode::Replaced);
