@@ -17,6 +17,8 @@
 //! held at that moment (from its `/v1/stats`), so a test can assert that no pod was
 //! removed while it still held agents.
 
+pub mod podsim;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

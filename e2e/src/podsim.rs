@@ -1,0 +1,460 @@
+//! A pod simulator for control-plane scale tests: it plays the kubelet and the gateways'
+//! status reporting for every replica of every pool's StatefulSet, without a gateway
+//! process, so one machine can hold thousands of pools.
+//!
+//! ```text
+//!  StatefulSets (watch) ──► Pod objects <pool>-<n> created / deleted, StatefulSet status
+//!  Pods (one watch)     ──► tether.dev/instruction: drain → empty now, draining, echo id
+//!                                                   shed N → N agents leave, briefly
+//!                                                   closed to new ones, echo id
+//!  load script          ──► demand per pool: agents placed evenly on accepting pods up to
+//!                           maxConnectionsPerPod, the rest counted as refused
+//!  every pod            ──► SSA of its own status.pods[] entry, field manager
+//!                           tether-gateway-<pod>, on the gateway's own schedule
+//!                           (`tether_gateway::status::next_report`)
+//! ```
+//!
+//! What the simulator writes counts as the pods' traffic; tests compare it with what the
+//! operator writes (by field manager) in the stand-in's accounting.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use parking_lot::Mutex;
+use serde_json::json;
+use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction};
+use tether_gateway::status::{Significance, Snapshot, field_manager, next_report, report_body};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// Label the simulator puts on the Pods it creates.
+pub const SIM_LABEL: &str = "tether.dev/simulated";
+
+/// One simulated gateway pod.
+#[derive(Debug, Clone)]
+pub struct SimPod {
+    /// Its pool.
+    pub pool: String,
+    /// Agents connected to it.
+    pub connections: i64,
+    /// Agents refused since its last report (it was full).
+    pub refused: i64,
+    /// Draining on an instruction.
+    pub draining: bool,
+    /// Closed to new agents until then (a shed round).
+    pub shedding_until: Option<Instant>,
+    /// The instruction id it acts on (echoed in reports).
+    pub instruction: Option<String>,
+    /// Every instruction id it acted on, in order (a drain or shed acted on twice would
+    /// show twice).
+    pub acted: Vec<String>,
+    /// Random id of this "process".
+    pub boot_id: String,
+    /// Stops reporting (a hung or partitioned pod), for staleness tests.
+    pub silent: bool,
+    last: Option<(Instant, Snapshot)>,
+}
+
+/// What the simulation shares with the test driving it.
+#[derive(Debug, Default)]
+pub struct World {
+    /// Agents that want to connect to each pool (the load script writes it).
+    pub demand: Mutex<HashMap<String, i64>>,
+    /// The pods, by name.
+    pub pods: Mutex<BTreeMap<String, SimPod>>,
+    /// Status reports written (accepted by the API server).
+    pub reports: AtomicU64,
+    /// Status reports that failed.
+    pub report_errors: AtomicU64,
+}
+
+impl World {
+    /// Sets every listed pool's demand.
+    pub fn set_demand(&self, pools: impl IntoIterator<Item = (String, i64)>) {
+        self.demand.lock().extend(pools);
+    }
+
+    /// Connections held over `pool`'s pods.
+    pub fn held(&self, pool: &str) -> i64 {
+        self.pods
+            .lock()
+            .values()
+            .filter(|p| p.pool == pool)
+            .map(|p| p.connections)
+            .sum()
+    }
+}
+
+/// The running simulator.
+pub struct PodSim {
+    /// Shared state.
+    pub world: Arc<World>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for PodSim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How the simulated pods behave.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Namespace of the pools.
+    pub namespace: String,
+    /// How often the simulation steps.
+    pub tick: Duration,
+    /// Status reports in flight at once.
+    pub report_concurrency: usize,
+    /// Reporting thresholds (as the operator renders them).
+    pub significance: Significance,
+    /// How long a shedding pod refuses new agents.
+    pub shed_window: Duration,
+}
+
+impl SimConfig {
+    /// Defaults for `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            tick: Duration::from_millis(200),
+            report_concurrency: 32,
+            significance: Significance {
+                percent: 5,
+                connections: 100,
+            },
+            shed_window: Duration::from_secs(1),
+        }
+    }
+}
+
+impl PodSim {
+    /// Starts simulating every pool's pods in `config.namespace`.
+    pub async fn start(client: Client, config: SimConfig) -> Self {
+        let world = Arc::new(World::default());
+        let task = tokio::spawn(run(client, config, world.clone()));
+        Self { world, task }
+    }
+}
+
+struct Caches {
+    sets: Store<StatefulSet>,
+    pods: Store<Pod>,
+    pools: Store<ConnectionPool>,
+}
+
+fn cache<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    tokio::spawn(stream.for_each(|_| async {}));
+    reader
+}
+
+async fn run(client: Client, config: SimConfig, world: Arc<World>) {
+    let ns = config.namespace.clone();
+    let caches = Caches {
+        sets: cache(
+            Api::<StatefulSet>::namespaced(client.clone(), &ns),
+            watcher::Config::default(),
+        ),
+        pods: cache(
+            Api::<Pod>::namespaced(client.clone(), &ns),
+            watcher::Config::default().labels(&format!("{SIM_LABEL}=true")),
+        ),
+        // Only for the pools' limits and report intervals. A field selector that every
+        // pool matches keeps this watch apart from the operator's in the stand-in's
+        // accounting (both are kube-rs clients).
+        pools: cache(
+            Api::<ConnectionPool>::namespaced(client.clone(), &ns),
+            watcher::Config::default().fields(&format!("metadata.namespace={ns}")),
+        ),
+    };
+    let _ = caches.sets.wait_until_ready().await;
+    let _ = caches.pods.wait_until_ready().await;
+    let _ = caches.pools.wait_until_ready().await;
+    let mut tick = tokio::time::interval(config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sts_status: HashMap<String, (i32, i32)> = HashMap::new();
+    loop {
+        tick.tick().await;
+        if let Err(e) = kubelet(&client, &ns, &caches, &world, &mut sts_status).await {
+            warn!(%e, "pod simulator: kubelet step failed");
+        }
+        follow_instructions(&ns, &caches, &world, config.shed_window);
+        place_load(&caches, &world);
+        report(&client, &ns, &config, &caches, &world).await;
+    }
+}
+
+/// Pods for every StatefulSet replica; gone ones deleted; StatefulSet status kept.
+async fn kubelet(
+    client: &Client,
+    ns: &str,
+    caches: &Caches,
+    world: &World,
+    sts_status: &mut HashMap<String, (i32, i32)>,
+) -> kube::Result<()> {
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let sets_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let mut wanted: HashSet<String> = HashSet::new();
+    for sts in caches.sets.state() {
+        let pool = sts.name_any();
+        let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        for o in 0..replicas {
+            let name = format!("{pool}-{o}");
+            wanted.insert(name.clone());
+            if world.pods.lock().contains_key(&name) {
+                continue;
+            }
+            let pod: Pod = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns,
+                             "labels": {SIM_LABEL: "true", "tether.dev/pool": pool}},
+                "spec": {"containers": [{"name": "gateway", "image": "simulated"}]},
+            }))
+            .expect("pod json");
+            match pods_api.create(&PostParams::default(), &pod).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+            world.pods.lock().insert(
+                name,
+                SimPod {
+                    pool: pool.clone(),
+                    connections: 0,
+                    refused: 0,
+                    draining: false,
+                    shedding_until: None,
+                    instruction: None,
+                    acted: Vec::new(),
+                    boot_id: format!("{:016x}", rand::random::<u64>()),
+                    silent: false,
+                    last: None,
+                },
+            );
+        }
+        let running = (replicas, replicas);
+        if sts_status.get(&pool) != Some(&running) {
+            let status = json!({"status": {
+                "observedGeneration": sts.metadata.generation,
+                "replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+                "currentReplicas": replicas, "updatedReplicas": replicas,
+            }});
+            sets_api
+                .patch_status(&pool, &PatchParams::default(), &Patch::Merge(status))
+                .await?;
+            sts_status.insert(pool, running);
+        }
+    }
+    let gone: Vec<String> = world
+        .pods
+        .lock()
+        .keys()
+        .filter(|name| !wanted.contains(*name))
+        .cloned()
+        .collect();
+    for name in gone {
+        world.pods.lock().remove(&name);
+        match pods_api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Acts on each pod's instruction annotation as the gateway does.
+fn follow_instructions(ns: &str, caches: &Caches, world: &World, shed_window: Duration) {
+    let mut pods = world.pods.lock();
+    for (name, pod) in pods.iter_mut() {
+        let object = caches.pods.get(&ObjectRef::new(name).within(ns));
+        let instruction: Option<PodInstruction> = object.as_ref().and_then(|p| {
+            let raw = p.annotations().get(INSTRUCTION_ANNOTATION)?;
+            serde_json::from_str(raw).ok()
+        });
+        match instruction {
+            Some(i) if i.pod == *name => {
+                if pod.acted.last() != Some(&i.id) {
+                    pod.acted.push(i.id.clone());
+                    if let Some(n) = i.shed.filter(|_| !i.drain) {
+                        pod.connections -= n.min(pod.connections);
+                        pod.shedding_until = Some(Instant::now() + shed_window);
+                    }
+                }
+                pod.instruction = Some(i.id.clone());
+                if i.drain {
+                    pod.draining = true;
+                    pod.connections = 0;
+                }
+            }
+            _ => pod.draining = false,
+        }
+    }
+}
+
+/// Places each pool's demand: agents that are not connected connect to the pods that
+/// accept them, evenly, up to the limit; the rest are refused. Fewer agents leave
+/// evenly.
+fn place_load(caches: &Caches, world: &World) {
+    let demand = world.demand.lock().clone();
+    let limits: HashMap<String, i64> = caches
+        .pools
+        .state()
+        .iter()
+        .map(|p| {
+            (
+                p.name_any(),
+                i64::from(p.spec.limits.max_connections_per_pod),
+            )
+        })
+        .collect();
+    let now = Instant::now();
+    let mut pods = world.pods.lock();
+    for (pool, want) in demand {
+        let max = limits.get(&pool).copied().unwrap_or(i64::MAX);
+        let names: Vec<String> = pods
+            .iter()
+            .filter(|(_, p)| p.pool == pool)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let held: i64 = names.iter().map(|n| pods[n].connections).sum();
+        if want < held {
+            let mut leave = held - want;
+            for n in &names {
+                let p = pods.get_mut(n).expect("pod");
+                let share = (p.connections * (held - want) + held - 1) / held.max(1);
+                let gone = share.min(leave).min(p.connections);
+                p.connections -= gone;
+                leave -= gone;
+            }
+            continue;
+        }
+        let accepting: Vec<String> = names
+            .iter()
+            .filter(|n| {
+                let p = &pods[*n];
+                !p.draining && p.shedding_until.is_none_or(|t| now >= t)
+            })
+            .cloned()
+            .collect();
+        let mut arriving = want - held;
+        let mut round = accepting.clone();
+        while arriving > 0 && !round.is_empty() {
+            let each = (arriving / round.len() as i64).max(1);
+            let mut next = Vec::new();
+            for n in &round {
+                if arriving == 0 {
+                    break;
+                }
+                let p = pods.get_mut(n).expect("pod");
+                let took = each.min(max - p.connections).min(arriving).max(0);
+                p.connections += took;
+                arriving -= took;
+                if p.connections < max {
+                    next.push(n.clone());
+                }
+            }
+            round = next;
+        }
+        if arriving > 0 {
+            // Full (or nobody accepting): these agents were refused, and retry.
+            let full: Vec<&String> = accepting.iter().collect();
+            if let Some(first) = full.first() {
+                pods.get_mut(*first).expect("pod").refused += arriving;
+            }
+        }
+    }
+}
+
+/// Writes every due report, a bounded number at a time.
+async fn report(
+    client: &Client,
+    ns: &str,
+    config: &SimConfig,
+    caches: &Caches,
+    world: &Arc<World>,
+) {
+    // Each pod reports on its pool's interval, as the gateway does.
+    let intervals: HashMap<String, Duration> = caches
+        .pools
+        .state()
+        .iter()
+        .map(|p| {
+            let secs = u64::try_from(p.spec.report_interval_seconds).unwrap_or(10);
+            (p.name_any(), Duration::from_secs(secs.max(1)))
+        })
+        .collect();
+    let now = Instant::now();
+    let due: Vec<(String, String, Snapshot)> = {
+        let pods = world.pods.lock();
+        pods.iter()
+            .filter(|(_, p)| !p.silent)
+            .filter_map(|(name, p)| {
+                let snap = Snapshot {
+                    connections: p.connections,
+                    refused: p.refused,
+                    ready: !p.draining && p.shedding_until.is_none_or(|t| now >= t),
+                    draining: p.draining,
+                    instruction: p.instruction.clone(),
+                };
+                let last = p.last.as_ref().map(|(at, s)| (*at, s));
+                let interval = *intervals.get(&p.pool)?;
+                let at = next_report(last, &snap, config.significance, interval, 1.0);
+                (at <= Instant::now()).then(|| (name.clone(), p.pool.clone(), snap))
+            })
+            .collect()
+    };
+    let api: Api<ConnectionPool> = Api::namespaced(client.clone(), ns);
+    futures_util::stream::iter(due)
+        .for_each_concurrent(config.report_concurrency, |(name, pool, snap)| {
+            let api = api.clone();
+            let world = world.clone();
+            async move {
+                let boot = world
+                    .pods
+                    .lock()
+                    .get(&name)
+                    .map(|p| p.boot_id.clone())
+                    .unwrap_or_default();
+                let body = report_body(&pool, &name, &boot, &snap, Timestamp::now());
+                let params = PatchParams::apply(&field_manager(&name)).force();
+                match api.patch_status(&pool, &params, &Patch::Apply(body)).await {
+                    Ok(_) => {
+                        world.reports.fetch_add(1, Ordering::Relaxed);
+                        if let Some(p) = world.pods.lock().get_mut(&name) {
+                            p.refused -= snap.refused.min(p.refused);
+                            p.last = Some((Instant::now(), snap));
+                        }
+                    }
+                    Err(e) => {
+                        world.report_errors.fetch_add(1, Ordering::Relaxed);
+                        debug!(%e, pod = %name, "simulated report failed");
+                    }
+                }
+            }
+        })
+        .await;
+}

@@ -1,0 +1,364 @@
+//! The control plane at scale, held to budgets by counts (never timings): the API
+//! stand-in, the real operator process, and the pod simulator playing the kubelet and
+//! every gateway pod's reporting for many pools.
+//!
+//! `control_plane_budgets` runs in CI (`SCALE_POOLS` pools of up to 5 pods, 100 by
+//! default); the large runs documented in docs/benchmarks.md use the same scenario:
+//! `SCALE_POOLS=10000 cargo test -p tether-e2e --release --test control_plane -- --nocapture`
+//! (build the operator with `--release` first).
+//!
+//! Budgets, from issue 10: in steady state the operator writes nothing on a report it
+//! need not act on (API writes per pool per minute ≤ reporting pods × reports per minute
+//! + a small constant), applies no child without a spec change, and each report costs at
+//! most 2 watch events; every pool converges; nothing scales on a stale or foreign report;
+//! every removed pod was drained exactly once.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt};
+use serde_json::json;
+use tether_crds::ConnectionPool;
+use tether_e2e::podsim::{PodSim, SimConfig};
+use tether_e2e::{binary, eventually};
+use tether_kube_sim::stats::{RequestKey, Snapshot};
+use tokio::process::{Child, Command};
+
+const NS: &str = "scale";
+const TARGET: i64 = 100;
+const MAX_PODS: i64 = 5;
+/// Report interval of the simulated pods: heartbeats every 2 intervals.
+const REPORT_SECONDS: i64 = 4;
+const CHILDREN: [&str; 7] = [
+    "statefulsets",
+    "services",
+    "configmaps",
+    "poddisruptionbudgets",
+    "serviceaccounts",
+    "roles",
+    "rolebindings",
+];
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pool_name(i: usize) -> String {
+    format!("p{i:05}")
+}
+
+async fn stand_in() -> anyhow::Result<(tether_kube_sim::Server, Client, tempfile::TempDir)> {
+    let sim = tether_kube_sim::Server::start().await?;
+    let client = sim.client()?;
+    let dir = tempfile::tempdir()?;
+    sim.write_kubeconfig(dir.path().join("kubeconfig"))?;
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &ConnectionPool::crd())
+        .await?;
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    for (name, key) in [("jwt", "hs256"), ("api-keys", "keys")] {
+        let secret: Secret = serde_json::from_value(
+            json!({"metadata": {"name": name}, "stringData": {key: "0123456789abcdef0123456789abcdef"}}),
+        )?;
+        secrets.create(&PostParams::default(), &secret).await?;
+    }
+    Ok((sim, client, dir))
+}
+
+fn operator(dir: &tempfile::TempDir) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.path().join("operator.log"))?;
+    Ok(Command::new(binary("tether-operator")?)
+        .args([
+            "--no-leader-election",
+            "--namespace",
+            NS,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--gateway-image",
+            "tether-gateway:scale",
+            "--concurrency",
+            "8",
+        ])
+        .env("KUBECONFIG", dir.path().join("kubeconfig"))
+        .env(
+            "RUST_LOG",
+            std::env::var("SCALE_OPERATOR_LOG").unwrap_or_else(|_| "warn,tether_operator=info".into()),
+        )
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+async fn create_pools(client: &Client, n: usize) -> anyhow::Result<()> {
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+    for i in 0..n {
+        let pool: ConnectionPool = serde_json::from_value(json!({
+            "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+            "metadata": {"name": pool_name(i), "namespace": NS},
+            "spec": {
+                "tenant": "acme",
+                "replicas": {"min": 1, "max": MAX_PODS},
+                "scaling": {
+                    "targetConnectionsPerPod": TARGET,
+                    "scaleUp": {"maxPodsPerStep": MAX_PODS, "periodSeconds": 1},
+                    "scaleDown": {"stabilizationSeconds": 5, "maxPodsPerStep": 2},
+                },
+                "limits": {"maxConnectionsPerPod": TARGET * 4},
+                "auth": {
+                    "jwt": {"secretRef": {"name": "jwt", "key": "hs256"}},
+                    "apiKeysSecretRef": {"name": "api-keys", "key": "keys"},
+                },
+                "routing": {"nats": {"url": "nats://127.0.0.1:4222"}},
+                "drain": {"connectionsPerSecond": 1000, "deadlineSeconds": 30, "reconnectJitterMs": 200},
+                "reportIntervalSeconds": REPORT_SECONDS,
+            },
+        }))?;
+        pools.create(&PostParams::default(), &pool).await?;
+    }
+    Ok(())
+}
+
+/// Pools whose status shows `pods` ready pods, `connections` in total and nothing in
+/// progress.
+async fn settled(client: &Client, pods: i32, connections: impl Fn(&str) -> i64) -> usize {
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+    let Ok(list) = pools.list(&ListParams::default()).await else {
+        return 0;
+    };
+    list.items
+        .iter()
+        .filter(|p| {
+            let Some(s) = &p.status else { return false };
+            let name = p.metadata.name.as_deref().unwrap_or_default();
+            s.desired_replicas == Some(pods)
+                && s.ready_replicas == Some(pods)
+                && s.total_connections == Some(connections(name))
+                && s.instructions.is_empty()
+                && s.observed_generation == p.metadata.generation
+        })
+        .count()
+}
+
+fn is_write(k: &RequestKey) -> bool {
+    matches!(
+        k.verb.as_str(),
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+fn operator_writes(s: &Snapshot) -> u64 {
+    s.count(|k| {
+        is_write(k) && (k.field_manager.as_deref() == Some("tether-operator") || k.resource == "events")
+    })
+}
+
+fn child_applies(s: &Snapshot) -> u64 {
+    s.count(|k| {
+        k.verb == "patch"
+            && k.field_manager.as_deref() == Some("tether-operator")
+            && CHILDREN.contains(&k.resource.as_str())
+    })
+}
+
+/// Object events (not bookmarks) delivered on pool watches, the simulator's own watch
+/// excepted: it stands for nothing a real pod does (gateways never watch their pool).
+fn pool_watch_events(s: &Snapshot) -> u64 {
+    s.watches
+        .iter()
+        .filter(|w| w.key.resource.ends_with("/connectionpools"))
+        .filter(|w| !w.key.field_selector.starts_with("metadata.namespace="))
+        .map(|w| {
+            ["ADDED", "MODIFIED", "DELETED"]
+                .iter()
+                .map(|t| w.by_type.get(*t).copied().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn report_writes(s: &Snapshot) -> u64 {
+    s.count(|k| {
+        k.verb == "patch"
+            && k.resource == "connectionpools"
+            && k.field_manager
+                .as_deref()
+                .is_some_and(|m| m.starts_with("tether-gateway-"))
+    })
+}
+
+async fn pool(client: &Client, name: &str) -> ConnectionPool {
+    Api::<ConnectionPool>::namespaced(client.clone(), NS)
+        .get(name)
+        .await
+        .expect("pool")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_budgets() -> anyhow::Result<()> {
+    let n: usize = env_or("SCALE_POOLS", 100);
+    let patience = Duration::from_secs(env_or("SCALE_PATIENCE_SECONDS", 180));
+    let (sim, client, dir) = stand_in().await?;
+    let mut op = operator(&dir)?;
+    let pods = PodSim::start(client.clone(), SimConfig::new(NS)).await;
+    let world = pods.world.clone();
+    let result = async {
+        // Load for 4.5 pods in every pool: each grows from 1 to 5 pods and rebalances.
+        let load = TARGET * 9 / 2;
+        world.set_demand((0..n).map(|i| (pool_name(i), load)));
+        let started = Instant::now();
+        create_pools(&client, n).await?;
+        let created = started.elapsed();
+        eventually("every pool at 5 ready pods holding its load", patience, || async {
+            (settled(&client, MAX_PODS as i32, |_| load).await == n).then_some(())
+        })
+        .await?;
+        let converged = started.elapsed();
+        println!("{n} pools created in {created:?}, converged (5 pods, balanced) after {converged:?}");
+
+        // Steady state: only the pods write, each report reaches one watcher.
+        let reports_before = world.reports.load(Ordering::Relaxed);
+        let before = sim.stats().snapshot();
+        let window = Duration::from_secs(env_or("SCALE_WINDOW_SECONDS", 24));
+        tokio::time::sleep(window).await;
+        let steady = sim.stats().snapshot().since(&before);
+        let reports = world.reports.load(Ordering::Relaxed) - reports_before;
+        let minutes = window.as_secs_f64() / 60.0;
+        let per_pool_minute = |x: u64| x as f64 / n as f64 / minutes;
+        let op_writes = operator_writes(&steady);
+        let all_writes = steady.count(is_write);
+        let events = pool_watch_events(&steady);
+        println!(
+            "steady {window:?}: {reports} reports ({:.1}/pool/min), operator writes {op_writes} ({:.2}/pool/min), \
+             all writes {all_writes} ({:.1}/pool/min), child applies {}, pool watch events {events} ({:.2}/report), \
+             requests {}",
+            per_pool_minute(reports),
+            per_pool_minute(op_writes),
+            per_pool_minute(all_writes),
+            child_applies(&steady),
+            events as f64 / reports.max(1) as f64,
+            steady.requests_total(),
+        );
+        anyhow::ensure!(reports > 0, "the simulated pods reported");
+        anyhow::ensure!(child_applies(&steady) == 0, "child applies without a spec change: {:?}", steady.requests);
+        anyhow::ensure!(
+            per_pool_minute(op_writes) <= 1.0,
+            "operator writes per pool per minute: {:.2}",
+            per_pool_minute(op_writes)
+        );
+        anyhow::ensure!(
+            report_writes(&steady) == reports,
+            "every report is one write ({} vs {reports})",
+            report_writes(&steady)
+        );
+        anyhow::ensure!(
+            events <= 2 * reports,
+            "{events} pool watch events for {reports} reports: {:?}",
+            steady.watches
+        );
+        anyhow::ensure!(settled(&client, MAX_PODS as i32, |_| load).await == n, "a pool moved in steady state");
+
+        // Foreign and stale reports move nothing. A foreign pod's entry (an ordinal the
+        // pool does not have, another pool's name), and a pod that goes silent.
+        let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+        let foreign = pool_name(0);
+        let intruder = json!({
+            "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+            "metadata": {"name": foreign},
+            "status": {"pods": [
+                {"name": format!("{foreign}-9"), "connections": 100_000, "ready": true},
+                {"name": "elsewhere-0", "connections": 100_000, "ready": true},
+            ]},
+        });
+        pools
+            .patch_status(&foreign, &PatchParams::apply("intruder").force(), &Patch::Apply(intruder))
+            .await?;
+        let quiet = pool_name(1.min(n - 1));
+        world
+            .pods
+            .lock()
+            .get_mut(&format!("{quiet}-4"))
+            .context("pod to silence")?
+            .silent = true;
+        eventually("foreign and stale entries pruned", patience, || async {
+            let f = pool(&client, &foreign).await.status.unwrap_or_default();
+            let q = pool(&client, &quiet).await.status.unwrap_or_default();
+            let foreign_gone = f.pods.iter().all(|p| !p.name.ends_with("-9") && p.name != "elsewhere-0");
+            let stale_gone = q.pods.iter().all(|p| p.name != format!("{quiet}-4"));
+            (foreign_gone && stale_gone).then_some(())
+        })
+        .await?;
+        for name in [&foreign, &quiet] {
+            let s = pool(&client, name).await.status.unwrap_or_default();
+            anyhow::ensure!(
+                s.desired_replicas == Some(MAX_PODS as i32),
+                "{name} scaled on a foreign or stale report: {s:?}"
+            );
+        }
+
+        // Load falls in a tenth of the pools: drains first, each pod drained once, then
+        // the pools shrink to one pod.
+        let shrinking: Vec<String> = (0..n).step_by(10).map(pool_name).collect();
+        world.set_demand(shrinking.iter().map(|p| (p.clone(), TARGET / 2)));
+        eventually("shrinking pools at one pod", patience, || async {
+            let mut done = 0;
+            for p in &shrinking {
+                let s = pool(&client, p).await.status.unwrap_or_default();
+                if s.desired_replicas == Some(1) && s.replicas == Some(1) && s.instructions.is_empty() {
+                    done += 1;
+                }
+            }
+            (done == shrinking.len()).then_some(())
+        })
+        .await?;
+        // Every pod of these pools acted on each instruction id once.
+        for (name, pod) in world.pods.lock().iter() {
+            let mut seen = BTreeMap::new();
+            for id in &pod.acted {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+            anyhow::ensure!(seen.values().all(|n| *n == 1), "{name} acted twice: {:?}", pod.acted);
+        }
+        let total = sim.stats().snapshot();
+        println!(
+            "whole run: {} requests, operator writes {}, child applies {}, reports {}, report errors {}",
+            total.requests_total(),
+            operator_writes(&total),
+            child_applies(&total),
+            world.reports.load(Ordering::Relaxed),
+            world.report_errors.load(Ordering::Relaxed),
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = op.kill().await;
+    if let Err(e) = &result {
+        let first = pool(&client, &pool_name(0)).await;
+        eprintln!("{} status: {}", pool_name(0), serde_json::to_string(&first.status).unwrap_or_default());
+        eprintln!(
+            "reports {}, report errors {}",
+            world.reports.load(Ordering::Relaxed),
+            world.report_errors.load(Ordering::Relaxed)
+        );
+        eprintln!("simulated pods: {:?}", world.pods.lock().iter().take(6).map(|(n, p)| (n.clone(), p.connections, p.draining)).collect::<Vec<_>>());
+        let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!(
+            "operator log (last lines):\n{}\nfailed: {e:#}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    result
+}
