@@ -167,8 +167,10 @@ impl NatsRouter {
         let settle = tuning.settle;
         let pod_name = pod.to_owned();
         let url = config.url.as_str();
+        let subjects = Subjects::new(namespace);
         let options = super::credentials::apply(async_nats::ConnectOptions::new(), config).await?;
         let client = options
+            .custom_inbox_prefix(subjects.inbox_prefix())
             .name(format!("tether-gateway/{pod}"))
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
@@ -203,7 +205,6 @@ impl NatsRouter {
                 url: url.to_owned(),
                 message: e.to_string(),
             })?;
-        let subjects = Subjects::new(namespace);
         let js = async_nats::jetstream::new(client.clone());
         let directory = Directory::open(js, &subjects).await?;
         let me = Me {

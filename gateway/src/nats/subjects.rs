@@ -134,6 +134,13 @@ impl Subjects {
         }
     }
 
+    /// The prefix of this pool's reply subjects (`_INBOX.tether.<ns>`): a NATS account
+    /// or user for the pool can then be allowed `_INBOX.tether.<ns>.>` only, instead of
+    /// every client's `_INBOX.>` (docs/security.md has the whole permission set).
+    pub fn inbox_prefix(&self) -> String {
+        format!("_INBOX.{}", self.root)
+    }
+
     /// The subject of one operation on one pod.
     pub fn pod(&self, pod: &str, op: PodOp) -> String {
         format!("{}.pod.{}.{}", self.root, token(pod), op.as_str())

@@ -652,3 +652,136 @@ async fn an_in_flight_idempotency_key_is_exclusive_across_pods() {
     send_text(&mut agent, &AgentMessage::Ack { id }.encode()).await;
     assert_eq!(first.await.unwrap().status(), 200);
 }
+
+/// The NATS permissions of one pool's user (docs/security.md prints the same list):
+/// its own subjects, its own two KV buckets and their JetStream API calls, and replies
+/// on its own inbox prefix.
+fn pool_permissions(ns: &str) -> String {
+    let buckets = [
+        format!("KV_tether-{ns}-agents"),
+        format!("KV_tether-{ns}-pods"),
+    ];
+    let mut publish = vec![
+        format!("\"tether.{ns}.>\""),
+        format!("\"_INBOX.tether.{ns}.>\""),
+        "\"$JS.API.INFO\"".to_string(),
+    ];
+    for stream in &buckets {
+        let bucket = stream.trim_start_matches("KV_");
+        for api in [
+            format!("$JS.API.STREAM.INFO.{stream}"),
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+            format!("$JS.API.STREAM.MSG.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}.>"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+            format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+            format!("$JS.ACK.{stream}.>"),
+            format!("$KV.{bucket}.>"),
+        ] {
+            publish.push(format!("\"{api}\""));
+        }
+    }
+    format!(
+        "permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [\"tether.{ns}.>\", \"_INBOX.tether.{ns}.>\"] }} }}",
+        publish.join(", ")
+    )
+}
+
+/// One user per pool, limited to its pool's subjects: a pool routes normally with its
+/// user; another pool's user cannot reach it (no presence answer, no forged call).
+#[tokio::test]
+async fn a_pools_nats_user_reaches_only_its_own_subjects() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    let log = dir.path().join("nats.log");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [\n  {{ user: acme, password: acme-pass, {} }}\n  {{ user: globex, password: globex-pass, {} }}\n] }}\n",
+            pool_permissions("acme"),
+            pool_permissions("globex"),
+        ),
+    )
+    .unwrap();
+    let nats =
+        Nats::start_with_args(&["-c", conf.to_str().unwrap(), "-l", log.to_str().unwrap()]).await;
+    let password = dir.path().join("acme-password");
+    std::fs::write(&password, "acme-pass").unwrap();
+    let as_acme = |c: &mut tether_config::GatewayConfig| {
+        let nats = c.routing.nats.as_mut().unwrap();
+        nats.auth.user = Some("acme".into());
+        nats.auth.password_file = Some(password.clone());
+    };
+    let (p0, p1) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", as_acme),
+        Pod::start_with(&nats, "gw-1", as_acme)
+    );
+    let mut agent = p1.agent("agent-p", &["ops"]).await;
+    // Routing, groups, presence and listings work within the pool's permissions.
+    let response = p0.post("/v1/agents/agent-p/messages", json!("mine")).await;
+    assert_eq!(
+        response.status(),
+        202,
+        "log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(next_push(&mut agent).await.1, json!("mine"));
+    assert_eq!(p0.get("/v1/agents/agent-p").await.status(), 200);
+    assert_eq!(p0.get("/v1/agents").await.status(), 200);
+    let body: Value = p0
+        .post("/v1/groups/ops/messages", json!("g"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["delivered"], 1);
+    assert_eq!(next_push(&mut agent).await.1, json!("g"));
+    let violations = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !violations.contains("Violation"),
+        "the pool's own traffic stays within its permissions:\n{violations}"
+    );
+
+    // Another pool's user asks gw-1 where agent-p is: refused by the server.
+    let globex =
+        async_nats::ConnectOptions::with_user_and_password("globex".into(), "globex-pass".into())
+            .custom_inbox_prefix("_INBOX.tether.globex")
+            .connect(nats.url())
+            .await
+            .unwrap();
+    let call = tether_gateway::nats::wire::Call::Presence {
+        agent: "agent-p".into(),
+    };
+    let payload = tether_gateway::nats::wire::encode_call(&call, &[]).unwrap();
+    let subject = tether_gateway::nats::subjects::Subjects::new("acme")
+        .pod("gw-1", tether_gateway::nats::subjects::PodOp::Presence);
+    let forged = tokio::time::timeout(
+        Duration::from_secs(2),
+        globex.request(subject.clone(), payload.clone()),
+    )
+    .await;
+    assert!(
+        !matches!(forged, Ok(Ok(_))),
+        "another pool's user got an answer"
+    );
+    // The same call with the pool's own user is answered.
+    let acme =
+        async_nats::ConnectOptions::with_user_and_password("acme".into(), "acme-pass".into())
+            .custom_inbox_prefix("_INBOX.tether.acme")
+            .connect(nats.url())
+            .await
+            .unwrap();
+    let answered =
+        tokio::time::timeout(Duration::from_secs(5), acme.request(subject, payload)).await;
+    assert!(
+        matches!(answered, Ok(Ok(_))),
+        "the pool's own user is answered"
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log_text.contains("Violation - User \"globex\""),
+        "the server logged the refusal:\n{log_text}"
+    );
+}
