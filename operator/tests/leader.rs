@@ -147,3 +147,59 @@ async fn a_clean_stop_hands_the_lease_over_at_once() {
     .await;
     b.stop().await;
 }
+
+/// A leader whose lease calls hang steps down at its renew deadline, while the call is
+/// still hanging, so it never overlaps with the follower that takes over after the
+/// lease duration: client-go's guarantee, which an unbounded call would break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_calls_hang_steps_down_before_anyone_takes_over() {
+    use tether_kube_sim::faults::FaultMatch;
+    use tether_operator::lease::{Elector, LeaseConfig};
+    use tokio::sync::watch;
+
+    let (sim, client) = cluster().await;
+    let config = |identity: &str| LeaseConfig {
+        name: "hung".into(),
+        namespace: "default".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(200),
+        renew_deadline: Duration::from_secs(2),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (a_tx, a) = watch::channel(false);
+    tokio::spawn(Elector::new(client.clone(), config("op-a")).run(a_tx, stop_rx.clone()));
+    eventually("op-a leads", 10, || async { (*a.borrow()).then_some(()) }).await;
+    let (b_tx, b) = watch::channel(false);
+    tokio::spawn(Elector::new(client.clone(), config("op-b")).run(b_tx, stop_rx.clone()));
+
+    // Every lease write now hangs for far longer than the lease lasts.
+    sim.faults()
+        .add_latency(FaultMatch::verb("update").on("leases"), Duration::from_secs(30));
+    let hung_at = tokio::time::Instant::now();
+    let mut a_stepped_down = None;
+    while a_stepped_down.is_none() {
+        assert!(!(*a.borrow() && *b.borrow()), "two leaders");
+        if !*a.borrow() {
+            a_stepped_down = Some(hung_at.elapsed());
+        }
+        assert!(hung_at.elapsed() < Duration::from_secs(20), "op-a never stepped down");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // It stepped down on its own, while its renewal was still hanging (30 s).
+    assert!(a_stepped_down.unwrap() < Duration::from_secs(30));
+    assert!(!*b.borrow(), "nobody can write the lease while writes hang");
+
+    // Writes go through again: exactly one of them leads, never both at once.
+    sim.faults().clear();
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut led = false;
+    while tokio::time::Instant::now() < until && !led {
+        let (la, lb) = (*a.borrow(), *b.borrow());
+        assert!(!(la && lb), "two leaders");
+        led = la || lb;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(led, "a leader once the API answers again");
+    stop_tx.send_replace(true);
+}
