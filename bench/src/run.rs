@@ -107,7 +107,7 @@ pub struct Common {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Directory of tether-gateway, peer-axum, peer-axum-tuned (default: this binary's).
+    /// Directory of tether-gateway, peer-axum, peer-axum-tuned, peer-limit (default: this binary's).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     /// The bench/peers directory.

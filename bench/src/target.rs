@@ -30,6 +30,8 @@ pub enum Kind {
     NodeWs,
     /// Python `websockets`.
     PythonWebsockets,
+    /// The floor: a bare mio loop, no framework, no auth, no idle buffers (`peer-limit`).
+    Limit,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::AxumTuned => "axum-tuned",
             Kind::NodeWs => "node-ws",
             Kind::PythonWebsockets => "python-websockets",
+            Kind::Limit => "limit",
         }
     }
 
@@ -53,7 +56,7 @@ impl Kind {
 /// Where the launcher finds binaries and peer sources.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    /// Directory of `tether-gateway`, `peer-axum`, `peer-axum-tuned`.
+    /// Directory of `tether-gateway`, `peer-axum`, `peer-axum-tuned`, `peer-limit`.
     pub bin_dir: PathBuf,
     /// `bench/peers`.
     pub peers_dir: PathBuf,
@@ -111,6 +114,7 @@ impl Deployment {
                 }
                 Kind::Axum => Command::new(paths.bin_dir.join("peer-axum")),
                 Kind::AxumTuned => Command::new(paths.bin_dir.join("peer-axum-tuned")),
+                Kind::Limit => Command::new(paths.bin_dir.join("peer-limit")),
                 Kind::NodeWs => {
                     let script = paths.peers_dir.join("node/server.js");
                     if !paths.peers_dir.join("node/node_modules/ws").exists() {
