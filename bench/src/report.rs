@@ -140,7 +140,56 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
         render(&mut out, &rows);
     }
     ratios(&mut out, mode, results);
+    floor(&mut out, mode, results);
     out
+}
+
+/// With the `limit` target in the run: tether's cost split into the floor (what the
+/// kernel and any server must pay, measured by `limit`) and the rest (ours).
+fn floor(out: &mut String, mode: &str, results: &[TargetResult]) {
+    let (Some(t), Some(l)) = (
+        results
+            .iter()
+            .find(|r| r.target == "tether" && r.connections_ok > 0),
+        results
+            .iter()
+            .find(|r| r.target == "limit" && r.connections_ok > 0),
+    ) else {
+        return;
+    };
+    let per = |rate: f64| if rate > 0.0 { 1e6 / rate } else { f64::NAN };
+    let mut parts = vec![
+        format!(
+            "rss/conn {:.0} B = {:.0} floor + {:.0} ours ({:.1}x the floor)",
+            t.rss_per_conn_bytes,
+            l.rss_per_conn_bytes,
+            t.rss_per_conn_bytes - l.rss_per_conn_bytes,
+            t.rss_per_conn_bytes / l.rss_per_conn_bytes.max(1.0),
+        ),
+        format!(
+            "cpu/handshake {:.1} µs = {:.1} floor + {:.1} ours",
+            per(t.handshakes_per_cpu_s),
+            per(l.handshakes_per_cpu_s),
+            per(t.handshakes_per_cpu_s) - per(l.handshakes_per_cpu_s),
+        ),
+    ];
+    if mode == "broadcast"
+        && let (Some(tb), Some(lb)) = (&t.broadcast, &l.broadcast)
+    {
+        parts.push(format!(
+            "cpu/delivery {:.2} µs = {:.2} floor + {:.2} ours",
+            per(tb.deliveries_per_cpu_s),
+            per(lb.deliveries_per_cpu_s),
+            per(tb.deliveries_per_cpu_s) - per(lb.deliveries_per_cpu_s),
+        ));
+    }
+    let _ = writeln!(
+        out,
+        "\ntether over the floor (limit: no framework, no auth, no idle buffers):"
+    );
+    for part in parts {
+        let _ = writeln!(out, "  {part}");
+    }
 }
 
 fn ratios(out: &mut String, mode: &str, results: &[TargetResult]) {
@@ -256,6 +305,36 @@ mod tests {
     fn ratios_point_the_right_way() {
         assert_eq!(ratio(10.0, 5.0), "2.00x");
         assert_eq!(ratio(1.0, 0.0), "n/a");
+    }
+
+    #[test]
+    fn the_floor_line_splits_tether_cost() {
+        let results = vec![
+            TargetResult {
+                target: "tether".into(),
+                connections_ok: 10,
+                rss_per_conn_bytes: 2000.0,
+                handshakes_per_cpu_s: 10_000.0,
+                ..Default::default()
+            },
+            TargetResult {
+                target: "limit".into(),
+                connections_ok: 10,
+                rss_per_conn_bytes: 500.0,
+                handshakes_per_cpu_s: 40_000.0,
+                ..Default::default()
+            },
+        ];
+        let mut out = String::new();
+        floor(&mut out, "connect", &results);
+        assert!(
+            out.contains("rss/conn 2000 B = 500 floor + 1500 ours (4.0x the floor)")
+                && out.contains("cpu/handshake 100.0 µs = 25.0 floor + 75.0 ours"),
+            "{out}"
+        );
+        let mut out = String::new();
+        floor(&mut out, "connect", &results[..1]);
+        assert!(out.is_empty(), "no floor line without limit: {out}");
     }
 
     #[test]
