@@ -21,6 +21,7 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
         "failed".into(),
         "conn/s".into(),
         "conn/cpu-s".into(),
+        "sys %".into(),
         "hs p50 ms".into(),
         "hs p99 ms".into(),
         "rss MiB".into(),
@@ -35,6 +36,7 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
             r.failed.values().sum::<u64>().to_string(),
             format!("{:.0}", r.handshakes_per_s),
             format!("{:.0}", r.handshakes_per_cpu_s),
+            percent(r.connect_sys_cpu_s, r.connect_cpu_s),
             format!("{:.2}", r.handshake_p50_ms),
             format!("{:.2}", r.handshake_p99_ms),
             format!("{:.1}", r.rss_kib as f64 / 1024.0),
@@ -89,6 +91,7 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
                     "deliv/s",
                     "cpu-s",
                     "deliv/cpu-s",
+                    "sys %",
                     "p50 ms",
                     "p99 ms",
                 ]
@@ -104,6 +107,7 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
                     format!("{:.0}", b.deliveries_per_s),
                     format!("{:.2}", b.server_cpu_s),
                     format!("{:.0}", b.deliveries_per_cpu_s),
+                    percent(b.server_sys_cpu_s, b.server_cpu_s),
                     format!("{:.2}", b.p50_ms),
                     format!("{:.2}", b.p99_ms),
                 ])
@@ -240,6 +244,14 @@ fn ratios(out: &mut String, mode: &str, results: &[TargetResult]) {
         }
         let _ = writeln!(out, "  vs {:<18} {}", peer.target, parts.join("  "));
     }
+}
+
+/// The kernel's share of a CPU figure (stime ÷ utime+stime).
+fn percent(part: f64, whole: f64) -> String {
+    if whole <= 0.0 {
+        return "n/a".into();
+    }
+    format!("{:.0}", 100.0 * part / whole)
 }
 
 fn ratio(numerator: f64, denominator: f64) -> String {

@@ -140,6 +140,8 @@ pub struct TargetResult {
     pub connect_cpu_s: f64,
     /// Sessions per server CPU second (the per-core rate).
     pub handshakes_per_cpu_s: f64,
+    /// Of `connect_cpu_s`, the seconds spent in the kernel (stime).
+    pub connect_sys_cpu_s: f64,
     /// Server RSS before the connections, KiB (all shards).
     pub rss_base_kib: u64,
     /// Server RSS with the connections idle, KiB.
@@ -196,6 +198,8 @@ pub struct BroadcastResult {
     pub deliveries_per_s: f64,
     /// Server CPU seconds during the phase.
     pub server_cpu_s: f64,
+    /// Of `server_cpu_s`, the seconds spent in the kernel (stime).
+    pub server_sys_cpu_s: f64,
     /// Deliveries per server CPU second (the per-core rate).
     pub deliveries_per_cpu_s: f64,
     /// Delivery latency from send, ms.
@@ -302,6 +306,12 @@ fn cpu_of(pids: &[u32]) -> f64 {
         .sum()
 }
 
+fn sys_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| stats::sys_cpu_seconds(*p).ok())
+        .sum()
+}
+
 fn rss_of(pids: &[u32]) -> u64 {
     pids.iter().filter_map(|p| stats::rss_kib(*p).ok()).sum()
 }
@@ -341,6 +351,7 @@ async fn measure(
     let rss_base = rss_of(&pids);
     let sock_base = stats::tcp_socket_mem_bytes()?;
     let cpu_base = cpu_of(&pids);
+    let sys_base = sys_of(&pids);
 
     let exe = std::env::current_exe()?;
     let per_worker = n.div_ceil(workers);
@@ -407,6 +418,7 @@ async fn measure(
         }
     }
     result.connect_cpu_s = cpu_of(&pids) - cpu_base;
+    result.connect_sys_cpu_s = sys_of(&pids) - sys_base;
     result.handshakes_per_s = result.connections_ok as f64 / result.connect_s.max(1e-9);
     result.handshakes_per_cpu_s = result.connections_ok as f64 / result.connect_cpu_s.max(0.01);
     result.handshake_p50_ms = handshake.quantile_ms(0.5);
@@ -640,6 +652,7 @@ async fn drive_broadcast(
     let pids = d.pids();
     collect_reports(procs).await?;
     let cpu_before = cpu_of(&pids);
+    let sys_before = sys_of(&pids);
     let first_ns = unix_nanos();
     for b in 0..c.broadcasts {
         if b > 0 {
@@ -669,6 +682,7 @@ async fn drive_broadcast(
         last_ns = last_ns.max(t);
     }
     let server_cpu_s = cpu_of(&pids) - cpu_before;
+    let server_sys_cpu_s = sys_of(&pids) - sys_before;
     let elapsed_s = (last_ns.saturating_sub(first_ns)) as f64 / 1e9;
     // The pauses between broadcasts are idle time, not fan-out: count only the spans in
     // flight by taking out the configured gaps.
@@ -681,6 +695,7 @@ async fn drive_broadcast(
         elapsed_s,
         deliveries_per_s: delivered as f64 / busy_s,
         server_cpu_s,
+        server_sys_cpu_s,
         deliveries_per_cpu_s: delivered as f64 / server_cpu_s.max(0.01),
         p50_ms: latency.quantile_ms(0.5),
         p99_ms: latency.quantile_ms(0.99),

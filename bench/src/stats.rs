@@ -101,14 +101,27 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     parse_stat_cpu(&stat).context("unexpected /proc/pid/stat format")
 }
 
+/// CPU seconds a process spent in the kernel (stime): syscalls, the TCP stack, epoll.
+pub fn sys_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat_times(&stat)
+        .map(|(_, sys)| sys)
+        .context("unexpected /proc/pid/stat format")
+}
+
 fn parse_stat_cpu(stat: &str) -> Option<f64> {
+    parse_stat_times(stat).map(|(user, sys)| user + sys)
+}
+
+/// (utime, stime) in seconds.
+fn parse_stat_times(stat: &str) -> Option<(f64, f64)> {
     // The command name (field 2) may contain spaces; fields after its ')' are fixed.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state), so utime (14) is index 11 and stime (15) index 12.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    Some((utime as f64 / 100.0, stime as f64 / 100.0))
 }
 
 /// Kernel memory of all TCP sockets, in bytes (`TCP: ... mem N` of
@@ -139,6 +152,7 @@ mod tests {
         assert_eq!(parse_status_kib(status, "VmRSS:"), Some(12345));
         let stat = "42 (my proc) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 1000 10";
         assert_eq!(parse_stat_cpu(stat), Some(3.0));
+        assert_eq!(parse_stat_times(stat), Some((2.5, 0.5)));
         let sockstat =
             "sockets: used 300\nTCP: inuse 10 orphan 0 tw 2 alloc 12 mem 7\nUDP: inuse 1 mem 0\n";
         assert_eq!(parse_sockstat_mem(sockstat), Some(7 * 4096));
@@ -159,6 +173,7 @@ mod tests {
     fn reads_this_process() {
         assert!(rss_kib(std::process::id()).unwrap() > 0);
         assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
+        assert!(sys_cpu_seconds(std::process::id()).unwrap() >= 0.0);
         tcp_socket_mem_bytes().unwrap();
     }
 }
