@@ -25,6 +25,10 @@
 //! bits clear, known opcodes, control frames final and ≤ 125 bytes), failing with 1002
 //! or 1009; continuation and binary frames are read and dropped (the bench never sends
 //! them). Agent ids are kept inline (≤ 31 bytes) and are not percent-decoded.
+//!
+//! What it leaves out on purpose, being a measuring stick and not a server to expose:
+//! deadlines (slow headers, dead peers, idle), auth, connection caps, newest-wins closing
+//! (a newer socket with the same id takes over the id; the older one stays open).
 
 use std::{
     collections::HashMap,
