@@ -195,7 +195,7 @@ async fn run(client: Client, config: SimConfig, world: Arc<World>) {
     let _ = caches.pools.wait_until_ready().await;
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sts_status: HashMap<String, (i32, i32)> = HashMap::new();
+    let mut sts_status: HashMap<String, (Option<i64>, i32)> = HashMap::new();
     loop {
         tick.tick().await;
         if let Err(e) = kubelet(&client, &ns, &caches, &world, &mut sts_status).await {
@@ -213,7 +213,7 @@ async fn kubelet(
     ns: &str,
     caches: &Caches,
     world: &World,
-    sts_status: &mut HashMap<String, (i32, i32)>,
+    sts_status: &mut HashMap<String, (Option<i64>, i32)>,
 ) -> kube::Result<()> {
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let sets_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
@@ -255,7 +255,8 @@ async fn kubelet(
                 },
             );
         }
-        let running = (replicas, replicas);
+        // Every replica runs and is ready; the status follows each new generation.
+        let running = (sts.metadata.generation, replicas);
         if sts_status.get(&pool) != Some(&running) {
             let status = json!({"status": {
                 "observedGeneration": sts.metadata.generation,

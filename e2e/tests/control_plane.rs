@@ -26,6 +26,7 @@ use serde_json::json;
 use tether_crds::ConnectionPool;
 use tether_e2e::podsim::{PodSim, SimConfig};
 use tether_e2e::{binary, eventually};
+use tether_kube_sim::faults::FaultMatch;
 use tether_kube_sim::stats::{RequestKey, Snapshot};
 use tokio::process::{Child, Command};
 
@@ -137,7 +138,8 @@ fn operator(dir: &tempfile::TempDir) -> anyhow::Result<Child> {
         .env("KUBECONFIG", dir.path().join("kubeconfig"))
         .env(
             "RUST_LOG",
-            std::env::var("SCALE_OPERATOR_LOG").unwrap_or_else(|_| "warn,tether_operator=info".into()),
+            std::env::var("SCALE_OPERATOR_LOG")
+                .unwrap_or_else(|_| "warn,tether_operator=info".into()),
         )
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -195,6 +197,10 @@ async fn settled(client: &Client, pods: i32, connections: impl Fn(&str) -> i64) 
         .count()
 }
 
+fn per_pool_minute_over(count: u64, pools: usize, seconds: f64) -> f64 {
+    count as f64 / pools as f64 / (seconds / 60.0)
+}
+
 fn is_write(k: &RequestKey) -> bool {
     matches!(
         k.verb.as_str(),
@@ -202,9 +208,14 @@ fn is_write(k: &RequestKey) -> bool {
     )
 }
 
+/// The operator's writes: applies and patches under its field manager, its Events,
+/// and its prunes of stale `status.pods[]` entries (JSON patches without a manager).
 fn operator_writes(s: &Snapshot) -> u64 {
     s.count(|k| {
-        is_write(k) && (k.field_manager.as_deref() == Some("tether-operator") || k.resource == "events")
+        is_write(k)
+            && (k.field_manager.as_deref() == Some("tether-operator")
+                || k.resource == "events"
+                || (k.resource == "connectionpools" && k.verb == "patch" && k.field_manager.is_none()))
     })
 }
 
@@ -261,10 +272,18 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
     let result = async {
         let load = scenario.load();
         world.set_demand((0..n).map(|i| (pool_name(i), load)));
-        let pid = op.id().context("operator pid")?;
         let started = Instant::now();
         create_pools(&client, scenario).await?;
         let created = started.elapsed();
+        // Killed mid-scale-up: the next operator picks up from the status alone.
+        eventually("a scale-up under way", patience, || async {
+            let p = pool(&client, &pool_name(n - 1)).await;
+            p.status.and_then(|s| s.desired_replicas).filter(|d| *d > 1)
+        })
+        .await?;
+        op.kill().await?;
+        op = operator(&dir)?;
+        let pid = op.id().context("operator pid")?;
         eventually("every pool at its size, holding its load", patience, || async {
             (settled(&client, pods_per_pool, |_| load).await == n).then_some(())
         })
@@ -327,6 +346,39 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         );
         anyhow::ensure!(settled(&client, pods_per_pool, |_| load).await == n, "a pool moved in steady state");
 
+        // Dropped watches and a compacted history (410 Gone): the operator re-lists and,
+        // since nothing changed, applies and writes nothing.
+        let before = sim.stats().snapshot();
+        sim.faults().compact();
+        sim.faults().drop_watches();
+        tokio::time::sleep(Duration::from_secs(3 * scenario.report_seconds as u64)).await;
+        let relisted = sim.stats().snapshot().since(&before);
+        println!(
+            "after dropped watches: {} lists, {} watches opened, child applies {}, operator writes {}",
+            relisted.count(|k| k.verb == "list"),
+            relisted.watches.iter().map(|w| w.opened).sum::<u64>(),
+            child_applies(&relisted),
+            operator_writes(&relisted)
+        );
+        for w in relisted.watches.iter().filter(|w| w.key.resource.ends_with("connectionpools")) {
+            println!("  pool watch after the drop: {w:?}");
+        }
+        anyhow::ensure!(
+            relisted.watches.iter().map(|w| w.opened).sum::<u64>() > 0,
+            "watches were opened again"
+        );
+        anyhow::ensure!(child_applies(&relisted) == 0, "a re-list caused child applies");
+        anyhow::ensure!(
+            per_pool_minute_over(operator_writes(&relisted), n, 3.0 * scenario.report_seconds as f64) <= 1.0,
+            "a re-list caused operator writes: {:?}",
+            relisted
+                .requests
+                .iter()
+                .filter(|r| r.key.resource != "connectionpools" || r.key.field_manager.is_none())
+                .filter(|r| is_write(&r.key))
+                .collect::<Vec<_>>()
+        );
+
         // Foreign and stale reports move nothing. A foreign pod's entry (an ordinal the
         // pool does not have, another pool's name), and a pod that goes silent.
         let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
@@ -372,6 +424,16 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         // the pools shrink to one pod.
         let shrinking: Vec<String> = (0..n).step_by(10).map(pool_name).collect();
         world.set_demand(shrinking.iter().map(|p| (p.clone(), TARGET / 2)));
+        // Killed mid-drain, and throttled (429) after: no drain is issued twice, none is
+        // lost, nothing scales on what the dead operator saw.
+        eventually("a drain under way", patience, || async {
+            let p = pool(&client, &shrinking[0]).await;
+            p.status.filter(|s| s.instructions.iter().any(|i| i.drain))
+        })
+        .await?;
+        op.kill().await?;
+        sim.faults().fail_next(20, FaultMatch::verb("patch"), 429);
+        op = operator(&dir)?;
         eventually("shrinking pools at one pod", patience, || async {
             let mut done = 0;
             for p in &shrinking {
@@ -383,13 +445,15 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
             (done == shrinking.len()).then_some(())
         })
         .await?;
-        // Every pod of these pools acted on each instruction id once.
+        // Every pod acted on each instruction id once, and was told to drain once at most.
         for (name, pod) in world.pods.lock().iter() {
             let mut seen = BTreeMap::new();
             for id in &pod.acted {
                 *seen.entry(id).or_insert(0) += 1;
             }
             anyhow::ensure!(seen.values().all(|n| *n == 1), "{name} acted twice: {:?}", pod.acted);
+            let drains = pod.acted.iter().filter(|id| id.starts_with("drain-")).count();
+            anyhow::ensure!(drains <= 1, "{name} drained {drains} times: {:?}", pod.acted);
         }
         let total = sim.stats().snapshot();
         println!(
@@ -405,14 +469,64 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
     .await;
     let _ = op.kill().await;
     if let Err(e) = &result {
-        let first = pool(&client, &pool_name(0)).await;
-        eprintln!("{} status: {}", pool_name(0), serde_json::to_string(&first.status).unwrap_or_default());
+        let all = Api::<ConnectionPool>::namespaced(client.clone(), NS)
+            .list(&ListParams::default())
+            .await?;
+        let unsettled = all.items.iter().filter(|p| {
+            p.status.as_ref().is_none_or(|s| {
+                !s.instructions.is_empty() || s.desired_replicas != s.ready_replicas
+            })
+        });
+        let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+        let pruned: Vec<&str> = log.lines().filter(|l| l.contains("pruned")).collect();
+        eprintln!("prunes:\n{}", pruned[pruned.len().saturating_sub(3)..].join("\n"));
+        eprintln!("operator log: {} lines", log.lines().count());
+        let first: Vec<&str> = log.lines().filter(|l| l.contains("p00003")).collect();
+        eprintln!("p00003:\n{}", first[first.len().saturating_sub(12)..].join("\n"));
+        let blind: Vec<&str> = log.lines().filter(|l| l.contains("NoReports")).collect();
+        eprintln!("steps without reports:\n{}", blind[blind.len().saturating_sub(3)..].join("\n"));
+        if let Some(first) = pruned.first() {
+            let pool = first.split("pool=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("");
+            let around: Vec<&str> = log.lines().filter(|l| l.contains(&format!("pool={pool}"))).collect();
+            eprintln!("around the first prune:\n{}", around[around.len().saturating_sub(30)..].join("\n"));
+        }
+        for p in unsettled.take(3) {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(&name)).collect();
+            eprintln!("operator on {name}:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"));
+            let s = p.status.clone().unwrap_or_default();
+            eprintln!(
+                "unsettled {}: desired {:?} ready {:?} total {:?} instructions {:?} pods {:?} conditions {:?}",
+                p.metadata.name.as_deref().unwrap_or_default(),
+                s.desired_replicas,
+                s.ready_replicas,
+                s.total_connections,
+                s.instructions,
+                s.pods
+                    .iter()
+                    .map(|r| (r.name.clone(), r.connections, r.draining, r.instruction.clone()))
+                    .collect::<Vec<_>>(),
+                s.conditions
+                    .iter()
+                    .map(|c| (c.type_.clone(), c.reason.clone(), c.message.clone()))
+                    .collect::<Vec<_>>(),
+            );
+        }
         eprintln!(
             "reports {}, report errors {}",
             world.reports.load(Ordering::Relaxed),
             world.report_errors.load(Ordering::Relaxed)
         );
-        eprintln!("simulated pods: {:?}", world.pods.lock().iter().take(6).map(|(n, p)| (n.clone(), p.connections, p.draining)).collect::<Vec<_>>());
+        eprintln!(
+            "simulated pods: {:?}",
+            world
+                .pods
+                .lock()
+                .iter()
+                .take(6)
+                .map(|(n, p)| (n.clone(), p.connections, p.draining))
+                .collect::<Vec<_>>()
+        );
         let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         eprintln!(

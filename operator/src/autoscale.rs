@@ -632,6 +632,16 @@ pub struct Autoscaler {
     pools: Mutex<HashMap<(String, String), PoolMemory>>,
 }
 
+/// The age of an entry last changed `at`: by the watch's progress, or by the wall clock
+/// less three staleness bounds when the watch fell silent (see [`Autoscaler::step`]).
+fn age(now: Instant, at: Instant, progress: Instant, stale_after: Duration) -> Duration {
+    let by_events = progress.saturating_duration_since(at);
+    let by_clock = now
+        .saturating_duration_since(at)
+        .saturating_sub(stale_after * 3);
+    by_events.max(by_clock)
+}
+
 fn fingerprint(report: &PodReport) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     serde_json::to_string(report)
@@ -647,9 +657,26 @@ fn key(pool: &ConnectionPool) -> (String, String) {
 impl Autoscaler {
     /// Plans one step for `pool` whose StatefulSet has `current` replicas, noting which
     /// pod entries changed since the last step and recording the decision.
-    pub fn step(&self, pool: &ConnectionPool, current: Option<i32>, now: Timestamp) -> Plan {
+    ///
+    /// `progress` is when the operator's pool watch last delivered an event. Staleness
+    /// is measured on the operator's clock as far as its view has progressed: an entry's
+    /// age is how long before the latest event seen it last changed. A watch that
+    /// stalls (a stream the server stopped feeding, an overloaded operator) therefore
+    /// freezes every age instead of making every report look stale at once — which
+    /// would prune healthy entries and count their pods as missing. A pod that stops
+    /// reporting while others go on turns stale on time; if everything falls silent
+    /// (every pod of a lone pool gone), wall-clock age takes over after three more
+    /// staleness bounds.
+    pub fn step(
+        &self,
+        pool: &ConnectionPool,
+        current: Option<i32>,
+        progress: Instant,
+        now: Timestamp,
+    ) -> Plan {
         let span = info_span!("autoscale", pool = %pool.name_any(), replicas = current);
         let _entered = span.enter();
+        let stale_after = Policy::from_spec(&pool.spec).stale_after();
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let memory = pools.entry(key(pool)).or_default();
         let seen_now = Instant::now();
@@ -672,7 +699,7 @@ impl Autoscaler {
                 *seen_print = print;
                 *at = seen_now;
             }
-            ages.insert(report.name.clone(), seen_now.duration_since(*at));
+            ages.insert(report.name.clone(), age(seen_now, *at, progress, stale_after));
         }
         let plan = plan(pool, current, &memory.history, &ages, now);
         memory.history.record(
@@ -687,6 +714,8 @@ impl Autoscaler {
             desired = plan.desired_replicas,
             total = plan.total_connections,
             reason = plan.scaling.1,
+            oldest_report = ?ages.values().max(),
+            watch_silent_for = ?seen_now.saturating_duration_since(progress),
             "autoscale step"
         );
         plan
@@ -1149,6 +1178,22 @@ mod tests {
         let plan = plan(&p, Some(2), &old_history(), &ages, t(100));
         assert_eq!(plan.total_connections, 100);
         assert_eq!(plan.prune, vec!["p-1".to_string(), "p-7".to_string()]);
+    }
+
+    #[test]
+    fn ages_stop_growing_while_the_watch_is_silent() {
+        let bound = Duration::from_secs(6);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // The watch delivers: an entry unchanged for 10 s is 10 s old.
+        assert_eq!(age(at(10), at(0), at(10), bound), Duration::from_secs(10));
+        // The watch fell silent at 10 s: an entry that changed at 5 s stays 5 s old...
+        assert_eq!(age(at(15), at(5), at(10), bound), Duration::from_secs(5));
+        assert_eq!(age(at(22), at(5), at(10), bound), Duration::from_secs(5));
+        // ...while one that had stopped long before the others is stale all the same.
+        assert_eq!(age(at(22), at(1), at(10), bound), Duration::from_secs(9));
+        // Silent for good (every pod gone): the wall clock takes over, three bounds late.
+        assert_eq!(age(at(40), at(5), at(10), bound), Duration::from_secs(17));
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct Context {
     dirty: Dirty,
     /// When each pool's autoscaler last stepped.
     stepped: Mutex<HashMap<ObjectRef<ConnectionPool>, Instant>>,
+    /// When the pool watch last delivered anything: the clock that report staleness is
+    /// measured against (see `Autoscaler::step`).
+    pool_watch_progress: Arc<Mutex<Instant>>,
     /// The pools' StatefulSets, from a watch.
     stateful_sets: Store<StatefulSet>,
     stateful_set_writer: Mutex<Option<reflector::store::Writer<StatefulSet>>>,
@@ -149,6 +152,7 @@ impl Context {
             applied: Mutex::default(),
             dirty: Dirty::default(),
             stepped: Mutex::default(),
+            pool_watch_progress: Arc::new(Mutex::new(Instant::now())),
             stateful_sets,
             stateful_set_writer: Mutex::new(Some(writer)),
         }
@@ -327,7 +331,8 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
 
     // The autoscaler decides the StatefulSet's replicas (and drains before lowering them).
     let now = Timestamp::now();
-    let plan = ctx.autoscaler.step(pool, current, now);
+    let progress = *lock(&ctx.pool_watch_progress);
+    let plan = ctx.autoscaler.step(pool, current, progress, now);
     let replicas = plan.stateful_set_replicas;
     let mut applied_sts: Option<StatefulSet> = None;
     let problem = if spec_due {
@@ -855,11 +860,21 @@ pub async fn run(
     );
 
     let (pools_reader, pools_writer) = reflector::store();
+    let progress = ctx.pool_watch_progress.clone();
     let pools = watcher(
         api_for::<ConnectionPool>(client, &scope),
         watcher::Config::default(),
     )
     .default_backoff()
+    .map(move |event| {
+        if matches!(
+            event,
+            Ok(watcher::Event::Apply(_) | watcher::Event::InitApply(_))
+        ) {
+            *lock(&progress) = Instant::now();
+        }
+        event
+    })
     .modify(|pool| pool.managed_fields_mut().clear())
     .reflect(pools_writer)
     .applied_objects()

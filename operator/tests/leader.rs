@@ -174,8 +174,10 @@ async fn a_leader_whose_lease_calls_hang_steps_down_before_anyone_takes_over() {
     tokio::spawn(Elector::new(client.clone(), config("op-b")).run(b_tx, stop_rx.clone()));
 
     // Every lease write now hangs for far longer than the lease lasts.
-    sim.faults()
-        .add_latency(FaultMatch::verb("update").on("leases"), Duration::from_secs(30));
+    sim.faults().add_latency(
+        FaultMatch::verb("update").on("leases"),
+        Duration::from_secs(30),
+    );
     let hung_at = tokio::time::Instant::now();
     let mut a_stepped_down = None;
     while a_stepped_down.is_none() {
@@ -183,7 +185,10 @@ async fn a_leader_whose_lease_calls_hang_steps_down_before_anyone_takes_over() {
         if !*a.borrow() {
             a_stepped_down = Some(hung_at.elapsed());
         }
-        assert!(hung_at.elapsed() < Duration::from_secs(20), "op-a never stepped down");
+        assert!(
+            hung_at.elapsed() < Duration::from_secs(20),
+            "op-a never stepped down"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // It stepped down on its own, while its renewal was still hanging (30 s).
