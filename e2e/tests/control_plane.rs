@@ -32,7 +32,8 @@ use tokio::process::{Child, Command};
 
 const NS: &str = "scale";
 const TARGET: i64 = 100;
-const CHILDREN: [&str; 7] = [
+const CHILDREN: [&str; 8] = [
+    "networkpolicies",
     "statefulsets",
     "services",
     "configmaps",
@@ -215,7 +216,9 @@ fn operator_writes(s: &Snapshot) -> u64 {
         is_write(k)
             && (k.field_manager.as_deref() == Some("tether-operator")
                 || k.resource == "events"
-                || (k.resource == "connectionpools" && k.verb == "patch" && k.field_manager.is_none()))
+                || (k.resource == "connectionpools"
+                    && k.verb == "patch"
+                    && k.field_manager.is_none()))
     })
 }
 
@@ -479,21 +482,43 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         });
         let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
         let pruned: Vec<&str> = log.lines().filter(|l| l.contains("pruned")).collect();
-        eprintln!("prunes:\n{}", pruned[pruned.len().saturating_sub(3)..].join("\n"));
+        eprintln!(
+            "prunes:\n{}",
+            pruned[pruned.len().saturating_sub(3)..].join("\n")
+        );
         eprintln!("operator log: {} lines", log.lines().count());
         let first: Vec<&str> = log.lines().filter(|l| l.contains("p00003")).collect();
-        eprintln!("p00003:\n{}", first[first.len().saturating_sub(12)..].join("\n"));
+        eprintln!(
+            "p00003:\n{}",
+            first[first.len().saturating_sub(12)..].join("\n")
+        );
         let blind: Vec<&str> = log.lines().filter(|l| l.contains("NoReports")).collect();
-        eprintln!("steps without reports:\n{}", blind[blind.len().saturating_sub(3)..].join("\n"));
+        eprintln!(
+            "steps without reports:\n{}",
+            blind[blind.len().saturating_sub(3)..].join("\n")
+        );
         if let Some(first) = pruned.first() {
-            let pool = first.split("pool=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or("");
-            let around: Vec<&str> = log.lines().filter(|l| l.contains(&format!("pool={pool}"))).collect();
-            eprintln!("around the first prune:\n{}", around[around.len().saturating_sub(30)..].join("\n"));
+            let pool = first
+                .split("pool=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .unwrap_or("");
+            let around: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(&format!("pool={pool}")))
+                .collect();
+            eprintln!(
+                "around the first prune:\n{}",
+                around[around.len().saturating_sub(30)..].join("\n")
+            );
         }
         for p in unsettled.take(3) {
             let name = p.metadata.name.clone().unwrap_or_default();
             let lines: Vec<&str> = log.lines().filter(|l| l.contains(&name)).collect();
-            eprintln!("operator on {name}:\n{}", lines[lines.len().saturating_sub(15)..].join("\n"));
+            eprintln!(
+                "operator on {name}:\n{}",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            );
             let s = p.status.clone().unwrap_or_default();
             eprintln!(
                 "unsettled {}: desired {:?} ready {:?} total {:?} instructions {:?} pods {:?} conditions {:?}",
@@ -504,7 +529,12 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
                 s.instructions,
                 s.pods
                     .iter()
-                    .map(|r| (r.name.clone(), r.connections, r.draining, r.instruction.clone()))
+                    .map(|r| (
+                        r.name.clone(),
+                        r.connections,
+                        r.draining,
+                        r.instruction.clone()
+                    ))
                     .collect::<Vec<_>>(),
                 s.conditions
                     .iter()

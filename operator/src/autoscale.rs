@@ -699,7 +699,10 @@ impl Autoscaler {
                 *seen_print = print;
                 *at = seen_now;
             }
-            ages.insert(report.name.clone(), age(seen_now, *at, progress, stale_after));
+            ages.insert(
+                report.name.clone(),
+                age(seen_now, *at, progress, stale_after),
+            );
         }
         let plan = plan(pool, current, &memory.history, &ages, now);
         memory.history.record(

@@ -30,6 +30,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
@@ -538,16 +539,21 @@ async fn apply_children(
     ssa!(&desired.client_service);
     ssa!(&desired.api_service);
     ssa!(&desired.pdb);
-    match &desired.nats {
-        Some((sts, svc)) => {
+    ssa!(&desired.gateway_policy);
+    match (&desired.nats, &desired.nats_policy) {
+        (Some((sts, svc)), policy) => {
+            if let Some(policy) = policy {
+                ssa!(policy);
+            }
             ssa!(svc);
             ssa!(sts);
         }
-        None => {
+        (None, _) => {
             // A pool that switched from managed NATS to an external one drops its server.
             let name = resources::nats_name(pool);
             delete_if_owned::<StatefulSet>(client, &ns, &name, pool).await?;
             delete_if_owned::<Service>(client, &ns, &name, pool).await?;
+            delete_if_owned::<NetworkPolicy>(client, &ns, &name, pool).await?;
         }
     }
     let sts = ssa!(&desired.stateful_set);
@@ -628,6 +634,8 @@ async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> 
     delete_if_owned::<StatefulSet>(client, &ns, &base, pool).await?;
     delete_if_owned::<StatefulSet>(client, &ns, &nats, pool).await?;
     delete_if_owned::<PodDisruptionBudget>(client, &ns, &base, pool).await?;
+    delete_if_owned::<NetworkPolicy>(client, &ns, &rbac, pool).await?;
+    delete_if_owned::<NetworkPolicy>(client, &ns, &resources::nats_name(pool), pool).await?;
     for svc in [
         base.clone(),
         resources::headless_name(pool),
@@ -894,6 +902,11 @@ pub async fn run(
         .owns_stream(child_metadata::<ServiceAccount>(&ctx, &scope, meta_version))
         .owns_stream(child_metadata::<Role>(&ctx, &scope, meta_version))
         .owns_stream(child_metadata::<RoleBinding>(&ctx, &scope, meta_version))
+        .owns_stream(child_metadata::<NetworkPolicy>(
+            &ctx,
+            &scope,
+            meta_generation,
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {

@@ -110,6 +110,10 @@ pub struct Desired {
     pub pdb: PodDisruptionBudget,
     /// `P-nats` StatefulSet and Service when `routing.nats.managed`.
     pub nats: Option<(StatefulSet, Service)>,
+    /// `P-gateway`: only the pool's pods and opted-in backends reach the push API.
+    pub gateway_policy: NetworkPolicy,
+    /// `P-nats`: only the pool's gateways reach its managed NATS.
+    pub nats_policy: Option<NetworkPolicy>,
     /// `P`: the gateways.
     pub stateful_set: StatefulSet,
 }
@@ -623,7 +627,12 @@ pub fn desired(
         client_service,
         api_service,
         pdb,
+        nats_policy: match &nats {
+            Some(_) => Some(nats_network_policy(pool)?),
+            None => None,
+        },
         nats,
+        gateway_policy: gateway_network_policy(pool)?,
         stateful_set,
     })
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use std::time::Duration;
 
 use common::*;
@@ -135,6 +136,12 @@ async fn a_new_pool_gets_its_objects_owners_probes_rbac_and_status() {
             .unwrap()
             .metadata,
     );
+    // Neighbours are kept off the push API.
+    let policy = api::<NetworkPolicy>(&client)
+        .get("acme-gateway")
+        .await
+        .unwrap();
+    owned(&policy.metadata);
     let role = api::<Role>(&client).get("acme-gateway").await.unwrap();
     owned(&role.metadata);
     let rule = &role.rules.as_ref().unwrap()[0];
@@ -303,6 +310,12 @@ async fn deleting_a_pool_removes_everything() {
                 .items
                 .len()
             + api::<ConfigMap>(&client)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .len()
+            + api::<NetworkPolicy>(&client)
                 .list(&selector)
                 .await
                 .unwrap()

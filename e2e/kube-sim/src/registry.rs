@@ -230,6 +230,16 @@ pub fn builtins() -> Vec<ResourceType> {
             true,
         ),
         builtin(
+            "networking.k8s.io",
+            "v1",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+            &["netpol"],
+            false,
+            false,
+        ),
+        builtin(
             "policy",
             "v1",
             "poddisruptionbudgets",
