@@ -262,6 +262,48 @@ fn scaling_target_must_fit_in_a_pod() {
     );
     pool["spec"]["scaling"] = json!({"targetConnectionsPerPod": 800});
     assert_eq!(cel_failures(&pool), Vec::<String>::new());
+    // Pods must keep headroom above the target plus the tolerance band: at 950 (+10 %)
+    // a pod is full before the mean leaves the band, and agents get 503 while the
+    // autoscaler sees nothing to do.
+    pool["spec"]["scaling"] = json!({"targetConnectionsPerPod": 950});
+    let failures = cel_failures(&pool);
+    assert!(
+        failures.iter().any(|f| f.contains("headroom")),
+        "{failures:?}"
+    );
+    pool["spec"]["scaling"] = json!({"targetConnectionsPerPod": 950, "tolerancePercent": 5});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+}
+
+#[test]
+fn tenant_is_immutable() {
+    let old = minimal();
+    let mut new = minimal();
+    new["spec"]["tenant"] = json!("globex");
+    let errors = Validator::new()
+        .validate(&schema(), &new, Some(&old))
+        .expect_err("a new tenant is refused");
+    assert!(
+        errors.iter().any(|e| e.to_string().contains("immutable")),
+        "{errors:?}"
+    );
+    // Creation has no old object: any valid tenant.
+    assert_eq!(cel_failures(&new), Vec::<String>::new());
+    assert!(
+        Validator::new()
+            .validate(&schema(), &new, Some(&new))
+            .is_ok()
+    );
+}
+
+#[test]
+fn status_lists_and_counts_are_bounded() {
+    let status = &schema()["properties"]["status"]["properties"];
+    assert_eq!(status["pods"]["maxItems"], json!(2000));
+    assert_eq!(status["instructions"]["maxItems"], json!(2000));
+    let report = &status["pods"]["items"]["properties"];
+    assert_eq!(report["connections"]["maximum"].as_f64(), Some(1e8));
+    assert_eq!(report["refused"]["minimum"].as_f64(), Some(0.0));
 }
 
 #[test]

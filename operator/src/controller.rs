@@ -234,6 +234,7 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         generation = pool.metadata.generation.unwrap_or_default(),
     );
     let started = Instant::now();
+    let _running = ctx.metrics.reconcile_running();
     let result = async {
         let ns = pool.namespace().ok_or(Error::NoNamespace)?;
         let api: Api<ConnectionPool> = Api::namespaced(ctx.client.clone(), &ns);

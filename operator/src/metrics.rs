@@ -76,10 +76,21 @@ pub struct Metrics {
     _observed: Vec<ObservableGauge<f64>>,
     reconcile_count: AtomicU64,
     error_count: AtomicU64,
+    in_flight: AtomicU64,
+    most_in_flight: AtomicU64,
     recent: Mutex<VecDeque<Duration>>,
     prometheus: Option<PrometheusText>,
     // Set when this value owns its meter provider (`Metrics::new`).
     _provider: Option<SdkMeterProvider>,
+}
+
+/// A running reconcile (see [`Metrics::reconcile_running`]).
+pub struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Default for Metrics {
@@ -237,6 +248,8 @@ impl Metrics {
             _observed: observed,
             reconcile_count: AtomicU64::new(0),
             error_count: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            most_in_flight: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             prometheus,
             _provider: None,
@@ -306,6 +319,18 @@ impl Metrics {
     /// Ends `pool`'s gauges (the pool is gone).
     pub fn forget_pool(&self, pool: &ConnectionPool) {
         lock(&self.pools).remove(&(pool.namespace().unwrap_or_default(), pool.name_any()));
+    }
+
+    /// Counts a reconcile as running until the returned guard is dropped.
+    pub fn reconcile_running(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    /// The most reconciles that ran at once so far (bounded by `--concurrency`).
+    pub fn most_in_flight(&self) -> u64 {
+        self.most_in_flight.load(Ordering::Acquire)
     }
 
     /// Reconciles run so far.

@@ -523,3 +523,42 @@ async fn the_operator_never_wipes_the_pods_status_entries() {
     assert_eq!((pods[0].name.as_str(), pods[0].connections), ("acme-0", 42));
     op.stop().await;
 }
+
+/// `--concurrency` bounds the reconciles in flight: with every apply held up by the API
+/// server, a burst of pools is worked on at most that many at a time. `--debounce`
+/// folds the burst of events one pool's own apply causes into one reconcile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_and_debounce_reach_the_controller() {
+    use tether_kube_sim::faults::FaultMatch;
+    let (sim, client) = cluster().await;
+    sim.faults().add_latency(
+        FaultMatch::verb("patch").on("configmaps"),
+        Duration::from_millis(300),
+    );
+    let mut bounded = args("op-a");
+    bounded.concurrency = 2;
+    bounded.debounce = Duration::from_millis(500);
+    let op = Operator::start(&client, bounded);
+    for i in 0..8 {
+        pools(&client)
+            .create(
+                &PostParams::default(),
+                &pool(&format!("burst-{i}"), json!({})),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..8 {
+        wait_sts(&client, &format!("burst-{i}")).await;
+    }
+    let most = op.metrics.most_in_flight();
+    assert!(most <= 2, "{most} reconciles at once with --concurrency 2");
+    assert!(most >= 1);
+    // Settled: with a half-second debounce, each pool's burst of child and status
+    // events (8 children, its status, its finalizer) was folded into a few reconciles.
+    sim.faults().clear();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per_pool = op.metrics.reconciles() as f64 / 8.0;
+    assert!(per_pool <= 6.0, "{per_pool} reconciles per pool");
+    op.stop().await;
+}
