@@ -761,13 +761,14 @@ fn watch(
         user_agent: header_str(headers, header::USER_AGENT).to_string(),
     });
     // sendInitialEvents replays the current state whatever the resourceVersion (NotOlderThan).
-    let start = s.store.watch_scoped(
+    let start = s.store.watch_queued(
         &Target {
             name: None,
             ..t.clone()
         },
         if send_initial { None } else { from },
         pinned.as_deref(),
+        tap.queue(),
     );
     let headers = [
         (header::CONTENT_TYPE, "application/json"),
@@ -775,14 +776,7 @@ fn watch(
     ];
     match start {
         Ok(ws) => {
-            let body = Body::from_stream(watch::stream(
-                spec,
-                s.store.clone(),
-                ws.backlog,
-                ws.rx,
-                ws.rv,
-                tap,
-            ));
+            let body = Body::from_stream(watch::stream(spec, s.store.clone(), ws, tap));
             Ok((StatusCode::OK, headers, body).into_response())
         }
         // The real server answers a too-old watch with 200 and a single ERROR event.

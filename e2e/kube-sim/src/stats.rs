@@ -7,6 +7,7 @@
 //! ```text
 //!  http middleware ──► Stats::record_request(RequestKey)      one counter per distinct key
 //!  watch stream    ──► WatchTap::frame(type, bytes)            atomics, no lock per frame
+//!  store / stream  ──► WatchTap::queue() +1 sent, -1 taken     events waiting for the stream
 //!  store           ──► Stats::{objects,watchers}_examined(n)   atomics
 //!  tests           ◄── Server::stats().snapshot() / GET /_sim/stats, reset / Snapshot::since
 //! ```
@@ -90,7 +91,14 @@ pub struct WatchCount {
     pub opened: u64,
     /// Streams open now (a gauge: [`Snapshot::since`] keeps the later value).
     pub open: u64,
-    /// Events delivered (every line: ADDED, MODIFIED, DELETED, BOOKMARK, ERROR).
+    /// Store events waiting in the stand-in for these open streams, not yet taken to be
+    /// written (a gauge). It stays near 0 while the clients read; it grows once a client
+    /// stops reading its watch and the connection's buffers are full.
+    #[serde(default)]
+    pub queued: u64,
+    /// Events delivered: every line (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) handed
+    /// to the connection. Written is not read: lines a client has not read yet (in the
+    /// server's write buffer and the sockets' buffers, megabytes on loopback) count.
     pub events: u64,
     /// Bytes of those lines (the response body, newline included).
     pub bytes: u64,
@@ -120,6 +128,8 @@ const EVENT_TYPES: [&str; 5] = ["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERR
 struct WatchCell {
     opened: AtomicU64,
     open: AtomicU64,
+    /// Shared with the store's senders and the streams' receivers (see `WatchStart`).
+    queued: Arc<AtomicU64>,
     bytes: AtomicU64,
     by_type: [AtomicU64; 5],
 }
@@ -168,6 +178,7 @@ impl Stats {
                 key: k.clone(),
                 opened: c.opened.load(Relaxed),
                 open: c.open.load(Relaxed),
+                queued: c.queued.load(Relaxed),
                 events: c.by_type.iter().map(|a| a.load(Relaxed)).sum(),
                 bytes: c.bytes.load(Relaxed),
                 by_type: EVENT_TYPES
@@ -226,6 +237,11 @@ impl Stats {
 // === impl WatchTap ===
 
 impl WatchTap {
+    /// The gauge of the store events waiting for the watches of this key.
+    pub(crate) fn queue(&self) -> Arc<AtomicU64> {
+        self.cell.queued.clone()
+    }
+
     /// Counts one delivered line of `event_type` and `bytes` length.
     pub(crate) fn frame(&self, event_type: &str, bytes: usize) {
         if let Some(i) = EVENT_TYPES.iter().position(|t| *t == event_type) {
@@ -250,7 +266,8 @@ fn add_to(map: &mut BTreeMap<String, u64>, k: &str, n: u64) {
 }
 
 impl Snapshot {
-    /// What happened between `earlier` and this snapshot (`open` keeps this one's value).
+    /// What happened between `earlier` and this snapshot (the gauges `open` and `queued`
+    /// keep this one's values).
     pub fn since(&self, earlier: &Snapshot) -> Snapshot {
         let before: HashMap<&RequestKey, u64> =
             earlier.requests.iter().map(|r| (&r.key, r.count)).collect();
@@ -276,6 +293,7 @@ impl Snapshot {
                     key: w.key.clone(),
                     opened: w.opened.saturating_sub(b.opened),
                     open: w.open,
+                    queued: w.queued,
                     events: w.events.saturating_sub(b.events),
                     bytes: w.bytes.saturating_sub(b.bytes),
                     by_type: w
@@ -378,6 +396,7 @@ impl Snapshot {
         for w in self.watches.iter().filter(|w| f(&w.key)) {
             sum.opened += w.opened;
             sum.open += w.open;
+            sum.queued += w.queued;
             sum.events += w.events;
             sum.bytes += w.bytes;
             for (t, n) in &w.by_type {
@@ -408,6 +427,7 @@ impl Snapshot {
             "watches": {
                 "opened": total.opened,
                 "open": total.open,
+                "queued": total.queued,
                 "events": total.events,
                 "bytes": total.bytes,
                 "byType": total.by_type,

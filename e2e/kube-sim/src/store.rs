@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -71,6 +72,9 @@ pub struct WatchStart {
     pub rx: mpsc::UnboundedReceiver<Arc<Event>>,
     /// Current resourceVersion when the watch started.
     pub rv: u64,
+    /// Live events sent to `rx` and not yet taken from it: whoever reads `rx` subtracts
+    /// what it takes (a watch stream stops taking when its client stops reading).
+    pub queued: Arc<AtomicU64>,
 }
 
 /// Server-side field validation mode (`fieldValidation` query parameter).
@@ -173,12 +177,35 @@ type Scope = (Option<String>, Option<String>);
 /// its own Pod by `metadata.name` costs nothing to the other pods' events).
 #[derive(Default)]
 struct Watchers {
-    scopes: HashMap<Scope, Vec<mpsc::UnboundedSender<Arc<Event>>>>,
+    scopes: HashMap<Scope, Vec<Sink>>,
     added: usize,
 }
 
+/// One watcher: its channel, and the gauge of the events waiting in it.
+struct Sink {
+    tx: mpsc::UnboundedSender<Arc<Event>>,
+    queued: Arc<AtomicU64>,
+}
+
+impl Sink {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Sends `ev`; false when the watch has ended.
+    fn offer(&self, ev: &Arc<Event>) -> bool {
+        // Counted before the send, so the reader never takes an event not yet counted.
+        self.queued.fetch_add(1, Relaxed);
+        let sent = self.tx.send(ev.clone()).is_ok();
+        if !sent {
+            self.queued.fetch_sub(1, Relaxed);
+        }
+        sent
+    }
+}
+
 impl Watchers {
-    fn add(&mut self, scope: Scope, tx: mpsc::UnboundedSender<Arc<Event>>) {
+    fn add(&mut self, scope: Scope, tx: Sink) {
         // Closed watchers of a quiet bucket would otherwise linger until its next event:
         // sweep this bucket now, and every bucket once per 1,024 watches (amortized O(1)).
         self.added += 1;
@@ -206,7 +233,7 @@ impl Watchers {
         for scope in scopes {
             if let Some(bucket) = self.scopes.get_mut(&scope) {
                 examined += bucket.len() as u64;
-                bucket.retain(|tx| tx.send(ev.clone()).is_ok());
+                bucket.retain(|tx| tx.offer(ev));
                 if bucket.is_empty() {
                     self.scopes.remove(&scope);
                 }
@@ -725,6 +752,18 @@ impl Store {
         from: Option<u64>,
         name: Option<&str>,
     ) -> Result<WatchStart> {
+        self.watch_queued(t, from, name, Arc::default())
+    }
+
+    /// [`Store::watch_scoped`], counting the live events waiting for this watch in
+    /// `queued` (shared by the watches of one accounting key, see [`crate::stats`]).
+    pub(crate) fn watch_queued(
+        &self,
+        t: &Target,
+        from: Option<u64>,
+        name: Option<&str>,
+        queued: Arc<AtomicU64>,
+    ) -> Result<WatchStart> {
         let mut st = self.state.lock();
         let rv = st.rv;
         let ns = if t.rt.namespaced {
@@ -804,9 +843,18 @@ impl Store {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        ts.watchers.add((ns, name.map(str::to_string)), tx);
+        let sink = Sink {
+            tx,
+            queued: queued.clone(),
+        };
+        ts.watchers.add((ns, name.map(str::to_string)), sink);
         self.stats.objects_examined(examined);
-        Ok(WatchStart { backlog, rx, rv })
+        Ok(WatchStart {
+            backlog,
+            rx,
+            rv,
+            queued,
+        })
     }
 
     /// Runs a closure over the locked state (garbage collector).

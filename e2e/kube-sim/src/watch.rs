@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 use crate::registry::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::stats::WatchTap;
-use crate::store::{Event, EventType, Store};
+use crate::store::{Event, EventType, Store, WatchStart};
 
 /// How a watch renders and filters events.
 #[derive(Clone)]
@@ -100,6 +101,8 @@ struct Running {
     store: Arc<Store>,
     backlog: std::vec::IntoIter<Arc<Event>>,
     rx: mpsc::UnboundedReceiver<Arc<Event>>,
+    /// Live events waiting in `rx` (the store adds, taking from `rx` subtracts).
+    queued: Arc<AtomicU64>,
     tap: WatchTap,
     last_rv: u64,
     initial_end: Option<u64>,
@@ -109,6 +112,10 @@ struct Running {
 }
 
 impl Running {
+    fn took(&self) {
+        self.queued.fetch_sub(1, Relaxed);
+    }
+
     fn frame(&mut self, typ: &str, obj: Value) -> Bytes {
         let b = self.encode(typ, obj);
         self.tap.frame(typ, b.len());
@@ -165,6 +172,7 @@ impl Running {
             tokio::select! {
                 e = self.rx.recv() => {
                     let e = e?;
+                    self.took();
                     self.last_rv = self.last_rv.max(e.rv);
                     if let Some((t, o)) = self.spec.translate(&e) {
                         return Some(self.frame(t, o));
@@ -181,6 +189,7 @@ impl Running {
                         let rv = self.store.resource_version();
                         let mut pending = Vec::new();
                         while let Ok(e) = self.rx.try_recv() {
+                            self.took();
                             pending.push(e);
                         }
                         if !pending.is_empty() {
@@ -198,15 +207,29 @@ impl Running {
     }
 }
 
-/// The event stream of a started watch; `tap` counts what it delivers.
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A stream that ends (or whose client goes away) leaves nothing queued.
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {
+            self.took();
+        }
+    }
+}
+
+/// The event stream of a started watch; `tap` counts what it hands to the connection.
 pub fn stream(
     spec: WatchSpec,
     store: Arc<Store>,
-    backlog: Vec<Arc<Event>>,
-    rx: mpsc::UnboundedReceiver<Arc<Event>>,
-    start_rv: u64,
+    start: WatchStart,
     tap: WatchTap,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    let WatchStart {
+        backlog,
+        rx,
+        rv: start_rv,
+        queued,
+    } = start;
     let now = Instant::now();
     let running = Running {
         initial_end: spec.initial_events_end.then_some(start_rv),
@@ -216,6 +239,7 @@ pub fn stream(
         store,
         backlog: backlog.into_iter(),
         rx,
+        queued,
         tap,
         last_rv: start_rv,
         headers_sent: false,

@@ -403,3 +403,67 @@ async fn a_name_pinned_watch_is_offered_only_its_object() {
     assert_eq!(pinned("metadata.name=cm-3"), 1);
     assert_eq!(pinned("metadata.name=cm-7"), 1);
 }
+
+#[tokio::test]
+async fn a_watch_whose_client_stops_reading_counts_what_was_written_and_queues_the_rest() {
+    let sim = Server::start().await.unwrap();
+    let client = sim.client().unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    // Every event of this object is a 256 KiB line.
+    let big: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "big"}, "data": {"payload": "x".repeat(256 << 10), "n": "0"}}),
+    )
+    .unwrap();
+    cms.create(&Default::default(), &big).await.unwrap();
+    let req = http::Request::get(format!(
+        "/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={}",
+        sim.store().resource_version()
+    ))
+    .body(Vec::new())
+    .unwrap();
+    // Opened, then not read: the connection's buffers fill, and the stand-in stops
+    // writing (hyper polls the body only while it can write) and queues the rest.
+    let mut stream = Box::pin(client.request_stream(req).await.unwrap());
+    let watch = || sim.stats().snapshot().watch_total();
+    let mut sent = 0u64;
+    // (An event waits a moment in any case, between its write and the stream's next
+    // poll: a few waiting in a row mean the stream is held up.)
+    while watch().queued < 3 {
+        assert!(
+            sent < 1000,
+            "{sent} events written, none queued: {:?}",
+            watch()
+        );
+        sent += 1;
+        cms.patch(
+            "big",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"n": sent.to_string()}})),
+        )
+        .await
+        .unwrap();
+    }
+    // What was written plus what waits is every event; none was lost or counted twice.
+    eventually("written + queued = sent", || async {
+        let w = watch();
+        (w.events + w.queued == sent).then_some(())
+    })
+    .await;
+    let w = watch();
+    assert!(w.events < sent && w.queued >= 3, "{w:?}");
+    // Read it all: then everything was written, as many lines as were read, and
+    // nothing waits any more.
+    let (lines, bytes) = read_lines(&mut stream, sent as usize).await;
+    assert_eq!(
+        lines.last().unwrap()["object"]["data"]["n"],
+        sent.to_string()
+    );
+    let w = watch();
+    assert_eq!((w.events, w.bytes, w.queued), (sent, bytes, 0), "{w:?}");
+    drop(stream);
+    eventually("watch closed", || async {
+        (watch().open == 0).then_some(())
+    })
+    .await;
+    assert_eq!(watch().queued, 0);
+}
