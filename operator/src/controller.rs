@@ -802,7 +802,14 @@ where
                 vec![Ok(obj)]
             }
             Ok(watcher::Event::Init | watcher::Event::InitDone) => vec![],
-            Err(err) => vec![Err(err)],
+            Err(err) => {
+                // The watch's own back-off retries it. Passed on, the error would make
+                // the Controller pause *every* trigger stream (one shared back-off),
+                // the pools' included: a few 410s after a dropped watch once froze the
+                // pool cache for 20 s.
+                warn!(%err, kind = K::kind(&()).as_ref(), "watch error; retrying");
+                vec![]
+            }
         };
         futures::stream::iter(out)
     })
@@ -887,6 +894,16 @@ pub async fn run(
     .modify(|pool| pool.managed_fields_mut().clear())
     .reflect(pools_writer)
     .applied_objects()
+    // Errors stay here, retried by the watch's own back-off (see `child_triggers`).
+    .filter_map(|pool| async move {
+        match pool {
+            Ok(pool) => Some(Ok(pool)),
+            Err(err) => {
+                warn!(%err, "pool watch error; retrying");
+                None
+            }
+        }
+    })
     .predicate_filter(pool_trigger, Default::default());
 
     info!(namespace = ?scope.namespace, concurrency = scope.concurrency, debounce = ?scope.debounce, "controller starting");
