@@ -8,10 +8,10 @@
 //! (build the operator with `--release` first).
 //!
 //! Budgets, from issue 10: in steady state the operator writes nothing on a report it
-//! need not act on (API writes per pool per minute ≤ reporting pods × reports per minute
-//! + a small constant), applies no child without a spec change, and each report costs at
-//! most 2 watch events; every pool converges; nothing scales on a stale or foreign report;
-//! every removed pod was drained exactly once.
+//! need not act on (API writes per pool per minute ≤ reporting pods × reports per
+//! minute, plus a small constant), applies no child without a spec change, and each
+//! report costs at most 2 watch events; every pool converges; nothing scales on a stale
+//! or foreign report; every removed pod was drained exactly once.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
