@@ -1243,6 +1243,17 @@ mod tests {
         plan(&p, Some(3), &history, &fresh(&p), t(at))
     }
 
+    /// A step with no rebalancing under way, to start from.
+    fn before_any_round() -> Plan {
+        plan(
+            &pool(&[], vec![], Some(3), 0),
+            Some(3),
+            &old_history(),
+            &Ages::new(),
+            t(0),
+        )
+    }
+
     fn shed_total(plan: &Plan) -> i64 {
         plan.instructions.iter().filter_map(|i| i.shed).sum()
     }
@@ -1250,17 +1261,7 @@ mod tests {
     #[test]
     fn a_rebalance_episode_never_sheds_more_than_its_first_excess() {
         // 2,500 agents on one pod of three (the runaway measured on the local platform).
-        let start = rebalance_step(
-            [250, 0, 0],
-            &plan(
-                &pool(&[], vec![], Some(3), 0),
-                Some(3),
-                &old_history(),
-                &Ages::new(),
-                t(0),
-            ),
-            100,
-        );
+        let start = rebalance_step([250, 0, 0], &before_any_round(), 100);
         assert_eq!(shed_total(&start), 250 - 84);
         let budget = start.episode.as_ref().unwrap().budget;
         assert_eq!(budget, 166);
@@ -1291,17 +1292,7 @@ mod tests {
 
     #[test]
     fn the_next_round_waits_for_the_shed_agents_and_stays_within_the_budget() {
-        let first = rebalance_step(
-            [250, 0, 0],
-            &plan(
-                &pool(&[], vec![], Some(3), 0),
-                Some(3),
-                &old_history(),
-                &Ages::new(),
-                t(0),
-            ),
-            100,
-        );
+        let first = rebalance_step([250, 0, 0], &before_any_round(), 100);
         // Round over (166 / 1000 per s + 1 s + 4 s), agents not back yet: wait.
         let waiting = rebalance_step([84, 40, 40], &first, 106);
         assert!(waiting.instructions.is_empty(), "{waiting:?}");
