@@ -334,13 +334,16 @@ fn place_load(caches: &Caches, world: &World) {
         .collect();
     let now = Instant::now();
     let mut pods = world.pods.lock();
+    let mut by_pool: HashMap<String, Vec<String>> = HashMap::new();
+    for (name, pod) in pods.iter() {
+        by_pool
+            .entry(pod.pool.clone())
+            .or_default()
+            .push(name.clone());
+    }
     for (pool, want) in demand {
         let max = limits.get(&pool).copied().unwrap_or(i64::MAX);
-        let names: Vec<String> = pods
-            .iter()
-            .filter(|(_, p)| p.pool == pool)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let names = by_pool.remove(&pool).unwrap_or_default();
         let held: i64 = names.iter().map(|n| pods[n].connections).sum();
         if want < held {
             let mut leave = held - want;
