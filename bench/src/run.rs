@@ -113,6 +113,26 @@ pub struct Common {
     /// The bench/peers directory.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peers"))]
     pub peers_dir: PathBuf,
+    /// Load an already running Tether gateway or Service instead of starting targets
+    /// (`ws://127.0.0.1:8090/v1/connect`: the local platform's Service). `--targets` is
+    /// then ignored, no server memory or CPU is read, and connections the server closes
+    /// (drain, rebalancing) reconnect as agents do, after the `reconnect` hint's delay.
+    /// Modes: connect and churn (the others need the push API's address).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// With `--url`: the HS256 secret the server verifies agents' JWTs with; each agent
+    /// gets its own token (`sub` = `agent-<n>`), since one token shared by many
+    /// connections would make each replace the previous (one connection per agent id).
+    #[arg(
+        long,
+        env = "TETHER_BENCH_HS256_SECRET",
+        requires = "url",
+        hide_env_values = true
+    )]
+    pub hs256_secret: Option<String>,
+    /// With `--url`: the `tenant` claim of the minted tokens (the pool's `spec.tenant`).
+    #[arg(long, requires = "hs256_secret")]
+    pub tenant: Option<String>,
 }
 
 /// Results for one target.
@@ -248,7 +268,25 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
         peers_dir: common.peers_dir.clone(),
     };
     let mut results = Vec::new();
-    for kind in common.targets.clone() {
+    if let Some(url) = &common.url {
+        if !matches!(name, "connect" | "churn") {
+            bail!("--url supports connect and churn ({name} needs the push API's address)");
+        }
+        eprintln!("== {name}: {url} ({} connections)", common.connections);
+        let deployment =
+            Deployment::external(url, common.hs256_secret.clone(), common.tenant.clone())?;
+        let n = common.connections.max(1);
+        let workers = worker_count(&common, n)?;
+        let mut result = measure(name, &deployment, &common, n, workers).await?;
+        result.target = url.clone();
+        results.push(result);
+    }
+    let targets = if common.url.is_some() {
+        Vec::new()
+    } else {
+        common.targets.clone()
+    };
+    for kind in targets {
         eprintln!(
             "== {name}: {} ({} connections)",
             kind.name(),
@@ -326,6 +364,14 @@ async fn run_target(
     let shards = c
         .shards
         .unwrap_or_else(|| n.div_ceil(SHARD_CAPACITY as u64 - 500) as usize);
+    let workers = worker_count(c, n)?;
+    let deployment = Deployment::start(kind, shards, paths).await?;
+    let result = measure(mode, &deployment, c, n, workers).await;
+    deployment.stop().await;
+    result
+}
+
+fn worker_count(c: &Common, n: u64) -> anyhow::Result<u64> {
     let workers = c
         .workers
         .unwrap_or_else(|| n.div_ceil(WORKER_CAPACITY))
@@ -333,10 +379,7 @@ async fn run_target(
     if n.div_ceil(workers) > WORKER_CAPACITY {
         bail!("{workers} workers cannot hold {n} sockets (≤{WORKER_CAPACITY} each)");
     }
-    let deployment = Deployment::start(kind, shards, paths).await?;
-    let result = measure(mode, &deployment, c, n, workers).await;
-    deployment.stop().await;
-    result
+    Ok(workers)
 }
 
 async fn measure(
@@ -376,10 +419,13 @@ async fn measure(
             first,
             count,
             prefix: "agent-".into(),
-            shards: d.shards.iter().map(|s| s.ws).collect(),
+            shards: d.ws_addrs(),
             secret: d.secret.clone(),
             rate: c.rate / workers as f64,
             concurrency: c.concurrency,
+            path: d.external.as_ref().map(|e| e.path.clone()),
+            tenant: d.external.as_ref().and_then(|e| e.tenant.clone()),
+            reconnect: d.external.is_some(),
         };
         stdin
             .write_all(format!("{}\n", serde_json::to_string(&job)?).as_bytes())
@@ -393,7 +439,7 @@ async fn measure(
 
     let mut result = TargetResult {
         target: d.kind.name().into(),
-        authenticated: d.kind.authenticates(),
+        authenticated: d.secret.is_some(),
         shards: d.shards.len(),
         ..TargetResult::default()
     };

@@ -85,7 +85,39 @@ pub struct Deployment {
     pub secret: Option<String>,
     /// Tether only: the push-API key.
     pub api_key: Option<String>,
+    /// An already running server (`--url`): agents connect here, nothing was started.
+    pub external: Option<External>,
     _dir: tempfile::TempDir,
+}
+
+/// A server the bench did not start (`--url`): the local platform's Service, a gateway
+/// in a cluster. Only the connection side is measured (no server RSS or CPU readings).
+#[derive(Debug, Clone)]
+pub struct External {
+    /// The `host:port` of the URL, resolved.
+    pub addr: SocketAddr,
+    /// The URL's path (`/v1/connect`).
+    pub path: String,
+    /// The `tenant` claim of minted tokens, if the pool requires one.
+    pub tenant: Option<String>,
+}
+
+/// Reads `ws://host:port/path` into the address to connect to and the path.
+pub fn parse_ws_url(url: &str) -> anyhow::Result<(SocketAddr, String)> {
+    use std::net::ToSocketAddrs;
+    let rest = url.strip_prefix("ws://").with_context(|| {
+        format!("--url must be a ws:// URL, got {url:?} (wss is not supported)")
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/v1/connect"),
+    };
+    let addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {authority:?} (host:port)"))?
+        .next()
+        .with_context(|| format!("{authority:?} resolves to no address"))?;
+    Ok((addr, path.to_string()))
 }
 
 /// Per-shard connection cap given to Tether (its `limits.maxConnections`).
@@ -142,8 +174,35 @@ impl Deployment {
             shards: started,
             secret,
             api_key,
+            external: None,
             _dir: dir,
         })
+    }
+
+    /// A running Tether server at `url` (nothing is started); agents' tokens are minted
+    /// with `secret` (HS256), with `tenant` as their `tenant` claim.
+    pub fn external(
+        url: &str,
+        secret: Option<String>,
+        tenant: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let (addr, path) = parse_ws_url(url)?;
+        Ok(Self {
+            kind: Kind::Tether,
+            shards: Vec::new(),
+            secret,
+            api_key: None,
+            external: Some(External { addr, path, tenant }),
+            _dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// Where agents connect: every shard's WebSocket address, or the external one.
+    pub fn ws_addrs(&self) -> Vec<SocketAddr> {
+        match &self.external {
+            Some(e) => vec![e.addr],
+            None => self.shards.iter().map(|s| s.ws).collect(),
+        }
     }
 
     /// The shard that serves agent number `i`.
@@ -244,6 +303,18 @@ fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_ws_urls() {
+        let (addr, path) = parse_ws_url("ws://127.0.0.1:8090/v1/connect").unwrap();
+        assert_eq!((addr.port(), path.as_str()), (8090, "/v1/connect"));
+        let (addr, path) = parse_ws_url("ws://localhost:9").unwrap();
+        assert!(addr.ip().is_loopback());
+        assert_eq!((addr.port(), path.as_str()), (9, "/v1/connect"));
+        assert!(parse_ws_url("wss://127.0.0.1:1/v1/connect").is_err());
+        assert!(parse_ws_url("http://127.0.0.1:1/").is_err());
+        assert!(parse_ws_url("ws://127.0.0.1/v1/connect").is_err());
+    }
 
     #[test]
     fn parses_both_listening_lines() {

@@ -50,6 +50,17 @@ pub struct Job {
     pub rate: f64,
     /// Handshakes in flight at most.
     pub concurrency: usize,
+    /// Tether: the WebSocket path (`/v1/connect` when absent).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Tether: the `tenant` claim of minted tokens.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Reconnect when the server closes a connection (after its `reconnect` hint's
+    /// delay, else a short jittered back-off), as agents do: an external pool drains
+    /// and rebalances under the load. Started targets never close, so it stays off.
+    #[serde(default)]
+    pub reconnect: bool,
 }
 
 /// A command from the coordinator.
@@ -130,6 +141,8 @@ struct Target {
     prefix: Arc<str>,
     minter: Option<Arc<tether_agent::Hs256Minter>>,
     index: u32,
+    path: Arc<str>,
+    reconnect: bool,
 }
 
 impl Target {
@@ -154,7 +167,7 @@ impl Target {
             .map_err(|e| format!("connect: {}", e.kind()))?;
         let _ = tcp.set_nodelay(true);
         let url = match &self.minter {
-            Some(_) => format!("ws://{dst}/v1/connect"),
+            Some(_) => format!("ws://{dst}{}", self.path),
             None => format!("ws://{dst}/ws?id={agent}"),
         };
         let mut request = url.into_client_request().map_err(|e| e.to_string())?;
@@ -198,15 +211,18 @@ impl Target {
 pub async fn run() -> anyhow::Result<()> {
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let job: Job = serde_json::from_str(&stdin.next_line().await?.context("no job on stdin")?)?;
-    let minter = job
-        .secret
-        .as_ref()
-        .map(|s| Arc::new(tether_agent::Hs256Minter::new(s.as_bytes(), "bench")));
+    let minter = job.secret.as_ref().map(|s| {
+        let mut minter = tether_agent::Hs256Minter::new(s.as_bytes(), "bench");
+        minter.tenant = job.tenant.clone();
+        Arc::new(minter)
+    });
     let target = Target {
         shards: Arc::new(job.shards.clone()),
         prefix: job.prefix.clone().into(),
         minter,
         index: job.index,
+        path: job.path.as_deref().unwrap_or("/v1/connect").into(),
+        reconnect: job.reconnect,
     };
     let shared = Arc::new(Shared::default());
     // (generation, fraction, sender of per-connection churn results)
@@ -371,12 +387,31 @@ impl Conn {
         self.churn.borrow_and_update();
         loop {
             self.shared.open.fetch_add(1, Ordering::Relaxed);
-            let closed_by_us = self.serve(&mut ws).await;
+            let ended = self.serve(&mut ws).await;
             self.shared.open.fetch_sub(1, Ordering::Relaxed);
-            if !closed_by_us {
+            let Ended::Churned = ended else {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+                if !self.target.reconnect {
+                    return;
+                }
+                // The server closed it (drain, rebalancing): come back as an agent does,
+                // after the hint's delay (already jittered by the server) or a short
+                // jittered pause, through the same address.
+                let mut pause = match ended {
+                    Ended::Server { hint: Some(hint) } => hint,
+                    _ => rand_upto(Duration::from_millis(500)),
+                };
+                ws = loop {
+                    tokio::time::sleep(pause).await;
+                    match tokio::time::timeout(Duration::from_secs(30), self.target.connect(self.n))
+                        .await
+                    {
+                        Ok(Ok(ws)) => break ws,
+                        _ => pause = Duration::from_millis(250) + rand_upto(Duration::from_secs(2)),
+                    }
+                };
+                continue;
+            };
             // Churn: reconnect at once (the storm's worst case), retrying briefly on failure.
             let closed_at = Instant::now();
             let mut retry = Duration::from_millis(50);
@@ -401,31 +436,40 @@ impl Conn {
         }
     }
 
-    /// Serves one session. True when the churn order closed it, false when the server did.
-    async fn serve(&mut self, ws: &mut Ws) -> bool {
+    /// Serves one session until the churn order or the server ends it.
+    async fn serve(&mut self, ws: &mut Ws) -> Ended {
+        let mut hint = None;
         loop {
             tokio::select! {
                 frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(text))) => self.on_text(ws, text.as_str()).await,
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return false,
+                    Some(Ok(Message::Text(text))) => {
+                        hint = self.on_text(ws, text.as_str()).await.or(hint);
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                        return Ended::Server { hint };
+                    }
                     Some(Ok(_)) => {}
                 },
                 changed = self.churn.changed() => {
                     if changed.is_err() {
-                        return false;
+                        return Ended::Server { hint };
                     }
                     let order = *self.churn.borrow_and_update();
                     if churned(self.n, order.fraction) {
                         let _ = ws.close(None).await;
-                        return true;
+                        return Ended::Churned;
                     }
                 }
             }
         }
     }
 
-    async fn on_text(&self, ws: &mut Ws, text: &str) {
+    /// Handles one text frame; returns the delay of a `reconnect` hint.
+    async fn on_text(&self, ws: &mut Ws, text: &str) -> Option<Duration> {
         match GatewayMessage::decode(text) {
+            Ok(GatewayMessage::Reconnect { after_ms, .. }) => {
+                return Some(Duration::from_millis(after_ms));
+            }
             Ok(GatewayMessage::Push { data, .. }) => {
                 let now = unix_nanos();
                 if let Some(sent) = probe_time(data.get()) {
@@ -448,7 +492,16 @@ impl Conn {
             }
             _ => {}
         }
+        None
     }
+}
+
+/// How a session ended.
+enum Ended {
+    /// The churn order closed it.
+    Churned,
+    /// The server closed it (or the socket failed), after a `reconnect` hint or not.
+    Server { hint: Option<Duration> },
 }
 
 /// Reads the send time `t` (Unix ns) from a bench payload `{"t":...}`.

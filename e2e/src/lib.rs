@@ -9,8 +9,10 @@
 //!            process with the pod's name, namespace, ConfigMap and Secret files; a Pod
 //!            object whose Ready condition follows /readyz; SIGTERM (then SIGKILL after
 //!            the grace period) for removed ordinals; the StatefulSet's status
-//!  Agents (tasks here): WebSocket clients that connect through the "Service" (a random
-//!            ready pod, as kube-proxy picks), honour reconnect hints, record pushes
+//!            and the pool's client Service: a TCP proxy on one stable loopback address
+//!            that sends each new connection to a Ready pod ([`service_proxy`])
+//!  Agents (tasks here): SDK agents (`tether-agent`) that connect through that Service,
+//!            honour reconnect hints, record pushes
 //! ```
 //!
 //! The kubelet records, for every pod it stops, how many connections the gateway still
@@ -18,8 +20,10 @@
 //! removed while it still held agents.
 
 pub mod podsim;
+pub mod service_proxy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -27,24 +31,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use futures_util::{SinkExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
 use parking_lot::Mutex;
-use rand::Rng;
 use rand::seq::IndexedRandom;
 use serde_json::{Value, json};
+use tether_agent::{Agent, Backoff, Hs256Minter, Options, ReconnectPolicy, State};
 use tether_crds::ConnectionPool;
-use tether_protocol::GatewayMessage;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util_free::Stop;
 use tracing::{debug, info, warn};
+
+use crate::service_proxy::{Backend, Conntrack, EndpointSource, ServiceProxy};
 
 /// Namespace of the test pools.
 pub const NS: &str = "tenants";
@@ -334,18 +336,30 @@ struct RunningPod {
     endpoint: Endpoint,
 }
 
-/// The part of a kubelet and a StatefulSet controller the loop needs.
+/// The part of a kubelet, a StatefulSet controller and kube-proxy the loop needs.
 pub struct Kubelet {
     endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>,
     removals: Arc<Mutex<Vec<Removal>>>,
     replicas_seen: Arc<Mutex<Vec<(Instant, i32)>>>,
+    service: ServiceProxy,
     stop: Stop,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Kubelet {
-    /// Starts running the pool's StatefulSet.
+    /// Starts running the pool's StatefulSet, with its client Service on a free
+    /// loopback port.
     pub fn start(cluster: &Cluster, pool: &str) -> anyhow::Result<Self> {
+        Self::start_with_service(cluster, pool, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Starts running the pool's StatefulSet, with its client Service on `service`
+    /// (a fixed port gives users one address that outlives every pod).
+    pub fn start_with_service(
+        cluster: &Cluster,
+        pool: &str,
+        service: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let gateway = binary("tether-gateway")?;
         let endpoints = Arc::new(Mutex::new(BTreeMap::new()));
         let removals = Arc::new(Mutex::new(Vec::new()));
@@ -367,13 +381,26 @@ impl Kubelet {
             last_sts_status: None,
         };
         let task = tokio::spawn(state.run(stop.clone()));
+        let service = ServiceProxy::start(service, service_endpoints(endpoints.clone()))
+            .with_context(|| format!("binding the pool's Service on {service}"))?;
         Ok(Self {
             endpoints,
             removals,
             replicas_seen,
+            service,
             stop,
             task,
         })
+    }
+
+    /// The pool's client Service (its address, and its connections per pod).
+    pub fn service(&self) -> &ServiceProxy {
+        &self.service
+    }
+
+    /// The agents' WebSocket URL through the pool's client Service.
+    pub fn service_url(&self) -> String {
+        self.service.ws_url()
     }
 
     /// The pods' endpoints now.
@@ -405,9 +432,29 @@ impl Kubelet {
 
     /// Stops every gateway (SIGTERM, as at node shutdown) and the loop.
     pub async fn shutdown(self) {
+        self.service.stop();
         self.stop.stop();
         let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
     }
+}
+
+/// The Service's endpoints: the running pods' public addresses and readiness, read by
+/// the proxy on every new connection (the kubelet removes a pod from the map the moment
+/// it stops it, as a terminating pod leaves the Service's endpoints).
+fn service_endpoints(endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>) -> EndpointSource {
+    Arc::new(move || {
+        endpoints
+            .lock()
+            .values()
+            .filter_map(|e| {
+                Some(Backend {
+                    pod: e.pod.clone(),
+                    addr: e.public.parse().ok()?,
+                    ready: e.ready,
+                })
+            })
+            .collect()
+    })
 }
 
 struct KubeletLoop {
@@ -746,42 +793,61 @@ async fn terminate(mut child: Child, grace: Duration) {
 
 // === Agents ===
 
-/// Counters over all agents.
+/// Counters over all agents, read from the SDK's connection state.
 #[derive(Debug, Default)]
 pub struct AgentStats {
     /// Sessions opened (first connects included).
     pub sessions: AtomicU64,
-    /// `reconnect` hints received.
-    pub hints: AtomicU64,
-    /// Refused handshakes or failed connects.
+    /// Sessions that ended and were followed by a reconnect (drains, sheds, a pod's
+    /// exit): the reconnect storm.
+    pub reconnects: AtomicU64,
+    /// Connection attempts that failed (refused upgrade, no Ready pod, reset).
     pub refused: AtomicU64,
 }
 
-/// One simulated agent's shared state.
+/// One agent's shared state.
 #[derive(Debug, Default)]
 pub struct AgentState {
     /// Currently connected (welcome received, socket open).
     pub connected: AtomicBool,
-    /// Pod it is connected to.
-    pub pod: Mutex<Option<String>>,
     /// Push ids received.
     pub received: Mutex<HashSet<String>>,
 }
 
-/// A fleet of agents that can grow and shrink.
+struct RunningAgent {
+    id: String,
+    state: Arc<AgentState>,
+    agent: Agent,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+/// A fleet of SDK agents (`tether-agent`) that can grow and shrink. They all connect to
+/// one URL — the pool's client Service — and the Service picks their pods, so the SDK's
+/// own reconnect rules (hints, back-off, overload floor) are what the loop exercises.
 pub struct Agents {
-    endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>,
-    agents: Vec<(String, Arc<AgentState>, Stop, tokio::task::JoinHandle<()>)>,
+    url: String,
+    service: Option<Arc<Mutex<Conntrack>>>,
+    options: Options,
+    agents: Vec<RunningAgent>,
     /// Counters.
     pub stats: Arc<AgentStats>,
     next_id: u64,
 }
 
 impl Agents {
-    /// No agents yet; they connect through `endpoints`' ready pods.
-    pub fn new(endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>) -> Self {
+    /// No agents yet; they will connect through the kubelet's Service.
+    pub fn through(service: &ServiceProxy) -> Self {
+        let mut agents = Self::with_url(service.ws_url());
+        agents.service = Some(service.conntrack());
+        agents
+    }
+
+    /// No agents yet; they will connect to `url` (per-pod counts are then unknown).
+    pub fn with_url(url: String) -> Self {
         Self {
-            endpoints,
+            url,
+            service: None,
+            options: test_agent_options(),
             agents: Vec::new(),
             stats: Arc::default(),
             next_id: 0,
@@ -798,32 +864,49 @@ impl Agents {
         self.agents.is_empty()
     }
 
-    /// Grows or shrinks to `n` agents (the newest leave first).
+    /// Grows or shrinks to `n` agents (the newest leave first, closing with 1000).
     pub async fn scale_to(&mut self, n: usize) {
         while self.agents.len() < n {
             let id = format!("agent-{}", self.next_id);
             self.next_id += 1;
             let state = Arc::new(AgentState::default());
-            let stop = Stop::default();
-            let task = tokio::spawn(run_agent(
-                id.clone(),
+            let mut minter = Hs256Minter::new(JWT_SECRET.as_bytes(), id.clone());
+            minter.tenant = Some("acme".into());
+            let received = state.clone();
+            let agent = Agent::builder(self.url.clone(), minter)
+                .options(self.options.clone())
+                .on_push(move |push| {
+                    if let Some(id) = push.id {
+                        received.received.lock().insert(id);
+                    }
+                    async {}
+                })
+                .start()
+                .expect("a valid Service URL");
+            let watcher = tokio::spawn(watch_agent(
+                agent.state(),
                 state.clone(),
-                self.endpoints.clone(),
                 self.stats.clone(),
-                stop.clone(),
             ));
-            self.agents.push((id, state, stop, task));
+            self.agents.push(RunningAgent {
+                id,
+                state,
+                agent,
+                watcher,
+            });
             if self.agents.len().is_multiple_of(50) {
                 // Arrive in waves rather than one burst of SYNs.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         let leaving: Vec<_> = self.agents.drain(n..).collect();
-        for (_, _, stop, _) in &leaving {
-            stop.stop();
-        }
-        for (_, _, _, task) in leaving {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let closes = leaving.iter().map(|a| async {
+            let _ = tokio::time::timeout(Duration::from_secs(5), a.agent.close()).await;
+        });
+        futures_util::future::join_all(closes).await;
+        for a in leaving {
+            a.state.connected.store(false, Ordering::SeqCst);
+            a.watcher.abort();
         }
     }
 
@@ -831,19 +914,17 @@ impl Agents {
     pub fn connected(&self) -> usize {
         self.agents
             .iter()
-            .filter(|(_, s, _, _)| s.connected.load(Ordering::SeqCst))
+            .filter(|a| a.state.connected.load(Ordering::SeqCst))
             .count()
     }
 
-    /// Agents per pod, as the agents see it.
+    /// Open connections per pod, from the Service's conntrack table (empty when the
+    /// agents do not go through a [`ServiceProxy`]).
     pub fn per_pod(&self) -> BTreeMap<String, usize> {
-        let mut out = BTreeMap::new();
-        for (_, s, _, _) in &self.agents {
-            if let Some(pod) = s.pod.lock().clone() {
-                *out.entry(pod).or_insert(0) += 1;
-            }
-        }
-        out
+        self.service
+            .as_ref()
+            .map(|t| t.lock().per_pod())
+            .unwrap_or_default()
     }
 
     /// A random connected agent's id and state.
@@ -851,20 +932,64 @@ impl Agents {
         let connected: Vec<_> = self
             .agents
             .iter()
-            .filter(|(_, s, _, _)| s.connected.load(Ordering::SeqCst))
+            .filter(|a| a.state.connected.load(Ordering::SeqCst))
             .collect();
         connected
             .choose(&mut rand::rng())
-            .map(|(id, s, _, _)| (id.clone(), s.clone()))
+            .map(|a| (a.id.clone(), a.state.clone()))
     }
 
     /// The state of agent `id`, if it still runs.
     pub fn state_of(&self, id: &str) -> Option<Arc<AgentState>> {
         self.agents
             .iter()
-            .find(|(a, _, _, _)| a == id)
-            .map(|(_, s, _, _)| s.clone())
+            .find(|a| a.id == id)
+            .map(|a| a.state.clone())
     }
+}
+
+/// The SDK's options with a shorter back-off: the production cap (30 s) would let one
+/// unlucky agent sit out a whole test phase after a few refused attempts during a
+/// rebalance, while the behaviour under test (hints, the overload floor) is the same.
+pub fn test_agent_options() -> Options {
+    Options {
+        reconnect: ReconnectPolicy {
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(2),
+            },
+            overload_floor: Duration::from_millis(500),
+        },
+        ..Options::default()
+    }
+}
+
+/// Follows one agent's SDK state into its flag and the fleet's counters.
+async fn watch_agent(
+    mut rx: tokio::sync::watch::Receiver<State>,
+    state: Arc<AgentState>,
+    stats: Arc<AgentStats>,
+) {
+    let mut previous = rx.borrow_and_update().clone();
+    while rx.changed().await.is_ok() {
+        let now = rx.borrow_and_update().clone();
+        match (&previous, &now) {
+            (_, State::Connected(_)) => {
+                stats.sessions.fetch_add(1, Ordering::Relaxed);
+                state.connected.store(true, Ordering::SeqCst);
+            }
+            (State::Connected(_), State::Waiting { .. }) => {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                state.connected.store(false, Ordering::SeqCst);
+            }
+            (_, State::Waiting { .. }) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => state.connected.store(false, Ordering::SeqCst),
+        }
+        previous = now;
+    }
+    state.connected.store(false, Ordering::SeqCst);
 }
 
 /// An HS256 token for `agent`, valid for an hour.
@@ -890,86 +1015,6 @@ fn pick_ready(endpoints: &Mutex<BTreeMap<i32, Endpoint>>) -> Option<Endpoint> {
         .cloned()
         .collect();
     ready.choose(&mut rand::rng()).cloned()
-}
-
-/// One agent: connect through a random ready pod, read until closed, honour the
-/// `reconnect` hint's delay (else back off briefly), repeat until stopped.
-async fn run_agent(
-    id: String,
-    state: Arc<AgentState>,
-    endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>,
-    stats: Arc<AgentStats>,
-    stop: Stop,
-) {
-    let token = token(&id);
-    while !stop.is_stopped() {
-        let mut delay = Duration::from_millis(rand::rng().random_range(50..300));
-        if let Some(endpoint) = pick_ready(&endpoints) {
-            let mut request = format!("ws://{}/v1/connect", endpoint.public)
-                .into_client_request()
-                .expect("request");
-            let headers = request.headers_mut();
-            headers.insert(
-                "sec-websocket-protocol",
-                "tether.v1".parse().expect("header"),
-            );
-            headers.insert(
-                "authorization",
-                format!("Bearer {token}").parse().expect("header"),
-            );
-            match tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio_tungstenite::connect_async(request),
-            )
-            .await
-            {
-                Ok(Ok((mut ws, _))) => {
-                    stats.sessions.fetch_add(1, Ordering::Relaxed);
-                    loop {
-                        let frame = tokio::select! {
-                            frame = ws.next() => frame,
-                            () = stop.stopped() => {
-                                let _ = ws.close(None).await;
-                                break;
-                            }
-                        };
-                        match frame {
-                            Some(Ok(Message::Text(text))) => match GatewayMessage::decode(&text) {
-                                Ok(GatewayMessage::Welcome(_)) => {
-                                    *state.pod.lock() = Some(endpoint.pod.clone());
-                                    state.connected.store(true, Ordering::SeqCst);
-                                }
-                                Ok(GatewayMessage::Push { id, ack, .. }) => {
-                                    state.received.lock().insert(id.to_string());
-                                    if ack {
-                                        let reply = json!({"type": "ack", "id": id.to_string()});
-                                        let _ =
-                                            ws.send(Message::Text(reply.to_string().into())).await;
-                                    }
-                                }
-                                Ok(GatewayMessage::Reconnect { after_ms, .. }) => {
-                                    stats.hints.fetch_add(1, Ordering::Relaxed);
-                                    delay = Duration::from_millis(after_ms);
-                                }
-                                _ => {}
-                            },
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => break,
-                        }
-                    }
-                    state.connected.store(false, Ordering::SeqCst);
-                    *state.pod.lock() = None;
-                }
-                _ => {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = stop.stopped() => {}
-        }
-    }
 }
 
 // === Pushes ===

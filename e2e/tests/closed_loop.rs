@@ -1,6 +1,7 @@
 //! The closed autoscaling loop, end to end: the API stand-in, the real operator
-//! process, a kubelet running real gateway processes for the StatefulSet, and agents
-//! whose number goes 0 → many → few → 0.
+//! process, a kubelet running real gateway processes for the StatefulSet, and SDK agents
+//! (`tether-agent`) whose number goes 0 → many → few → 0, all connecting to the pool's
+//! one Service address (the kubelet's proxy picks a Ready pod for each new connection).
 //!
 //! Needs the binaries: `cargo build -p tether-gateway -p tether-operator` first.
 //! `closed_loop_small` runs in CI (1 → 3 → 1 pods, a few hundred agents);
@@ -87,7 +88,7 @@ async fn settle(
     Ok(started.elapsed())
 }
 
-/// Max and mean of connections per pod, from the agents' side.
+/// Max and mean of connections per pod, from the Service's conntrack table.
 fn spread(agents: &Agents, pods: usize) -> (usize, f64) {
     let per_pod = agents.per_pod();
     let max = per_pod.values().copied().max().unwrap_or(0);
@@ -100,7 +101,7 @@ async fn run(s: Scenario) -> anyhow::Result<()> {
     cluster.create_pool(POOL, pool_spec(&s)).await?;
     let mut operator = cluster.start_operator()?;
     let kubelet = Kubelet::start(&cluster, POOL)?;
-    let mut agents = Agents::new(kubelet.endpoints_handle());
+    let mut agents = Agents::through(kubelet.service());
     let expected_many =
         ((s.agents_many as i64 + s.target - 1) / s.target).min(i64::from(s.max_pods)) as usize;
     let result = async {
@@ -112,7 +113,7 @@ async fn run(s: Scenario) -> anyhow::Result<()> {
         let t0 = Instant::now();
         agents.scale_to(s.agents_many).await;
         let to_scale = settle(&cluster, &kubelet, &agents, expected_many, s.patience).await?;
-        let hints_before = agents.stats.hints.load(Ordering::Relaxed);
+        let reconnects_before = agents.stats.reconnects.load(Ordering::Relaxed);
         let bound = 1.0 + f64::from(s.spread_percent) / 100.0;
         let (max, mean) = eventually("spread within the bound", s.patience, || async {
             let (max, mean) = spread(&agents, expected_many);
@@ -123,15 +124,15 @@ async fn run(s: Scenario) -> anyhow::Result<()> {
             balanced.then_some((max, mean))
         })
         .await?;
-        let storm = agents.stats.hints.load(Ordering::Relaxed);
+        let storm = agents.stats.reconnects.load(Ordering::Relaxed);
         println!(
             "phase many: {} agents → {expected_many} pods in {:?} (scaled and all connected after {to_scale:?}); \
-             balanced after {:?}: max {max} per pod vs mean {mean:.0}; reconnect storm: {storm} hints ({} after the size settled); \
+             balanced after {:?}: max {max} per pod vs mean {mean:.0}; reconnect storm: {storm} reconnects ({} after the size settled); \
              sessions {}, refused handshakes {}; per pod {:?}",
             s.agents_many,
             t0.elapsed(),
             t0.elapsed(),
-            storm - hints_before.min(storm),
+            storm - reconnects_before.min(storm),
             agents.stats.sessions.load(Ordering::Relaxed),
             agents.stats.refused.load(Ordering::Relaxed),
             agents.per_pod()

@@ -1,30 +1,43 @@
 //! `tether-local`: the whole platform on this machine in one command — the Kubernetes
 //! API stand-in, NATS, the real operator, a local "kubelet" that runs a gateway process
-//! per StatefulSet replica, and one `ConnectionPool` — with a kubeconfig `kubectl` can use.
-//! Stops everything on Ctrl-C.
+//! per StatefulSet replica, the pool's client Service (a proxy on one stable loopback
+//! address, balancing new connections over Ready pods), and one `ConnectionPool` — with
+//! a kubeconfig `kubectl` can use. Stops everything on Ctrl-C.
+//!
+//! `TETHER_LOCAL_SERVICE` moves the Service (default `127.0.0.1:8090`; port 0 picks one).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde_json::json;
-use tether_e2e::{API_KEY, Cluster, Kubelet, NS, eventually, token};
+use tether_e2e::{API_KEY, Cluster, JWT_SECRET, Kubelet, NS, eventually, token};
 
 const POOL: &str = "demo";
+/// Where the pool's client Service listens unless `TETHER_LOCAL_SERVICE` says otherwise.
+const DEFAULT_SERVICE: &str = "127.0.0.1:8090";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let service: SocketAddr = std::env::var("TETHER_LOCAL_SERVICE")
+        .unwrap_or_else(|_| DEFAULT_SERVICE.into())
+        .parse()
+        .context("TETHER_LOCAL_SERVICE must be an address such as 127.0.0.1:8090")?;
     let cluster = Cluster::start().await?;
     let mut operator = cluster.start_operator()?;
     cluster
         .create_pool(
             POOL,
             json!({
-                "replicas": {"min": 1, "max": 4},
+                "replicas": {"min": 1, "max": 6},
                 "scaling": {"targetConnectionsPerPod": 1000},
                 "reportIntervalSeconds": 2,
             }),
         )
         .await?;
-    let kubelet = Kubelet::start(&cluster, POOL)?;
+    let kubelet = Kubelet::start_with_service(&cluster, POOL, service).with_context(|| {
+        format!("is {service} in use? set TETHER_LOCAL_SERVICE=127.0.0.1:<port> (0 picks one)")
+    })?;
     let first = eventually("a ready gateway pod", Duration::from_secs(60), || {
         let ready = kubelet.endpoints().into_iter().find(|e| e.ready);
         async move { ready }
@@ -32,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
 
     let kubeconfig = cluster.kubeconfig.display();
+    let url = kubelet.service_url();
     println!(
         r#"
 Tether is running locally.
@@ -41,19 +55,24 @@ Tether is running locally.
   kubectl get statefulsets,pods -n {NS}
   kubectl edit cpool {POOL} -n {NS}            # change replicas, limits, ...
 
-Gateway pod {pod}: agents connect to ws://{public}/v1/connect, push API on http://{internal}
+Service {POOL} (every Ready pod, new connections balanced): {url}
   agent token:  {token}
+  JWT secret:   {JWT_SECRET}   (HS256, tenant acme)
   API key:      {API_KEY}
 
-  cargo run -p tether-agent -- connect --url ws://{public}/v1/connect --token {token}
+  cargo run -p tether-agent -- connect --url {url} --token {token}
   curl -X POST http://{internal}/v1/agents/local-agent/messages \
        -H 'Authorization: Bearer {API_KEY}' -H 'Content-Type: application/json' -d '{{"hello":"agent"}}'
+       (push API of pod {pod}; any pod routes to the agent's pod)
+
+Load through the Service (watch `kubectl get cpool -n {NS} -w` scale up, rebalance, scale down):
+  cargo run --release -p tether-bench -- connect -n 5000 --rate 500 --hold 120 \
+       --url {url} --hs256-secret {JWT_SECRET} --tenant acme
 
 Operator log: {log}
 Ctrl-C stops everything.
 "#,
         pod = first.pod,
-        public = first.public,
         internal = first.internal,
         token = token("local-agent"),
         log = cluster.operator_log().display(),
