@@ -96,6 +96,31 @@ fn usage(pid: u32) -> (f64, u64) {
     (ticks / 100.0, rss)
 }
 
+/// Polls `f` until it yields, at most `patience`, every `every` (listing thousands of
+/// pools ten times a second would load the stand-in more than the operator does).
+async fn poll<T, F, Fut>(
+    what: &str,
+    patience: Duration,
+    every: Duration,
+    mut f: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {patience:?} waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 fn pool_name(i: usize) -> String {
     format!("p{i:05}")
 }
@@ -268,6 +293,7 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
     let scenario = Scenario::from_env();
     let (n, pods_per_pool) = (scenario.pools, scenario.pods as i32);
     let patience = Duration::from_secs(env_or("SCALE_PATIENCE_SECONDS", 180));
+    let every = Duration::from_millis((n as u64).clamp(100, 2_000));
     let (sim, client, dir) = stand_in().await?;
     let mut op = operator(&dir)?;
     let pods = PodSim::start(client.clone(), SimConfig::new(NS)).await;
@@ -287,7 +313,7 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         op.kill().await?;
         op = operator(&dir)?;
         let pid = op.id().context("operator pid")?;
-        eventually("every pool at its size, holding its load", patience, || async {
+        poll("every pool at its size, holding its load", patience, every, || async {
             (settled(&client, pods_per_pool, |_| load).await == n).then_some(())
         })
         .await?;
@@ -437,7 +463,7 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         op.kill().await?;
         sim.faults().fail_next(20, FaultMatch::verb("patch"), 429);
         op = operator(&dir)?;
-        eventually("shrinking pools at one pod", patience, || async {
+        poll("shrinking pools at one pod", patience, every, || async {
             let mut done = 0;
             for p in &shrinking {
                 let s = pool(&client, p).await.status.unwrap_or_default();
