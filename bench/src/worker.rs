@@ -366,7 +366,18 @@ struct Conn {
 impl Conn {
     async fn run(mut self, permit: tokio::sync::OwnedSemaphorePermit) {
         let started = Instant::now();
-        let ws = tokio::time::timeout(Duration::from_secs(60), self.target.connect(self.n)).await;
+        let mut ws =
+            tokio::time::timeout(Duration::from_secs(60), self.target.connect(self.n)).await;
+        // An external pool refuses some upgrades while it scales (503 from a pod that is
+        // shedding, no Ready pod for a moment): retry as an agent would, for a minute.
+        while self.target.reconnect
+            && !matches!(ws, Ok(Ok(_)))
+            && started.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(250) + rand_upto(Duration::from_secs(1)))
+                .await;
+            ws = tokio::time::timeout(Duration::from_secs(30), self.target.connect(self.n)).await;
+        }
         drop(permit);
         let mut ws = match ws {
             Ok(Ok(ws)) => {

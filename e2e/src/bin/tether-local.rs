@@ -30,7 +30,12 @@ async fn main() -> anyhow::Result<()> {
             POOL,
             json!({
                 "replicas": {"min": 1, "max": 6},
-                "scaling": {"targetConnectionsPerPod": 1000},
+                // Scale down 30 s after the load leaves (not the default 5 minutes), so
+                // a demo shows the whole episode.
+                "scaling": {
+                    "targetConnectionsPerPod": 1000,
+                    "scaleDown": {"stabilizationSeconds": 30},
+                },
                 "reportIntervalSeconds": 2,
             }),
         )
