@@ -749,11 +749,11 @@ impl Autoscaler {
             .remove(&key(pool));
     }
 
-    /// Delivers the plan's instructions to the pods' annotations: sets the annotation of
-    /// each pod whose instruction is new in this term, removes it where an instruction
-    /// ended. Each delivery is one merge patch of one Pod (a Pod that is gone is fine).
-    /// Called before the status records the plan, so a failed delivery is retried.
-    pub async fn deliver(
+    /// Removes the annotation of every pod whose instruction ended (recorded in the
+    /// status or delivered in this term, and not in the plan). Called *before* the status
+    /// drops the instruction: a crash in between leaves the record, and the next term
+    /// withdraws again — never an annotation that nobody remembers.
+    pub async fn withdraw(
         &self,
         client: &Client,
         pool: &ConnectionPool,
@@ -764,46 +764,52 @@ impl Autoscaler {
             .as_ref()
             .map(|s| s.instructions.iter().map(|i| i.pod.clone()).collect())
             .unwrap_or_default();
-        let (sets, clears) = {
+        let ended: std::collections::BTreeSet<String> = {
             let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             let delivered = pools.get(&key(pool)).map(|m| &m.delivered);
-            let is_delivered = |pod: &str, id: &str| {
-                delivered.is_some_and(|d| d.get(pod).is_some_and(|have| have == id))
-            };
-            let sets: Vec<PodInstruction> = plan
-                .instructions
-                .iter()
-                .filter(|i| !is_delivered(&i.pod, &i.id))
-                .cloned()
-                .collect();
-            let clears: Vec<String> = recorded
+            recorded
                 .into_iter()
                 .chain(delivered.into_iter().flat_map(|d| d.keys().cloned()))
                 .filter(|pod| !plan.instructions.iter().any(|i| i.pod == *pod))
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            (sets, clears)
+                .collect()
         };
-        if sets.is_empty() && clears.is_empty() {
-            return Ok(());
+        let (pods, params) = pod_api(client, pool);
+        for pod in &ended {
+            annotate(&pods, &params, pod, None).await?;
+            debug!(%pod, "instruction withdrawn");
+            self.note_delivered(pool, pod, None);
         }
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &pool.namespace().unwrap_or_default());
-        let params = PatchParams {
-            field_manager: Some(crate::controller::FIELD_MANAGER.into()),
-            ..Default::default()
+        Ok(())
+    }
+
+    /// Sets the annotation of each pod whose instruction this term has not delivered
+    /// yet: one merge patch of one Pod (a Pod that is gone is fine). Called *after* the
+    /// status recorded the plan: a crash in between leaves the record, which the next
+    /// term delivers with the same id — a pod is never told to drain twice under two ids.
+    pub async fn deliver(
+        &self,
+        client: &Client,
+        pool: &ConnectionPool,
+        plan: &Plan,
+    ) -> Result<(), kube::Error> {
+        let pending: Vec<PodInstruction> = {
+            let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            let delivered = pools.get(&key(pool)).map(|m| &m.delivered);
+            plan.instructions
+                .iter()
+                .filter(|i| {
+                    delivered.is_none_or(|d| d.get(&i.pod).is_none_or(|have| *have != i.id))
+                })
+                .cloned()
+                .collect()
         };
-        for instruction in &sets {
+        let (pods, params) = pod_api(client, pool);
+        for instruction in &pending {
             let value = serde_json::to_string(instruction).unwrap_or_default();
             annotate(&pods, &params, &instruction.pod, Some(value)).await?;
             info!(pod = %instruction.pod, id = %instruction.id, drain = instruction.drain,
                   shed = ?instruction.shed, "instruction delivered");
             self.note_delivered(pool, &instruction.pod, Some(&instruction.id));
-        }
-        for pod in &clears {
-            annotate(&pods, &params, pod, None).await?;
-            debug!(%pod, "instruction withdrawn");
-            self.note_delivered(pool, pod, None);
         }
         Ok(())
     }
@@ -816,6 +822,15 @@ impl Autoscaler {
             None => delivered.remove(pod),
         };
     }
+}
+
+fn pod_api(client: &Client, pool: &ConnectionPool) -> (Api<Pod>, PatchParams) {
+    let pods = Api::namespaced(client.clone(), &pool.namespace().unwrap_or_default());
+    let params = PatchParams {
+        field_manager: Some(crate::controller::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    (pods, params)
 }
 
 /// Sets (or with `None` removes) the instruction annotation of one Pod. A merge patch,

@@ -392,8 +392,8 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
 
     let plan = problem.is_none().then_some(plan);
     if let Some(plan) = &plan {
-        // Before the status records them, so that a failed delivery is retried.
-        ctx.autoscaler.deliver(&ctx.client, pool, plan).await?;
+        // Ended instructions leave the pods before they leave the record...
+        ctx.autoscaler.withdraw(&ctx.client, pool, plan).await?;
     }
     let sts = applied_sts.as_ref().or(cached.as_deref());
     let observed = Observed {
@@ -415,6 +415,10 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(body))
             .await?;
         ctx.autoscaler.status_written(pool);
+    }
+    if let Some(plan) = &plan {
+        // ...and new ones enter the record before they reach the pods.
+        ctx.autoscaler.deliver(&ctx.client, pool, plan).await?;
     }
     Ok(match (&plan, &problem) {
         (Some(plan), _) => {
