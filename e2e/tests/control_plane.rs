@@ -184,8 +184,8 @@ async fn create_pools(client: &Client, s: Scenario) -> anyhow::Result<()> {
                 "replicas": {"min": 1, "max": s.pods},
                 "scaling": {
                     "targetConnectionsPerPod": TARGET,
-                    "scaleUp": {"maxPodsPerStep": s.pods, "periodSeconds": 1},
-                    "scaleDown": {"stabilizationSeconds": 5, "maxPodsPerStep": (s.pods / 2).max(2)},
+                    "scaleUp": {"maxPodsPerStep": s.pods.min(100), "periodSeconds": 1},
+                    "scaleDown": {"stabilizationSeconds": 5, "maxPodsPerStep": (s.pods / 2).clamp(2, 100)},
                 },
                 "limits": {"maxConnectionsPerPod": TARGET * 4},
                 "auth": {
