@@ -498,7 +498,8 @@ pub struct NatsRoutingSpec {
     /// Credentials the gateways present to NATS. Anything that can publish on the
     /// pool's subjects can push to or disconnect its agents: give each pool an account
     /// limited to its own subjects. With `managed: true` the operator's NATS requires
-    /// these (user + password, or token) from every client.
+    /// these (user + password, or token) from every client; without them it generates a
+    /// token (Secret `<pool>-nats-auth`, key `token`), so a managed NATS never runs open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<NatsAuthSpec>,
     /// TLS to an existing NATS.

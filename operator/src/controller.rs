@@ -445,6 +445,7 @@ async fn apply_spec(
     if let Err(problem) = validate(pool) {
         return Ok(Err(problem));
     }
+    ensure_nats_token(pool, ctx).await?;
     if let Err(problem) = check_secrets(pool, ctx).await? {
         return Ok(Err(problem));
     }
@@ -478,6 +479,36 @@ fn apply_params() -> PatchParams {
     // Force: the operator is the only writer of these fields; a stray manual edit of a
     // child is taken back rather than reported as a conflict forever.
     PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// Creates the token Secret of a managed NATS that the pool gives no credentials for,
+/// if it is missing: 32 random bytes, hex. Never rewritten: a new token would lock the
+/// running gateways out of the running server until both restarted.
+async fn ensure_nats_token(pool: &ConnectionPool, ctx: &Context) -> Result<(), Error> {
+    if !resources::generates_nats_token(pool) {
+        return Ok(());
+    }
+    let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = resources::nats_auth_secret_name(pool);
+    if secrets.get_metadata_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let Ok(secret) = resources::nats_token_secret(pool, &token) else {
+        return Ok(()); // an unsaved pool: validate() has refused it already
+    };
+    let params = kube::api::PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match secrets.create(&params, &secret).await {
+        Ok(_) => info!(pool = %pool.name_any(), secret = %name, "generated the managed NATS token"),
+        // Another reconcile (or an earlier term) made it: keep that one.
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(err) => return Err(err.into()),
+    }
+    Ok(())
 }
 
 /// Checks that every referenced Secret exists and has its key. `Ok(Err(_))` is a spec
@@ -650,6 +681,7 @@ async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> 
         delete_if_owned::<Service>(client, &ns, &svc, pool).await?;
     }
     delete_if_owned::<ConfigMap>(client, &ns, &resources::config_map_name(pool), pool).await?;
+    delete_if_owned::<Secret>(client, &ns, &resources::nats_auth_secret_name(pool), pool).await?;
     delete_if_owned::<RoleBinding>(client, &ns, &rbac, pool).await?;
     delete_if_owned::<Role>(client, &ns, &rbac, pool).await?;
     delete_if_owned::<ServiceAccount>(client, &ns, &rbac, pool).await?;

@@ -270,7 +270,7 @@ pub fn secret_mounts(pool: &ConnectionPool) -> Vec<SecretMount> {
         });
     }
     let nats = pool.spec.routing.as_ref().map(|r| &r.nats);
-    if let Some(auth) = nats.and_then(|n| n.auth.as_ref()) {
+    if let Some(auth) = nats_auth(pool).as_ref() {
         let refs = [
             (
                 &auth.password_secret_ref,
@@ -343,13 +343,65 @@ pub fn secret_mounts(pool: &ConnectionPool) -> Vec<SecretMount> {
     mounts
 }
 
+/// Name of the Secret holding the token the operator generates for a managed NATS
+/// whose pool gives no `routing.nats.auth` (key [`NATS_TOKEN_KEY`]).
+pub fn nats_auth_secret_name(pool: &ConnectionPool) -> String {
+    format!("{}-nats-auth", pool.name_any())
+}
+
+/// Key of the generated token in [`nats_auth_secret_name`].
+pub const NATS_TOKEN_KEY: &str = "token";
+
+/// Whether the operator must generate the managed NATS's token: the pool runs a managed
+/// NATS and brings no credentials of its own.
+pub fn generates_nats_token(pool: &ConnectionPool) -> bool {
+    pool.spec
+        .routing
+        .as_ref()
+        .is_some_and(|r| r.nats.managed == Some(true) && r.nats.auth.is_none())
+}
+
+/// The credentials the pool's gateways present to NATS (and a managed NATS requires):
+/// the spec's, or for a managed NATS without them a token the operator generated — a
+/// managed NATS never runs open, so nothing but the pool's own pods can publish on its
+/// subjects (push to or disconnect its agents).
+pub fn nats_auth(pool: &ConnectionPool) -> Option<tether_crds::NatsAuthSpec> {
+    let nats = &pool.spec.routing.as_ref()?.nats;
+    match &nats.auth {
+        Some(auth) => Some(auth.clone()),
+        None if generates_nats_token(pool) => Some(tether_crds::NatsAuthSpec {
+            token_secret_ref: Some(SecretKeyRef {
+                name: nats_auth_secret_name(pool),
+                key: NATS_TOKEN_KEY.into(),
+            }),
+            ..Default::default()
+        }),
+        None => None,
+    }
+}
+
+/// The Secret holding a managed NATS's generated `token` (owned by the pool, so it goes
+/// with it). The operator creates it once and never rewrites it.
+pub fn nats_token_secret(
+    pool: &ConnectionPool,
+    token: &str,
+) -> Result<k8s_openapi::api::core::v1::Secret, SpecError> {
+    typed(
+        "Secret",
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": meta(pool, nats_auth_secret_name(pool), "nats")?,
+            "type": "Opaque",
+            "stringData": {NATS_TOKEN_KEY: token},
+        }),
+    )
+}
+
 /// NATS credentials and TLS as the gateway reads them: paths of the mounted Secrets.
 fn nats_settings(pool: &ConnectionPool, mounts: &[SecretMount]) -> (NatsAuth, Option<NatsTls>) {
     let nats = pool.spec.routing.as_ref().map(|r| &r.nats);
     let auth = NatsAuth {
-        user: nats
-            .and_then(|n| n.auth.as_ref())
-            .and_then(|a| a.user.clone()),
+        user: nats_auth(pool).and_then(|a| a.user),
         password_file: mount_path(mounts, "nats-password"),
         token_file: mount_path(mounts, "nats-token"),
         nkey_seed_file: mount_path(mounts, "nats-nkey"),
@@ -839,15 +891,10 @@ fn managed_nats(
         json!("8222"),
     ];
     let mut env = vec![];
-    // With `routing.nats.auth`, the server requires the pool's credentials from every
-    // client (the secret reaches it as an env var expanded in its args, never in the
-    // object); CEL admits user + password or a token here.
-    let auth = pool
-        .spec
-        .routing
-        .as_ref()
-        .and_then(|r| r.nats.auth.as_ref());
-    if let Some(auth) = auth {
+    // The server requires the pool's credentials from every client: `routing.nats.auth`
+    // or the token the operator generated (the secret reaches it as an env var expanded
+    // in its args, never in the object); CEL admits user + password or a token here.
+    if let Some(auth) = nats_auth(pool).as_ref() {
         let from = |name: &str, source: &SecretKeyRef| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": source.name, "key": source.key}}});
         if let (Some(user), Some(password)) = (&auth.user, &auth.password_secret_ref) {
             env.push(from("NATS_PASSWORD", password));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -281,6 +281,14 @@ async fn deleting_a_pool_removes_everything() {
         .unwrap();
     wait_sts(&client, "acme").await;
     wait_sts(&client, "acme-nats").await;
+    // A managed NATS without credentials gets a generated token, never runs open.
+    let token = api::<Secret>(&client).get("acme-nats-auth").await.unwrap();
+    assert_eq!(
+        token.metadata.owner_references.as_ref().unwrap()[0].name,
+        "acme"
+    );
+    let value = token.data.as_ref().unwrap()["token"].0.clone();
+    assert_eq!(value.len(), 64, "32 random bytes, hex");
 
     pools(&client)
         .delete("acme", &DeleteParams::default())
@@ -289,6 +297,15 @@ async fn deleting_a_pool_removes_everything() {
     eventually("the pool gone", 10, || async {
         pools(&client)
             .get_opt("acme")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually("the generated NATS token gone", 10, || async {
+        api::<Secret>(&client)
+            .get_opt("acme-nats-auth")
             .await
             .unwrap()
             .is_none()

@@ -63,10 +63,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   resources: ["pods"]
   verbs: ["get", "list", "watch", "patch"]
 # Only read by name, to check that the Secrets a pool references exist: no list or
-# watch, so the operator never holds Secret contents it was not pointed at.
+# watch, so the operator never holds Secret contents it was not pointed at. Created (and
+# deleted with its pool) for the one Secret it owns: a managed NATS's generated token.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

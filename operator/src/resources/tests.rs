@@ -627,3 +627,62 @@ fn a_managed_nats_with_auth_requires_the_pools_credentials() {
     assert_eq!(nats_config.auth.user.as_deref(), Some("acme"));
     assert!(nats_config.auth.password_file.is_some());
 }
+
+#[test]
+fn a_managed_nats_without_auth_never_runs_open() {
+    let mut p = pool("acme");
+    p.spec.routing = Some(RoutingSpec {
+        nats: NatsRoutingSpec {
+            url: None,
+            managed: Some(true),
+            auth: None,
+            tls: None,
+        },
+    });
+    assert!(generates_nats_token(&p));
+    let d = build(&p);
+    let (sts, _) = d.nats.as_ref().unwrap();
+    let nats = &sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let args = nats.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--auth").unwrap();
+    assert_eq!(args[at + 1], "$(NATS_TOKEN)");
+    let source = nats.env.as_ref().unwrap()[0]
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (source.name.as_str(), source.key.as_str()),
+        ("acme-nats-auth", NATS_TOKEN_KEY)
+    );
+    // The gateways present the generated token, mounted like any Secret.
+    let nats_config = d.config.routing.nats.as_ref().unwrap();
+    assert!(nats_config.auth.token_file.is_some());
+    assert!(
+        secret_mounts(&p)
+            .iter()
+            .any(|m| m.source.name == "acme-nats-auth")
+    );
+    // The Secret the operator creates for it is owned by the pool.
+    let secret = nats_token_secret(&p, "00ff").unwrap();
+    assert_eq!(secret.metadata.name.as_deref(), Some("acme-nats-auth"));
+    assert_eq!(
+        secret.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "ConnectionPool"
+    );
+    assert_eq!(secret.string_data.as_ref().unwrap()[NATS_TOKEN_KEY], "00ff");
+    // An external NATS or explicit credentials: nothing generated.
+    p.spec.routing.as_mut().unwrap().nats.managed = None;
+    p.spec.routing.as_mut().unwrap().nats.url = Some("nats://nats:4222".into());
+    assert!(!generates_nats_token(&p));
+}
