@@ -90,7 +90,12 @@ env = {e["name"] for e in container["env"]}
 check({"POD_NAME", "POD_NAMESPACE"} <= env, f"downward API env: {env}")
 rules = find(docs, "ClusterRole")[0]["rules"]
 secret_rules = [r for r in rules if "secrets" in r["resources"]]
-check(secret_rules and secret_rules[0]["verbs"] == ["get"], "Secrets: get only, no list/watch")
+# Secrets: read by name, and the one the operator owns (a managed NATS's generated token)
+# created and deleted; never list or watch, which would cache every Secret it can see.
+check(
+    secret_rules and set(secret_rules[0]["verbs"]) == {"get", "create", "delete"},
+    "Secrets: get, create and delete only, no list/watch",
+)
 check(all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules), "no wildcards in RBAC")
 lease_rules = find(docs, "Role")[0]["rules"]
 check(any(r.get("resourceNames") == ["tether-operator"] for r in lease_rules), "lease get/update limited by name")
