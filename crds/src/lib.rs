@@ -439,10 +439,10 @@ pub struct UpstreamSpec {
     /// URL the gateway POSTs to (`http://` or `https://`).
     #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub url: String,
-    /// Secret key holding the HMAC-SHA256 key that signs each POST
-    /// (`X-Tether-Signature`). Unsigned when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding the HMAC-SHA256 key (at least 32 bytes) that signs each POST
+    /// (`X-Tether-Signature`). Required: an unsigned upstream would accept forged agent
+    /// messages from anyone who can reach it.
+    pub secret_ref: SecretKeyRef,
     /// Deadline of one POST, in milliseconds.
     #[serde(default = "default_upstream_timeout")]
     #[schemars(range(min = 1, max = 300_000))]

@@ -357,3 +357,15 @@ fn examples_are_valid_pools() {
         dir.display()
     );
 }
+
+#[test]
+fn an_upstream_must_be_signed() {
+    let upstream = &schema()["properties"]["spec"]["properties"]["upstream"];
+    let required: Vec<&str> = upstream["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(required.contains(&"secretRef"), "{required:?}");
+}

@@ -256,12 +256,7 @@ pub fn secret_mounts(pool: &ConnectionPool) -> Vec<SecretMount> {
         source: auth.api_keys_secret_ref.clone(),
         field: "auth.apiKeysSecretRef",
     });
-    if let Some(source) = pool
-        .spec
-        .upstream
-        .as_ref()
-        .and_then(|u| u.secret_ref.as_ref())
-    {
+    if let Some(source) = pool.spec.upstream.as_ref().map(|u| &u.secret_ref) {
         mounts.push(SecretMount {
             volume: "upstream",
             file: "hmac",

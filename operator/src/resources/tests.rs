@@ -171,7 +171,7 @@ fn secrets_are_mounted_read_only_and_never_in_the_config_map() {
     });
     p.spec.upstream = Some(UpstreamSpec {
         url: "https://backend.example/events".into(),
-        secret_ref: Some(crate::fixtures::secret("acme-upstream", "hmac")),
+        secret_ref: crate::fixtures::secret("acme-upstream", "hmac"),
         timeout_ms: 2000,
         events: vec![tether_crds::UpstreamEvent::Message],
     });
