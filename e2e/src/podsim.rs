@@ -84,16 +84,6 @@ impl World {
     pub fn set_demand(&self, pools: impl IntoIterator<Item = (String, i64)>) {
         self.demand.lock().extend(pools);
     }
-
-    /// Connections held over `pool`'s pods.
-    pub fn held(&self, pool: &str) -> i64 {
-        self.pods
-            .lock()
-            .values()
-            .filter(|p| p.pool == pool)
-            .map(|p| p.connections)
-            .sum()
-    }
 }
 
 /// The running simulator.

@@ -676,7 +676,8 @@ impl Autoscaler {
     ) -> Plan {
         let span = info_span!("autoscale", pool = %pool.name_any(), replicas = current);
         let _entered = span.enter();
-        let stale_after = Policy::from_spec(&pool.spec).stale_after();
+        let policy = Policy::from_spec(&pool.spec);
+        let stale_after = policy.stale_after();
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let memory = pools.entry(key(pool)).or_default();
         let seen_now = Instant::now();
@@ -705,12 +706,9 @@ impl Autoscaler {
             );
         }
         let plan = plan(pool, current, &memory.history, &ages, now);
-        memory.history.record(
-            &plan.decision,
-            plan.decided_from,
-            &Policy::from_spec(&pool.spec),
-            now,
-        );
+        memory
+            .history
+            .record(&plan.decision, plan.decided_from, &policy, now);
         memory.history.rebalance = plan.episode.clone();
         debug!(
             replicas = plan.stateful_set_replicas,

@@ -577,6 +577,18 @@ fn network_policies_keep_neighbours_off_the_push_api_and_the_bus() {
     }
 }
 
+/// The managed NATS server's container.
+fn nats_container(sts: &StatefulSet) -> &Container {
+    &sts.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+}
+
 #[test]
 fn a_managed_nats_with_auth_requires_the_pools_credentials() {
     let mut p = pool("acme");
@@ -594,15 +606,7 @@ fn a_managed_nats_with_auth_requires_the_pools_credentials() {
     });
     let d = build(&p);
     let (sts, _) = d.nats.as_ref().unwrap();
-    let nats = &sts
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0];
+    let nats = nats_container(sts);
     let args = nats.args.as_ref().unwrap();
     let at = args.iter().position(|a| a == "--user").unwrap();
     assert_eq!(
@@ -642,15 +646,7 @@ fn a_managed_nats_without_auth_never_runs_open() {
     assert!(generates_nats_token(&p));
     let d = build(&p);
     let (sts, _) = d.nats.as_ref().unwrap();
-    let nats = &sts
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0];
+    let nats = nats_container(sts);
     let args = nats.args.as_ref().unwrap();
     let at = args.iter().position(|a| a == "--auth").unwrap();
     assert_eq!(args[at + 1], "$(NATS_TOKEN)");
