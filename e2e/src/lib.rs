@@ -121,6 +121,29 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Installs the ConnectionPool CRD and creates namespace `ns` with the Secrets every
+/// pool of the harness references (`jwt`/`hs256`, `api-keys`/`keys`).
+pub async fn install(client: &Client, ns: &str) -> anyhow::Result<()> {
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &ConnectionPool::crd())
+        .await?;
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for (name, key, value) in [
+        ("jwt", "hs256", JWT_SECRET.to_string()),
+        ("api-keys", "keys", format!("{API_KEY}\n")),
+    ] {
+        let secret: Secret = serde_json::from_value(
+            json!({"metadata": {"name": name}, "stringData": {key: value}}),
+        )?;
+        secrets.create(&PostParams::default(), &secret).await?;
+    }
+    Ok(())
+}
+
 // === Cluster ===
 
 /// The API stand-in with the CRD, the namespace and the pool's Secrets, a NATS server,
@@ -154,23 +177,7 @@ impl Cluster {
         let client = sim.client()?;
         let kubeconfig = dir.path().join("kubeconfig");
         sim.write_kubeconfig(&kubeconfig)?;
-        Api::<CustomResourceDefinition>::all(client.clone())
-            .create(&PostParams::default(), &ConnectionPool::crd())
-            .await?;
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}}))?;
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-        for (name, key, value) in [
-            ("jwt", "hs256", JWT_SECRET.to_string()),
-            ("api-keys", "keys", format!("{API_KEY}\n")),
-        ] {
-            let secret: Secret = serde_json::from_value(
-                json!({"metadata": {"name": name}, "stringData": {key: value}}),
-            )?;
-            secrets.create(&PostParams::default(), &secret).await?;
-        }
+        install(&client, NS).await?;
         let port = free_port();
         let store = dir.path().join("nats");
         std::fs::create_dir_all(&store)?;

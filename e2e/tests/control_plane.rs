@@ -18,10 +18,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
 use serde_json::json;
 use tether_crds::ConnectionPool;
 use tether_e2e::podsim::{PodSim, SimConfig};
@@ -130,20 +128,7 @@ async fn stand_in() -> anyhow::Result<(tether_kube_sim::Server, Client, tempfile
     let client = sim.client()?;
     let dir = tempfile::tempdir()?;
     sim.write_kubeconfig(dir.path().join("kubeconfig"))?;
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &ConnectionPool::crd())
-        .await?;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    for (name, key) in [("jwt", "hs256"), ("api-keys", "keys")] {
-        let secret: Secret = serde_json::from_value(
-            json!({"metadata": {"name": name}, "stringData": {key: "0123456789abcdef0123456789abcdef"}}),
-        )?;
-        secrets.create(&PostParams::default(), &secret).await?;
-    }
+    tether_e2e::install(&client, NS).await?;
     Ok((sim, client, dir))
 }
 
