@@ -20,7 +20,7 @@
 //! an error and `error_policy` retries with a per-pool exponential backoff. Nothing here
 //! panics on input.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -101,8 +101,12 @@ pub struct Context {
     pub autoscaler: crate::autoscale::Autoscaler,
     /// What the spec part last did per pool.
     applied: Mutex<HashMap<ObjectRef<ConnectionPool>, Applied>>,
-    /// Pools whose children someone else changed or deleted since they were applied.
+    /// Changes and deletions of children seen by the watches, per pool, until its next
+    /// reconcile reads them (`take_dirty`).
     dirty: Dirty,
+    /// The resourceVersion each child had after the operator's own last apply, per pool:
+    /// a watched change carrying it is our write coming back, not someone else's edit.
+    written: Mutex<HashMap<ObjectRef<ConnectionPool>, HashMap<String, String>>>,
     /// When each pool's autoscaler last stepped.
     stepped: Mutex<HashMap<ObjectRef<ConnectionPool>, Instant>>,
     /// When the pool watch last delivered anything: the clock that report staleness is
@@ -113,7 +117,20 @@ pub struct Context {
     stateful_set_writer: Mutex<Option<reflector::store::Writer<StatefulSet>>>,
 }
 
-type Dirty = Arc<Mutex<HashSet<ObjectRef<ConnectionPool>>>>;
+type Dirty = Arc<Mutex<HashMap<ObjectRef<ConnectionPool>, Vec<ChildChange>>>>;
+
+/// A change to a child that a watch delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChildChange {
+    /// `Kind/name`.
+    child: String,
+    /// The version it changed to; `None` for a deletion.
+    resource_version: Option<String>,
+}
+
+fn child_key(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}")
+}
 
 /// The outcome of the spec part for one pool.
 #[derive(Debug, Clone)]
@@ -152,6 +169,7 @@ impl Context {
             autoscaler: Default::default(),
             applied: Mutex::default(),
             dirty: Dirty::default(),
+            written: Mutex::default(),
             stepped: Mutex::default(),
             pool_watch_progress: Arc::new(Mutex::new(Instant::now())),
             stateful_sets,
@@ -181,8 +199,34 @@ impl Context {
         lock(&self.applied).insert(pool, applied);
     }
 
+    /// Whether someone else changed or deleted one of the pool's children since the
+    /// last look; the changes our own applies caused are no reason to apply again
+    /// (each spec change would otherwise cost every child twice).
     fn take_dirty(&self, pool: &ObjectRef<ConnectionPool>) -> bool {
-        lock(&self.dirty).remove(pool)
+        let Some(changes) = lock(&self.dirty).remove(pool) else {
+            return false;
+        };
+        let written = lock(&self.written);
+        let ours = written.get(pool);
+        changes.iter().any(|change| {
+            change.resource_version.is_none()
+                || ours.and_then(|w| w.get(&change.child)) != change.resource_version.as_ref()
+        })
+    }
+
+    fn record_written<K: Resource<DynamicType = ()>>(
+        &self,
+        pool: &ObjectRef<ConnectionPool>,
+        child: &K,
+    ) {
+        let (Some(name), Some(version)) = (&child.meta().name, &child.meta().resource_version)
+        else {
+            return;
+        };
+        lock(&self.written)
+            .entry(pool.clone())
+            .or_default()
+            .insert(child_key(&K::kind(&()), name), version.clone());
     }
 
     /// How long until the pool's autoscaler may step again (zero: now), noting a step.
@@ -208,6 +252,7 @@ impl Context {
         let key = ObjectRef::from_obj(pool);
         lock(&self.applied).remove(&key);
         lock(&self.stepped).remove(&key);
+        lock(&self.written).remove(&key);
         self.autoscaler.forget(pool);
     }
 }
@@ -559,10 +604,14 @@ async fn apply_children(
 ) -> Result<Result<StatefulSet, SpecError>, Error> {
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     let client = &ctx.client;
+    let key = ObjectRef::from_obj(pool);
     macro_rules! ssa {
         ($obj:expr) => {
             match server_side_apply(client, &ns, $obj).await? {
-                Ok(applied) => applied,
+                Ok(applied) => {
+                    ctx.record_written(&key, &applied);
+                    applied
+                }
                 Err(problem) => return Ok(Err(problem)),
             }
         };
@@ -793,12 +842,28 @@ fn meta_generation<K: Resource>(obj: &K) -> u64 {
     hash_of(&obj.meta().generation)
 }
 
-/// Marks the pool that controls `obj` as dirty: its children are applied again.
-fn mark_owner_dirty<K: Resource>(obj: &K, dirty: &Dirty) {
+/// Notes a change (or, `deleted`, the deletion) of `obj` for the pool that controls it:
+/// unless the change was the operator's own apply, the pool's children are applied
+/// again.
+fn mark_owner_dirty<K: Resource<DynamicType = ()>>(obj: &K, dirty: &Dirty, deleted: bool) {
     let ns = obj.meta().namespace.clone().unwrap_or_default();
+    let change = ChildChange {
+        child: child_key(
+            &K::kind(&()),
+            obj.meta().name.as_deref().unwrap_or_default(),
+        ),
+        resource_version: if deleted {
+            None
+        } else {
+            obj.meta().resource_version.clone()
+        },
+    };
     for owner in obj.owner_references() {
         if owner.kind == "ConnectionPool" && owner.controller == Some(true) {
-            lock(dirty).insert(ObjectRef::new(&owner.name).within(&ns));
+            lock(dirty)
+                .entry(ObjectRef::new(&owner.name).within(&ns))
+                .or_default()
+                .push(change.clone());
         }
     }
 }
@@ -827,14 +892,14 @@ where
                     Some(before) if before == now => vec![],
                     Some(before) if before.0 == now.0 => vec![Ok(obj)],
                     _ => {
-                        mark_owner_dirty(&obj, &dirty);
+                        mark_owner_dirty(&obj, &dirty, false);
                         vec![Ok(obj)]
                     }
                 }
             }
             Ok(watcher::Event::Delete(obj)) => {
                 seen.remove(&ObjectRef::from_obj(&obj));
-                mark_owner_dirty(&obj, &dirty);
+                mark_owner_dirty(&obj, &dirty, true);
                 vec![Ok(obj)]
             }
             Ok(watcher::Event::Init | watcher::Event::InitDone) => vec![],

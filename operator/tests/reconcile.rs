@@ -541,6 +541,130 @@ async fn the_operator_never_wipes_the_pods_status_entries() {
     op.stop().await;
 }
 
+/// The operator's own applies come back to it as watch events on its children; they are
+/// no edit to take back. Creating a pool, and later changing its spec, applies each of
+/// its children once (not once more for the echo of each apply).
+#[tokio::test]
+async fn each_child_is_applied_once_per_spec_change() {
+    let (sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    let child_applies = || {
+        sim.stats().snapshot().count(|k| {
+            k.verb == "patch"
+                && k.field_manager.as_deref() == Some("tether-operator")
+                && k.resource != "connectionpools"
+                && k.resource != "pods"
+        })
+    };
+    // A pod's report, then a wait for the total it shows: the operator has worked through
+    // everything queued before it, the echoes of its own applies included.
+    let report = |connections: i64| {
+        let client = client.clone();
+        async move {
+            let entry = json!({
+                "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+                "metadata": {"name": "acme"},
+                "status": {"pods": [{"name": "acme-0", "connections": connections, "ready": true,
+                                     "draining": false, "bootId": "b1",
+                                     "observedAt": k8s_openapi::jiff::Timestamp::now().to_string()}]},
+            });
+            pools(&client)
+                .patch_status(
+                    "acme",
+                    &PatchParams::apply("tether-gateway/acme-0"),
+                    &Patch::Apply(entry),
+                )
+                .await
+                .unwrap();
+            eventually("the report counted", 10, || async {
+                let p = pools(&client).get("acme").await.unwrap();
+                (p.status?.total_connections == Some(connections)).then_some(())
+            })
+            .await;
+        }
+    };
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    let sts = wait_sts(&client, "acme").await;
+    play_statefulset_controller(&client, &sts, 1).await;
+    report(5).await;
+    let selector = ListParams::default().labels("tether.dev/pool=acme");
+    let owned = api::<ServiceAccount>(&client)
+        .list(&selector)
+        .await
+        .unwrap()
+        .items
+        .len()
+        + api::<Role>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len()
+        + api::<RoleBinding>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len()
+        + api::<ConfigMap>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len()
+        + api::<Service>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len()
+        + api::<PodDisruptionBudget>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len()
+        + api::<NetworkPolicy>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len()
+        + api::<StatefulSet>(&client)
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .len();
+    assert!(owned >= 8, "{owned} children");
+    assert_eq!(child_applies(), owned as u64, "applies on create");
+
+    let before = child_applies();
+    pools(&client)
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"drain": {"deadlineSeconds": 31}}})),
+        )
+        .await
+        .unwrap();
+    eventually("observedGeneration 2", 10, || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (p.status.as_ref()?.observed_generation == Some(2)).then_some(())
+    })
+    .await;
+    report(6).await;
+    assert_eq!(
+        child_applies() - before,
+        owned as u64,
+        "applies on a spec change"
+    );
+    op.stop().await;
+}
+
 /// `--concurrency` bounds the reconciles in flight: with every apply held up by the API
 /// server, a burst of pools is worked on at most that many at a time. `--debounce`
 /// folds the burst of events one pool's own apply causes into one reconcile.
