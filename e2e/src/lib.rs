@@ -20,6 +20,7 @@
 //! removed while it still held agents.
 
 pub mod podsim;
+pub mod scale;
 pub mod service_proxy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -121,12 +122,19 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Installs the ConnectionPool CRD and creates namespace `ns` with the Secrets every
+/// Installs the ConnectionPool CRD (unless present) and creates namespace `ns` with the Secrets every
 /// pool of the harness references (`jwt`/`hs256`, `api-keys`/`keys`).
 pub async fn install(client: &Client, ns: &str) -> anyhow::Result<()> {
-    Api::<CustomResourceDefinition>::all(client.clone())
+    // Installed once for every namespace a harness uses.
+    match Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &ConnectionPool::crd())
-        .await?;
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        other => {
+            other?;
+        }
+    }
     let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &namespace)

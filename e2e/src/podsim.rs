@@ -112,6 +112,8 @@ pub struct SimConfig {
     pub significance: Significance,
     /// How long a shedding pod refuses new agents.
     pub shed_window: Duration,
+    /// Agents wanting each pool the load script names nothing for (`None`: no agents).
+    pub default_demand: Option<i64>,
 }
 
 impl SimConfig {
@@ -126,6 +128,7 @@ impl SimConfig {
                 connections: 100,
             },
             shed_window: Duration::from_secs(1),
+            default_demand: None,
         }
     }
 }
@@ -192,7 +195,7 @@ async fn run(client: Client, config: SimConfig, world: Arc<World>) {
             warn!(%e, "pod simulator: kubelet step failed");
         }
         follow_instructions(&ns, &caches, &world, config.shed_window);
-        place_load(&caches, &world);
+        place_load(&caches, &world, config.default_demand);
         report(&client, &ns, &config, &caches, &world).await;
     }
 }
@@ -309,11 +312,15 @@ fn follow_instructions(ns: &str, caches: &Caches, world: &World, shed_window: Du
 /// Places each pool's demand: agents that are not connected connect to the pods that
 /// accept them, evenly, up to the limit; the rest are refused. Fewer agents leave
 /// evenly.
-fn place_load(caches: &Caches, world: &World) {
-    let demand = world.demand.lock().clone();
-    let limits: HashMap<String, i64> = caches
-        .pools
-        .state()
+fn place_load(caches: &Caches, world: &World, default_demand: Option<i64>) {
+    let mut demand = world.demand.lock().clone();
+    let pools = caches.pools.state();
+    if let Some(agents) = default_demand {
+        for p in &pools {
+            demand.entry(p.name_any()).or_insert(agents);
+        }
+    }
+    let limits: HashMap<String, i64> = pools
         .iter()
         .map(|p| {
             (

@@ -23,24 +23,14 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tether_crds::ConnectionPool;
 use tether_e2e::podsim::{PodSim, SimConfig};
+use tether_e2e::scale::{
+    self, Steady, child_applies, is_write, operator_writes, pool_name, settled, usage,
+};
 use tether_e2e::{binary, eventually};
 use tether_kube_sim::faults::FaultMatch;
-use tether_kube_sim::stats::{RequestKey, Snapshot};
 use tokio::process::{Child, Command};
 
 const NS: &str = "scale";
-const TARGET: i64 = 100;
-const CHILDREN: [&str; 8] = [
-    "networkpolicies",
-    "statefulsets",
-    "services",
-    "configmaps",
-    "poddisruptionbudgets",
-    "serviceaccounts",
-    "roles",
-    "rolebindings",
-];
-
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -70,28 +60,8 @@ impl Scenario {
 
     /// Load for half a pod less than `pods`: every pool grows to `pods` and rebalances.
     fn load(&self) -> i64 {
-        TARGET * self.pods - TARGET / 2
+        scale::load(self.pods)
     }
-}
-
-/// CPU seconds and resident memory (KiB) of a process, from /proc.
-fn usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (ticks / 100.0, rss)
 }
 
 /// Polls `f` until it yields, at most `patience`, every `every` (listing thousands of
@@ -117,10 +87,6 @@ where
         );
         tokio::time::sleep(every).await;
     }
-}
-
-fn pool_name(i: usize) -> String {
-    format!("p{i:05}")
 }
 
 async fn stand_in() -> anyhow::Result<(tether_kube_sim::Server, Client, tempfile::TempDir)> {
@@ -161,109 +127,12 @@ fn operator(dir: &tempfile::TempDir) -> anyhow::Result<Child> {
 async fn create_pools(client: &Client, s: Scenario) -> anyhow::Result<()> {
     let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
     for i in 0..s.pools {
-        let pool: ConnectionPool = serde_json::from_value(json!({
-            "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
-            "metadata": {"name": pool_name(i), "namespace": NS},
-            "spec": {
-                "tenant": "acme",
-                "replicas": {"min": 1, "max": s.pods},
-                "scaling": {
-                    "targetConnectionsPerPod": TARGET,
-                    "scaleUp": {"maxPodsPerStep": s.pods.min(100), "periodSeconds": 1},
-                    "scaleDown": {"stabilizationSeconds": 5, "maxPodsPerStep": (s.pods / 2).clamp(2, 100)},
-                },
-                "limits": {"maxConnectionsPerPod": TARGET * 4},
-                "auth": {
-                    "jwt": {"secretRef": {"name": "jwt", "key": "hs256"}},
-                    "apiKeysSecretRef": {"name": "api-keys", "key": "keys"},
-                },
-                "routing": {"nats": {"url": "nats://127.0.0.1:4222"}},
-                "drain": {"connectionsPerSecond": 1000, "deadlineSeconds": 30, "reconnectJitterMs": 200},
-                "reportIntervalSeconds": s.report_seconds,
-            },
-        }))?;
-        pools.create(&PostParams::default(), &pool).await?;
+        let manifest = scale::pool_manifest(&pool_name(i), NS, s.pods, s.report_seconds);
+        pools
+            .create(&PostParams::default(), &serde_json::from_value(manifest)?)
+            .await?;
     }
     Ok(())
-}
-
-/// Pools whose status shows `pods` ready pods, `connections` in total and nothing in
-/// progress.
-async fn settled(client: &Client, pods: i32, connections: impl Fn(&str) -> i64) -> usize {
-    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
-    let Ok(list) = pools.list(&ListParams::default()).await else {
-        return 0;
-    };
-    list.items
-        .iter()
-        .filter(|p| {
-            let Some(s) = &p.status else { return false };
-            let name = p.metadata.name.as_deref().unwrap_or_default();
-            s.desired_replicas == Some(pods)
-                && s.ready_replicas == Some(pods)
-                && s.total_connections == Some(connections(name))
-                && s.instructions.is_empty()
-                && s.observed_generation == p.metadata.generation
-        })
-        .count()
-}
-
-fn per_pool_minute_over(count: u64, pools: usize, seconds: f64) -> f64 {
-    count as f64 / pools as f64 / (seconds / 60.0)
-}
-
-fn is_write(k: &RequestKey) -> bool {
-    matches!(
-        k.verb.as_str(),
-        "create" | "update" | "patch" | "delete" | "deletecollection"
-    )
-}
-
-/// The operator's writes: applies and patches under its field manager, its Events,
-/// and its prunes of stale `status.pods[]` entries (JSON patches without a manager).
-fn operator_writes(s: &Snapshot) -> u64 {
-    s.count(|k| {
-        is_write(k)
-            && (k.field_manager.as_deref() == Some("tether-operator")
-                || k.resource == "events"
-                || (k.resource == "connectionpools"
-                    && k.verb == "patch"
-                    && k.field_manager.is_none()))
-    })
-}
-
-fn child_applies(s: &Snapshot) -> u64 {
-    s.count(|k| {
-        k.verb == "patch"
-            && k.field_manager.as_deref() == Some("tether-operator")
-            && CHILDREN.contains(&k.resource.as_str())
-    })
-}
-
-/// Object events (not bookmarks) delivered on pool watches, the simulator's own watch
-/// excepted: it stands for nothing a real pod does (gateways never watch their pool).
-fn pool_watch_events(s: &Snapshot) -> u64 {
-    s.watches
-        .iter()
-        .filter(|w| w.key.resource.ends_with("/connectionpools"))
-        .filter(|w| !w.key.field_selector.starts_with("metadata.namespace="))
-        .map(|w| {
-            ["ADDED", "MODIFIED", "DELETED"]
-                .iter()
-                .map(|t| w.by_type.get(*t).copied().unwrap_or(0))
-                .sum::<u64>()
-        })
-        .sum()
-}
-
-fn report_writes(s: &Snapshot) -> u64 {
-    s.count(|k| {
-        k.verb == "patch"
-            && k.resource == "connectionpools"
-            && k.field_manager
-                .as_deref()
-                .is_some_and(|m| m.starts_with("tether-gateway-"))
-    })
 }
 
 async fn pool(client: &Client, name: &str) -> ConnectionPool {
@@ -299,7 +168,7 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         op = operator(&dir)?;
         let pid = op.id().context("operator pid")?;
         poll("every pool at its size, holding its load", patience, every, || async {
-            (settled(&client, pods_per_pool, |_| load).await == n).then_some(())
+            (settled(&client, pods_per_pool, load).await == n).then_some(())
         })
         .await?;
         let converged = started.elapsed();
@@ -318,47 +187,21 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         let steady = sim.stats().snapshot().since(&before);
         let (cpu_steady, rss_steady) = usage(pid);
         let reports = world.reports.load(Ordering::Relaxed) - reports_before;
-        let minutes = window.as_secs_f64() / 60.0;
-        let per_pool_minute = |x: u64| x as f64 / n as f64 / minutes;
-        let op_writes = operator_writes(&steady);
-        let all_writes = steady.count(is_write);
-        let events = pool_watch_events(&steady);
-        let watch_bytes: u64 = steady.watches.iter().map(|w| w.bytes).sum();
+        let cost = Steady::measure(&steady, n, window.as_secs_f64());
         println!(
-            "steady {window:?}: {reports} reports ({:.1}/pool/min), operator writes {op_writes} ({:.2}/pool/min), \
-             all writes {all_writes} ({:.1}/pool/min), child applies {}, pool watch events {events} ({:.2}/report), \
-             requests {} ({:.0}/s), watch bytes {:.0}/s; operator {:.2} CPU-s per 1,000 reports, RSS {} MiB",
-            per_pool_minute(reports),
-            per_pool_minute(op_writes),
-            per_pool_minute(all_writes),
-            child_applies(&steady),
-            events as f64 / reports.max(1) as f64,
-            steady.requests_total(),
-            steady.requests_total() as f64 / window.as_secs_f64(),
-            watch_bytes as f64 / window.as_secs_f64(),
+            "steady {cost}; operator {:.2} CPU-s per 1,000 reports, RSS {} MiB",
             (cpu_steady - cpu_converged) * 1000.0 / reports.max(1) as f64,
             rss_steady / 1024,
         );
-        anyhow::ensure!(reports > 0, "the simulated pods reported");
-        anyhow::ensure!(child_applies(&steady) == 0, "child applies without a spec change: {:?}", steady.requests);
-        anyhow::ensure!(
-            per_pool_minute(op_writes) <= 1.0,
-            "operator writes per pool per minute: {:.2}",
-            per_pool_minute(op_writes)
-        );
+        let broken = cost.violations();
+        anyhow::ensure!(broken.is_empty(), "budgets broken: {broken:?}; {:?}", steady.requests);
         // Every report is one write (reports in flight at the window's edges aside).
         anyhow::ensure!(
-            report_writes(&steady).abs_diff(reports) <= 2 * SimConfig::new(NS).report_concurrency as u64,
+            cost.reports.abs_diff(reports) <= 2 * SimConfig::new(NS).report_concurrency as u64,
             "{} report writes for {reports} reports",
-            report_writes(&steady)
+            cost.reports
         );
-        // Each report reaches the operator's watch, and no other.
-        anyhow::ensure!(
-            events <= 2 * report_writes(&steady),
-            "{events} pool watch events for {reports} reports: {:?}",
-            steady.watches
-        );
-        anyhow::ensure!(settled(&client, pods_per_pool, |_| load).await == n, "a pool moved in steady state");
+        anyhow::ensure!(settled(&client, pods_per_pool, load).await == n, "a pool moved in steady state");
 
         // Dropped watches and a compacted history (410 Gone): the operator re-lists and,
         // since nothing changed, applies and writes nothing.
@@ -383,7 +226,7 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         );
         anyhow::ensure!(child_applies(&relisted) == 0, "a re-list caused child applies");
         anyhow::ensure!(
-            per_pool_minute_over(operator_writes(&relisted), n, 3.0 * scenario.report_seconds as f64) <= 1.0,
+            Steady::measure(&relisted, n, 3.0 * scenario.report_seconds as f64).per_pool_minute(operator_writes(&relisted)) <= 1.0,
             "a re-list caused operator writes: {:?}",
             relisted
                 .requests
@@ -437,7 +280,7 @@ async fn control_plane_budgets() -> anyhow::Result<()> {
         // Load falls in a tenth of the pools: drains first, each pod drained once, then
         // the pools shrink to one pod.
         let shrinking: Vec<String> = (0..n).step_by(10).map(pool_name).collect();
-        world.set_demand(shrinking.iter().map(|p| (p.clone(), TARGET / 2)));
+        world.set_demand(shrinking.iter().map(|p| (p.clone(), scale::TARGET / 2)));
         // Killed mid-drain, and throttled (429) after: no drain is issued twice, none is
         // lost, nothing scales on what the dead operator saw.
         eventually("a drain under way", patience, || async {

@@ -84,6 +84,17 @@ pub fn app(state: Arc<AppState>) -> Router {
                 },
             ),
         )
+        // The same counters as a `stats::Snapshot` (serde), for harnesses in another
+        // process that compute budgets with `Snapshot::since`.
+        .route(
+            "/_sim/snapshot",
+            get(|State(s): State<Arc<AppState>>| async move {
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(s.store.stats().snapshot()).unwrap_or_default(),
+                )
+            }),
+        )
         .route(
             "/_sim/stats",
             get(|State(s): State<Arc<AppState>>| async move {

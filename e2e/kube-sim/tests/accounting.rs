@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tether_kube_sim::Server;
+use tether_kube_sim::stats::Snapshot;
 use tether_kube_sim::store::{Target, WatchStart, WriteOpts};
 
 fn target(sim: &Server, plural: &str, ns: &str) -> Target {
@@ -349,6 +350,17 @@ async fn stats_count_exactly_what_was_sent() {
     assert_eq!(doc["watches"]["entries"][0]["labelSelector"], "team=a");
     assert_eq!(doc["watches"]["entries"][0]["byType"]["DELETED"], 1);
     assert!(doc["store"]["objectsExamined"].as_u64().unwrap() > 0);
+    // And as a `Snapshot`, for harnesses in another process.
+    let remote: Snapshot = client
+        .request(
+            http::Request::get("/_sim/snapshot")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(remote.requests_total(), 10);
+    assert_eq!(remote.watch_total().bytes, bytes);
 
     // Reset over HTTP: counters start again from zero; the open watch is still known.
     client

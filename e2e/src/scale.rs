@@ -1,0 +1,256 @@
+//! The control-plane scale scenario, shared by the CI test (`tests/control_plane.rs`,
+//! everything in one process) and the large runs (`tether-scale run`, the stand-in, the
+//! operator and the pod simulator in separate processes): the pools it creates, how it
+//! reads the stand-in's accounting, and the budgets it holds the operator to.
+
+use kube::Client;
+use kube::api::{Api, ListParams};
+use serde_json::{Value, json};
+use tether_crds::ConnectionPool;
+use tether_kube_sim::stats::{RequestKey, Snapshot};
+
+/// Connections per pod the pools aim at.
+pub const TARGET: i64 = 100;
+
+/// The kinds of child the operator applies for a pool.
+pub const CHILDREN: [&str; 8] = [
+    "networkpolicies",
+    "statefulsets",
+    "services",
+    "configmaps",
+    "poddisruptionbudgets",
+    "serviceaccounts",
+    "roles",
+    "rolebindings",
+];
+
+/// Pool `i`'s name (unique across namespaces).
+pub fn pool_name(i: usize) -> String {
+    format!("p{i:05}")
+}
+
+/// Load for half a pod less than `pods`: a pool under it grows to `pods` pods and
+/// rebalances on the way.
+pub fn load(pods: i64) -> i64 {
+    TARGET * pods - TARGET / 2
+}
+
+/// A pool that grows from one pod to `pods` under [`load`], with Secrets named as
+/// [`crate::install`] creates them.
+pub fn pool_manifest(name: &str, namespace: &str, pods: i64, report_seconds: i64) -> Value {
+    json!({
+        "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "tenant": "acme",
+            "replicas": {"min": 1, "max": pods},
+            "scaling": {
+                "targetConnectionsPerPod": TARGET,
+                "scaleUp": {"maxPodsPerStep": pods.min(100), "periodSeconds": 1},
+                "scaleDown": {"stabilizationSeconds": 5, "maxPodsPerStep": (pods / 2).clamp(2, 100)},
+            },
+            "limits": {"maxConnectionsPerPod": TARGET * 4},
+            "auth": {
+                "jwt": {"secretRef": {"name": "jwt", "key": "hs256"}},
+                "apiKeysSecretRef": {"name": "api-keys", "key": "keys"},
+            },
+            "routing": {"nats": {"url": "nats://127.0.0.1:4222"}},
+            "drain": {"connectionsPerSecond": 1000, "deadlineSeconds": 30, "reconnectJitterMs": 200},
+            "reportIntervalSeconds": report_seconds,
+        },
+    })
+}
+
+/// CPU seconds and resident memory (KiB) of a process, from /proc.
+pub fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (ticks / 100.0, rss)
+}
+
+/// Pools (in every namespace) whose status shows `pods` ready pods, `connections` in
+/// total, nothing in progress, and the current generation observed.
+pub async fn settled(client: &Client, pods: i32, connections: i64) -> usize {
+    let pools: Api<ConnectionPool> = Api::all(client.clone());
+    let Ok(list) = pools.list(&ListParams::default()).await else {
+        return 0;
+    };
+    list.items
+        .iter()
+        .filter(|p| {
+            let Some(s) = &p.status else { return false };
+            s.desired_replicas == Some(pods)
+                && s.ready_replicas == Some(pods)
+                && s.total_connections == Some(connections)
+                && s.instructions.is_empty()
+                && s.observed_generation == p.metadata.generation
+        })
+        .count()
+}
+
+/// A write verb.
+pub fn is_write(k: &RequestKey) -> bool {
+    matches!(
+        k.verb.as_str(),
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+/// The operator's writes: applies and patches under its field manager, its Events,
+/// and its prunes of stale `status.pods[]` entries (JSON patches without a manager).
+pub fn operator_writes(s: &Snapshot) -> u64 {
+    s.count(|k| {
+        is_write(k)
+            && (k.field_manager.as_deref() == Some("tether-operator")
+                || k.resource == "events"
+                || (k.resource == "connectionpools"
+                    && k.verb == "patch"
+                    && k.field_manager.is_none()))
+    })
+}
+
+/// The operator's applies of children.
+pub fn child_applies(s: &Snapshot) -> u64 {
+    s.count(|k| {
+        k.verb == "patch"
+            && k.field_manager.as_deref() == Some("tether-operator")
+            && CHILDREN.contains(&k.resource.as_str())
+    })
+}
+
+/// Object events (not bookmarks) delivered on pool watches, the simulator's own watch
+/// excepted: it stands for nothing a real pod does (gateways never watch their pool).
+/// The simulator tells its watch apart with a `metadata.namespace=` field selector.
+pub fn pool_watch_events(s: &Snapshot) -> u64 {
+    s.watches
+        .iter()
+        .filter(|w| w.key.resource.ends_with("/connectionpools"))
+        .filter(|w| !w.key.field_selector.starts_with("metadata.namespace="))
+        .map(|w| {
+            ["ADDED", "MODIFIED", "DELETED"]
+                .iter()
+                .map(|t| w.by_type.get(*t).copied().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// The pods' status reports (server-side applies under `tether-gateway-<pod>`).
+pub fn report_writes(s: &Snapshot) -> u64 {
+    s.count(|k| {
+        k.verb == "patch"
+            && k.resource == "connectionpools"
+            && k.field_manager
+                .as_deref()
+                .is_some_and(|m| m.starts_with("tether-gateway-"))
+    })
+}
+
+/// What a steady-state window cost, and the budgets of issue 10 it is held to.
+#[derive(Debug, Clone)]
+pub struct Steady {
+    /// Pools in the run.
+    pub pools: usize,
+    /// Length of the window, seconds.
+    pub seconds: f64,
+    /// Reports the pods wrote.
+    pub reports: u64,
+    /// Writes by the operator.
+    pub operator_writes: u64,
+    /// Every write.
+    pub all_writes: u64,
+    /// Child applies (none without a spec change).
+    pub child_applies: u64,
+    /// Object events on the pool watches that stand for real clients.
+    pub pool_watch_events: u64,
+    /// Every request.
+    pub requests: u64,
+    /// Bytes written on every watch.
+    pub watch_bytes: u64,
+}
+
+impl Steady {
+    /// The window's cost from the stand-in's accounting.
+    pub fn measure(window: &Snapshot, pools: usize, seconds: f64) -> Self {
+        Self {
+            pools,
+            seconds,
+            reports: report_writes(window),
+            operator_writes: operator_writes(window),
+            all_writes: window.count(is_write),
+            child_applies: child_applies(window),
+            pool_watch_events: pool_watch_events(window),
+            requests: window.requests_total(),
+            watch_bytes: window.watches.iter().map(|w| w.bytes).sum(),
+        }
+    }
+
+    /// Per pool per minute.
+    pub fn per_pool_minute(&self, x: u64) -> f64 {
+        x as f64 / self.pools.max(1) as f64 / (self.seconds / 60.0)
+    }
+
+    /// Budgets broken, as sentences (none in a healthy run): the pods reported; the
+    /// operator applied no child and wrote at most once per pool per minute (it need
+    /// not act on a steady report); each report reached at most two watch events.
+    pub fn violations(&self) -> Vec<String> {
+        let mut broken = Vec::new();
+        if self.reports == 0 {
+            broken.push("the pods wrote no report".to_string());
+        }
+        if self.child_applies > 0 {
+            broken.push(format!(
+                "{} child applies without a spec change",
+                self.child_applies
+            ));
+        }
+        let writes = self.per_pool_minute(self.operator_writes);
+        if writes > 1.0 {
+            broken.push(format!("operator writes per pool per minute: {writes:.2}"));
+        }
+        if self.pool_watch_events > 2 * self.reports {
+            broken.push(format!(
+                "{} pool watch events for {} reports",
+                self.pool_watch_events, self.reports
+            ));
+        }
+        broken
+    }
+}
+
+impl std::fmt::Display for Steady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} s: {} reports ({:.1}/pool/min), operator writes {} ({:.2}/pool/min), \
+             all writes {} ({:.1}/pool/min), child applies {}, pool watch events {} ({:.2}/report), \
+             requests {} ({:.0}/s), watch bytes {:.0}/s",
+            self.seconds,
+            self.reports,
+            self.per_pool_minute(self.reports),
+            self.operator_writes,
+            self.per_pool_minute(self.operator_writes),
+            self.all_writes,
+            self.per_pool_minute(self.all_writes),
+            self.child_applies,
+            self.pool_watch_events,
+            self.pool_watch_events as f64 / self.reports.max(1) as f64,
+            self.requests,
+            self.requests as f64 / self.seconds,
+            self.watch_bytes as f64 / self.seconds,
+        )
+    }
+}
