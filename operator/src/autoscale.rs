@@ -105,6 +105,28 @@ pub struct Episode {
     pub stopped: Option<(Timestamp, String)>,
 }
 
+impl Episode {
+    /// Agents shed by its rounds that have not come back yet (0 within a 1 % slack).
+    fn missing(&self, total: i64) -> i64 {
+        let slack = (self.total_at_start / 100).max(2);
+        if total < self.total_at_start.saturating_sub(slack) {
+            self.total_at_start - total
+        } else {
+            0
+        }
+    }
+
+    /// Whether shed agents are still on their way back to the pool: the total is low
+    /// by them, not because load left.
+    fn awaiting_shed_agents(&self, replicas: i32, total: i64, now: Timestamp) -> bool {
+        self.replicas == replicas
+            && self.stopped.is_none()
+            && self.shed > 0
+            && self.missing(total) > 0
+            && now < self.recover_by
+    }
+}
+
 /// What one reconcile should do about the pool's size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -197,16 +219,37 @@ pub fn plan(
     );
     // While a drain is under way, the pool only goes further down once it is done (a
     // step is drained and removed before the next begins); going up calls it off.
-    let wanted = match settling {
+    let mut requeue = None;
+    let mut wanted = match settling {
         Some(floor) => decision.replicas.max(floor),
         None => decision.replicas,
     };
+    // No scale-down on the dip a rebalance round makes: the agents it shed are between
+    // pods, and draining pods now would leave them short of room when they are back
+    // (measured: a 10-pod pool drained to 7 while 305 shed agents were reconnecting).
+    // Once they are back, or the episode gives up waiting, the policy decides as usual.
+    let awaiting = history
+        .rebalance
+        .as_ref()
+        .filter(|e| e.awaiting_shed_agents(n, total, now));
+    let mut held = None;
+    if let Some(ep) = awaiting
+        && wanted < n
+        && settling.is_none()
+    {
+        held = Some(format!(
+            "holding {n} pods while {} shed agents come back ({})",
+            ep.missing(total),
+            decision.message
+        ));
+        wanted = n;
+        requeue = Some(elapsed(now, ep.recover_by));
+    }
 
     let mut events = Vec::new();
     let mut instructions: Vec<PodInstruction> = Vec::new();
     let mut scaled = false;
     let stateful_set_replicas;
-    let mut requeue = None;
     let mut scaling = (
         !matches!(
             decision.reason.as_str(),
@@ -215,6 +258,9 @@ pub fn plan(
         decision.reason.as_str(),
         decision.message.clone(),
     );
+    if let Some(message) = held {
+        scaling = (true, "Rebalancing", message);
+    }
 
     // Drains of pods that stay are called off.
     let keep_from = wanted.min(n);
@@ -512,9 +558,8 @@ fn rebalance(
     let excess = |l: &Live| l.connections.saturating_sub(mean.ceil() as i64).max(0);
     let mut ep = match episode.filter(|e| e.stopped.is_none()) {
         Some(ep) => {
-            let slack = (ep.total_at_start / 100).max(2);
-            if total < ep.total_at_start.saturating_sub(slack) {
-                let missing = ep.total_at_start - total;
+            let missing = ep.missing(total);
+            if missing > 0 {
                 let left = elapsed(now, ep.recover_by);
                 if left.is_zero() {
                     return stop(
@@ -1241,14 +1286,18 @@ mod tests {
     /// Plays rebalancing steps for a pool of three at `per_pod`, feeding each plan's
     /// episode and instructions into the next step, like the Autoscaler does.
     fn rebalance_step(per_pod: [i64; 3], previous: &Plan, at: i64) -> Plan {
+        // The pool stays at three pods whatever its load: rebalancing alone is tested.
+        step_with_min(per_pod, previous, at, 3)
+    }
+
+    fn step_with_min(per_pod: [i64; 3], previous: &Plan, at: i64, min: i32) -> Plan {
         let reports: Vec<_> = per_pod
             .iter()
             .enumerate()
             .map(|(o, c)| (o as i32, *c, false))
             .collect();
         let mut p = pool(&reports, previous.instructions.clone(), Some(3), at);
-        // The pool stays at three pods whatever its load: rebalancing alone is tested.
-        p.spec.replicas.min = 3;
+        p.spec.replicas.min = min;
         p.spec.drain.reconnect_jitter_ms = 1000;
         p.spec.drain.connections_per_second = 1000;
         let mut history = old_history();
@@ -1301,6 +1350,26 @@ mod tests {
             last.scaling.2
         );
         assert!(last.instructions.is_empty());
+    }
+
+    #[test]
+    fn no_scale_down_while_shed_agents_come_back() {
+        // 300 agents on one pod of three: a round sheds 200 of them.
+        let first = step_with_min([300, 0, 0], &before_any_round(), 100, 1);
+        assert_eq!(shed_total(&first), 200, "{first:?}");
+        // Mid-reconnect the pool holds 100: one pod would do, but the dip is the shed
+        // agents, not load leaving. No drain, the pool stays at three.
+        let dip = step_with_min([100, 0, 0], &first, 103, 1);
+        assert_eq!((dip.desired_replicas, dip.stateful_set_replicas), (3, 3), "{dip:?}");
+        assert!(dip.instructions.iter().all(|i| !i.drain), "{dip:?}");
+        assert_eq!(dip.scaling.1, "Rebalancing", "{dip:?}");
+        // They never come back: the episode stops waiting, and the policy decides from
+        // what is there.
+        let mut last = dip;
+        for at in (104..160).step_by(4) {
+            last = step_with_min([100, 0, 0], &last, at, 1);
+        }
+        assert!(last.desired_replicas < 3, "{last:?}");
     }
 
     #[test]
