@@ -81,9 +81,17 @@ pub fn usage(pid: u32) -> (f64, u64) {
     (ticks / 100.0, rss)
 }
 
-/// Pools (in every namespace) whose status shows `pods` ready pods, `connections` in
-/// total, nothing in progress, and the current generation observed.
-pub async fn settled(client: &Client, pods: i32, connections: i64) -> usize {
+/// Whether `pods` pods holding `connections` are a size the policy keeps: the mean
+/// within the default 10 % tolerance of [`TARGET`]. (Past ten pods more than one size
+/// qualifies: 950 agents sit as well on 9 pods as on 10.)
+pub fn within_tolerance(pods: i32, connections: i64) -> bool {
+    pods > 0 && (connections - TARGET * i64::from(pods)).abs() * 10 <= TARGET * i64::from(pods)
+}
+
+/// Pools (in every namespace) that hold `connections` on ready pods, at most
+/// `max_pods`, at a size within the policy's tolerance, with nothing in progress and
+/// the current generation observed.
+pub async fn settled(client: &Client, max_pods: i32, connections: i64) -> usize {
     let pools: Api<ConnectionPool> = Api::all(client.clone());
     let Ok(list) = pools.list(&ListParams::default()).await else {
         return 0;
@@ -92,13 +100,31 @@ pub async fn settled(client: &Client, pods: i32, connections: i64) -> usize {
         .iter()
         .filter(|p| {
             let Some(s) = &p.status else { return false };
-            s.desired_replicas == Some(pods)
-                && s.ready_replicas == Some(pods)
+            let desired = s.desired_replicas.unwrap_or_default();
+            desired <= max_pods
+                && within_tolerance(desired, connections)
+                && s.ready_replicas == Some(desired)
                 && s.total_connections == Some(connections)
                 && s.instructions.is_empty()
                 && s.observed_generation == p.metadata.generation
         })
         .count()
+}
+
+/// How many pools (in every namespace) want each size.
+pub async fn sizes(client: &Client) -> kube::Result<std::collections::BTreeMap<i32, usize>> {
+    let mut sizes = std::collections::BTreeMap::new();
+    for p in Api::<ConnectionPool>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+    {
+        let desired = p
+            .status
+            .and_then(|s| s.desired_replicas)
+            .unwrap_or_default();
+        *sizes.entry(desired).or_insert(0) += 1;
+    }
+    Ok(sizes)
 }
 
 /// A write verb.

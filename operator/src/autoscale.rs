@@ -1360,7 +1360,11 @@ mod tests {
         // Mid-reconnect the pool holds 100: one pod would do, but the dip is the shed
         // agents, not load leaving. No drain, the pool stays at three.
         let dip = step_with_min([100, 0, 0], &first, 103, 1);
-        assert_eq!((dip.desired_replicas, dip.stateful_set_replicas), (3, 3), "{dip:?}");
+        assert_eq!(
+            (dip.desired_replicas, dip.stateful_set_replicas),
+            (3, 3),
+            "{dip:?}"
+        );
         assert!(dip.instructions.iter().all(|i| !i.drain), "{dip:?}");
         assert_eq!(dip.scaling.1, "Rebalancing", "{dip:?}");
         // They never come back: the episode stops waiting, and the policy decides from
