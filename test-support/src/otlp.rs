@@ -35,7 +35,9 @@ impl OtlpReceiver {
             .expect("bind the OTLP receiver");
         let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
         let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("OTLP receiver serves");
+            axum::serve(listener, app)
+                .await
+                .expect("OTLP receiver serves");
         });
         Self {
             endpoint,

@@ -26,7 +26,11 @@ pub struct TimedOut {
 /// Polls `f` until it returns `Some`, for at most `within`; the error names `what`.
 ///
 /// For callers that report rather than panic (the e2e harness, `tether-local`).
-pub async fn try_eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> Result<T, TimedOut>
+pub async fn try_eventually<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut f: F,
+) -> Result<T, TimedOut>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -61,7 +65,10 @@ where
 /// Polls a synchronous condition (in-process state) until it holds; panics naming
 /// `what` after `within`.
 pub async fn until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    eventually(what, within, || std::future::ready(condition().then_some(()))).await;
+    eventually(what, within, || {
+        std::future::ready(condition().then_some(()))
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -26,7 +26,11 @@ pub async fn post_json(
 }
 
 /// GETs `url` with `key`; panics if no response comes back.
-pub async fn get(http: &reqwest::Client, url: impl reqwest::IntoUrl, key: &str) -> reqwest::Response {
+pub async fn get(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    key: &str,
+) -> reqwest::Response {
     http.get(url)
         .bearer_auth(key)
         .send()
