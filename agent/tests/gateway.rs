@@ -14,6 +14,7 @@ use axum::{Router, http::HeaderMap, http::StatusCode, routing::post};
 use tether_agent::{Agent, Backoff, Hs256Minter, Options, ReconnectPolicy, State, TokenProvider};
 use tether_config::{GatewayConfig, UpstreamConfig, UpstreamEvent};
 use tether_gateway::Gateway;
+use tether_test_support::push_api;
 use tokio::net::{TcpListener, TcpStream};
 
 const SECRET: &str = "integration-secret-of-at-least-32-bytes";
@@ -77,17 +78,8 @@ async fn wait_session(
 }
 
 async fn push(gateway: &Gateway, agent: &str, body: serde_json::Value) -> StatusCode {
-    let url = format!(
-        "http://{}/v1/agents/{agent}/messages",
-        gateway.internal_addr()
-    );
-    let resp = reqwest::Client::new()
-        .post(url)
-        .bearer_auth(API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let http = reqwest::Client::new();
+    let resp = push_api::push(&http, gateway.internal_addr(), API_KEY, agent, &body).await;
     StatusCode::from_u16(resp.status().as_u16()).unwrap()
 }
 
@@ -348,13 +340,8 @@ async fn backend_request_is_answered_by_the_handler() {
         "http://{}/v1/agents/a5/requests?timeout_ms=3000",
         gateway.internal_addr()
     );
-    let resp = reqwest::Client::new()
-        .post(url)
-        .bearer_auth(API_KEY)
-        .json(&serde_json::json!({"q": "status"}))
-        .send()
-        .await
-        .unwrap();
+    let body = serde_json::json!({"q": "status"});
+    let resp = push_api::post_json(&reqwest::Client::new(), url, API_KEY, &body).await;
     assert_eq!(resp.status().as_u16(), 200);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body, serde_json::json!({"echo": {"q": "status"}}));

@@ -8,17 +8,12 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tether_agent::{Agent, Hs256Minter, State};
+use tether_agent::{Agent, State};
 use tether_e2e::*;
+use tether_test_support::push_api;
 
 const POOL: &str = "svc";
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn minter(agent: &str) -> Hs256Minter {
-    let mut minter = Hs256Minter::new(JWT_SECRET.as_bytes(), agent);
-    minter.tenant = Some("acme".into());
-    minter
-}
 
 /// The pod holding `agent`, from the push API's presence lookup on `internal`.
 async fn presence(http: &reqwest::Client, internal: &str, agent: &str) -> Option<String> {
@@ -95,15 +90,8 @@ async fn sdk_agent_follows_the_service_to_another_ready_pod_after_a_drain() -> a
                 == Some(first_pod.as_str()),
             "the gateway and the Service agree on the agent's pod"
         );
-        let accepted = http
-            .post(format!(
-                "http://{}/v1/agents/svc-agent/messages",
-                held_by.internal
-            ))
-            .bearer_auth(API_KEY)
-            .json(&json!({"hello": "through the service"}))
-            .send()
-            .await?;
+        let body = json!({"hello": "through the service"});
+        let accepted = push_api::push(&http, &held_by.internal, API_KEY, "svc-agent", &body).await;
         anyhow::ensure!(accepted.status().as_u16() == 202, "push accepted");
         eventually("the push through the Service", PATIENCE, || {
             let got = !pushes.lock().is_empty();

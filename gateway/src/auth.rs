@@ -583,12 +583,7 @@ mod tests {
     }
 
     fn hs(claims: serde_json::Value) -> String {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(SECRET),
-        )
-        .unwrap()
+        tether_test_support::hs256(SECRET, &claims)
     }
 
     fn config() -> JwtConfig {
@@ -629,12 +624,7 @@ mod tests {
             verifier().verify(&hs(c)),
             Err(AuthError::Invalid(_))
         ));
-        let token = encode(
-            &Header::new(Algorithm::HS256),
-            &claims(),
-            &EncodingKey::from_secret(b"another-secret-another-secret-xx"),
-        )
-        .unwrap();
+        let token = tether_test_support::hs256(b"another-secret-another-secret-xx", &claims());
         assert!(matches!(
             verifier().verify(&token),
             Err(AuthError::Invalid(_))

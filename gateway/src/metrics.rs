@@ -2,8 +2,14 @@
 //! provider (installed by `tether_telemetry::init`, exporting over OTLP when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and shared through the app state.
 
+use std::sync::Arc;
+
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use opentelemetry::metrics::{
+    Counter, Histogram, Meter, ObservableCounter, ObservableGauge, UpDownCounter,
+};
+
+use crate::nats::health::{ErrorKind, NatsHealth};
 
 /// The gateway's instruments.
 #[derive(Debug, Clone)]
@@ -88,4 +94,65 @@ impl Metrics {
 /// A one-attribute label set.
 pub fn label(key: &'static str, value: impl Into<opentelemetry::Value>) -> [KeyValue; 1] {
     [KeyValue::new(key, value)]
+}
+
+/// The NATS connection's instruments (`tether.nats.*`). They observe a router's
+/// [`NatsHealth`] at export time and report nothing once that router is gone; kept by
+/// the router so they live as long as it does.
+#[derive(Debug)]
+pub struct NatsInstruments {
+    _connected: ObservableGauge<i64>,
+    _disconnects: ObservableCounter<u64>,
+    _reconnects: ObservableCounter<u64>,
+    _errors: ObservableCounter<u64>,
+}
+
+/// Instruments observing `health` on `meter`.
+pub fn nats_instruments(meter: &Meter, health: &Arc<NatsHealth>) -> NatsInstruments {
+    // Weak: the meter provider keeps callbacks for its whole life, a router may not.
+    let counts = {
+        let health = Arc::downgrade(health);
+        move || health.upgrade().map(|h| h.counts())
+    };
+    let (c1, c2, c3, c4) = (counts.clone(), counts.clone(), counts.clone(), counts);
+    NatsInstruments {
+        _connected: meter
+            .i64_observable_gauge("tether.nats.connected")
+            .with_description("1 while the connection to NATS is up, 0 while it is lost")
+            .with_callback(move |o| {
+                if let Some(c) = c1() {
+                    o.observe(i64::from(c.connected), &[]);
+                }
+            })
+            .build(),
+        _disconnects: meter
+            .u64_observable_counter("tether.nats.disconnects")
+            .with_description("Times the connection to NATS was lost")
+            .with_callback(move |o| {
+                if let Some(c) = c2() {
+                    o.observe(c.disconnects, &[]);
+                }
+            })
+            .build(),
+        _reconnects: meter
+            .u64_observable_counter("tether.nats.reconnects")
+            .with_description("Times the connection to NATS came back after a loss")
+            .with_callback(move |o| {
+                if let Some(c) = c3() {
+                    o.observe(c.reconnects, &[]);
+                }
+            })
+            .build(),
+        _errors: meter
+            .u64_observable_counter("tether.nats.errors")
+            .with_description("Errors the NATS server or client reported, by kind")
+            .with_callback(move |o| {
+                if let Some(c) = c4() {
+                    for (kind, n) in ErrorKind::ALL.iter().zip(c.errors) {
+                        o.observe(n, &label("kind", kind.as_str()));
+                    }
+                }
+            })
+            .build(),
+    }
 }

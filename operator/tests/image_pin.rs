@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::Client;
@@ -24,10 +26,14 @@ fn operator_with_default_image(identity: &str, image: &str) -> tether_operator::
 /// The StatefulSet `name` once its gateway container runs `image`.
 async fn sts_with_image(client: &Client, name: &str, image: &str) -> StatefulSet {
     let api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
-    eventually(&format!("StatefulSet {name} with {image}"), 15, || async {
-        let sts = api.get_opt(name).await.ok()??;
-        (gateway_image(&sts) == image).then_some(sts)
-    })
+    eventually(
+        &format!("StatefulSet {name} with {image}"),
+        Duration::from_secs(15),
+        || async {
+            let sts = api.get_opt(name).await.ok()??;
+            (gateway_image(&sts) == image).then_some(sts)
+        },
+    )
     .await
 }
 
@@ -69,7 +75,7 @@ async fn a_pinned_pool_keeps_its_image_across_an_operator_upgrade() {
         )
         .await
         .unwrap();
-    eventually("the pin observed", 15, || async {
+    eventually("the pin observed", Duration::from_secs(15), || async {
         let p = pools.get("pinned").await.ok()?;
         (p.status?.observed_generation? == p.metadata.generation?).then_some(())
     })

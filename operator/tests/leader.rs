@@ -65,7 +65,7 @@ async fn one_leader_of_two_processes_and_failover_when_it_dies() {
     let a = KillOnDrop(spawn_operator(&kubeconfig, "op-a"));
     let b = KillOnDrop(spawn_operator(&kubeconfig, "op-b"));
 
-    let first = eventually("a leader", 15, || holder(&client)).await;
+    let first = eventually("a leader", Duration::from_secs(15), || holder(&client)).await;
     assert!(first == "op-a" || first == "op-b", "{first}");
     // It stays the only leader while it lives.
     for _ in 0..10 {
@@ -78,7 +78,7 @@ async fn one_leader_of_two_processes_and_failover_when_it_dies() {
         .await
         .unwrap();
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
-    eventually("pool one reconciled", 15, || async {
+    eventually("pool one reconciled", Duration::from_secs(15), || async {
         sts.get_opt("one").await.unwrap()
     })
     .await;
@@ -88,7 +88,7 @@ async fn one_leader_of_two_processes_and_failover_when_it_dies() {
     dead.0.kill().unwrap();
     dead.0.wait().unwrap();
     let expected = if first == "op-a" { "op-b" } else { "op-a" };
-    eventually("failover", 15, || async {
+    eventually("failover", Duration::from_secs(15), || async {
         (holder(&client).await.as_deref() == Some(expected)).then_some(())
     })
     .await;
@@ -97,7 +97,7 @@ async fn one_leader_of_two_processes_and_failover_when_it_dies() {
         .create(&PostParams::default(), &pool("two", json!({})))
         .await
         .unwrap();
-    eventually("pool two reconciled", 15, || async {
+    eventually("pool two reconciled", Duration::from_secs(15), || async {
         sts.get_opt("two").await.unwrap()
     })
     .await;
@@ -114,7 +114,7 @@ async fn a_clean_stop_hands_the_lease_over_at_once() {
         a
     };
     let a = Operator::start(&client, long("op-a"));
-    eventually("op-a leads", 10, || async {
+    eventually("op-a leads", Duration::from_secs(10), || async {
         (holder(&client).await.as_deref() == Some("op-a")).then_some(())
     })
     .await;
@@ -124,7 +124,7 @@ async fn a_clean_stop_hands_the_lease_over_at_once() {
         .await
         .unwrap();
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
-    eventually("reconciled by op-a", 10, || async {
+    eventually("reconciled by op-a", Duration::from_secs(10), || async {
         sts.get_opt("early").await.unwrap()
     })
     .await;
@@ -133,7 +133,7 @@ async fn a_clean_stop_hands_the_lease_over_at_once() {
     assert_eq!(holder(&client).await.as_deref(), Some("op-a"));
     assert_eq!(b.metrics.reconciles(), 0, "a follower does not reconcile");
     a.stop().await;
-    eventually("op-b leads", 10, || async {
+    eventually("op-b leads", Duration::from_secs(10), || async {
         (holder(&client).await.as_deref() == Some("op-b")).then_some(())
     })
     .await;
@@ -141,7 +141,7 @@ async fn a_clean_stop_hands_the_lease_over_at_once() {
         .create(&PostParams::default(), &pool("acme", json!({})))
         .await
         .unwrap();
-    eventually("reconciled by op-b", 10, || async {
+    eventually("reconciled by op-b", Duration::from_secs(10), || async {
         sts.get_opt("acme").await.unwrap()
     })
     .await;
@@ -169,7 +169,10 @@ async fn a_leader_whose_lease_calls_hang_steps_down_before_anyone_takes_over() {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (a_tx, a) = watch::channel(false);
     tokio::spawn(Elector::new(client.clone(), config("op-a")).run(a_tx, stop_rx.clone()));
-    eventually("op-a leads", 10, || async { (*a.borrow()).then_some(()) }).await;
+    eventually("op-a leads", Duration::from_secs(10), || async {
+        (*a.borrow()).then_some(())
+    })
+    .await;
     let (b_tx, b) = watch::channel(false);
     tokio::spawn(Elector::new(client.clone(), config("op-b")).run(b_tx, stop_rx.clone()));
 

@@ -5,31 +5,15 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::routing::post;
 use common::*;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use tether_crds::ConnectionPool;
+use tether_test_support::OtlpReceiver;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
-
-/// Every request body the receiver got, by signal (`metrics`, `traces`).
-type Received = Arc<Mutex<Vec<(String, Bytes)>>>;
-
-async fn receive(State(received): State<Received>, Path(signal): Path<String>, body: Bytes) {
-    received.lock().unwrap().push((signal, body));
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
 
 /// `GET path` over plain HTTP/1.0; the response body.
 async fn http_get(addr: &str, path: &str) -> String {
@@ -48,13 +32,7 @@ async fn http_get(addr: &str, path: &str) -> String {
 
 #[tokio::test]
 async fn operator_exports_reconcile_spans_and_metrics_over_otlp_http() {
-    let received: Received = Arc::default();
-    let app = axum::Router::new()
-        .route("/v1/{signal}", post(receive))
-        .with_state(received.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let receiver = OtlpReceiver::start().await;
 
     let (sim, client) = cluster().await;
     let dir = tempfile::tempdir().unwrap();
@@ -70,9 +48,7 @@ async fn operator_exports_reconcile_spans_and_metrics_over_otlp_http() {
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .envs(receiver.env())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -101,30 +77,18 @@ async fn operator_exports_reconcile_spans_and_metrics_over_otlp_http() {
         .await
         .unwrap();
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (metrics, spans) = {
-            let got = received.lock().unwrap();
-            let has = |signal: &str, name: &str| {
-                got.iter()
-                    .any(|(s, body)| s == signal && contains(body, name))
-            };
-            (
-                has("metrics", "tether.operator.reconciles")
-                    && has("metrics", "tether.operator.reconcile.duration")
-                    && has("metrics", "tether.operator.leader"),
-                has("traces", "reconcile") && has("traces", "tether-operator"),
-            )
-        };
-        if metrics && spans {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "OTLP receiver did not get the expected data (metrics: {metrics}, spans: {spans})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    receiver
+        .expect(
+            &[
+                ("metrics", "tether.operator.reconciles"),
+                ("metrics", "tether.operator.reconcile.duration"),
+                ("metrics", "tether.operator.leader"),
+                ("traces", "reconcile"),
+                ("traces", "tether-operator"),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
 
     // Scrapers read the same instruments.
     let text = http_get(&admin, "/metrics").await;

@@ -33,7 +33,7 @@ where
 
 async fn wait_sts(client: &Client, name: &str) -> StatefulSet {
     let sts = api::<StatefulSet>(client);
-    eventually("the StatefulSet", 10, || async {
+    eventually("the StatefulSet", Duration::from_secs(10), || async {
         sts.get_opt(name).await.unwrap()
     })
     .await
@@ -109,7 +109,7 @@ async fn a_new_pool_gets_its_objects_owners_probes_rbac_and_status() {
         Some("/readyz")
     );
 
-    let cm = eventually("the ConfigMap", 10, || async {
+    let cm = eventually("the ConfigMap", Duration::from_secs(10), || async {
         api::<ConfigMap>(&client)
             .get_opt("acme-config")
             .await
@@ -167,7 +167,7 @@ async fn a_new_pool_gets_its_objects_owners_probes_rbac_and_status() {
         .collect();
     assert_eq!(managers, ["tether-operator"]);
 
-    let pool = eventually("status", 10, || async {
+    let pool = eventually("status", Duration::from_secs(10), || async {
         let p = pools(&client).get("acme").await.unwrap();
         (p.status.as_ref()?.observed_generation == p.metadata.generation).then_some(p)
     })
@@ -194,7 +194,7 @@ async fn a_new_pool_gets_its_objects_owners_probes_rbac_and_status() {
 
     // Play the StatefulSet controller: all pods ready → the pool turns Ready.
     play_statefulset_controller(&client, &sts, 1).await;
-    let ready = eventually("Ready", 10, || async {
+    let ready = eventually("Ready", Duration::from_secs(10), || async {
         let p = pools(&client).get("acme").await.unwrap();
         (condition(&p, "Ready")? == ("True".to_string(), "Available".to_string())).then_some(p)
     })
@@ -225,7 +225,7 @@ async fn spec_changes_converge_and_roll_pods_only_for_config() {
         )
         .await
         .unwrap();
-    let resized = eventually("3 replicas", 10, || async {
+    let resized = eventually("3 replicas", Duration::from_secs(10), || async {
         let sts = api::<StatefulSet>(&client).get("acme").await.unwrap();
         (sts.spec.as_ref()?.replicas == Some(3)).then_some(sts)
     })
@@ -244,7 +244,7 @@ async fn spec_changes_converge_and_roll_pods_only_for_config() {
         )
         .await
         .unwrap();
-    let rolled = eventually("a new config hash", 10, || async {
+    let rolled = eventually("a new config hash", Duration::from_secs(10), || async {
         let sts = api::<StatefulSet>(&client).get("acme").await.unwrap();
         (template_hash(&sts) != template_hash(&before)).then_some(sts)
     })
@@ -262,7 +262,7 @@ async fn spec_changes_converge_and_roll_pods_only_for_config() {
         )
         .await
         .unwrap();
-    eventually("the label restored", 10, || async {
+    eventually("the label restored", Duration::from_secs(10), || async {
         let svc = api::<Service>(&client).get("acme-api").await.unwrap();
         (svc.labels()["tether.dev/pool"] == "acme").then_some(())
     })
@@ -294,7 +294,7 @@ async fn deleting_a_pool_removes_everything() {
         .delete("acme", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the pool gone", 10, || async {
+    eventually("the pool gone", Duration::from_secs(10), || async {
         pools(&client)
             .get_opt("acme")
             .await
@@ -303,17 +303,21 @@ async fn deleting_a_pool_removes_everything() {
             .then_some(())
     })
     .await;
-    eventually("the generated NATS token gone", 10, || async {
-        api::<Secret>(&client)
-            .get_opt("acme-nats-auth")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
+    eventually(
+        "the generated NATS token gone",
+        Duration::from_secs(10),
+        || async {
+            api::<Secret>(&client)
+                .get_opt("acme-nats-auth")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
     .await;
     let selector = ListParams::default().labels("tether.dev/pool=acme");
-    eventually("children gone", 10, || async {
+    eventually("children gone", Duration::from_secs(10), || async {
         let left = api::<StatefulSet>(&client)
             .list(&selector)
             .await
@@ -410,13 +414,13 @@ async fn invalid_specs_get_a_condition_and_an_event_and_no_objects() {
         .unwrap();
 
     for (name, reason) in [("nosecret", "SecretMissing"), ("badimage", "InvalidImage")] {
-        let p = eventually(reason, 10, || async {
+        let p = eventually(reason, Duration::from_secs(10), || async {
             let p = pools(&client).get(name).await.unwrap();
             (condition(&p, "Degraded")? == ("True".to_string(), reason.to_string())).then_some(p)
         })
         .await;
         assert_eq!(condition(&p, "Ready").unwrap().0, "False");
-        let events = eventually("a Warning event", 10, || async {
+        let events = eventually("a Warning event", Duration::from_secs(10), || async {
             let events = warning_events(&client, reason).await;
             (!events.is_empty()).then_some(events)
         })
@@ -442,7 +446,7 @@ async fn invalid_specs_get_a_condition_and_an_event_and_no_objects() {
     // Once the Secret exists, the pool converges without being touched.
     create_secret(&client, "nope", "keys").await;
     wait_sts(&client, "nosecret").await;
-    eventually("recovered", 10, || async {
+    eventually("recovered", Duration::from_secs(10), || async {
         let p = pools(&client).get("nosecret").await.unwrap();
         (condition(&p, "Degraded")?.0 == "False").then_some(())
     })
@@ -479,7 +483,7 @@ async fn api_faults_are_retried_until_the_pool_converges() {
         .await
         .unwrap();
     // Backoff after three failures in a row: about 1 + 2 + 4 s.
-    eventually("status written", 20, || async {
+    eventually("status written", Duration::from_secs(20), || async {
         let p = pools(&client).get("acme").await.unwrap();
         (condition(&p, "Degraded")?.0 == "False").then_some(())
     })
@@ -516,7 +520,7 @@ async fn the_operator_never_wipes_the_pods_status_entries() {
         .await
         .unwrap();
     // The total reflects it once the operator reconciles (the status write triggers one)...
-    eventually("totalConnections 42", 10, || async {
+    eventually("totalConnections 42", Duration::from_secs(10), || async {
         let p = pools(&client).get("acme").await.unwrap();
         (p.status?.total_connections == Some(42)).then_some(())
     })
@@ -530,7 +534,7 @@ async fn the_operator_never_wipes_the_pods_status_entries() {
         )
         .await
         .unwrap();
-    let p = eventually("observedGeneration 2", 10, || async {
+    let p = eventually("observedGeneration 2", Duration::from_secs(10), || async {
         let p = pools(&client).get("acme").await.unwrap();
         (p.status.as_ref()?.observed_generation == Some(2)).then_some(p)
     })
@@ -576,7 +580,7 @@ async fn each_child_is_applied_once_per_spec_change() {
                 )
                 .await
                 .unwrap();
-            eventually("the report counted", 10, || async {
+            eventually("the report counted", Duration::from_secs(10), || async {
                 let p = pools(&client).get("acme").await.unwrap();
                 (p.status?.total_connections == Some(connections)).then_some(())
             })
@@ -651,7 +655,7 @@ async fn each_child_is_applied_once_per_spec_change() {
         )
         .await
         .unwrap();
-    eventually("observedGeneration 2", 10, || async {
+    eventually("observedGeneration 2", Duration::from_secs(10), || async {
         let p = pools(&client).get("acme").await.unwrap();
         (p.status.as_ref()?.observed_generation == Some(2)).then_some(())
     })

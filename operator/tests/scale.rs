@@ -32,7 +32,7 @@ async fn create_pools(client: &kube::Client) {
 async fn await_all_reconciled(client: &kube::Client) -> Duration {
     let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
     let started = Instant::now();
-    eventually("all pools reconciled", 120, || async {
+    eventually("all pools reconciled", Duration::from_secs(120), || async {
         let list = pools.list(&ListParams::default()).await.unwrap();
         let done = list
             .items

@@ -203,7 +203,7 @@ async fn garbage_collection_work_follows_the_writes_not_the_store_size() {
         .delete("owner", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("children collected", || async {
+    eventually("children collected", PATIENCE, || async {
         for i in 0..3 {
             if cms.get_opt(&format!("child-{i}")).await.unwrap().is_some() {
                 return None;
@@ -376,7 +376,7 @@ async fn stats_count_exactly_what_was_sent() {
     assert_eq!(s.watch_total().events, 0);
     assert_eq!(s.watch_total().open, 1);
     drop(stream);
-    eventually("watch closed", || async {
+    eventually("watch closed", PATIENCE, || async {
         (sim.stats().snapshot().watch_total().open == 0).then_some(())
     })
     .await;
@@ -456,7 +456,7 @@ async fn a_watch_whose_client_stops_reading_counts_what_was_written_and_queues_t
         .unwrap();
     }
     // What was written plus what waits is every event; none was lost or counted twice.
-    eventually("written + queued = sent", || async {
+    eventually("written + queued = sent", PATIENCE, || async {
         let w = watch();
         (w.events + w.queued == sent).then_some(())
     })
@@ -473,7 +473,7 @@ async fn a_watch_whose_client_stops_reading_counts_what_was_written_and_queues_t
     let w = watch();
     assert_eq!((w.events, w.bytes, w.queued), (sent, bytes, 0), "{w:?}");
     drop(stream);
-    eventually("watch closed", || async {
+    eventually("watch closed", PATIENCE, || async {
         (watch().open == 0).then_some(())
     })
     .await;

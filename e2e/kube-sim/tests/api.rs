@@ -176,7 +176,7 @@ async fn namespaces_gate_creation_and_cascade_on_delete() {
     // While terminating, new content is forbidden (or the namespace is already gone).
     let s = status_of(cms.create(&PostParams::default(), &cm("b", &[])).await);
     assert!(s.code == 403 || s.code == 404, "{s:?}");
-    eventually("namespace removal", || async {
+    eventually("namespace removal", PATIENCE, || async {
         nss.get_opt("team").await.unwrap().is_none().then_some(())
     })
     .await;
@@ -480,7 +480,7 @@ async fn garbage_collection_background_foreground_orphan() {
         .delete("bg", &DeleteParams::background())
         .await
         .unwrap();
-    eventually("background GC", || async {
+    eventually("background GC", PATIENCE, || async {
         cms.get_opt("bg-child")
             .await
             .unwrap()
@@ -509,7 +509,7 @@ async fn garbage_collection_background_foreground_orphan() {
             .unwrap()
             .contains(&"foregroundDeletion".to_string())
     );
-    eventually("dependent marked for deletion", || async {
+    eventually("dependent marked for deletion", PATIENCE, || async {
         cms.get("fg-child")
             .await
             .unwrap()
@@ -529,7 +529,7 @@ async fn garbage_collection_background_foreground_orphan() {
     )
     .await
     .unwrap();
-    eventually("foreground owner removal", || async {
+    eventually("foreground owner removal", PATIENCE, || async {
         pools.get_opt("fg").await.unwrap().is_none().then_some(())
     })
     .await;
@@ -552,7 +552,7 @@ async fn garbage_collection_background_foreground_orphan() {
         )
         .await
         .unwrap();
-    eventually("orphaning", || async {
+    eventually("orphaning", PATIENCE, || async {
         pools.get_opt("or").await.unwrap().is_none().then_some(())
     })
     .await;
@@ -573,7 +573,7 @@ async fn garbage_collection_background_foreground_orphan() {
     cms.create(&PostParams::default(), &owned_cm("dangling", &ghost))
         .await
         .unwrap();
-    eventually("dangling dependent GC", || async {
+    eventually("dangling dependent GC", PATIENCE, || async {
         cms.get_opt("dangling")
             .await
             .unwrap()

@@ -142,14 +142,14 @@ async fn watcher_survives_dropped_streams_and_compaction() {
             }
         });
         let cms: Api<ConfigMap> = Api::default_namespaced(sim.client().unwrap());
-        eventually("initial list", || async {
+        eventually("initial list", PATIENCE, || async {
             names.lock().contains(&"before".to_string()).then_some(())
         })
         .await;
         cms.create(&PostParams::default(), &cm("live"))
             .await
             .unwrap();
-        eventually("live event", || async {
+        eventually("live event", PATIENCE, || async {
             names.lock().contains(&"live".to_string()).then_some(())
         })
         .await;
@@ -159,7 +159,7 @@ async fn watcher_survives_dropped_streams_and_compaction() {
         cms.create(&PostParams::default(), &cm("after"))
             .await
             .unwrap();
-        eventually("event after reconnect", || async {
+        eventually("event after reconnect", PATIENCE, || async {
             names.lock().contains(&"after".to_string()).then_some(())
         })
         .await;
@@ -229,14 +229,14 @@ async fn controller_reconciles_and_owns_children() {
         )
         .await
         .unwrap();
-    eventually("child config map", || async {
+    eventually("child config map", PATIENCE, || async {
         cms.get_opt("p-config")
             .await
             .unwrap()
             .map(|c| c.data.unwrap()["tenant"].clone())
     })
     .await;
-    eventually("observedGeneration", || async {
+    eventually("observedGeneration", PATIENCE, || async {
         (pools_api.get("p").await.unwrap().data["status"]["observedGeneration"] == 1).then_some(())
     })
     .await;
@@ -250,7 +250,7 @@ async fn controller_reconciles_and_owns_children() {
         )
         .await
         .unwrap();
-    eventually("child follows spec", || async {
+    eventually("child follows spec", PATIENCE, || async {
         (cms.get("p-config").await.unwrap().data.unwrap()["tenant"] == "other").then_some(())
     })
     .await;
@@ -263,7 +263,7 @@ async fn controller_reconciles_and_owns_children() {
     )
     .await
     .unwrap();
-    eventually("child restored", || async {
+    eventually("child restored", PATIENCE, || async {
         (cms.get("p-config").await.unwrap().data.unwrap()["tenant"] == "other").then_some(())
     })
     .await;
@@ -274,7 +274,7 @@ async fn controller_reconciles_and_owns_children() {
         .delete("p", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("child collected", || async {
+    eventually("child collected", PATIENCE, || async {
         cms.get_opt("p-config")
             .await
             .unwrap()

@@ -20,6 +20,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde_json::{Value, json};
 use tether_kube_sim::Server;
+use tether_test_support::until;
 use tokio::time::Instant;
 
 const NS: &str = "scale";
@@ -84,15 +85,6 @@ async fn write(api: &Api<DynamicObject>, kind: Kind, n: u64) {
         }
     };
     r.expect("write");
-}
-
-/// Polls `f` every 20 ms until it holds, at most `secs` seconds.
-async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn reflector_recovers(kind: Kind, way: Way) {
@@ -175,13 +167,23 @@ async fn reflector_recovers(kind: Kind, way: Way) {
             }
         })
     };
-    until("the reflector following the writes", 30, || current() >= 5).await;
+    until(
+        "the reflector following the writes",
+        Duration::from_secs(30),
+        || current() >= 5,
+    )
+    .await;
 
     let at_drop = {
         let _turn = turn.lock().await;
         let at = written.load(Ordering::SeqCst);
         // Caught up, so that the way back is the one this case is about.
-        until("the reflector at the last write", 30, || current() == at).await;
+        until(
+            "the reflector at the last write",
+            Duration::from_secs(30),
+            || current() == at,
+        )
+        .await;
         if way == Way::Gone {
             let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
             let lease = serde_json::from_value(json!({"metadata": {"name": "elsewhere"}}));
@@ -217,7 +219,12 @@ async fn reflector_recovers(kind: Kind, way: Way) {
     *turn.lock().await = true;
     writer_task.await.unwrap();
     let last = written.load(Ordering::SeqCst);
-    until("the last write in the cache", 30, || current() == last).await;
+    until(
+        "the last write in the cache",
+        Duration::from_secs(30),
+        || current() == last,
+    )
+    .await;
     let resource = match kind {
         Kind::Crd => "tether.dev/v1alpha1/connectionpools",
         Kind::ConfigMap => "v1/configmaps",

@@ -15,11 +15,14 @@
 //! - [`directory`]: the agent → pod directory (JetStream KV, compare-and-set) and its
 //!   pure decisions (newest wins, re-registration after an outage).
 //! - [`router`]: [`NatsRouter`], the [`crate::router::Router`] on top of them.
+//! - [`health`]: the connection's state and counters from the client's events, exported
+//!   as `tether.nats.*` metrics.
 //!
 //! docs/routing.md explains the design and its failure behaviour.
 
 pub mod credentials;
 pub mod directory;
+pub mod health;
 pub mod router;
 pub mod subjects;
 pub mod wire;

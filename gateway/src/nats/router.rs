@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::directory::{self, Cache, Directory, Me, Reconcile, Route};
+use super::health::NatsHealth;
 use super::subjects::{PodOp, Subjects};
 use super::wire::{self, Answer, Call};
 use crate::hub::{AgentReply, Connection, Hub, Outbound};
@@ -102,6 +103,10 @@ struct Inner {
     serving: AtomicBool,
     pods: Arc<Mutex<KnownPods>>,
     outage: Arc<Outage>,
+    /// The connection's state and counters; the `tether.nats.*` instruments observe it
+    /// while it lives.
+    _health: Arc<NatsHealth>,
+    _nats_instruments: crate::metrics::NatsInstruments,
 }
 
 /// What the NATS client's events tell about outages.
@@ -164,6 +169,8 @@ impl NatsRouter {
         let on_event = reconnected.clone();
         let outage = Arc::new(Outage::default());
         let on_outage = outage.clone();
+        let health = Arc::new(NatsHealth::default());
+        let on_health = health.clone();
         let settle = tuning.settle;
         let pod_name = pod.to_owned();
         let url = config.url.as_str();
@@ -179,6 +186,7 @@ impl NatsRouter {
                 Duration::from_millis((attempts as u64 * 100).min(1000))
             })
             .event_callback(move |event| {
+                on_health.record(&event);
                 let on_event = on_event.clone();
                 let on_outage = on_outage.clone();
                 let pod = pod_name.clone();
@@ -205,6 +213,11 @@ impl NatsRouter {
                 url: url.to_owned(),
                 message: e.to_string(),
             })?;
+        health.mark_connected();
+        let nats_instruments = crate::metrics::nats_instruments(
+            &opentelemetry::global::meter("tether-gateway"),
+            &health,
+        );
         let js = async_nats::jetstream::new(client.clone());
         let directory = Directory::open(js, &subjects).await?;
         let me = Me {
@@ -227,6 +240,8 @@ impl NatsRouter {
             serving: AtomicBool::new(false),
             pods: Arc::default(),
             outage,
+            _health: health,
+            _nats_instruments: nats_instruments,
         });
 
         let subscribe = |subject: String| {

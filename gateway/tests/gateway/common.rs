@@ -3,10 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tether_config::GatewayConfig;
 use tether_gateway::Gateway;
@@ -22,8 +20,9 @@ pub const AUDIENCE: &str = "tether-test";
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// How long a test waits for something that should happen promptly.
-pub const PATIENCE: Duration = Duration::from_secs(10);
+pub use tether_test_support::PATIENCE;
+/// Seconds since the Unix epoch.
+pub use tether_test_support::unix_now as now;
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,33 +110,17 @@ impl TestGateway {
 
 /// POSTs JSON to the push API with the test key.
 pub async fn api_post(http: &reqwest::Client, url: String, body: Value) -> reqwest::Response {
-    http.post(url)
-        .bearer_auth(API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    tether_test_support::push_api::post_json(http, url, API_KEY, &body).await
 }
 
 /// GETs from the push API with the test key.
 pub async fn api_get(http: &reqwest::Client, url: String) -> reqwest::Response {
-    http.get(url).bearer_auth(API_KEY).send().await.unwrap()
+    tether_test_support::push_api::get(http, url, API_KEY).await
 }
 
-/// Polls a condition until it holds or [`PATIENCE`] runs out.
-pub async fn eventually(mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met in time"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-pub fn now() -> u64 {
-    tether_gateway::hub::unix_now()
+/// Polls an in-process condition until it holds or [`PATIENCE`] runs out.
+pub async fn eventually(condition: impl FnMut() -> bool) {
+    tether_test_support::until("the condition", PATIENCE, condition).await;
 }
 
 pub fn claims(sub: &str, groups: &[&str], ttl: i64) -> Value {
@@ -151,12 +134,7 @@ pub fn claims(sub: &str, groups: &[&str], ttl: i64) -> Value {
 }
 
 pub fn sign(claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    tether_test_support::hs256(SECRET.as_bytes(), claims)
 }
 
 pub fn token(sub: &str, groups: &[&str], ttl: i64) -> String {

@@ -2,7 +2,6 @@
 //! port (killed and restarted by fault tests), and gateway "pods" that route over it,
 //! either in this process or as separate `tether-gateway` processes.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -11,8 +10,9 @@ use serde_json::Value;
 use tether_config::{GatewayConfig, NatsConfig};
 use tether_gateway::Gateway;
 use tether_protocol::GatewayMessage;
+use tether_test_support::free_port;
 
-use crate::common::{self, API_KEY, Ws};
+use crate::common::{self, Ws};
 
 /// A `nats-server -js` on 127.0.0.1 with its store in a temp dir.
 pub struct Nats {
@@ -23,31 +23,8 @@ pub struct Nats {
     args: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn nats_binary() -> PathBuf {
-    let candidates = [
-        std::env::var_os("NATS_SERVER").map(PathBuf::from),
-        Some(PathBuf::from("/usr/sbin/nats-server")),
-        Some(PathBuf::from("/usr/bin/nats-server")),
-        Some(PathBuf::from("/usr/local/bin/nats-server")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "nats-server not found: these tests need a real NATS server with JetStream \
-             (apt-get install nats-server, or set NATS_SERVER=/path/to/nats-server)"
-            )
-        })
+    tether_test_support::nats_server_binary().unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl Nats {
@@ -328,14 +305,7 @@ impl Drop for Process {
 }
 
 /// POSTs JSON with the API key.
-pub async fn post(http: &reqwest::Client, url: String, body: Value) -> reqwest::Response {
-    http.post(url)
-        .bearer_auth(API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
+pub use crate::common::api_post as post;
 
 /// The directory's entry for an agent, read straight from the KV bucket.
 pub async fn directory_entry(client: &async_nats::Client, ns: &str, agent: &str) -> Option<Value> {

@@ -1,41 +1,18 @@
 //! OTLP export, checked against a real OTLP/HTTP receiver started here: the real gateway
 //! binary exports its `tether.*` metrics and its spans to it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::routing::post;
-use parking_lot::Mutex;
+use tether_test_support::OtlpReceiver;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 #[path = "../gateway/common.rs"]
 mod common;
 
-/// Every request body the receiver got, by signal (`metrics`, `traces`).
-type Received = Arc<Mutex<Vec<(String, Bytes)>>>;
-
-async fn receive(State(received): State<Received>, Path(signal): Path<String>, body: Bytes) {
-    received.lock().push((signal, body));
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
-
 #[tokio::test]
 async fn gateway_exports_metrics_and_spans_over_otlp_http() {
-    let received: Received = Arc::default();
-    let app = axum::Router::new()
-        .route("/v1/{signal}", post(receive))
-        .with_state(received.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let receiver = OtlpReceiver::start().await;
 
     let dir = tempfile::tempdir().unwrap();
     let config = common::config(dir.path(), |_| {});
@@ -44,9 +21,7 @@ async fn gateway_exports_metrics_and_spans_over_otlp_http() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tether-gateway"))
         .arg("--config")
         .arg(&config_file)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .envs(receiver.env())
         .env("POD_NAME", "otlp-test-0")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -71,38 +46,27 @@ async fn gateway_exports_metrics_and_spans_over_otlp_http() {
         .await
         .unwrap();
     let _welcome = common::next_message(&mut ws).await;
-    let push = reqwest::Client::new()
-        .post(format!("http://{internal}/v1/agents/otel-agent/messages"))
-        .bearer_auth(common::API_KEY)
-        .json(&serde_json::json!({"traced": true}))
-        .send()
-        .await
-        .unwrap();
+    let push = tether_test_support::push_api::push(
+        &reqwest::Client::new(),
+        &internal,
+        common::API_KEY,
+        "otel-agent",
+        &serde_json::json!({"traced": true}),
+    )
+    .await;
     assert_eq!(push.status(), 202);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (metrics, spans) = {
-            let got = received.lock();
-            let has = |signal: &str, name: &str| {
-                got.iter()
-                    .any(|(s, body)| s == signal && contains(body, name))
-            };
-            (
-                has("metrics", "tether.connections.active")
-                    && has("metrics", "tether.handshakes")
-                    && has("metrics", "tether.push.duration"),
-                has("traces", "push") && has("traces", "tether-gateway"),
-            )
-        };
-        if metrics && spans {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "OTLP receiver did not get the expected data (metrics: {metrics}, spans: {spans})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    receiver
+        .expect(
+            &[
+                ("metrics", "tether.connections.active"),
+                ("metrics", "tether.handshakes"),
+                ("metrics", "tether.push.duration"),
+                ("traces", "push"),
+                ("traces", "tether-gateway"),
+            ],
+            Duration::from_secs(20),
+        )
+        .await;
     child.kill().await.unwrap();
 }

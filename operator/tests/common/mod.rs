@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tether_crds::ConnectionPool;
 use tether_kube_sim::Server;
 use tether_operator::app::{Args, run};
 use tether_operator::metrics::Metrics;
+use tether_test_support::json::merge;
 use tokio::sync::oneshot;
 
 /// Namespace of the test pools.
@@ -75,17 +75,6 @@ pub fn pool(name: &str, extra: Value) -> ConnectionPool {
         "spec": spec,
     }))
     .unwrap()
-}
-
-fn merge(into: &mut Value, from: Value) {
-    match (into, from) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (slot, v) => *slot = v,
-    }
 }
 
 /// Flags for an in-process operator: loopback admin port, fast lease and rechecks.
@@ -153,24 +142,9 @@ impl Drop for Operator {
     }
 }
 
-/// Polls `f` every 25 ms until it returns `Some`, for at most `secs` seconds.
-pub async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+// Each test binary uses a part of this module.
+#[allow(unused_imports)]
+pub use tether_test_support::eventually;
 
 /// The pool's condition of `type_`, as (status, reason).
 pub fn condition(pool: &ConnectionPool, type_: &str) -> Option<(String, String)> {

@@ -2,9 +2,6 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
-use std::time::Duration;
-
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::{Value, json};
 use tether_kube_sim::Server;
@@ -121,24 +118,9 @@ pub fn pool(name: &str, spec: Value) -> DynamicObject {
     .unwrap()
 }
 
-/// Polls `f` until it returns Some, for at most 10 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+// Each test binary uses a part of this module.
+#[allow(unused_imports)]
+pub use tether_test_support::{PATIENCE, eventually};
 
 /// The `kube::Error::Api` status of a failed call.
 pub fn status_of<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> kube::core::Status {
