@@ -40,7 +40,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction, PodReport};
-use tracing::{debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::scaling::{
     Ages, Decision, History, Live, Observed, Policy, decide, is_stale, live_reports, ordinal,
@@ -894,28 +894,56 @@ async fn annotate(
 
 /// After the status was applied: publishes the plan's Events and prunes stale
 /// `status.pods[]` entries. Best effort: failures are logged and retried next step.
+/// Each scaling Event gets its own `scaling` span, and its note names that span's trace,
+/// so `kubectl describe` leads to the trace (and the trace's attributes to the Event).
 pub async fn after_apply(client: &Client, recorder: &Recorder, pool: &ConnectionPool, plan: &Plan) {
     for event in &plan.events {
-        info!(pool = %pool.name_any(), reason = event.reason, note = %event.note, "scaling");
-        let published = recorder
-            .publish(
-                &Event {
-                    type_: EventType::Normal,
-                    reason: event.reason.into(),
-                    note: Some(event.note.clone()),
-                    action: "Scale".into(),
-                    secondary: None,
-                },
-                &pool.object_ref(&()),
-            )
-            .await;
-        if let Err(err) = published {
-            warn!(pool = %pool.name_any(), %err, "could not publish event");
+        let span = info_span!("scaling", pool = %pool.name_any(), reason = event.reason, note = %event.note);
+        async {
+            info!(pool = %pool.name_any(), reason = event.reason, note = %event.note, "scaling");
+            let note = event_note(&event.note, tether_telemetry::current_trace_id().as_deref());
+            let published = recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Normal,
+                        reason: event.reason.into(),
+                        note: Some(note),
+                        action: "Scale".into(),
+                        secondary: None,
+                    },
+                    &pool.object_ref(&()),
+                )
+                .await;
+            if let Err(err) = published {
+                warn!(pool = %pool.name_any(), %err, "could not publish event");
+            }
         }
+        .instrument(span)
+        .await;
     }
     if !plan.prune.is_empty() {
         prune(client, pool, &plan.prune).await;
     }
+}
+
+/// The most an Event's note may hold (events.k8s.io/v1 rejects longer ones).
+pub const EVENT_NOTE_MAX: usize = 1024;
+
+/// An Event's note: `note`, cut at a character boundary to fit, then the trace id.
+fn event_note(note: &str, trace: Option<&str>) -> String {
+    let suffix = trace.map(|id| format!(" (trace {id})")).unwrap_or_default();
+    let room = EVENT_NOTE_MAX - suffix.len();
+    let mut text = if note.len() > room {
+        let mut cut = room - '…'.len_utf8();
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}…", &note[..cut])
+    } else {
+        note.to_string()
+    };
+    text.push_str(&suffix);
+    text
 }
 
 /// Removes the named `status.pods[]` entries with a JSON patch whose `test` operations
@@ -1350,6 +1378,22 @@ mod tests {
             last.scaling.2
         );
         assert!(last.instructions.is_empty());
+    }
+
+    #[test]
+    fn event_notes_fit_and_name_their_trace() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            event_note("1 → 3 pods", Some(trace)),
+            format!("1 → 3 pods (trace {trace})")
+        );
+        assert_eq!(event_note("1 → 3 pods", None), "1 → 3 pods");
+        // A round over a thousand pods names them all: cut (on a character boundary)
+        // so the note fits and the trace id survives.
+        let long = "shedding 84 from p-1 → ".repeat(100);
+        let note = event_note(&long, Some(trace));
+        assert!(note.len() <= EVENT_NOTE_MAX, "{}", note.len());
+        assert!(note.ends_with(&format!("… (trace {trace})")), "{note}");
     }
 
     #[test]

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tether_crds::ConnectionPool;
 use tether_test_support::OtlpReceiver;
@@ -73,7 +74,14 @@ async fn operator_exports_reconcile_spans_and_metrics_over_otlp_http() {
 
     let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
     pools
-        .create(&PostParams::default(), &pool("traced", json!({})))
+        .create(
+            &PostParams::default(),
+            &pool(
+                "traced",
+                json!({"replicas": {"max": 4}, "scaling": {"targetConnectionsPerPod": 100},
+                       "routing": {"nats": {"url": "nats://bus:4222"}}}),
+            ),
+        )
         .await
         .unwrap();
 
@@ -89,6 +97,47 @@ async fn operator_exports_reconcile_spans_and_metrics_over_otlp_http() {
             Duration::from_secs(30),
         )
         .await;
+
+    // A scaling decision: its Event names the trace of its `scaling` span, and that
+    // trace reached the receiver.
+    let report = json!({
+        "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+        "metadata": {"name": "traced"},
+        "status": {"pods": [{"name": "traced-0", "connections": 350, "ready": true, "draining": false,
+                             "observedAt": k8s_openapi::jiff::Timestamp::now().to_string()}]},
+    });
+    pools
+        .patch_status(
+            "traced",
+            &PatchParams::apply("tether-gateway/traced-0"),
+            &Patch::Apply(report),
+        )
+        .await
+        .unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let note = eventually("a ScaledUp event", Duration::from_secs(30), || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ScaledUp"))
+            .and_then(|e| e.note)
+    })
+    .await;
+    let trace = note
+        .rsplit_once("(trace ")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("the note names no trace: {note}"));
+    let trace_bytes = hex::decode(trace).expect("a hex trace id");
+    assert_eq!(trace_bytes.len(), 16, "{trace}");
+    receiver
+        .expect(&[("traces", "scaling")], Duration::from_secs(30))
+        .await;
+    eventually(
+        "the Event's trace exported",
+        Duration::from_secs(30),
+        || async { receiver.has_bytes("traces", &trace_bytes).then_some(()) },
+    )
+    .await;
 
     // Scrapers read the same instruments.
     let text = http_get(&admin, "/metrics").await;

@@ -43,6 +43,19 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 pub mod names;
 
+/// The trace id (32 hex digits) of the current span, when it is being exported: what an
+/// Event or a log line names so a reader can find the trace behind it. `None` without
+/// OTLP export (no trace to find) or outside any span.
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    (span_context.is_valid() && span_context.is_sampled())
+        .then(|| span_context.trace_id().to_string())
+}
+
 /// Bucket bounds (seconds) of every histogram whose unit is `s`.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

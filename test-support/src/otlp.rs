@@ -69,6 +69,15 @@ impl OtlpReceiver {
             .any(|(s, body)| s == signal && contains(body, name))
     }
 
+    /// Whether some export of `signal` holds `bytes` (a trace id, say, which OTLP's
+    /// protobuf carries as 16 raw bytes).
+    pub fn has_bytes(&self, signal: &str, bytes: &[u8]) -> bool {
+        self.received
+            .lock()
+            .iter()
+            .any(|(s, body)| s == signal && body.windows(bytes.len()).any(|w| w == bytes))
+    }
+
     /// The `(signal, name)` pairs not received yet.
     pub fn missing<'a>(&self, expected: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
         expected
