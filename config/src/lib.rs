@@ -125,11 +125,13 @@ pub struct Limits {
     pub max_request_timeout_ms: u64,
     /// In-flight requests per agent (gateway → agent) before 429.
     pub max_pending_requests: usize,
-    /// Read buffer per connection in bytes; small keeps idle memory low, large reads
-    /// big messages in fewer syscalls.
+    /// Size of the read buffer each worker thread shares between its connections, in
+    /// bytes: one read call takes at most this much. No connection owns a read buffer;
+    /// an unfinished frame's bytes are kept aside until it completes.
     pub read_buffer_bytes: usize,
-    /// Bytes the gateway may buffer for one socket's writes before it stops accepting
-    /// more (the bound tungstenite's `max_write_buffer_size` enforces).
+    /// Bytes the gateway may hold unwritten for one socket (frames the kernel has not
+    /// taken yet) before it stops taking more from the outbound queue and stops reading
+    /// what would add answers (pongs, errors).
     pub max_write_buffer_bytes: usize,
     /// How long one batch of writes to an agent (or the close frame) may take before
     /// the agent counts as a slow consumer and its socket is dropped, in milliseconds.
@@ -155,7 +157,7 @@ impl Default for Limits {
             request_timeout_ms: 10_000,
             max_request_timeout_ms: 60_000,
             max_pending_requests: 64,
-            read_buffer_bytes: 256,
+            read_buffer_bytes: 16 * 1024,
             max_write_buffer_bytes: 1024 * 1024,
             write_timeout_ms: 10_000,
             max_upstream_in_flight: 8,

@@ -2,8 +2,8 @@
 //! by group, with a small bounded outbox per connection.
 //!
 //! ```text
-//!   push API / router ──> Hub::deliver(agent) ──> Connection.outbox ──notify──> session task ──> socket
-//!   session task      ──> Hub::complete(reply) ──> pending request/ack waiter (oneshot)
+//!   push API / router ──> Hub::deliver(agent) ──> Connection.outbox ──wake──> connection driver ──> socket
+//!   session (driver) ──> Hub::complete(reply) ──> pending request/ack waiter (oneshot)
 //! ```
 //!
 //! Memory per idle connection is the product's headline, so a [`Connection`] holds no
@@ -24,8 +24,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
+use std::task::Waker;
 use tether_protocol::{CloseCode, ErrorBody, RawValue};
-use tokio::sync::{Notify, oneshot};
+
+use futures_util::task::AtomicWaker;
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::liveness::Clock;
@@ -72,13 +75,14 @@ pub enum Expect {
 /// The agent's answer to a request (or acknowledgement of a push).
 pub type AgentReply = Result<Box<RawValue>, ErrorBody>;
 
-/// The bounded per-connection queue. `Notify` wakes the connection's task; the queue is
-/// a plain `VecDeque` because it must cost nothing while empty (a tokio mpsc channel
-/// allocates its first block of slots up front).
+/// The bounded per-connection queue. An `AtomicWaker` wakes the connection's driver
+/// (its future registers its own task's waker: no `Notified` future, no waiter list);
+/// the queue is a plain `VecDeque` because it must cost nothing while empty (a tokio
+/// mpsc channel allocates its first block of slots up front).
 #[derive(Debug, Default)]
 struct Outbox {
     state: Mutex<Mutable>,
-    notify: Notify,
+    waker: AtomicWaker,
 }
 
 /// What changes in a connection after it is created, under one byte-sized lock: the
@@ -93,7 +97,7 @@ struct Mutable {
     groups: Box<[Box<str>]>,
 }
 
-/// One agent's connection, shared by the hub (for delivery) and its session task.
+/// One agent's connection, shared by the hub (for delivery) and its connection driver.
 #[derive(Debug)]
 pub struct Connection {
     /// Process-unique id of this connection; distinguishes it from a newer connection
@@ -129,7 +133,7 @@ impl Connection {
                     closing: false,
                     groups: groups.into_iter().map(String::into_boxed_str).collect(),
                 }),
-                notify: Notify::new(),
+                waker: AtomicWaker::new(),
             },
             pending: AtomicU32::new(0),
             upstream_in_flight: AtomicU32::new(0),
@@ -169,7 +173,7 @@ impl Connection {
             }
             state.queue.push_back(frame);
         }
-        self.outbox.notify.notify_one();
+        self.outbox.waker.wake();
         Ok(())
     }
 
@@ -183,7 +187,14 @@ impl Connection {
             }
             state.queue.push_back(Outbound::Close(code));
         }
-        self.outbox.notify.notify_one();
+        self.outbox.waker.wake();
+    }
+
+    /// Stops accepting frames without queueing a close: the connection's driver is
+    /// closing on its own (protocol violation, the agent's close), so a push from now
+    /// on is told the agent is gone instead of being queued behind a close and lost.
+    pub fn stop_accepting(&self) {
+        self.outbox.state.lock().closing = true;
     }
 
     /// Whether a close has been queued.
@@ -201,9 +212,25 @@ impl Connection {
         }
     }
 
-    /// Waits until something is queued.
-    pub async fn queued(&self) {
-        self.outbox.notify.notified().await;
+    /// Hands queued frames to `f` in order, under the queue's lock, until `f` returns
+    /// `false` (that frame is taken too) or the queue is empty; returns the queue's
+    /// allocation once it is empty. `f` must be quick: pushes wait on the lock.
+    pub fn drain_queued(&self, mut f: impl FnMut(Outbound) -> bool) {
+        let mut state = self.outbox.state.lock();
+        while let Some(frame) = state.queue.pop_front() {
+            if !f(frame) {
+                break;
+            }
+        }
+        if state.queue.is_empty() && state.queue.capacity() > 0 {
+            state.queue = VecDeque::new();
+        }
+    }
+
+    /// Wakes `waker` when a frame is queued from now on. Register before looking at
+    /// the queue, so a push between the look and the wait is not missed.
+    pub fn register_waker(&self, waker: &Waker) {
+        self.outbox.waker.register(waker);
     }
 
     /// Number of frames waiting to be written.

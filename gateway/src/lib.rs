@@ -9,7 +9,11 @@
 //! ```
 //!
 //! - [`upgrade`]: the RFC 6455 handshake; JWT auth and admission happen before the 101.
-//! - [`session`]: one task per connection: inbound frames, outbox, one timer.
+//! - [`driver`]: one hand-written future per connection: socket reads into a per-worker
+//!   scratch buffer, vectored writes of the outbox, the close handshake.
+//! - [`frame`]: the strict RFC 6455 codec the driver uses (pure, no I/O).
+//! - [`session`]: what an agent's decoded messages mean (rate limit, envelopes,
+//!   upstream, refresh), and a connection's registration and cleanup.
 //! - [`hub`]: this process's connections, groups and pending requests.
 //! - [`liveness`]: one sweeper per process for pings, idle and token expiry.
 //! - [`router`]: the seam between the push API and the hub; [`router::LocalRouter`]
@@ -20,12 +24,15 @@
 //! - [`status`]: reporting this pod's count into its pool; following the operator's
 //!   drain and shed instructions.
 //!
-//! Memory per idle connection is the headline: no per-connection channel or buffer
-//! beyond tungstenite's small read buffer, one task and one timer per connection, and
-//! broadcast frames encoded once and shared.
+//! Memory per idle connection is the headline: an idle connection is its driver (one
+//! task, no buffer, no timer — reads go into a per-worker scratch buffer and liveness
+//! is one sweeper per process), its hub entry and the kernel's socket; broadcast frames
+//! are encoded once and shared.
 
 pub mod api;
 pub mod auth;
+pub mod driver;
+pub mod frame;
 pub mod hub;
 pub mod liveness;
 pub mod metrics;

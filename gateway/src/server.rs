@@ -2,7 +2,7 @@
 //! drain that ends them.
 //!
 //! ```text
-//!  public listener ──accept──> hyper http1 (header timeout) ──> /v1/connect ──101──> session task
+//!  public listener ──accept──> hyper http1 (header timeout) ──> /v1/connect ──101──> connection task (driver)
 //!  internal listener ──accept (cap)──> hyper http1 (header timeout) ──> axum (push API, admin, health)
 //!  drain (SIGTERM | POST /admin/drain) ──> readiness false, stop accepting,
 //!        reconnect hints + 1012 at drain.connectionsPerSecond, exit when empty or at the deadline
@@ -29,7 +29,7 @@ use crate::auth::{ApiKeys, KeyError, TokenVerifier};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::router::{LocalRouter, Router};
-use crate::state::{AppState, websocket_config};
+use crate::state::AppState;
 use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
@@ -189,7 +189,6 @@ impl Gateway {
         ));
         let router = make_router(hub.clone()).await?;
         let state = Arc::new(AppState {
-            ws_config: websocket_config(&config.limits),
             config,
             pod,
             hub,

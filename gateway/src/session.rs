@@ -1,65 +1,58 @@
-//! One agent connection: a single task that owns the socket and `select!`s over inbound
-//! frames and its outbox. It owns no timer: [`crate::liveness`] decides pings and
+//! One agent connection: what happens to its decoded messages, and its life from
+//! registration to cleanup. The socket itself is driven by [`crate::driver`] (a
+//! hand-written future: reads, writes, close handshake); this module decides what an
+//! inbound message means. It owns no timer: [`crate::liveness`] decides pings and
 //! deadlines for every connection from one task per process.
 //!
 //! ```text
-//!            ┌──────────── session task (one per connection) ─────────────┐
-//!  socket ──>│ inbound: rate limit → decode → upstream / complete / refresh│
-//!  outbox ──>│ outbound: write queued frames in order, flush, maybe close  │──> socket
-//!            └─────────────────────────────────────────────────────────────┘
+//!            ┌──────────── connection task (one per connection) ──────────────┐
+//!  socket ──>│ driver: frames ──> Session::on_message: rate limit → decode →   │
+//!            │                      upstream / complete / refresh → Reaction   │
+//!  outbox ──>│ driver: write queued frames in order (vectored), maybe close    │──> socket
+//!            └────────────────────────────────────────────────────────────────┘
 //!  liveness sweeper (one per process) ──> outbox: ping, or close on pong/idle/expiry
 //! ```
 //!
-//! The handlers run as boxed futures: an idle session's task then holds only the socket
-//! and the wait on its outbox, not the largest state any handler can reach. Work that
-//! waits on the network (upstream POSTs) runs in its own short-lived task and answers
-//! through the outbox, so a slow backend never stalls the socket; at most
-//! `limits.maxUpstreamInFlight` of them per connection (more are refused `overloaded`).
-//!
-//! Every write is bounded by `limits.writeTimeoutMs`, the close frame included: a peer
-//! that stops reading is a slow consumer, and its socket is dropped without waiting
-//! for a close it could never receive.
+//! Dispatch is synchronous: work that waits on the network (upstream POSTs) runs in its
+//! own short-lived task and answers through the outbox, so a slow backend never stalls
+//! the socket; at most `limits.maxUpstreamInFlight` of them per connection (more are
+//! refused `overloaded`). The session's own answers (errors, `refreshed`) are handed
+//! back to the driver as a [`Reaction`] and written ahead of the outbox.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use bytes::Bytes;
 use tether_config::UpstreamEvent;
 use tether_protocol::{
     AgentMessage, CloseCode, ErrorBody, ErrorCode, GatewayMessage, RawValue, Welcome, salvage_id,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use tokio::net::TcpStream;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::AgentIdentity;
+use crate::driver::Driver;
 use crate::hub::{Connection, Expect, Outbound, UpstreamSlot};
 use crate::metrics::label;
 use crate::rate::TokenBucket;
 use crate::state::{Admission, AppState};
 use crate::upstream::{Event, UpstreamError};
 
-/// How long to wait for the peer's close frame after sending ours.
-const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The task that serves one authenticated agent until its connection ends. `admission`
-/// is its slot under `limits.maxConnections`, released when the session is over.
+/// The task that serves one authenticated agent until its connection ends. `early`
+/// holds bytes the HTTP layer read past the upgrade request (a client may pipeline its
+/// first frames). `admission` is its slot under `limits.maxConnections`, released when
+/// the session is over.
 ///
-/// The session is built here, synchronously, and moved into the future as its only
-/// state: an async fn's arguments are stored beside its locals for its whole life, so
-/// passing the socket in and building the session inside would keep two copies of it.
-pub fn task<T>(
+/// Not an `async fn`: its arguments would be stored in the future beside the locals
+/// they are moved into. The driver is built here and the async block captures only it,
+/// so the task's cell is the driver plus a few words.
+pub fn task(
     state: Arc<AppState>,
-    ws: WebSocketStream<T>,
+    socket: TcpStream,
+    early: Bytes,
     identity: AgentIdentity,
     admission: Admission,
-) -> impl Future<Output = ()>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+) -> impl Future<Output = ()> {
     let grace = state.config.auth.jwt.refresh_grace_seconds;
     let conn = Connection::new(
         state.hub.next_connection_id(),
@@ -70,9 +63,42 @@ where
     // A span lives as long as its connection and costs memory in the subscriber while
     // enabled: per-connection spans are debug-level, per-message work is traced above it.
     let span = debug_span!("session", agent = %conn.agent_id, connection = conn.id);
-    let session = Session::new(state, conn, ws, admission);
-    session.run().instrument(span)
+    let session = Session::new(state, conn, admission);
+    let welcome = session.welcome();
+    let mut driver = Driver::new(socket, session, welcome, &early);
+    async move {
+        let (state, conn) = {
+            let session = driver.session();
+            (session.state.clone(), session.conn.clone())
+        };
+        if let Some(old) = state.hub.register(&conn).replaced {
+            debug!(old = old.id, "replaced older connection");
+        }
+        state.router.connected(&conn).await;
+        state.metrics.connections_active.add(1, &[]);
+        notify_upstream(&state, &conn, UpstreamEvent::Connect);
+
+        let ended = (&mut driver).await;
+        debug!(?ended, "session ended");
+        // Release the socket, its slot and the session before the cleanup's awaits.
+        drop(driver);
+
+        state.hub.unregister(&conn);
+        state.router.disconnected(&conn).await;
+        state.metrics.connections_active.add(-1, &[]);
+        state
+            .metrics
+            .connections_closed
+            .add(1, &label("code", ended.code_label()));
+        let lost = conn.queue_len();
+        if lost > 0 {
+            state.metrics.messages_dropped.add(lost as u64, &[]);
+        }
+        notify_upstream(&state, &conn, UpstreamEvent::Disconnect);
+    }
+    .instrument(span)
 }
+
 /// Tells the upstream about connect/disconnect when it asked for those events.
 fn notify_upstream(state: &Arc<AppState>, conn: &Arc<Connection>, event: UpstreamEvent) {
     let Some(upstream) = state.upstream.clone() else {
@@ -101,29 +127,39 @@ fn notify_upstream(state: &Arc<AppState>, conn: &Arc<Connection>, event: Upstrea
     });
 }
 
-struct Session<T> {
-    state: Arc<AppState>,
-    conn: Arc<Connection>,
-    ws: WebSocketStream<T>,
+/// A connection's message handling state: what the driver calls for every complete
+/// text or binary message.
+pub struct Session {
+    pub(crate) state: Arc<AppState>,
+    pub(crate) conn: Arc<Connection>,
     bucket: TokenBucket,
     rate_violations: u32,
     invalid_envelopes: u32,
     _admission: Admission,
 }
 
-/// Why the loop stopped: close with this code (`None`: the socket is already gone).
-type Ended = Option<CloseCode>;
+/// A complete data message from the agent.
+#[derive(Debug)]
+pub enum DataMessage {
+    /// A text frame (UTF-8 checked): a JSON envelope.
+    Text(String),
+    /// A binary frame: an opaque payload.
+    Binary(Bytes),
+}
 
-impl<T> Session<T>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    fn new(
-        state: Arc<AppState>,
-        conn: Arc<Connection>,
-        ws: WebSocketStream<T>,
-        admission: Admission,
-    ) -> Self {
+/// What the driver does after a message.
+#[derive(Debug)]
+pub enum Reaction {
+    /// Nothing more: keep serving.
+    Continue,
+    /// Write this answer (ahead of the outbox), then keep serving.
+    Reply(GatewayMessage),
+    /// Close the connection with this code.
+    Close(CloseCode),
+}
+
+impl Session {
+    fn new(state: Arc<AppState>, conn: Arc<Connection>, admission: Admission) -> Self {
         let limits = &state.config.limits;
         let bucket = TokenBucket::new(
             limits.messages_per_second,
@@ -133,7 +169,6 @@ where
         Self {
             state,
             conn,
-            ws,
             bucket,
             rate_violations: 0,
             invalid_envelopes: 0,
@@ -141,44 +176,19 @@ where
         }
     }
 
-    /// Registers the connection, serves it, and cleans up after it.
-    ///
-    /// Not an `async fn`: its argument would be stored in the future twice (once as the
-    /// argument, once as the local it is moved into) — 400 bytes per idle connection.
-    /// An async block captures the session once.
-    fn run(self) -> impl Future<Output = ()> {
-        let mut session = self;
-        async move {
-            let (state, conn) = (session.state.clone(), session.conn.clone());
-            if let Some(old) = state.hub.register(&conn).replaced {
-                debug!(old = old.id, "replaced older connection");
-            }
-            state.router.connected(&conn).await;
-            state.metrics.connections_active.add(1, &[]);
-            notify_upstream(&state, &conn, UpstreamEvent::Connect);
-
-            let code = session.serve().await;
-            debug!(code = code.map(CloseCode::code), "session ended");
-
-            state.hub.unregister(&conn);
-            state.router.disconnected(&conn).await;
-            state.metrics.connections_active.add(-1, &[]);
-            let code_label = code.map(|c| i64::from(c.code())).unwrap_or(1006);
-            state
-                .metrics
-                .connections_closed
-                .add(1, &label("code", code_label));
-            let lost = conn.queue_len();
-            if lost > 0 {
-                state.metrics.messages_dropped.add(lost as u64, &[]);
-            }
-            notify_upstream(&state, &conn, UpstreamEvent::Disconnect);
-        }
+    /// The connection this session serves.
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.conn
     }
 
-    /// Runs until the connection ends; returns the close code used.
-    async fn serve(&mut self) -> Ended {
-        let welcome = GatewayMessage::Welcome(Welcome {
+    /// The process's shared state.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// The first frame of every connection.
+    fn welcome(&self) -> GatewayMessage {
+        GatewayMessage::Welcome(Welcome {
             agent_id: self.conn.agent_id.to_string(),
             connection_id: self.conn.id.to_string(),
             expires_at: Some(
@@ -189,95 +199,53 @@ where
             ),
             max_message_bytes: self.state.config.limits.max_message_bytes,
             messages_per_second: self.state.config.limits.messages_per_second,
-        });
-        if Box::pin(self.write_now(welcome)).await.is_err() {
-            return None;
-        }
-        let mut batch = Vec::new();
-        let ended = loop {
-            tokio::select! {
-                frame = self.ws.next() => {
-                    if let Some(ended) = Box::pin(self.on_inbound(frame)).await {
-                        break ended;
-                    }
-                }
-                () = self.conn.queued() => {
-                    self.conn.take_queued(&mut batch);
-                    if let Some(ended) = Box::pin(self.write_batch(&mut batch)).await {
-                        break ended;
-                    }
-                }
-            }
-        };
-        if let Some(code) = ended {
-            Box::pin(self.close(code)).await;
-        }
-        ended
+        })
     }
 
-    async fn on_inbound(&mut self, frame: Option<Result<Message, WsError>>) -> Option<Ended> {
+    /// Handles one complete data message from the agent.
+    pub fn on_message(&mut self, message: DataMessage) -> Reaction {
         let now = Instant::now();
-        let message = match frame {
-            None => return Some(None),
-            Some(Ok(message)) => message,
-            Some(Err(e)) => return Some(close_code_for(&e)),
+        let kind = match message {
+            DataMessage::Text(_) => "text",
+            DataMessage::Binary(_) => "binary",
         };
-        self.conn
-            .clock
-            .touch(matches!(message, Message::Text(_) | Message::Binary(_)));
+        self.state
+            .metrics
+            .messages_received
+            .add(1, &label("kind", kind));
+        if let Some(refused) = self.check_rate(now) {
+            return refused;
+        }
         match message {
-            Message::Text(text) => {
-                self.state
-                    .metrics
-                    .messages_received
-                    .add(1, &label("kind", "text"));
-                if let Some(ended) = self.check_rate(now).await {
-                    return ended;
-                }
-                self.on_text(text.as_str()).await
-            }
-            Message::Binary(data) => {
-                self.state
-                    .metrics
-                    .messages_received
-                    .add(1, &label("kind", "binary"));
-                if let Some(ended) = self.check_rate(now).await {
-                    return ended;
-                }
+            DataMessage::Text(text) => self.on_text(&text),
+            DataMessage::Binary(data) => {
                 self.forward_binary(data);
-                None
+                Reaction::Continue
             }
-            // tungstenite answers pings and completes the close handshake itself.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
-            Message::Close(_) => None,
         }
     }
 
     /// Applies the rate limit. Over the limit the message is refused with an error
-    /// frame; a sender that keeps going is closed with 1008.
-    async fn check_rate(&mut self, now: Instant) -> Option<Option<Ended>> {
+    /// frame; a sender that keeps going is closed with 1008. `None`: go ahead.
+    fn check_rate(&mut self, now: Instant) -> Option<Reaction> {
         if self.bucket.try_take(now) {
             self.rate_violations = 0;
             return None;
         }
         self.rate_violations += 1;
         if self.rate_violations > self.state.config.limits.max_rate_violations {
-            return Some(Some(Some(CloseCode::PolicyViolation)));
+            return Some(Reaction::Close(CloseCode::PolicyViolation));
         }
-        let error = GatewayMessage::Error {
+        Some(Reaction::Reply(GatewayMessage::Error {
             id: None,
             error: ErrorBody::new(
                 ErrorCode::RateLimited,
                 "message rate exceeded; message dropped",
             ),
-        };
-        if self.write_now(error).await.is_err() {
-            return Some(Some(None));
-        }
-        Some(None)
+        }))
     }
 
-    async fn on_text(&mut self, text: &str) -> Option<Ended> {
+    fn on_text(&mut self, text: &str) -> Reaction {
         let message = match AgentMessage::decode(text) {
             Ok(message) => {
                 self.invalid_envelopes = 0;
@@ -286,13 +254,12 @@ where
             Err(e) => {
                 self.invalid_envelopes += 1;
                 if self.invalid_envelopes > self.state.config.limits.max_invalid_envelopes {
-                    return Some(Some(CloseCode::PolicyViolation));
+                    return Reaction::Close(CloseCode::PolicyViolation);
                 }
-                let error = GatewayMessage::Error {
+                return Reaction::Reply(GatewayMessage::Error {
                     id: salvage_id(text),
                     error: ErrorBody::new(ErrorCode::BadRequest, e.to_string()),
-                };
-                return self.write_now(error).await.err().map(|()| None);
+                });
             }
         };
         match message {
@@ -330,12 +297,12 @@ where
                     .hub
                     .complete(self.conn.id, &id, Expect::Ack, Ok(null));
             }
-            AgentMessage::Refresh { token } => return self.refresh(&token).await,
+            AgentMessage::Refresh { token } => return self.refresh(&token),
         }
-        None
+        Reaction::Continue
     }
 
-    async fn refresh(&mut self, token: &str) -> Option<Ended> {
+    fn refresh(&mut self, token: &str) -> Reaction {
         match self.state.verifier.verify(token) {
             Ok(identity) if identity.agent_id == *self.conn.agent_id => {
                 let grace = self.state.config.auth.jwt.refresh_grace_seconds;
@@ -347,19 +314,18 @@ where
                 if identity.groups != self.conn.groups() {
                     self.state.hub.set_groups(&self.conn, identity.groups);
                 }
-                let reply = GatewayMessage::Refreshed {
+                Reaction::Reply(GatewayMessage::Refreshed {
                     expires_at: Some(identity.expires_at),
-                };
-                self.write_now(reply).await.err().map(|()| None)
+                })
             }
-            Ok(_) => Some(Some(CloseCode::TokenInvalid)),
+            Ok(_) => Reaction::Close(CloseCode::TokenInvalid),
             Err(e) => {
                 debug!(%e, "refresh refused");
                 self.state
                     .metrics
                     .auth_failures
                     .add(1, &label("reason", "refresh"));
-                Some(Some(CloseCode::TokenInvalid))
+                Reaction::Close(CloseCode::TokenInvalid)
             }
         }
     }
@@ -459,108 +425,6 @@ where
             }
         });
     }
-
-    /// Writes one frame the session itself produced (welcome, error, refreshed).
-    async fn write_now(&mut self, message: GatewayMessage) -> Result<(), ()> {
-        let text = message.encode();
-        let timeout = self.write_timeout();
-        match tokio::time::timeout(timeout, self.ws.send(Message::text(text))).await {
-            Ok(Ok(())) => {
-                self.state
-                    .metrics
-                    .messages_sent
-                    .add(1, &label("kind", "control"));
-                Ok(())
-            }
-            _ => Err(()),
-        }
-    }
-
-    /// Writes queued frames in order; a `Close` ends the session after what precedes it.
-    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Option<Ended> {
-        let mut close = None;
-        let mut written = 0u64;
-        let timeout = self.write_timeout();
-        let writes = async {
-            for frame in batch.drain(..) {
-                let message = match frame {
-                    Outbound::Text(text) => Message::Text(text),
-                    Outbound::Binary(data) => Message::Binary(data),
-                    Outbound::Ping => Message::Ping(Default::default()),
-                    Outbound::Close(code) => {
-                        close = Some(code);
-                        break;
-                    }
-                };
-                self.ws.feed(message).await?;
-                written += 1;
-            }
-            self.ws.flush().await
-        };
-        let result = tokio::time::timeout(timeout, writes).await;
-        batch.clear();
-        if written > 0 {
-            self.state
-                .metrics
-                .messages_sent
-                .add(written, &label("kind", "queued"));
-        }
-        match result {
-            Ok(Ok(())) => close.map(Some),
-            Ok(Err(_)) => Some(None),
-            Err(_) => Some(Some(CloseCode::SlowConsumer)),
-        }
-    }
-
-    /// `limits.writeTimeoutMs`.
-    fn write_timeout(&self) -> Duration {
-        Duration::from_millis(self.state.config.limits.write_timeout_ms)
-    }
-
-    /// Sends a close frame and waits (bounded) for the peer's answer, so that everything
-    /// written before it is known to have been read.
-    ///
-    /// Every step is bounded: a peer that stops reading (zero receive window) would
-    /// otherwise hold this task, its slot, its hub entry and its write buffer forever,
-    /// since sending waits for the window to open.
-    async fn close(&mut self, code: CloseCode) {
-        let frame = Message::Close(Some(CloseFrame {
-            code: WsCloseCode::from(code.code()),
-            reason: code.reason().into(),
-        }));
-        if code == CloseCode::SlowConsumer {
-            // It does not read: write the close only if the socket takes it at once,
-            // then drop the socket without waiting for anything.
-            let _ = self.ws.send(frame).now_or_never();
-            return;
-        }
-        let timeout = self.write_timeout();
-        if !matches!(
-            tokio::time::timeout(timeout, self.ws.send(frame)).await,
-            Ok(Ok(()))
-        ) {
-            return;
-        }
-        if code == CloseCode::PingTimeout {
-            // A dead peer will not answer; do not hold its memory for the timeout.
-            return;
-        }
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
-    }
-}
-
-/// The RFC 6455 close code for a read error, `None` when the socket is simply gone.
-fn close_code_for(error: &WsError) -> Ended {
-    match error {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseCode::MessageTooBig),
-        WsError::Capacity(_) => Some(CloseCode::MessageTooBig),
-        WsError::Utf8(_) => Some(CloseCode::InvalidPayload),
-        WsError::Protocol(_) => Some(CloseCode::ProtocolError),
-        _ => None,
-    }
 }
 
 async fn deliver_upstream(
@@ -654,16 +518,6 @@ fn answer(state: &AppState, conn: &Connection, message: GatewayMessage) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn read_errors_map_to_rfc_close_codes() {
-        let too_long = WsError::Capacity(CapacityError::MessageTooLong {
-            size: 2,
-            max_size: 1,
-        });
-        assert_eq!(close_code_for(&too_long), Some(CloseCode::MessageTooBig));
-        assert_eq!(close_code_for(&WsError::ConnectionClosed), None);
-    }
 
     #[test]
     fn upstream_bodies_become_response_data() {

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use tether_config::GatewayConfig;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,8 +31,6 @@ pub struct AppState {
     pub upstream: Option<Upstream>,
     /// OpenTelemetry instruments.
     pub metrics: Metrics,
-    /// tungstenite settings derived from the limits (small buffers: idle memory).
-    pub ws_config: WebSocketConfig,
     /// Connections admitted (including upgrades in progress); bounded by
     /// `limits.maxConnections`.
     pub admitted: AtomicUsize,
@@ -105,17 +102,4 @@ impl Drop for Admission {
     fn drop(&mut self) {
         self.state.admitted.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// tungstenite settings for agent sockets.
-pub fn websocket_config(limits: &tether_config::Limits) -> WebSocketConfig {
-    WebSocketConfig::default()
-        // Every idle connection holds its read buffer: keep it small. Larger messages
-        // still arrive whole; they just take more reads.
-        .read_buffer_size(limits.read_buffer_bytes)
-        // Write each frame through instead of accumulating a write buffer.
-        .write_buffer_size(0)
-        .max_write_buffer_size(limits.max_write_buffer_bytes)
-        .max_message_size(Some(limits.max_message_bytes))
-        .max_frame_size(Some(limits.max_message_bytes))
 }

@@ -18,9 +18,8 @@ use base64::Engine;
 use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tether_protocol::SUBPROTOCOL;
-use tokio_tungstenite::WebSocketStream;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, warn};
 
 use crate::api::ApiError;
@@ -254,7 +253,6 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let ws_config = state.ws_config;
     let session_state = state.clone();
     state.tasks.spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -264,12 +262,23 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
                 return;
             }
         };
-        let io = TokioIo::new(upgraded);
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
-        // A task of its own: the session's future is then only the session, not this
+        // The public port serves `TcpStream`s: take the socket back from hyper, with
+        // whatever it read past the request (a client may pipeline its first frames).
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            warn!(agent = %identity.agent_id, "upgraded connection is not a TCP socket");
+            return;
+        };
+        let socket = parts.io.into_inner();
+        // A task of its own: the connection's future is then only its driver, not this
         // handshake's state too — it is what every idle connection keeps in memory.
         let tasks = session_state.tasks.clone();
-        tasks.spawn(crate::session::task(session_state, ws, identity, admission));
+        tasks.spawn(crate::session::task(
+            session_state,
+            socket,
+            parts.read_buf,
+            identity,
+            admission,
+        ));
     });
     state.metrics.handshakes.add(1, &label("result", "ok"));
     Response::builder()

@@ -11,5 +11,6 @@ mod harness;
 
 mod agents;
 mod backends;
+mod driver;
 mod neighbours;
 mod properties;

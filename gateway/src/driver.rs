@@ -1,0 +1,455 @@
+//! The connection driver: one hand-written future per agent socket, a state machine
+//! over the socket, the connection's outbox and the close handshake. It replaces
+//! `WebSocketStream` + an `async fn` because an idle connection is then just this
+//! struct — a couple of hundred bytes in its task cell — and owns no buffer:
+//!
+//! - reads go into one scratch buffer per worker thread (`limits.readBufferBytes`),
+//!   and the [`Decoder`] keeps bytes only while a frame or a fragmented message is
+//!   unfinished;
+//! - writes go out of [`Frames`], which holds only what the kernel has not taken yet;
+//!   everything queued is written with one vectored write, payloads shared (`Bytes`,
+//!   encoded once for a broadcast) and headers inline;
+//! - the task's waker is handed directly to the socket and to the outbox's
+//!   `AtomicWaker` (no waker proxies, no `Notified` future);
+//! - timers exist only while needed: a write that the kernel does not take arms the
+//!   write deadline (`limits.writeTimeoutMs`), a close we sent arms the close-handshake
+//!   deadline; both are boxed and dropped once they are no longer needed.
+//!
+//! ```text
+//!            poll ──> outbox ──encode──> Frames ──writev──> socket
+//!                 └─> socket ──read──> scratch ──> Decoder ──> Session::on_message
+//!                                                          └─> pong / close answers ──> Frames
+//! ```
+//!
+//! What the messages mean is not decided here: [`Session::on_message`] does that, and
+//! answers with a [`Reaction`].
+
+use std::cell::RefCell;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tether_protocol::{CloseCode, GatewayMessage};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::frame::{Decoder, Frames, Inbound, Opcode, OutFrame};
+use crate::hub::Outbound;
+use crate::metrics::label;
+use crate::session::{DataMessage, Reaction, Session};
+
+/// How long to wait for the peer's close frame after sending ours.
+pub const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Slices handed to one vectored write (two per frame: header and payload).
+const WRITE_SLICES: usize = 64;
+
+thread_local! {
+    /// The read buffer every connection on this worker thread shares: a connection
+    /// only borrows it during its own poll, and copies out what stays unfinished.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The gateway closed it with this code (the close frame was sent or attempted).
+    Closed(CloseCode),
+    /// The agent closed it (with this code, if it sent one); its close was answered.
+    ByPeer(Option<u16>),
+    /// The socket failed or reached EOF without a close handshake.
+    Gone,
+}
+
+impl Ended {
+    /// The close code for metrics: ours, the peer's (1005 when it sent none), or 1006.
+    pub fn code_label(self) -> i64 {
+        match self {
+            Self::Closed(code) => i64::from(code.code()),
+            Self::ByPeer(code) => i64::from(code.unwrap_or(1005)),
+            Self::Gone => 1006,
+        }
+    }
+}
+
+/// Where the connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Serving: reading messages, writing the outbox.
+    Open,
+    /// Our close frame is in `out`, behind what was queued before it.
+    Closing { code: CloseCode, then: AfterClose },
+    /// Our close is written: reading until the peer's close, EOF or the deadline.
+    AwaitingPeerClose(CloseCode),
+    /// The peer closed; our answering close is in `out`.
+    Answering(Option<u16>),
+}
+
+/// What follows our close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterClose {
+    /// Wait (bounded) for the peer's close, so that what we wrote is known to be read.
+    AwaitReply,
+    /// End once it is written: the peer is dead or already closed.
+    End,
+    /// Write it only if the socket takes it at once (a slow consumer does not read).
+    BestEffort,
+}
+
+/// The future that serves one agent socket until it closes.
+pub struct Driver<S = TcpStream> {
+    io: S,
+    session: Session,
+    decoder: Decoder,
+    out: Frames,
+    phase: Phase,
+    /// The write deadline while the kernel does not take our frames, or the close
+    /// handshake's deadline; `None` otherwise.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes read before the driver started (pipelined behind the upgrade request)
+    /// wait in the decoder until the first poll.
+    early: bool,
+}
+
+impl<S> Driver<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// A driver for `io` whose first frame is `welcome`; `early` holds bytes already
+    /// read from the socket (decoded on the first poll, after registration).
+    pub fn new(io: S, session: Session, welcome: GatewayMessage, early: &[u8]) -> Self {
+        let limits = &session.state().config.limits;
+        let mut decoder = Decoder::new(limits.max_message_bytes);
+        // Frames that arrived with the upgrade are decoded only once the session is
+        // registered (the first poll); until then they are just unread bytes.
+        decoder.hold(early);
+        let mut out = Frames::default();
+        push_reply(&mut out, &session, &welcome);
+        Self {
+            io,
+            session,
+            decoder,
+            out,
+            phase: Phase::Open,
+            deadline: None,
+            early: !early.is_empty(),
+        }
+    }
+
+    /// The session this driver serves.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Bytes held for this connection beyond the struct itself: unfinished input and
+    /// unwritten output (0 for an idle connection).
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered() + self.out.pending_bytes()
+    }
+
+    fn max_write_buffer(&self) -> usize {
+        self.session.state().config.limits.max_write_buffer_bytes
+    }
+
+    /// Moves queued frames into `out`, up to `limits.maxWriteBufferBytes`; a queued
+    /// `Close` starts the close after what precedes it.
+    fn take_outbox(&mut self, cx: &Context<'_>) {
+        let conn = self.session.connection().clone();
+        conn.register_waker(cx.waker());
+        let max = self.max_write_buffer();
+        if self.out.pending_bytes() >= max {
+            return;
+        }
+        let mut taken = 0u64;
+        let mut close = None;
+        let out = &mut self.out;
+        conn.drain_queued(|frame| {
+            let frame = match frame {
+                Outbound::Text(text) => {
+                    OutFrame::new(Opcode::Text, AsRef::<Bytes>::as_ref(&text).clone())
+                }
+                Outbound::Binary(data) => OutFrame::new(Opcode::Binary, data),
+                Outbound::Ping => OutFrame::new(Opcode::Ping, Bytes::new()),
+                Outbound::Close(code) => {
+                    close = Some(code);
+                    return false;
+                }
+            };
+            out.push(frame);
+            taken += 1;
+            out.pending_bytes() < max
+        });
+        if taken > 0 {
+            self.session
+                .state()
+                .metrics
+                .messages_sent
+                .add(taken, &label("kind", "queued"));
+        }
+        if let Some(code) = close {
+            let then = match code {
+                // It does not read: do not wait on it.
+                CloseCode::SlowConsumer => AfterClose::BestEffort,
+                // A dead peer will not answer; do not hold its memory for the timeout.
+                CloseCode::PingTimeout => AfterClose::End,
+                _ => AfterClose::AwaitReply,
+            };
+            self.start_close(code, then);
+        }
+    }
+
+    fn start_close(&mut self, code: CloseCode, then: AfterClose) {
+        self.session.connection().stop_accepting();
+        self.out.push(OutFrame::close(code.code(), code.reason()));
+        self.phase = Phase::Closing { code, then };
+    }
+
+    /// Decodes `input` and acts on every message; `Err` when the connection is over.
+    fn feed(&mut self, input: &[u8]) -> Result<(), Ended> {
+        let Self {
+            decoder,
+            session,
+            out,
+            phase,
+            ..
+        } = self;
+        let mut ended = None;
+        let mut close = None;
+        let result = decoder.feed(input, |message| {
+            session
+                .connection()
+                .clock
+                .touch(matches!(message, Inbound::Text(_) | Inbound::Binary(_)));
+            let reaction = match message {
+                // After our close only the peer's close matters.
+                Inbound::Text(_) | Inbound::Binary(_) if *phase != Phase::Open => {
+                    Reaction::Continue
+                }
+                Inbound::Text(text) => session.on_message(DataMessage::Text(text)),
+                Inbound::Binary(data) => session.on_message(DataMessage::Binary(data)),
+                Inbound::Ping(payload) => {
+                    if *phase == Phase::Open {
+                        out.push_pong(OutFrame::new(Opcode::Pong, payload));
+                    }
+                    Reaction::Continue
+                }
+                Inbound::Pong => Reaction::Continue,
+                Inbound::Close(peer) => {
+                    let peer_code = peer.as_ref().map(|(code, _)| *code);
+                    match *phase {
+                        Phase::Open => {
+                            // Echo the peer's code (RFC 6455 §5.5.1); an empty close is
+                            // answered with an empty close.
+                            out.push(match peer_code {
+                                Some(code) => OutFrame::close(code, ""),
+                                None => OutFrame::new(Opcode::Close, Bytes::new()),
+                            });
+                            *phase = Phase::Answering(peer_code);
+                            session.connection().stop_accepting();
+                        }
+                        Phase::Closing { code, .. } => {
+                            *phase = Phase::Closing {
+                                code,
+                                then: AfterClose::End,
+                            };
+                        }
+                        Phase::AwaitingPeerClose(code) => ended = Some(Ended::Closed(code)),
+                        Phase::Answering(_) => {}
+                    }
+                    return false;
+                }
+            };
+            match reaction {
+                Reaction::Continue => true,
+                Reaction::Reply(message) => {
+                    push_reply(out, session, &message);
+                    true
+                }
+                Reaction::Close(code) => {
+                    close = Some(code);
+                    false
+                }
+            }
+        });
+        if let Some(ended) = ended {
+            return Err(ended);
+        }
+        let failed = result.err().map(|e| e.close_code());
+        if let Some(code) = close.or(failed) {
+            match self.phase {
+                Phase::Open => self.start_close(code, AfterClose::AwaitReply),
+                // Already closing: a violation after our close changes nothing.
+                Phase::Closing { .. } => {}
+                Phase::AwaitingPeerClose(code) => return Err(Ended::Closed(code)),
+                Phase::Answering(peer) => return Err(Ended::ByPeer(peer)),
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over every source; `Ok(true)` when something moved.
+    fn step(&mut self, cx: &mut Context<'_>) -> Result<bool, Ended> {
+        let mut progress = false;
+        if std::mem::take(&mut self.early) {
+            self.feed(&[])?;
+            progress = true;
+        }
+        if self.phase == Phase::Open {
+            self.take_outbox(cx);
+        }
+        if !self.out.is_empty() {
+            progress |= self.write(cx)?;
+        }
+        if self.out.is_empty() {
+            match self.phase {
+                Phase::Open => self.deadline = None,
+                Phase::Closing {
+                    code,
+                    then: AfterClose::AwaitReply,
+                } => {
+                    self.phase = Phase::AwaitingPeerClose(code);
+                    self.deadline = Some(Box::pin(tokio::time::sleep(CLOSE_HANDSHAKE_TIMEOUT)));
+                    progress = true;
+                }
+                Phase::Closing { code, .. } => return Err(Ended::Closed(code)),
+                Phase::AwaitingPeerClose(_) => {}
+                Phase::Answering(peer) => return Err(Ended::ByPeer(peer)),
+            }
+        }
+        // Back-pressure: while our own answers (pongs, errors) pile up unwritten, stop
+        // reading what would make more of them.
+        if !matches!(self.phase, Phase::Answering(_))
+            && self.out.pending_bytes() < self.max_write_buffer()
+        {
+            progress |= self.read(cx)?;
+        }
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Err(match self.phase {
+                Phase::AwaitingPeerClose(code) => Ended::Closed(code),
+                // The kernel took nothing for `limits.writeTimeoutMs`: a slow consumer.
+                _ => Ended::Closed(CloseCode::SlowConsumer),
+            });
+        }
+        Ok(progress)
+    }
+
+    /// Writes as much of `out` as the socket takes in one vectored write.
+    fn write(&mut self, cx: &mut Context<'_>) -> Result<bool, Ended> {
+        let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+        let n = self.out.slices(&mut slices);
+        match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Err(self.gone()),
+            Poll::Ready(Ok(written)) => {
+                self.out.advance(written);
+                Ok(true)
+            }
+            Poll::Pending => {
+                if let Phase::Closing {
+                    code,
+                    then: AfterClose::BestEffort,
+                } = self.phase
+                {
+                    return Err(Ended::Closed(code));
+                }
+                if self.deadline.is_none() {
+                    let timeout = self.session.state().config.limits.write_timeout_ms;
+                    self.deadline =
+                        Some(Box::pin(tokio::time::sleep(Duration::from_millis(timeout))));
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Reads once into this worker's scratch buffer and decodes what came.
+    fn read(&mut self, cx: &mut Context<'_>) -> Result<bool, Ended> {
+        let size = self.session.state().config.limits.read_buffer_bytes.max(1);
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < size {
+                scratch.resize(size, 0);
+            }
+            let mut buf = ReadBuf::new(&mut scratch[..size]);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Pending => Ok(false),
+                Poll::Ready(Err(_)) => Err(self.gone()),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => Err(self.gone()),
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    self.feed(&scratch[..n])?;
+                    Ok(true)
+                }
+            }
+        })
+    }
+
+    /// How the connection ended when its socket did.
+    fn gone(&self) -> Ended {
+        match self.phase {
+            Phase::Open => Ended::Gone,
+            Phase::Closing { code, .. } | Phase::AwaitingPeerClose(code) => Ended::Closed(code),
+            Phase::Answering(peer) => Ended::ByPeer(peer),
+        }
+    }
+}
+
+/// Queues an answer of the session itself (welcome, error, refreshed) ahead of whatever
+/// the outbox holds.
+fn push_reply(out: &mut Frames, session: &Session, message: &GatewayMessage) {
+    out.push(OutFrame::new(
+        Opcode::Text,
+        message.encode().into_bytes().into(),
+    ));
+    session
+        .state()
+        .metrics
+        .messages_sent
+        .add(1, &label("kind", "control"));
+}
+
+impl<S> Future for Driver<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = Ended;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
+        let this = self.get_mut();
+        loop {
+            match this.step(cx) {
+                Err(ended) => return Poll::Ready(ended),
+                Ok(true) => continue,
+                // Every source is registered with `cx`: the socket (read, and write
+                // while `out` is not empty), the outbox's waker, the deadline.
+                Ok(false) => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The driver is what every idle connection keeps in its task cell: a regression
+    /// that puts a buffer, a timer or a channel inline shows up here first.
+    #[test]
+    fn an_idle_driver_is_a_few_hundred_bytes() {
+        let size = std::mem::size_of::<Driver<TcpStream>>();
+        eprintln!("size_of::<Driver<TcpStream>>() = {size}");
+        assert!(size <= 256, "Driver is {size} bytes");
+    }
+
+    #[test]
+    fn close_labels_say_who_closed() {
+        assert_eq!(Ended::Closed(CloseCode::SlowConsumer).code_label(), 4004);
+        assert_eq!(Ended::ByPeer(Some(1000)).code_label(), 1000);
+        assert_eq!(Ended::ByPeer(None).code_label(), 1005);
+        assert_eq!(Ended::Gone.code_label(), 1006);
+    }
+}
