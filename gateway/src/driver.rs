@@ -99,6 +99,19 @@ enum AfterClose {
     BestEffort,
 }
 
+/// What the driver needs of its socket.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin {
+    /// Sends what the kernel holds back (`TCP_CORK`, set at accept so that the 101 and
+    /// the `welcome` leave together); called once, after the first write.
+    fn uncork(&self) {}
+}
+
+impl Socket for TcpStream {
+    fn uncork(&self) {
+        let _ = socket2::SockRef::from(self).set_tcp_cork(false);
+    }
+}
+
 /// The future that serves one agent socket until it closes.
 pub struct Driver<S = TcpStream> {
     io: S,
@@ -112,12 +125,11 @@ pub struct Driver<S = TcpStream> {
     /// Bytes read before the driver started (pipelined behind the upgrade request)
     /// wait in the decoder until the first poll.
     early: bool,
+    /// The socket is corked until the first write (see [`Socket::uncork`]).
+    corked: bool,
 }
 
-impl<S> Driver<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl<S: Socket> Driver<S> {
     /// A driver for `io` whose first frame is `welcome`; `early` holds bytes already
     /// read from the socket (decoded on the first poll, after registration).
     pub fn new(io: S, session: Session, welcome: GatewayMessage, early: &[u8]) -> Self {
@@ -136,6 +148,7 @@ where
             phase: Phase::Open,
             deadline: None,
             early: !early.is_empty(),
+            corked: true,
         }
     }
 
@@ -346,6 +359,9 @@ where
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Err(self.gone()),
             Poll::Ready(Ok(written)) => {
                 self.out.advance(written);
+                if std::mem::take(&mut self.corked) {
+                    self.io.uncork();
+                }
                 Ok(true)
             }
             Poll::Pending => {
@@ -412,10 +428,7 @@ fn push_reply(out: &mut Frames, session: &Session, message: &GatewayMessage) {
         .add(1, &label("kind", "control"));
 }
 
-impl<S> Future for Driver<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl<S: Socket> Future for Driver<S> {
     type Output = Ended;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {

@@ -388,6 +388,11 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: Cancella
                 .add(1, &crate::metrics::label("result", "pending_full"));
             continue;
         };
+        // Corked until the connection's driver has written its first frame (it uncorks
+        // then): the 101 that hyper writes and the `welcome` leave in one segment —
+        // one delivery and one wake-up of the agent instead of two. A refused
+        // handshake is flushed by its close.
+        let _ = socket2::SockRef::from(&stream).set_tcp_cork(true);
         let service = TowerToHyperService::new(app.clone());
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

@@ -34,7 +34,14 @@ pub fn public_app(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/connect", axum::routing::any(connect))
         .fallback(|| async {
-            ApiError::NotFound("agents connect at GET /v1/connect".into()).into_response()
+            let mut response =
+                ApiError::NotFound("agents connect at GET /v1/connect".into()).into_response();
+            // Like every refusal: one request per connection on the public port (and
+            // its socket is corked until it closes, server.rs).
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
         })
         .with_state(state)
 }
@@ -272,13 +279,10 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
         // A task of its own: the connection's future is then only its driver, not this
         // handshake's state too — it is what every idle connection keeps in memory.
         let tasks = session_state.tasks.clone();
-        tasks.spawn(crate::session::task(
-            session_state,
-            socket,
-            parts.read_buf,
-            identity,
-            admission,
-        ));
+        let task = crate::session::task(session_state, socket, parts.read_buf, identity, admission);
+        // What every idle connection keeps in its task cell (docs/benchmarks.md).
+        debug!(future_bytes = size_of_val(&task), "connection task");
+        tasks.spawn(task);
     });
     state.metrics.handshakes.add(1, &label("result", "ok"));
     Response::builder()
