@@ -28,7 +28,7 @@ use tether_protocol::{
     AgentMessage, CloseCode, ErrorBody, ErrorCode, GatewayMessage, RawValue, Welcome, salvage_id,
 };
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, debug_span};
+use tracing::debug;
 
 use crate::auth::AgentIdentity;
 use crate::driver::Driver;
@@ -60,9 +60,9 @@ pub fn task(
         identity.groups,
         identity.expires_at.saturating_add(grace),
     );
-    // A span lives as long as its connection and costs memory in the subscriber while
-    // enabled: per-connection spans are debug-level, per-message work is traced above it.
-    let span = debug_span!("session", agent = %conn.agent_id, connection = conn.id);
+    // No span per connection: `Instrumented` costs 32 bytes in every task even while
+    // disabled, and that tips the task cell into the next 128-byte step (tokio aligns
+    // it to a cache line). The few debug lines name their agent and connection.
     let session = Session::new(state, conn, admission);
     let welcome = session.welcome();
     let mut driver = Driver::new(socket, session, welcome, &early);
@@ -72,14 +72,14 @@ pub fn task(
             (session.state.clone(), session.conn.clone())
         };
         if let Some(old) = state.hub.register(&conn).replaced {
-            debug!(old = old.id, "replaced older connection");
+            debug!(agent = %conn.agent_id, connection = conn.id, old = old.id, "replaced older connection");
         }
         state.router.connected(&conn).await;
         state.metrics.connections_active.add(1, &[]);
         notify_upstream(&state, &conn, UpstreamEvent::Connect);
 
         let ended = (&mut driver).await;
-        debug!(?ended, "session ended");
+        debug!(agent = %conn.agent_id, connection = conn.id, ?ended, "session ended");
         // Release the socket, its slot and the session before the cleanup's awaits.
         drop(driver);
 
@@ -96,7 +96,6 @@ pub fn task(
         }
         notify_upstream(&state, &conn, UpstreamEvent::Disconnect);
     }
-    .instrument(span)
 }
 
 /// Tells the upstream about connect/disconnect when it asked for those events.
@@ -288,7 +287,7 @@ impl Session {
                     .hub
                     .complete(self.conn.id, &id, Expect::Response, result)
                 {
-                    debug!(%id, "response for no pending request (late or unknown)");
+                    debug!(agent = %self.conn.agent_id, %id, "response for no pending request (late or unknown)");
                 }
             }
             AgentMessage::Ack { id } => {
@@ -320,7 +319,7 @@ impl Session {
             }
             Ok(_) => Reaction::Close(CloseCode::TokenInvalid),
             Err(e) => {
-                debug!(%e, "refresh refused");
+                debug!(agent = %self.conn.agent_id, %e, "refresh refused");
                 self.state
                     .metrics
                     .auth_failures
