@@ -170,15 +170,15 @@ impl<S: Socket> Driver<S> {
     /// Moves queued frames into `out`, up to `limits.maxWriteBufferBytes`; a queued
     /// `Close` starts the close after what precedes it.
     fn take_outbox(&mut self, cx: &Context<'_>) {
-        let conn = self.session.connection().clone();
-        conn.register_waker(cx.waker());
         let max = self.max_write_buffer();
-        if self.out.pending_bytes() >= max {
+        let Self { session, out, .. } = self;
+        let conn = session.connection();
+        conn.register_waker(cx.waker());
+        if out.pending_bytes() >= max {
             return;
         }
         let mut taken = 0u64;
         let mut close = None;
-        let out = &mut self.out;
         conn.drain_queued(|frame| {
             let frame = match frame {
                 Outbound::Text(text) => {
