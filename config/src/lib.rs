@@ -133,8 +133,10 @@ pub struct Limits {
     /// taken yet) before it stops taking more from the outbound queue and stops reading
     /// what would add answers (pongs, errors).
     pub max_write_buffer_bytes: usize,
-    /// How long one batch of writes to an agent (or the close frame) may take before
-    /// the agent counts as a slow consumer and its socket is dropped, in milliseconds.
+    /// How long the kernel may refuse a connection's pending frames — from the first
+    /// write it does not take until everything pending (the close frame included) is
+    /// written — before the agent counts as a slow consumer and its socket is dropped,
+    /// in milliseconds.
     pub write_timeout_ms: u64,
     /// Agent `send`/`request` messages of one connection waiting on the upstream at
     /// once; more are refused with `nack`/`error` code `overloaded`.
