@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tether_protocol::GatewayMessage;
+use tether_test_support::until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -204,7 +205,10 @@ async fn an_agent_close_is_echoed_and_frees_the_connection() {
     assert_eq!(raw_close_code(&mut agent).await, Some(4321));
     closed_by_server(&mut agent).await;
     let state = arena.gw.gateway.state().clone();
-    eventually(|| state.hub.get("leaver").is_none()).await;
+    until("the agent that closed leaves the hub", PATIENCE, || {
+        state.hub.get("leaver").is_none()
+    })
+    .await;
     arena.check().await;
 }
 
@@ -266,8 +270,14 @@ async fn an_agent_vanishing_mid_write_is_cleaned_up() {
     }
     drop(agent);
     let state = arena.gw.gateway.state().clone();
-    eventually(|| state.hub.get("vanisher").is_none()).await;
-    eventually(|| state.admitted.load(std::sync::atomic::Ordering::Acquire) == 1).await;
+    until("the vanished agent leaves the hub", PATIENCE, || {
+        state.hub.get("vanisher").is_none()
+    })
+    .await;
+    until("its connection slot is released", PATIENCE, || {
+        state.admitted.load(std::sync::atomic::Ordering::Acquire) == 1
+    })
+    .await;
     arena.check().await;
 }
 
