@@ -83,6 +83,7 @@ check(deploy["spec"]["replicas"] == 2, "two operator replicas by default")
 container = deploy["spec"]["template"]["spec"]["containers"][0]
 args = container["args"]
 check("--lease-name=tether-operator" in args, f"lease name in args: {args}")
+check("--pin-gateway-images" not in args, f"pools follow gatewayImage unless asked: {args}")
 check(any(a.startswith("--gateway-image=ghcr.io/tether-dev/tether-gateway:") for a in args), f"gateway image: {args}")
 check(container["securityContext"]["readOnlyRootFilesystem"] is True, "read-only root filesystem")
 check(container["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness probe")
@@ -108,8 +109,12 @@ check(("tether-operator", "tenants") in roles, f"Role in the watched namespace: 
 args = find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
 check("--namespace=tenants" in args, f"--namespace flag: {args}")
 
+# Opt-in rolling: the operator pins running pools at each start.
+args = find(render({"pinGatewayImages": True}), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+check("--pin-gateway-images" in args, f"--pin-gateway-images flag: {args}")
+
 # 4. Values the schema or the templates must refuse.
-for bad in ({"replicaCount": "two"}, {"logFormat": "xml"}, {"unknownKey": 1}, {"watchNamespace": "Not_A_Namespace"}):
+for bad in ({"replicaCount": "two"}, {"logFormat": "xml"}, {"unknownKey": 1}, {"watchNamespace": "Not_A_Namespace"}, {"pinGatewayImages": "yes"}):
     try:
         render(bad)
         failures.append(f"values {bad} were accepted")

@@ -24,6 +24,7 @@ use crate::admin::{self, AdminState};
 use crate::controller::{self, Context, Scope};
 use crate::lease::{Elector, LeaseConfig};
 use crate::metrics::Metrics;
+use crate::pin;
 use crate::resources::Settings;
 
 /// Command-line flags (each with an environment variable the chart sets).
@@ -78,6 +79,11 @@ pub struct Args {
     /// faster are folded into the next step).
     #[arg(long, env = "TETHER_SCALE_SPACING", default_value = "1s", value_parser = humantime::parse_duration)]
     pub scale_spacing: Duration,
+    /// At the start of each leadership term, before reconciling, pin every pool without
+    /// `spec.template.image` to the gateway image its StatefulSet runs, so a new
+    /// `--gateway-image` restarts no running pool (docs/upgrading.md).
+    #[arg(long, env = "TETHER_PIN_GATEWAY_IMAGES")]
+    pub pin_gateway_images: bool,
     /// Log format: `text` or `json`.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -129,6 +135,7 @@ pub async fn run(
         concurrency,
         debounce,
         scale_spacing,
+        pin_gateway_images,
         log_format: _, // used by main's telemetry setup
     } = args;
     let identity = identity.unwrap_or_else(default_identity);
@@ -195,6 +202,14 @@ pub async fn run(
         tokio::select! {
             led = leader_rx.wait_for(|l| *l) => if led.is_err() { break },
             _ = &mut shutdown => break,
+        }
+        if pin_gateway_images {
+            // Before the controller renders anything, or it would roll the pools that
+            // were to be pinned.
+            tokio::select! {
+                _ = pin::pin_running_images_retrying(&client, scope.namespace.as_deref()) => {}
+                _ = &mut shutdown => break,
+            }
         }
         metrics.set_leader(true);
         info!("leading: starting the controller with a fresh state");

@@ -14,7 +14,8 @@
 //!
 //! Pure decisions live in [`validate`], [`resources`] and [`status`] and are unit-tested
 //! without I/O; [`controller`] does the API calls, [`lease`] the leader election,
-//! [`metrics`] and [`admin`] the observability.
+//! [`metrics`] and [`admin`] the observability; [`pin`] pins pools to the gateway image
+//! they run when asked to (`--pin-gateway-images`).
 
 pub mod admin;
 pub mod app;
@@ -22,6 +23,7 @@ pub mod autoscale;
 pub mod controller;
 pub mod lease;
 pub mod metrics;
+pub mod pin;
 pub mod resources;
 pub mod scaling;
 pub mod status;

@@ -120,6 +120,9 @@ pub struct Desired {
 
 // === names and labels ===
 
+/// Name of the gateway container in the StatefulSet's pod template.
+pub const GATEWAY_CONTAINER: &str = "gateway";
+
 /// Name of the StatefulSet, the client Service and the PDB.
 pub fn base_name(pool: &ConnectionPool) -> String {
     pool.name_any()
@@ -732,7 +735,7 @@ fn gateway_stateful_set(
     }
 
     let mut container = json!({
-        "name": "gateway",
+        "name": GATEWAY_CONTAINER,
         "image": template.image.clone().unwrap_or_else(|| settings.gateway_image.clone()),
         "args": ["--config", CONFIG_PATH],
         "env": env,

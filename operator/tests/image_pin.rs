@@ -1,7 +1,8 @@
 //! Pinning a pool's gateway image (docs/upgrading.md): a pool that sets
 //! `spec.template.image` keeps its gateways when the operator is upgraded to a new
 //! default image; a pool without it follows the new default. Pinning to the image a
-//! pool already runs changes nothing in its StatefulSet, so it restarts no pod.
+//! pool already runs changes nothing in its StatefulSet, so it restarts no pod. With
+//! `--pin-gateway-images` the upgraded operator writes those pins itself.
 
 mod common;
 
@@ -116,5 +117,54 @@ async fn a_pinned_pool_keeps_its_image_across_an_operator_upgrade() {
         .await
         .unwrap();
     sts_with_image(&client, "pinned", NEW).await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn pin_gateway_images_keeps_every_running_pool_on_its_image_across_an_upgrade() {
+    let (_sim, client) = cluster().await;
+    let pools: Api<ConnectionPool> = Api::namespaced(client.clone(), NS);
+    let op = Operator::start(&client, operator_with_default_image("op-old", OLD));
+    pools
+        .create(&PostParams::default(), &pool("running", json!({})))
+        .await
+        .unwrap();
+    let before = sts_with_image(&client, "running", OLD).await;
+    op.stop().await;
+
+    // The upgraded operator, with a new default and the flag: it pins the pool to the
+    // image its StatefulSet runs before its controller renders anything.
+    let mut args = operator_with_default_image("op-new", NEW);
+    args.pin_gateway_images = true;
+    let op = Operator::start(&client, args);
+    let pinned = eventually(
+        "the pool pinned and observed",
+        Duration::from_secs(15),
+        || async {
+            let p = pools.get("running").await.ok()?;
+            let observed = p.status.as_ref()?.observed_generation? == p.metadata.generation?;
+            (observed && p.spec.template.image.as_deref() == Some(OLD)).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(pinned.spec.template.image.as_deref(), Some(OLD));
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let after = sts.get("running").await.unwrap();
+    assert_eq!(
+        gateway_image(&after),
+        OLD,
+        "the running pool keeps its image"
+    );
+    assert_eq!(
+        after.metadata.generation, before.metadata.generation,
+        "its StatefulSet is not rolled"
+    );
+
+    // A pool created under the new operator runs the new default.
+    pools
+        .create(&PostParams::default(), &pool("new", json!({})))
+        .await
+        .unwrap();
+    sts_with_image(&client, "new", NEW).await;
     op.stop().await;
 }
