@@ -109,6 +109,8 @@ impl Gateway {
                 );
             }
             let namespace = crate::nats::namespace(&config);
+            let durable = config.delivery.durable.clone();
+            let outbound_queue = config.limits.outbound_queue;
             return Self::start_with_router(
                 config,
                 pod,
@@ -120,6 +122,7 @@ impl Gateway {
                             hub,
                             &pod_name,
                             crate::nats::Tuning::default(),
+                            durable.as_ref().map(|d| (d, outbound_queue)),
                         )
                         .await
                         .map_err(|e| StartError::Routing(e.to_string()))?;

@@ -505,6 +505,7 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
                 }
             }),
         },
+        delivery: Default::default(),
         drain: DrainConfig {
             connections_per_second: positive(spec.drain.connections_per_second) as u32,
             deadline_seconds: positive(spec.drain.deadline_seconds),

@@ -1,0 +1,499 @@
+//! The durable per-agent queue: one JetStream stream per pool, one subject per agent.
+//!
+//! ```text
+//!  push API ──store──> stream tether-<ns>-durable, subject tether.<ns>.durable.<agent>
+//!      │                  (file storage, replicas, per-agent count limit, max age)
+//!      └──kick──> pod holding the agent ──> drain task (only while a backlog exists)
+//!                    │  get next message on the agent's subject after the last sent
+//!                    │  queue it as `push` with `"ack": true`  (at most `inFlight`)
+//!                    │  agent `ack` ──> purge the agent's subject up to the acked prefix
+//!                    └─ nothing left and nothing unacked: the task ends
+//! ```
+//!
+//! Nothing exists per idle agent: no consumer, no subscription, no task, no map entry.
+//! An agent's backlog *is* its subject in the stream, and its ack floor is the stream
+//! itself: acknowledged messages are purged, so whatever remains on the subject is
+//! pending, and the next connection (on any pod) starts from the first of them. A
+//! connect costs one `STREAM.MSG.GET` (next message on the subject); only when it finds
+//! one does a drain task start, and that task ends as soon as the backlog is drained.
+//! docs/routing.md ("Durable delivery") has the design and its costs.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tether_config::DurableConfig;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use super::subjects::Subjects;
+use super::wire;
+use crate::hub::{Connection, DeliveryError};
+use crate::router::RouteError;
+
+/// The header that carries a durable message's id (JetStream de-duplicates on it
+/// within the stream's duplicate window, so a retried push is stored once).
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// How long a drain task waits on a silent agent before it checks its connection again.
+const IDLE_RECHECK: Duration = Duration::from_secs(30);
+
+/// After a failed JetStream call, the drain task retries after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Why the durable queue could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("opening the durable stream {stream}: {message}")]
+pub struct DurableError {
+    stream: String,
+    message: String,
+}
+
+/// Where a durable push was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// JetStream had stored this id already (a retry within the duplicate window).
+    pub duplicate: bool,
+}
+
+/// The stream's configuration for a pool: pure, so the limits' mapping is unit-tested.
+pub fn stream_config(subjects: &Subjects, config: &DurableConfig) -> stream::Config {
+    stream::Config {
+        name: subjects.durable_stream(),
+        subjects: vec![subjects.durable_wildcard()],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        retention: stream::RetentionPolicy::Limits,
+        // A full agent queue refuses the new message (429) rather than silently
+        // dropping the oldest one the backend was told is stored.
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        max_messages_per_subject: i64::try_from(config.max_messages_per_agent).unwrap_or(i64::MAX),
+        max_bytes: match config.max_bytes {
+            0 => -1,
+            n => i64::try_from(n).unwrap_or(i64::MAX),
+        },
+        max_age: Duration::from_secs(config.max_age_seconds),
+        description: Some("tether: durable per-agent delivery queue".into()),
+        ..Default::default()
+    }
+}
+
+/// The pool's durable queue.
+#[derive(Clone)]
+pub struct Durable {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("stream", &self.shared.stream_name)
+            .field("draining", &self.shared.drains.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    js: jetstream::Context,
+    /// A handle (no server state behind it) for message gets and purges.
+    stream: stream::Stream<()>,
+    stream_name: String,
+    subjects: Subjects,
+    in_flight: usize,
+    outbound_queue: usize,
+    /// Drain tasks by connection id: only connections with a backlog have one.
+    drains: Mutex<HashMap<u64, Arc<Drain>>>,
+}
+
+/// What one drain task is told by the session (acks) and the router (kicks, stop).
+#[derive(Default)]
+struct Drain {
+    state: Mutex<DrainState>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct DrainState {
+    acks: Vec<String>,
+    /// Something was stored since the task last looked.
+    kicked: bool,
+    /// The connection ended.
+    stopped: bool,
+}
+
+impl Durable {
+    /// Creates the pool's stream, or updates it to `config`'s limits.
+    pub async fn open(
+        js: jetstream::Context,
+        subjects: &Subjects,
+        config: &DurableConfig,
+        outbound_queue: usize,
+    ) -> Result<Self, DurableError> {
+        let stream_config = stream_config(subjects, config);
+        let stream_name = stream_config.name.clone();
+        js.create_or_update_stream(stream_config)
+            .await
+            .map_err(|e| DurableError {
+                stream: stream_name.clone(),
+                message: e.to_string(),
+            })?;
+        let stream = js
+            .get_stream_no_info(&stream_name)
+            .await
+            .map_err(|e| DurableError {
+                stream: stream_name.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                js,
+                stream,
+                stream_name,
+                subjects: subjects.clone(),
+                in_flight: config.in_flight.min(outbound_queue).max(1),
+                outbound_queue,
+                drains: Mutex::default(),
+            }),
+        })
+    }
+
+    /// Stores a push for `agent`. Returns once JetStream acknowledged it (file storage,
+    /// every replica): from then on a gateway or NATS crash does not lose it.
+    pub async fn store(&self, agent: &str, id: &str, frame: Bytes) -> Result<Stored, RouteError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MSG_ID, id);
+        let subject = self.shared.subjects.durable(agent);
+        let publish = self
+            .shared
+            .js
+            .publish_with_headers(subject, headers, frame)
+            .await
+            .map_err(store_error)?;
+        let ack = publish.await.map_err(store_error)?;
+        Ok(Stored {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Messages pending across every agent of the pool (the stream's message count).
+    pub async fn backlog(&self) -> Result<u64, RouteError> {
+        let mut stream = self
+            .shared
+            .js
+            .get_stream(&self.shared.stream_name)
+            .await
+            .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+        Ok(info.state.messages)
+    }
+
+    /// A connection was registered: one look at its subject; a drain task starts only
+    /// if something is pending (or the look failed: the task retries).
+    pub async fn connected(&self, conn: &Arc<Connection>) {
+        match self.shared.next_message(&conn.agent_id, 1).await {
+            Ok(None) => {}
+            Ok(Some(_)) => self.kick(conn),
+            Err(e) => {
+                debug!(%e, agent = %conn.agent_id, "backlog check failed; draining to retry");
+                self.kick(conn);
+            }
+        }
+    }
+
+    /// Something was stored for a local connection: deliver it (starts the drain task,
+    /// or tells the running one to look again).
+    pub fn kick(&self, conn: &Arc<Connection>) {
+        let mut drains = self.shared.drains.lock();
+        if let Some(drain) = drains.get(&conn.id) {
+            drain.state.lock().kicked = true;
+            drain.notify.notify_one();
+            return;
+        }
+        let drain = Arc::new(Drain::default());
+        drains.insert(conn.id, drain.clone());
+        drop(drains);
+        tokio::spawn(drain_task(self.shared.clone(), conn.clone(), drain));
+    }
+
+    /// The agent acknowledged message `id` on connection `conn`; `false` when no
+    /// durable delivery waits on that connection.
+    pub fn acked(&self, conn: u64, id: &str) -> bool {
+        let Some(drain) = self.shared.drains.lock().get(&conn).cloned() else {
+            return false;
+        };
+        drain.state.lock().acks.push(id.to_owned());
+        drain.notify.notify_one();
+        true
+    }
+
+    /// The connection ended: its drain task stops; what it left unacknowledged stays
+    /// in the stream for the agent's next connection.
+    pub fn disconnected(&self, conn: u64) {
+        if let Some(drain) = self.shared.drains.lock().get(&conn) {
+            drain.state.lock().stopped = true;
+            drain.notify.notify_one();
+        }
+    }
+
+    /// Connections with a drain task (tests and metrics: zero when every agent is idle).
+    pub fn draining(&self) -> usize {
+        self.shared.drains.lock().len()
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> RouteError {
+    let text = e.to_string();
+    // JetStream refuses with these when a limit is reached (discard policy `new`).
+    if text.contains("maximum messages per subject") {
+        RouteError::DurableFull("the agent's durable queue is full".into())
+    } else if text.contains("maximum bytes") || text.contains("maximum messages") {
+        RouteError::DurableFull("the pool's durable queue is full".into())
+    } else {
+        RouteError::Unavailable(format!("storing the message: {text}"))
+    }
+}
+
+// === impl Shared ===
+
+/// One fetched message.
+struct Fetched {
+    sequence: u64,
+    id: String,
+    payload: Bytes,
+}
+
+impl Shared {
+    /// The first message on `agent`'s subject at or after `from` (through the stream
+    /// leader, so a message acknowledged as stored is always found).
+    async fn next_message(&self, agent: &str, from: u64) -> Result<Option<Fetched>, String> {
+        match self
+            .stream
+            .get_first_raw_message_by_subject(self.subjects.durable(agent), from.max(1))
+            .await
+        {
+            Ok(message) => {
+                let id = message
+                    .headers
+                    .get(MSG_ID)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_else(|| message.sequence.to_string());
+                Ok(Some(Fetched {
+                    sequence: message.sequence,
+                    id,
+                    payload: message.payload,
+                }))
+            }
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Removes `agent`'s messages up to and including `floor` (all acknowledged).
+    async fn purge_through(&self, agent: &str, floor: u64) -> Result<(), String> {
+        self.stream
+            .purge()
+            .filter(self.subjects.durable(agent))
+            .sequence(floor + 1)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Delivers one connection's backlog, in order, at most `in_flight` unacknowledged,
+/// and ends once nothing is pending and nothing unacknowledged.
+async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain>) {
+    let agent = conn.agent_id.clone();
+    let mut window = Window::default();
+    let mut next = 1;
+    // The highest acknowledged sequence not yet purged (purge failed: retried).
+    let mut unpurged: Option<u64> = None;
+    loop {
+        let acks = {
+            let mut state = drain.state.lock();
+            if state.stopped {
+                break;
+            }
+            state.kicked = false;
+            std::mem::take(&mut state.acks)
+        };
+        if conn.is_closing() {
+            break;
+        }
+        for id in &acks {
+            window.ack(id);
+        }
+        if let Some(floor) = window.take_floor() {
+            unpurged = Some(floor);
+        }
+        let mut failed = false;
+        if let Some(floor) = unpurged {
+            match shared.purge_through(&agent, floor).await {
+                Ok(()) => unpurged = None,
+                Err(e) => {
+                    debug!(%e, %agent, "purge of acknowledged messages failed; retrying");
+                    failed = true;
+                }
+            }
+        }
+        while window.len() < shared.in_flight {
+            match shared.next_message(&agent, next).await {
+                Ok(Some(message)) => {
+                    next = message.sequence + 1;
+                    let Ok(frame) = wire::frame_of(message.payload, false) else {
+                        warn!(%agent, sequence = message.sequence, "stored frame is not UTF-8; skipped");
+                        continue;
+                    };
+                    match enqueue(&conn, frame, shared.outbound_queue).await {
+                        Ok(()) => window.sent(message.sequence, message.id),
+                        Err(_) => break,
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(%e, %agent, "fetching the backlog failed; retrying");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if window.is_empty() && !failed && unpurged.is_none() {
+            // Under the map's lock: a kick either sees this task (and sets `kicked`,
+            // checked here) or finds no task and starts a new one.
+            let mut drains = shared.drains.lock();
+            let kicked = std::mem::take(&mut drain.state.lock().kicked);
+            if !kicked {
+                drains.remove(&conn.id);
+                return;
+            }
+            continue;
+        }
+        let wait = if failed { RETRY_AFTER } else { IDLE_RECHECK };
+        let _ = tokio::time::timeout(wait, drain.notify.notified()).await;
+    }
+    shared.drains.lock().remove(&conn.id);
+}
+
+/// Queues a frame, waiting while the connection's queue is full (live pushes share it).
+async fn enqueue(
+    conn: &Connection,
+    frame: crate::hub::Outbound,
+    capacity: usize,
+) -> Result<(), DeliveryError> {
+    loop {
+        match conn.enqueue(frame.clone(), capacity) {
+            Err(DeliveryError::QueueFull) => tokio::time::sleep(Duration::from_millis(10)).await,
+            other => return other,
+        }
+    }
+}
+
+/// Messages written to a connection and not yet acknowledged, in stream order. Pure:
+/// the ack floor is the last message of the acknowledged prefix.
+#[derive(Debug, Default)]
+pub struct Window {
+    sent: VecDeque<(u64, String, bool)>,
+    floor: Option<u64>,
+}
+
+impl Window {
+    /// A message was written.
+    pub fn sent(&mut self, sequence: u64, id: String) {
+        self.sent.push_back((sequence, id, false));
+    }
+
+    /// The agent acknowledged `id`; `false` when no unacknowledged message has it.
+    pub fn ack(&mut self, id: &str) -> bool {
+        let Some(entry) = self.sent.iter_mut().find(|(_, i, acked)| !acked && i == id) else {
+            return false;
+        };
+        entry.2 = true;
+        while let Some((sequence, _, true)) = self.sent.front() {
+            self.floor = Some(*sequence);
+            self.sent.pop_front();
+        }
+        true
+    }
+
+    /// The new ack floor since the last call: every message up to it is acknowledged.
+    pub fn take_floor(&mut self) -> Option<u64> {
+        self.floor.take()
+    }
+
+    /// Messages written and not yet acknowledged (or acknowledged out of order).
+    pub fn len(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// Whether every written message is acknowledged.
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_moves_over_the_acknowledged_prefix_only() {
+        let mut w = Window::default();
+        w.sent(3, "a".into());
+        w.sent(7, "b".into());
+        w.sent(9, "c".into());
+        assert!(w.ack("b"));
+        assert_eq!(w.take_floor(), None, "a is not acknowledged yet");
+        assert_eq!(w.len(), 3);
+        assert!(w.ack("a"));
+        assert_eq!(w.take_floor(), Some(7));
+        assert_eq!(w.take_floor(), None);
+        assert!(!w.ack("a"), "already acknowledged");
+        assert!(!w.ack("zzz"));
+        assert!(w.ack("c"));
+        assert_eq!(w.take_floor(), Some(9));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_reused_id_acknowledges_the_oldest_copy_first() {
+        let mut w = Window::default();
+        w.sent(1, "x".into());
+        w.sent(2, "x".into());
+        assert!(w.ack("x"));
+        assert_eq!(w.take_floor(), Some(1));
+        assert!(w.ack("x"));
+        assert_eq!(w.take_floor(), Some(2));
+    }
+
+    #[test]
+    fn the_stream_maps_the_pools_limits() {
+        let subjects = Subjects::new("acme");
+        let config = DurableConfig {
+            max_age_seconds: 60,
+            max_messages_per_agent: 5,
+            max_bytes: 0,
+            replicas: 3,
+            in_flight: 8,
+        };
+        let s = stream_config(&subjects, &config);
+        assert_eq!(s.name, "tether-acme-durable");
+        assert_eq!(s.subjects, vec!["tether.acme.durable.*".to_string()]);
+        assert_eq!(s.storage, stream::StorageType::File);
+        assert_eq!(s.num_replicas, 3);
+        assert_eq!(s.max_messages_per_subject, 5);
+        assert_eq!(s.max_bytes, -1);
+        assert_eq!(s.max_age, Duration::from_secs(60));
+        assert_eq!(s.discard, stream::DiscardPolicy::New);
+        assert!(s.discard_new_per_subject);
+    }
+}
