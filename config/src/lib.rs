@@ -379,6 +379,9 @@ pub struct DurableConfig {
     pub replicas: usize,
     /// Messages written to one agent before its acks are awaited.
     pub in_flight: usize,
+    /// How long `GET /v1/messages/{id}` still knows a message after its last change
+    /// (acknowledged, expired), on top of `maxAgeSeconds`.
+    pub status_retention_seconds: u64,
 }
 
 impl Default for DurableConfig {
@@ -389,6 +392,7 @@ impl Default for DurableConfig {
             max_bytes: 0,
             replicas: 1,
             in_flight: 32,
+            status_retention_seconds: 24 * 3600,
         }
     }
 }

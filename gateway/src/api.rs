@@ -150,6 +150,7 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .route("/v1/agents/{agent}/requests", post(request))
         .route("/v1/groups/{group}/messages", post(send_to_group))
         .route("/v1/broadcast", post(broadcast))
+        .route("/v1/messages/{id}", get(message_status))
         .route("/v1/stats", get(stats))
         .route("/admin/drain", post(drain))
         // One byte over the limit is enough to tell "too large" from "exactly at it".
@@ -174,6 +175,8 @@ fn required_scope(method: &http::Method, route: &str) -> Scope {
             Scope::Push
         }
         (&http::Method::POST, "/v1/agents/{agent}/requests") => Scope::Request,
+        // Whoever may push may follow what became of its durable pushes.
+        (&http::Method::GET, "/v1/messages/{id}") => Scope::Push,
         (&http::Method::GET, "/v1/agents" | "/v1/agents/{agent}" | "/v1/stats") => Scope::Presence,
         // Broadcast, disconnect, drain — and any route added without a decision here.
         _ => Scope::Admin,
@@ -585,6 +588,29 @@ async fn broadcast(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     fan_out(&state, Audience::Everyone, &headers, body).await
+}
+
+/// Where a durable push is: pending, delivered, acknowledged or expired.
+async fn message_status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    if !valid_id(&id) {
+        return Err(ApiError::BadRequest(format!(
+            "message id must be 1..={MAX_ID_LEN} bytes without control characters"
+        )));
+    }
+    if !state.router.durable() {
+        return Err(ApiError::BadRequest(
+            "durable delivery is not configured for this pool (delivery.durable)".into(),
+        ));
+    }
+    match state.router.durable_status(&id).await? {
+        Some(status) => Ok(Json(status).into_response()),
+        None => Err(ApiError::NotFound(format!(
+            "no durable message with id `{id}`"
+        ))),
+    }
 }
 
 async fn presence(

@@ -79,6 +79,33 @@ pub struct DurableReceipt {
     pub duplicate: bool,
 }
 
+/// Where a durable message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurableState {
+    /// Stored, not yet written to the agent.
+    Pending,
+    /// Written to a connection of the agent, not yet acknowledged.
+    Delivered,
+    /// The agent acknowledged it (it is no longer stored).
+    Acknowledged,
+    /// Removed unacknowledged: older than `delivery.durable.maxAgeSeconds`.
+    Expired,
+}
+
+/// The answer of `GET /v1/messages/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessageStatus {
+    /// Message id.
+    pub id: String,
+    /// The agent it is for.
+    pub agent_id: String,
+    /// Stream sequence.
+    pub sequence: u64,
+    /// Its state.
+    pub status: DurableState,
+}
+
 /// A request to one agent.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -151,6 +178,14 @@ pub trait Router: Send + Sync + 'static {
         frame: Bytes,
     ) -> Result<DurableReceipt, RouteError> {
         let _ = (agent, id, frame);
+        Err(RouteError::Unavailable(
+            "durable delivery needs routing.nats and delivery.durable".into(),
+        ))
+    }
+    /// Where durable message `id` is; `None` when no such message is known (never
+    /// stored, or its record outlived `delivery.durable.statusRetentionSeconds`).
+    async fn durable_status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
+        let _ = id;
         Err(RouteError::Unavailable(
             "durable delivery needs routing.nats and delivery.durable".into(),
         ))

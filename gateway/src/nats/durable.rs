@@ -22,17 +22,19 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use tether_config::DurableConfig;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::subjects::Subjects;
 use super::wire;
+use crate::hub::unix_now_ms;
 use crate::hub::{Connection, DeliveryError};
-use crate::router::RouteError;
+use crate::router::{DurableState, MessageStatus, RouteError};
 
 /// The header that carries a durable message's id (JetStream de-duplicates on it
 /// within the stream's duplicate window, so a retried push is stored once).
@@ -84,6 +86,50 @@ pub fn stream_config(subjects: &Subjects, config: &DurableConfig) -> stream::Con
     }
 }
 
+/// A durable message's status record (KV `tether-<ns>-messages`, key `m.<id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The agent.
+    pub agent: String,
+    /// Stream sequence.
+    pub seq: u64,
+    /// Last recorded state (`expired` is never recorded: it is what a record that is
+    /// not acknowledged means once its message is gone).
+    pub state: DurableState,
+    /// Unix milliseconds of the change.
+    pub at_ms: u64,
+}
+
+/// The state a record stands for, given whether its message is still stored. Pure.
+pub fn state_of(record: DurableState, still_stored: bool) -> DurableState {
+    match record {
+        DurableState::Acknowledged | DurableState::Expired => record,
+        _ if !still_stored => DurableState::Expired,
+        other => other,
+    }
+}
+
+/// The status bucket's stream: a KV bucket (history 1) whose entries outlive the
+/// messages they describe by `statusRetentionSeconds`. Pure.
+pub fn status_bucket_config(subjects: &Subjects, config: &DurableConfig) -> stream::Config {
+    let bucket = subjects.messages_bucket();
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("tether: durable message status".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        allow_rollup: true,
+        allow_direct: true,
+        max_age: match config.max_age_seconds {
+            0 => Duration::ZERO,
+            age => Duration::from_secs(age.saturating_add(config.status_retention_seconds)),
+        },
+        ..Default::default()
+    }
+}
+
 /// The pool's durable queue.
 #[derive(Clone)]
 pub struct Durable {
@@ -103,6 +149,11 @@ struct Shared {
     js: jetstream::Context,
     /// A handle (no server state behind it) for message gets and purges.
     stream: stream::Stream<()>,
+    /// Message id → status record.
+    status: kv::Store,
+    /// `$KV.<bucket>.` (records of deliveries are published without waiting).
+    status_prefix: String,
+    client: async_nats::Client,
     stream_name: String,
     subjects: Subjects,
     in_flight: usize,
@@ -130,6 +181,7 @@ struct DrainState {
 impl Durable {
     /// Creates the pool's stream, or updates it to `config`'s limits.
     pub async fn open(
+        client: async_nats::Client,
         js: jetstream::Context,
         subjects: &Subjects,
         config: &DurableConfig,
@@ -150,10 +202,26 @@ impl Durable {
                 stream: stream_name.clone(),
                 message: e.to_string(),
             })?;
+        let bucket = subjects.messages_bucket();
+        let status_config = status_bucket_config(subjects, config);
+        let status_error = |e: &dyn std::fmt::Display| DurableError {
+            stream: format!("KV_{bucket}"),
+            message: e.to_string(),
+        };
+        js.create_or_update_stream(status_config)
+            .await
+            .map_err(|e| status_error(&e))?;
+        let status = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| status_error(&e))?;
         Ok(Self {
             shared: Arc::new(Shared {
                 js,
                 stream,
+                status,
+                status_prefix: format!("$KV.{bucket}."),
+                client,
                 stream_name,
                 subjects: subjects.clone(),
                 in_flight: config.in_flight.min(outbound_queue).max(1),
@@ -176,6 +244,9 @@ impl Durable {
             .await
             .map_err(store_error)?;
         let ack = publish.await.map_err(store_error)?;
+        if !ack.duplicate {
+            self.shared.record_stored(agent, id, ack.sequence).await;
+        }
         Ok(Stored {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
@@ -245,6 +316,35 @@ impl Durable {
         }
     }
 
+    /// Where message `id` is (`None`: unknown).
+    pub async fn status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
+        let unavailable = |e: &dyn std::fmt::Display| RouteError::Unavailable(e.to_string());
+        let Some(value) = self
+            .shared
+            .status
+            .get(Subjects::message_key(id))
+            .await
+            .map_err(|e| unavailable(&e))?
+        else {
+            return Ok(None);
+        };
+        let record: Record = serde_json::from_slice(&value).map_err(|e| unavailable(&e))?;
+        let still_stored = match record.state {
+            DurableState::Acknowledged | DurableState::Expired => false,
+            _ => match self.shared.stream.get_raw_message(record.seq).await {
+                Ok(_) => true,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => false,
+                Err(e) => return Err(unavailable(&e)),
+            },
+        };
+        Ok(Some(MessageStatus {
+            id: id.to_owned(),
+            agent_id: record.agent,
+            sequence: record.seq,
+            status: state_of(record.state, still_stored),
+        }))
+    }
+
     /// Connections with a drain task (tests and metrics: zero when every agent is idle).
     pub fn draining(&self) -> usize {
         self.shared.drains.lock().len()
@@ -273,6 +373,61 @@ struct Fetched {
 }
 
 impl Shared {
+    fn record(agent: &str, seq: u64, state: DurableState) -> Bytes {
+        let record = Record {
+            agent: agent.to_owned(),
+            seq,
+            state,
+            at_ms: unix_now_ms(),
+        };
+        Bytes::from(serde_json::to_vec(&record).expect("records serialize"))
+    }
+
+    /// Records a newly stored message as pending. `create`, not `put`: a drain task may
+    /// already have recorded its delivery (or its ack). An id reused for a newer message
+    /// (after the duplicate window) replaces the older message's record.
+    async fn record_stored(&self, agent: &str, id: &str, seq: u64) {
+        let key = Subjects::message_key(id);
+        let value = Self::record(agent, seq, DurableState::Pending);
+        if self.status.create(&key, value.clone()).await.is_ok() {
+            return;
+        }
+        let older = match self.status.get(&key).await {
+            Ok(Some(old)) => serde_json::from_slice::<Record>(&old).is_ok_and(|r| r.seq < seq),
+            Ok(None) => true,
+            Err(e) => {
+                debug!(%e, id, "status record not written");
+                false
+            }
+        };
+        if older && let Err(e) = self.status.put(&key, value).await {
+            debug!(%e, id, "status record not written");
+        }
+    }
+
+    /// Records a delivery without waiting (the message itself is what matters).
+    async fn record_delivered(&self, agent: &str, id: &str, seq: u64) {
+        let subject = format!("{}{}", self.status_prefix, Subjects::message_key(id));
+        let value = Self::record(agent, seq, DurableState::Delivered);
+        if let Err(e) = self.client.publish(subject, value).await {
+            debug!(%e, id, "delivery record not sent");
+        }
+    }
+
+    /// Records acknowledgements; done before the purge, so a message that is gone and
+    /// not recorded as acknowledged is one that expired.
+    async fn record_acknowledged(&self, agent: &str, acked: &[(u64, String)]) {
+        let puts = acked.iter().map(|(seq, id)| {
+            let value = Self::record(agent, *seq, DurableState::Acknowledged);
+            async move {
+                if let Err(e) = self.status.put(Subjects::message_key(id), value).await {
+                    debug!(%e, id, "acknowledgement record not written");
+                }
+            }
+        });
+        futures_util::future::join_all(puts).await;
+    }
+
     /// The first message on `agent`'s subject at or after `from` (through the stream
     /// leader, so a message acknowledged as stored is always found).
     async fn next_message(&self, agent: &str, from: u64) -> Result<Option<Fetched>, String> {
@@ -330,8 +485,12 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
         if conn.is_closing() {
             break;
         }
-        for id in &acks {
-            window.ack(id);
+        let acked: Vec<(u64, String)> = acks
+            .into_iter()
+            .filter_map(|id| window.ack(&id).map(|seq| (seq, id)))
+            .collect();
+        if !acked.is_empty() {
+            shared.record_acknowledged(&agent, &acked).await;
         }
         if let Some(floor) = window.take_floor() {
             unpurged = Some(floor);
@@ -355,7 +514,12 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
                         continue;
                     };
                     match enqueue(&conn, frame, shared.outbound_queue).await {
-                        Ok(()) => window.sent(message.sequence, message.id),
+                        Ok(()) => {
+                            shared
+                                .record_delivered(&agent, &message.id, message.sequence)
+                                .await;
+                            window.sent(message.sequence, message.id);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -412,17 +576,20 @@ impl Window {
         self.sent.push_back((sequence, id, false));
     }
 
-    /// The agent acknowledged `id`; `false` when no unacknowledged message has it.
-    pub fn ack(&mut self, id: &str) -> bool {
-        let Some(entry) = self.sent.iter_mut().find(|(_, i, acked)| !acked && i == id) else {
-            return false;
-        };
+    /// The agent acknowledged `id`: its sequence, or `None` when no unacknowledged
+    /// message has it.
+    pub fn ack(&mut self, id: &str) -> Option<u64> {
+        let entry = self
+            .sent
+            .iter_mut()
+            .find(|(_, i, acked)| !acked && i == id)?;
         entry.2 = true;
+        let sequence = entry.0;
         while let Some((sequence, _, true)) = self.sent.front() {
             self.floor = Some(*sequence);
             self.sent.pop_front();
         }
-        true
+        Some(sequence)
     }
 
     /// The new ack floor since the last call: every message up to it is acknowledged.
@@ -451,15 +618,15 @@ mod tests {
         w.sent(3, "a".into());
         w.sent(7, "b".into());
         w.sent(9, "c".into());
-        assert!(w.ack("b"));
+        assert_eq!(w.ack("b"), Some(7));
         assert_eq!(w.take_floor(), None, "a is not acknowledged yet");
         assert_eq!(w.len(), 3);
-        assert!(w.ack("a"));
+        assert_eq!(w.ack("a"), Some(3));
         assert_eq!(w.take_floor(), Some(7));
         assert_eq!(w.take_floor(), None);
-        assert!(!w.ack("a"), "already acknowledged");
-        assert!(!w.ack("zzz"));
-        assert!(w.ack("c"));
+        assert_eq!(w.ack("a"), None, "already acknowledged");
+        assert_eq!(w.ack("zzz"), None);
+        assert_eq!(w.ack("c"), Some(9));
         assert_eq!(w.take_floor(), Some(9));
         assert!(w.is_empty());
     }
@@ -469,9 +636,9 @@ mod tests {
         let mut w = Window::default();
         w.sent(1, "x".into());
         w.sent(2, "x".into());
-        assert!(w.ack("x"));
+        assert_eq!(w.ack("x"), Some(1));
         assert_eq!(w.take_floor(), Some(1));
-        assert!(w.ack("x"));
+        assert_eq!(w.ack("x"), Some(2));
         assert_eq!(w.take_floor(), Some(2));
     }
 
@@ -484,6 +651,7 @@ mod tests {
             max_bytes: 0,
             replicas: 3,
             in_flight: 8,
+            status_retention_seconds: 100,
         };
         let s = stream_config(&subjects, &config);
         assert_eq!(s.name, "tether-acme-durable");
@@ -495,5 +663,19 @@ mod tests {
         assert_eq!(s.max_age, Duration::from_secs(60));
         assert_eq!(s.discard, stream::DiscardPolicy::New);
         assert!(s.discard_new_per_subject);
+        let status = status_bucket_config(&subjects, &config);
+        assert_eq!(status.name, "KV_tether-acme-messages");
+        assert_eq!(status.max_age, Duration::from_secs(160));
+        assert_eq!(status.num_replicas, 3);
+    }
+
+    #[test]
+    fn a_record_that_is_not_acknowledged_means_expired_once_its_message_is_gone() {
+        use DurableState::*;
+        assert_eq!(state_of(Pending, true), Pending);
+        assert_eq!(state_of(Delivered, true), Delivered);
+        assert_eq!(state_of(Pending, false), Expired);
+        assert_eq!(state_of(Delivered, false), Expired);
+        assert_eq!(state_of(Acknowledged, false), Acknowledged);
     }
 }

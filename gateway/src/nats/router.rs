@@ -34,7 +34,7 @@ use super::subjects::{PodOp, Subjects};
 use super::wire::{self, Answer, Call};
 use crate::hub::{AgentReply, Connection, Hub, Outbound};
 use crate::router::{
-    DurableReceipt, LocalRouter, Page, Presence, Push, Request, RouteError, Router,
+    DurableReceipt, LocalRouter, MessageStatus, Page, Presence, Push, Request, RouteError, Router,
 };
 
 /// Timeouts and sizes of the NATS router.
@@ -230,9 +230,16 @@ impl NatsRouter {
         );
         let js = async_nats::jetstream::new(client.clone());
         let durable = match durable {
-            Some((durable, outbound_queue)) => {
-                Some(Durable::open(js.clone(), &subjects, durable, outbound_queue).await?)
-            }
+            Some((durable, outbound_queue)) => Some(
+                Durable::open(
+                    client.clone(),
+                    js.clone(),
+                    &subjects,
+                    durable,
+                    outbound_queue,
+                )
+                .await?,
+            ),
             None => None,
         };
         let directory = Directory::open(js, &subjects).await?;
@@ -1118,6 +1125,13 @@ impl Router for NatsRouter {
             sequence: stored.sequence,
             duplicate: stored.duplicate,
         })
+    }
+
+    async fn durable_status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
+        match &self.inner.durable {
+            Some(durable) => durable.status(id).await,
+            None => Err(unavailable("delivery.durable is not configured")),
+        }
     }
 
     fn durable_drains(&self) -> usize {

@@ -15,6 +15,7 @@
 //!  tether.<ns>.durable.<agent>    an agent's durable queue (stream tether-<ns>-durable)
 //!  KV tether-<ns>-agents  key a.<agent> → pod + connection epoch
 //!  KV tether-<ns>-pods    key <pod>     → pod boot id
+//!  KV tether-<ns>-messages key m.<id>   → durable message status
 //! ```
 
 use std::fmt::Write;
@@ -216,6 +217,16 @@ impl Subjects {
         untoken(rest)
     }
 
+    /// The durable messages' status bucket (message id → agent, sequence, state).
+    pub fn messages_bucket(&self) -> String {
+        format!("tether-{}-messages", self.ns)
+    }
+
+    /// The status key of a durable message.
+    pub fn message_key(id: &str) -> String {
+        format!("m.{}", token(id))
+    }
+
     /// The directory key of an agent.
     pub fn agent_key(agent: &str) -> String {
         format!("a.{}", token(agent))
@@ -350,6 +361,8 @@ mod tests {
             assert_eq!(s.agent_of_durable(&subject).as_deref(), Some(agent));
         }
         assert_eq!(s.durable_wildcard(), "tether.acme.durable.*");
+        assert_eq!(s.messages_bucket(), "tether-acme-messages");
+        assert_eq!(Subjects::message_key("a.b*"), "m.a_2Eb_2A");
     }
 
     #[test]

@@ -81,6 +81,14 @@ async fn eventually_stored(nats: &Nats, n: u64) {
     }
 }
 
+/// `GET /v1/messages/{id}`'s `status`.
+async fn status(pod: &Pod, id: &str) -> String {
+    let response = pod.get(&format!("/v1/messages/{}", seg(id))).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    body["status"].as_str().unwrap().to_owned()
+}
+
 fn draining(pod: &Pod) -> usize {
     pod.gateway.state().router.durable_drains()
 }
@@ -364,10 +372,60 @@ async fn a_message_older_than_max_age_is_removed_unacknowledged() {
         });
     })
     .await;
-    push_durable(&pod.http, api_base(&pod), "late", json!("stale")).await;
+    let id = push_durable(&pod.http, api_base(&pod), "late", json!("stale")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(stored(&nats).await, 1);
+    assert_eq!(status(&pod, &id).await, "pending");
     eventually_stored(&nats, 0).await;
+    assert_eq!(status(&pod, &id).await, "expired");
     let mut agent = pod.agent("late", &[]).await;
     assert_silent(&mut agent).await;
     assert_eq!(draining(&pod), 0);
+}
+
+#[tokio::test]
+async fn a_durable_message_reports_pending_delivered_and_acknowledged() {
+    let nats = Nats::start().await;
+    let (p0, p1) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", with_durable(4)),
+        Pod::start_with(&nats, "gw-1", with_durable(4))
+    );
+    for key in ["s1", "s2"] {
+        let response = p0
+            .http
+            .post(p0.api("/v1/agents/watched/messages?delivery=durable"))
+            .bearer_auth(API_KEY)
+            .header("idempotency-key", key)
+            .json(&json!(key))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    // Any pod answers, for any message of the pool.
+    assert_eq!(status(&p1, "s1").await, "pending");
+    let body: Value = p1.get("/v1/messages/s2").await.json().await.unwrap();
+    assert_eq!(body["agent_id"], "watched");
+    assert_eq!(p0.get("/v1/messages/nope").await.status(), 404);
+
+    let mut agent = p1.agent("watched", &[]).await;
+    let (first, _) = next_durable(&mut agent).await;
+    let (second, _) = next_durable(&mut agent).await;
+    ack(&mut agent, &first).await;
+    eventually_stored(&nats, 1).await;
+    assert_eq!(status(&p0, &first).await, "acknowledged");
+    // The delivery record is sent without waiting: poll for it.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while status(&p0, &second).await != "delivered" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recorded as delivered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    ack(&mut agent, &second).await;
+    eventually_stored(&nats, 0).await;
+    assert_eq!(status(&p0, &second).await, "acknowledged");
 }
