@@ -935,7 +935,7 @@ fn managed_nats(
     // a durable queue with `delivery.storage` gets one PersistentVolumeClaim per NATS
     // pod, so stored messages outlive the NATS pod. (A StatefulSet's claim templates
     // cannot change in place: adding `storage` to a running pool needs the NATS
-    // StatefulSet re-created — docs/operations.md.)
+    // StatefulSet re-created — docs/operator.md.)
     let data_volume = pool
         .spec
         .delivery
