@@ -858,6 +858,11 @@ pub struct PodReport {
     /// apart from its predecessor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// Durable messages pending across the pool's agents (`spec.delivery`), as this pod
+    /// read them from the pool's stream when it reported: every pod reads the same
+    /// pool-wide count, so any fresh entry shows the pool's backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_messages: Option<i64>,
 }
 
 fn is_zero(n: &i64) -> bool {

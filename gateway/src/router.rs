@@ -190,6 +190,11 @@ pub trait Router: Send + Sync + 'static {
             "durable delivery needs routing.nats and delivery.durable".into(),
         ))
     }
+    /// Durable messages pending across the pool's agents; `None` without a durable
+    /// queue or when it cannot be read now.
+    async fn durable_backlog(&self) -> Option<u64> {
+        None
+    }
     /// Connections of this pod that have a durable drain task right now (only those
     /// with a backlog or unacknowledged messages; zero when every agent is idle).
     fn durable_drains(&self) -> usize {

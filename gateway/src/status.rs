@@ -5,7 +5,8 @@
 //! ```text
 //!   hub.len(), refused, ready, draining, instruction id
 //!        ──(every 100 ms: due? pure `next_report`)──► SSA /status of the pool
-//!        status.pods[{name, connections, refused, ready, draining, instruction, observedAt, bootId}]
+//!        status.pods[{name, connections, refused, ready, draining, instruction, observedAt, bootId,
+//!                     pendingMessages (the pool's durable backlog, with a durable queue)}]
 //!        field manager `tether-gateway-<pod>`: pods never overwrite each other
 //!   watch own Pod (fieldSelector metadata.name=<pod>) ──► annotation changed?
 //!        drain ──► shed::drain_in_place (unready, stays up)   gone ──► drain called off
@@ -60,6 +61,10 @@ pub struct Snapshot {
     pub draining: bool,
     /// Id of the instruction the pod acts on (or acted on last).
     pub instruction: Option<String>,
+    /// Durable messages pending across the pool (read from the stream when a report is
+    /// made, not on every tick; `None` without a durable queue or when unreadable).
+    /// Not a reason to report: it rides on the reports connections cause.
+    pub pending_messages: Option<i64>,
 }
 
 /// When a change of the connection count is worth a report before the heartbeat.
@@ -159,6 +164,9 @@ pub fn report_body(
     }
     if let Some(id) = &snap.instruction {
         entry["instruction"] = json!(id);
+    }
+    if let Some(pending) = snap.pending_messages {
+        entry["pendingMessages"] = json!(pending);
     }
     json!({
         "apiVersion": format!("{}/{}", tether_crds::GROUP, tether_crds::VERSION),
@@ -318,6 +326,7 @@ impl Reporter {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            pending_messages: None,
         }
     }
 }
@@ -362,6 +371,13 @@ async fn report_loop(reporter: Reporter, cell: SharedClient, stop: CancellationT
         if Instant::now() < due {
             continue;
         }
+        let mut current = current;
+        current.pending_messages = reporter
+            .state
+            .router
+            .durable_backlog()
+            .await
+            .and_then(|n| i64::try_from(n).ok());
         let body = report_body(&config.pool, pod, boot_id, &current, Timestamp::now());
         match api
             .patch_status(&config.pool, &params, &Patch::Apply(body))
@@ -514,6 +530,7 @@ mod tests {
             ready: true,
             draining: false,
             instruction: None,
+            pending_messages: None,
         }
     }
 
@@ -621,6 +638,12 @@ mod tests {
         let body = report_body("p", "p-1", "boot", &acting, Timestamp::UNIX_EPOCH);
         assert_eq!(body["status"]["pods"][0]["refused"], json!(4));
         assert_eq!(body["status"]["pods"][0]["instruction"], json!("shed-9"));
+        let with_backlog = Snapshot {
+            pending_messages: Some(12),
+            ..snap(7)
+        };
+        let body = report_body("p", "p-1", "boot", &with_backlog, Timestamp::UNIX_EPOCH);
+        assert_eq!(body["status"]["pods"][0]["pendingMessages"], json!(12));
         assert!(withdraw_body("p").get("status").is_none());
         assert_eq!(field_manager("p-1"), "tether-gateway-p-1");
     }

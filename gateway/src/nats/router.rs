@@ -1134,6 +1134,10 @@ impl Router for NatsRouter {
         }
     }
 
+    async fn durable_backlog(&self) -> Option<u64> {
+        self.inner.durable.as_ref()?.backlog().await.ok()
+    }
+
     fn durable_drains(&self) -> usize {
         self.inner.durable.as_ref().map_or(0, Durable::draining)
     }

@@ -118,6 +118,8 @@ async fn an_offline_agent_gets_its_backlog_in_order_on_connect_to_any_pod() {
         404
     );
     assert_eq!(stored(&nats).await, 10);
+    // What every pod reports as `pendingMessages` in the pool's status.
+    assert_eq!(p1.gateway.state().router.durable_backlog().await, Some(10));
     assert_eq!(
         draining(&p0),
         0,
