@@ -93,6 +93,17 @@ pub enum DurableState {
     Expired,
 }
 
+/// A durable message that outlived `delivery.durable.maxAgeSeconds` unacknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredMessage {
+    /// The agent it was for.
+    pub agent: String,
+    /// Message id.
+    pub id: String,
+    /// Stream sequence.
+    pub sequence: u64,
+}
+
 /// The answer of `GET /v1/messages/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MessageStatus {
@@ -194,6 +205,20 @@ pub trait Router: Send + Sync + 'static {
     /// queue or when it cannot be read now.
     async fn durable_backlog(&self) -> Option<u64> {
         None
+    }
+    /// How often this pod looks for expired durable messages (`None`: never).
+    fn durable_sweep_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// The pool's oldest durable message if it has expired and this pod is the pool's
+    /// sweeper (one pod at a time looks), else `None`.
+    async fn durable_expired(&self) -> Result<Option<ExpiredMessage>, RouteError> {
+        Ok(None)
+    }
+    /// Removes an expired message (after the upstream was told) and records it so.
+    async fn durable_expire(&self, expired: &ExpiredMessage) -> Result<(), RouteError> {
+        let _ = expired;
+        Ok(())
     }
     /// Connections of this pod that have a durable drain task right now (only those
     /// with a backlog or unacknowledged messages; zero when every agent is idle).

@@ -34,7 +34,7 @@ use super::subjects::Subjects;
 use super::wire;
 use crate::hub::unix_now_ms;
 use crate::hub::{Connection, DeliveryError};
-use crate::router::{DurableState, MessageStatus, RouteError};
+use crate::router::{DurableState, ExpiredMessage, MessageStatus, RouteError};
 
 /// The header that carries a durable message's id (JetStream de-duplicates on it
 /// within the stream's duplicate window, so a retried push is stored once).
@@ -45,6 +45,11 @@ const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
 /// After a failed JetStream call, the drain task retries after this long.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The stream keeps a message this long past `maxAgeSeconds`: the gateway's sweep
+/// removes it first (and tells the upstream); NATS's own age limit is the safety net
+/// for a pool whose sweep cannot run (upstream down for longer than this).
+const AGE_SAFETY_MARGIN: Duration = Duration::from_secs(3600);
 
 /// Why the durable queue could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +85,10 @@ pub fn stream_config(subjects: &Subjects, config: &DurableConfig) -> stream::Con
             0 => -1,
             n => i64::try_from(n).unwrap_or(i64::MAX),
         },
-        max_age: Duration::from_secs(config.max_age_seconds),
+        max_age: match config.max_age_seconds {
+            0 => Duration::ZERO,
+            age => Duration::from_secs(age) + AGE_SAFETY_MARGIN,
+        },
         description: Some("tether: durable per-agent delivery queue".into()),
         ..Default::default()
     }
@@ -124,7 +132,10 @@ pub fn status_bucket_config(subjects: &Subjects, config: &DurableConfig) -> stre
         allow_direct: true,
         max_age: match config.max_age_seconds {
             0 => Duration::ZERO,
-            age => Duration::from_secs(age.saturating_add(config.status_retention_seconds)),
+            age => {
+                Duration::from_secs(age.saturating_add(config.status_retention_seconds))
+                    + AGE_SAFETY_MARGIN
+            }
         },
         ..Default::default()
     }
@@ -158,6 +169,8 @@ struct Shared {
     subjects: Subjects,
     in_flight: usize,
     outbound_queue: usize,
+    /// `maxAgeSeconds` (0: messages never expire).
+    max_age_seconds: u64,
     /// Drain tasks by connection id: only connections with a backlog have one.
     drains: Mutex<HashMap<u64, Arc<Drain>>>,
 }
@@ -225,6 +238,7 @@ impl Durable {
                 stream_name,
                 subjects: subjects.clone(),
                 in_flight: config.in_flight.min(outbound_queue).max(1),
+                max_age_seconds: config.max_age_seconds,
                 outbound_queue,
                 drains: Mutex::default(),
             }),
@@ -345,6 +359,89 @@ impl Durable {
         }))
     }
 
+    /// How often to look for expired messages: a tenth of the age limit, within 1–60 s.
+    pub fn sweep_interval(&self) -> Option<Duration> {
+        match self.shared.max_age_seconds {
+            0 => None,
+            age => Some(Duration::from_secs((age / 10).clamp(1, 60))),
+        }
+    }
+
+    /// The stream's oldest message, if it is older than `maxAgeSeconds`. Messages are
+    /// stored in time order, so when the oldest has not expired none has: a sweep costs
+    /// one stream-info and one get per expired message, never a scan.
+    pub async fn oldest_expired(&self) -> Result<Option<ExpiredMessage>, RouteError> {
+        let unavailable = |e: &dyn std::fmt::Display| RouteError::Unavailable(e.to_string());
+        if self.shared.max_age_seconds == 0 {
+            return Ok(None);
+        }
+        let mut stream = self
+            .shared
+            .js
+            .get_stream(&self.shared.stream_name)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(&e))?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(None);
+        }
+        let message = match self
+            .shared
+            .stream
+            .get_raw_message(state.first_sequence)
+            .await
+        {
+            Ok(message) => message,
+            // Acknowledged (purged) meanwhile: the next sweep looks again.
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(unavailable(&e)),
+        };
+        if !self.shared.expired(message.time.unix_timestamp()) {
+            return Ok(None);
+        }
+        let agent = self
+            .shared
+            .subjects
+            .agent_of_durable(&message.subject)
+            .unwrap_or_default();
+        Ok(Some(ExpiredMessage {
+            agent,
+            id: message_id(&message),
+            sequence: message.sequence,
+        }))
+    }
+
+    /// Records `expired` and removes the message.
+    pub async fn expire(&self, expired: &ExpiredMessage) -> Result<(), RouteError> {
+        let value = Shared::record(&expired.agent, expired.sequence, DurableState::Expired);
+        if let Err(e) = self
+            .shared
+            .status
+            .put(Subjects::message_key(&expired.id), value)
+            .await
+        {
+            debug!(%e, id = %expired.id, "expiry record not written");
+        }
+        self.shared
+            .stream
+            .delete_message(expired.sequence)
+            .await
+            .map(|_| ())
+            .or_else(|e| {
+                // Removed meanwhile (acknowledged, or NATS's own age limit): done.
+                if e.to_string().contains("no message found") {
+                    Ok(())
+                } else {
+                    Err(RouteError::Unavailable(e.to_string()))
+                }
+            })
+    }
+
     /// Connections with a drain task (tests and metrics: zero when every agent is idle).
     pub fn draining(&self) -> usize {
         self.shared.drains.lock().len()
@@ -369,10 +466,28 @@ fn store_error(e: impl std::fmt::Display) -> RouteError {
 struct Fetched {
     sequence: u64,
     id: String,
+    /// Older than `maxAgeSeconds`: left to the sweep (which tells the upstream).
+    expired: bool,
     payload: Bytes,
 }
 
+fn message_id(message: &jetstream::message::StreamMessage) -> String {
+    message
+        .headers
+        .get(MSG_ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| message.sequence.to_string())
+}
+
 impl Shared {
+    /// Whether a message stored at `stored_at` (Unix seconds) outlived the age limit.
+    fn expired(&self, stored_at: i64) -> bool {
+        let now = i64::try_from(crate::hub::unix_now()).unwrap_or(i64::MAX);
+        self.max_age_seconds > 0
+            && now.saturating_sub(stored_at)
+                >= i64::try_from(self.max_age_seconds).unwrap_or(i64::MAX)
+    }
+
     fn record(agent: &str, seq: u64, state: DurableState) -> Bytes {
         let record = Record {
             agent: agent.to_owned(),
@@ -436,18 +551,12 @@ impl Shared {
             .get_first_raw_message_by_subject(self.subjects.durable(agent), from.max(1))
             .await
         {
-            Ok(message) => {
-                let id = message
-                    .headers
-                    .get(MSG_ID)
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_else(|| message.sequence.to_string());
-                Ok(Some(Fetched {
-                    sequence: message.sequence,
-                    id,
-                    payload: message.payload,
-                }))
-            }
+            Ok(message) => Ok(Some(Fetched {
+                sequence: message.sequence,
+                id: message_id(&message),
+                expired: self.expired(message.time.unix_timestamp()),
+                payload: message.payload,
+            })),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(e.to_string()),
         }
@@ -509,6 +618,9 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
             match shared.next_message(&agent, next).await {
                 Ok(Some(message)) => {
                     next = message.sequence + 1;
+                    if message.expired {
+                        continue;
+                    }
                     let Ok(frame) = wire::frame_of(message.payload, false) else {
                         warn!(%agent, sequence = message.sequence, "stored frame is not UTF-8; skipped");
                         continue;
@@ -660,12 +772,12 @@ mod tests {
         assert_eq!(s.num_replicas, 3);
         assert_eq!(s.max_messages_per_subject, 5);
         assert_eq!(s.max_bytes, -1);
-        assert_eq!(s.max_age, Duration::from_secs(60));
+        assert_eq!(s.max_age, Duration::from_secs(60) + AGE_SAFETY_MARGIN);
         assert_eq!(s.discard, stream::DiscardPolicy::New);
         assert!(s.discard_new_per_subject);
         let status = status_bucket_config(&subjects, &config);
         assert_eq!(status.name, "KV_tether-acme-messages");
-        assert_eq!(status.max_age, Duration::from_secs(160));
+        assert_eq!(status.max_age, Duration::from_secs(160) + AGE_SAFETY_MARGIN);
         assert_eq!(status.num_replicas, 3);
     }
 

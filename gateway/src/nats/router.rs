@@ -34,7 +34,8 @@ use super::subjects::{PodOp, Subjects};
 use super::wire::{self, Answer, Call};
 use crate::hub::{AgentReply, Connection, Hub, Outbound};
 use crate::router::{
-    DurableReceipt, LocalRouter, MessageStatus, Page, Presence, Push, Request, RouteError, Router,
+    DurableReceipt, ExpiredMessage, LocalRouter, MessageStatus, Page, Presence, Push, Request,
+    RouteError, Router,
 };
 
 /// Timeouts and sizes of the NATS router.
@@ -1136,6 +1137,31 @@ impl Router for NatsRouter {
 
     async fn durable_backlog(&self) -> Option<u64> {
         self.inner.durable.as_ref()?.backlog().await.ok()
+    }
+
+    fn durable_sweep_interval(&self) -> Option<Duration> {
+        self.inner.durable.as_ref()?.sweep_interval()
+    }
+
+    async fn durable_expired(&self) -> Result<Option<ExpiredMessage>, RouteError> {
+        let inner = &self.inner;
+        let Some(durable) = &inner.durable else {
+            return Ok(None);
+        };
+        // One sweeper per pool: the first pod of the registry by name. Two pods that
+        // disagree for a moment both tell the upstream (same id: its Idempotency-Key).
+        let first = inner.known_pods().await.into_iter().next();
+        if first.as_deref() != Some(inner.me.pod.as_str()) {
+            return Ok(None);
+        }
+        durable.oldest_expired().await
+    }
+
+    async fn durable_expire(&self, expired: &ExpiredMessage) -> Result<(), RouteError> {
+        match &self.inner.durable {
+            Some(durable) => durable.expire(expired).await,
+            None => Ok(()),
+        }
     }
 
     fn durable_drains(&self) -> usize {

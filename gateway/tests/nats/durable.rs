@@ -4,6 +4,9 @@
 //! NATS restart mid-delivery loses nothing; limits refuse what they must; an idle
 //! agent costs no drain task.
 
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tether_config::{DeliveryMode, DurableConfig, GatewayConfig};
 use tether_gateway::nats::subjects::Subjects;
@@ -364,13 +367,42 @@ async fn durable_pushes_are_refused_clearly_where_they_cannot_work() {
     assert_eq!(stored(&nats).await, 0);
 }
 
+/// An upstream that records the events it receives.
+async fn recording_upstream() -> (Arc<Mutex<Vec<Value>>>, String) {
+    let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = events.clone();
+    let app = axum::Router::new().route(
+        "/events",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().push(body.0);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (events, url)
+}
+
 #[tokio::test]
-async fn a_message_older_than_max_age_is_removed_unacknowledged() {
+async fn a_message_older_than_max_age_expires_with_an_upstream_event() {
     let nats = Nats::start().await;
+    let (events, url) = recording_upstream().await;
     let pod = Pod::start_with(&nats, "gw-0", |c| {
         c.delivery.durable = Some(DurableConfig {
             max_age_seconds: 1,
             ..DurableConfig::default()
+        });
+        c.upstream = Some(tether_config::UpstreamConfig {
+            url,
+            secret_file: None,
+            timeout_ms: 2_000,
+            events: vec![],
+            max_concurrency: 4,
+            queue_timeout_ms: 1_000,
         });
     })
     .await;
@@ -380,8 +412,16 @@ async fn a_message_older_than_max_age_is_removed_unacknowledged() {
         .to_owned();
     assert_eq!(stored(&nats).await, 1);
     assert_eq!(status(&pod, &id).await, "pending");
+    // The sweep removes it (NATS's own age limit is an hour later) and tells the
+    // upstream first.
     eventually_stored(&nats, 0).await;
     assert_eq!(status(&pod, &id).await, "expired");
+    let got = events.lock().clone();
+    assert_eq!(
+        got,
+        vec![json!({"type": "expired", "agent_id": "late", "id": id})]
+    );
+    // The agent connects afterwards: nothing arrives.
     let mut agent = pod.agent("late", &[]).await;
     assert_silent(&mut agent).await;
     assert_eq!(draining(&pod), 0);

@@ -241,7 +241,8 @@ async fn measure_durable_delivery() {
         while let Some(Ok(frame)) = agent.next().await {
             if let Message::Text(text) = frame {
                 n += 1;
-                if let Ok(GatewayMessage::Push { id, ack: true, .. }) = GatewayMessage::decode(&text)
+                if let Ok(GatewayMessage::Push { id, ack: true, .. }) =
+                    GatewayMessage::decode(&text)
                 {
                     let ack = AgentMessage::Ack { id }.encode();
                     if futures_util::SinkExt::send(&mut agent, Message::text(ack))
@@ -258,7 +259,10 @@ async fn measure_durable_delivery() {
     let http = reqwest::Client::new();
     for (label, api) in [
         ("direct", b.api("/v1/agents/target/messages")),
-        ("durable", b.api("/v1/agents/target/messages?delivery=durable")),
+        (
+            "durable",
+            b.api("/v1/agents/target/messages?delivery=durable"),
+        ),
     ] {
         for _ in 0..100 {
             post(&http, api.clone(), json!("w")).await;
