@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use super::subjects::Subjects;
 use super::wire;
 use crate::hub::unix_now_ms;
-use crate::hub::{Connection, DeliveryError};
+use crate::hub::{Connection, DeliveryError, Hub};
 use crate::router::{DurableState, ExpiredMessage, MessageStatus, RouteError};
 
 /// The header that carries a durable message's id (JetStream de-duplicates on it
@@ -171,6 +171,9 @@ struct Shared {
     outbound_queue: usize,
     /// `maxAgeSeconds` (0: messages never expire).
     max_age_seconds: u64,
+    /// This pod's connections: a drain task ends once its connection left the hub
+    /// (a socket that died queues no close, so `is_closing` alone would not say).
+    hub: Arc<Hub>,
     /// Drain tasks by connection id: only connections with a backlog have one.
     drains: Mutex<HashMap<u64, Arc<Drain>>>,
 }
@@ -198,6 +201,7 @@ impl Durable {
         js: jetstream::Context,
         subjects: &Subjects,
         config: &DurableConfig,
+        hub: Arc<Hub>,
         outbound_queue: usize,
     ) -> Result<Self, DurableError> {
         let stream_config = stream_config(subjects, config);
@@ -239,6 +243,7 @@ impl Durable {
                 subjects: subjects.clone(),
                 in_flight: config.in_flight.min(outbound_queue).max(1),
                 max_age_seconds: config.max_age_seconds,
+                hub,
                 outbound_queue,
                 drains: Mutex::default(),
             }),
@@ -591,7 +596,11 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
             state.kicked = false;
             std::mem::take(&mut state.acks)
         };
-        if conn.is_closing() {
+        let current = shared
+            .hub
+            .get(&agent)
+            .is_some_and(|c| Arc::ptr_eq(&c, &conn));
+        if !current || conn.is_closing() {
             break;
         }
         let acked: Vec<(u64, String)> = acks

@@ -237,6 +237,7 @@ impl NatsRouter {
                     js.clone(),
                     &subjects,
                     durable,
+                    hub.clone(),
                     outbound_queue,
                 )
                 .await?,
@@ -713,7 +714,14 @@ impl Inner {
                         conn.close(CloseCode::Replaced);
                         Ok(0)
                     }
-                    Reconcile::Write { .. } => self.register(&conn).await.map(|()| 1),
+                    Reconcile::Write { .. } => {
+                        self.register(&conn).await?;
+                        // Connected while NATS was away: its backlog was not looked at.
+                        if let Some(durable) = &self.durable {
+                            durable.connected(&conn).await;
+                        }
+                        Ok(1)
+                    }
                 }
             })
             .buffer_unordered(32)

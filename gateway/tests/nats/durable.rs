@@ -471,3 +471,27 @@ async fn a_durable_message_reports_pending_delivered_and_acknowledged() {
     eventually_stored(&nats, 0).await;
     assert_eq!(status(&p0, &second).await, "acknowledged");
 }
+
+#[tokio::test]
+async fn an_agent_that_connects_while_nats_is_away_gets_its_backlog_when_it_is_back() {
+    let mut nats = Nats::start().await;
+    let pod = Pod::start_with(&nats, "gw-0", with_durable(4)).await;
+    for n in 0..3 {
+        push_durable(&pod.http, api_base(&pod), "blip", json!(n)).await;
+    }
+    nats.kill();
+    eventually(|| !pod.ready()).await;
+    // The gateway still accepts the agent (local routing keeps working), but cannot
+    // look at its backlog yet.
+    let mut agent = pod.agent("blip", &[]).await;
+    nats.restart(false).await;
+    // Re-registration after the reconnect looks at the backlog of connections made
+    // during the outage.
+    for n in 0..3 {
+        let (id, data) = next_durable(&mut agent).await;
+        assert_eq!(data, json!(n));
+        ack(&mut agent, &id).await;
+    }
+    eventually_stored(&nats, 0).await;
+    eventually(|| draining(&pod) == 0).await;
+}
