@@ -61,10 +61,6 @@ pub struct Snapshot {
     pub draining: bool,
     /// Id of the instruction the pod acts on (or acted on last).
     pub instruction: Option<String>,
-    /// Durable messages pending across the pool (read from the stream when a report is
-    /// made, not on every tick; `None` without a durable queue or when unreadable).
-    /// Not a reason to report: it rides on the reports connections cause.
-    pub pending_messages: Option<i64>,
 }
 
 /// When a change of the connection count is worth a report before the heartbeat.
@@ -165,15 +161,18 @@ pub fn report_body(
     if let Some(id) = &snap.instruction {
         entry["instruction"] = json!(id);
     }
-    if let Some(pending) = snap.pending_messages {
-        entry["pendingMessages"] = json!(pending);
-    }
     json!({
         "apiVersion": format!("{}/{}", tether_crds::GROUP, tether_crds::VERSION),
         "kind": "ConnectionPool",
         "metadata": {"name": pool},
         "status": {"pods": [entry]},
     })
+}
+
+/// Adds the pool's durable backlog (messages pending across its agents, as this pod
+/// read it from the stream) to this pod's entry of a report body.
+pub fn with_pending_messages(body: &mut serde_json::Value, pending: u64) {
+    body["status"]["pods"][0]["pendingMessages"] = json!(pending);
 }
 
 /// The instruction carried by a Pod's annotation; `None` when absent or unreadable (an
@@ -326,7 +325,6 @@ impl Reporter {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
-            pending_messages: None,
         }
     }
 }
@@ -371,14 +369,12 @@ async fn report_loop(reporter: Reporter, cell: SharedClient, stop: CancellationT
         if Instant::now() < due {
             continue;
         }
-        let mut current = current;
-        current.pending_messages = reporter
-            .state
-            .router
-            .durable_backlog()
-            .await
-            .and_then(|n| i64::try_from(n).ok());
-        let body = report_body(&config.pool, pod, boot_id, &current, Timestamp::now());
+        let mut body = report_body(&config.pool, pod, boot_id, &current, Timestamp::now());
+        // Read when a report is made, not on every tick, and never a reason to report:
+        // the backlog rides on the reports connections cause (and the heartbeat).
+        if let Some(pending) = reporter.state.router.durable_backlog().await {
+            with_pending_messages(&mut body, pending);
+        }
         match api
             .patch_status(&config.pool, &params, &Patch::Apply(body))
             .await
@@ -530,7 +526,6 @@ mod tests {
             ready: true,
             draining: false,
             instruction: None,
-            pending_messages: None,
         }
     }
 
@@ -638,12 +633,10 @@ mod tests {
         let body = report_body("p", "p-1", "boot", &acting, Timestamp::UNIX_EPOCH);
         assert_eq!(body["status"]["pods"][0]["refused"], json!(4));
         assert_eq!(body["status"]["pods"][0]["instruction"], json!("shed-9"));
-        let with_backlog = Snapshot {
-            pending_messages: Some(12),
-            ..snap(7)
-        };
-        let body = report_body("p", "p-1", "boot", &with_backlog, Timestamp::UNIX_EPOCH);
+        let mut body = report_body("p", "p-1", "boot", &snap(7), Timestamp::UNIX_EPOCH);
+        with_pending_messages(&mut body, 12);
         assert_eq!(body["status"]["pods"][0]["pendingMessages"], json!(12));
+        assert_eq!(body["status"]["pods"][0]["connections"], json!(7));
         assert!(withdraw_body("p").get("status").is_none());
         assert_eq!(field_manager("p-1"), "tether-gateway-p-1");
     }
