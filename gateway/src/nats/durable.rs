@@ -274,17 +274,14 @@ impl Durable {
 
     /// Messages pending across every agent of the pool (the stream's message count).
     pub async fn backlog(&self) -> Result<u64, RouteError> {
-        let mut stream = self
+        // `get_stream` is one STREAM.INFO call; its answer holds the count.
+        let stream = self
             .shared
             .js
             .get_stream(&self.shared.stream_name)
             .await
             .map_err(|e| RouteError::Unavailable(e.to_string()))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| RouteError::Unavailable(e.to_string()))?;
-        Ok(info.state.messages)
+        Ok(stream.cached_info().state.messages)
     }
 
     /// A connection was registered: one look at its subject; a drain task starts only
@@ -380,18 +377,13 @@ impl Durable {
         if self.shared.max_age_seconds == 0 {
             return Ok(None);
         }
-        let mut stream = self
+        let stream = self
             .shared
             .js
             .get_stream(&self.shared.stream_name)
             .await
             .map_err(|e| unavailable(&e))?;
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| unavailable(&e))?
-            .state
-            .clone();
+        let state = stream.cached_info().state.clone();
         if state.messages == 0 {
             return Ok(None);
         }
