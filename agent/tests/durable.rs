@@ -3,7 +3,6 @@
 //! while the handler ran) is delivered again by the next gateway — and the handler
 //! still sees it once.
 
-use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +10,7 @@ use std::time::Duration;
 use tether_agent::{Agent, Backoff, Hs256Minter, Options, ReconnectPolicy, State};
 use tether_config::{DurableConfig, GatewayConfig, NatsConfig};
 use tether_gateway::Gateway;
+use tether_test_support::{PATIENCE, push_api};
 
 const SECRET: &str = "integration-secret-of-at-least-32-bytes";
 const API_KEY: &str = "integration-key";
@@ -24,29 +24,23 @@ struct Nats {
 
 impl Nats {
     async fn start() -> Self {
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = tether_test_support::free_port();
         let store = tempfile::tempdir().unwrap();
-        let binary = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let binary = tether_test_support::nats_server_binary().unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new(binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server runs (apt-get install nats-server, or NATS_SERVER=/path)");
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .expect("nats-server starts");
+        tether_test_support::eventually("nats-server to listen", PATIENCE, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+                .ok()
+                .map(drop)
+        })
+        .await;
         Self {
             url: format!("nats://127.0.0.1:{port}"),
             child,
@@ -91,8 +85,8 @@ async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
 async fn push_durable(gateway: &Gateway, id: &str, n: u64) {
     let response = reqwest::Client::new()
         .post(format!(
-            "http://{}/v1/agents/a1/messages?delivery=durable",
-            gateway.internal_addr()
+            "{}?delivery=durable",
+            push_api::messages_url(gateway.internal_addr(), "a1")
         ))
         .bearer_auth(API_KEY)
         .header("idempotency-key", id)
@@ -104,15 +98,9 @@ async fn push_durable(gateway: &Gateway, id: &str, n: u64) {
 }
 
 async fn status(gateway: &Gateway, id: &str) -> String {
-    let body: serde_json::Value = reqwest::Client::new()
-        .get(format!(
-            "http://{}/v1/messages/{id}",
-            gateway.internal_addr()
-        ))
-        .bearer_auth(API_KEY)
-        .send()
+    let url = format!("http://{}/v1/messages/{id}", gateway.internal_addr());
+    let body: serde_json::Value = push_api::get(&reqwest::Client::new(), url, API_KEY)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -188,14 +176,10 @@ async fn a_durable_push_redelivered_after_a_lost_ack_reaches_the_handler_once() 
     // The new gateway delivers d1 and d2 again; the SDK acks both without handling
     // them twice, and the queue is empty.
     for id in ["d1", "d2"] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while status(&second, id).await != "acknowledged" {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} never acknowledged"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tether_test_support::eventually(&format!("{id} acknowledged"), PATIENCE, || async {
+            (status(&second, id).await == "acknowledged").then_some(())
+        })
+        .await;
     }
     assert_eq!(*handled.lock().unwrap(), ["d1", "d2"]);
     agent.close().await;

@@ -24,8 +24,8 @@
 
 pub mod credentials;
 pub mod directory;
-pub mod health;
 pub mod durable;
+pub mod health;
 pub mod router;
 pub mod subjects;
 pub mod wire;

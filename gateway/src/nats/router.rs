@@ -28,8 +28,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::directory::{self, Cache, Directory, Me, Reconcile, Route};
-use super::health::NatsHealth;
 use super::durable::Durable;
+use super::health::NatsHealth;
 use super::subjects::{PodOp, Subjects};
 use super::wire::{self, Answer, Call};
 use crate::hub::{AgentReply, Connection, Hub, Outbound};

@@ -70,18 +70,12 @@ async fn stored(nats: &Nats) -> u64 {
 }
 
 async fn eventually_stored(nats: &Nats, n: u64) {
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    loop {
-        let now = stored(nats).await;
-        if now == n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stream holds {now} messages, expected {n}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    tether_test_support::eventually(
+        &format!("the durable stream to hold {n} messages"),
+        common::PATIENCE,
+        || async { (stored(nats).await == n).then_some(()) },
+    )
+    .await;
 }
 
 /// `GET /v1/messages/{id}`'s `status`.
@@ -256,8 +250,7 @@ async fn a_nats_restart_mid_delivery_loses_nothing() {
     // The same Idempotency-Key on every attempt: an attempt that timed out after
     // being stored is not stored twice.
     let url = pod.api("/v1/agents/steady/messages?delivery=durable");
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    loop {
+    tether_test_support::eventually("a push once NATS is back", common::PATIENCE, || async {
         let response = pod
             .http
             .post(url.clone())
@@ -267,20 +260,13 @@ async fn a_nats_restart_mid_delivery_loses_nothing() {
             .send()
             .await
             .unwrap();
-        if response.status() == 202 {
-            break;
+        match response.status().as_u16() {
+            202 => Some(()),
+            503 => None,
+            other => panic!("only 'unavailable' while NATS comes back, got {other}"),
         }
-        assert_eq!(
-            response.status(),
-            503,
-            "only 'unavailable' while NATS comes back"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "NATS did not come back"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     for n in 2..5 {
         let (id, data) = next_durable(&mut agent).await;
         assert_eq!(data, json!(n));
@@ -459,14 +445,10 @@ async fn a_durable_message_reports_pending_delivered_and_acknowledged() {
     eventually_stored(&nats, 1).await;
     assert_eq!(status(&p0, &first).await, "acknowledged");
     // The delivery record is sent without waiting: poll for it.
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    while status(&p0, &second).await != "delivered" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never recorded as delivered"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    tether_test_support::eventually("the delivery record", common::PATIENCE, || async {
+        (status(&p0, &second).await == "delivered").then_some(())
+    })
+    .await;
     ack(&mut agent, &second).await;
     eventually_stored(&nats, 0).await;
     assert_eq!(status(&p0, &second).await, "acknowledged");
