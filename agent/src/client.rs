@@ -99,6 +99,10 @@ pub struct Options {
     pub command_queue: usize,
     /// Capacity of the queue of pushes waiting for the push handler.
     pub push_queue: usize,
+    /// Ids of recently handled pushes remembered for de-duplication: a push whose id
+    /// is among them is acknowledged (if asked) without calling the handler again.
+    /// Durable pushes are redelivered after a reconnect when their `ack` was lost.
+    pub dedup_window: usize,
     /// Read buffer of the socket (tungstenite's default is 128 KiB).
     pub read_buffer_bytes: usize,
 }
@@ -116,6 +120,7 @@ impl Default for Options {
             stable_after: Duration::from_secs(5),
             command_queue: 256,
             push_queue: 64,
+            dedup_window: 4096,
             read_buffer_bytes: 16 * 1024,
         }
     }
@@ -259,7 +264,12 @@ impl AgentBuilder {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let (push_tx, push_rx) = mpsc::channel(options.push_queue.max(1));
         let shutdown = CancellationToken::new();
-        tokio::spawn(dispatch_pushes(push_rx, on_push, internal_tx.clone()));
+        tokio::spawn(dispatch_pushes(
+            push_rx,
+            on_push,
+            internal_tx.clone(),
+            policy::DedupWindow::new(options.dedup_window),
+        ));
         let core = Core {
             url,
             tokens,
@@ -458,15 +468,32 @@ enum Internal {
     },
 }
 
-/// Runs the push handler on each push in order, then acks it if asked.
+/// Runs the push handler on each push in order, then acks it if asked. A push whose id
+/// was handled recently (a redelivery) is acked without running the handler again; it
+/// is acked only here, after every push before it, so a redelivered copy is never
+/// acknowledged while its first copy's handler still runs.
 async fn dispatch_pushes(
     mut rx: mpsc::Receiver<PushJob>,
     handler: PushFn,
     internal: mpsc::UnboundedSender<Internal>,
+    mut handled: policy::DedupWindow,
 ) {
     while let Some(job) = rx.recv().await {
         let id = job.push.id.clone();
-        handler(job.push).await;
+        match id.as_deref() {
+            Some(seen) if handled.contains(seen) => {
+                debug!(
+                    id = seen,
+                    "redelivered push: acknowledged, not handled again"
+                );
+            }
+            _ => {
+                handler(job.push).await;
+                if let Some(id) = &id {
+                    handled.insert(id);
+                }
+            }
+        }
         if let (true, Some(id)) = (job.ack, id) {
             let _ = internal.send(Internal::Reply {
                 epoch: job.epoch,
@@ -1347,6 +1374,58 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        agent.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_push_is_acked_without_reaching_the_handler_twice() {
+        let (url, mut conns, _auths) = scripted_server(None).await;
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let agent = Agent::builder(url, StaticToken("tok".into()))
+            .options(fast_options())
+            .on_push(move |push| {
+                let seen_tx = seen_tx.clone();
+                async move {
+                    let _ = seen_tx.send(push.json::<u64>().unwrap());
+                }
+            })
+            .start()
+            .unwrap();
+        let push = |id: &str, n: u64| GatewayMessage::Push {
+            id: id.into(),
+            data: RawValue::from_string(n.to_string()).unwrap(),
+            ack: true,
+        };
+        let mut first = within(conns.recv()).await.unwrap();
+        welcome(&mut first, "c1").await;
+        first
+            .send(Message::text(push("d1", 1).encode()))
+            .await
+            .unwrap();
+        assert_eq!(within(seen.recv()).await.unwrap(), 1);
+        // The connection dies before the gateway read the ack: the durable queue
+        // delivers d1 again on the next session, then d2.
+        drop(first);
+        let mut second = within(conns.recv()).await.unwrap();
+        welcome(&mut second, "c2").await;
+        for (id, n) in [("d1", 1), ("d2", 2)] {
+            second
+                .send(Message::text(push(id, n).encode()))
+                .await
+                .unwrap();
+        }
+        for expected in ["d1", "d2"] {
+            assert!(
+                matches!(within(next_envelope(&mut second)).await, AgentMessage::Ack { id } if id == expected),
+                "every copy is acknowledged, in order"
+            );
+        }
+        assert_eq!(
+            within(seen.recv()).await.unwrap(),
+            2,
+            "d1 was not handled again"
+        );
+        assert!(seen.try_recv().is_err());
         agent.close().await;
     }
 

@@ -180,6 +180,56 @@ pub fn resend_delay(
     }
 }
 
+/// The ids of the last `capacity` pushes handled, so a redelivered push (a durable
+/// push whose `ack` was lost with the connection, or a backend's retry with the same
+/// `Idempotency-Key`) is acknowledged without reaching the handler twice. Bounded: the
+/// oldest id is forgotten first.
+#[derive(Debug)]
+pub struct DedupWindow {
+    capacity: usize,
+    order: std::collections::VecDeque<String>,
+    seen: std::collections::HashSet<String>,
+}
+
+impl DedupWindow {
+    /// Remembers at most `capacity` ids (0 turns de-duplication off).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            order: std::collections::VecDeque::new(),
+            seen: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Whether `id` was handled within the window.
+    pub fn contains(&self, id: &str) -> bool {
+        self.seen.contains(id)
+    }
+
+    /// Records a handled id, forgetting the oldest beyond the capacity.
+    pub fn insert(&mut self, id: &str) {
+        if self.capacity == 0 || !self.seen.insert(id.to_owned()) {
+            return;
+        }
+        self.order.push_back(id.to_owned());
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{SeedableRng, rngs::StdRng};
@@ -366,5 +416,21 @@ mod tests {
             Duration::from_millis(700)
         );
         assert!(resend_delay(None, 0, &b, &mut rng()) <= b.base);
+    }
+
+    #[test]
+    fn the_dedup_window_forgets_the_oldest_id_first() {
+        let mut w = DedupWindow::new(2);
+        w.insert("a");
+        w.insert("b");
+        w.insert("a"); // already there: no reordering, no growth
+        assert!(w.contains("a") && w.contains("b"));
+        w.insert("c");
+        assert!(!w.contains("a"), "the oldest is forgotten");
+        assert!(w.contains("b") && w.contains("c"));
+        assert_eq!(w.len(), 2);
+        let mut off = DedupWindow::new(0);
+        off.insert("a");
+        assert!(!off.contains("a") && off.is_empty());
     }
 }

@@ -52,6 +52,10 @@ pub struct GatewayConfig {
     pub drain: DrainConfig,
     /// Reporting of this pod's connection count into the pool's status.
     pub status: Option<StatusConfig>,
+    /// How pushes to one agent are delivered: straight to its socket, or through a
+    /// durable per-agent queue (docs/routing.md, "Durable delivery").
+    #[serde(skip_serializing_if = "DeliveryConfig::is_default")]
+    pub delivery: DeliveryConfig,
 }
 
 /// Listen addresses and socket options.
@@ -329,6 +333,70 @@ pub struct NatsTls {
     pub key_file: Option<PathBuf>,
 }
 
+/// How a push to one agent is delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DeliveryMode {
+    /// Into the agent's outbound queue on the pod that holds its socket; 404 when the
+    /// agent is not connected.
+    #[default]
+    Direct,
+    /// Stored in the pool's JetStream stream first (202 once stored), delivered in
+    /// order and acknowledged by the agent whenever it is connected.
+    Durable,
+}
+
+/// Delivery of pushes to one agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// The mode of a push that does not say (`?delivery=direct|durable`).
+    pub mode: DeliveryMode,
+    /// The durable queue; without it durable pushes are refused (400). Needs
+    /// `routing.nats` with JetStream.
+    pub durable: Option<DurableConfig>,
+}
+
+impl DeliveryConfig {
+    /// Direct delivery and no durable queue (left out of a rendered file).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The pool's durable per-agent queue: one JetStream stream, one subject per agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct DurableConfig {
+    /// A message not acknowledged within this long is removed (0: kept until acked).
+    pub max_age_seconds: u64,
+    /// Pending messages per agent; a push beyond it is refused with 429.
+    pub max_messages_per_agent: u64,
+    /// Bytes of pending messages of the whole pool (the stream's `max_bytes`); a push
+    /// beyond it is refused with 429 (0: no limit).
+    pub max_bytes: u64,
+    /// Stream replicas (1 for a single NATS server, 3 for a cluster).
+    pub replicas: usize,
+    /// Messages written to one agent before its acks are awaited.
+    pub in_flight: usize,
+    /// How long `GET /v1/messages/{id}` still knows a message after its last change
+    /// (acknowledged, expired), on top of `maxAgeSeconds`.
+    pub status_retention_seconds: u64,
+}
+
+impl Default for DurableConfig {
+    fn default() -> Self {
+        Self {
+            max_age_seconds: 7 * 24 * 3600,
+            max_messages_per_agent: 1000,
+            max_bytes: 0,
+            replicas: 1,
+            in_flight: 32,
+            status_retention_seconds: 24 * 3600,
+        }
+    }
+}
+
 /// How the gateway empties itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
@@ -500,6 +568,28 @@ impl GatewayConfig {
                 ));
             }
         }
+        if self.delivery.mode == DeliveryMode::Durable && self.delivery.durable.is_none() {
+            return Err(ConfigError::Invalid(
+                "delivery.mode durable needs delivery.durable".into(),
+            ));
+        }
+        if let Some(durable) = &self.delivery.durable {
+            if self.routing.nats.is_none() {
+                return Err(ConfigError::Invalid(
+                    "delivery.durable needs routing.nats (the queue is a JetStream stream)".into(),
+                ));
+            }
+            if durable.max_messages_per_agent == 0
+                || durable.in_flight == 0
+                || !(1..=5).contains(&durable.replicas)
+            {
+                return Err(ConfigError::Invalid(
+                    "delivery.durable: maxMessagesPerAgent and inFlight must be greater than 0, \
+                     replicas 1..=5"
+                        .into(),
+                ));
+            }
+        }
         if let Some(nats) = &self.routing.nats {
             let a = &nats.auth;
             let methods = [
@@ -549,6 +639,40 @@ mod tests {
             GatewayConfig::from_yaml("").unwrap(),
             GatewayConfig::default()
         );
+    }
+
+    #[test]
+    fn durable_delivery_needs_its_queue_and_nats() {
+        let durable_mode = "delivery:\n  mode: durable\n";
+        assert!(
+            GatewayConfig::from_yaml(durable_mode)
+                .unwrap_err()
+                .to_string()
+                .contains("needs delivery.durable")
+        );
+        let without_nats = "delivery:\n  durable: {}\n";
+        assert!(
+            GatewayConfig::from_yaml(without_nats)
+                .unwrap_err()
+                .to_string()
+                .contains("needs routing.nats")
+        );
+        let full = "routing:\n  nats:\n    url: nats://n:4222\ndelivery:\n  mode: durable\n  \
+                    durable:\n    maxAgeSeconds: 60\n    maxMessagesPerAgent: 5\n    replicas: 3\n";
+        let config = GatewayConfig::from_yaml(full).unwrap();
+        assert_eq!(config.delivery.mode, DeliveryMode::Durable);
+        let durable = config.delivery.durable.unwrap();
+        assert_eq!(
+            (
+                durable.max_age_seconds,
+                durable.max_messages_per_agent,
+                durable.replicas
+            ),
+            (60, 5, 3)
+        );
+        let zero =
+            "routing:\n  nats:\n    url: nats://n:4222\ndelivery:\n  durable:\n    inFlight: 0\n";
+        assert!(GatewayConfig::from_yaml(zero).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
@@ -126,6 +127,10 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
     {
         "rule": "self.replicas.max == 1 || has(self.routing)",
         "message": "routing is required when replicas.max > 1: pods need a message bus to reach agents connected to other pods"
+    },
+    {
+        "rule": "!has(self.delivery) || has(self.routing)",
+        "message": "delivery needs routing: the durable queue is a NATS JetStream stream"
     }
 ]))]
 pub struct ConnectionPoolSpec {
@@ -156,6 +161,13 @@ pub struct ConnectionPoolSpec {
     /// The message bus between pods. Required when `replicas.max` > 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingSpec>,
+
+    /// Durable delivery: a per-agent queue on the pool's NATS JetStream, so pushes
+    /// for an agent that is between connections are delivered, in order and
+    /// acknowledged, when it is back. Without it, pushes go straight to the agent's
+    /// socket (404 when it is not connected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySpec>,
 
     /// How a gateway pod empties itself before it stops (scale-down, rollout, eviction).
     #[serde(default)]
@@ -561,6 +573,63 @@ pub struct NatsTlsSpec {
     pub key_secret_ref: Option<SecretKeyRef>,
 }
 
+/// The durable per-agent queue (docs/routing.md, "Durable delivery").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    /// The delivery of a push that does not ask (`?delivery=direct|durable`).
+    #[serde(default)]
+    pub mode: DeliveryMode,
+    /// An unacknowledged message older than this is removed (0: kept until acknowledged).
+    #[serde(default = "default_delivery_max_age")]
+    #[schemars(range(min = 0, max = 31_536_000))]
+    pub max_age_seconds: i32,
+    /// Pending messages per agent; a push beyond it is refused (429), nothing is dropped.
+    #[serde(default = "default_delivery_max_messages")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_messages_per_agent: i32,
+    /// Bytes of pending messages of the whole pool; a push beyond it is refused (429).
+    /// 0: no limit but the NATS server's storage. (JetStream limits messages per
+    /// subject, not bytes, so there is no per-agent byte limit.)
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_bytes: i64,
+    /// Replicas of the stream (1 for a single NATS server, 3 on a NATS cluster).
+    #[serde(default = "default_delivery_replicas")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: i32,
+    /// Size of the managed NATS's JetStream volume (a PersistentVolumeClaim per NATS
+    /// pod, e.g. `10Gi`). Without it a managed NATS keeps JetStream in an `emptyDir`:
+    /// stored messages survive gateway crashes and NATS container restarts, but not the
+    /// NATS pod's deletion. Ignored for an existing NATS (`routing.nats.url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Quantity>,
+}
+
+/// How a push to one agent is delivered.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DeliveryMode {
+    /// Into the agent's outbound queue on its pod; 404 when it is not connected.
+    #[default]
+    Direct,
+    /// Stored first (202 once stored), delivered and acknowledged whenever the agent is
+    /// connected.
+    Durable,
+}
+
+fn default_delivery_max_age() -> i32 {
+    7 * 24 * 3600
+}
+
+fn default_delivery_max_messages() -> i32 {
+    1000
+}
+
+fn default_delivery_replicas() -> i32 {
+    1
+}
+
 /// How a gateway pod drains: it turns unready, sends agents a `reconnect` hint and
 /// closes their sockets at a bounded rate, then exits.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -789,6 +858,11 @@ pub struct PodReport {
     /// apart from its predecessor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// Durable messages pending across the pool's agents (`spec.delivery`), as this pod
+    /// read them from the pool's stream when it reported: every pod reads the same
+    /// pool-wide count, so any fresh entry shows the pool's backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_messages: Option<i64>,
 }
 
 fn is_zero(n: &i64) -> bool {

@@ -369,3 +369,18 @@ fn an_upstream_must_be_signed() {
         .collect();
     assert!(required.contains(&"secretRef"), "{required:?}");
 }
+
+#[test]
+fn durable_delivery_needs_routing() {
+    let mut pool = minimal();
+    pool["spec"]["delivery"] = json!({"mode": "durable"});
+    let failures = cel_failures(&pool);
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.contains("delivery needs routing")),
+        "{failures:?}"
+    );
+    pool["spec"]["routing"] = json!({"nats": {"managed": true}});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+}

@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
+use tether_config::DeliveryMode;
 use tether_protocol::{ErrorBody, GatewayMessage, MAX_ID_LEN, RawValue, encode_push, valid_id};
 use tracing::instrument;
 
@@ -127,7 +128,7 @@ impl From<RouteError> for ApiError {
         match e {
             RouteError::NotConnected => ApiError::NotFound(message),
             RouteError::Duplicate => ApiError::Conflict(message),
-            RouteError::QueueFull | RouteError::TooManyPending => {
+            RouteError::QueueFull | RouteError::TooManyPending | RouteError::DurableFull(_) => {
                 ApiError::TooManyRequests(message)
             }
             RouteError::Timeout(_) => ApiError::Timeout(message),
@@ -149,6 +150,7 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .route("/v1/agents/{agent}/requests", post(request))
         .route("/v1/groups/{group}/messages", post(send_to_group))
         .route("/v1/broadcast", post(broadcast))
+        .route("/v1/messages/{id}", get(message_status))
         .route("/v1/stats", get(stats))
         .route("/admin/drain", post(drain))
         // One byte over the limit is enough to tell "too large" from "exactly at it".
@@ -173,6 +175,8 @@ fn required_scope(method: &http::Method, route: &str) -> Scope {
             Scope::Push
         }
         (&http::Method::POST, "/v1/agents/{agent}/requests") => Scope::Request,
+        // Whoever may push may follow what became of its durable pushes.
+        (&http::Method::GET, "/v1/messages/{id}") => Scope::Push,
         (&http::Method::GET, "/v1/agents" | "/v1/agents/{agent}" | "/v1/stats") => Scope::Presence,
         // Broadcast, disconnect, drain — and any route added without a decision here.
         _ => Scope::Admin,
@@ -340,6 +344,8 @@ struct PushQuery {
     #[serde(default)]
     ack: bool,
     timeout_ms: Option<u64>,
+    /// `direct` or `durable`; the pool's `delivery.mode` when absent.
+    delivery: Option<DeliveryMode>,
 }
 
 impl PushQuery {
@@ -399,6 +405,9 @@ async fn push(
         let query = PushQuery::checked(query)?;
         let body = checked_body(&state, body)?;
         let id = message_id(&headers)?;
+        if query.delivery.unwrap_or(state.config.delivery.mode) == DeliveryMode::Durable {
+            return push_durable(&state, &agent, &query, &headers, &body, id).await;
+        }
         let frame = push_frame(&headers, &body, &id, query.ack)?;
         let ack_timeout = query.ack.then(|| query.timeout(&state));
         state
@@ -422,6 +431,51 @@ async fn push(
     .await;
     record(&state, "push", started, &result);
     result
+}
+
+/// A durable push: 202 once stored in the agent's durable queue, whether or not the
+/// agent is connected (never 404).
+async fn push_durable(
+    state: &AppState,
+    agent: &str,
+    query: &PushQuery,
+    headers: &HeaderMap,
+    body: &Bytes,
+    id: String,
+) -> ApiResult<Response> {
+    if query.ack {
+        return Err(ApiError::BadRequest(
+            "ack=true does not combine with delivery=durable: a durable push is stored \
+             first and acknowledged by the agent whenever it is connected"
+                .into(),
+        ));
+    }
+    if !state.router.durable() {
+        return Err(ApiError::BadRequest(
+            "durable delivery is not configured for this pool (delivery.durable)".into(),
+        ));
+    }
+    if !is_json(headers) {
+        return Err(ApiError::BadRequest(
+            "delivery=durable needs a JSON body (binary frames carry no id to acknowledge)".into(),
+        ));
+    }
+    let data = json_payload(body)?;
+    let frame = encode_push(&id, &data, true);
+    let receipt = state
+        .router
+        .push_durable(agent, &id, Bytes::from(frame))
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "id": id,
+            "delivery": "durable",
+            "sequence": receipt.sequence,
+            "duplicate": receipt.duplicate,
+        })),
+    )
+        .into_response())
 }
 
 #[instrument(skip_all, fields(agent = %agent))]
@@ -534,6 +588,29 @@ async fn broadcast(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     fan_out(&state, Audience::Everyone, &headers, body).await
+}
+
+/// Where a durable push is: pending, delivered, acknowledged or expired.
+async fn message_status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    if !valid_id(&id) {
+        return Err(ApiError::BadRequest(format!(
+            "message id must be 1..={MAX_ID_LEN} bytes without control characters"
+        )));
+    }
+    if !state.router.durable() {
+        return Err(ApiError::BadRequest(
+            "durable delivery is not configured for this pool (delivery.durable)".into(),
+        ));
+    }
+    match state.router.durable_status(&id).await? {
+        Some(status) => Ok(Json(status).into_response()),
+        None => Err(ApiError::NotFound(format!(
+            "no durable message with id `{id}`"
+        ))),
+    }
 }
 
 async fn presence(

@@ -4,12 +4,15 @@
 //! [`Router`] is the seam. [`LocalRouter`] serves a single pod (dev mode, one-replica
 //! pools, tests) straight from the [`Hub`]; a cross-pod router (NATS) looks the agent up
 //! in a directory and forwards to the right pod, where that pod's `LocalRouter` does the
-//! final step. The same trait leaves room for a durable per-agent queue later.
+//! final step. Durable pushes ([`Router::push_durable`]) are stored first and delivered
+//! whenever the agent is connected; only a router with a durable queue (NATS JetStream)
+//! offers them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::hub::{AgentReply, Connection, DeliveryError, Expect, Hub, Outbound};
@@ -35,6 +38,10 @@ pub enum RouteError {
     /// The agent disconnected before it answered (502).
     #[error("agent disconnected before answering")]
     AgentGone,
+    /// The agent's (or the pool's) durable queue is at its limit (429): nothing was
+    /// stored.
+    #[error("{0}")]
+    DurableFull(String),
     /// The bus or the agent's pod cannot be reached right now (503). Nothing was
     /// delivered; the caller may retry.
     #[error("routing unavailable: {0}")]
@@ -61,6 +68,53 @@ pub struct Push {
     pub frame: Outbound,
     /// Wait this long for the agent's `ack`; `None` returns once queued.
     pub ack_timeout: Option<Duration>,
+}
+
+/// Where a durable push was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableReceipt {
+    /// Stream sequence (orders one agent's messages).
+    pub sequence: u64,
+    /// The message id had been stored already (a retry): stored once.
+    pub duplicate: bool,
+}
+
+/// Where a durable message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurableState {
+    /// Stored, not yet written to the agent.
+    Pending,
+    /// Written to a connection of the agent, not yet acknowledged.
+    Delivered,
+    /// The agent acknowledged it (it is no longer stored).
+    Acknowledged,
+    /// Removed unacknowledged: older than `delivery.durable.maxAgeSeconds`.
+    Expired,
+}
+
+/// A durable message that outlived `delivery.durable.maxAgeSeconds` unacknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredMessage {
+    /// The agent it was for.
+    pub agent: String,
+    /// Message id.
+    pub id: String,
+    /// Stream sequence.
+    pub sequence: u64,
+}
+
+/// The answer of `GET /v1/messages/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessageStatus {
+    /// Message id.
+    pub id: String,
+    /// The agent it is for.
+    pub agent_id: String,
+    /// Stream sequence.
+    pub sequence: u64,
+    /// Its state.
+    pub status: DurableState,
 }
 
 /// A request to one agent.
@@ -121,6 +175,61 @@ pub trait Router: Send + Sync + 'static {
     async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, RouteError>;
     /// Closes an agent's connection with [`tether_protocol::CloseCode::Disconnected`].
     async fn disconnect(&self, agent: &str) -> Result<(), RouteError>;
+    /// Whether durable pushes are available (a durable queue is configured).
+    fn durable(&self) -> bool {
+        false
+    }
+    /// Stores `frame` (a `push` envelope with `"ack": true`, id `id`) in `agent`'s
+    /// durable queue; returns once it is stored. The agent gets it in order whenever it
+    /// is connected, until it acknowledges it — the agent need not be connected now.
+    async fn push_durable(
+        &self,
+        agent: &str,
+        id: &str,
+        frame: Bytes,
+    ) -> Result<DurableReceipt, RouteError> {
+        let _ = (agent, id, frame);
+        Err(RouteError::Unavailable(
+            "durable delivery needs routing.nats and delivery.durable".into(),
+        ))
+    }
+    /// Where durable message `id` is; `None` when no such message is known (never
+    /// stored, or its record outlived `delivery.durable.statusRetentionSeconds`).
+    async fn durable_status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
+        let _ = id;
+        Err(RouteError::Unavailable(
+            "durable delivery needs routing.nats and delivery.durable".into(),
+        ))
+    }
+    /// Durable messages pending across the pool's agents; `None` without a durable
+    /// queue or when it cannot be read now.
+    async fn durable_backlog(&self) -> Option<u64> {
+        None
+    }
+    /// How often this pod looks for expired durable messages (`None`: never).
+    fn durable_sweep_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// The pool's oldest durable message if it has expired and this pod is the pool's
+    /// sweeper (one pod at a time looks), else `None`.
+    async fn durable_expired(&self) -> Result<Option<ExpiredMessage>, RouteError> {
+        Ok(None)
+    }
+    /// Removes an expired message (after the upstream was told) and records it so.
+    async fn durable_expire(&self, expired: &ExpiredMessage) -> Result<(), RouteError> {
+        let _ = expired;
+        Ok(())
+    }
+    /// Connections of this pod that have a durable drain task right now (only those
+    /// with a backlog or unacknowledged messages; zero when every agent is idle).
+    fn durable_drains(&self) -> usize {
+        0
+    }
+    /// The agent acknowledged a push that no push-API call waits for: maybe a durable
+    /// one on this connection.
+    fn acked(&self, conn: &Arc<Connection>, id: &str) {
+        let _ = (conn, id);
+    }
     /// Whether the router can route right now (feeds `/readyz`).
     fn ready(&self) -> bool {
         true

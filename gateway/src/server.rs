@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::{ApiKeys, KeyError, TokenVerifier};
 use crate::hub::Hub;
@@ -109,6 +109,8 @@ impl Gateway {
                 );
             }
             let namespace = crate::nats::namespace(&config);
+            let durable = config.delivery.durable.clone();
+            let outbound_queue = config.limits.outbound_queue;
             return Self::start_with_router(
                 config,
                 pod,
@@ -120,6 +122,7 @@ impl Gateway {
                             hub,
                             &pod_name,
                             crate::nats::Tuning::default(),
+                            durable.as_ref().map(|d| (d, outbound_queue)),
                         )
                         .await
                         .map_err(|e| StartError::Routing(e.to_string()))?;
@@ -261,6 +264,10 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
         .status
         .clone()
         .map(|config| crate::status::spawn(state.clone(), config));
+    let expiry = state
+        .router
+        .durable_sweep_interval()
+        .map(|every| tokio::spawn(sweep_expired(state.clone(), every)));
 
     state.drain_requested.cancelled().await;
     drain(&state).await;
@@ -268,12 +275,60 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     let _ = accept.await;
     reload_keys.abort();
     liveness.abort();
+    if let Some(expiry) = expiry {
+        expiry.abort();
+    }
     stop_internal.cancel();
     let _ = internal_server.await;
     if let Some(status) = status {
         status.shutdown(Duration::from_secs(5)).await;
     }
     info!("gateway stopped");
+}
+
+/// Most expired durable messages handled per sweep (the rest wait for the next one).
+const EXPIRED_PER_SWEEP: usize = 1000;
+
+/// Removes durable messages that outlived `maxAgeSeconds`, telling the upstream first
+/// with an `expired` event (`id` = the message id, also its `Idempotency-Key`). A
+/// message whose event the upstream did not accept stays and is tried on the next sweep.
+async fn sweep_expired(state: Arc<AppState>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for _ in 0..EXPIRED_PER_SWEEP {
+            let expired = match state.router.durable_expired().await {
+                Ok(Some(expired)) => expired,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(%e, "expiry sweep failed; retrying at the next sweep");
+                    break;
+                }
+            };
+            if let Some(upstream) = &state.upstream {
+                let event = crate::upstream::Event {
+                    kind: "expired",
+                    agent_id: &expired.agent,
+                    id: Some(&expired.id),
+                    data: None,
+                    binary: None,
+                };
+                if let Err(e) = upstream.post(&event).await {
+                    warn!(%e, id = %expired.id, "upstream did not take an expired event; retrying");
+                    break;
+                }
+            }
+            if let Err(e) = state.router.durable_expire(&expired).await {
+                debug!(%e, "expired message not removed; retrying at the next sweep");
+                break;
+            }
+            state
+                .metrics
+                .messages_dropped
+                .add(1, &crate::metrics::label("reason", "expired"));
+        }
+    }
 }
 
 /// Mounted Secrets change in place when rotated; pick the new keys up (API keys and

@@ -292,9 +292,14 @@ impl Session {
             }
             AgentMessage::Ack { id } => {
                 let null = RawValue::from_string("null".into()).expect("valid JSON");
-                self.state
+                // An ack no push-API call waits for may acknowledge a durable push.
+                if !self
+                    .state
                     .hub
-                    .complete(self.conn.id, &id, Expect::Ack, Ok(null));
+                    .complete(self.conn.id, &id, Expect::Ack, Ok(null))
+                {
+                    self.state.router.acked(&self.conn, &id);
+                }
             }
             AgentMessage::Refresh { token } => return self.refresh(&token),
         }

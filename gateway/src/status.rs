@@ -5,7 +5,8 @@
 //! ```text
 //!   hub.len(), refused, ready, draining, instruction id
 //!        ──(every 100 ms: due? pure `next_report`)──► SSA /status of the pool
-//!        status.pods[{name, connections, refused, ready, draining, instruction, observedAt, bootId}]
+//!        status.pods[{name, connections, refused, ready, draining, instruction, observedAt, bootId,
+//!                     pendingMessages (the pool's durable backlog, with a durable queue)}]
 //!        field manager `tether-gateway-<pod>`: pods never overwrite each other
 //!   watch own Pod (fieldSelector metadata.name=<pod>) ──► annotation changed?
 //!        drain ──► shed::drain_in_place (unready, stays up)   gone ──► drain called off
@@ -166,6 +167,12 @@ pub fn report_body(
         "metadata": {"name": pool},
         "status": {"pods": [entry]},
     })
+}
+
+/// Adds the pool's durable backlog (messages pending across its agents, as this pod
+/// read it from the stream) to this pod's entry of a report body.
+pub fn with_pending_messages(body: &mut serde_json::Value, pending: u64) {
+    body["status"]["pods"][0]["pendingMessages"] = json!(pending);
 }
 
 /// The instruction carried by a Pod's annotation; `None` when absent or unreadable (an
@@ -362,7 +369,12 @@ async fn report_loop(reporter: Reporter, cell: SharedClient, stop: CancellationT
         if Instant::now() < due {
             continue;
         }
-        let body = report_body(&config.pool, pod, boot_id, &current, Timestamp::now());
+        let mut body = report_body(&config.pool, pod, boot_id, &current, Timestamp::now());
+        // Read when a report is made, not on every tick, and never a reason to report:
+        // the backlog rides on the reports connections cause (and the heartbeat).
+        if let Some(pending) = reporter.state.router.durable_backlog().await {
+            with_pending_messages(&mut body, pending);
+        }
         match api
             .patch_status(&config.pool, &params, &Patch::Apply(body))
             .await
@@ -621,6 +633,10 @@ mod tests {
         let body = report_body("p", "p-1", "boot", &acting, Timestamp::UNIX_EPOCH);
         assert_eq!(body["status"]["pods"][0]["refused"], json!(4));
         assert_eq!(body["status"]["pods"][0]["instruction"], json!("shed-9"));
+        let mut body = report_body("p", "p-1", "boot", &snap(7), Timestamp::UNIX_EPOCH);
+        with_pending_messages(&mut body, 12);
+        assert_eq!(body["status"]["pods"][0]["pendingMessages"], json!(12));
+        assert_eq!(body["status"]["pods"][0]["connections"], json!(7));
         assert!(withdraw_body("p").get("status").is_none());
         assert_eq!(field_manager("p-1"), "tether-gateway-p-1");
     }

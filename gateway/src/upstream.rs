@@ -75,7 +75,7 @@ impl UpstreamError {
 /// One event, as POSTed.
 #[derive(Debug, Serialize)]
 pub struct Event<'a> {
-    /// `message`, `request`, `connect` or `disconnect`.
+    /// `message`, `request`, `connect`, `disconnect` or `expired` (a durable push).
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// The agent.

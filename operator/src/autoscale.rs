@@ -1034,6 +1034,7 @@ mod tests {
                     draining: *draining,
                     observed_at: Some(Time(t(at))),
                     boot_id: None,
+                    pending_messages: None,
                 })
                 .collect(),
             instructions,

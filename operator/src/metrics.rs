@@ -420,6 +420,7 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::try_from(SystemTime::now() - age).unwrap(),
             )),
             boot_id: None,
+            pending_messages: None,
         }
     }
 

@@ -29,8 +29,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tether_config::{
-    AuthConfig, DrainConfig, GatewayConfig, JwtConfig, Limits, NatsAuth, NatsConfig, NatsTls,
-    RoutingConfig, StatusConfig, UpstreamConfig, UpstreamEvent as ConfigEvent,
+    AuthConfig, DeliveryConfig, DeliveryMode, DrainConfig, DurableConfig, GatewayConfig, JwtConfig,
+    Limits, NatsAuth, NatsConfig, NatsTls, RoutingConfig, StatusConfig, UpstreamConfig,
+    UpstreamEvent as ConfigEvent,
 };
 use tether_crds::{ConnectionPool, ImagePullPolicy, SecretKeyRef, ServiceType, UpstreamEvent};
 
@@ -433,6 +434,28 @@ pub fn nats_url(pool: &ConnectionPool) -> Option<String> {
 
 /// Renders the pool's spec into the gateway's configuration and checks it the way the
 /// gateway will, so a spec the gateway would refuse never reaches a pod.
+/// `spec.delivery` as the gateway's `delivery` section: a pool with it gets the durable
+/// queue (and its default mode); one without keeps direct delivery only.
+fn delivery_config(pool: &ConnectionPool) -> DeliveryConfig {
+    let Some(delivery) = &pool.spec.delivery else {
+        return DeliveryConfig::default();
+    };
+    let positive = |v: i64| u64::try_from(v).unwrap_or(0);
+    DeliveryConfig {
+        mode: match delivery.mode {
+            tether_crds::DeliveryMode::Direct => DeliveryMode::Direct,
+            tether_crds::DeliveryMode::Durable => DeliveryMode::Durable,
+        },
+        durable: Some(DurableConfig {
+            max_age_seconds: positive(delivery.max_age_seconds.into()),
+            max_messages_per_agent: positive(delivery.max_messages_per_agent.into()),
+            max_bytes: positive(delivery.max_bytes),
+            replicas: positive(delivery.replicas.into()).max(1) as usize,
+            ..DurableConfig::default()
+        }),
+    }
+}
+
 pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError> {
     let spec = &pool.spec;
     let mounts = secret_mounts(pool);
@@ -505,6 +528,7 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
                 }
             }),
         },
+        delivery: delivery_config(pool),
         drain: DrainConfig {
             connections_per_second: positive(spec.drain.connections_per_second) as u32,
             deadline_seconds: positive(spec.drain.deadline_seconds),
@@ -907,7 +931,26 @@ fn managed_nats(
             args.extend([json!("--auth"), json!("$(NATS_TOKEN)")]);
         }
     }
-    let sts = typed(
+    // The directory is a cache the gateways rebuild on reconnect and needs no volume;
+    // a durable queue with `delivery.storage` gets one PersistentVolumeClaim per NATS
+    // pod, so stored messages outlive the NATS pod. (A StatefulSet's claim templates
+    // cannot change in place: adding `storage` to a running pool needs the NATS
+    // StatefulSet re-created — docs/operator.md.)
+    let data_volume = pool
+        .spec
+        .delivery
+        .as_ref()
+        .and_then(|d| d.storage.as_ref())
+        .map(|size| {
+            json!({
+                "metadata": {"name": "data"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": size}},
+                },
+            })
+        });
+    let mut sts: StatefulSet = typed(
         "StatefulSet",
         json!({
             "apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -941,14 +984,20 @@ fn managed_nats(
                                 "capabilities": {"drop": ["ALL"]},
                             },
                         }],
-                        // The directory is a cache the gateways rebuild on reconnect, so
-                        // it needs no persistent volume.
                         "volumes": [{"name": "data", "emptyDir": {}}],
                     },
                 },
             },
         }),
     )?;
+    if let Some(claim) = data_volume
+        && let Some(spec) = sts.spec.as_mut()
+    {
+        if let Some(pod) = spec.template.spec.as_mut() {
+            pod.volumes = None;
+        }
+        spec.volume_claim_templates = Some(vec![typed("PersistentVolumeClaim", claim)?]);
+    }
     let svc = typed(
         "Service",
         json!({

@@ -459,6 +459,7 @@ mod tests {
             // skewed node is fresh if the operator saw the entry change just now.
             observed_at: Some(Time(t(-31_536_000))),
             boot_id: None,
+            pending_messages: None,
         };
         let pods = [
             report("p-0"),

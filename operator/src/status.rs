@@ -445,6 +445,7 @@ mod tests {
             draining: false,
             observed_at: None,
             boot_id: None,
+            pending_messages: None,
         };
         p.status = Some(ConnectionPoolStatus {
             pods: vec![

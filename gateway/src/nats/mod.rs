@@ -14,6 +14,8 @@
 //!   encoded once), and the W3C trace context in NATS headers.
 //! - [`directory`]: the agent → pod directory (JetStream KV, compare-and-set) and its
 //!   pure decisions (newest wins, re-registration after an outage).
+//! - [`durable`]: the durable per-agent queue (one JetStream stream per pool, drained
+//!   only while an agent has a backlog).
 //! - [`router`]: [`NatsRouter`], the [`crate::router::Router`] on top of them.
 //! - [`health`]: the connection's state and counters from the client's events, exported
 //!   as `tether.nats.*` metrics.
@@ -22,6 +24,7 @@
 
 pub mod credentials;
 pub mod directory;
+pub mod durable;
 pub mod health;
 pub mod router;
 pub mod subjects;

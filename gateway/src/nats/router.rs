@@ -28,11 +28,15 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::directory::{self, Cache, Directory, Me, Reconcile, Route};
+use super::durable::Durable;
 use super::health::NatsHealth;
 use super::subjects::{PodOp, Subjects};
 use super::wire::{self, Answer, Call};
 use crate::hub::{AgentReply, Connection, Hub, Outbound};
-use crate::router::{LocalRouter, Page, Presence, Push, Request, RouteError, Router};
+use crate::router::{
+    DurableReceipt, ExpiredMessage, LocalRouter, MessageStatus, Page, Presence, Push, Request,
+    RouteError, Router,
+};
 
 /// Timeouts and sizes of the NATS router.
 #[derive(Debug, Clone)]
@@ -94,6 +98,8 @@ struct Inner {
     subjects: Subjects,
     client: Client,
     directory: Directory,
+    /// The durable per-agent queue, when `delivery.durable` is configured.
+    durable: Option<Durable>,
     cache: Cache,
     tuning: Tuning,
     /// Some local connection is missing from the directory (written while NATS was
@@ -138,6 +144,9 @@ pub enum NatsError {
     /// The directory buckets could not be opened.
     #[error(transparent)]
     Directory(#[from] directory::DirectoryError),
+    /// The durable queue's stream could not be opened.
+    #[error(transparent)]
+    Durable(#[from] super::durable::DurableError),
     /// A subscription failed.
     #[error("subscribing: {0}")]
     Subscribe(String),
@@ -157,13 +166,15 @@ fn unavailable(what: impl std::fmt::Display) -> RouteError {
 
 impl NatsRouter {
     /// Connects to NATS, opens the pool's directory, subscribes this pod's subjects and
-    /// starts serving other pods' calls.
+    /// starts serving other pods' calls. With `durable`, it also opens (or updates) the
+    /// pool's durable queue.
     pub async fn connect(
         config: &tether_config::NatsConfig,
         namespace: &str,
         hub: Arc<Hub>,
         pod: &str,
         tuning: Tuning,
+        durable: Option<(&tether_config::DurableConfig, usize)>,
     ) -> Result<Self, NatsError> {
         let reconnected = Arc::new(Notify::new());
         let on_event = reconnected.clone();
@@ -219,6 +230,20 @@ impl NatsRouter {
             &health,
         );
         let js = async_nats::jetstream::new(client.clone());
+        let durable = match durable {
+            Some((durable, outbound_queue)) => Some(
+                Durable::open(
+                    client.clone(),
+                    js.clone(),
+                    &subjects,
+                    durable,
+                    hub.clone(),
+                    outbound_queue,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let directory = Directory::open(js, &subjects).await?;
         let me = Me {
             pod: pod.to_owned(),
@@ -234,6 +259,7 @@ impl NatsRouter {
             subjects,
             client: client.clone(),
             directory,
+            durable,
             cache: Cache::new(tuning.cache_capacity),
             tuning,
             dirty: AtomicBool::new(false),
@@ -300,6 +326,11 @@ impl NatsRouter {
     /// This process's boot id.
     pub fn boot_id(&self) -> &str {
         &self.inner.me.boot
+    }
+
+    /// The durable queue, if configured.
+    pub fn durable_queue(&self) -> Option<&Durable> {
+        self.inner.durable.as_ref()
     }
 
     /// Agents in the push-side directory cache.
@@ -565,6 +596,50 @@ impl Inner {
     }
 }
 
+// === impl Inner: durable delivery ===
+
+impl Inner {
+    /// Tells the pod holding `agent` (if any) that something was stored for it. Best
+    /// effort: the message is already stored, and a lost kick is made up by the agent's
+    /// next connect or the next kick.
+    async fn kick(&self, durable: &Durable, agent: &str) {
+        if let Some(conn) = self.hub.get(agent) {
+            durable.kick(&conn);
+            return;
+        }
+        let route = match self.cache.get(agent) {
+            Some((route, _)) => Some(route),
+            None => match self.directory.lookup(agent).await {
+                Ok(Some((route, revision))) => {
+                    self.cache.put(agent, route.clone(), revision);
+                    Some(route)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    debug!(%e, agent, "directory unreadable; the agent gets its backlog on connect");
+                    None
+                }
+            },
+        };
+        let Some(route) = route.filter(|r| !r.on_pod(&self.me)) else {
+            return;
+        };
+        let call = Call::Kick {
+            agent: agent.to_owned(),
+        };
+        if let Ok(payload) = wire::encode_call(&call, &[]) {
+            let subject = self.subjects.pod(&route.pod, PodOp::Kick);
+            if let Err(e) = self
+                .client
+                .publish_with_headers(subject, wire::trace_headers(), payload)
+                .await
+            {
+                debug!(%e, agent, "kick not sent");
+            }
+        }
+    }
+}
+
 // === impl Inner: connection bookkeeping ===
 
 fn route_of(me: &Me, conn: &Connection) -> Route {
@@ -639,7 +714,14 @@ impl Inner {
                         conn.close(CloseCode::Replaced);
                         Ok(0)
                     }
-                    Reconcile::Write { .. } => self.register(&conn).await.map(|()| 1),
+                    Reconcile::Write { .. } => {
+                        self.register(&conn).await?;
+                        // Connected while NATS was away: its backlog was not looked at.
+                        if let Some(durable) = &self.durable {
+                            durable.connected(&conn).await;
+                        }
+                        Ok(1)
+                    }
                 }
             })
             .buffer_unordered(32)
@@ -816,6 +898,12 @@ impl Inner {
                 }
             }
             Call::Ping => Answer::Ok,
+            Call::Kick { agent } => {
+                if let (Some(durable), Some(conn)) = (&self.durable, self.hub.get(&agent)) {
+                    durable.kick(&conn);
+                }
+                return None;
+            }
             Call::Fanout { group, binary } => {
                 let n = match wire::frame_of(body, binary) {
                     Ok(frame) => match &group {
@@ -854,10 +942,20 @@ impl Router for NatsRouter {
                 inner.dirty.store(true, Ordering::Release);
             }
         }
+        // After the directory names this pod: a durable push stored from now on kicks
+        // this pod, and one stored before is found by this look.
+        if let Some(durable) = &inner.durable
+            && !conn.is_closing()
+        {
+            durable.connected(conn).await;
+        }
     }
 
     async fn disconnected(&self, conn: &Arc<Connection>) {
         let inner = &self.inner;
+        if let Some(durable) = &inner.durable {
+            durable.disconnected(conn.id);
+        }
         // A newer local connection of the agent already overwrote the entry.
         if inner.hub.get(&conn.agent_id).is_some() || !inner.connected_to_nats() {
             return;
@@ -1011,6 +1109,76 @@ impl Router for NatsRouter {
             other => Err(other
                 .to_error()
                 .unwrap_or_else(|| unavailable("unexpected answer to a disconnect"))),
+        }
+    }
+
+    fn durable(&self) -> bool {
+        self.inner.durable.is_some()
+    }
+
+    async fn push_durable(
+        &self,
+        agent: &str,
+        id: &str,
+        frame: Bytes,
+    ) -> Result<DurableReceipt, RouteError> {
+        let inner = &self.inner;
+        let durable = inner
+            .durable
+            .as_ref()
+            .ok_or_else(|| unavailable("delivery.durable is not configured"))?;
+        inner.require_nats()?;
+        let stored = durable.store(agent, id, frame).await?;
+        inner.kick(durable, agent).await;
+        Ok(DurableReceipt {
+            sequence: stored.sequence,
+            duplicate: stored.duplicate,
+        })
+    }
+
+    async fn durable_status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
+        match &self.inner.durable {
+            Some(durable) => durable.status(id).await,
+            None => Err(unavailable("delivery.durable is not configured")),
+        }
+    }
+
+    async fn durable_backlog(&self) -> Option<u64> {
+        self.inner.durable.as_ref()?.backlog().await.ok()
+    }
+
+    fn durable_sweep_interval(&self) -> Option<Duration> {
+        self.inner.durable.as_ref()?.sweep_interval()
+    }
+
+    async fn durable_expired(&self) -> Result<Option<ExpiredMessage>, RouteError> {
+        let inner = &self.inner;
+        let Some(durable) = &inner.durable else {
+            return Ok(None);
+        };
+        // One sweeper per pool: the first pod of the registry by name. Two pods that
+        // disagree for a moment both tell the upstream (same id: its Idempotency-Key).
+        let first = inner.known_pods().await.into_iter().next();
+        if first.as_deref() != Some(inner.me.pod.as_str()) {
+            return Ok(None);
+        }
+        durable.oldest_expired().await
+    }
+
+    async fn durable_expire(&self, expired: &ExpiredMessage) -> Result<(), RouteError> {
+        match &self.inner.durable {
+            Some(durable) => durable.expire(expired).await,
+            None => Ok(()),
+        }
+    }
+
+    fn durable_drains(&self) -> usize {
+        self.inner.durable.as_ref().map_or(0, Durable::draining)
+    }
+
+    fn acked(&self, conn: &Arc<Connection>, id: &str) {
+        if let Some(durable) = &self.inner.durable {
+            durable.acked(conn.id, id);
         }
     }
 

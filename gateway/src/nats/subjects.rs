@@ -12,8 +12,10 @@
 //!  tether.<ns>.pod.<pod>.<op>     requests for one pod (push, request, presence, ...)
 //!  tether.<ns>.group.<group>      a group send, fanned out by every pod
 //!  tether.<ns>.broadcast          a broadcast, fanned out by every pod
+//!  tether.<ns>.durable.<agent>    an agent's durable queue (stream tether-<ns>-durable)
 //!  KV tether-<ns>-agents  key a.<agent> → pod + connection epoch
 //!  KV tether-<ns>-pods    key <pod>     → pod boot id
+//!  KV tether-<ns>-messages key m.<id>   → durable message status
 //! ```
 
 use std::fmt::Write;
@@ -83,11 +85,13 @@ pub enum PodOp {
     List,
     /// Liveness probe (used to detect dead pods left in the registry).
     Ping,
+    /// A durable message was stored for a local agent: deliver its backlog.
+    Kick,
 }
 
 impl PodOp {
     /// Every operation.
-    pub const ALL: [PodOp; 7] = [
+    pub const ALL: [PodOp; 8] = [
         PodOp::Push,
         PodOp::Request,
         PodOp::Presence,
@@ -95,6 +99,7 @@ impl PodOp {
         PodOp::Replace,
         PodOp::List,
         PodOp::Ping,
+        PodOp::Kick,
     ];
 
     /// The last subject level.
@@ -107,6 +112,7 @@ impl PodOp {
             PodOp::Replace => "replace",
             PodOp::List => "list",
             PodOp::Ping => "ping",
+            PodOp::Kick => "kick",
         }
     }
 
@@ -186,6 +192,39 @@ impl Subjects {
     /// The pod registry bucket (pod → boot id).
     pub fn pods_bucket(&self) -> String {
         format!("tether-{}-pods", self.ns)
+    }
+
+    /// The durable queue's stream (one per pool; docs/routing.md, "Durable delivery").
+    pub fn durable_stream(&self) -> String {
+        format!("tether-{}-durable", self.ns)
+    }
+
+    /// The subjects the durable stream holds: one per agent.
+    pub fn durable_wildcard(&self) -> String {
+        format!("{}.durable.*", self.root)
+    }
+
+    /// The durable queue subject of one agent.
+    pub fn durable(&self, agent: &str) -> String {
+        format!("{}.durable.{}", self.root, token(agent))
+    }
+
+    /// The agent a durable queue subject names.
+    pub fn agent_of_durable(&self, subject: &str) -> Option<String> {
+        let rest = subject
+            .strip_prefix(&self.root)?
+            .strip_prefix(".durable.")?;
+        untoken(rest)
+    }
+
+    /// The durable messages' status bucket (message id → agent, sequence, state).
+    pub fn messages_bucket(&self) -> String {
+        format!("tether-{}-messages", self.ns)
+    }
+
+    /// The status key of a durable message.
+    pub fn message_key(id: &str) -> String {
+        format!("m.{}", token(id))
     }
 
     /// The directory key of an agent.
@@ -310,6 +349,20 @@ mod tests {
             a.agents_bucket(),
             Subjects::new("acme-agents").pods_bucket()
         );
+    }
+
+    #[test]
+    fn durable_subjects_are_one_level_per_agent() {
+        let s = Subjects::new("acme");
+        assert_eq!(s.durable_stream(), "tether-acme-durable");
+        for agent in ["a1", "a.b", "*", ">", "a b", ""] {
+            let subject = s.durable(agent);
+            assert_eq!(subject.matches('.').count(), 3, "{subject}");
+            assert_eq!(s.agent_of_durable(&subject).as_deref(), Some(agent));
+        }
+        assert_eq!(s.durable_wildcard(), "tether.acme.durable.*");
+        assert_eq!(s.messages_bucket(), "tether-acme-messages");
+        assert_eq!(Subjects::message_key("a.b*"), "m.a_2Eb_2A");
     }
 
     #[test]

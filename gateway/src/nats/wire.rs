@@ -89,6 +89,12 @@ pub enum Call {
     },
     /// Are you there?
     Ping,
+    /// A durable message was stored for `agent`: if it is connected here, deliver its
+    /// backlog. Published without a reply (the message is safe in the stream).
+    Kick {
+        /// Agent id.
+        agent: String,
+    },
     /// Fan the frame (the body) out to local members of `group`, or to everyone.
     Fanout {
         /// The group; `None` for a broadcast.
@@ -200,7 +206,7 @@ impl Answer {
     pub fn from_error(e: &RouteError) -> Self {
         match e {
             RouteError::NotConnected => Answer::NotHere,
-            RouteError::QueueFull => Answer::QueueFull,
+            RouteError::QueueFull | RouteError::DurableFull(_) => Answer::QueueFull,
             RouteError::TooManyPending => Answer::TooManyPending,
             RouteError::Duplicate => Answer::Duplicate,
             RouteError::Timeout(d) => Answer::Timeout {

@@ -5,6 +5,7 @@
 
 #[path = "../gateway/common.rs"]
 mod common;
+mod durable;
 mod harness;
 mod measure;
 

@@ -190,3 +190,156 @@ async fn measure_broadcast_deliveries_across_three_pods() {
         delivered as f64 / elapsed.as_secs_f64()
     );
 }
+
+fn with_durable(c: &mut tether_config::GatewayConfig) {
+    c.delivery.durable = Some(tether_config::DurableConfig {
+        max_messages_per_agent: 100_000,
+        ..Default::default()
+    });
+    // Every ack is an inbound message under the per-connection rate limit (50/s by
+    // default, which then bounds the drain rate): lift it to measure the queue itself.
+    c.limits.messages_per_second = 1_000_000;
+    c.limits.message_burst = 1_000_000;
+}
+
+/// Durable delivery (docs/benchmarks.md, "Durable delivery"): memory per idle
+/// connection with the durable queue on and off, durable vs direct push latency through
+/// another pod, backlog drain rate on connect, stored bytes per pending message.
+#[tokio::test]
+#[ignore = "measurement"]
+async fn measure_durable_delivery() {
+    use tether_protocol::{AgentMessage, GatewayMessage};
+    use tokio_tungstenite::tungstenite::Message;
+    const IDLE: usize = 2000;
+    const PUSHES: usize = 2000;
+    const BACKLOG: usize = 5000;
+    let nats = Nats::start().await;
+
+    // 1. Memory per idle connection, durable off / on, same NATS router otherwise.
+    for durable in [false, true] {
+        let process = if durable {
+            Process::start_with_config(&nats, "gw-mem", with_durable)
+        } else {
+            Process::start(&nats, "gw-mem")
+        };
+        let url = process.ws_url();
+        drop(open_idle(&url, "warm", 200).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(process.pid());
+        let sockets = open_idle(&url, "idle", IDLE).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(process.pid());
+        println!(
+            "durable={durable} idle connections={IDLE} per_connection={:.0}B",
+            (after.saturating_sub(before) * 1024) as f64 / IDLE as f64
+        );
+        drop(sockets);
+    }
+
+    // 2. Push latency through another pod: direct vs durable (stored, then kicked).
+    let a = Process::start_with_config(&nats, "gw-a", with_durable);
+    let b = Process::start_with_config(&nats, "gw-b", with_durable);
+    let mut agent = agent_at(&a.ws_url(), "target", &[]).await;
+    let reader = tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Some(Ok(frame)) = agent.next().await {
+            if let Message::Text(text) = frame {
+                n += 1;
+                if let Ok(GatewayMessage::Push { id, ack: true, .. }) =
+                    GatewayMessage::decode(&text)
+                {
+                    let ack = AgentMessage::Ack { id }.encode();
+                    if futures_util::SinkExt::send(&mut agent, Message::text(ack))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        n
+    });
+    let http = reqwest::Client::new();
+    for (label, api) in [
+        ("direct", b.api("/v1/agents/target/messages")),
+        (
+            "durable",
+            b.api("/v1/agents/target/messages?delivery=durable"),
+        ),
+    ] {
+        for _ in 0..100 {
+            post(&http, api.clone(), json!("w")).await;
+        }
+        let mut latencies = Vec::with_capacity(PUSHES);
+        let started = Instant::now();
+        for i in 0..PUSHES {
+            let t = Instant::now();
+            let response = post(&http, api.clone(), json!(i)).await;
+            latencies.push(t.elapsed());
+            assert_eq!(response.status(), 202);
+        }
+        let elapsed = started.elapsed();
+        latencies.sort();
+        println!(
+            "{label} push via another pod: n={PUSHES} {:.0}/s sequential, p50={:.3}ms p90={:.3}ms p99={:.3}ms",
+            PUSHES as f64 / elapsed.as_secs_f64(),
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.90),
+            percentile(&latencies, 0.99),
+        );
+    }
+    drop(a);
+    let _ = reader.await;
+
+    // 3. Stored bytes per pending message and backlog drain rate on connect.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stream_info = |js: async_nats::jetstream::Context| async move {
+        let mut stream = js.get_stream("tether-acme-durable").await.unwrap();
+        stream.info().await.unwrap().state.clone()
+    };
+    let before = stream_info(js.clone()).await;
+    let body = json!({"cmd": "scan", "path": "/var/lib/app", "seq": 123456});
+    for _ in 0..BACKLOG {
+        post(
+            &http,
+            b.api("/v1/agents/offline/messages?delivery=durable"),
+            body.clone(),
+        )
+        .await;
+    }
+    let after = stream_info(js.clone()).await;
+    println!(
+        "stored: {} messages, {:.0} bytes per pending message (body {} bytes JSON)",
+        after.messages - before.messages,
+        (after.bytes - before.bytes) as f64 / (after.messages - before.messages) as f64,
+        body.to_string().len()
+    );
+    let started = Instant::now();
+    let mut agent = agent_at(&b.ws_url(), "offline", &[]).await;
+    let mut n = 0;
+    while n < BACKLOG {
+        let Some(frame) = agent.next().await else {
+            panic!("the gateway closed the connection after {n} messages");
+        };
+        if let Ok(Message::Text(text)) = frame
+            && let Ok(GatewayMessage::Push { id, .. }) = GatewayMessage::decode(&text)
+        {
+            n += 1;
+            common::send_text(&mut agent, &AgentMessage::Ack { id }.encode()).await;
+        }
+    }
+    let delivered = started.elapsed();
+    loop {
+        if stream_info(js.clone()).await.messages == before.messages {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "backlog drain on connect: {BACKLOG} messages delivered and acked in {:.2}s = {:.0} msg/s (all purged after {:.2}s)",
+        delivered.as_secs_f64(),
+        BACKLOG as f64 / delivered.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}

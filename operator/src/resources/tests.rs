@@ -682,3 +682,76 @@ fn a_managed_nats_without_auth_never_runs_open() {
     p.spec.routing.as_mut().unwrap().nats.url = Some("nats://nats:4222".into());
     assert!(!generates_nats_token(&p));
 }
+
+#[test]
+fn delivery_renders_the_durable_queue_and_sizes_the_managed_nats_volume() {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let mut p = pool("acme");
+    p.spec.routing = Some(RoutingSpec {
+        nats: NatsRoutingSpec {
+            url: None,
+            managed: Some(true),
+            auth: None,
+            tls: None,
+        },
+    });
+    // Without `delivery`: direct only, JetStream in an emptyDir, no delivery section.
+    let d = build(&p);
+    assert_eq!(d.config.delivery, tether_config::DeliveryConfig::default());
+    assert!(!d.config.to_yaml().contains("delivery"));
+    let (sts, _) = d.nats.as_ref().unwrap();
+    let spec = sts.spec.as_ref().unwrap();
+    assert!(spec.volume_claim_templates.is_none());
+    let volumes = spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap();
+    assert!(volumes[0].empty_dir.is_some());
+
+    p.spec.delivery = Some(tether_crds::DeliverySpec {
+        mode: tether_crds::DeliveryMode::Durable,
+        max_age_seconds: 3600,
+        max_messages_per_agent: 50,
+        max_bytes: 1 << 30,
+        replicas: 1,
+        storage: Some(Quantity("10Gi".into())),
+    });
+    let d = build(&p);
+    assert_eq!(d.config.delivery.mode, tether_config::DeliveryMode::Durable);
+    let durable = d.config.delivery.durable.as_ref().unwrap();
+    assert_eq!(
+        (
+            durable.max_age_seconds,
+            durable.max_messages_per_agent,
+            durable.max_bytes,
+            durable.replicas
+        ),
+        (3600, 50, 1 << 30, 1)
+    );
+    d.config.validate().unwrap();
+    let (sts, _) = d.nats.as_ref().unwrap();
+    let spec = sts.spec.as_ref().unwrap();
+    let claims = spec.volume_claim_templates.as_ref().unwrap();
+    assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
+    let requests = claims[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .as_ref()
+        .unwrap();
+    assert_eq!(requests["storage"], Quantity("10Gi".into()));
+    assert!(spec.template.spec.as_ref().unwrap().volumes.is_none());
+    let mount = &nats_container(sts).volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(
+        (mount.name.as_str(), mount.mount_path.as_str()),
+        ("data", "/data")
+    );
+}
