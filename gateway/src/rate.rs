@@ -23,6 +23,12 @@ impl TokenBucket {
         }
     }
 
+    /// Gives back a token taken for a message that turned out to cost nothing against
+    /// the limit (an ack the gateway was waiting for).
+    pub fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.burst);
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f32();

@@ -226,9 +226,11 @@ pub trait Router: Send + Sync + 'static {
         0
     }
     /// The agent acknowledged a push that no push-API call waits for: maybe a durable
-    /// one on this connection.
-    fn acked(&self, conn: &Arc<Connection>, id: &str) {
+    /// one on this connection. `true` when a durable delivery took the ack (it is
+    /// then not charged to the connection's message rate).
+    fn acked(&self, conn: &Arc<Connection>, id: &str) -> bool {
         let _ = (conn, id);
+        false
     }
     /// Whether the router can route right now (feeds `/readyz`).
     fn ready(&self) -> bool {

@@ -292,13 +292,17 @@ impl Session {
             }
             AgentMessage::Ack { id } => {
                 let null = RawValue::from_string("null".into()).expect("valid JSON");
-                // An ack no push-API call waits for may acknowledge a durable push.
-                if !self
+                // An ack no push-API call waits for may acknowledge a durable push. One
+                // the gateway was waiting for costs no message rate: a backlog drains
+                // as fast as the agent acknowledges it (the in-flight window bounds it),
+                // not at `messagesPerSecond`.
+                let expected = self
                     .state
                     .hub
                     .complete(self.conn.id, &id, Expect::Ack, Ok(null))
-                {
-                    self.state.router.acked(&self.conn, &id);
+                    || self.state.router.acked(&self.conn, &id);
+                if expected {
+                    self.bucket.refund();
                 }
             }
             AgentMessage::Refresh { token } => return self.refresh(&token),

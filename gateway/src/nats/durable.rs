@@ -318,7 +318,15 @@ impl Durable {
         let Some(drain) = self.shared.drains.lock().get(&conn).cloned() else {
             return false;
         };
-        drain.state.lock().acks.push(id.to_owned());
+        // At most a window's worth waits for the task: an agent cannot owe more acks
+        // than the messages it was sent, and anything beyond is not taken (and so is
+        // charged to its message rate like any other message).
+        let mut state = drain.state.lock();
+        if state.acks.len() >= self.shared.in_flight {
+            return false;
+        }
+        state.acks.push(id.to_owned());
+        drop(state);
         drain.notify.notify_one();
         true
     }

@@ -1176,10 +1176,11 @@ impl Router for NatsRouter {
         self.inner.durable.as_ref().map_or(0, Durable::draining)
     }
 
-    fn acked(&self, conn: &Arc<Connection>, id: &str) {
-        if let Some(durable) = &self.inner.durable {
-            durable.acked(conn.id, id);
-        }
+    fn acked(&self, conn: &Arc<Connection>, id: &str) -> bool {
+        self.inner
+            .durable
+            .as_ref()
+            .is_some_and(|durable| durable.acked(conn.id, id))
     }
 
     fn ready(&self) -> bool {

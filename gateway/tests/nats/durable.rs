@@ -477,3 +477,46 @@ async fn an_agent_that_connects_while_nats_is_away_gets_its_backlog_when_it_is_b
     eventually_stored(&nats, 0).await;
     eventually(|| draining(&pod) == 0).await;
 }
+
+/// Acks the gateway waits for are not charged to `limits.messagesPerSecond`: a backlog
+/// drains as fast as the agent acknowledges it (bounded by the in-flight window), while
+/// anything else the agent sends is still limited.
+#[tokio::test]
+async fn a_backlog_drains_faster_than_the_message_rate_limit() {
+    let nats = Nats::start().await;
+    let pod = Pod::start_with(&nats, "gw-0", |c: &mut GatewayConfig| {
+        with_durable(4)(c);
+        c.limits.messages_per_second = 2;
+        c.limits.message_burst = 2;
+        c.limits.max_rate_violations = 1;
+    })
+    .await;
+    for n in 0..30 {
+        push_durable(&pod.http, api_base(&pod), "fast", json!({"n": n})).await;
+    }
+    let mut agent = pod.agent("fast", &[]).await;
+    for n in 0..30 {
+        let (id, data) = next_durable(&mut agent).await;
+        assert_eq!(data, json!({"n": n}), "in order, nothing refused");
+        ack(&mut agent, &id).await;
+    }
+    eventually_stored(&nats, 0).await;
+    assert_silent(&mut agent).await;
+    // Other messages still pay: a burst of sends past the limit is refused.
+    for n in 0..3 {
+        send_text(
+            &mut agent,
+            &AgentMessage::Ack {
+                id: format!("unknown-{n}"),
+            }
+            .encode(),
+        )
+        .await;
+    }
+    match common::next_message(&mut agent).await {
+        GatewayMessage::Error { error, .. } => {
+            assert_eq!(error.code, tether_protocol::ErrorCode::RateLimited)
+        }
+        other => panic!("expected a rate-limit error, got {other:?}"),
+    }
+}
