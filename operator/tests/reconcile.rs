@@ -316,60 +316,34 @@ async fn deleting_a_pool_removes_everything() {
         },
     )
     .await;
-    let selector = ListParams::default().labels("tether.dev/pool=acme");
     eventually("children gone", Duration::from_secs(10), || async {
-        let left = api::<StatefulSet>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len()
-            + api::<Service>(&client)
-                .list(&selector)
-                .await
-                .unwrap()
-                .items
-                .len()
-            + api::<ConfigMap>(&client)
-                .list(&selector)
-                .await
-                .unwrap()
-                .items
-                .len()
-            + api::<NetworkPolicy>(&client)
-                .list(&selector)
-                .await
-                .unwrap()
-                .items
-                .len()
-            + api::<PodDisruptionBudget>(&client)
-                .list(&selector)
-                .await
-                .unwrap()
-                .items
-                .len()
-            + api::<ServiceAccount>(&client)
-                .list(&selector)
-                .await
-                .unwrap()
-                .items
-                .len()
-            + api::<Role>(&client)
-                .list(&selector)
-                .await
-                .unwrap()
-                .items
-                .len()
-            + api::<RoleBinding>(&client)
-                .list(&selector)
-                .await
-                .unwrap()
-                .items
-                .len();
+        let left = children_of(&client, "acme").await;
         (left == 0).then_some(())
     })
     .await;
     op.stop().await;
+}
+
+/// The objects labelled as `pool`'s children, of every kind the operator applies.
+async fn children_of(client: &Client, pool: &str) -> usize {
+    async fn count<K>(client: &Client, selector: &ListParams) -> usize
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        api::<K>(client).list(selector).await.unwrap().items.len()
+    }
+    let selector = ListParams::default().labels(&format!("tether.dev/pool={pool}"));
+    count::<StatefulSet>(client, &selector).await
+        + count::<Service>(client, &selector).await
+        + count::<ConfigMap>(client, &selector).await
+        + count::<NetworkPolicy>(client, &selector).await
+        + count::<PodDisruptionBudget>(client, &selector).await
+        + count::<ServiceAccount>(client, &selector).await
+        + count::<Role>(client, &selector).await
+        + count::<RoleBinding>(client, &selector).await
 }
 
 async fn warning_events(client: &Client, reason: &str) -> Vec<Event> {
@@ -594,55 +568,7 @@ async fn each_child_is_applied_once_per_spec_change() {
     let sts = wait_sts(&client, "acme").await;
     play_statefulset_controller(&client, &sts, 1).await;
     report(5).await;
-    let selector = ListParams::default().labels("tether.dev/pool=acme");
-    let owned = api::<ServiceAccount>(&client)
-        .list(&selector)
-        .await
-        .unwrap()
-        .items
-        .len()
-        + api::<Role>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len()
-        + api::<RoleBinding>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len()
-        + api::<ConfigMap>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len()
-        + api::<Service>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len()
-        + api::<PodDisruptionBudget>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len()
-        + api::<NetworkPolicy>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len()
-        + api::<StatefulSet>(&client)
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .len();
+    let owned = children_of(&client, "acme").await;
     assert!(owned >= 8, "{owned} children");
     assert_eq!(child_applies(), owned as u64, "applies on create");
 
