@@ -1,7 +1,7 @@
 //! The cluster: the API stand-in with the CRD, the namespace and the pools' Secrets,
 //! a NATS server, and the real operator process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,28 @@ use tether_test_support::json::merge;
 use tokio::process::{Child, Command};
 
 use crate::{API_KEY, JWT_SECRET, NS, binary, free_port};
+
+/// Starts the real `tether-operator` binary against `kubeconfig` without leader
+/// election, its admin server on a free port, `args` added, its output in `log`, and
+/// killed when the handle is dropped.
+pub fn spawn_operator(
+    kubeconfig: &Path,
+    log: &Path,
+    args: &[&str],
+    rust_log: &str,
+) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    Command::new(binary("tether-operator")?)
+        .args(["--no-leader-election", "--admin-addr", "127.0.0.1:0"])
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", rust_log)
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting tether-operator")
+}
 
 /// Installs the ConnectionPool CRD (unless present) and creates namespace `ns` with the Secrets every
 /// pool of the harness references (`jwt`/`hs256`, `api-keys`/`keys`).
@@ -137,27 +159,12 @@ impl Cluster {
 
     /// Starts the real operator process against the stand-in.
     pub fn start_operator(&self) -> anyhow::Result<Child> {
-        let log = std::fs::File::create(self.dir.path().join("operator.log"))?;
-        let child = Command::new(binary("tether-operator")?)
-            .args([
-                "--no-leader-election",
-                "--namespace",
-                NS,
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--gateway-image",
-                "tether-gateway:e2e",
-            ])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env(
-                "RUST_LOG",
-                std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
-            )
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()?;
-        Ok(child)
+        spawn_operator(
+            &self.kubeconfig,
+            &self.dir.path().join("operator.log"),
+            &["--namespace", NS, "--gateway-image", "tether-gateway:e2e"],
+            &std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+        )
     }
 
     /// Path of the operator's log (kept in the temp dir; printed on failure).

@@ -82,14 +82,17 @@ pub fn usage(pid: u32) -> (f64, u64) {
 }
 
 /// Whether `pods` pods holding `connections` are a size the policy keeps: the mean
-/// within the default 10 % tolerance of [`TARGET`]. (Past ten pods more than one size
-/// qualifies: 950 agents sit as well on 9 pods as on 10.)
-pub fn within_tolerance(pods: i32, connections: i64) -> bool {
-    pods > 0 && (connections - TARGET * i64::from(pods)).abs() * 10 <= TARGET * i64::from(pods)
+/// within the default 10 % tolerance of [`TARGET`], or else exactly the pods the
+/// connections need at the target. (Past ten pods more than one size qualifies: 950
+/// agents sit as well on 9 pods as on 10.)
+pub fn policy_keeps(pods: i32, connections: i64) -> bool {
+    let pods = i64::from(pods);
+    let within = (connections - TARGET * pods).abs() * 10 <= TARGET * pods;
+    pods > 0 && (within || pods == (connections + TARGET - 1) / TARGET)
 }
 
 /// Pools (in every namespace) that hold `connections` on ready pods, at most
-/// `max_pods`, at a size within the policy's tolerance, with nothing in progress and
+/// `max_pods`, at a size the policy keeps ([`policy_keeps`]), with nothing in progress and
 /// the current generation observed.
 pub async fn settled(client: &Client, max_pods: i32, connections: i64) -> usize {
     let pools: Api<ConnectionPool> = Api::all(client.clone());
@@ -102,7 +105,7 @@ pub async fn settled(client: &Client, max_pods: i32, connections: i64) -> usize 
             let Some(s) = &p.status else { return false };
             let desired = s.desired_replicas.unwrap_or_default();
             desired <= max_pods
-                && within_tolerance(desired, connections)
+                && policy_keeps(desired, connections)
                 && s.ready_replicas == Some(desired)
                 && s.total_connections == Some(connections)
                 && s.instructions.is_empty()
@@ -278,5 +281,21 @@ impl std::fmt::Display for Steady {
             self.requests as f64 / self.seconds,
             self.watch_bytes as f64 / self.seconds,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sizes_the_policy_keeps() {
+        // 450 agents: only 5 pods (4 would hold 112 each, 6 only 75).
+        assert!(policy_keeps(5, 450) && !policy_keeps(4, 450) && !policy_keeps(6, 450));
+        // 250 agents: 3 pods (83 each, below the band, but 2 would be over it).
+        assert!(policy_keeps(3, 250) && !policy_keeps(2, 250));
+        // 950 agents: 9 or 10 pods.
+        assert!(policy_keeps(9, 950) && policy_keeps(10, 950) && !policy_keeps(8, 950));
+        assert!(!policy_keeps(0, 0));
     }
 }

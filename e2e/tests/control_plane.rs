@@ -22,13 +22,13 @@ use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tether_crds::ConnectionPool;
+use tether_e2e::eventually;
 use tether_e2e::podsim::{PodSim, SimConfig};
 use tether_e2e::scale::{
     self, Steady, child_applies, is_write, operator_writes, pool_name, settled, usage,
 };
-use tether_e2e::{binary, eventually};
 use tether_kube_sim::faults::FaultMatch;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const NS: &str = "scale";
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -99,29 +99,19 @@ async fn stand_in() -> anyhow::Result<(tether_kube_sim::Server, Client, tempfile
 }
 
 fn operator(dir: &tempfile::TempDir) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(dir.path().join("operator.log"))?;
-    Ok(Command::new(binary("tether-operator")?)
-        .args([
-            "--no-leader-election",
+    tether_e2e::spawn_operator(
+        &dir.path().join("kubeconfig"),
+        &dir.path().join("operator.log"),
+        &[
             "--namespace",
             NS,
-            "--admin-addr",
-            "127.0.0.1:0",
             "--gateway-image",
             "tether-gateway:scale",
             "--concurrency",
             "8",
-        ])
-        .env("KUBECONFIG", dir.path().join("kubeconfig"))
-        .env(
-            "RUST_LOG",
-            std::env::var("SCALE_OPERATOR_LOG")
-                .unwrap_or_else(|_| "warn,tether_operator=info".into()),
-        )
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()?)
+        ],
+        &std::env::var("SCALE_OPERATOR_LOG").unwrap_or_else(|_| "warn,tether_operator=info".into()),
+    )
 }
 
 async fn create_pools(client: &Client, s: Scenario) -> anyhow::Result<()> {

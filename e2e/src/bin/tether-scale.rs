@@ -28,7 +28,7 @@ use serde_json::json;
 use tether_crds::ConnectionPool;
 use tether_e2e::podsim::{PodSim, SimConfig};
 use tether_e2e::scale::{self, Steady, child_applies, pool_name, settled, usage};
-use tether_e2e::{bin_dir, binary, install};
+use tether_e2e::{bin_dir, install, spawn_operator};
 use tether_kube_sim::stats::Snapshot;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -250,19 +250,17 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         install(&client, &namespace(n)).await?;
     }
 
-    let operator = spawn_logged(
-        &binary("tether-operator")?,
-        &[
-            "--no-leader-election".into(),
-            "--admin-addr".into(),
-            "127.0.0.1:0".into(),
-            "--gateway-image".into(),
-            "tether-gateway:scale".into(),
-            "--concurrency".into(),
-            a.concurrency.to_string(),
-        ],
-        &dir.join("operator.log"),
+    let concurrency = a.concurrency.to_string();
+    let operator = spawn_operator(
         &kubeconfig,
+        &dir.join("operator.log"),
+        &[
+            "--gateway-image",
+            "tether-gateway:scale",
+            "--concurrency",
+            &concurrency,
+        ],
+        &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,tether_operator=info".into()),
     )?;
     let op_pid = operator.id().context("operator pid")?;
     let mut shards = Vec::new();
