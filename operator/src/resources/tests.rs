@@ -9,6 +9,20 @@ fn build(pool: &ConnectionPool) -> Desired {
     desired(pool, &Settings::default(), 1).expect("valid pool builds")
 }
 
+/// A pool whose routing runs on a NATS server the operator manages for it.
+fn managed_nats_pool(name: &str) -> ConnectionPool {
+    let mut p = pool(name);
+    p.spec.routing = Some(RoutingSpec {
+        nats: NatsRoutingSpec {
+            url: None,
+            managed: Some(true),
+            auth: None,
+            tls: None,
+        },
+    });
+    p
+}
+
 fn pod_spec(d: &Desired) -> &PodSpec {
     d.stateful_set
         .spec
@@ -45,15 +59,7 @@ fn all_metas(d: &Desired) -> Vec<&kube::api::ObjectMeta> {
 
 #[test]
 fn every_object_is_owned_by_the_pool_and_labelled() {
-    let mut p = pool("acme");
-    p.spec.routing = Some(RoutingSpec {
-        nats: NatsRoutingSpec {
-            url: None,
-            managed: Some(true),
-            auth: None,
-            tls: None,
-        },
-    });
+    let p = managed_nats_pool("acme");
     let d = build(&p);
     let metas = all_metas(&d);
     assert_eq!(metas.len(), 11);
@@ -346,15 +352,7 @@ fn services_split_public_and_internal_ports() {
 
 #[test]
 fn managed_nats_gets_its_own_server() {
-    let mut p = pool("acme");
-    p.spec.routing = Some(RoutingSpec {
-        nats: NatsRoutingSpec {
-            url: None,
-            managed: Some(true),
-            auth: None,
-            tls: None,
-        },
-    });
+    let p = managed_nats_pool("acme");
     let d = build(&p);
     let (sts, svc) = d.nats.as_ref().unwrap();
     assert_eq!(sts.metadata.name.as_deref(), Some("acme-nats"));
@@ -634,15 +632,7 @@ fn a_managed_nats_with_auth_requires_the_pools_credentials() {
 
 #[test]
 fn a_managed_nats_without_auth_never_runs_open() {
-    let mut p = pool("acme");
-    p.spec.routing = Some(RoutingSpec {
-        nats: NatsRoutingSpec {
-            url: None,
-            managed: Some(true),
-            auth: None,
-            tls: None,
-        },
-    });
+    let mut p = managed_nats_pool("acme");
     assert!(generates_nats_token(&p));
     let d = build(&p);
     let (sts, _) = d.nats.as_ref().unwrap();
@@ -686,15 +676,7 @@ fn a_managed_nats_without_auth_never_runs_open() {
 #[test]
 fn delivery_renders_the_durable_queue_and_sizes_the_managed_nats_volume() {
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-    let mut p = pool("acme");
-    p.spec.routing = Some(RoutingSpec {
-        nats: NatsRoutingSpec {
-            url: None,
-            managed: Some(true),
-            auth: None,
-            tls: None,
-        },
-    });
+    let mut p = managed_nats_pool("acme");
     // Without `delivery`: direct only, JetStream in an emptyDir, no delivery section.
     let d = build(&p);
     assert_eq!(d.config.delivery, tether_config::DeliveryConfig::default());
