@@ -55,6 +55,16 @@ async fn next_durable(ws: &mut Ws) -> (String, Value) {
     }
 }
 
+/// Receives the next durable pushes, asserting they carry `expected` in that order
+/// (nothing lost, nothing reordered), and acknowledges each.
+async fn receive_and_ack(ws: &mut Ws, expected: impl IntoIterator<Item = Value>) {
+    for want in expected {
+        let (id, data) = next_durable(ws).await;
+        assert_eq!(data, want, "the next message, in order");
+        ack(ws, &id).await;
+    }
+}
+
 async fn ack(ws: &mut Ws, id: &str) {
     send_text(ws, &AgentMessage::Ack { id: id.into() }.encode()).await;
 }
@@ -179,11 +189,7 @@ async fn unacknowledged_messages_follow_the_agent_to_another_pod_in_order() {
 
     // On gw-1: from the first unacknowledged message, in order, nothing lost.
     let mut agent = p1.agent("mover", &[]).await;
-    for n in 2..8 {
-        let (id, data) = next_durable(&mut agent).await;
-        assert_eq!(data, json!(n));
-        ack(&mut agent, &id).await;
-    }
+    receive_and_ack(&mut agent, (2..8).map(|n| json!(n))).await;
     eventually_stored(&nats, 0).await;
     eventually(|| draining(&p0) == 0 && draining(&p1) == 0).await;
 }
@@ -217,11 +223,7 @@ async fn a_gateway_killed_mid_delivery_loses_nothing() {
 
     let b = Process::start_with_config(&nats, "gw-b", durable);
     let mut agent = agent_at(&b.ws_url(), "crash", &[]).await;
-    for n in 1..5 {
-        let (id, data) = next_durable(&mut agent).await;
-        assert_eq!(data, json!(n), "redelivered from the first unacknowledged");
-        ack(&mut agent, &id).await;
-    }
+    receive_and_ack(&mut agent, (1..5).map(|n| json!(n))).await;
     eventually_stored(&nats, 0).await;
 }
 
@@ -267,11 +269,7 @@ async fn a_nats_restart_mid_delivery_loses_nothing() {
         }
     })
     .await;
-    for n in 2..5 {
-        let (id, data) = next_durable(&mut agent).await;
-        assert_eq!(data, json!(n));
-        ack(&mut agent, &id).await;
-    }
+    receive_and_ack(&mut agent, (2..5).map(|n| json!(n))).await;
     eventually_stored(&nats, 0).await;
     eventually(|| draining(&pod) == 0).await;
 }
@@ -469,11 +467,7 @@ async fn an_agent_that_connects_while_nats_is_away_gets_its_backlog_when_it_is_b
     nats.restart(false).await;
     // Re-registration after the reconnect looks at the backlog of connections made
     // during the outage.
-    for n in 0..3 {
-        let (id, data) = next_durable(&mut agent).await;
-        assert_eq!(data, json!(n));
-        ack(&mut agent, &id).await;
-    }
+    receive_and_ack(&mut agent, (0..3).map(|n| json!(n))).await;
     eventually_stored(&nats, 0).await;
     eventually(|| draining(&pod) == 0).await;
 }
@@ -495,11 +489,7 @@ async fn a_backlog_drains_faster_than_the_message_rate_limit() {
         push_durable(&pod.http, api_base(&pod), "fast", json!({"n": n})).await;
     }
     let mut agent = pod.agent("fast", &[]).await;
-    for n in 0..30 {
-        let (id, data) = next_durable(&mut agent).await;
-        assert_eq!(data, json!({"n": n}), "in order, nothing refused");
-        ack(&mut agent, &id).await;
-    }
+    receive_and_ack(&mut agent, (0..30).map(|n| json!({"n": n}))).await;
     eventually_stored(&nats, 0).await;
     assert_silent(&mut agent).await;
     // Other messages still pay: a burst of sends past the limit is refused.
