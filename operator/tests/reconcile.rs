@@ -324,6 +324,36 @@ async fn deleting_a_pool_removes_everything() {
     op.stop().await;
 }
 
+/// Pod `acme-0` reports `connections` under its own field manager, as the gateway does
+/// (dated now: undated or stale entries are ignored and pruned by the autoscaler); then
+/// waits until the pool's total shows it.
+async fn report(client: &Client, connections: i64) {
+    let entry = json!({
+        "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+        "metadata": {"name": "acme"},
+        "status": {"pods": [{"name": "acme-0", "connections": connections, "ready": true,
+                             "draining": false, "bootId": "b1",
+                             "observedAt": k8s_openapi::jiff::Timestamp::now().to_string()}]},
+    });
+    pools(client)
+        .patch_status(
+            "acme",
+            &PatchParams::apply("tether-gateway/acme-0"),
+            &Patch::Apply(entry),
+        )
+        .await
+        .unwrap();
+    eventually(
+        &format!("totalConnections {connections}"),
+        Duration::from_secs(10),
+        || async {
+            let p = pools(client).get("acme").await.unwrap();
+            (p.status?.total_connections == Some(connections)).then_some(())
+        },
+    )
+    .await;
+}
+
 /// The objects labelled as `pool`'s children, of every kind the operator applies.
 async fn children_of(client: &Client, pool: &str) -> usize {
     async fn count<K>(client: &Client, selector: &ListParams) -> usize
@@ -477,28 +507,10 @@ async fn the_operator_never_wipes_the_pods_status_entries() {
     let sts = wait_sts(&client, "acme").await;
     play_statefulset_controller(&client, &sts, 1).await;
 
-    // A gateway pod applies its own entry under its own field manager, as the gateway does.
-    let entry = json!({
-        "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
-        "metadata": {"name": "acme"},
-        // Dated now: undated or stale entries are ignored (and pruned) by the autoscaler.
-        "status": {"pods": [{"name": "acme-0", "connections": 42, "ready": true, "draining": false, "bootId": "b1",
-                             "observedAt": k8s_openapi::jiff::Timestamp::now().to_string()}]},
-    });
-    pools(&client)
-        .patch_status(
-            "acme",
-            &PatchParams::apply("tether-gateway/acme-0"),
-            &Patch::Apply(entry),
-        )
-        .await
-        .unwrap();
-    // The total reflects it once the operator reconciles (the status write triggers one)...
-    eventually("totalConnections 42", Duration::from_secs(10), || async {
-        let p = pools(&client).get("acme").await.unwrap();
-        (p.status?.total_connections == Some(42)).then_some(())
-    })
-    .await;
+    // A gateway pod applies its own entry under its own field manager, as the gateway
+    // does; the total reflects it once the operator reconciles (the status write
+    // triggers one)...
+    report(&client, 42).await;
     // ...and further operator writes (a spec change → new observedGeneration) keep it.
     pools(&client)
         .patch(
@@ -534,40 +546,15 @@ async fn each_child_is_applied_once_per_spec_change() {
                 && k.resource != "pods"
         })
     };
-    // A pod's report, then a wait for the total it shows: the operator has worked through
-    // everything queued before it, the echoes of its own applies included.
-    let report = |connections: i64| {
-        let client = client.clone();
-        async move {
-            let entry = json!({
-                "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
-                "metadata": {"name": "acme"},
-                "status": {"pods": [{"name": "acme-0", "connections": connections, "ready": true,
-                                     "draining": false, "bootId": "b1",
-                                     "observedAt": k8s_openapi::jiff::Timestamp::now().to_string()}]},
-            });
-            pools(&client)
-                .patch_status(
-                    "acme",
-                    &PatchParams::apply("tether-gateway/acme-0"),
-                    &Patch::Apply(entry),
-                )
-                .await
-                .unwrap();
-            eventually("the report counted", Duration::from_secs(10), || async {
-                let p = pools(&client).get("acme").await.unwrap();
-                (p.status?.total_connections == Some(connections)).then_some(())
-            })
-            .await;
-        }
-    };
     pools(&client)
         .create(&PostParams::default(), &pool("acme", json!({})))
         .await
         .unwrap();
     let sts = wait_sts(&client, "acme").await;
     play_statefulset_controller(&client, &sts, 1).await;
-    report(5).await;
+    // A report, then a wait for the total it shows: the operator has worked through
+    // everything queued before it, the echoes of its own applies included.
+    report(&client, 5).await;
     let owned = children_of(&client, "acme").await;
     assert!(owned >= 8, "{owned} children");
     assert_eq!(child_applies(), owned as u64, "applies on create");
@@ -586,7 +573,7 @@ async fn each_child_is_applied_once_per_spec_change() {
         (p.status.as_ref()?.observed_generation == Some(2)).then_some(())
     })
     .await;
-    report(6).await;
+    report(&client, 6).await;
     assert_eq!(
         child_applies() - before,
         owned as u64,
