@@ -23,15 +23,13 @@ fn managed_nats_pool(name: &str) -> ConnectionPool {
     p
 }
 
+/// The pod template's spec of a StatefulSet.
+fn template_spec(sts: &StatefulSet) -> &PodSpec {
+    sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
 fn pod_spec(d: &Desired) -> &PodSpec {
-    d.stateful_set
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
+    template_spec(&d.stateful_set)
 }
 
 fn container(d: &Desired) -> &Container {
@@ -577,14 +575,7 @@ fn network_policies_keep_neighbours_off_the_push_api_and_the_bus() {
 
 /// The managed NATS server's container.
 fn nats_container(sts: &StatefulSet) -> &Container {
-    &sts.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
+    &template_spec(sts).containers[0]
 }
 
 #[test]
