@@ -186,10 +186,39 @@ pub struct ConnectionPoolSpec {
     #[serde(default = "default_report_interval")]
     #[schemars(range(min = 1, max = 300))]
     pub report_interval_seconds: i32,
+
+    /// Most status reports per second the whole pool sends in steady state. Every report
+    /// rewrites the pool object, whose size grows with its pods, so a large pool's pods
+    /// report less often: past `maxReportsPerSecond × reportIntervalSeconds` pods
+    /// (`replicas.max`) the interval stretches to `replicas.max / maxReportsPerSecond`
+    /// seconds (see [`ConnectionPoolSpec::effective_report_interval_seconds`]).
+    #[serde(default = "default_max_reports_per_second")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_reports_per_second: i32,
 }
 
 fn default_report_interval() -> i32 {
     10
+}
+
+fn default_max_reports_per_second() -> i32 {
+    20
+}
+
+impl ConnectionPoolSpec {
+    /// The report interval the pool's pods use and the operator judges staleness by:
+    /// `reportIntervalSeconds`, stretched so that `replicas.max` pods reporting once per
+    /// interval stay within `maxReportsPerSecond`. It depends on the spec alone (the
+    /// largest size, not the current one), so a resize never changes the pods'
+    /// configuration.
+    pub fn effective_report_interval_seconds(&self) -> i32 {
+        let configured = self.report_interval_seconds.max(1);
+        let pods = self.replicas.max.max(1);
+        let rate = self.max_reports_per_second.max(1);
+        // Ceiling division: the pool may never go over its rate.
+        let stretched = pods.saturating_add(rate - 1) / rate;
+        configured.max(stretched)
+    }
 }
 
 /// Bounds of the pool's size.

@@ -152,6 +152,29 @@ fn minimal_pool_is_valid_and_defaults_fill_in() {
 }
 
 #[test]
+fn a_large_pool_reports_less_often_to_stay_within_its_rate() {
+    let spec = |max: i32, interval: i32, rate: i32| {
+        let mut pool = minimal();
+        pool["spec"]["replicas"] = json!({"min": 1, "max": max});
+        pool["spec"]["reportIntervalSeconds"] = json!(interval);
+        pool["spec"]["maxReportsPerSecond"] = json!(rate);
+        serde_json::from_value::<ConnectionPool>(pool).unwrap().spec
+    };
+    // Default rate: 20 reports/s.
+    let pool: ConnectionPool = serde_json::from_value(minimal()).unwrap();
+    assert_eq!(pool.spec.max_reports_per_second, 20);
+    // 200 pods every 10 s is 20/s: the configured interval stands.
+    assert_eq!(spec(200, 10, 20).effective_report_interval_seconds(), 10);
+    // One pod more and the interval stretches (rounded up, never over the rate).
+    assert_eq!(spec(201, 10, 20).effective_report_interval_seconds(), 11);
+    assert_eq!(spec(1000, 10, 20).effective_report_interval_seconds(), 50);
+    assert_eq!(spec(1000, 10, 1000).effective_report_interval_seconds(), 10);
+    // A longer configured interval is never shortened.
+    assert_eq!(spec(1000, 300, 20).effective_report_interval_seconds(), 300);
+    assert_eq!(spec(1000, 10, 1).effective_report_interval_seconds(), 1000);
+}
+
+#[test]
 fn min_above_max_is_refused() {
     let mut pool = minimal();
     pool["spec"]["replicas"] = json!({"min": 3, "max": 2});

@@ -404,7 +404,7 @@ async fn report(
         .state()
         .iter()
         .map(|p| {
-            let secs = u64::try_from(p.spec.report_interval_seconds).unwrap_or(10);
+            let secs = u64::try_from(p.spec.effective_report_interval_seconds()).unwrap_or(10);
             (p.name_any(), Duration::from_secs(secs.max(1)))
         })
         .collect();

@@ -296,7 +296,7 @@ impl Metrics {
     /// report age); they are read at export time.
     pub fn observe_pool(&self, pool: &ConnectionPool) {
         let status = pool.status.clone().unwrap_or_default();
-        let interval = u64::try_from(pool.spec.report_interval_seconds).unwrap_or(1);
+        let interval = u64::try_from(pool.spec.effective_report_interval_seconds()).unwrap_or(1);
         let view = PoolView {
             desired: status.desired_replicas.map(i64::from),
             replicas: status.replicas.map(i64::from),

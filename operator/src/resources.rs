@@ -538,7 +538,7 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
             namespace: pool.namespace().unwrap_or_else(|| "default".into()),
             pool: pool.name_any(),
             pod_name: None,
-            report_interval_seconds: positive(spec.report_interval_seconds),
+            report_interval_seconds: positive(spec.effective_report_interval_seconds()),
             change_percent: 5,
             change_connections: 100,
         }),

@@ -49,7 +49,8 @@ pub struct Policy {
     pub down_step: i32,
     /// How long a lower recommendation must hold before pods are removed.
     pub down_window: Duration,
-    /// The pods' report interval; entries older than three are stale.
+    /// The pods' report interval (stretched for large pools); entries older than three
+    /// are stale.
     pub report_interval: Duration,
 }
 
@@ -67,7 +68,7 @@ impl Policy {
             up_period: secs(spec.scaling.scale_up.period_seconds),
             down_step: spec.scaling.scale_down.max_pods_per_step.max(1),
             down_window: secs(spec.scaling.scale_down.stabilization_seconds),
-            report_interval: secs(spec.report_interval_seconds.max(1)),
+            report_interval: secs(spec.effective_report_interval_seconds()),
         }
     }
 

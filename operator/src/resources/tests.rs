@@ -255,6 +255,24 @@ fn limits_map_onto_the_gateway_config() {
 }
 
 #[test]
+fn a_large_pools_pods_report_at_the_stretched_interval() {
+    let mut p = pool("acme");
+    p.spec.report_interval_seconds = 10;
+    p.spec.max_reports_per_second = 20;
+    p.spec.replicas.max = 100;
+    let status = |p: &ConnectionPool| gateway_config(p).unwrap().status.unwrap();
+    assert_eq!(status(&p).report_interval_seconds, 10);
+    // 1,000 pods at 20 reports/s: each pod reports every 50 s, and the operator judges
+    // staleness by the same interval.
+    p.spec.replicas.max = 1000;
+    assert_eq!(status(&p).report_interval_seconds, 50);
+    assert_eq!(
+        crate::scaling::Policy::from_spec(&p.spec).stale_after(),
+        std::time::Duration::from_secs(150)
+    );
+}
+
+#[test]
 fn config_hash_changes_with_config_only() {
     let p = pool("acme");
     let one = desired(&p, &Settings::default(), 1).unwrap();
