@@ -11,9 +11,13 @@
 //!       always within replicas.min..=replicas.max
 //! ```
 //!
-//! Pods without a fresh report are treated as the HPA treats missing metrics: as empty
-//! when deciding a scale-up, as full (at the target) when deciding a scale-down, so a
-//! silent pod never causes a resize on its own.
+//! Pods without a fresh report are treated much as the HPA treats missing metrics: as
+//! empty when deciding a scale-up, as full when deciding a scale-down, so a silent pod
+//! never causes a resize on its own. "Full" is what a pod can hold
+//! (`maxConnectionsPerPod`), not the target as in the HPA: a gateway pod may hold several
+//! times its target, and a pod whose reports stopped landing (an overloaded API server)
+//! may be one of those. Counting it at the target once drained 100 of 1,000 pods whose
+//! stale neighbours held 400 agents each, and the pool then had to grow back.
 //!
 //! Demand is what pods hold plus what they refused because they were full: a pool whose
 //! pods sit at `maxConnectionsPerPod` while agents get 503 is under-sized, even if the
@@ -39,6 +43,8 @@ pub struct Policy {
     pub max: i32,
     /// Connections per pod to aim for.
     pub target: i64,
+    /// Connections a pod can hold (`limits.maxConnectionsPerPod`).
+    pub most_per_pod: i64,
     /// Dead band around the target, as a fraction (0.1 = 10 %).
     pub tolerance: f64,
     /// Most pods added per step.
@@ -63,6 +69,7 @@ impl Policy {
             min,
             max: spec.replicas.max.max(min),
             target: i64::from(spec.scaling.target_connections_per_pod.max(1)),
+            most_per_pod: i64::from(spec.limits.max_connections_per_pod.max(1)),
             tolerance: f64::from(spec.scaling.tolerance_percent.clamp(0, 100)) / 100.0,
             up_step: spec.scaling.scale_up.max_pods_per_step.max(1),
             up_period: secs(spec.scaling.scale_up.period_seconds),
@@ -308,7 +315,7 @@ pub fn decide(policy: &Policy, observed: &Observed, history: &History, now: Time
     let missing = (i64::from(current) - reporting).max(0);
     // Missing pods count as empty for a scale-up and as full for a scale-down.
     let up = ceil_div(total, policy.target);
-    let assumed_full = missing.saturating_mul(policy.target);
+    let assumed_full = missing.saturating_mul(policy.most_per_pod.max(policy.target));
     let down = ceil_div(total.saturating_add(assumed_full), policy.target);
     let raw = if up > i64::from(current) {
         up
@@ -406,6 +413,7 @@ mod tests {
             min: 1,
             max: 10,
             target: 100,
+            most_per_pod: 400,
             tolerance: 0.1,
             up_step: 2,
             up_period: Duration::from_secs(10),
@@ -554,12 +562,30 @@ mod tests {
         // Two of four pods silent, the others near the target: as if the silent ones
         // were full, no scale-down (counting them as empty would halve the pool).
         let d = decide(&p, &observed(4, &[95, 95]), &watched(-1000), t(100));
-        assert_eq!((d.replicas, d.reason), (4, Reason::WithinTolerance));
+        assert_eq!((d.replicas, d.reason), (4, Reason::Stable));
         // Two of four silent, the others overloaded: as if the silent ones were empty.
         let d = decide(&p, &observed(4, &[300, 300]), &watched(-1000), t(100));
         assert_eq!((d.replicas, d.reason), (6, Reason::ScaledUp));
         let d = decide(&p, &observed(4, &[]), &watched(-1000), t(100));
         assert_eq!((d.replicas, d.reason), (4, Reason::NoReports));
+    }
+
+    #[test]
+    fn silent_pods_may_hold_up_to_their_limit_so_no_scale_down_on_them() {
+        let p = policy();
+        // Ten pods: four report nearly nothing, six are silent (their reports stopped
+        // landing) and may hold up to 400 each. At the target they would add up to 620
+        // for ten pods and drain three; at what they can hold, nothing moves.
+        let d = decide(&p, &observed(10, &[5, 5, 5, 5]), &watched(-1000), t(100));
+        assert_eq!(d.replicas, 10, "{d:?}");
+        // Once they report what they hold, the pool is sized on what is there.
+        let d = decide(
+            &p,
+            &observed(10, &[5, 5, 5, 5, 5, 5, 5, 5, 5, 5]),
+            &watched(-1000),
+            t(100),
+        );
+        assert!(d.replicas < 10, "{d:?}");
     }
 
     #[test]
