@@ -24,7 +24,7 @@ use tokio::{
 use crate::{
     report,
     stats::{self, Hist, unix_nanos},
-    target::{Deployment, Kind, Paths, SHARD_CAPACITY},
+    target::{Deployment, Kind, Paths, SHARD_CAPACITY, Variant},
     worker::{self, Cmd, Event, Job},
 };
 
@@ -68,6 +68,11 @@ pub struct Common {
     /// Servers to run side by side, in order.
     #[arg(long, value_delimiter = ',', default_value = "tether,axum")]
     pub targets: Vec<Kind>,
+    /// More Tether targets, run after `--targets` in the same invocation, each from
+    /// its own gateway binary (`NAME=PATH`, repeatable): builds compared side by side,
+    /// e.g. the same gateway with another global allocator. Rows are `tether[NAME]`.
+    #[arg(long = "tether-variant", value_name = "NAME=PATH")]
+    pub tether_variants: Vec<Variant>,
     /// Connections (agents).
     #[arg(short = 'n', long, default_value_t = 1000)]
     pub connections: u64,
@@ -266,6 +271,7 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
                 .to_owned(),
         },
         peers_dir: common.peers_dir.clone(),
+        gateway: None,
     };
     let mut results = Vec::new();
     if let Some(url) = &common.url {
@@ -281,23 +287,30 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
         result.target = url.clone();
         results.push(result);
     }
-    let targets = if common.url.is_some() {
-        Vec::new()
-    } else {
-        common.targets.clone()
-    };
-    for kind in targets {
-        eprintln!(
-            "== {name}: {} ({} connections)",
-            kind.name(),
-            common.connections
-        );
+    let mut targets: Vec<(String, Kind, Paths)> = Vec::new();
+    if common.url.is_none() {
+        for kind in &common.targets {
+            targets.push((kind.name().to_owned(), *kind, paths.clone()));
+        }
+        for variant in &common.tether_variants {
+            let paths = Paths {
+                gateway: Some(variant.path.clone()),
+                ..paths.clone()
+            };
+            targets.push((format!("tether[{}]", variant.name), Kind::Tether, paths));
+        }
+    }
+    for (label, kind, paths) in targets {
+        eprintln!("== {name}: {label} ({} connections)", common.connections);
         match run_target(name, kind, &common, &paths).await {
-            Ok(result) => results.push(result),
+            Ok(result) => results.push(TargetResult {
+                target: label,
+                ..result
+            }),
             Err(err) => {
-                eprintln!("{} failed: {err:#}", kind.name());
+                eprintln!("{label} failed: {err:#}");
                 results.push(TargetResult {
-                    target: format!("{} (failed: {err})", kind.name()),
+                    target: format!("{label} (failed: {err})"),
                     ..TargetResult::default()
                 });
             }

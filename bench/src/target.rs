@@ -60,6 +60,44 @@ pub struct Paths {
     pub bin_dir: PathBuf,
     /// `bench/peers`.
     pub peers_dir: PathBuf,
+    /// The `tether-gateway` binary to start (default: the one in `bin_dir`; a
+    /// `--tether-variant` names another build, e.g. with another allocator).
+    pub gateway: Option<PathBuf>,
+}
+
+impl Paths {
+    /// The gateway binary this run starts for a Tether target.
+    pub fn gateway_bin(&self) -> PathBuf {
+        self.gateway
+            .clone()
+            .unwrap_or_else(|| self.bin_dir.join("tether-gateway"))
+    }
+}
+
+/// Another build of the gateway run as one more Tether target in the same invocation
+/// (`--tether-variant NAME=PATH`): its row is named `tether[NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Variant {
+    /// The row's label inside `tether[…]`.
+    pub name: String,
+    /// The `tether-gateway` binary (or a script that `exec`s one, so the PID measured
+    /// is the gateway's).
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, path) = s
+            .split_once('=')
+            .filter(|(name, path)| !name.is_empty() && !path.is_empty())
+            .ok_or_else(|| format!("expected NAME=PATH, got {s:?}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            path: PathBuf::from(path),
+        })
+    }
 }
 
 /// One running server process.
@@ -136,7 +174,7 @@ impl Deployment {
                     let s = secret.get_or_insert_with(|| random_hex(32)).clone();
                     let k = api_key.get_or_insert_with(|| random_hex(24)).clone();
                     let config = write_gateway_config(dir.path(), &s, &k)?;
-                    let mut c = Command::new(paths.bin_dir.join("tether-gateway"));
+                    let mut c = Command::new(paths.gateway_bin());
                     c.arg("--config").arg(config);
                     c.env(
                         "RUST_LOG",
@@ -303,6 +341,16 @@ fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_variants() {
+        let v: Variant = "jemalloc=/tmp/je/tether-gateway".parse().unwrap();
+        assert_eq!(v.name, "jemalloc");
+        assert_eq!(v.path, PathBuf::from("/tmp/je/tether-gateway"));
+        assert!("jemalloc".parse::<Variant>().is_err());
+        assert!("=/x".parse::<Variant>().is_err());
+        assert!("x=".parse::<Variant>().is_err());
+    }
 
     #[test]
     fn parses_ws_urls() {

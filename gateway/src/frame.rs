@@ -241,33 +241,61 @@ struct Fragmented {
 /// message. Both are empty (no allocation) between messages.
 #[derive(Debug)]
 pub struct Decoder {
+    /// What is unfinished; `None` (one word, no allocation) between messages, since
+    /// the decoder lives in every idle connection.
+    unfinished: Option<Box<Unfinished>>,
+    max_message: usize,
+}
+
+/// A decoder's state between two reads, while something is unfinished.
+#[derive(Debug, Default)]
+struct Unfinished {
     /// Bytes of a frame that has not arrived whole.
     partial: Vec<u8>,
-    /// A fragmented message being reassembled (boxed: rare, and the decoder lives in
-    /// every idle connection).
-    fragmented: Option<Box<Fragmented>>,
-    max_message: usize,
+    /// A fragmented message being reassembled.
+    fragmented: Option<Fragmented>,
 }
 
 impl Decoder {
     /// A decoder that refuses frames and messages longer than `max_message` bytes.
     pub fn new(max_message: usize) -> Self {
         Self {
-            partial: Vec::new(),
-            fragmented: None,
+            unfinished: None,
             max_message,
         }
     }
 
     /// Bytes held for unfinished frames and messages (0 between messages).
     pub fn buffered(&self) -> usize {
-        self.partial.capacity() + self.fragmented.as_ref().map_or(0, |f| f.data.capacity())
+        self.unfinished.as_ref().map_or(0, |u| {
+            u.partial.capacity() + u.fragmented.as_ref().map_or(0, |f| f.data.capacity())
+        })
     }
 
     /// Keeps `bytes` to be decoded ahead of the next input (bytes read before the
     /// decoder's owner was ready for messages).
     pub fn hold(&mut self, bytes: &[u8]) {
-        self.partial.extend_from_slice(bytes);
+        if !bytes.is_empty() {
+            self.unfinished
+                .get_or_insert_default()
+                .partial
+                .extend_from_slice(bytes);
+        }
+    }
+
+    fn fragmented(&mut self) -> Option<&mut Fragmented> {
+        self.unfinished.as_mut()?.fragmented.as_mut()
+    }
+
+    /// Frees the unfinished state once nothing is left in it.
+    fn tidy(&mut self) {
+        if self
+            .unfinished
+            .as_ref()
+            .is_some_and(|u| u.partial.is_empty() && u.fragmented.is_none())
+        {
+            self.unfinished = None;
+        }
     }
 
     /// Decodes every complete frame in what was buffered plus `input`, handing each
@@ -278,26 +306,33 @@ impl Decoder {
         input: &[u8],
         mut on_message: impl FnMut(Inbound) -> bool,
     ) -> Result<(), WireError> {
-        if self.partial.is_empty() {
+        let mut partial = self
+            .unfinished
+            .as_mut()
+            .map(|u| std::mem::take(&mut u.partial))
+            .unwrap_or_default();
+        if partial.is_empty() {
             let used = self.decode_from(input, &mut on_message)?;
             if let Some(used) = used
                 && used < input.len()
             {
-                self.partial.extend_from_slice(&input[used..]);
+                partial.extend_from_slice(&input[used..]);
             }
-            return Ok(());
-        }
-        let mut partial = std::mem::take(&mut self.partial);
-        partial.extend_from_slice(input);
-        let used = self.decode_from(&partial, &mut on_message)?;
-        match used {
-            Some(used) if used < partial.len() => {
-                partial.drain(..used);
-                self.partial = partial;
+        } else {
+            partial.extend_from_slice(input);
+            let used = self.decode_from(&partial, &mut on_message)?;
+            match used {
+                Some(used) if used < partial.len() => {
+                    partial.drain(..used);
+                }
+                // Everything consumed (or dropped): give the allocation back.
+                _ => partial = Vec::new(),
             }
-            // Everything consumed (or dropped): give the allocation back.
-            _ => {}
         }
+        if !partial.is_empty() {
+            self.unfinished.get_or_insert_default().partial = partial;
+        }
+        self.tidy();
         Ok(())
     }
 
@@ -337,7 +372,7 @@ impl Decoder {
             Opcode::Ping => Ok(Some(Inbound::Ping(unmasked().into()))),
             Opcode::Pong => Ok(Some(Inbound::Pong)),
             Opcode::Close => parse_close(&unmasked()).map(|c| Some(Inbound::Close(c))),
-            Opcode::Text | Opcode::Binary if self.fragmented.is_some() => {
+            Opcode::Text | Opcode::Binary if self.fragmented().is_some() => {
                 Err(WireError::BadFragmentation)
             }
             Opcode::Text | Opcode::Binary => {
@@ -345,18 +380,19 @@ impl Decoder {
                 if head.fin {
                     return complete(text, unmasked()).map(Some);
                 }
-                self.fragmented = Some(Box::new(Fragmented {
+                self.unfinished.get_or_insert_default().fragmented = Some(Fragmented {
                     text,
                     data: unmasked(),
-                }));
+                });
                 Ok(None)
             }
             Opcode::Continuation => {
-                let Some(fragmented) = self.fragmented.as_mut() else {
+                let max_message = self.max_message;
+                let Some(fragmented) = self.fragmented() else {
                     return Err(WireError::BadFragmentation);
                 };
-                if fragmented.data.len() + payload.len() > self.max_message {
-                    return Err(WireError::TooBig(self.max_message));
+                if fragmented.data.len() + payload.len() > max_message {
+                    return Err(WireError::TooBig(max_message));
                 }
                 // The key restarts at offset 0 in every frame.
                 let start = fragmented.data.len();
@@ -365,7 +401,11 @@ impl Decoder {
                 if !head.fin {
                     return Ok(None);
                 }
-                let Fragmented { text, data } = *self.fragmented.take().expect("checked");
+                let Fragmented { text, data } = self
+                    .unfinished
+                    .as_mut()
+                    .and_then(|u| u.fragmented.take())
+                    .expect("checked");
                 complete(text, data).map(Some)
             }
         }
@@ -461,8 +501,14 @@ impl OutFrame {
 
 /// Frames waiting for the kernel, in order, and how much of the first one is written.
 /// Empty (no allocation) once everything is written.
+///
+/// One word while empty (the driver of every idle connection holds one): the queue
+/// and its counters are boxed and exist only while something waits for the kernel.
 #[derive(Debug, Default)]
-pub struct Frames {
+pub struct Frames(Option<Box<Queue>>);
+
+#[derive(Debug, Default)]
+struct Queue {
     queue: VecDeque<OutFrame>,
     /// Bytes of the first frame already written.
     written: usize,
@@ -473,6 +519,45 @@ pub struct Frames {
 impl Frames {
     /// Appends a frame.
     pub fn push(&mut self, frame: OutFrame) {
+        self.0.get_or_insert_default().push(frame);
+    }
+
+    /// Appends a pong, replacing a pong still waiting untouched at the end (see
+    /// [`Queue::push_pong`]).
+    pub fn push_pong(&mut self, pong: OutFrame) {
+        self.0.get_or_insert_default().push_pong(pong);
+    }
+
+    /// Whether everything has been written.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Bytes not yet written.
+    pub fn pending_bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.pending)
+    }
+
+    /// Up to `slices.len()` slices of what is left to write, in order; returns how many
+    /// were filled.
+    pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        self.0.as_ref().map_or(0, |q| q.slices(slices))
+    }
+
+    /// Marks `n` bytes as written; frees the queue once it is empty.
+    pub fn advance(&mut self, n: usize) {
+        if let Some(queue) = self.0.as_mut() {
+            queue.advance(n);
+            if queue.queue.is_empty() {
+                debug_assert_eq!(queue.written, 0);
+                self.0 = None;
+            }
+        }
+    }
+}
+
+impl Queue {
+    fn push(&mut self, frame: OutFrame) {
         self.pending += frame.len();
         self.queue.push_back(frame);
     }
@@ -480,7 +565,7 @@ impl Frames {
     /// Appends a pong, replacing a pong still waiting untouched at the end: a ping
     /// flood from a peer that does not read costs one pending pong, not one per ping
     /// (RFC 6455 §5.5.3 allows answering only the most recent ping).
-    pub fn push_pong(&mut self, pong: OutFrame) {
+    fn push_pong(&mut self, pong: OutFrame) {
         let untouched = self.queue.len() > 1 || self.written == 0;
         if untouched
             && let Some(last) = self.queue.back_mut()
@@ -493,19 +578,7 @@ impl Frames {
         self.push(pong);
     }
 
-    /// Whether everything has been written.
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    /// Bytes not yet written.
-    pub fn pending_bytes(&self) -> usize {
-        self.pending
-    }
-
-    /// Up to `slices.len()` slices of what is left to write, in order; returns how many
-    /// were filled.
-    pub fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+    fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
         let mut skip = self.written;
         'frames: for frame in &self.queue {
@@ -525,8 +598,7 @@ impl Frames {
         n
     }
 
-    /// Marks `n` bytes as written; frees the queue's allocation once it is empty.
-    pub fn advance(&mut self, mut n: usize) {
+    fn advance(&mut self, mut n: usize) {
         self.pending -= n;
         n += self.written;
         while let Some(front) = self.queue.front() {
@@ -537,10 +609,6 @@ impl Frames {
             self.queue.pop_front();
         }
         self.written = n;
-        if self.queue.is_empty() {
-            debug_assert_eq!(n, 0);
-            self.queue = VecDeque::new();
-        }
     }
 }
 
@@ -757,7 +825,7 @@ mod tests {
         }
         assert_eq!(wire, b"\x81\x03abc\x82\x04defg");
         assert_eq!(frames.pending_bytes(), 0);
-        assert_eq!(frames.queue.capacity(), 0);
+        assert!(frames.0.is_none(), "the queue is freed once written");
     }
 
     proptest! {
@@ -813,7 +881,8 @@ mod tests {
         ) {
             let mut decoder = Decoder::new(512);
             let _ = decoder.feed(&bytes, |_| true);
-            prop_assert!(decoder.partial.len() <= 512 + MAX_HEAD);
+            let partial = decoder.unfinished.as_ref().map_or(0, |u| u.partial.len());
+            prop_assert!(partial <= 512 + MAX_HEAD);
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_config::Limits;
@@ -24,6 +24,11 @@ pub fn now_secs() -> u32 {
     START.get_or_init(Instant::now).elapsed().as_secs() as u32
 }
 
+/// Unix seconds as stored in a [`Clock`]: saturated at `u32::MAX` (the year 2106).
+fn clamp_unix(secs: u64) -> u32 {
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
 /// Per-connection liveness stamps, written by the session and read by the sweeper.
 #[derive(Debug)]
 pub struct Clock {
@@ -31,8 +36,9 @@ pub struct Clock {
     last_data: AtomicU32,
     /// When the unanswered ping was sent, plus one (0: none outstanding).
     ping_sent: AtomicU32,
-    /// Unix seconds after which the session ends unless refreshed.
-    expires_at: AtomicU64,
+    /// Unix seconds after which the session ends unless refreshed (32 bits last until
+    /// 2106; a later expiry is kept as 2106): 4 bytes less in every connection.
+    expires_at: AtomicU32,
 }
 
 impl Clock {
@@ -43,7 +49,7 @@ impl Clock {
             last_inbound: AtomicU32::new(now),
             last_data: AtomicU32::new(now),
             ping_sent: AtomicU32::new(0),
-            expires_at: AtomicU64::new(expires_at),
+            expires_at: AtomicU32::new(clamp_unix(expires_at)),
         }
     }
 
@@ -59,12 +65,12 @@ impl Clock {
 
     /// A refreshed token moved the expiry.
     pub fn set_expiry(&self, expires_at: u64) {
-        self.expires_at.store(expires_at, Ordering::Relaxed);
+        self.expires_at.store(clamp_unix(expires_at), Ordering::Relaxed);
     }
 
     /// The current expiry (Unix seconds).
     pub fn expires_at(&self) -> u64 {
-        self.expires_at.load(Ordering::Relaxed)
+        u64::from(self.expires_at.load(Ordering::Relaxed))
     }
 
     fn stamps(&self) -> Stamps {

@@ -279,9 +279,9 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
         // A task of its own: the connection's future is then only its driver, not this
         // handshake's state too — it is what every idle connection keeps in memory.
         let tasks = session_state.tasks.clone();
-        let task = crate::session::task(session_state, socket, parts.read_buf, identity, admission);
-        // What every idle connection keeps in its task cell (docs/benchmarks.md).
-        debug!(future_bytes = size_of_val(&task), "connection task");
+        let task =
+            crate::session::open(session_state, socket, parts.read_buf, identity, admission)
+                .await;
         tasks.spawn(task);
     });
     state.metrics.handshakes.add(1, &label("result", "ok"));
