@@ -570,7 +570,13 @@ impl Hub {
 
     /// Queues the same frame for every connection; returns how many got it.
     pub fn broadcast(&self, frame: &Outbound) -> usize {
-        let all: Vec<Arc<Connection>> = self.index.read().agents.iter().map(|c| c.0.clone()).collect();
+        let all: Vec<Arc<Connection>> = self
+            .index
+            .read()
+            .agents
+            .iter()
+            .map(|c| c.0.clone())
+            .collect();
         self.fan_out(all.iter(), frame)
     }
 
@@ -614,7 +620,12 @@ impl Hub {
 
     /// Every connection, for drain.
     pub fn snapshot(&self) -> Vec<Arc<Connection>> {
-        self.index.read().agents.iter().map(|c| c.0.clone()).collect()
+        self.index
+            .read()
+            .agents
+            .iter()
+            .map(|c| c.0.clone())
+            .collect()
     }
 
     /// Visits every connection under the read lock (no copy of the set). `f` must be
@@ -672,6 +683,17 @@ mod tests {
         let mut out = Vec::new();
         conn.take_queued(&mut out);
         out
+    }
+
+    /// Every connection is one `Arc<Connection>`: 16 bytes of counts plus this struct,
+    /// allocated from the 128-byte size class (jemalloc and mimalloc both have one; the
+    /// next is 160). The agent map's slot is one pointer.
+    #[test]
+    fn a_connection_fits_a_128_byte_allocation() {
+        let size = std::mem::size_of::<Connection>();
+        eprintln!("size_of::<Connection>() = {size}");
+        assert!(size + 16 <= 128, "Connection is {size} bytes");
+        assert_eq!(std::mem::size_of::<ByAgent>(), 8);
     }
 
     #[test]

@@ -65,7 +65,8 @@ impl Clock {
 
     /// A refreshed token moved the expiry.
     pub fn set_expiry(&self, expires_at: u64) {
-        self.expires_at.store(clamp_unix(expires_at), Ordering::Relaxed);
+        self.expires_at
+            .store(clamp_unix(expires_at), Ordering::Relaxed);
     }
 
     /// The current expiry (Unix seconds).

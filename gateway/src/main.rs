@@ -12,15 +12,17 @@ use tether_gateway::Gateway;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
-// mimalloc returns freed memory to the OS sooner and packs small allocations tighter
-// than the system allocator: it matters when a process holds a million small sessions.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+// The allocator decides how much of the handshakes' short-lived memory stays behind
+// between a process's idle connections. Measured side by side (docs/benchmarks.md,
+// "Allocators"): jemalloc 790–860 B per idle connection, mimalloc 920–1,040 B, glibc
+// 1,140–1,240 B, and jemalloc's fixed cost per process is the smallest too.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(name = "tether-gateway", version, about = "Tether WebSocket gateway")]

@@ -67,7 +67,7 @@ pub async fn open(
     );
     // No span per connection: `Instrumented` costs 32 bytes in every task even while
     // disabled. The few debug lines name their agent and connection.
-    let session = Session::new(state.clone(), conn.clone(), admission);
+    let session = Session::new(admission, conn.clone());
     let welcome = session.welcome();
     // Bytes that came with the upgrade are decoded on the driver's first poll, after
     // the registration below.
@@ -179,7 +179,13 @@ pub struct Session {
     bucket: TokenBucket,
     rate_violations: u32,
     invalid_envelopes: u32,
-    _admission: Admission,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The connection's slot under `limits.maxConnections` (see `Session::new`).
+        self.state.release_admission();
+    }
 }
 
 /// A complete data message from the agent.
@@ -203,7 +209,9 @@ pub enum Reaction {
 }
 
 impl Session {
-    fn new(state: Arc<AppState>, conn: Arc<Connection>, admission: Admission) -> Self {
+    /// A session holding `admission`'s slot until it is dropped.
+    fn new(admission: Admission, conn: Arc<Connection>) -> Self {
+        let state = admission.into_session();
         let limits = &state.config.limits;
         let bucket = TokenBucket::new(
             limits.messages_per_second,
@@ -216,7 +224,6 @@ impl Session {
             bucket,
             rate_violations: 0,
             invalid_envelopes: 0,
-            _admission: admission,
         }
     }
 

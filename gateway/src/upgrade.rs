@@ -280,8 +280,9 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
         // handshake's state too — it is what every idle connection keeps in memory.
         let tasks = session_state.tasks.clone();
         let task =
-            crate::session::open(session_state, socket, parts.read_buf, identity, admission)
-                .await;
+            crate::session::open(session_state, socket, parts.read_buf, identity, admission).await;
+        // What every idle connection keeps in its task cell (docs/benchmarks.md).
+        debug!(future_bytes = size_of_val(&task), "connection task");
         tasks.spawn(task);
     });
     state.metrics.handshakes.add(1, &label("result", "ok"));
