@@ -287,19 +287,11 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
         result.target = url.clone();
         results.push(result);
     }
-    let mut targets: Vec<(String, Kind, Paths)> = Vec::new();
-    if common.url.is_none() {
-        for kind in &common.targets {
-            targets.push((kind.name().to_owned(), *kind, paths.clone()));
-        }
-        for variant in &common.tether_variants {
-            let paths = Paths {
-                gateway: Some(variant.path.clone()),
-                ..paths.clone()
-            };
-            targets.push((format!("tether[{}]", variant.name), Kind::Tether, paths));
-        }
-    }
+    let targets = if common.url.is_some() {
+        Vec::new()
+    } else {
+        target_list(&common, &paths)
+    };
     for (label, kind, paths) in targets {
         eprintln!("== {name}: {label} ({} connections)", common.connections);
         match run_target(name, kind, &common, &paths).await {
@@ -326,6 +318,25 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
         bail!("a target opened no connection");
     }
     Ok(())
+}
+
+/// The targets of a run in order, each with its row label and where its binaries
+/// are: `--targets`, then every `--tether-variant` as `tether[NAME]` with its own
+/// gateway binary.
+fn target_list(common: &Common, paths: &Paths) -> Vec<(String, Kind, Paths)> {
+    let mut targets: Vec<(String, Kind, Paths)> = common
+        .targets
+        .iter()
+        .map(|kind| (kind.name().to_owned(), *kind, paths.clone()))
+        .collect();
+    for variant in &common.tether_variants {
+        let paths = Paths {
+            gateway: Some(variant.path.clone()),
+            ..paths.clone()
+        };
+        targets.push((format!("tether[{}]", variant.name), Kind::Tether, paths));
+    }
+    targets
 }
 
 struct WorkerProc {
@@ -799,4 +810,60 @@ async fn drive_churn(
     churn.p99_ms = hist.quantile_ms(0.99);
     result.churn = Some(churn);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_run_after_the_targets_each_with_its_own_gateway() {
+        let args = Args::parse_from([
+            "tether-bench",
+            "connect",
+            "--targets",
+            "tether,limit",
+            "--tether-variant",
+            "jemalloc=/tmp/je/tether-gateway",
+            "--tether-variant",
+            "glibc=/tmp/gl/tether-gateway",
+        ]);
+        let Mode::Connect(common) = args.mode else {
+            panic!("connect mode");
+        };
+        let paths = Paths {
+            bin_dir: PathBuf::from("/bin-dir"),
+            peers_dir: PathBuf::from("/peers"),
+            gateway: None,
+        };
+        let targets: Vec<(String, Kind, PathBuf)> = target_list(&common, &paths)
+            .into_iter()
+            .map(|(label, kind, paths)| (label, kind, paths.gateway_bin()))
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                (
+                    "tether".into(),
+                    Kind::Tether,
+                    "/bin-dir/tether-gateway".into()
+                ),
+                (
+                    "limit".into(),
+                    Kind::Limit,
+                    "/bin-dir/tether-gateway".into()
+                ),
+                (
+                    "tether[jemalloc]".into(),
+                    Kind::Tether,
+                    "/tmp/je/tether-gateway".into()
+                ),
+                (
+                    "tether[glibc]".into(),
+                    Kind::Tether,
+                    "/tmp/gl/tether-gateway".into()
+                ),
+            ]
+        );
+    }
 }

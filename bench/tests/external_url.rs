@@ -21,6 +21,7 @@ async fn connect_through_a_service_url_with_minted_tokens() {
     let paths = Paths {
         bin_dir,
         peers_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/peers")),
+        gateway: None,
     };
     let pods = Deployment::start(Kind::Tether, 2, &paths)
         .await
