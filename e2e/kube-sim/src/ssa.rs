@@ -554,11 +554,32 @@ pub fn apply(
         }
     }
 
-    // managedFields: only the entries that change are rewritten.
-    let mut list: Vec<Value> = managed.to_vec();
-    let mut emptied = vec![false; list.len()];
+    // managedFields (merged carries live's): only the entries that change are rewritten,
+    // in place.
     let mut forced: Vec<usize> = conflicts.iter().map(|(i, _, _)| *i).collect();
     forced.dedup();
+    let entry = ManagedEntry {
+        manager: req.manager.to_string(),
+        operation: "Apply".into(),
+        api_version: req.api_version.to_string(),
+        time: req.now.to_string(),
+        subresource: req.subresource.map(str::to_string),
+        fields: new_set,
+    };
+    let own_empty = entry.fields.is_empty();
+    let encoded = encode_entry(&entry, new_tree);
+    let meta = meta_object(&mut merged);
+    let list = match meta.get_mut("managedFields") {
+        Some(Value::Array(list)) => list,
+        _ => {
+            meta.insert("managedFields".into(), json!([]));
+            match meta.get_mut("managedFields") {
+                Some(Value::Array(list)) => list,
+                _ => unreachable!("just inserted"),
+            }
+        }
+    };
+    let mut emptied = vec![false; list.len()];
     for i in forced {
         let mut fields = FieldSet::from_fields_v1(list[i].get("fieldsV1").unwrap_or(&Value::Null));
         for (_, _, p) in conflicts.iter().filter(|(j, _, _)| *j == i) {
@@ -570,37 +591,36 @@ pub fn apply(
             list[i]["fieldsV1"] = fields.to_fields_v1();
         }
     }
-    let entry = ManagedEntry {
-        manager: req.manager.to_string(),
-        operation: "Apply".into(),
-        api_version: req.api_version.to_string(),
-        time: req.now.to_string(),
-        subresource: req.subresource.map(str::to_string),
-        fields: new_set,
-    };
-    let encoded = encode_entry(&entry, new_tree);
     match own {
-        Some(i) if entry.fields.is_empty() => emptied[i] = true,
+        Some(i) if own_empty => emptied[i] = true,
         Some(i) => list[i] = encoded,
-        None if entry.fields.is_empty() => {}
+        None if own_empty => {}
         None => {
             list.push(encoded);
             emptied.push(false);
         }
     }
-    let mut keep = emptied.into_iter().map(|e| !e);
-    list.retain(|_| keep.next().unwrap_or(true));
-    if let Value::Object(root) = &mut merged {
-        let meta = root.entry("metadata").or_insert_with(|| json!({}));
-        if let Value::Object(meta) = meta {
-            if list.is_empty() {
-                meta.remove("managedFields");
-            } else {
-                meta.insert("managedFields".into(), Value::Array(list));
-            }
-        }
+    if emptied.contains(&true) {
+        let mut keep = emptied.into_iter().map(|e| !e);
+        list.retain(|_| keep.next().unwrap_or(true));
+    }
+    if list.is_empty() {
+        meta.remove("managedFields");
     }
     Ok(merged)
+}
+
+/// The object's `metadata` map, created when missing.
+fn meta_object(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.is_object() {
+        *obj = json!({});
+    }
+    let root = obj.as_object_mut().expect("object");
+    let meta = root.entry("metadata").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
+    }
+    meta.as_object_mut().expect("metadata object")
 }
 
 /// Whether a managedFields entry (JSON) is the one of this manager, operation and subresource.

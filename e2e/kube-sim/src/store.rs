@@ -208,6 +208,9 @@ pub struct Written {
     pub object: Value,
     /// `Warning` headers.
     pub warnings: Vec<String>,
+    /// `object` as JSON, when the write's event already serialized exactly it (an update
+    /// stored in the form it is served in): the response reuses those bytes.
+    pub encoded: Option<Bytes>,
 }
 
 /// The result of a DELETE.
@@ -732,6 +735,11 @@ impl Store {
     /// Reads one object.
     pub fn get(&self, t: &Target) -> Result<Value> {
         self.state.lock().read(t)
+    }
+
+    /// Whether the object `t` names exists (without copying it out).
+    pub fn exists(&self, t: &Target) -> bool {
+        self.state.lock().get(t).is_ok()
     }
 
     /// Lists objects (namespace-filtered when `t.namespace` is set), with the list's rv.
@@ -1487,6 +1495,7 @@ impl State {
             return Ok(Written {
                 object: obj,
                 warnings,
+                encoded: None,
             });
         }
         let rv = self.next_rv();
@@ -1501,6 +1510,7 @@ impl State {
         Ok(Written {
             object: obj,
             warnings,
+            encoded: None,
         })
     }
 
@@ -1935,12 +1945,14 @@ impl State {
             return Ok(Written {
                 object: old,
                 warnings,
+                encoded: None,
             });
         }
         if o.dry_run {
             return Ok(Written {
                 object: new,
                 warnings,
+                encoded: None,
             });
         }
         if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&new).is_empty() {
@@ -1948,12 +1960,22 @@ impl State {
             return Ok(Written {
                 object: obj,
                 warnings,
+                encoded: None,
             });
         }
         let stored = self.store_update(t, old, new);
+        let encoded = if crate::events::is_events_v1(&rt) {
+            None
+        } else {
+            self.types
+                .get(&storage_key(&rt))
+                .and_then(|ts| ts.encoded.get(&Self::ns_key(t, &name)))
+                .cloned()
+        };
         Ok(Written {
             object: stored,
             warnings,
+            encoded,
         })
     }
 
@@ -2018,6 +2040,7 @@ impl State {
         Ok(Written {
             object: scale_of(&rt, &t.version, &w.object)?,
             warnings: w.warnings,
+            encoded: None,
         })
     }
 

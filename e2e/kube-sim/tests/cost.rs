@@ -198,7 +198,9 @@ async fn status_apply_cost_on_a_big_pool() {
             async move {
                 let params = PatchParams::apply(&format!("pod-{}", i % n)).force();
                 pools
-                    .patch_status("big", &params, &Patch::Apply(report(i % n, i)))
+                    // A count the entry never had: every report changes the pool (a
+                    // no-op apply would skip the store's write, its event and the watch).
+                    .patch_status("big", &params, &Patch::Apply(report(i % n, n + i)))
                     .await
                     .unwrap();
             }
