@@ -171,7 +171,7 @@ fn written_response(code: StatusCode, target: &Target, w: crate::store::Written)
         )
             .into_response(),
         _ if target.subresource.as_deref() == Some("scale") => json_response(code, &w.object),
-        _ => json_response(code, &render(target, w.object)),
+        _ => json_response(code, &render(target, Arc::unwrap_or_clone(w.object))),
     };
     with_warnings(resp, &w.warnings)
 }
@@ -511,7 +511,10 @@ async fn handle(
             let obj = parse_body(body, &content_type)?;
             let w = s.store.create(&target, obj, &wopts)?;
             Ok(with_warnings(
-                json_response(StatusCode::CREATED, &render(&target, w.object)),
+                json_response(
+                    StatusCode::CREATED,
+                    &render(&target, Arc::unwrap_or_clone(w.object)),
+                ),
                 &w.warnings,
             ))
         }

@@ -204,8 +204,8 @@ pub struct DeleteOpts {
 /// A successful write and the warnings to send with it.
 #[derive(Debug, Clone)]
 pub struct Written {
-    /// The object as stored.
-    pub object: Value,
+    /// The object as stored (shared with the store: a write copies nothing to answer).
+    pub object: Arc<Value>,
     /// `Warning` headers.
     pub warnings: Vec<String>,
     /// `object` as JSON, when the write's event already serialized exactly it (an update
@@ -304,7 +304,9 @@ impl Watchers {
 
 #[derive(Default)]
 struct TypeState {
-    objects: BTreeMap<ObjKey, Value>,
+    /// Shared, so that reading an object for a write (and answering it) copies nothing:
+    /// a write builds a new version and swaps it in.
+    objects: BTreeMap<ObjKey, Arc<Value>>,
     /// Label index for equality selectors: key → value → objects.
     labels: HashMap<String, HashMap<String, BTreeSet<ObjKey>>>,
     /// Each object as last serialized (by the event of its last change): the next
@@ -919,7 +921,7 @@ impl Store {
         let encoded = &ts.encoded;
         let backlog = match from {
             None | Some(0) => {
-                let added = |o: &Value| {
+                let added = |o: &Arc<Value>| {
                     let key = (
                         meta_str(o, "namespace").unwrap_or("").to_string(),
                         meta_str(o, "name").unwrap_or("").to_string(),
@@ -1009,7 +1011,7 @@ impl State {
         self.types
             .get(key)
             .into_iter()
-            .flat_map(|ts| ts.objects.values())
+            .flat_map(|ts| ts.objects.values().map(|v| &**v))
     }
 
     /// The stored object at `r`.
@@ -1018,7 +1020,8 @@ impl State {
             .types
             .get(&r.0)?
             .objects
-            .get(&(r.1.clone(), r.2.clone()));
+            .get(&(r.1.clone(), r.2.clone()))
+            .map(|v| &**v);
         if v.is_some() {
             self.stats.objects_examined(1);
         }
@@ -1053,7 +1056,7 @@ impl State {
                 .take_while(|(k, _)| k.0 == ns)
             {
                 self.stats.objects_examined(1);
-                out.push(((key.clone(), k.0.clone(), k.1.clone()), v.clone()));
+                out.push(((key.clone(), k.0.clone(), k.1.clone()), (**v).clone()));
             }
         }
         out
@@ -1088,6 +1091,11 @@ impl State {
 
     /// The stored object `t` names, in storage form.
     fn get(&self, t: &Target) -> Result<&Value> {
+        self.get_shared(t).map(|v| &**v)
+    }
+
+    /// The stored object `t` names, in storage form, as shared.
+    fn get_shared(&self, t: &Target) -> Result<&Arc<Value>> {
         let name = t.name.as_deref().unwrap_or("");
         let v = self
             .types
@@ -1096,6 +1104,15 @@ impl State {
             .ok_or_else(|| ApiError::not_found(&t.rt.group, &t.rt.plural, name))?;
         self.stats.objects_examined(1);
         Ok(v)
+    }
+
+    /// [`State::read`] without a copy when the stored form is the served form.
+    fn read_shared(&self, t: &Target) -> Result<Arc<Value>> {
+        let v = self.get_shared(t)?;
+        Ok(match self.read_as(t, v) {
+            std::borrow::Cow::Borrowed(_) => v.clone(),
+            std::borrow::Cow::Owned(o) => Arc::new(o),
+        })
     }
 
     /// The object `t` names, in the form of `t`'s resource (an events.k8s.io/v1 Event is
@@ -1112,7 +1129,7 @@ impl State {
 
     /// Inserts or replaces an object, keeping every index and queueing the garbage
     /// collector where the object concerns it (it has owners, or is being deleted).
-    fn put(&mut self, key: &ResourceKey, ok: ObjKey, obj: Value) {
+    fn put(&mut self, key: &ResourceKey, ok: ObjKey, obj: Arc<Value>) {
         let r: ObjRef = (key.clone(), ok.0.clone(), ok.1.clone());
         let old = self
             .types
@@ -1152,7 +1169,7 @@ impl State {
     /// Removes an object, keeping every index, and queues what its removal concerns:
     /// its dependents (now perhaps orphans), its owners (a foreground deletion may be
     /// waiting for it) and its namespace (a namespace being deleted waits for it).
-    fn take(&mut self, key: &ResourceKey, ok: &ObjKey) -> Option<Value> {
+    fn take(&mut self, key: &ResourceKey, ok: &ObjKey) -> Option<Arc<Value>> {
         let obj = self.types.get_mut(key)?.objects.remove(ok)?;
         let r: ObjRef = (key.clone(), ok.0.clone(), ok.1.clone());
         self.unindex(&r, &obj);
@@ -1493,7 +1510,7 @@ impl State {
         }
         if o.dry_run {
             return Ok(Written {
-                object: obj,
+                object: obj.into(),
                 warnings,
                 encoded: None,
             });
@@ -1503,12 +1520,12 @@ impl State {
         let skey = storage_key(&rt);
         let stored = crate::events::to_storage(&rt, &obj).into_owned();
         self.emit(&skey, rv, EventType::Added, &stored, None);
-        self.put(&skey, key, stored);
+        self.put(&skey, key, Arc::new(stored));
         if let Some(ct) = crd_type {
             self.establish_crd(t, &name, ct);
         }
         Ok(Written {
-            object: obj,
+            object: obj.into(),
             warnings,
             encoded: None,
         })
@@ -1547,24 +1564,32 @@ impl State {
                 {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": ts},
             ],
         });
-        self.store_update(t, old, new);
+        self.store_update(t, &old, new);
     }
 
-    fn store_update(&mut self, t: &Target, old: Value, mut new: Value) -> Value {
+    /// Stores a new version of an object and emits its MODIFIED event; returns it, shared
+    /// with the store (no copy).
+    fn store_update(&mut self, t: &Target, old: &Value, mut new: Value) -> Arc<Value> {
         let rv = self.next_rv();
         meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
         let name = meta_str(&new, "name").unwrap_or("").to_string();
         let key = Self::ns_key(t, &name);
         let skey = storage_key(&t.rt);
-        let stored = crate::events::to_storage(&t.rt, &new).into_owned();
-        let old = crate::events::to_storage(&t.rt, &old);
+        let old = crate::events::to_storage(&t.rt, old);
+        if crate::events::is_events_v1(&t.rt) {
+            let stored = crate::events::to_storage(&t.rt, &new).into_owned();
+            self.emit(&skey, rv, EventType::Modified, &stored, Some(&old));
+            self.put(&skey, key, Arc::new(stored));
+            return Arc::new(new);
+        }
+        let stored = Arc::new(new);
         self.emit(&skey, rv, EventType::Modified, &stored, Some(&old));
-        self.put(&skey, key, stored);
-        new
+        self.put(&skey, key, stored.clone());
+        stored
     }
 
     fn replace(&mut self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
-        let old = self.read(t)?;
+        let old = self.read_shared(t)?;
         if !body.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request was in an unknown format",
@@ -1593,7 +1618,7 @@ impl State {
         if kind == PatchKind::Apply {
             return self.apply(t, body, o);
         }
-        let old = self.read(t)?;
+        let old = self.read_shared(t)?;
         // A patch addressed to /scale is a patch of the Scale object.
         if t.subresource.as_deref() == Some("scale") {
             let scale = scale_of(&t.rt, &t.version, &old)?;
@@ -1651,7 +1676,7 @@ impl State {
                 "the name of the object ({n}) does not match the name on the URL ({name})"
             )));
         }
-        let existing = self.read(t).ok();
+        let existing = self.read_shared(t).ok();
         let sub = t.subresource.as_deref();
         if existing.is_none() && sub.is_some() {
             return Err(ApiError::not_found(&rt.group, &rt.plural, &name));
@@ -1689,7 +1714,7 @@ impl State {
             now: &now,
         };
         let null = Value::Null;
-        let live = existing.as_ref().unwrap_or(&null);
+        let live = existing.as_deref().unwrap_or(&null);
         let mut result = ssa::apply(live, &applied, cursor, &req);
         // kubectl's client-side to server-side upgrade (the real server's
         // lastAppliedManager): for manager "kubectl", conflicts on fields present in the
@@ -1766,7 +1791,7 @@ impl State {
     fn write(
         &mut self,
         t: &Target,
-        old: Value,
+        old: Arc<Value>,
         mut new: Value,
         o: &WriteOpts,
         applied: bool,
@@ -1943,14 +1968,14 @@ impl State {
         // A write that changes nothing is a no-op: no new resourceVersion, no event.
         if unchanged(&old, &new) {
             return Ok(Written {
-                object: old,
+                object: old.into(),
                 warnings,
                 encoded: None,
             });
         }
         if o.dry_run {
             return Ok(Written {
-                object: new,
+                object: new.into(),
                 warnings,
                 encoded: None,
             });
@@ -1958,12 +1983,12 @@ impl State {
         if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&new).is_empty() {
             let obj = self.remove(t, new);
             return Ok(Written {
-                object: obj,
+                object: obj.into(),
                 warnings,
                 encoded: None,
             });
         }
-        let stored = self.store_update(t, old, new);
+        let stored = self.store_update(t, &old, new);
         let encoded = if crate::events::is_events_v1(&rt) {
             None
         } else {
@@ -1982,7 +2007,7 @@ impl State {
     fn write_scale(
         &mut self,
         t: &Target,
-        old: Value,
+        old: Arc<Value>,
         scale: Value,
         o: &WriteOpts,
     ) -> Result<Written> {
@@ -2018,7 +2043,7 @@ impl State {
                 }],
             ));
         }
-        let mut new = old.clone();
+        let mut new = (*old).clone();
         set_json_path(&mut new, &info.spec_replicas_path, replicas);
         let main = Target {
             subresource: Some("scale".into()),
@@ -2038,7 +2063,7 @@ impl State {
             false,
         )?;
         Ok(Written {
-            object: scale_of(&rt, &t.version, &w.object)?,
+            object: scale_of(&rt, &t.version, &w.object)?.into(),
             warnings: w.warnings,
             encoded: None,
         })
@@ -2152,7 +2177,9 @@ impl State {
         if namespace_pending {
             new["status"] = json!({"phase": "Terminating"});
         }
-        Ok(Deleted::Pending(self.store_update(t, old, new)))
+        Ok(Deleted::Pending(Arc::unwrap_or_clone(
+            self.store_update(t, &old, new),
+        )))
     }
 
     /// Removes one finalizer (GC and namespace controller); removes the object when none remain.
@@ -2172,7 +2199,7 @@ impl State {
         if new.pointer("/metadata/deletionTimestamp").is_some() && fins.is_empty() {
             self.remove(t, new);
         } else {
-            self.store_update(t, old, new);
+            self.store_update(t, &old, new);
         }
     }
 
@@ -2187,7 +2214,7 @@ impl State {
         } else {
             meta_mut(&mut new).insert("ownerReferences".into(), json!(refs));
         }
-        self.store_update(t, old, new);
+        self.store_update(t, &old, new);
     }
 
     /// Removes a namespace whose contents are gone.

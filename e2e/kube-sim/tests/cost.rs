@@ -152,7 +152,7 @@ pub async fn big_pool(sim: &Server, client: &kube::Client, n: usize) {
             "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "subresource": "status",
             "fieldsV1": {"f:status": {"f:pods": {key: {".": {}, "f:name": {}, "f:connections": {}, "f:ready": {}}}}}}));
     }
-    let mut obj = obj;
+    let mut obj = (*obj).clone();
     obj["metadata"]["managedFields"] = json!(managed);
     sim.store()
         .replace(&target(None), obj, &WriteOpts::default())
