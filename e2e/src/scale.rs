@@ -360,8 +360,10 @@ mod tests {
             )
             .expect("report")
         };
-        let mut status = tether_crds::ConnectionPoolStatus::default();
-        status.pods = vec![report(0, 100), report(1, 100)];
+        let mut status = tether_crds::ConnectionPoolStatus {
+            pods: vec![report(0, 100), report(1, 100)],
+            ..Default::default()
+        };
         pool.status = Some(status.clone());
         assert!(!balanced(&pool, 3), "a pod has not reported");
         status.pods.push(report(2, 100));

@@ -529,7 +529,7 @@ fn same_spec(old: &Value, new: &Value, has_status: bool) -> bool {
         return old == new;
     };
     let counts = |k: &String| {
-        !matches!(k.as_str(), "metadata" | "apiVersion" | "kind") && !(has_status && k == "status")
+        !(matches!(k.as_str(), "metadata" | "apiVersion" | "kind") || has_status && k == "status")
     };
     let same = |k: &String| !counts(k) || a.get(k) == b.get(k);
     a.keys().all(same) && b.keys().all(same)
@@ -1968,7 +1968,7 @@ impl State {
         // A write that changes nothing is a no-op: no new resourceVersion, no event.
         if unchanged(&old, &new) {
             return Ok(Written {
-                object: old.into(),
+                object: old,
                 warnings,
                 encoded: None,
             });

@@ -70,10 +70,11 @@ impl WatchSpec {
         let as_stored = self.table.is_none()
             && !crate::events::is_events_v1(&self.rt)
             && e.api_version == self.rt.api_version(&self.version);
-        if as_stored && self.labels.is_empty() {
-            if let Some(now) = self.fields.matches_name(e.namespace.as_deref(), &e.name) {
-                return now.then(|| (e.kind.as_str(), Payload::Shared(e.object.clone())));
-            }
+        if as_stored
+            && self.labels.is_empty()
+            && let Some(now) = self.fields.matches_name(e.namespace.as_deref(), &e.name)
+        {
+            return now.then(|| (e.kind.as_str(), Payload::Shared(e.object.clone())));
         }
         // Selectors apply to the object as this resource serves it (events.k8s.io/v1
         // Events are stored as core/v1 Events).
