@@ -68,6 +68,10 @@ pub struct Args {
     /// How soon a pool waiting for a missing Secret is looked at again.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub secret_recheck: Duration,
+    /// Longest time one reconcile may take before it is dropped and retried (an API
+    /// call that never answers would otherwise freeze its pool).
+    #[arg(long, env = "TETHER_RECONCILE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub reconcile_timeout: Duration,
     /// Most reconciles in flight at once (0: unbounded).
     #[arg(long, env = "TETHER_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
@@ -132,6 +136,7 @@ pub async fn run(
         lease_renew,
         no_leader_election,
         secret_recheck,
+        reconcile_timeout,
         concurrency,
         debounce,
         scale_spacing,
@@ -222,6 +227,7 @@ pub async fn run(
             Some(identity.clone()),
         );
         ctx.secret_recheck = secret_recheck;
+        ctx.reconcile_timeout = reconcile_timeout;
         ctx.scale_spacing = scale_spacing;
         let mut stopping = stop_rx.clone();
         let graceful = async move {

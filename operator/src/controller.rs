@@ -64,6 +64,8 @@ pub const SCALE_SPACING: Duration = Duration::from_secs(1);
 /// How soon a pool waiting for a Secret is looked at again, by default. Secrets are not
 /// watched: that would cache every Secret of the cluster in the operator's memory.
 pub const SECRET_RECHECK: Duration = Duration::from_secs(30);
+/// Default of [`Context::reconcile_timeout`].
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a reconcile failed (and will be retried).
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,9 @@ pub enum Error {
     /// A ConnectionPool without a namespace (the CRD is namespaced, so a bug elsewhere).
     #[error("ConnectionPool has no namespace")]
     NoNamespace,
+    /// The reconcile did not finish in time (an API call that never answered).
+    #[error("reconcile did not finish within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// What every reconcile of one leadership term shares. A new term builds a new
@@ -93,6 +98,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How soon a pool waiting for a Secret is looked at again.
     pub secret_recheck: Duration,
+    /// Longest time one reconcile may take. kube's client sets no read timeout, and
+    /// kube-runtime never runs two reconciles of one pool at once: without a bound, one
+    /// API call that never answers freezes that pool (no scaling, no status) for good.
+    pub reconcile_timeout: Duration,
     /// Least time between two autoscaling steps of one pool.
     pub scale_spacing: Duration,
     /// Consecutive failures per pool, for the backoff.
@@ -164,6 +173,7 @@ impl Context {
             settings,
             metrics,
             secret_recheck: SECRET_RECHECK,
+            reconcile_timeout: RECONCILE_TIMEOUT,
             scale_spacing: SCALE_SPACING,
             failures: Mutex::default(),
             autoscaler: Default::default(),
@@ -280,7 +290,7 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
     );
     let started = Instant::now();
     let _running = ctx.metrics.reconcile_running();
-    let result = async {
+    let work = async {
         let ns = pool.namespace().ok_or(Error::NoNamespace)?;
         let api: Api<ConnectionPool> = Api::namespaced(ctx.client.clone(), &ns);
         if add_finalizer(&api, &pool).await? {
@@ -296,8 +306,13 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         .await
         .map_err(|err| Error::Finalizer(Box::new(err)))
     }
-    .instrument(span)
-    .await;
+    .instrument(span);
+    // Cut off, the reconcile is dropped mid-way, as if the operator had crashed there:
+    // every step is written to survive that (see docs/operator.md), and the error
+    // policy retries it with back-off.
+    let result = tokio::time::timeout(ctx.reconcile_timeout, work)
+        .await
+        .unwrap_or(Err(Error::TimedOut(ctx.reconcile_timeout)));
     ctx.metrics
         .observe_reconcile(started.elapsed(), result.is_err());
     if result.is_ok() {

@@ -497,6 +497,33 @@ async fn api_faults_are_retried_until_the_pool_converges() {
 }
 
 #[tokio::test]
+async fn a_reconcile_whose_api_call_never_answers_is_cut_off_and_retried() {
+    let (sim, client) = cluster().await;
+    // The first Secret read of the reconcile hangs for an hour: kube's client has no
+    // read timeout, so without a bound on the reconcile this pool would never converge.
+    sim.faults().add(tether_kube_sim::faults::FaultRule {
+        matches: FaultMatch::verb("get").on("secrets"),
+        count: Some(1),
+        delay_ms: Some(3_600_000),
+        ..Default::default()
+    });
+    let mut a = args("op-a");
+    a.reconcile_timeout = Duration::from_secs(1);
+    let op = Operator::start(&client, a);
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    eventually("status written", Duration::from_secs(20), || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    assert!(op.metrics.errors() >= 1, "errors: {}", op.metrics.errors());
+    op.stop().await;
+}
+
+#[tokio::test]
 async fn the_operator_never_wipes_the_pods_status_entries() {
     let (_sim, client) = cluster().await;
     let op = Operator::start(&client, args("op-a"));
