@@ -466,6 +466,19 @@ async fn invalid_specs_get_a_condition_and_an_event_and_no_objects() {
     op.stop().await;
 }
 
+/// Creates a pool and waits (up to 20 s) until its spec was applied (`Degraded` False).
+async fn create_and_wait_applied(client: &Client, name: &str) {
+    pools(client)
+        .create(&PostParams::default(), &pool(name, json!({})))
+        .await
+        .unwrap();
+    eventually("status written", Duration::from_secs(20), || async {
+        let p = pools(client).get(name).await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn api_faults_are_retried_until_the_pool_converges() {
     let (sim, client) = cluster().await;
@@ -482,16 +495,8 @@ async fn api_faults_are_retried_until_the_pool_converges() {
     sim.faults()
         .fail_next(1, FaultMatch::verb("patch").on("services"), 503);
     let op = Operator::start(&client, args("op-a"));
-    pools(&client)
-        .create(&PostParams::default(), &pool("acme", json!({})))
-        .await
-        .unwrap();
     // Backoff after three failures in a row: about 1 + 2 + 4 s.
-    eventually("status written", Duration::from_secs(20), || async {
-        let p = pools(&client).get("acme").await.unwrap();
-        (condition(&p, "Degraded")?.0 == "False").then_some(())
-    })
-    .await;
+    create_and_wait_applied(&client, "acme").await;
     assert!(op.metrics.errors() >= 3, "errors: {}", op.metrics.errors());
     op.stop().await;
 }
@@ -510,15 +515,7 @@ async fn a_reconcile_whose_api_call_never_answers_is_cut_off_and_retried() {
     let mut a = args("op-a");
     a.reconcile_timeout = Duration::from_secs(1);
     let op = Operator::start(&client, a);
-    pools(&client)
-        .create(&PostParams::default(), &pool("acme", json!({})))
-        .await
-        .unwrap();
-    eventually("status written", Duration::from_secs(20), || async {
-        let p = pools(&client).get("acme").await.unwrap();
-        (condition(&p, "Degraded")?.0 == "False").then_some(())
-    })
-    .await;
+    create_and_wait_applied(&client, "acme").await;
     assert!(op.metrics.errors() >= 1, "errors: {}", op.metrics.errors());
     op.stop().await;
 }
