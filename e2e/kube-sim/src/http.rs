@@ -147,12 +147,33 @@ async fn account(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Re
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
+    // to_vec, not to_string: Display goes through fmt::Write a few bytes at a time, which
+    // costs several times more on the large objects of a big pool.
     (
         code,
         [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
+        serde_json::to_vec(v).unwrap_or_default(),
     )
         .into_response()
+}
+
+/// The response to a write: the bytes its event serialized when they are exactly what
+/// this request serves (same apiVersion, not the scale view), else the object rendered.
+fn written_response(code: StatusCode, target: &Target, w: crate::store::Written) -> Response {
+    let served_as_stored = target.subresource.as_deref() != Some("scale")
+        && w.object.get("apiVersion").and_then(Value::as_str)
+            == Some(target.rt.api_version(&target.version).as_str());
+    let resp = match w.encoded {
+        Some(bytes) if served_as_stored => (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from(bytes),
+        )
+            .into_response(),
+        _ if target.subresource.as_deref() == Some("scale") => json_response(code, &w.object),
+        _ => json_response(code, &render(target, Arc::unwrap_or_clone(w.object))),
+    };
+    with_warnings(resp, &w.warnings)
 }
 
 async fn openapi_index(State(s): State<Arc<AppState>>) -> Response {
@@ -490,22 +511,17 @@ async fn handle(
             let obj = parse_body(body, &content_type)?;
             let w = s.store.create(&target, obj, &wopts)?;
             Ok(with_warnings(
-                json_response(StatusCode::CREATED, &render(&target, w.object)),
+                json_response(
+                    StatusCode::CREATED,
+                    &render(&target, Arc::unwrap_or_clone(w.object)),
+                ),
                 &w.warnings,
             ))
         }
         "update" => {
             let obj = parse_body(body, &content_type)?;
             let w = s.store.replace(&target, obj, &wopts)?;
-            let out = if p.subresource.as_deref() == Some("scale") {
-                w.object
-            } else {
-                render(&target, w.object)
-            };
-            Ok(with_warnings(
-                json_response(StatusCode::OK, &out),
-                &w.warnings,
-            ))
+            Ok(written_response(StatusCode::OK, &target, w))
         }
         "patch" => {
             let kind = match content_type.split(';').next().unwrap_or("").trim() {
@@ -531,19 +547,14 @@ async fn handle(
                     "json"
                 },
             )?;
-            let existed = s.store.get(&target).is_ok();
+            let existed = s.store.exists(&target);
             let w = s.store.patch(&target, kind, obj, &wopts)?;
             let code = if existed {
                 StatusCode::OK
             } else {
                 StatusCode::CREATED
             };
-            let out = if p.subresource.as_deref() == Some("scale") {
-                w.object
-            } else {
-                render(&target, w.object)
-            };
-            Ok(with_warnings(json_response(code, &out), &w.warnings))
+            Ok(written_response(code, &target, w))
         }
         "delete" => {
             let d = delete_opts(&q, body, &content_type)?;

@@ -11,6 +11,8 @@
 //! uniqueItems, minProperties/maxProperties, allOf/anyOf/oneOf/not, list-map key
 //! uniqueness, `x-kubernetes-preserve-unknown-fields`, `default`. `format` is not checked.
 
+use std::collections::{HashMap, HashSet};
+
 use serde_json::{Map, Value};
 
 use crate::error::Cause;
@@ -278,7 +280,7 @@ fn validate_node(
                 ));
             }
             if let Some(p) = schema.get("pattern").and_then(Value::as_str) {
-                match regex::Regex::new(p) {
+                match compiled(p) {
                     Ok(re) if !re.is_match(s) => errs.push(cause(
                         "FieldValueInvalid",
                         path,
@@ -327,27 +329,25 @@ fn validate_node(
                     }
                 }
             }
-            if list_type == Some("map") {
-                let keys: Vec<String> = schema
+            // List-map keys, hashed: duplicates and old-element correlation in one pass
+            // each (a pool's status.pods[] has an entry per pod; pairwise scans made every
+            // status write quadratic in the pool's size).
+            let map_keys: Vec<&str> = if list_type == Some("map") {
+                schema
                     .get("x-kubernetes-list-map-keys")
                     .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|k| k.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let key_of = |e: &Value| -> Vec<Value> {
-                    keys.iter()
-                        .map(|k| e.get(k).cloned().unwrap_or(Value::Null))
-                        .collect()
-                };
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if list_type == Some("map") {
+                let mut seen = HashSet::with_capacity(list.len());
                 for (i, e) in list.iter().enumerate() {
-                    if list[..i].iter().any(|x| key_of(x) == key_of(e)) {
-                        let shown_key: Vec<String> = keys
+                    if !seen.insert(list_map_key(e, &map_keys)) {
+                        let shown_key: Vec<String> = map_keys
                             .iter()
-                            .zip(key_of(e))
-                            .map(|(k, v)| format!("\"{k}\":{v}"))
+                            .map(|k| format!("\"{k}\":{}", e.get(*k).unwrap_or(&Value::Null)))
                             .collect();
                         errs.push(cause(
                             "FieldValueDuplicate",
@@ -361,19 +361,17 @@ fn validate_node(
                 }
             }
             if let Some(items) = schema.get("items") {
+                // oldSelf correlation for list items: by key for list-maps, by value for sets.
                 let old_list = old.and_then(Value::as_array);
+                let old_by_key: HashMap<String, &Value> = match (old_list, list_type) {
+                    (Some(ol), Some("map")) => {
+                        ol.iter().map(|o| (list_map_key(o, &map_keys), o)).collect()
+                    }
+                    _ => HashMap::new(),
+                };
                 for (i, e) in list.iter().enumerate() {
-                    // oldSelf correlation for list items: by key for list-maps, by value for sets.
                     let old_e = old_list.and_then(|ol| match list_type {
-                        Some("map") => {
-                            let keys: Vec<&str> = schema
-                                .get("x-kubernetes-list-map-keys")
-                                .and_then(Value::as_array)
-                                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                                .unwrap_or_default();
-                            ol.iter()
-                                .find(|o| keys.iter().all(|k| o.get(k) == e.get(k)))
-                        }
+                        Some("map") => old_by_key.get(&list_map_key(e, &map_keys)).copied(),
                         Some("set") => ol.iter().find(|o| *o == e),
                         _ => None,
                     });
@@ -498,6 +496,29 @@ fn validate_node(
             }
         }
     }
+}
+
+/// A schema `pattern`, compiled once per process (compiling it on every write of every
+/// object cost more than the rest of the validation).
+fn compiled(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    static CACHE: std::sync::LazyLock<parking_lot::Mutex<HashMap<String, regex::Regex>>> =
+        std::sync::LazyLock::new(Default::default);
+    if let Some(re) = CACHE.lock().get(pattern) {
+        return Ok(re.clone());
+    }
+    let re = regex::Regex::new(pattern)?;
+    CACHE.lock().insert(pattern.to_string(), re.clone());
+    Ok(re)
+}
+
+/// A list-map element's key as a string (its key fields' JSON, in key order), for hashing.
+fn list_map_key(e: &Value, keys: &[&str]) -> String {
+    let mut out = String::new();
+    for k in keys {
+        out.push_str(&e.get(*k).unwrap_or(&Value::Null).to_string());
+        out.push('\u{0}');
+    }
+    out
 }
 
 fn validate_metadata_name(meta: &Value, schema: Option<&Value>, errs: &mut Vec<Cause>) {

@@ -171,6 +171,11 @@ impl LabelSelector {
         })
     }
 
+    /// Whether the selector selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether an object's `metadata.labels` satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = obj.pointer("/metadata/labels");
@@ -230,6 +235,22 @@ impl FieldSelector {
         self.0
             .iter()
             .all(|(k, eq, v)| (Self::field_value(obj, k) == *v) == *eq)
+    }
+
+    /// Whether an object of this namespace and name matches, when every requirement is on
+    /// `metadata.name` or `metadata.namespace` (`None` when one needs other fields): a
+    /// watch can then decide without reading the object.
+    pub fn matches_name(&self, namespace: Option<&str>, name: &str) -> Option<bool> {
+        let mut all = true;
+        for (k, eq, v) in &self.0 {
+            let actual = match k.as_str() {
+                "metadata.name" => name,
+                "metadata.namespace" => namespace.unwrap_or(""),
+                _ => return None,
+            };
+            all &= (actual == v) == *eq;
+        }
+        Some(all)
     }
 
     /// The exact name this selector pins (`metadata.name=x`), if any.

@@ -72,6 +72,18 @@ pub struct ApplyRequest<'a> {
     pub now: &'a str,
 }
 
+thread_local! {
+    /// Field sets decoded from FieldsV1 on this thread (see [`field_sets_decoded`]).
+    static DECODED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many field sets this thread has decoded from FieldsV1 so far: what an apply costs
+/// grows with this, so tests count it (an apply should decode its own manager's set, and
+/// those it takes fields from, not every manager's).
+pub fn field_sets_decoded() -> u64 {
+    DECODED.with(|d| d.get())
+}
+
 // === impl FieldSet ===
 
 impl FieldSet {
@@ -89,6 +101,7 @@ impl FieldSet {
 
     /// Decodes FieldsV1 JSON.
     pub fn from_fields_v1(v: &Value) -> FieldSet {
+        DECODED.with(|d| d.set(d.get() + 1));
         fn walk(node: &Value, prefix: &mut Path, out: &mut BTreeSet<Path>) {
             let Value::Object(m) = node else { return };
             if (m.is_empty() || m.contains_key(".")) && !prefix.is_empty() {
@@ -325,47 +338,52 @@ fn is_element(path: &[String]) -> bool {
 /// Merges an applied config into a live object (maps recurse, list-maps by key, sets by
 /// value, everything else replaced). An explicit null removes the field.
 pub fn merge(live: &Value, applied: &Value, cursor: TypeCursor<'_>) -> Value {
-    merge_value(Some(live), applied, cursor, true)
+    let mut out = live.clone();
+    merge_into(&mut out, applied, cursor, true);
+    out
 }
 
-fn merge_value(live: Option<&Value>, applied: &Value, cursor: TypeCursor<'_>, root: bool) -> Value {
-    match (live, applied) {
-        (Some(Value::Object(l)), Value::Object(a)) if !cursor.atomic_map() => {
-            let mut out = l.clone();
+/// [`merge`] in place: only what `applied` names is touched (no copy of the rest).
+fn merge_into(live: &mut Value, applied: &Value, cursor: TypeCursor<'_>, root: bool) {
+    match (&mut *live, applied) {
+        (Value::Object(l), Value::Object(a)) if !cursor.atomic_map() => {
             for (k, v) in a {
                 if v.is_null() {
-                    out.remove(k);
+                    l.remove(k);
                     continue;
                 }
-                let merged = merge_value(l.get(k), v, cursor.field(k, root), false);
-                out.insert(k.clone(), merged);
-            }
-            Value::Object(out)
-        }
-        (Some(Value::Array(l)), Value::Array(a)) => match cursor.list_type() {
-            ListType::Atomic => applied.clone(),
-            ListType::Set => {
-                let mut out = l.clone();
-                for e in a {
-                    if !out.contains(e) {
-                        out.push(e.clone());
+                match l.get_mut(k) {
+                    Some(existing) => merge_into(existing, v, cursor.field(k, root), false),
+                    None => {
+                        l.insert(k.clone(), strip_nulls(v));
                     }
                 }
-                Value::Array(out)
+            }
+        }
+        (Value::Array(l), Value::Array(a)) => match cursor.list_type() {
+            ListType::Atomic => *live = applied.clone(),
+            ListType::Set => {
+                for e in a {
+                    if !l.contains(e) {
+                        l.push(e.clone());
+                    }
+                }
             }
             ListType::Map(keys) => {
-                let mut out = l.clone();
                 for e in a {
-                    let k = key_of(e, &keys);
-                    match out.iter().position(|x| key_of(x, &keys) == k) {
-                        Some(i) => out[i] = merge_value(Some(&l[i]), e, cursor.item(), false),
-                        None => out.push(e.clone()),
+                    let same = |x: &Value| {
+                        keys.iter().all(|k| {
+                            x.get(k).unwrap_or(&Value::Null) == e.get(k).unwrap_or(&Value::Null)
+                        })
+                    };
+                    match l.iter().position(same) {
+                        Some(i) => merge_into(&mut l[i], e, cursor.item(), false),
+                        None => l.push(e.clone()),
                     }
                 }
-                Value::Array(out)
             }
         },
-        _ => strip_nulls(applied),
+        _ => *live = strip_nulls(applied),
     }
 }
 
@@ -410,20 +428,7 @@ pub fn write_managed(obj: &mut Value, entries: &[ManagedEntry]) {
     let list: Vec<Value> = entries
         .iter()
         .filter(|e| !e.fields.is_empty())
-        .map(|e| {
-            let mut v = json!({
-                "manager": e.manager,
-                "operation": e.operation,
-                "apiVersion": e.api_version,
-                "time": e.time,
-                "fieldsType": "FieldsV1",
-                "fieldsV1": e.fields.to_fields_v1(),
-            });
-            if let Some(s) = &e.subresource {
-                v["subresource"] = json!(s);
-            }
-            v
-        })
+        .map(|e| encode_entry(e, e.fields.to_fields_v1()))
         .collect();
     let Value::Object(root) = obj else { return };
     let meta = root.entry("metadata").or_insert_with(|| json!({}));
@@ -442,76 +447,94 @@ fn same_entry(e: &ManagedEntry, manager: &str, op: &str, sub: Option<&str>) -> b
 
 /// Server-side apply of `applied` onto `live` (Null when creating). Returns the new object
 /// (with managedFields rewritten) or the conflicts that block a non-forced apply.
+///
+/// Other managers' entries are read in place, as FieldsV1 trees, only along the paths this
+/// apply names (conflicts) or stops naming (removals); only the entries that change (this
+/// manager's, and those a forced apply takes fields from) are decoded and re-encoded. A
+/// pool's status has one manager per pod: decoding and re-encoding every manager made
+/// each pod's report cost as much as all of theirs.
 pub fn apply(
     live: &Value,
     applied: &Value,
     cursor: TypeCursor<'_>,
     req: &ApplyRequest<'_>,
 ) -> Result<Value, Vec<Conflict>> {
-    let mut entries = read_managed(live);
     let new_set = FieldSet::of(applied, cursor);
+    let new_tree = new_set.to_fields_v1();
+    let managed: &[Value] = live
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let own = managed
+        .iter()
+        .position(|e| entry_is(e, req.manager, "Apply", req.subresource));
 
     // Conflicts: another manager owns a leaf whose value this apply changes.
-    let mut conflicts = Vec::new();
-    for e in &entries {
-        if same_entry(e, req.manager, "Apply", req.subresource) {
+    let mut conflicts: Vec<(usize, String, Path)> = Vec::new();
+    for (i, e) in managed.iter().enumerate() {
+        if Some(i) == own {
             continue;
         }
-        for p in e.fields.0.intersection(&new_set.0) {
-            if is_element(p) {
+        let (Some(manager), Some(Value::Object(fields)), Value::Object(mine)) = (
+            e.get("manager").and_then(Value::as_str),
+            e.get("fieldsV1"),
+            &new_tree,
+        ) else {
+            continue;
+        };
+        let mut shared = Vec::new();
+        intersect_trees(fields, mine, &mut Vec::new(), &mut shared);
+        shared.sort();
+        for p in shared {
+            if is_element(&p) {
                 continue;
             }
-            if get_path(live, p) != get_path(applied, p).map(strip_nulls).as_ref() {
-                conflicts.push((e.manager.clone(), p.clone()));
+            if get_path(live, &p) != get_path(applied, &p).map(strip_nulls).as_ref() {
+                conflicts.push((i, manager.to_string(), p));
             }
         }
     }
     if !conflicts.is_empty() && !req.force {
         return Err(conflicts
             .into_iter()
-            .map(|(manager, p)| Conflict {
+            .map(|(_, manager, p)| Conflict {
                 manager,
                 field: display_path(&p),
             })
             .collect());
     }
-    // Forced: the others lose what was taken from them.
-    for e in &mut entries {
-        for (m, p) in &conflicts {
-            if e.manager == *m {
-                e.fields.0.remove(p);
-            }
-        }
-    }
 
-    let previous = entries
-        .iter()
-        .find(|e| same_entry(e, req.manager, "Apply", req.subresource))
-        .map(|e| e.fields.clone())
+    let previous = own
+        .and_then(|i| managed[i].get("fieldsV1"))
+        .map(FieldSet::from_fields_v1)
         .unwrap_or_default();
 
-    let base = if live.is_object() {
+    let mut merged = if live.is_object() {
         live.clone()
     } else {
         json!({})
     };
-    let mut merged = merge(&base, applied, cursor);
+    merge_into(&mut merged, applied, cursor, true);
 
     // Fields this manager stopped applying go away unless someone else still owns them.
-    let others: Vec<&ManagedEntry> = entries
-        .iter()
-        .filter(|e| !same_entry(e, req.manager, "Apply", req.subresource))
-        .collect();
     let removable: Vec<&Path> = previous
         .0
         .difference(&new_set.0)
         .filter(|p| !new_set.has_prefix(p))
         .filter(|p| {
-            let owned_elsewhere = others.iter().any(|e| {
-                if is_element(p) {
-                    e.fields.has_prefix(p)
-                } else {
-                    e.fields.0.contains(*p)
+            let owned_elsewhere = managed.iter().enumerate().any(|(i, e)| {
+                if Some(i) == own {
+                    return false;
+                }
+                let Some(fields) = e.get("fieldsV1") else {
+                    return false;
+                };
+                match tree_node(fields, p) {
+                    // A list element is kept while anything beneath it is owned.
+                    Some(_) if is_element(p) => true,
+                    Some(node) => is_member(node),
+                    None => false,
                 }
             });
             !owned_elsewhere
@@ -531,26 +554,138 @@ pub fn apply(
         }
     }
 
-    match entries
-        .iter_mut()
-        .find(|e| same_entry(e, req.manager, "Apply", req.subresource))
-    {
-        Some(e) => {
-            e.fields = new_set;
-            e.time = req.now.to_string();
-            e.api_version = req.api_version.to_string();
+    // managedFields (merged carries live's): only the entries that change are rewritten,
+    // in place.
+    let mut forced: Vec<usize> = conflicts.iter().map(|(i, _, _)| *i).collect();
+    forced.dedup();
+    let entry = ManagedEntry {
+        manager: req.manager.to_string(),
+        operation: "Apply".into(),
+        api_version: req.api_version.to_string(),
+        time: req.now.to_string(),
+        subresource: req.subresource.map(str::to_string),
+        fields: new_set,
+    };
+    let own_empty = entry.fields.is_empty();
+    let encoded = encode_entry(&entry, new_tree);
+    let meta = meta_object(&mut merged);
+    let list = match meta.get_mut("managedFields") {
+        Some(Value::Array(list)) => list,
+        _ => {
+            meta.insert("managedFields".into(), json!([]));
+            match meta.get_mut("managedFields") {
+                Some(Value::Array(list)) => list,
+                _ => unreachable!("just inserted"),
+            }
         }
-        None => entries.push(ManagedEntry {
-            manager: req.manager.to_string(),
-            operation: "Apply".into(),
-            api_version: req.api_version.to_string(),
-            time: req.now.to_string(),
-            subresource: req.subresource.map(str::to_string),
-            fields: new_set,
-        }),
+    };
+    let mut emptied = vec![false; list.len()];
+    for i in forced {
+        let mut fields = FieldSet::from_fields_v1(list[i].get("fieldsV1").unwrap_or(&Value::Null));
+        for (_, _, p) in conflicts.iter().filter(|(j, _, _)| *j == i) {
+            fields.0.remove(p);
+        }
+        if fields.is_empty() {
+            emptied[i] = true;
+        } else {
+            list[i]["fieldsV1"] = fields.to_fields_v1();
+        }
     }
-    write_managed(&mut merged, &entries);
+    match own {
+        Some(i) if own_empty => emptied[i] = true,
+        Some(i) => list[i] = encoded,
+        None if own_empty => {}
+        None => {
+            list.push(encoded);
+            emptied.push(false);
+        }
+    }
+    if emptied.contains(&true) {
+        let mut keep = emptied.into_iter().map(|e| !e);
+        list.retain(|_| keep.next().unwrap_or(true));
+    }
+    if list.is_empty() {
+        meta.remove("managedFields");
+    }
     Ok(merged)
+}
+
+/// The object's `metadata` map, created when missing.
+fn meta_object(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.is_object() {
+        *obj = json!({});
+    }
+    let root = obj.as_object_mut().expect("object");
+    let meta = root.entry("metadata").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
+    }
+    meta.as_object_mut().expect("metadata object")
+}
+
+/// Whether a managedFields entry (JSON) is the one of this manager, operation and subresource.
+fn entry_is(e: &Value, manager: &str, op: &str, sub: Option<&str>) -> bool {
+    e.get("manager").and_then(Value::as_str) == Some(manager)
+        && e.get("operation")
+            .and_then(Value::as_str)
+            .unwrap_or("Update")
+            == op
+        && e.get("subresource").and_then(Value::as_str) == sub
+}
+
+/// A FieldsV1 node is a member of its set when it is a leaf or carries `"."`.
+fn is_member(node: &Value) -> bool {
+    node.as_object()
+        .is_some_and(|m| m.is_empty() || m.contains_key("."))
+}
+
+/// The FieldsV1 node at `path`, if the tree has one (then something at or beneath `path`
+/// is owned).
+fn tree_node<'v>(tree: &'v Value, path: &[String]) -> Option<&'v Value> {
+    let mut node = tree;
+    for el in path {
+        node = node.get(el)?;
+    }
+    Some(node)
+}
+
+/// The paths in both FieldsV1 trees, walking only `small`'s nodes (the applied set).
+fn intersect_trees(
+    big: &Map<String, Value>,
+    small: &Map<String, Value>,
+    prefix: &mut Path,
+    out: &mut Vec<Path>,
+) {
+    for (k, s) in small {
+        if k == "." {
+            continue;
+        }
+        let (Some(b @ Value::Object(bm)), Value::Object(sm)) = (big.get(k), s) else {
+            continue;
+        };
+        prefix.push(k.clone());
+        if is_member(b) && is_member(s) {
+            out.push(prefix.clone());
+        }
+        intersect_trees(bm, sm, prefix, out);
+        prefix.pop();
+    }
+}
+
+/// One managedFields entry as JSON, with its FieldsV1 already encoded.
+fn encode_entry(e: &ManagedEntry, fields_v1: Value) -> Value {
+    let mut v = json!({
+        "manager": e.manager,
+        "operation": e.operation,
+        "apiVersion": e.api_version,
+        "time": e.time,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields_v1,
+    });
+    if let Some(s) = &e.subresource {
+        v["subresource"] = json!(s);
+    }
+    v
 }
 
 /// Records a non-apply write (create, update, patch) in `new`'s managedFields: the writer
@@ -892,5 +1027,81 @@ mod tests {
         assert_eq!(obj["status"]["pods"], json!([{"name": "b"}]));
         remove_path(&mut obj, &["f:m".into(), "f:f".into(), "v:\"q\"".into()]);
         assert_eq!(obj["m"]["f"], json!([]));
+    }
+
+    #[test]
+    fn an_apply_decodes_only_its_own_field_set_among_a_thousand_managers() {
+        let schema = pool_schema();
+        let c = TypeCursor::Schema(Some(&schema));
+        // 1,000 pods' entries, each applied by its own manager (as gateway pods report).
+        let mut live = json!({"metadata": {"name": "p"}, "spec": {"replicas": 1}});
+        let mut managed = Vec::new();
+        let mut entries = Vec::new();
+        for i in 0..1000 {
+            let name = format!("p{i}");
+            entries.push(json!({"name": name, "connections": i}));
+            let set = FieldSet::of(
+                &json!({"status": {"pods": [{"name": name, "connections": i}]}}),
+                c,
+            );
+            managed.push(encode_entry(
+                &ManagedEntry {
+                    manager: format!("pod-{i}"),
+                    operation: "Apply".into(),
+                    api_version: "tether.dev/v1".into(),
+                    time: "2025-01-01T00:00:00Z".into(),
+                    subresource: None,
+                    fields: set.clone(),
+                },
+                set.to_fields_v1(),
+            ));
+        }
+        live["status"] = json!({"pods": entries});
+        live["metadata"]["managedFields"] = json!(managed);
+
+        let before = field_sets_decoded();
+        let out = apply(
+            &live,
+            &json!({"status": {"pods": [{"name": "p7", "connections": 70}]}}),
+            c,
+            &req("pod-7", true),
+        )
+        .unwrap();
+        assert_eq!(
+            field_sets_decoded() - before,
+            1,
+            "only the applier's own entry is decoded, not the other 999"
+        );
+        assert_eq!(
+            out["status"]["pods"][7],
+            json!({"name": "p7", "connections": 70})
+        );
+        let after = read_managed(&out);
+        assert_eq!(after.len(), 1000);
+        assert_eq!(
+            read_managed(&live)[8..],
+            after[8..],
+            "the others' entries are as they were"
+        );
+
+        // Taking another manager's field (forced) decodes that manager's entry too.
+        let before = field_sets_decoded();
+        let out = apply(
+            &out,
+            &json!({"status": {"pods": [{"name": "p8", "connections": 1}]}}),
+            c,
+            &req("pod-7", true),
+        )
+        .unwrap();
+        assert_eq!(field_sets_decoded() - before, 2);
+        let m = read_managed(&out);
+        let p8 = m.iter().find(|e| e.manager == "pod-8").unwrap();
+        assert_eq!(
+            paths(&p8.fields),
+            [
+                ".status.pods[name=\"p8\"]",
+                ".status.pods[name=\"p8\"].name"
+            ]
+        );
     }
 }

@@ -120,6 +120,11 @@ pub struct Snapshot {
     /// Watchers the store considered while fanning events out (only those of the
     /// event's resource, namespace and, for name-pinned watches, name).
     pub watchers_examined: u64,
+    /// Objects serialized for watch events: once per change (shared by every watcher and
+    /// the event log), plus once per event for each watch that must decode it (content
+    /// selectors, conversion, tables).
+    #[serde(default)]
+    pub objects_encoded: u64,
 }
 
 const EVENT_TYPES: [&str; 5] = ["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"];
@@ -140,6 +145,7 @@ struct Inner {
     watches: Mutex<BTreeMap<WatchKey, Arc<WatchCell>>>,
     objects_examined: AtomicU64,
     watchers_examined: AtomicU64,
+    objects_encoded: AtomicU64,
 }
 
 /// The accounting handle (cheap to clone; every clone counts into the same place).
@@ -194,6 +200,7 @@ impl Stats {
             watches,
             objects_examined: self.inner.objects_examined.load(Relaxed),
             watchers_examined: self.inner.watchers_examined.load(Relaxed),
+            objects_encoded: self.inner.objects_encoded.load(Relaxed),
         }
     }
 
@@ -210,6 +217,7 @@ impl Stats {
         });
         self.inner.objects_examined.store(0, Relaxed);
         self.inner.watchers_examined.store(0, Relaxed);
+        self.inner.objects_encoded.store(0, Relaxed);
     }
 
     /// Counts one request.
@@ -231,6 +239,10 @@ impl Stats {
 
     pub(crate) fn watchers_examined(&self, n: u64) {
         self.inner.watchers_examined.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn objects_encoded(&self, n: u64) {
+        self.inner.objects_encoded.fetch_add(n, Relaxed);
     }
 }
 
@@ -320,6 +332,7 @@ impl Snapshot {
             watchers_examined: self
                 .watchers_examined
                 .saturating_sub(earlier.watchers_examined),
+            objects_encoded: self.objects_encoded.saturating_sub(earlier.objects_encoded),
         }
     }
 
@@ -436,6 +449,7 @@ impl Snapshot {
             "store": {
                 "objectsExamined": self.objects_examined,
                 "watchersExamined": self.watchers_examined,
+                "objectsEncoded": self.objects_encoded,
             },
         })
     }

@@ -16,6 +16,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
@@ -51,17 +52,72 @@ impl EventType {
 }
 
 /// One change, as kept in the log and sent to watchers.
+///
+/// The object is serialized once, when the change is made, and those bytes are what every
+/// watcher is sent and what the log keeps: a pool's status report used to be cloned into
+/// the log twice (old and new object, as trees) and serialized again for each watcher.
+/// A MODIFIED event's `old` is the previous event's bytes, shared rather than copied.
 #[derive(Debug, Clone)]
 pub struct Event {
     /// resourceVersion of the change.
     pub rv: u64,
     /// What happened.
     pub kind: EventType,
-    /// The object after the change (before it, for DELETED, with the deletion's rv).
-    pub object: Value,
+    /// The object's namespace (None when cluster-scoped).
+    pub namespace: Option<String>,
+    /// The object's name.
+    pub name: String,
+    /// The apiVersion the object is stored in.
+    pub api_version: String,
+    /// The object after the change (before it, for DELETED, with the deletion's rv), as
+    /// JSON in storage form.
+    pub object: Bytes,
     /// The object before the change (MODIFIED only), so selector watches can emit
     /// DELETED/ADDED when an object stops/starts matching, as the real watch cache does.
-    pub old: Option<Value>,
+    pub old: Option<Bytes>,
+}
+
+// === impl Event ===
+
+impl Event {
+    fn new(rv: u64, kind: EventType, obj: &Value, object: Bytes, old: Option<Bytes>) -> Event {
+        Event {
+            rv,
+            kind,
+            namespace: meta_str(obj, "namespace").map(str::to_string),
+            name: meta_str(obj, "name").unwrap_or("").to_string(),
+            api_version: obj
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            object,
+            old,
+        }
+    }
+
+    /// The object, decoded (for watches that select on or convert its content).
+    pub fn object_value(&self) -> Value {
+        serde_json::from_slice(&self.object).unwrap_or_default()
+    }
+
+    /// The object before the change, decoded.
+    pub fn old_value(&self) -> Option<Value> {
+        self.old
+            .as_ref()
+            .map(|b| serde_json::from_slice(b).unwrap_or_default())
+    }
+
+    /// Bytes this event keeps that no other event shares: the serialized object (its
+    /// `old` is the previous version's bytes).
+    pub fn retained_bytes(&self) -> usize {
+        self.object.len()
+    }
+}
+
+/// An object serialized as it is stored and sent.
+fn encode(obj: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(obj).expect("a JSON value serializes"))
 }
 
 /// What a watch starts with.
@@ -148,10 +204,13 @@ pub struct DeleteOpts {
 /// A successful write and the warnings to send with it.
 #[derive(Debug, Clone)]
 pub struct Written {
-    /// The object as stored.
-    pub object: Value,
+    /// The object as stored (shared with the store: a write copies nothing to answer).
+    pub object: Arc<Value>,
     /// `Warning` headers.
     pub warnings: Vec<String>,
+    /// `object` as JSON, when the write's event already serialized exactly it (an update
+    /// stored in the form it is served in): the response reuses those bytes.
+    pub encoded: Option<Bytes>,
 }
 
 /// The result of a DELETE.
@@ -245,9 +304,14 @@ impl Watchers {
 
 #[derive(Default)]
 struct TypeState {
-    objects: BTreeMap<ObjKey, Value>,
+    /// Shared, so that reading an object for a write (and answering it) copies nothing:
+    /// a write builds a new version and swaps it in.
+    objects: BTreeMap<ObjKey, Arc<Value>>,
     /// Label index for equality selectors: key → value → objects.
     labels: HashMap<String, HashMap<String, BTreeSet<ObjKey>>>,
+    /// Each object as last serialized (by the event of its last change): the next
+    /// change's `old`, and a new watch's initial ADDED, without serializing it again.
+    encoded: HashMap<ObjKey, Bytes>,
     /// Event log, ordered by resourceVersion.
     log: VecDeque<Arc<Event>>,
     /// Highest resourceVersion dropped from the log: watches from before it get 410.
@@ -416,35 +480,95 @@ fn validate_name(rt: &ResourceType, name: &str) -> Option<Cause> {
     }
 }
 
-/// The object without the parts that do not count as a change (rv, managedFields times).
-fn comparable(obj: &Value) -> Value {
-    let mut c = obj.clone();
-    if let Some(m) = c.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.remove("resourceVersion");
-        if let Some(Value::Array(mf)) = m.get_mut("managedFields") {
-            for e in mf {
-                if let Some(e) = e.as_object_mut() {
-                    e.remove("time");
-                }
-            }
-        }
+/// Whether a write changes nothing that counts: equal but for `resourceVersion` and the
+/// times in managedFields. Compared in place (objects may be large; no copies).
+fn unchanged(old: &Value, new: &Value) -> bool {
+    let (Value::Object(a), Value::Object(b)) = (old, new) else {
+        return old == new;
+    };
+    let same_top = |k: &String| k == "metadata" || a.get(k) == b.get(k);
+    if !(a.keys().all(same_top) && b.keys().all(same_top)) {
+        return false;
     }
-    c
+    let empty = serde_json::Map::new();
+    let ma = a
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let mb = b
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let same_meta =
+        |k: &String| k == "resourceVersion" || k == "managedFields" || ma.get(k) == mb.get(k);
+    if !(ma.keys().all(same_meta) && mb.keys().all(same_meta)) {
+        return false;
+    }
+    fn managed(m: &serde_json::Map<String, Value>) -> &[Value] {
+        m.get("managedFields")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+    let (ma, mb) = (managed(ma), managed(mb));
+    ma.len() == mb.len()
+        && ma.iter().zip(mb).all(|(x, y)| match (x, y) {
+            (Value::Object(x), Value::Object(y)) => {
+                let same = |k: &String| k == "time" || x.get(k) == y.get(k);
+                x.keys().all(same) && y.keys().all(same)
+            }
+            _ => x == y,
+        })
 }
 
-/// What counts as "spec" for generation: everything but metadata (and status, when the
-/// status subresource exists). Matches the CRD and workload strategies of the real server.
-fn spec_part(obj: &Value, has_status: bool) -> Value {
-    let mut c = obj.clone();
-    if let Some(m) = c.as_object_mut() {
-        m.remove("metadata");
-        m.remove("apiVersion");
-        m.remove("kind");
-        if has_status {
-            m.remove("status");
+/// Whether the "spec" (for generation: everything but metadata, and status when the
+/// status subresource exists, as the CRD and workload strategies of the real server
+/// count it) is the same in both. Compared in place.
+fn same_spec(old: &Value, new: &Value, has_status: bool) -> bool {
+    let (Value::Object(a), Value::Object(b)) = (old, new) else {
+        return old == new;
+    };
+    let counts = |k: &String| {
+        !(matches!(k.as_str(), "metadata" | "apiVersion" | "kind") || has_status && k == "status")
+    };
+    let same = |k: &String| !counts(k) || a.get(k) == b.get(k);
+    a.keys().all(same) && b.keys().all(same)
+}
+
+/// Status isolation (the status strategies' PrepareForUpdate): a write through `/status`
+/// changes only `status` (and, for an apply, the managedFields it computed); everything
+/// else is put back to `old`'s, part by part, so the large unchanged parts are not copied.
+fn isolate_status(new: &mut Value, old: &Value, keep_managed_fields: bool) {
+    let empty = serde_json::Map::new();
+    let o = old.as_object().unwrap_or(&empty);
+    let Some(n) = new.as_object_mut() else {
+        *new = old.clone();
+        return;
+    };
+    n.retain(|k, _| k == "status" || o.contains_key(k));
+    for (k, ov) in o {
+        if k == "status" {
+            continue;
+        }
+        if k == "metadata" && keep_managed_fields {
+            let om = ov.as_object().unwrap_or(&empty);
+            let nm = n.entry("metadata").or_insert_with(|| json!({}));
+            if !nm.is_object() {
+                *nm = json!({});
+            }
+            let nm = nm.as_object_mut().expect("object");
+            nm.retain(|k, _| k == "managedFields" || om.contains_key(k));
+            for (mk, mv) in om {
+                if mk != "managedFields" && nm.get(mk) != Some(mv) {
+                    nm.insert(mk.clone(), mv.clone());
+                }
+            }
+            continue;
+        }
+        if n.get(k) != Some(ov) {
+            n.insert(k.clone(), ov.clone());
         }
     }
-    c
 }
 
 /// Conversions and defaults the real server applies to every write of a built-in kind: a
@@ -565,6 +689,12 @@ impl Store {
         self.state.lock().rv
     }
 
+    /// Events the logs hold (all types) and the serialized bytes they keep between them:
+    /// each event keeps its object once, as sent to watchers.
+    pub fn history_size(&self) -> (usize, usize) {
+        self.state.lock().log_bytes()
+    }
+
     /// Sets how many events each type's log keeps (older watches get 410 Gone).
     pub fn set_history(&self, n: usize) {
         let mut st = self.state.lock();
@@ -607,6 +737,11 @@ impl Store {
     /// Reads one object.
     pub fn get(&self, t: &Target) -> Result<Value> {
         self.state.lock().read(t)
+    }
+
+    /// Whether the object `t` names exists (without copying it out).
+    pub fn exists(&self, t: &Target) -> bool {
+        self.state.lock().get(t).is_ok()
     }
 
     /// Lists objects (namespace-filtered when `t.namespace` is set), with the list's rv.
@@ -776,17 +911,23 @@ impl Store {
                 .is_none_or(|n| meta_str(obj, "namespace") == Some(n))
                 && name.is_none_or(|n| meta_str(obj, "name") == Some(n))
         };
+        let event_in_scope = |e: &Event| {
+            ns.as_deref()
+                .is_none_or(|n| e.namespace.as_deref() == Some(n))
+                && name.is_none_or(|n| e.name == n)
+        };
         let ts = st.types.entry(storage_key(&t.rt)).or_default();
         let mut examined = 0u64;
+        let encoded = &ts.encoded;
         let backlog = match from {
             None | Some(0) => {
-                let added = |o: &Value| {
-                    Arc::new(Event {
-                        rv,
-                        kind: EventType::Added,
-                        object: o.clone(),
-                        old: None,
-                    })
+                let added = |o: &Arc<Value>| {
+                    let key = (
+                        meta_str(o, "namespace").unwrap_or("").to_string(),
+                        meta_str(o, "name").unwrap_or("").to_string(),
+                    );
+                    let bytes = encoded.get(&key).cloned().unwrap_or_else(|| encode(o));
+                    Arc::new(Event::new(rv, EventType::Added, o, bytes, None))
                 };
                 match (&ns, name) {
                     (_, Some(n)) => {
@@ -837,7 +978,7 @@ impl Store {
                 ts.log
                     .range(first..)
                     .inspect(|_| examined += 1)
-                    .filter(|e| in_scope(&e.object))
+                    .filter(|e| event_in_scope(e))
                     .cloned()
                     .collect()
             }
@@ -870,7 +1011,7 @@ impl State {
         self.types
             .get(key)
             .into_iter()
-            .flat_map(|ts| ts.objects.values())
+            .flat_map(|ts| ts.objects.values().map(|v| &**v))
     }
 
     /// The stored object at `r`.
@@ -879,7 +1020,8 @@ impl State {
             .types
             .get(&r.0)?
             .objects
-            .get(&(r.1.clone(), r.2.clone()));
+            .get(&(r.1.clone(), r.2.clone()))
+            .map(|v| &**v);
         if v.is_some() {
             self.stats.objects_examined(1);
         }
@@ -914,7 +1056,7 @@ impl State {
                 .take_while(|(k, _)| k.0 == ns)
             {
                 self.stats.objects_examined(1);
-                out.push(((key.clone(), k.0.clone(), k.1.clone()), v.clone()));
+                out.push(((key.clone(), k.0.clone(), k.1.clone()), (**v).clone()));
             }
         }
         out
@@ -949,6 +1091,11 @@ impl State {
 
     /// The stored object `t` names, in storage form.
     fn get(&self, t: &Target) -> Result<&Value> {
+        self.get_shared(t).map(|v| &**v)
+    }
+
+    /// The stored object `t` names, in storage form, as shared.
+    fn get_shared(&self, t: &Target) -> Result<&Arc<Value>> {
         let name = t.name.as_deref().unwrap_or("");
         let v = self
             .types
@@ -957,6 +1104,15 @@ impl State {
             .ok_or_else(|| ApiError::not_found(&t.rt.group, &t.rt.plural, name))?;
         self.stats.objects_examined(1);
         Ok(v)
+    }
+
+    /// [`State::read`] without a copy when the stored form is the served form.
+    fn read_shared(&self, t: &Target) -> Result<Arc<Value>> {
+        let v = self.get_shared(t)?;
+        Ok(match self.read_as(t, v) {
+            std::borrow::Cow::Borrowed(_) => v.clone(),
+            std::borrow::Cow::Owned(o) => Arc::new(o),
+        })
     }
 
     /// The object `t` names, in the form of `t`'s resource (an events.k8s.io/v1 Event is
@@ -973,7 +1129,7 @@ impl State {
 
     /// Inserts or replaces an object, keeping every index and queueing the garbage
     /// collector where the object concerns it (it has owners, or is being deleted).
-    fn put(&mut self, key: &ResourceKey, ok: ObjKey, obj: Value) {
+    fn put(&mut self, key: &ResourceKey, ok: ObjKey, obj: Arc<Value>) {
         let r: ObjRef = (key.clone(), ok.0.clone(), ok.1.clone());
         let old = self
             .types
@@ -1013,7 +1169,7 @@ impl State {
     /// Removes an object, keeping every index, and queues what its removal concerns:
     /// its dependents (now perhaps orphans), its owners (a foreground deletion may be
     /// waiting for it) and its namespace (a namespace being deleted waits for it).
-    fn take(&mut self, key: &ResourceKey, ok: &ObjKey) -> Option<Value> {
+    fn take(&mut self, key: &ResourceKey, ok: &ObjKey) -> Option<Arc<Value>> {
         let obj = self.types.get_mut(key)?.objects.remove(ok)?;
         let r: ObjRef = (key.clone(), ok.0.clone(), ok.1.clone());
         self.unindex(&r, &obj);
@@ -1076,19 +1232,56 @@ impl State {
         }
     }
 
-    fn emit(&mut self, key: &ResourceKey, ev: Event) {
+    /// Records a change: serializes the object once, offers the event to its watchers,
+    /// appends it to the log. `old` is the object before a MODIFIED change.
+    fn emit(
+        &mut self,
+        key: &ResourceKey,
+        rv: u64,
+        kind: EventType,
+        obj: &Value,
+        old: Option<&Value>,
+    ) {
         let history = self.history;
-        let ev = Arc::new(ev);
         let ts = self.types.entry(key.clone()).or_default();
-        let ns = meta_str(&ev.object, "namespace");
-        let name = meta_str(&ev.object, "name").unwrap_or("");
-        let examined = ts.watchers.send(&ev, ns, name);
+        let ok: ObjKey = (
+            meta_str(obj, "namespace").unwrap_or("").to_string(),
+            meta_str(obj, "name").unwrap_or("").to_string(),
+        );
+        let bytes = encode(obj);
+        let mut encoded = 1;
+        let old = match (kind, old) {
+            (EventType::Modified, Some(o)) => {
+                Some(ts.encoded.get(&ok).cloned().unwrap_or_else(|| {
+                    encoded += 1;
+                    encode(o)
+                }))
+            }
+            _ => None,
+        };
+        self.stats.objects_encoded(encoded);
+        match kind {
+            EventType::Deleted => ts.encoded.remove(&ok),
+            _ => ts.encoded.insert(ok, bytes.clone()),
+        };
+        let ev = Arc::new(Event::new(rv, kind, obj, bytes, old));
+        let examined = ts.watchers.send(&ev, ev.namespace.as_deref(), &ev.name);
         self.stats.watchers_examined(examined);
         ts.log.push_back(ev);
         while ts.log.len() > history {
             let e = ts.log.pop_front().expect("non-empty");
             ts.compacted = e.rv;
         }
+    }
+
+    /// Serialized bytes the event logs of every type keep (see [`Event::retained_bytes`]).
+    fn log_bytes(&self) -> (usize, usize) {
+        self.types.values().fold((0, 0), |(n, b), ts| {
+            (
+                n + ts.log.len(),
+                b + ts.log.iter().map(|e| e.retained_bytes()).sum::<usize>(),
+            )
+        })
     }
 
     fn next_rv(&mut self) -> u64 {
@@ -1317,30 +1510,24 @@ impl State {
         }
         if o.dry_run {
             return Ok(Written {
-                object: obj,
+                object: obj.into(),
                 warnings,
+                encoded: None,
             });
         }
         let rv = self.next_rv();
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
         let skey = storage_key(&rt);
         let stored = crate::events::to_storage(&rt, &obj).into_owned();
-        self.put(&skey, key, stored.clone());
-        self.emit(
-            &skey,
-            Event {
-                rv,
-                kind: EventType::Added,
-                object: stored,
-                old: None,
-            },
-        );
+        self.emit(&skey, rv, EventType::Added, &stored, None);
+        self.put(&skey, key, Arc::new(stored));
         if let Some(ct) = crd_type {
             self.establish_crd(t, &name, ct);
         }
         Ok(Written {
-            object: obj,
+            object: obj.into(),
             warnings,
+            encoded: None,
         })
     }
 
@@ -1377,32 +1564,32 @@ impl State {
                 {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": ts},
             ],
         });
-        self.store_update(t, old, new);
+        self.store_update(t, &old, new);
     }
 
-    fn store_update(&mut self, t: &Target, old: Value, mut new: Value) -> Value {
+    /// Stores a new version of an object and emits its MODIFIED event; returns it, shared
+    /// with the store (no copy).
+    fn store_update(&mut self, t: &Target, old: &Value, mut new: Value) -> Arc<Value> {
         let rv = self.next_rv();
         meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
         let name = meta_str(&new, "name").unwrap_or("").to_string();
         let key = Self::ns_key(t, &name);
         let skey = storage_key(&t.rt);
-        let stored = crate::events::to_storage(&t.rt, &new).into_owned();
-        let old = crate::events::to_storage(&t.rt, &old).into_owned();
+        let old = crate::events::to_storage(&t.rt, old);
+        if crate::events::is_events_v1(&t.rt) {
+            let stored = crate::events::to_storage(&t.rt, &new).into_owned();
+            self.emit(&skey, rv, EventType::Modified, &stored, Some(&old));
+            self.put(&skey, key, Arc::new(stored));
+            return Arc::new(new);
+        }
+        let stored = Arc::new(new);
+        self.emit(&skey, rv, EventType::Modified, &stored, Some(&old));
         self.put(&skey, key, stored.clone());
-        self.emit(
-            &skey,
-            Event {
-                rv,
-                kind: EventType::Modified,
-                object: stored,
-                old: Some(old),
-            },
-        );
-        new
+        stored
     }
 
     fn replace(&mut self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
-        let old = self.read(t)?;
+        let old = self.read_shared(t)?;
         if !body.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request was in an unknown format",
@@ -1431,7 +1618,7 @@ impl State {
         if kind == PatchKind::Apply {
             return self.apply(t, body, o);
         }
-        let old = self.read(t)?;
+        let old = self.read_shared(t)?;
         // A patch addressed to /scale is a patch of the Scale object.
         if t.subresource.as_deref() == Some("scale") {
             let scale = scale_of(&t.rt, &t.version, &old)?;
@@ -1489,7 +1676,7 @@ impl State {
                 "the name of the object ({n}) does not match the name on the URL ({name})"
             )));
         }
-        let existing = self.read(t).ok();
+        let existing = self.read_shared(t).ok();
         let sub = t.subresource.as_deref();
         if existing.is_none() && sub.is_some() {
             return Err(ApiError::not_found(&rt.group, &rt.plural, &name));
@@ -1526,8 +1713,9 @@ impl State {
             api_version: &api_version,
             now: &now,
         };
-        let live = existing.clone().unwrap_or(Value::Null);
-        let mut result = ssa::apply(&live, &applied, cursor, &req);
+        let null = Value::Null;
+        let live = existing.as_deref().unwrap_or(&null);
+        let mut result = ssa::apply(live, &applied, cursor, &req);
         // kubectl's client-side to server-side upgrade (the real server's
         // lastAppliedManager): for manager "kubectl", conflicts on fields present in the
         // last-applied-configuration annotation are allowed, and the apply is forced.
@@ -1545,7 +1733,7 @@ impl State {
                 .collect();
             if conflicts.iter().all(|c| allowed.contains(&c.field)) {
                 result = ssa::apply(
-                    &live,
+                    live,
                     &applied,
                     cursor,
                     &ApplyRequest {
@@ -1603,7 +1791,7 @@ impl State {
     fn write(
         &mut self,
         t: &Target,
-        old: Value,
+        old: Arc<Value>,
         mut new: Value,
         o: &WriteOpts,
         applied: bool,
@@ -1648,24 +1836,9 @@ impl State {
         normalize_builtin(&rt, &mut new);
         // Subresource isolation (the status strategies' PrepareForUpdate).
         if sub == Some("status") {
-            let status = new.get("status").cloned();
-            let mut only_status = old.clone();
-            match status {
-                Some(s) => only_status["status"] = s,
-                None => {
-                    only_status
-                        .as_object_mut()
-                        .expect("object")
-                        .remove("status");
-                }
-            }
-            if applied {
-                let mf = new.pointer("/metadata/managedFields").cloned();
-                if let Some(mf) = mf {
-                    meta_mut(&mut only_status).insert("managedFields".into(), mf);
-                }
-            }
-            new = only_status;
+            // An apply keeps the managedFields it computed (when it computed any).
+            let keep = applied && new.pointer("/metadata/managedFields").is_some();
+            isolate_status(&mut new, &old, keep);
         } else if has_status {
             let root = new.as_object_mut().expect("object");
             match old.get("status") {
@@ -1676,7 +1849,8 @@ impl State {
         // Server-owned metadata is carried over.
         let mut client_managed = false;
         {
-            let old_meta = old.get("metadata").cloned().unwrap_or_default();
+            let no_meta = Value::Object(Default::default());
+            let old_meta = old.get("metadata").unwrap_or(&no_meta);
             let m = meta_mut(&mut new);
             for f in [
                 "name",
@@ -1767,7 +1941,7 @@ impl State {
                 self.registry.insert(ct);
             }
         }
-        if rt.has_generation && spec_part(&old, has_status) != spec_part(&new, has_status) {
+        if rt.has_generation && !same_spec(&old, &new, has_status) {
             let g = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
@@ -1792,36 +1966,48 @@ impl State {
             ssa::record_update(&old, &mut new, cursor, &req);
         }
         // A write that changes nothing is a no-op: no new resourceVersion, no event.
-        if comparable(&old) == comparable(&new) {
+        if unchanged(&old, &new) {
             return Ok(Written {
                 object: old,
                 warnings,
+                encoded: None,
             });
         }
         if o.dry_run {
             return Ok(Written {
-                object: new,
+                object: new.into(),
                 warnings,
+                encoded: None,
             });
         }
         if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&new).is_empty() {
             let obj = self.remove(t, new);
             return Ok(Written {
-                object: obj,
+                object: obj.into(),
                 warnings,
+                encoded: None,
             });
         }
-        let stored = self.store_update(t, old, new);
+        let stored = self.store_update(t, &old, new);
+        let encoded = if crate::events::is_events_v1(&rt) {
+            None
+        } else {
+            self.types
+                .get(&storage_key(&rt))
+                .and_then(|ts| ts.encoded.get(&Self::ns_key(t, &name)))
+                .cloned()
+        };
         Ok(Written {
             object: stored,
             warnings,
+            encoded,
         })
     }
 
     fn write_scale(
         &mut self,
         t: &Target,
-        old: Value,
+        old: Arc<Value>,
         scale: Value,
         o: &WriteOpts,
     ) -> Result<Written> {
@@ -1857,7 +2043,7 @@ impl State {
                 }],
             ));
         }
-        let mut new = old.clone();
+        let mut new = (*old).clone();
         set_json_path(&mut new, &info.spec_replicas_path, replicas);
         let main = Target {
             subresource: Some("scale".into()),
@@ -1877,8 +2063,9 @@ impl State {
             false,
         )?;
         Ok(Written {
-            object: scale_of(&rt, &t.version, &w.object)?,
+            object: scale_of(&rt, &t.version, &w.object)?.into(),
             warnings: w.warnings,
+            encoded: None,
         })
     }
 
@@ -1890,15 +2077,8 @@ impl State {
         let key = Self::ns_key(t, &name);
         let skey = storage_key(&t.rt);
         self.take(&skey, &key);
-        self.emit(
-            &skey,
-            Event {
-                rv,
-                kind: EventType::Deleted,
-                object: crate::events::to_storage(&t.rt, &obj).into_owned(),
-                old: None,
-            },
-        );
+        let stored = crate::events::to_storage(&t.rt, &obj);
+        self.emit(&skey, rv, EventType::Deleted, &stored, None);
         // Deleting a CRD removes its custom resources and stops serving the type.
         if t.rt.plural == "customresourcedefinitions"
             && t.rt.group == "apiextensions.k8s.io"
@@ -1997,7 +2177,9 @@ impl State {
         if namespace_pending {
             new["status"] = json!({"phase": "Terminating"});
         }
-        Ok(Deleted::Pending(self.store_update(t, old, new)))
+        Ok(Deleted::Pending(Arc::unwrap_or_clone(
+            self.store_update(t, &old, new),
+        )))
     }
 
     /// Removes one finalizer (GC and namespace controller); removes the object when none remain.
@@ -2017,7 +2199,7 @@ impl State {
         if new.pointer("/metadata/deletionTimestamp").is_some() && fins.is_empty() {
             self.remove(t, new);
         } else {
-            self.store_update(t, old, new);
+            self.store_update(t, &old, new);
         }
     }
 
@@ -2032,7 +2214,7 @@ impl State {
         } else {
             meta_mut(&mut new).insert("ownerReferences".into(), json!(refs));
         }
-        self.store_update(t, old, new);
+        self.store_update(t, &old, new);
     }
 
     /// Removes a namespace whose contents are gone.

@@ -42,6 +42,14 @@ pub struct WatchSpec {
     pub table: Option<String>,
 }
 
+/// What a watch sends as an event's object.
+enum Payload {
+    /// The stored object's bytes, as serialized once for every watcher.
+    Shared(Bytes),
+    /// An object this watch decoded (to select on its content, convert or tabulate it).
+    Decoded(Value),
+}
+
 impl WatchSpec {
     fn render(&self, obj: Value) -> Value {
         let mut o = obj;
@@ -54,14 +62,28 @@ impl WatchSpec {
     }
 
     /// Maps a store event to the (type, object) to send, if any.
-    fn translate(&self, e: &Event) -> Option<(&'static str, Value)> {
+    fn translate(&self, e: &Event) -> Option<(&'static str, Payload)> {
+        // The common watch (no label selector, fields only by name or namespace, objects
+        // served as stored) sends the stored bytes: nothing to decode or re-encode. Name
+        // and namespace never change, so an object matched before a change iff it matches
+        // after.
+        let as_stored = self.table.is_none()
+            && !crate::events::is_events_v1(&self.rt)
+            && e.api_version == self.rt.api_version(&self.version);
+        if as_stored
+            && self.labels.is_empty()
+            && let Some(now) = self.fields.matches_name(e.namespace.as_deref(), &e.name)
+        {
+            return now.then(|| (e.kind.as_str(), Payload::Shared(e.object.clone())));
+        }
         // Selectors apply to the object as this resource serves it (events.k8s.io/v1
         // Events are stored as core/v1 Events).
-        let obj = crate::events::read_as(&self.rt, &e.object);
+        let stored = e.object_value();
+        let obj = crate::events::read_as(&self.rt, &stored);
         let now = self.matches(&obj);
-        let kind = match (e.kind, &e.old) {
+        let kind = match (e.kind, e.old_value()) {
             (EventType::Modified, Some(old)) => {
-                match (self.matches(&crate::events::read_as(&self.rt, old)), now) {
+                match (self.matches(&crate::events::read_as(&self.rt, &old)), now) {
                     (true, true) => EventType::Modified,
                     (false, true) => EventType::Added,
                     (true, false) => EventType::Deleted,
@@ -71,7 +93,10 @@ impl WatchSpec {
             (k, _) if now => k,
             _ => return None,
         };
-        Some((kind.as_str(), self.render(obj.into_owned())))
+        Some((
+            kind.as_str(),
+            Payload::Decoded(self.render(obj.into_owned())),
+        ))
     }
 }
 
@@ -79,6 +104,16 @@ fn line(v: &Value) -> Bytes {
     let mut s = v.to_string();
     s.push('\n');
     Bytes::from(s)
+}
+
+/// `{"type":TYPE,"object":OBJECT}` and a newline, around an already serialized object.
+fn shared_line(typ: &str, object: &[u8]) -> Bytes {
+    let head = format!("{{\"type\":\"{typ}\",\"object\":");
+    let mut b = Vec::with_capacity(head.len() + object.len() + 2);
+    b.extend_from_slice(head.as_bytes());
+    b.extend_from_slice(object);
+    b.extend_from_slice(b"}\n");
+    Bytes::from(b)
 }
 
 fn bookmark(spec: &WatchSpec, rv: u64, end_of_initial: bool) -> Value {
@@ -116,8 +151,14 @@ impl Running {
         self.queued.fetch_sub(1, Relaxed);
     }
 
-    fn frame(&mut self, typ: &str, obj: Value) -> Bytes {
-        let b = self.encode(typ, obj);
+    fn frame(&mut self, typ: &str, payload: Payload) -> Bytes {
+        let b = match payload {
+            Payload::Shared(object) => shared_line(typ, &object),
+            Payload::Decoded(obj) => {
+                self.store.stats().objects_encoded(1);
+                self.encode(typ, obj)
+            }
+        };
         self.tap.frame(typ, b.len());
         b
     }

@@ -479,3 +479,93 @@ async fn a_watch_whose_client_stops_reading_counts_what_was_written_and_queues_t
     .await;
     assert_eq!(watch().queued, 0);
 }
+
+/// Each change is serialized once, whatever the number of watchers; the event log keeps
+/// those bytes once per event, and a MODIFIED event's `old` is the previous event's bytes
+/// (shared, not a second copy). Before, each watcher serialized every event again and the
+/// log kept every change as two JSON trees (old and new object).
+#[tokio::test]
+async fn each_change_is_serialized_once_and_the_log_keeps_it_once() {
+    let (sim, client) = sim_with_crd().await;
+    let pools = pools(&client, "default");
+    pools
+        .create(&Default::default(), &pool("p", json!({"tenant": "acme"})))
+        .await
+        .unwrap();
+    let t = Target {
+        rt: sim
+            .store()
+            .registry()
+            .find("tether.dev", "v1alpha1", "connectionpools")
+            .unwrap(),
+        version: "v1alpha1".into(),
+        namespace: Some("default".into()),
+        name: None,
+        subresource: None,
+    };
+    let from = sim.store().resource_version();
+    // Four watchers of every pool, as stream clients.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let req = http::Request::get(format!(
+            "/apis/tether.dev/v1alpha1/namespaces/default/connectionpools?watch=1&resourceVersion={from}"
+        ))
+        .body(Vec::new())
+        .unwrap();
+        streams.push(Box::pin(client.request_stream(req).await.unwrap()));
+    }
+    let before = sim.stats().snapshot();
+    let reports = 10;
+    for i in 0..reports {
+        let st = json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
+            "metadata": {"name": "p"}, "status": {"pods": [{"name": format!("p-{}", i % 3), "connections": i}]}});
+        pools
+            .patch_status(
+                "p",
+                &PatchParams::apply(&format!("pod-{}", i % 3)).force(),
+                &Patch::Apply(st),
+            )
+            .await
+            .unwrap();
+    }
+    for s in &mut streams {
+        let (events, _) = read_lines(s, reports).await;
+        assert!(events.iter().all(|e| e["type"] == "MODIFIED"), "{events:?}");
+    }
+    let s = sim.stats().snapshot().since(&before);
+    assert_eq!(s.watch_total().events, 4 * reports as u64);
+    assert_eq!(
+        s.objects_encoded, reports as u64,
+        "one serialization per change, not one per watcher"
+    );
+
+    // The log: one copy of each version, `old` shared with the event before.
+    let start = sim.store().watch(&t, Some(from)).unwrap();
+    let events = &start.backlog;
+    assert_eq!(events.len(), reports);
+    for pair in events.windows(2) {
+        let (prev, next) = (&pair[0], &pair[1]);
+        let old = next.old.as_ref().expect("MODIFIED keeps the object before");
+        assert_eq!(old, &prev.object);
+        assert_eq!(
+            old.as_ptr(),
+            prev.object.as_ptr(),
+            "old is the previous event's bytes, not a copy"
+        );
+    }
+    let latest = serde_json::to_vec(
+        &sim.store()
+            .get(&Target {
+                name: Some("p".into()),
+                ..t.clone()
+            })
+            .unwrap(),
+    )
+    .unwrap()
+    .len();
+    let kept: usize = events.iter().map(|e| e.retained_bytes()).sum();
+    assert!(
+        kept <= reports * latest,
+        "{kept} bytes kept for {reports} events of an object of at most {latest} bytes"
+    );
+}

@@ -5,6 +5,10 @@
 //! `cargo test -p tether-kube-sim --release --test cost -- --ignored --nocapture`.
 //! docs/benchmarks.md ("Kubernetes API stand-in") records its output.
 
+#![recursion_limit = "256"]
+
+mod common;
+
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -99,6 +103,119 @@ async fn apply_and_get_cost_with_unrelated_objects() {
         let kind = if owned { "owned" } else { "plain" };
         println!(
             "stand-in with {n:>6} unrelated objects ({kind}): SSA apply {per_apply:>10.2?}, get {per_get:>10.2?} per request"
+        );
+    }
+}
+
+/// A pool whose `status.pods[]` holds `n` entries, each server-side-applied by its own
+/// field manager (`pod-<i>`), as `n` gateway pods leave it. Built in two writes (a status
+/// update with every entry, then managedFields set to one Apply entry per pod) instead of
+/// `n` applies, so that even a slow stand-in builds it in a moment.
+pub async fn big_pool(sim: &Server, client: &kube::Client, n: usize) {
+    let pools = common::pools(client, "default");
+    pools
+        .create(
+            &kube::api::PostParams::default(),
+            &common::pool("big", json!({"tenant": "t"})),
+        )
+        .await
+        .unwrap();
+    let rt = sim
+        .store()
+        .registry()
+        .find("tether.dev", "v1alpha1", "connectionpools")
+        .expect("crd");
+    let target = |sub: Option<&str>| Target {
+        rt: rt.clone(),
+        version: "v1alpha1".into(),
+        namespace: Some("default".into()),
+        name: Some("big".into()),
+        subresource: sub.map(str::to_string),
+    };
+    let entries: Vec<_> = (0..n)
+        .map(|i| json!({"name": format!("big-{i}"), "connections": i, "ready": true}))
+        .collect();
+    let mut obj = sim.store().get(&target(None)).unwrap();
+    obj["status"] = json!({"pods": entries});
+    let obj = sim
+        .store()
+        .replace(&target(Some("status")), obj, &WriteOpts::default())
+        .unwrap()
+        .object;
+    let mut managed = vec![
+        json!({"manager": "creator", "operation": "Update", "apiVersion": "tether.dev/v1alpha1",
+        "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:tenant": {}}}}),
+    ];
+    for i in 0..n {
+        let key = format!("k:{{\"name\":\"big-{i}\"}}");
+        managed.push(json!({"manager": format!("pod-{i}"), "operation": "Apply", "apiVersion": "tether.dev/v1alpha1",
+            "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "subresource": "status",
+            "fieldsV1": {"f:status": {"f:pods": {key: {".": {}, "f:name": {}, "f:connections": {}, "f:ready": {}}}}}}));
+    }
+    let mut obj = (*obj).clone();
+    obj["metadata"]["managedFields"] = json!(managed);
+    sim.store()
+        .replace(&target(None), obj, &WriteOpts::default())
+        .unwrap();
+}
+
+/// One pod's status report: server-side apply of its own entry, forced, as the gateway does.
+pub fn report(i: usize, connections: usize) -> serde_json::Value {
+    json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool", "metadata": {"name": "big"},
+        "status": {"pods": [{"name": format!("big-{i}"), "connections": connections, "ready": true}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures"]
+async fn status_apply_cost_on_a_big_pool() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(200);
+    for n in [10usize, 100, 1_000] {
+        let (sim, client) = common::sim_with_crd().await;
+        big_pool(&sim, &client, n).await;
+        let pools = common::pools(&client, "default");
+        // One watcher of the pool type, reading every event (the operator's watch).
+        let watch = {
+            let http = reqwest::Client::new();
+            let url = format!(
+                "{}/apis/tether.dev/v1alpha1/connectionpools?watch=true&resourceVersion={}",
+                sim.url(),
+                sim.store().resource_version()
+            );
+            let mut resp = http.get(url).send().await.unwrap();
+            tokio::spawn(async move {
+                let mut bytes = 0usize;
+                while let Ok(Some(chunk)) = resp.chunk().await {
+                    bytes += chunk.len();
+                }
+                bytes
+            })
+        };
+        let apply = |i: usize| {
+            let pools = pools.clone();
+            async move {
+                let params = PatchParams::apply(&format!("pod-{}", i % n)).force();
+                pools
+                    // A count the entry never had: every report changes the pool (a
+                    // no-op apply would skip the store's write, its event and the watch).
+                    .patch_status("big", &params, &Patch::Apply(report(i % n, n + i)))
+                    .await
+                    .unwrap();
+            }
+        };
+        let size = serde_json::to_vec(&pools.get("big").await.unwrap())
+            .unwrap()
+            .len();
+        let started = Instant::now();
+        for i in 0..rounds {
+            apply(i).await;
+        }
+        let per_apply = started.elapsed() / rounds as u32;
+        watch.abort();
+        println!(
+            "pool with {n:>5} entries ({size:>7} bytes): status apply {per_apply:>10.2?} per report"
         );
     }
 }
