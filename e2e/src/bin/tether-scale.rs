@@ -348,6 +348,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         "steady {steady}; operator {:.2} CPU-s per 1,000 reports",
         (cpu_steady - cpu_converged) * 1000.0 / steady.reports.max(1) as f64
     );
+    println!(
+        "steady: operator writes by target {:?}",
+        scale::operator_writes_by_target(&window)
+    );
     let mut broken = steady.violations();
 
     // 3. One spec change everywhere (a drain setting): every pool's children applied
