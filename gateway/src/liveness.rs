@@ -7,6 +7,14 @@
 //! of task wakes, writes and pongs that every push behind it waits for — at 100,000
 //! connections it tripled the push p99 (docs/benchmarks.md).
 //!
+//! Connections opened together would also stay together: a connection is pinged one
+//! interval after it was last heard from, and its pong sets that again, so a reconnect
+//! storm's connections come due in a wave every interval. So each connection gets a
+//! phase ([`phase`], from its id; no byte stored): it counts as quiet since up to one
+//! interval before it opened, and its first ping — hence every later one — falls on a
+//! second of the interval of its own. The connections accepted in one second are
+//! pinged spread evenly over the interval, each still within one interval of opening.
+//!
 //! A tokio `Sleep` costs over 100 bytes inline in every session future, and re-arming it
 //! on each message costs timer-wheel work; at a million idle sockets both add up. Here a
 //! connection carries four small atomics ([`Clock`]), its session stamps them as frames
@@ -23,11 +31,31 @@ use tether_protocol::CloseCode;
 
 use crate::hub::{Hub, Outbound, unix_now};
 
-/// Seconds since the process started: a compact, monotonic time for per-connection
-/// stamps (u32 lasts 136 years).
+/// Where the process clock starts ([`now_secs`]) instead of 0, ≈ 12 days: a new
+/// connection's stamp is set up to one ping interval (at most this much) in the past,
+/// which must not wrap below zero in a process that has just started.
+pub const CLOCK_START: u32 = 1 << 20;
+
+/// Seconds since the process started plus [`CLOCK_START`]: a compact, monotonic time
+/// for per-connection stamps (u32 lasts 136 years).
 pub fn now_secs() -> u32 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs() as u32
+    let elapsed = START.get_or_init(Instant::now).elapsed().as_secs();
+    CLOCK_START.saturating_add(u32::try_from(elapsed).unwrap_or(u32::MAX))
+}
+
+/// A connection's phase: how many seconds before it opened it counts as quiet since,
+/// in `0..ping_interval_seconds` (capped at [`CLOCK_START`]), so that its first ping is
+/// due `ping_interval_seconds - phase` seconds after it opened.
+///
+/// Connection ids are handed out in order ([`Hub::next_connection_id`]), so
+/// consecutive connections take consecutive phases — in runs of [`SWEEP_SLICES`],
+/// one connection per sweep slice: the connections of a burst are spread over every
+/// second of the interval and, within each second, over every tick of the sweep.
+pub fn phase(id: u64, ping_interval_seconds: u64) -> u32 {
+    let interval = ping_interval_seconds.clamp(1, u64::from(CLOCK_START));
+    // Below `CLOCK_START`, so it fits.
+    ((id / SWEEP_SLICES) % interval) as u32
 }
 
 /// Unix seconds as stored in a [`Clock`]: saturated at `u32::MAX` (the year 2106).
@@ -59,9 +87,21 @@ impl Clock {
         }
     }
 
+    /// Counts the connection as quiet since `phase` seconds before it opened
+    /// ([`phase`]), so its first ping comes that much earlier. Called once, before the
+    /// connection is registered (and the sweeper can see it).
+    pub fn set_phase(&self, phase: u32) {
+        // The stamp is at least `CLOCK_START`, so this cannot wrap.
+        self.last_inbound
+            .fetch_sub(phase.min(CLOCK_START), Ordering::Relaxed);
+    }
+
     /// Any frame arrived: the peer is alive. `data` for text and binary messages.
     pub fn touch(&self, data: bool) {
-        let now = now_secs();
+        self.touch_at(now_secs(), data);
+    }
+
+    fn touch_at(&self, now: u32, data: bool) {
         self.last_inbound.store(now, Ordering::Relaxed);
         if data {
             self.last_data.store(now, Ordering::Relaxed);
@@ -98,7 +138,8 @@ impl Clock {
 /// A snapshot of a connection's stamps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamps {
-    /// Last frame of any kind (process seconds).
+    /// Last frame of any kind (process seconds); before the first, the connection's
+    /// opening moved back by its [`phase`].
     pub last_inbound: u32,
     /// Last text or binary message (process seconds).
     pub last_data: u32,
@@ -179,6 +220,8 @@ pub fn sweep_slice(hub: &Hub, slice: u64, now: u32, unix: u64, limits: &Limits) 
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use crate::hub::Connection;
 
@@ -224,6 +267,127 @@ mod tests {
         }
         // Pinged: nothing more is due until the pong timeout.
         assert_eq!(sweep_slice(&hub, 0, due, 0, &l), 0);
+    }
+
+    /// Connections accepted in the same second (a reconnect storm) are pinged spread
+    /// over the interval — every second of it, and every sweep tick of each second,
+    /// takes an even share — each within one interval (plus a sweep period) of opening.
+    /// Those that answer are pinged again one interval after their first ping, so the
+    /// spread stays; those that do not are closed once the pong timeout has passed.
+    #[test]
+    fn connections_opened_together_are_pinged_spread_over_the_interval() {
+        const N: usize = 3_000;
+        let l = limits();
+        let interval = l.ping_interval_seconds as u32;
+        let pong_timeout = l.pong_timeout_seconds as u32;
+        let hub = Hub::new(8, 8);
+        let opened = now_secs();
+        let conns: Vec<_> = (0..N)
+            .map(|i| {
+                let conn =
+                    Connection::new(hub.next_connection_id(), &format!("a{i}"), vec![], u64::MAX);
+                conn.clock
+                    .set_phase(phase(conn.id, l.ping_interval_seconds));
+                hub.register(&conn);
+                conn
+            })
+            .collect();
+        // Opened by the real clock: at most one second boundary was crossed meanwhile.
+        assert!(now_secs() - opened <= 1);
+
+        // The sweep, tick by tick, for two intervals and a bit; the test plays the
+        // drivers: it takes what each tick queued, and the connections with an even id
+        // answer their pings at once while the others never do.
+        let mut pings: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut closed: HashMap<u64, u32> = HashMap::new();
+        let mut first_pings_per_tick = Vec::new();
+        let mut out = Vec::new();
+        for second in opened..=opened + 2 * interval + 2 {
+            for slice in 0..SWEEP_SLICES {
+                sweep_slice(&hub, slice, second, 0, &l);
+                let mut first_pings = 0;
+                for conn in &conns {
+                    conn.take_queued(&mut out);
+                    for frame in out.drain(..) {
+                        match frame {
+                            Outbound::Ping => {
+                                let sent = pings.entry(conn.id).or_default();
+                                first_pings += usize::from(sent.is_empty());
+                                sent.push(second);
+                                if conn.id % 2 == 0 {
+                                    conn.clock.touch_at(second, false);
+                                }
+                            }
+                            Outbound::Close(CloseCode::PingTimeout) => {
+                                assert_eq!(closed.insert(conn.id, second), None);
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                }
+                first_pings_per_tick.push(first_pings);
+            }
+        }
+
+        // Every connection pinged within one interval of opening (+ one second: the
+        // boundary the opening may have crossed).
+        assert_eq!(pings.len(), N);
+        for (id, sent) in &pings {
+            assert!(
+                sent[0] > opened && sent[0] <= opened + interval + 1,
+                "connection {id} first pinged {} s after opening",
+                sent[0] - opened
+            );
+        }
+        // Spread: each second of the interval and each tick of the sweep carries about
+        // its share (all N in one second without the phase).
+        let per_second: Vec<usize> = first_pings_per_tick
+            .chunks(SWEEP_SLICES as usize)
+            .map(|ticks| ticks.iter().sum())
+            .collect();
+        let second_share = N / interval as usize;
+        for s in 1..=interval as usize {
+            assert!(
+                per_second[s] >= second_share / 2 && per_second[s] <= second_share * 3 / 2,
+                "{} first pings in second {s} (share {second_share}): {per_second:?}",
+                per_second[s]
+            );
+        }
+        let tick_share = second_share / SWEEP_SLICES as usize;
+        let busiest = first_pings_per_tick.iter().max().copied();
+        assert!(
+            busiest <= Some(tick_share * 3 / 2),
+            "busiest tick {busiest:?} (share {tick_share})"
+        );
+        // Answered: pinged again one interval later, so the spread stays. Unanswered:
+        // closed when the pong timeout ran out, never pinged twice.
+        for conn in &conns {
+            let sent = &pings[&conn.id];
+            if conn.id % 2 == 0 {
+                assert_eq!(sent[1], sent[0] + interval, "connection {}", conn.id);
+                assert!(
+                    !closed.contains_key(&conn.id),
+                    "connection {} closed",
+                    conn.id
+                );
+            } else {
+                assert_eq!(sent.len(), 1, "connection {} pinged twice", conn.id);
+                assert_eq!(closed.get(&conn.id), Some(&(sent[0] + pong_timeout)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_phase_is_within_the_interval() {
+        assert_eq!(phase(12_345, 1), 0);
+        assert_eq!(phase(12_345, 0), 0);
+        assert_eq!(phase(29 * SWEEP_SLICES, 30), 29);
+        assert_eq!(phase(30 * SWEEP_SLICES, 30), 0);
+        assert!(phase(u64::MAX, u64::MAX) < CLOCK_START);
+        // A phase set on a new clock cannot wrap it, even right after the process started.
+        let clock = Clock::new(10_000);
+        clock.set_phase(u32::MAX);
+        assert!(clock.stamps().last_inbound <= now_secs());
     }
 
     #[test]

@@ -35,6 +35,7 @@ use tracing::debug;
 use crate::auth::AgentIdentity;
 use crate::driver::{Driver, Ended};
 use crate::hub::{Connection, Expect, Outbound, UpstreamSlot};
+use crate::liveness;
 use crate::metrics::label;
 use crate::rate::TokenBucket;
 use crate::state::{Admission, AppState};
@@ -65,6 +66,12 @@ pub async fn open(
         identity.groups,
         identity.expires_at.saturating_add(grace),
     );
+    // Its own second of the ping interval, so that connections opened together (a
+    // reconnect storm) are not pinged together, every interval, ever after.
+    conn.clock.set_phase(liveness::phase(
+        conn.id,
+        state.config.limits.ping_interval_seconds,
+    ));
     // No span per connection: `Instrumented` costs 32 bytes in every task even while
     // disabled. The few debug lines name their agent and connection.
     let session = Session::new(admission, conn.clone());
