@@ -48,6 +48,7 @@ use tether_crds::{CONDITION_DEGRADED, ConnectionPool};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
+use crate::ownership;
 use crate::resources::{self, Desired, MANAGED_BY, Settings};
 use crate::status::{Observed, pool_status, worth_writing};
 use crate::validate::{SpecError, validate};
@@ -121,6 +122,10 @@ pub struct Context {
     /// When the pool watch last delivered anything: the clock that report staleness is
     /// measured against (see `Autoscaler::step`).
     pool_watch_progress: Arc<Mutex<Instant>>,
+    /// The pools, from the controller's own watch: the siblings a pool's children must
+    /// not collide with (see `ownership`).
+    pools: Store<ConnectionPool>,
+    pool_writer: Mutex<Option<reflector::store::Writer<ConnectionPool>>>,
     /// The pools' StatefulSets, from a watch.
     stateful_sets: Store<StatefulSet>,
     stateful_set_writer: Mutex<Option<reflector::store::Writer<StatefulSet>>>,
@@ -167,6 +172,7 @@ impl Context {
             instance,
         };
         let (stateful_sets, writer) = reflector::store();
+        let (pools, pool_writer) = reflector::store();
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -182,6 +188,8 @@ impl Context {
             written: Mutex::default(),
             stepped: Mutex::default(),
             pool_watch_progress: Arc::new(Mutex::new(Instant::now())),
+            pools,
+            pool_writer: Mutex::new(Some(pool_writer)),
             stateful_sets,
             stateful_set_writer: Mutex::new(Some(writer)),
         }
@@ -505,14 +513,89 @@ async fn apply_spec(
     if let Err(problem) = validate(pool) {
         return Ok(Err(problem));
     }
+    let siblings = ctx.pools.state();
+    if let Some(collision) = ownership::name_collision(pool, siblings.iter().map(|p| &**p)) {
+        let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+        for (kind, name) in &collision.objects {
+            let meta = existing_child(&ctx.client, &ns, *kind, name).await?;
+            if !meta.is_some_and(|m| ownership::controlled_by(&m, pool)) {
+                return Ok(Err(collision.refusal()));
+            }
+        }
+    }
+    let desired = resources::desired(pool, &ctx.settings, replicas);
+    if let Ok(desired) = &desired
+        && let Err(problem) = check_ownership(pool, desired, ctx).await?
+    {
+        return Ok(Err(problem));
+    }
     ensure_nats_token(pool, ctx).await?;
     if let Err(problem) = check_secrets(pool, ctx).await? {
         return Ok(Err(problem));
     }
-    match resources::desired(pool, &ctx.settings, replicas) {
+    match desired {
         Err(problem) => Ok(Err(problem)),
         Ok(desired) => apply_children(pool, &desired, ctx).await,
     }
+}
+
+/// Reads the metadata of every child about to be written: one that exists without this
+/// pool's controller reference is a problem, and nothing is written (a forced apply
+/// would adopt it: take its fields and add the pool's ownerReference, and the garbage
+/// collector would delete it with the pool). A read per child per spec change, never
+/// per report. The window between this read and the apply that creates a child is not
+/// closed: an object created in it is adopted (see docs/operator.md).
+async fn check_ownership(
+    pool: &ConnectionPool,
+    desired: &Desired,
+    ctx: &Context,
+) -> Result<Result<(), SpecError>, Error> {
+    let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    let client = &ctx.client;
+    for (kind, name) in ownership::planned_children(pool, desired) {
+        let meta = existing_child(client, &ns, kind, &name).await?;
+        if let Err(problem) = ownership::check_owner(pool, kind, &name, meta.as_ref()) {
+            return Ok(Err(problem));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The metadata of the child `kind`/`name`, if it exists.
+async fn existing_child(
+    client: &Client,
+    ns: &str,
+    kind: ownership::Kind,
+    name: &str,
+) -> Result<Option<kube::api::ObjectMeta>, Error> {
+    use ownership::Kind;
+    match kind {
+        Kind::StatefulSet => existing::<StatefulSet>(client, ns, name).await,
+        Kind::Service => existing::<Service>(client, ns, name).await,
+        Kind::PodDisruptionBudget => existing::<PodDisruptionBudget>(client, ns, name).await,
+        Kind::ConfigMap => existing::<ConfigMap>(client, ns, name).await,
+        Kind::ServiceAccount => existing::<ServiceAccount>(client, ns, name).await,
+        Kind::Role => existing::<Role>(client, ns, name).await,
+        Kind::RoleBinding => existing::<RoleBinding>(client, ns, name).await,
+        Kind::NetworkPolicy => existing::<NetworkPolicy>(client, ns, name).await,
+        Kind::Secret => existing::<Secret>(client, ns, name).await,
+    }
+}
+
+/// The metadata of `name`, if it exists.
+async fn existing<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<kube::api::ObjectMeta>, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    Ok(api.get_metadata_opt(name).await?.map(|m| m.metadata))
 }
 
 /// Applies the StatefulSet alone, at `replicas` (its other fields as the spec has them).
@@ -967,7 +1050,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = &ctx.client;
-    let Some(sts_writer) = lock(&ctx.stateful_set_writer).take() else {
+    let (Some(sts_writer), Some(pools_writer)) = (
+        lock(&ctx.stateful_set_writer).take(),
+        lock(&ctx.pool_writer).take(),
+    ) else {
         warn!("controller::run called twice on one Context");
         return;
     };
@@ -991,7 +1077,7 @@ pub async fn run(
         stateful_set_status_version,
     );
 
-    let (pools_reader, pools_writer) = reflector::store();
+    let pools_reader = ctx.pools.clone();
     let progress = ctx.pool_watch_progress.clone();
     let pools = watcher(
         api_for::<ConnectionPool>(client, &scope),
