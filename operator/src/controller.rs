@@ -491,7 +491,7 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     Ok(match (&plan, &problem) {
         (Some(plan), _) => {
             for event in &plan.events {
-                ctx.metrics.observe_scaling(pool, event.reason);
+                ctx.metrics.observe_scaling(pool, event.reason.as_str());
             }
             crate::autoscale::after_apply(&ctx.client, &ctx.recorder, pool, plan).await;
             Action::requeue(plan.requeue.min(RESYNC))
