@@ -529,7 +529,9 @@ async fn apply_spec(
     {
         return Ok(Err(problem));
     }
-    ensure_nats_token(pool, ctx).await?;
+    if let Err(problem) = ensure_nats_token(pool, ctx).await? {
+        return Ok(Err(problem));
+    }
     if let Err(problem) = check_secrets(pool, ctx).await? {
         return Ok(Err(problem));
     }
@@ -553,7 +555,14 @@ async fn check_ownership(
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     let client = &ctx.client;
     for (kind, name) in ownership::planned_children(pool, desired) {
-        let meta = existing_child(client, &ns, kind, &name).await?;
+        let meta = match existing_child(client, &ns, kind, &name).await {
+            Err(Error::Kube(err)) => forbidden(Err(err), || format!("get {kind} {name:?}"))?,
+            other => Ok(other?),
+        };
+        let meta = match meta {
+            Ok(meta) => meta,
+            Err(problem) => return Ok(Err(problem)),
+        };
         if let Err(problem) = ownership::check_owner(pool, kind, &name, meta.as_ref()) {
             return Ok(Err(problem));
         }
@@ -598,6 +607,23 @@ where
     Ok(api.get_metadata_opt(name).await?.map(|m| m.metadata))
 }
 
+/// A 403 as a spec problem: the operator's RBAC does not reach the pool's namespace
+/// (the chart's `tenantNamespaces`). Retried every `--secret-recheck`, as a Role may be
+/// granted later, instead of failing the reconcile into back-off with nothing shown.
+fn forbidden<T>(
+    result: Result<T, kube::Error>,
+    action: impl FnOnce() -> String,
+) -> Result<Result<T, SpecError>, Error> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(kube::Error::Api(status)) if status.code == 403 => Ok(Err(SpecError::Forbidden {
+            action: action(),
+            message: status.message,
+        })),
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// Applies the StatefulSet alone, at `replicas` (its other fields as the spec has them).
 async fn apply_stateful_set(
     pool: &ConnectionPool,
@@ -627,19 +653,22 @@ fn apply_params() -> PatchParams {
 /// Creates the token Secret of a managed NATS that the pool gives no credentials for,
 /// if it is missing: 32 random bytes, hex. Never rewritten: a new token would lock the
 /// running gateways out of the running server until both restarted.
-async fn ensure_nats_token(pool: &ConnectionPool, ctx: &Context) -> Result<(), Error> {
+async fn ensure_nats_token(
+    pool: &ConnectionPool,
+    ctx: &Context,
+) -> Result<Result<(), SpecError>, Error> {
     if !resources::generates_nats_token(pool) {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = resources::nats_auth_secret_name(pool);
     if secrets.get_metadata_opt(&name).await?.is_some() {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
     let Ok(secret) = resources::nats_token_secret(pool, &token) else {
-        return Ok(()); // an unsaved pool: validate() has refused it already
+        return Ok(Ok(())); // an unsaved pool: validate() has refused it already
     };
     let params = kube::api::PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -649,9 +678,11 @@ async fn ensure_nats_token(pool: &ConnectionPool, ctx: &Context) -> Result<(), E
         Ok(_) => info!(pool = %pool.name_any(), secret = %name, "generated the managed NATS token"),
         // Another reconcile (or an earlier term) made it: keep that one.
         Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(err) => return Err(err.into()),
+        Err(err) => {
+            return forbidden::<()>(Err(err), || format!("create Secret {name:?}"));
+        }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Checks that every referenced Secret exists and has its key. `Ok(Err(_))` is a spec
@@ -666,7 +697,12 @@ async fn check_secrets(
     for mount in resources::secret_mounts(pool) {
         let name = &mount.source.name;
         if !fetched.contains_key(name) {
-            fetched.insert(name.clone(), secrets.get_opt(name).await?);
+            match forbidden(secrets.get_opt(name).await, || {
+                format!("get Secret {name:?}")
+            })? {
+                Ok(secret) => fetched.insert(name.clone(), secret),
+                Err(problem) => return Ok(Err(problem)),
+            };
         }
         let Some(secret) = &fetched[name] else {
             return Ok(Err(SpecError::SecretMissing {
@@ -828,7 +864,9 @@ async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> 
         delete_if_owned::<Service>(client, &ns, &svc, pool).await?;
     }
     delete_if_owned::<ConfigMap>(client, &ns, &resources::config_map_name(pool), pool).await?;
-    delete_if_owned::<Secret>(client, &ns, &resources::nats_auth_secret_name(pool), pool).await?;
+    // Not the generated NATS token: the operator holds no right to delete Secrets (see
+    // charts/tether/templates/_helpers.tpl); it carries the pool's ownerReference, so the
+    // garbage collector deletes it once the pool is gone.
     delete_if_owned::<RoleBinding>(client, &ns, &rbac, pool).await?;
     delete_if_owned::<Role>(client, &ns, &rbac, pool).await?;
     delete_if_owned::<ServiceAccount>(client, &ns, &rbac, pool).await?;

@@ -95,6 +95,16 @@ pub enum SpecError {
         /// `Kind/name` both would write.
         object: String,
     },
+    /// The operator's RBAC does not allow what the pool needs in its namespace.
+    #[error(
+        "the operator may not {action} in this namespace ({message}); grant it there (Helm value tenantNamespaces)"
+    )]
+    Forbidden {
+        /// What it tried, e.g. `get Secret "acme-jwt"`.
+        action: String,
+        /// The API server's message.
+        message: String,
+    },
     /// The pool has no uid yet, so children cannot point at it.
     #[error("the pool has no metadata.uid yet")]
     NotPersisted,
@@ -112,6 +122,7 @@ impl SpecError {
             SpecError::Rejected { .. } => "RejectedByAPIServer",
             SpecError::ChildNotOwned { .. } => "ChildNotOwned",
             SpecError::NameCollision { .. } => "NameCollision",
+            SpecError::Forbidden { .. } => "Forbidden",
             SpecError::NotPersisted | SpecError::Internal(_) => "InternalError",
             _ => "InvalidSpec",
         }
@@ -127,6 +138,7 @@ impl SpecError {
                 | SpecError::SecretKeyMissing { .. }
                 | SpecError::ChildNotOwned { .. }
                 | SpecError::NameCollision { .. }
+                | SpecError::Forbidden { .. }
                 | SpecError::NotPersisted
         )
     }

@@ -272,7 +272,7 @@ async fn spec_changes_converge_and_roll_pods_only_for_config() {
 
 #[tokio::test]
 async fn deleting_a_pool_removes_everything() {
-    let (_sim, client) = cluster().await;
+    let (sim, client) = cluster().await;
     let op = Operator::start(&client, args("op-a"));
     let managed = json!({"routing": {"nats": {"managed": true}}});
     pools(&client)
@@ -321,6 +321,13 @@ async fn deleting_a_pool_removes_everything() {
         (left == 0).then_some(())
     })
     .await;
+    // The token went with the garbage collector: the operator holds no right to delete
+    // Secrets (the chart grants get and create only) and never asks.
+    let secret_deletes = sim
+        .stats()
+        .snapshot()
+        .count(|k| k.verb == "delete" && k.resource == "secrets");
+    assert_eq!(secret_deletes, 0);
     op.stop().await;
 }
 
@@ -922,5 +929,38 @@ async fn sibling_pools_created_together_never_share_an_object() {
         );
         assert!(uids.len() <= 1, "{object} has owners {uids:?}");
     }
+    op.stop().await;
+}
+
+/// Issue 21 (Low): with the chart's `tenantNamespaces`, the operator holds no rights on
+/// Secrets outside them. A pool there is refused with a condition and an Event saying
+/// what is missing (not an error retried blindly in back-off), and converges once the
+/// right is granted.
+#[tokio::test]
+async fn a_pool_where_the_operator_may_not_read_secrets_says_so() {
+    let (sim, client) = cluster().await;
+    sim.faults()
+        .fail_next(10_000, FaultMatch::verb("get").on("secrets"), 403);
+    let op = Operator::start(&client, args("op-a"));
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    let (p, events) = refused(&client, "acme", "Forbidden").await;
+    let message = degraded_message(&p);
+    assert!(
+        message.contains("get Secret") && message.contains("tenantNamespaces"),
+        "{message}"
+    );
+    assert!(events[0].note.as_deref().unwrap().contains("get Secret"));
+    assert_eq!(children_of(&client, "acme").await, 0);
+
+    sim.faults().clear();
+    wait_sts(&client, "acme").await;
+    eventually("recovered", Duration::from_secs(10), || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
     op.stop().await;
 }
