@@ -106,6 +106,8 @@ pub fn app(state: Arc<AppState>) -> Router {
             }),
         )
         .fallback(resource)
+        // Bodies are limited by the API server's own rule (3 MiB, 413), not axum's 2 MB.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), account))
         .with_state(state)
 }
@@ -468,6 +470,17 @@ async fn handle(
         return Err(not_found_path(uri));
     }
     let content_type = header_str(headers, header::CONTENT_TYPE).to_string();
+    if body.len() > crate::store::MAX_REQUEST_BYTES {
+        // The real server's limitedReadBody.
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!(
+                "Request entity too large: limit is {}",
+                crate::store::MAX_REQUEST_BYTES
+            ),
+        ));
+    }
     let wopts = WriteOpts {
         manager: q.get("fieldManager").cloned(),
         user_agent: header_str(headers, header::USER_AGENT).to_string(),

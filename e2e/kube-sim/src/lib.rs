@@ -44,6 +44,7 @@
 // error paths of a test server, so its size is not worth boxing for.
 #![allow(clippy::result_large_err)]
 
+pub mod builtin;
 pub mod cel;
 pub mod discovery;
 pub mod error;
@@ -104,6 +105,7 @@ pub struct Builder {
     port: u16,
     history: usize,
     bookmark_interval: Duration,
+    watch_buffer: usize,
 }
 
 impl Default for Builder {
@@ -112,6 +114,7 @@ impl Default for Builder {
             port: 0,
             history: 10_000,
             bookmark_interval: Duration::from_secs(5),
+            watch_buffer: store::DEFAULT_WATCH_BUFFER,
         }
     }
 }
@@ -137,6 +140,14 @@ impl Builder {
         self
     }
 
+    /// Events a watch may have waiting for its client (written by the store, not yet
+    /// taken by the connection, whose buffers are full) before the stand-in closes it, as
+    /// the real watch cache closes a watcher whose buffer stays full (default 10,000).
+    pub fn watch_buffer(mut self, events: usize) -> Self {
+        self.watch_buffer = events;
+        self
+    }
+
     /// Binds and starts serving.
     pub async fn start(self) -> Result<Server, Error> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
@@ -147,6 +158,7 @@ impl Builder {
             .local_addr()
             .map_err(|source| Error::Bind { addr, source })?;
         let store = Arc::new(Store::new(self.history));
+        store.set_watch_buffer(self.watch_buffer);
         let faults = Faults::new(store.clone());
         let state = Arc::new(http::AppState {
             store: store.clone(),
