@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
+use k8s_pb::api::authentication::v1 as authn;
+use k8s_pb::api::authorization::v1 as authz;
 use k8s_pb::api::core::v1 as core;
 use k8s_pb::api::rbac::v1 as rbac;
 use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
@@ -93,6 +95,58 @@ pub fn decode(body: &[u8]) -> Result<Value> {
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             let b = rbac::ClusterRoleBinding::decode(raw).map_err(bad)?;
             binding(b.metadata, b.subjects, b.role_ref)
+        }
+        // What `kubectl create token` and `kubectl auth can-i|whoami` send (not stored).
+        ("authentication.k8s.io/v1", "TokenRequest") => {
+            let t = authn::TokenRequest::decode(raw).map_err(bad)?;
+            let spec = t.spec.unwrap_or_default();
+            let mut m = Map::new();
+            set(&mut m, "audiences", strings(spec.audiences));
+            set(
+                &mut m,
+                "expirationSeconds",
+                spec.expiration_seconds.map(|v| json!(v)),
+            );
+            with_meta(t.metadata, [("spec", Some(Value::Object(m)))])
+        }
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => {
+            let r = authn::SelfSubjectReview::decode(raw).map_err(bad)?;
+            with_meta(r.metadata, [])
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => {
+            let r = authz::SelfSubjectAccessReview::decode(raw).map_err(bad)?;
+            let spec = r.spec.unwrap_or_default();
+            let mut m = Map::new();
+            set(
+                &mut m,
+                "resourceAttributes",
+                spec.resource_attributes.map(|a| {
+                    let mut o = Map::new();
+                    for (k, v) in [
+                        ("namespace", a.namespace),
+                        ("verb", a.verb),
+                        ("group", a.group),
+                        ("version", a.version),
+                        ("resource", a.resource),
+                        ("subresource", a.subresource),
+                        ("name", a.name),
+                    ] {
+                        set(&mut o, k, s(v));
+                    }
+                    Value::Object(o)
+                }),
+            );
+            set(
+                &mut m,
+                "nonResourceAttributes",
+                spec.non_resource_attributes.map(|a| {
+                    let mut o = Map::new();
+                    set(&mut o, "path", s(a.path));
+                    set(&mut o, "verb", s(a.verb));
+                    Value::Object(o)
+                }),
+            );
+            with_meta(r.metadata, [("spec", Some(Value::Object(m)))])
         }
         _ => {
             return Err(ApiError::new(

@@ -1075,6 +1075,32 @@ impl Store {
         })
     }
 
+    /// One stored object, shared, without counting it as examined (authorization reads
+    /// RBAC objects on every request of a service account; the counters are the
+    /// requests' own work). `ns` is "" for cluster-scoped kinds.
+    pub fn peek(&self, key: &ResourceKey, ns: &str, name: &str) -> Option<Arc<Value>> {
+        let st = self.state.lock();
+        st.types
+            .get(key)?
+            .objects
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Every stored object of a type in one namespace ("" for cluster-scoped kinds),
+    /// shared, without counting them as examined.
+    pub fn peek_namespace(&self, key: &ResourceKey, ns: &str) -> Vec<Arc<Value>> {
+        let st = self.state.lock();
+        let Some(ts) = st.types.get(key) else {
+            return vec![];
+        };
+        ts.objects
+            .range((ns.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == ns)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// Runs a closure over the locked state (garbage collector).
     pub(crate) fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         f(&mut self.state.lock())
