@@ -960,3 +960,79 @@ async fn create_token_auth_can_i_and_forbidden_requests() {
     // The administrator's kubeconfig may do anything.
     assert_eq!(k.ok(&["auth", "can-i", "*", "*"]).await.trim(), "yes");
 }
+
+/// `kubectl create service` sends a protobuf Service: decoded, allocated a cluster IP
+/// (and `--clusterip=None` kept for a headless one), and its cluster IP then immutable.
+#[tokio::test]
+async fn create_service_from_protobuf() {
+    let sim = Server::start().await.unwrap();
+    let k = Kubectl::new(&sim);
+    k.ok(&["create", "service", "clusterip", "web", "--tcp=80:8080"])
+        .await;
+    let got = k
+        .ok(&["get", "service", "web", "-o", "jsonpath={.spec.type} {.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.ports[0].name} {.spec.selector.app} {.spec.clusterIP}"])
+        .await;
+    let fields: Vec<&str> = got.split(' ').collect();
+    assert_eq!(
+        fields[..5],
+        ["ClusterIP", "80", "8080", "80-8080", "web"],
+        "{got}"
+    );
+    assert!(fields[5].starts_with("10.96."), "{got}");
+    k.ok(&[
+        "create",
+        "service",
+        "clusterip",
+        "headless",
+        "--clusterip=None",
+        "--tcp=9090:9090",
+    ])
+    .await;
+    let ip = k
+        .ok(&[
+            "get",
+            "service",
+            "headless",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .await;
+    assert_eq!(ip, "None");
+    k.ok(&[
+        "create",
+        "service",
+        "nodeport",
+        "np",
+        "--tcp=443:8443",
+        "--node-port=30443",
+    ])
+    .await;
+    let np = k
+        .ok(&[
+            "get",
+            "service",
+            "np",
+            "-o",
+            "jsonpath={.spec.type} {.spec.ports[0].nodePort}",
+        ])
+        .await;
+    assert_eq!(np, "NodePort 30443");
+    let changed = k
+        .run(&[
+            "patch",
+            "service",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"clusterIP":"10.96.200.1","clusterIPs":["10.96.200.1"]}}"#,
+        ])
+        .await;
+    assert!(!changed.ok);
+    assert!(
+        changed
+            .stderr
+            .contains("spec.clusterIP: Invalid value: \"10.96.200.1\": field is immutable"),
+        "{}",
+        changed.stderr
+    );
+}
