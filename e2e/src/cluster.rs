@@ -44,7 +44,7 @@ pub fn chart_operator_rules() -> anyhow::Result<Value> {
         bail!("tether.poolRules is templated now: render it with Helm instead");
     }
     let rules: Value = serde_yaml::from_str(body).context("tether.poolRules as YAML")?;
-    if !rules.as_array().is_some_and(|r| !r.is_empty()) {
+    if rules.as_array().is_none_or(|r| r.is_empty()) {
         bail!("tether.poolRules is not a list of rules: {rules}");
     }
     Ok(rules)
