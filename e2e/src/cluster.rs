@@ -2,7 +2,8 @@
 //! a NATS server, and the real operator process.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -15,6 +16,8 @@ use tether_crds::ConnectionPool;
 use tether_test_support::json::merge;
 use tokio::process::{Child, Command};
 
+use crate::container::{self, HttpProbe, PodVolumes, RunSpec, RunningContainer};
+use crate::runtime::{ContainerEnv, Runtime, render_operator_deployment};
 use crate::{API_KEY, JWT_SECRET, NS, binary, free_port};
 
 /// Starts the real `tether-operator` binary against `kubeconfig` without leader
@@ -81,13 +84,23 @@ pub struct Cluster {
     /// NATS URL for the pool's routing.
     pub nats_url: String,
     nats: Child,
+    /// How the kubelet runs pods (and how the operator runs).
+    pub runtime: Runtime,
+    /// Container mode's pod network, API address for pods and images.
+    pub containers: Option<Arc<ContainerEnv>>,
     /// Scratch space (pod roots, logs).
     pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// Starts everything.
+    /// Starts everything, pods run as `E2E_RUNTIME` says (processes by default).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Runtime::from_env()?).await
+    }
+
+    /// Starts everything, pods run by `runtime`; prints which (every test's output
+    /// says how its pods ran).
+    pub async fn start_with(runtime: Runtime) -> anyhow::Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -101,11 +114,30 @@ impl Cluster {
         let kubeconfig = dir.path().join("kubeconfig");
         sim.write_kubeconfig(&kubeconfig)?;
         install(&client, NS).await?;
+        let containers = match runtime {
+            Runtime::Processes => None,
+            Runtime::Containers => Some(Arc::new(ContainerEnv::start(sim.addr()).await?)),
+        };
+        // Pods reach NATS where they are: loopback for processes, the bridge's host
+        // address for containers.
+        let nats_host = match &containers {
+            Some(c) => c.network.host_ip().to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        match &containers {
+            Some(c) => println!(
+                "e2e runtime: containers (podman + runc; images {} and {}; pod network {}/24)",
+                c.images.operator,
+                c.images.gateway,
+                c.network.host_ip()
+            ),
+            None => println!("e2e runtime: processes (gateways and operator as host processes)"),
+        }
         let port = free_port();
         let store = dir.path().join("nats");
         std::fs::create_dir_all(&store)?;
         let nats = Command::new(tether_test_support::nats_server_binary()?)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .args(["-a", &nats_host, "-p", &port.to_string(), "-js", "-sd"])
             .arg(&store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -113,7 +145,7 @@ impl Cluster {
             .spawn()
             .context("starting nats-server")?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        while tokio::net::TcpStream::connect((nats_host.as_str(), port))
             .await
             .is_err()
         {
@@ -126,8 +158,10 @@ impl Cluster {
             sim,
             client,
             kubeconfig,
-            nats_url: format!("nats://127.0.0.1:{port}"),
+            nats_url: format!("nats://{nats_host}:{port}"),
             nats,
+            runtime,
+            containers,
             dir,
         })
     }
@@ -157,20 +191,129 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts the real operator process against the stand-in.
-    pub fn start_operator(&self) -> anyhow::Result<Child> {
-        spawn_operator(
-            &self.kubeconfig,
-            &self.dir.path().join("operator.log"),
-            &["--namespace", NS, "--gateway-image", "tether-gateway:e2e"],
-            &std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
-        )
+    /// Starts the real operator against the stand-in: a process, or in container mode
+    /// a container from its image running the chart's Deployment as rendered.
+    pub async fn start_operator(&self) -> anyhow::Result<Operator> {
+        let log_level =
+            std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into());
+        match &self.containers {
+            None => Ok(Operator::Process(spawn_operator(
+                &self.kubeconfig,
+                &self.dir.path().join("operator.log"),
+                &["--namespace", NS, "--gateway-image", "tether-gateway:e2e"],
+                &log_level,
+            )?)),
+            Some(env) => {
+                let container = start_operator_container(self, env, &log_level).await?;
+                Ok(Operator::Container(container))
+            }
+        }
     }
 
     /// Path of the operator's log (kept in the temp dir; printed on failure).
     pub fn operator_log(&self) -> PathBuf {
         self.dir.path().join("operator.log")
     }
+}
+
+/// The running operator.
+#[derive(Debug)]
+pub enum Operator {
+    /// A host process.
+    Process(Child),
+    /// A container (removed by id when dropped).
+    Container(RunningContainer),
+}
+
+// === impl Operator ===
+
+impl Operator {
+    /// Stops it at once.
+    pub async fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Process(child) => child.kill().await,
+            Self::Container(c) => {
+                c.kill().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until it exits.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            Self::Process(child) => child.wait().await,
+            Self::Container(c) => c.wait().await,
+        }
+    }
+}
+
+/// The operator as a pod of the chart's Deployment: the pod template as rendered (image,
+/// args, env with `valueFrom`, security context), run in its own network namespace, and
+/// ready once the template's readiness probe passes.
+async fn start_operator_container(
+    cluster: &Cluster,
+    env: &ContainerEnv,
+    log_level: &str,
+) -> anyhow::Result<RunningContainer> {
+    let deployment = render_operator_deployment(NS, log_level).await?;
+    let release_ns = deployment["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("tether-system")
+        .to_string();
+    let template = &deployment["spec"]["template"];
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": "tether-operator-0",
+            "namespace": release_ns,
+            "labels": template["metadata"]["labels"],
+            "annotations": template["metadata"]["annotations"],
+        },
+        "spec": template["spec"],
+    }))
+    .context("the chart's pod template")?;
+    let c = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .context("operator container")?
+        .clone();
+    let root = cluster.dir.path().join("pods").join("tether-operator-0");
+    std::fs::create_dir_all(&root)?;
+    let netns = env.network.attach("operator")?;
+    let pod_ip = netns.ip.to_string();
+    let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod).unzip();
+    let (_volumes, mounts) =
+        PodVolumes::create(&cluster.client, &root, &pod, &c, sa_files).await?;
+    let mut spec = RunSpec::from_pod(&pod, &c)?;
+    spec.env = container::pod_env(&cluster.client, &pod, &c, &pod_ip).await?;
+    spec.env.extend(sa_env.into_iter().flatten());
+    spec.mounts = mounts;
+    let mut running =
+        RunningContainer::start(&spec, netns, &cluster.operator_log()).await?;
+    if let Some(probe) = &c.readiness_probe {
+        let probe = HttpProbe::from_spec(probe, &c)?;
+        let url = format!("http://{pod_ip}:{}{}", probe.port, probe.path);
+        let http = reqwest::Client::builder().timeout(probe.timeout.max(Duration::from_secs(1))).build()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            if running.exited().is_some() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(cluster.operator_log()).unwrap_or_default();
+                bail!("the operator container never passed its readiness probe {url}; log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!(
+        "e2e operator: container {} from {} (chart-rendered args {:?})",
+        &running.id[..12.min(running.id.len())],
+        spec.image,
+        spec.args
+    );
+    Ok(running)
 }
 
 impl Drop for Cluster {

@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
         .parse()
         .context("TETHER_LOCAL_SERVICE must be an address such as 127.0.0.1:8090")?;
     let cluster = Cluster::start().await?;
-    let mut operator = cluster.start_operator()?;
+    let mut operator = cluster.start_operator().await?;
     cluster
         .create_pool(
             POOL,
