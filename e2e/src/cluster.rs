@@ -283,21 +283,26 @@ async fn start_operator_container(
     let netns = env.network.attach("operator")?;
     let pod_ip = netns.ip.to_string();
     let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod).unzip();
-    let (_volumes, mounts) =
-        PodVolumes::create(&cluster.client, &root, &pod, &c, sa_files).await?;
+    let (_volumes, mounts) = PodVolumes::create(&cluster.client, &root, &pod, &c, sa_files).await?;
     let mut spec = RunSpec::from_pod(&pod, &c)?;
     spec.env = container::pod_env(&cluster.client, &pod, &c, &pod_ip).await?;
     spec.env.extend(sa_env.into_iter().flatten());
     spec.mounts = mounts;
-    let mut running =
-        RunningContainer::start(&spec, netns, &cluster.operator_log()).await?;
+    let mut running = RunningContainer::start(&spec, netns, &cluster.operator_log()).await?;
     if let Some(probe) = &c.readiness_probe {
         let probe = HttpProbe::from_spec(probe, &c)?;
         let url = format!("http://{pod_ip}:{}{}", probe.port, probe.path);
-        let http = reqwest::Client::builder().timeout(probe.timeout.max(Duration::from_secs(1))).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(probe.timeout.max(Duration::from_secs(1)))
+            .build()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+            if http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
                 break;
             }
             if running.exited().is_some() || Instant::now() > deadline {

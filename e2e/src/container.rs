@@ -285,7 +285,11 @@ pub fn field(pod: &Pod, path: &str, pod_ip: &str) -> anyhow::Result<String> {
         "status.podIP" => pod_ip.into(),
         p => {
             if let Some(k) = key(p, "metadata.labels['") {
-                meta.labels.clone().unwrap_or_default().remove(&k).unwrap_or_default()
+                meta.labels
+                    .clone()
+                    .unwrap_or_default()
+                    .remove(&k)
+                    .unwrap_or_default()
             } else if let Some(k) = key(p, "metadata.annotations['") {
                 meta.annotations
                     .clone()
@@ -373,7 +377,10 @@ impl PodVolumes {
             .collect();
         for m in container.volume_mounts.iter().flatten() {
             if !declared.contains_key(m.name.as_str()) {
-                bail!("volumeMount {:?}: no volume of that name in the pod", m.name);
+                bail!(
+                    "volumeMount {:?}: no volume of that name in the pod",
+                    m.name
+                );
             }
             let dir = volumes.root.join(&m.name);
             let host = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
@@ -437,7 +444,10 @@ impl PodVolumes {
                 let files = project(&data, cm.items.as_deref(), mode, &v.name)?;
                 wanted.push((v.name.clone(), files, false));
             } else if let Some(s) = &v.secret {
-                let name = s.secret_name.clone().context("secret volume without secretName")?;
+                let name = s
+                    .secret_name
+                    .clone()
+                    .context("secret volume without secretName")?;
                 let mode = s.default_mode.unwrap_or(0o644) as u32;
                 let data = match secrets.get_opt(&name).await? {
                     Some(secret) => secret_data(&secret),
@@ -910,9 +920,15 @@ mod tests {
             "--volume=/h:/etc/x.yaml:ro",
             "--ulimit=nofile=20000:20000",
         ] {
-            assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
+            assert!(
+                args.iter().any(|a| a == want),
+                "{want} missing from {args:?}"
+            );
         }
-        assert_eq!(&args[args.len() - 3..], ["img:1", "--config", "/etc/x.yaml"]);
+        assert_eq!(
+            &args[args.len() - 3..],
+            ["img:1", "--config", "/etc/x.yaml"]
+        );
         assert!(!args.iter().any(|a| a.starts_with("--entrypoint")));
     }
 
@@ -928,8 +944,7 @@ mod tests {
         assert_eq!(p.path, "/readyz");
         assert_eq!(p.period, Duration::from_secs(5));
         assert_eq!(p.failure_threshold, 3);
-        let bad: Probe =
-            serde_json::from_value(json!({"httpGet": {"port": "nope"}})).unwrap();
+        let bad: Probe = serde_json::from_value(json!({"httpGet": {"port": "nope"}})).unwrap();
         assert!(HttpProbe::from_spec(&bad, &c).is_err());
     }
 

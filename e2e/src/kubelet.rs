@@ -24,9 +24,7 @@ use tokio::process::{Child, Command};
 use tracing::{debug, info, warn};
 
 use crate::cluster::Cluster;
-use crate::container::{
-    self, HttpProbe, PodVolumes, RunSpec, RunningContainer, container_port,
-};
+use crate::container::{self, HttpProbe, PodVolumes, RunSpec, RunningContainer, container_port};
 use crate::runtime::ContainerEnv;
 use crate::service_proxy::{Backend, EndpointSource, ServiceProxy};
 use crate::{API_KEY, NS, binary};
@@ -403,7 +401,9 @@ impl KubeletLoop {
                 c.last_refresh = Instant::now();
                 match c.volumes.refresh(&self.client).await {
                     Ok(0) => {}
-                    Ok(n) => info!(pod = %pod.endpoint.pod, volumes = n, "kubelet: volumes updated"),
+                    Ok(n) => {
+                        info!(pod = %pod.endpoint.pod, volumes = n, "kubelet: volumes updated")
+                    }
                     Err(e) => warn!(ordinal = o, "volume refresh: {e:#}"),
                 }
             }
@@ -544,8 +544,7 @@ impl KubeletLoop {
         let netns = env.network.attach(&name)?;
         let ip = netns.ip.to_string();
         let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod).unzip();
-        let (volumes, mounts) =
-            PodVolumes::create(&self.client, &root, &pod, &c, sa_files).await?;
+        let (volumes, mounts) = PodVolumes::create(&self.client, &root, &pod, &c, sa_files).await?;
         let mut run = RunSpec::from_pod(&pod, &c)?;
         run.env = container::pod_env(&self.client, &pod, &c, &ip).await?;
         run.env.extend(sa_env.into_iter().flatten());

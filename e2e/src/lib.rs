@@ -43,9 +43,9 @@ use anyhow::bail;
 
 pub use agents::{AgentState, AgentStats, Agents, minter, test_agent_options, token};
 pub use cluster::{Cluster, Operator, install, spawn_operator};
-pub use runtime::Runtime;
 pub use kubelet::{Endpoint, Kubelet, Removal, rewrite_config};
 pub use pusher::Pusher;
+pub use runtime::Runtime;
 /// A free loopback port (bound and released; good enough for a test).
 pub use tether_test_support::free_port;
 /// Polls `f` until it returns `Some`, for at most `timeout`; the error names `what`.

@@ -41,6 +41,7 @@ pub struct PodNetns {
     pub name: String,
     /// The pod's IP.
     pub ip: Ipv4Addr,
+    veth: String,
     host: u8,
     network: std::sync::Weak<PodNetwork>,
 }
@@ -103,13 +104,14 @@ impl PodNetwork {
             .pop_first()
             .context("pod network is full (253 pods)")?;
         let pod_ip = Ipv4Addr::new(10, 213, self.index, host);
+        let veth = format!("{}v{host}", self.bridge);
         let ns = PodNetns {
             name: format!("{}-{pod}", self.bridge),
             ip: pod_ip,
+            veth: veth.clone(),
             host,
             network: std::sync::Arc::downgrade(self),
         };
-        let veth = format!("{}v{host}", self.bridge);
         let addr = format!("{pod_ip}/24");
         let gateway = self.host_ip().to_string();
         // Deletes a namespace left by a crashed run of this very network, if any.
@@ -146,7 +148,9 @@ impl PodNetns {
 
 impl Drop for PodNetns {
     fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair with it.
+        // The pair goes with its host end at once (the namespace itself may outlive
+        // `ip netns del` while a process still holds it).
+        let _ = ip(&["link", "del", &self.veth]);
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             warn!(%e, "deleting a pod's network namespace");
         }
