@@ -40,6 +40,8 @@ pub struct Endpoint {
     pub internal: String,
     /// Passes its readiness probe.
     pub ready: bool,
+    /// The container's id (container mode).
+    pub container_id: Option<String>,
 }
 
 /// A pod the kubelet stopped, and what it held then.
@@ -561,6 +563,7 @@ impl KubeletLoop {
             public: format!("{ip}:{}", port("ws")?),
             internal: format!("{ip}:{}", port("api")?),
             ready: false,
+            container_id: None,
         };
         let readiness = c
             .readiness_probe
@@ -575,6 +578,10 @@ impl KubeletLoop {
             .transpose()?
             .map(|p| ProbeState::new(p, &ip, true));
         let container = RunningContainer::start(&run, netns, &root.join("container.log")).await?;
+        let endpoint = Endpoint {
+            container_id: Some(container.id.clone()),
+            ..endpoint
+        };
         let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
         let _ = pods
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
@@ -707,6 +714,7 @@ impl KubeletLoop {
             public: field("public=").context("public addr")?,
             internal: field("internal=").context("internal addr")?,
             ready: false,
+            container_id: None,
         };
         info!(pod = %name, public = %endpoint.public, "kubelet: pod started");
         Ok(RunningPod {
