@@ -282,7 +282,9 @@ async fn start_operator_container(
     std::fs::create_dir_all(&root)?;
     let netns = env.network.attach("operator")?;
     let pod_ip = netns.ip.to_string();
-    let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod).unzip();
+    let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod)
+        .map(|sa| (sa.files, sa.env))
+        .unzip();
     let (_volumes, mounts) = PodVolumes::create(&cluster.client, &root, &pod, &c, sa_files).await?;
     let mut spec = RunSpec::from_pod(&pod, &c)?;
     spec.env = container::pod_env(&cluster.client, &pod, &c, &pod_ip).await?;

@@ -53,6 +53,15 @@ pub struct ApiAccess {
     pub server: String,
 }
 
+/// A pod's API credentials: the files of its service-account volume and the env.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceAccountMount {
+    /// Files of the volume at [`SERVICE_ACCOUNT_DIR`].
+    pub files: BTreeMap<String, Vec<u8>>,
+    /// Variables added to the container's environment.
+    pub env: Vec<(String, String)>,
+}
+
 /// What the kubelet gives a pod to reach the API server: the files of the service-account
 /// volume (mounted at [`SERVICE_ACCOUNT_DIR`]) and the environment, or `None` when the
 /// pod opts out (`automountServiceAccountToken: false`).
@@ -63,10 +72,7 @@ pub struct ApiAccess {
 /// carries a `kubeconfig` for the same server, and `KUBECONFIG` names it: the one
 /// difference from a cluster in how a pod reaches the API (docs/testing.md). This is the
 /// one place that decides a pod's API identity.
-pub fn service_account_volume(
-    api: &ApiAccess,
-    pod: &Pod,
-) -> Option<(BTreeMap<String, Vec<u8>>, Vec<(String, String)>)> {
+pub fn service_account_volume(api: &ApiAccess, pod: &Pod) -> Option<ServiceAccountMount> {
     let spec = pod.spec.as_ref()?;
     if spec.automount_service_account_token == Some(false) {
         return None;
@@ -95,7 +101,7 @@ pub fn service_account_volume(
             format!("{SERVICE_ACCOUNT_DIR}/kubeconfig"),
         ),
     ];
-    Some((files, env))
+    Some(ServiceAccountMount { files, env })
 }
 
 /// An HTTP probe resolved against the container's ports.
@@ -988,10 +994,15 @@ mod tests {
             server: "http://10.213.0.1:6443".into(),
         };
         let p = pod(json!({"containers": []}));
-        let (files, env) = service_account_volume(&api, &p).unwrap();
-        assert_eq!(files["namespace"], b"ns");
-        assert!(String::from_utf8_lossy(&files["kubeconfig"]).contains("http://10.213.0.1:6443"));
-        assert!(env.contains(&("KUBERNETES_SERVICE_PORT".into(), "6443".into())));
+        let sa = service_account_volume(&api, &p).unwrap();
+        assert_eq!(sa.files["namespace"], b"ns");
+        assert!(
+            String::from_utf8_lossy(&sa.files["kubeconfig"]).contains("http://10.213.0.1:6443")
+        );
+        assert!(
+            sa.env
+                .contains(&("KUBERNETES_SERVICE_PORT".into(), "6443".into()))
+        );
         let off = pod(json!({"containers": [], "automountServiceAccountToken": false}));
         assert!(service_account_volume(&api, &off).is_none());
     }

@@ -545,7 +545,9 @@ impl KubeletLoop {
 
         let netns = env.network.attach(&name)?;
         let ip = netns.ip.to_string();
-        let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod).unzip();
+        let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod)
+            .map(|sa| (sa.files, sa.env))
+            .unzip();
         let (volumes, mounts) = PodVolumes::create(&self.client, &root, &pod, &c, sa_files).await?;
         let mut run = RunSpec::from_pod(&pod, &c)?;
         run.env = container::pod_env(&self.client, &pod, &c, &ip).await?;
