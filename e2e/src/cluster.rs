@@ -16,7 +16,7 @@ use tether_crds::ConnectionPool;
 use tether_test_support::json::merge;
 use tokio::process::{Child, Command};
 
-use crate::container::{self, HttpProbe, PodVolumes, RunSpec, RunningContainer};
+use crate::container::{self, HttpProbe, RunningContainer};
 use crate::runtime::{ContainerEnv, Runtime, render_operator_deployment};
 use crate::{API_KEY, JWT_SECRET, NS, binary, free_port};
 
@@ -282,14 +282,8 @@ async fn start_operator_container(
     std::fs::create_dir_all(&root)?;
     let netns = env.network.attach("operator")?;
     let pod_ip = netns.ip.to_string();
-    let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod)
-        .map(|sa| (sa.files, sa.env))
-        .unzip();
-    let (_volumes, mounts) = PodVolumes::create(&cluster.client, &root, &pod, &c, sa_files).await?;
-    let mut spec = RunSpec::from_pod(&pod, &c)?;
-    spec.env = container::pod_env(&cluster.client, &pod, &c, &pod_ip).await?;
-    spec.env.extend(sa_env.into_iter().flatten());
-    spec.mounts = mounts;
+    let (spec, _volumes) =
+        container::prepare(&cluster.client, &env.api, &pod, &c, &pod_ip, &root).await?;
     let mut running = RunningContainer::start(&spec, netns, &cluster.operator_log()).await?;
     if let Some(probe) = &c.readiness_probe {
         let probe = HttpProbe::from_spec(probe, &c)?;

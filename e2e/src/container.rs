@@ -104,6 +104,30 @@ pub fn service_account_volume(api: &ApiAccess, pod: &Pod) -> Option<ServiceAccou
     Some(ServiceAccountMount { files, env })
 }
 
+/// Everything the kubelet builds for a pod's container before it runs it — the one
+/// function that decides a pod's mounts and environment: its volumes written under
+/// `root` (kept for [`PodVolumes::refresh`]), the service-account volume and env of
+/// [`service_account_volume`], the env of [`pod_env`], and the security settings of
+/// [`RunSpec::from_pod`].
+pub async fn prepare(
+    client: &Client,
+    api: &ApiAccess,
+    pod: &Pod,
+    container: &Container,
+    pod_ip: &str,
+    root: &Path,
+) -> anyhow::Result<(RunSpec, PodVolumes)> {
+    let (sa_files, sa_env) = service_account_volume(api, pod)
+        .map(|sa| (sa.files, sa.env))
+        .unzip();
+    let (volumes, mounts) = PodVolumes::create(client, root, pod, container, sa_files).await?;
+    let mut run = RunSpec::from_pod(pod, container)?;
+    run.env = pod_env(client, pod, container, pod_ip).await?;
+    run.env.extend(sa_env.into_iter().flatten());
+    run.mounts = mounts;
+    Ok((run, volumes))
+}
+
 /// An HTTP probe resolved against the container's ports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpProbe {

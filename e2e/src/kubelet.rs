@@ -24,7 +24,7 @@ use tokio::process::{Child, Command};
 use tracing::{debug, info, warn};
 
 use crate::cluster::Cluster;
-use crate::container::{self, HttpProbe, PodVolumes, RunSpec, RunningContainer, container_port};
+use crate::container::{self, HttpProbe, PodVolumes, RunningContainer, container_port};
 use crate::runtime::ContainerEnv;
 use crate::service_proxy::{Backend, EndpointSource, ServiceProxy};
 use crate::{API_KEY, NS, binary};
@@ -545,14 +545,8 @@ impl KubeletLoop {
 
         let netns = env.network.attach(&name)?;
         let ip = netns.ip.to_string();
-        let (sa_files, sa_env) = container::service_account_volume(&env.api, &pod)
-            .map(|sa| (sa.files, sa.env))
-            .unzip();
-        let (volumes, mounts) = PodVolumes::create(&self.client, &root, &pod, &c, sa_files).await?;
-        let mut run = RunSpec::from_pod(&pod, &c)?;
-        run.env = container::pod_env(&self.client, &pod, &c, &ip).await?;
-        run.env.extend(sa_env.into_iter().flatten());
-        run.mounts = mounts;
+        let (run, volumes) =
+            container::prepare(&self.client, &env.api, &pod, &c, &ip, &root).await?;
         let port = |n: &str| {
             container_port(
                 &c,
