@@ -700,6 +700,7 @@ impl RunSpec {
             "cgroupfs",
             "--log-driver",
             "none",
+            "--sig-proxy=false",
         ]
         .map(String::from)
         .to_vec();
@@ -795,9 +796,12 @@ impl RunningContainer {
             .create(true)
             .append(true)
             .open(log)?;
+        // Its own process group, and no signal proxying: a Ctrl-C at the terminal reaches
+        // the harness only, which stops containers by id with their grace period.
         let mut child = Command::new("podman")
             .arg("run")
             .args(spec.podman_args(&netns.path(), &cidfile))
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -860,12 +864,16 @@ impl RunningContainer {
         let secs = grace.as_secs().max(1).to_string();
         let stopped = Command::new("podman")
             .args(["stop", "--time", &secs, &self.id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .output()
             .await;
-        if !stopped.is_ok_and(|s| s.success()) {
-            warn!(id = %self.id, "podman stop failed; removing the container");
+        match stopped {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => warn!(
+                id = %self.id,
+                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                "podman stop failed; removing the container"
+            ),
+            Err(e) => warn!(id = %self.id, %e, "podman stop failed; removing the container"),
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
         remove(&self.id);
