@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
@@ -153,11 +154,19 @@ pub async fn load_images() -> anyhow::Result<Images> {
             .to_string();
         let digest = summary["manifest"].as_str().unwrap_or_default().to_string();
         let loaded = Command::new("podman")
-            .args(["image", "inspect", "--format", "{{.Digest}}", &reference])
+            .args([
+                "image",
+                "inspect",
+                "--format",
+                "{{.Digest}} {{.Id}}",
+                &reference,
+            ])
             .output()
             .await
             .context("running podman (container mode needs podman and runc)")?;
-        let current = String::from_utf8_lossy(&loaded.stdout).trim().to_string();
+        let loaded_text = String::from_utf8_lossy(&loaded.stdout).into_owned();
+        let mut fields = loaded_text.split_whitespace();
+        let (current, previous_id) = (fields.next().unwrap_or(""), fields.next());
         if !loaded.status.success() || current != digest {
             let out = Command::new("podman")
                 .arg("load")
@@ -174,6 +183,16 @@ pub async fn load_images() -> anyhow::Result<Images> {
                 );
             }
             info!(%reference, %digest, "image loaded");
+            // The image this one replaced under the same name is left untagged: remove
+            // it (podman refuses while a container still uses it, which is fine).
+            if let Some(id) = previous_id.filter(|_| loaded.status.success()) {
+                let _ = Command::new("podman")
+                    .args(["rmi", id])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .await;
+            }
         }
         refs.push(reference);
     }
