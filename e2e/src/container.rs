@@ -125,6 +125,12 @@ pub async fn prepare(
     run.env = pod_env(client, pod, container, pod_ip).await?;
     run.env.extend(sa_env.into_iter().flatten());
     run.mounts = mounts;
+    // `$(VAR)` in command and args reads the container's env (the kubelet's rule).
+    let env = run.env.clone();
+    run.args = run.args.iter().map(|a| expand(a, &env)).collect();
+    if let Some(command) = &mut run.command {
+        *command = command.iter().map(|a| expand(a, &env)).collect();
+    }
     Ok((run, volumes))
 }
 
