@@ -2,12 +2,13 @@
 //! a NATS server, and the real operator process.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
@@ -16,71 +17,97 @@ use tether_crds::ConnectionPool;
 use tether_test_support::json::merge;
 use tokio::process::{Child, Command};
 
+use crate::container::{self, HttpProbe, RunningContainer};
+use crate::runtime::{ContainerEnv, Runtime, render_chart, render_operator_deployment};
 use crate::{API_KEY, JWT_SECRET, NS, binary, free_port};
 
 /// The operator's service account as the chart installs it (release `tether` in
 /// namespace `tether-system`).
 pub const OPERATOR_SA: (&str, &str) = ("tether-system", "tether-operator");
 
-/// The rules the chart grants the operator on pools and their children: the
-/// `tether.poolRules` block of `charts/tether/templates/_helpers.tpl`, which the chart
-/// renders into its ClusterRole (or, with `watchNamespace`, a Role there) unchanged —
-/// read from the chart itself, so that the e2e proves the chart's grant sufficient.
-pub fn chart_operator_rules() -> anyhow::Result<Value> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../charts/tether/templates/_helpers.tpl"
-    );
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    let start = text
-        .find(r#"{{- define "tether.poolRules" -}}"#)
-        .context("tether.poolRules in the chart's helpers")?;
-    let body = &text[start..];
-    let body = &body[body.find('\n').context("define line")? + 1..];
-    let body = &body[..body
-        .find("{{- end -}}")
-        .context("end of tether.poolRules")?];
-    if body.contains("{{") {
-        bail!("tether.poolRules is templated now: render it with Helm instead");
+/// The kinds of the chart's RBAC (and the account it binds) that the harness installs.
+const CHART_RBAC_KINDS: [&str; 5] = [
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+];
+
+/// The operator's RBAC exactly as the chart renders it with `watchNamespace: ns` (what
+/// the harness's `--namespace ns` corresponds to), through the real Helm engine: so that
+/// the e2e proves the chart's grant sufficient, and least.
+pub async fn chart_rbac(ns: &str) -> anyhow::Result<Vec<Value>> {
+    let objects: Vec<Value> = render_chart(ns, "info")
+        .await?
+        .into_iter()
+        .filter(|o| {
+            o["kind"]
+                .as_str()
+                .is_some_and(|k| CHART_RBAC_KINDS.contains(&k))
+        })
+        .collect();
+    if !objects.iter().any(|o| o["kind"] == "ServiceAccount") {
+        bail!("the chart renders no ServiceAccount for the operator");
     }
-    let rules: Value = serde_yaml::from_str(body).context("tether.poolRules as YAML")?;
-    if rules.as_array().is_none_or(|r| r.is_empty()) {
-        bail!("tether.poolRules is not a list of rules: {rules}");
-    }
-    Ok(rules)
+    Ok(objects)
 }
 
-/// Installs the operator's RBAC as the chart does with `watchNamespace: ns` (what the
-/// harness's `--namespace ns` corresponds to): its ServiceAccount in the release
-/// namespace, a Role in `ns` with the chart's rules, and the RoleBinding.
+/// The rules of the chart's Role for the operator in `ns` (its pools' namespace).
+pub async fn chart_operator_rules(ns: &str) -> anyhow::Result<Value> {
+    chart_rbac(ns)
+        .await?
+        .into_iter()
+        .find(|o| o["kind"] == "Role" && o["metadata"]["namespace"] == ns)
+        .map(|role| role["rules"].clone())
+        .with_context(|| format!("the chart renders no Role in {ns}"))
+}
+
+/// Installs the operator's RBAC as the chart renders it (see [`chart_rbac`]): the
+/// release namespace, the ServiceAccount, Roles and bindings, applied unchanged.
 pub async fn install_operator_rbac(client: &Client, ns: &str) -> anyhow::Result<()> {
-    let (sa_ns, sa) = OPERATOR_SA;
     let ssa = PatchParams::apply("tether-e2e-chart");
-    let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": sa_ns}});
+    let namespace =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_SA.0}});
     Api::<Namespace>::all(client.clone())
-        .patch(sa_ns, &ssa, &Patch::Apply(namespace))
+        .patch(OPERATOR_SA.0, &ssa, &Patch::Apply(namespace))
         .await?;
-    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": sa_ns}});
-    Api::<ServiceAccount>::namespaced(client.clone(), sa_ns)
-        .patch(sa, &ssa, &Patch::Apply(account))
-        .await?;
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": sa, "namespace": ns},
-        "rules": chart_operator_rules()?,
-    });
-    Api::<Role>::namespaced(client.clone(), ns)
-        .patch(sa, &ssa, &Patch::Apply(role))
-        .await?;
-    let binding = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": sa, "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": sa_ns}],
-    });
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .patch(sa, &ssa, &Patch::Apply(binding))
-        .await?;
+    for object in chart_rbac(ns).await? {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .context("metadata.name")?;
+        let namespace = object["metadata"]["namespace"].as_str();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let patch = Patch::Apply(&object);
+        match (kind, namespace) {
+            ("ServiceAccount", Some(n)) => {
+                Api::<ServiceAccount>::namespaced(client.clone(), n)
+                    .patch(name, &ssa, &patch)
+                    .await?;
+            }
+            ("Role", Some(n)) => {
+                Api::<Role>::namespaced(client.clone(), n)
+                    .patch(name, &ssa, &patch)
+                    .await?;
+            }
+            ("RoleBinding", Some(n)) => {
+                Api::<RoleBinding>::namespaced(client.clone(), n)
+                    .patch(name, &ssa, &patch)
+                    .await?;
+            }
+            ("ClusterRole", None) => {
+                Api::<ClusterRole>::all(client.clone())
+                    .patch(name, &ssa, &patch)
+                    .await?;
+            }
+            ("ClusterRoleBinding", None) => {
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .patch(name, &ssa, &patch)
+                    .await?;
+            }
+            _ => bail!("unexpected {kind} {name} (namespace {namespace:?}) in the chart's RBAC"),
+        }
+    }
     Ok(())
 }
 
@@ -93,7 +120,10 @@ pub async fn request_token(client: &Client, ns: &str, sa: &str) -> anyhow::Resul
     .header("content-type", "application/json")
     .body(serde_json::to_vec(&json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"expirationSeconds": 3600},
+        // A year, as a real apiserver extends the tokens a kubelet requests
+        // (--service-account-extend-token-expiration): the harness, unlike a kubelet,
+        // never refreshes them, and the local platform may run for hours.
+        "spec": {"expirationSeconds": 365 * 24 * 3600},
     }))?)?;
     let answer: Value = client
         .request(req)
@@ -179,13 +209,23 @@ pub struct Cluster {
     /// NATS URL for the pool's routing.
     pub nats_url: String,
     nats: Child,
+    /// How the kubelet runs pods (and how the operator runs).
+    pub runtime: Runtime,
+    /// Container mode's pod network, API address for pods and images.
+    pub containers: Option<Arc<ContainerEnv>>,
     /// Scratch space (pod roots, logs).
     pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// Starts everything.
+    /// Starts everything, pods run as `E2E_RUNTIME` says (processes by default).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Runtime::from_env()?).await
+    }
+
+    /// Starts everything, pods run by `runtime`; prints which (every test's output
+    /// says how its pods ran).
+    pub async fn start_with(runtime: Runtime) -> anyhow::Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -203,11 +243,30 @@ impl Cluster {
         let operator_kubeconfig = dir.path().join("operator-kubeconfig");
         let token = request_token(&client, OPERATOR_SA.0, OPERATOR_SA.1).await?;
         write_token_kubeconfig(&operator_kubeconfig, &sim.url(), &token)?;
+        let containers = match runtime {
+            Runtime::Processes => None,
+            Runtime::Containers => Some(Arc::new(ContainerEnv::start(sim.addr()).await?)),
+        };
+        // Pods reach NATS where they are: loopback for processes, the bridge's host
+        // address for containers.
+        let nats_host = match &containers {
+            Some(c) => c.network.host_ip().to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        match &containers {
+            Some(c) => println!(
+                "e2e runtime: containers (podman + runc; images {} and {}; pod network {}/24)",
+                c.images.operator,
+                c.images.gateway,
+                c.network.host_ip()
+            ),
+            None => println!("e2e runtime: processes (gateways and operator as host processes)"),
+        }
         let port = free_port();
         let store = dir.path().join("nats");
         std::fs::create_dir_all(&store)?;
         let nats = Command::new(tether_test_support::nats_server_binary()?)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .args(["-a", &nats_host, "-p", &port.to_string(), "-js", "-sd"])
             .arg(&store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -215,7 +274,7 @@ impl Cluster {
             .spawn()
             .context("starting nats-server")?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        while tokio::net::TcpStream::connect((nats_host.as_str(), port))
             .await
             .is_err()
         {
@@ -229,8 +288,10 @@ impl Cluster {
             client,
             kubeconfig,
             operator_kubeconfig,
-            nats_url: format!("nats://127.0.0.1:{port}"),
+            nats_url: format!("nats://{nats_host}:{port}"),
             nats,
+            runtime,
+            containers,
             dir,
         })
     }
@@ -260,21 +321,130 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts the real operator process against the stand-in, as the chart's service
-    /// account.
-    pub fn start_operator(&self) -> anyhow::Result<Child> {
-        spawn_operator(
-            &self.operator_kubeconfig,
-            &self.dir.path().join("operator.log"),
-            &["--namespace", NS, "--gateway-image", "tether-gateway:e2e"],
-            &std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
-        )
+    /// Starts the real operator against the stand-in: a process, or in container mode
+    /// a container from its image running the chart's Deployment as rendered.
+    pub async fn start_operator(&self) -> anyhow::Result<Operator> {
+        let log_level =
+            std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into());
+        match &self.containers {
+            None => Ok(Operator::Process(spawn_operator(
+                &self.operator_kubeconfig,
+                &self.dir.path().join("operator.log"),
+                &["--namespace", NS, "--gateway-image", "tether-gateway:e2e"],
+                &log_level,
+            )?)),
+            Some(env) => {
+                let container = start_operator_container(self, env, &log_level).await?;
+                Ok(Operator::Container(container))
+            }
+        }
     }
 
     /// Path of the operator's log (kept in the temp dir; printed on failure).
     pub fn operator_log(&self) -> PathBuf {
         self.dir.path().join("operator.log")
     }
+}
+
+/// The running operator.
+#[derive(Debug)]
+pub enum Operator {
+    /// A host process.
+    Process(Child),
+    /// A container (removed by id when dropped).
+    Container(RunningContainer),
+}
+
+// === impl Operator ===
+
+impl Operator {
+    /// Stops it at once.
+    pub async fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Process(child) => child.kill().await,
+            Self::Container(c) => {
+                c.kill().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until it exits.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            Self::Process(child) => child.wait().await,
+            Self::Container(c) => c.wait().await,
+        }
+    }
+}
+
+/// The operator as a pod of the chart's Deployment: the pod template as rendered (image,
+/// args, env with `valueFrom`, security context), run in its own network namespace, and
+/// ready once the template's readiness probe passes.
+async fn start_operator_container(
+    cluster: &Cluster,
+    env: &ContainerEnv,
+    log_level: &str,
+) -> anyhow::Result<RunningContainer> {
+    let deployment = render_operator_deployment(NS, log_level).await?;
+    let release_ns = deployment["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("tether-system")
+        .to_string();
+    let template = &deployment["spec"]["template"];
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": "tether-operator-0",
+            "namespace": release_ns,
+            "labels": template["metadata"]["labels"],
+            "annotations": template["metadata"]["annotations"],
+        },
+        "spec": template["spec"],
+    }))
+    .context("the chart's pod template")?;
+    let c = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .context("operator container")?
+        .clone();
+    let root = cluster.dir.path().join("pods").join("tether-operator-0");
+    std::fs::create_dir_all(&root)?;
+    let netns = env.network.attach("operator")?;
+    let pod_ip = netns.ip.to_string();
+    let (spec, _volumes) =
+        container::prepare(&cluster.client, &env.api, &pod, &c, &pod_ip, &root).await?;
+    let mut running = RunningContainer::start(&spec, netns, &cluster.operator_log()).await?;
+    if let Some(probe) = &c.readiness_probe {
+        let probe = HttpProbe::from_spec(probe, &c)?;
+        let url = format!("http://{pod_ip}:{}{}", probe.port, probe.path);
+        let http = reqwest::Client::builder()
+            .timeout(probe.timeout.max(Duration::from_secs(1)))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            if running.exited().is_some() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(cluster.operator_log()).unwrap_or_default();
+                bail!("the operator container never passed its readiness probe {url}; log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!(
+        "e2e operator: container {} from {} (chart-rendered args {:?})",
+        &running.id[..12.min(running.id.len())],
+        spec.image,
+        spec.args
+    );
+    Ok(running)
 }
 
 impl Drop for Cluster {

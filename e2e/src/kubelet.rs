@@ -1,6 +1,7 @@
-//! The kubelet: runs the pool's StatefulSet as real `tether-gateway` processes, keeps
-//! their Pods' readiness and the StatefulSet's status, and serves the pool's client
-//! Service through a [`ServiceProxy`].
+//! The kubelet: runs the pool's StatefulSet as real `tether-gateway` processes (or, in
+//! container mode, as containers from the gateway image with the pod spec as rendered:
+//! [`crate::container`]), keeps their Pods' readiness and the StatefulSet's status, and
+//! serves the pool's client Service through a [`ServiceProxy`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ use tokio::process::{Child, Command};
 use tracing::{debug, info, warn};
 
 use crate::cluster::Cluster;
+use crate::container::{self, HttpProbe, PodVolumes, RunningContainer, container_port};
+use crate::runtime::ContainerEnv;
 use crate::service_proxy::{Backend, EndpointSource, ServiceProxy};
 use crate::{API_KEY, NS, binary};
 
@@ -37,6 +40,8 @@ pub struct Endpoint {
     pub internal: String,
     /// Passes its readiness probe.
     pub ready: bool,
+    /// The container's id (container mode).
+    pub container_id: Option<String>,
 }
 
 /// A pod the kubelet stopped, and what it held then.
@@ -53,8 +58,102 @@ pub struct Removal {
 }
 
 struct RunningPod {
-    child: Child,
+    workload: Workload,
     endpoint: Endpoint,
+}
+
+/// What runs a pod.
+enum Workload {
+    /// A host process (config paths and listeners rewritten).
+    Process(Child),
+    /// A container, its volumes and its probes.
+    Container(Box<ContainerPod>),
+}
+
+struct ContainerPod {
+    container: RunningContainer,
+    volumes: PodVolumes,
+    readiness: Option<ProbeState>,
+    liveness: Option<ProbeState>,
+    last_refresh: Instant,
+}
+
+/// One probe's schedule and counters (the kubelet's prober).
+struct ProbeState {
+    probe: HttpProbe,
+    url: String,
+    started: Instant,
+    last: Option<Instant>,
+    successes: u32,
+    failures: u32,
+    ok: bool,
+}
+
+// === impl ProbeState ===
+
+impl ProbeState {
+    fn new(probe: HttpProbe, ip: &str, ok: bool) -> Self {
+        let url = format!("http://{ip}:{}{}", probe.port, probe.path);
+        Self {
+            probe,
+            url,
+            started: Instant::now(),
+            last: None,
+            successes: 0,
+            failures: 0,
+            ok,
+        }
+    }
+
+    /// Probes when due; returns the result (unchanged between probes).
+    async fn tick(&mut self, http: &reqwest::Client) -> bool {
+        let now = Instant::now();
+        let due = now >= self.started + self.probe.initial_delay
+            && self.last.is_none_or(|t| now >= t + self.probe.period);
+        if !due {
+            return self.ok;
+        }
+        self.last = Some(now);
+        let passed = http
+            .get(&self.url)
+            .timeout(self.probe.timeout.max(Duration::from_millis(500)))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success() || r.status().is_redirection());
+        if passed {
+            self.failures = 0;
+            self.successes += 1;
+            if self.successes >= self.probe.success_threshold {
+                self.ok = true;
+            }
+        } else {
+            self.successes = 0;
+            self.failures += 1;
+            if self.failures >= self.probe.failure_threshold {
+                self.ok = false;
+            }
+        }
+        self.ok
+    }
+}
+
+// === impl Workload ===
+
+impl Workload {
+    fn exited(&mut self) -> bool {
+        match self {
+            Self::Process(child) => child.try_wait().ok().flatten().is_some(),
+            Self::Container(c) => c.container.exited().is_some(),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    async fn terminate(self, grace: Duration) {
+        match self {
+            Self::Process(child) => terminate(child, grace).await,
+            Self::Container(c) => c.container.stop(grace).await,
+        }
+    }
 }
 
 /// The part of a kubelet, a StatefulSet controller and kube-proxy the loop needs.
@@ -81,7 +180,10 @@ impl Kubelet {
         pool: &str,
         service: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let gateway = binary("tether-gateway")?;
+        let gateway = match cluster.containers {
+            Some(_) => None,
+            None => Some(binary("tether-gateway")?),
+        };
         let endpoints = Arc::new(Mutex::new(BTreeMap::new()));
         let removals = Arc::new(Mutex::new(Vec::new()));
         let replicas_seen = Arc::new(Mutex::new(Vec::new()));
@@ -91,6 +193,8 @@ impl Kubelet {
             api_url: cluster.sim.url(),
             root: cluster.dir.path().join("pods"),
             gateway,
+            containers: cluster.containers.clone(),
+            retry_at: HashMap::new(),
             pool: pool.to_string(),
             running: BTreeMap::new(),
             endpoints: endpoints.clone(),
@@ -183,7 +287,12 @@ struct KubeletLoop {
     /// The API server's address, for the pods' kubeconfigs.
     api_url: String,
     root: PathBuf,
-    gateway: PathBuf,
+    /// The gateway binary (process mode).
+    gateway: Option<PathBuf>,
+    /// Container mode's network, API access and images.
+    containers: Option<Arc<ContainerEnv>>,
+    /// Ordinals whose start failed, and when to try again (a crash-loop back-off).
+    retry_at: HashMap<i32, Instant>,
     pool: String,
     running: BTreeMap<i32, RunningPod>,
     endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>,
@@ -207,7 +316,7 @@ impl KubeletLoop {
         let ordinals: Vec<i32> = self.running.keys().copied().collect();
         let grace = Duration::from_secs(20);
         let stops = ordinals.into_iter().filter_map(|o| self.running.remove(&o));
-        futures_util::future::join_all(stops.map(|p| terminate(p.child, grace))).await;
+        futures_util::future::join_all(stops.map(|p| p.workload.terminate(grace))).await;
     }
 
     async fn sync(&mut self) -> anyhow::Result<()> {
@@ -248,7 +357,9 @@ impl KubeletLoop {
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
             let name = pod.endpoint.pod.clone();
             tokio::spawn(async move {
-                terminate(pod.child, Duration::from_secs(grace.max(1) as u64)).await;
+                pod.workload
+                    .terminate(Duration::from_secs(grace.max(1) as u64))
+                    .await;
                 let _ = pods.delete(&name, &DeleteParams::default()).await;
             });
         }
@@ -256,33 +367,72 @@ impl KubeletLoop {
         // Missing or exited pods: (re)start them, as the kubelet restarts a container.
         for o in 0..replicas {
             let exited = match self.running.get_mut(&o) {
-                Some(p) => p.child.try_wait().ok().flatten().is_some(),
+                Some(p) => p.workload.exited(),
                 None => true,
             };
             if exited {
-                if self.running.remove(&o).is_some() {
+                if let Some(old) = self.running.remove(&o) {
                     warn!(ordinal = o, "gateway exited; restarting it");
                     self.endpoints.lock().remove(&o);
+                    old.workload.terminate(Duration::from_secs(1)).await;
+                }
+                if self.retry_at.get(&o).is_some_and(|t| Instant::now() < *t) {
+                    continue;
                 }
                 match self.start_pod(&sts, o).await {
                     Ok(pod) => {
+                        self.retry_at.remove(&o);
                         self.endpoints.lock().insert(o, pod.endpoint.clone());
                         self.running.insert(o, pod);
                     }
-                    Err(e) => warn!(ordinal = o, %e, "could not start the gateway"),
+                    Err(e) => {
+                        warn!(ordinal = o, "could not start the gateway: {e:#}");
+                        self.retry_at
+                            .insert(o, Instant::now() + Duration::from_secs(2));
+                    }
                 }
+            }
+        }
+
+        // Container mode: Secret and ConfigMap volumes follow their objects, and a
+        // failing liveness probe restarts the container.
+        for (o, pod) in &mut self.running {
+            let Workload::Container(c) = &mut pod.workload else {
+                continue;
+            };
+            if c.last_refresh.elapsed() >= VOLUME_REFRESH {
+                c.last_refresh = Instant::now();
+                match c.volumes.refresh(&self.client).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        info!(pod = %pod.endpoint.pod, volumes = n, "kubelet: volumes updated")
+                    }
+                    Err(e) => warn!(ordinal = o, "volume refresh: {e:#}"),
+                }
+            }
+            if let Some(l) = &mut c.liveness
+                && !l.tick(&self.http).await
+            {
+                warn!(pod = %pod.endpoint.pod, url = %l.url, "liveness probe failed; killing the container");
+                c.container.kill().await;
             }
         }
 
         // Readiness probes.
         let mut ready_count = 0;
         for (o, pod) in &mut self.running {
-            let ready = self
-                .http
-                .get(format!("http://{}/readyz", pod.endpoint.internal))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let ready = match &mut pod.workload {
+                Workload::Process(_) => self
+                    .http
+                    .get(format!("http://{}/readyz", pod.endpoint.internal))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success()),
+                Workload::Container(c) => match &mut c.readiness {
+                    Some(r) => r.tick(&self.http).await,
+                    None => true,
+                },
+            };
             if ready {
                 ready_count += 1;
             }
@@ -350,9 +500,105 @@ impl KubeletLoop {
         }
     }
 
-    /// Starts ordinal `o`: the pod's files (config from the ConfigMap, Secret volumes),
-    /// a Pod object, and the gateway process with the pod's environment.
+    /// Starts ordinal `o` as the runtime says.
     async fn start_pod(&self, sts: &StatefulSet, o: i32) -> anyhow::Result<RunningPod> {
+        match &self.containers {
+            Some(env) => self.start_container_pod(env, sts, o).await,
+            None => self.start_process_pod(sts, o).await,
+        }
+    }
+
+    /// Container mode: the Pod object from the StatefulSet's template (as the
+    /// StatefulSet controller makes it), its own network namespace, its volumes and
+    /// environment resolved as a kubelet resolves them, and the container.
+    async fn start_container_pod(
+        &self,
+        env: &ContainerEnv,
+        sts: &StatefulSet,
+        o: i32,
+    ) -> anyhow::Result<RunningPod> {
+        let name = format!("{}-{o}", self.pool);
+        let root = self.root.join(&name);
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        let template = sts
+            .spec
+            .as_ref()
+            .map(|s| s.template.clone())
+            .context("pod template")?;
+        let meta = template.metadata.unwrap_or_default();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": name, "namespace": NS,
+                "labels": meta.labels, "annotations": meta.annotations,
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "StatefulSet", "controller": true,
+                    "name": self.pool, "uid": sts.metadata.uid,
+                }],
+            },
+            "spec": template.spec.context("pod template spec")?,
+        }))?;
+        let _ = pods.delete(&name, &DeleteParams::default()).await;
+        let pod = pods.create(&PostParams::default(), &pod).await?;
+        let spec = pod.spec.clone().context("pod spec")?;
+        let c = spec.containers.first().context("container")?.clone();
+
+        let netns = env.network.attach(&name)?;
+        let ip = netns.ip.to_string();
+        let (run, volumes) =
+            container::prepare(&self.client, &env.api, &pod, &c, &ip, &root).await?;
+        let port = |n: &str| {
+            container_port(
+                &c,
+                &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n.into()),
+            )
+        };
+        // The Services' targetPorts (`ws`, `api`) name the container's ports.
+        let endpoint = Endpoint {
+            pod: name.clone(),
+            public: format!("{ip}:{}", port("ws")?),
+            internal: format!("{ip}:{}", port("api")?),
+            ready: false,
+            container_id: None,
+        };
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .map(|p| HttpProbe::from_spec(p, &c))
+            .transpose()?
+            .map(|p| ProbeState::new(p, &ip, false));
+        let liveness = c
+            .liveness_probe
+            .as_ref()
+            .map(|p| HttpProbe::from_spec(p, &c))
+            .transpose()?
+            .map(|p| ProbeState::new(p, &ip, true));
+        let container = RunningContainer::start(&run, netns, &root.join("container.log")).await?;
+        let endpoint = Endpoint {
+            container_id: Some(container.id.clone()),
+            ..endpoint
+        };
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+        let _ = pods
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await;
+        info!(pod = %name, public = %endpoint.public, id = %container.id, "kubelet: container started");
+        Ok(RunningPod {
+            workload: Workload::Container(Box::new(ContainerPod {
+                container,
+                volumes,
+                readiness,
+                liveness,
+                last_refresh: Instant::now(),
+            })),
+            endpoint,
+        })
+    }
+
+    /// Process mode: the pod's files (config from the ConfigMap, Secret volumes) under
+    /// a temp dir, a Pod object, and the gateway process with the pod's environment.
+    async fn start_process_pod(&self, sts: &StatefulSet, o: i32) -> anyhow::Result<RunningPod> {
         let name = format!("{}-{o}", self.pool);
         let root = self.root.join(&name);
         std::fs::create_dir_all(&root)?;
@@ -436,7 +682,8 @@ impl KubeletLoop {
         crate::cluster::write_token_kubeconfig(&kubeconfig, &self.api_url, &token)?;
 
         let log = std::fs::File::create(root.join("gateway.log"))?;
-        let mut child = Command::new(&self.gateway)
+        let gateway = self.gateway.as_ref().context("gateway binary")?;
+        let mut child = Command::new(gateway)
             .arg("--config")
             .arg(&config)
             .env("POD_NAME", &name)
@@ -475,11 +722,19 @@ impl KubeletLoop {
             public: field("public=").context("public addr")?,
             internal: field("internal=").context("internal addr")?,
             ready: false,
+            container_id: None,
         };
         info!(pod = %name, public = %endpoint.public, "kubelet: pod started");
-        Ok(RunningPod { child, endpoint })
+        Ok(RunningPod {
+            workload: Workload::Process(child),
+            endpoint,
+        })
     }
 }
+
+/// How often container mode re-reads a running pod's ConfigMaps and Secrets (a
+/// kubelet's sync is about a minute; shorter here so tests need not wait).
+const VOLUME_REFRESH: Duration = Duration::from_secs(2);
 
 fn write_file(root: &Path, abs: &str, content: &str) -> anyhow::Result<()> {
     let path = root.join(abs.trim_start_matches('/'));

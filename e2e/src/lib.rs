@@ -6,7 +6,9 @@
 //!     │  └── tether-operator (child process, KUBECONFIG) scales the StatefulSet,
 //!     │      writes drain/shed instructions into the pool's status
 //!     └───── Kubelet (task here): for each StatefulSet replica a real `tether-gateway`
-//!            process with the pod's name, namespace, ConfigMap and Secret files; a Pod
+//!            process with the pod's name, namespace, ConfigMap and Secret files (or, in
+//!            container mode, a container from the image run with the pod spec as
+//!            rendered, see [`runtime`] and [`container`]); a Pod
 //!            object whose Ready condition follows /readyz; SIGTERM (then SIGKILL after
 //!            the grace period) for removed ordinals; the StatefulSet's status
 //!            and the pool's client Service: a TCP proxy on one stable loopback address
@@ -26,9 +28,12 @@
 
 mod agents;
 mod cluster;
+pub mod container;
 mod kubelet;
+pub mod podnet;
 pub mod podsim;
 mod pusher;
+pub mod runtime;
 pub mod scale;
 pub mod service_proxy;
 
@@ -38,11 +43,12 @@ use anyhow::bail;
 
 pub use agents::{AgentState, AgentStats, Agents, minter, test_agent_options, token};
 pub use cluster::{
-    Cluster, OPERATOR_SA, chart_operator_rules, install, install_operator_rbac, request_token,
-    spawn_operator, write_token_kubeconfig,
+    Cluster, OPERATOR_SA, Operator, chart_operator_rules, chart_rbac, install,
+    install_operator_rbac, request_token, spawn_operator, write_token_kubeconfig,
 };
 pub use kubelet::{Endpoint, Kubelet, Removal, rewrite_config};
 pub use pusher::Pusher;
+pub use runtime::Runtime;
 /// A free loopback port (bound and released; good enough for a test).
 pub use tether_test_support::free_port;
 /// Polls `f` until it returns `Some`, for at most `timeout`; the error names `what`.

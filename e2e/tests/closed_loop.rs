@@ -99,7 +99,7 @@ fn spread(agents: &Agents, pods: usize) -> (usize, f64) {
 async fn run(s: Scenario) -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     cluster.create_pool(POOL, pool_spec(&s)).await?;
-    let mut operator = cluster.start_operator()?;
+    let mut operator = cluster.start_operator().await?;
     let kubelet = Kubelet::start(&cluster, POOL)?;
     let mut agents = Agents::through(kubelet.service());
     let expected_many =

@@ -99,6 +99,7 @@ async fn stand_in() -> anyhow::Result<(tether_kube_sim::Server, Client, tempfile
 }
 
 fn operator(dir: &tempfile::TempDir) -> anyhow::Result<Child> {
+    println!("e2e runtime: processes (the operator binary; pods simulated by podsim, no kubelet)");
     tether_e2e::spawn_operator(
         &dir.path().join("kubeconfig"),
         &dir.path().join("operator.log"),

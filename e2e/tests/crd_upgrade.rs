@@ -56,6 +56,7 @@ fn properties(crd: &CustomResourceDefinition) -> Vec<String> {
 
 #[tokio::test]
 async fn documented_server_side_apply_upgrades_a_crd_helm_created() {
+    println!("e2e runtime: none (kubectl against the stand-in; no operator, no pods)");
     let sim = Server::start().await.expect("start the stand-in");
     let dir = tempfile::tempdir().unwrap();
     sim.write_kubeconfig(dir.path().join("kubeconfig")).unwrap();

@@ -33,7 +33,7 @@ async fn operator_and_gateway_tokens_hold_exactly_what_they_need() -> anyhow::Re
             .create_pool(pool, json!({"replicas": {"min": 1, "max": 2}}))
             .await?;
     }
-    let mut operator = cluster.start_operator()?;
+    let mut operator = cluster.start_operator().await?;
     let result = async {
         // The operator converges both pools as the chart's service account: every child,
         // the gateways' Role included (which it may grant only because it holds it).

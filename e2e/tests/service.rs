@@ -43,7 +43,7 @@ async fn sdk_agent_follows_the_service_to_another_ready_pod_after_a_drain() -> a
             }),
         )
         .await?;
-    let mut operator = cluster.start_operator()?;
+    let mut operator = cluster.start_operator().await?;
     let kubelet = Kubelet::start(&cluster, POOL)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -174,7 +174,7 @@ async fn sdk_agent_waits_for_the_first_ready_pod_behind_the_service() -> anyhow:
             json!({"replicas": {"min": 1, "max": 1}, "reportIntervalSeconds": 1}),
         )
         .await?;
-    let mut operator = cluster.start_operator()?;
+    let mut operator = cluster.start_operator().await?;
     let session = tokio::time::timeout(PATIENCE, agent.connected()).await;
     agent.close().await;
     kubelet.shutdown().await;

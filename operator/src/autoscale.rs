@@ -710,12 +710,18 @@ pub fn plan(
             .iter()
             .all(|i| ordinal(name, &i.pod).is_some_and(|o| o >= n));
     let mut episode = history.rebalance.clone().filter(|e| e.replicas == n);
+    // Every pod must also be Ready as the kubelet sees it (the StatefulSet's
+    // readyReplicas): a pod that reports itself ready is not yet in the Service's
+    // endpoints until its readiness probe passed (one probe period later), and agents
+    // shed before then come back to the only pods the Service has: the heavy ones.
+    let in_service = status.ready_replicas.is_none_or(|ready| ready >= n);
     if settled && orch.spread_percent > 0 {
         let step = rebalance(
             name,
             &status.instructions,
             &view.live,
             n,
+            in_service,
             &policy,
             &orch,
             episode.take(),
@@ -799,6 +805,7 @@ fn rebalance(
     previous: &[PodInstruction],
     live: &[Live],
     n: i32,
+    in_service: bool,
     policy: &Policy,
     orch: &Orchestration,
     episode: Option<Episode>,
@@ -841,7 +848,8 @@ fn rebalance(
             ..Default::default()
         };
     }
-    let all_reporting = live.len() == n as usize && live.iter().all(|l| l.ready && !l.draining);
+    let all_reporting =
+        in_service && live.len() == n as usize && live.iter().all(|l| l.ready && !l.draining);
     if n < 2 || !all_reporting {
         return RebalanceStep {
             episode,
@@ -1560,6 +1568,28 @@ mod tests {
         let balanced = plan(&p, Some(3), &old_history(), &fresh(&p), t(120));
         assert!(balanced.instructions.is_empty(), "{balanced:?}");
         assert_ne!(balanced.scaling_condition().reason, Reason::Rebalancing);
+    }
+
+    #[test]
+    fn rebalance_waits_until_every_pod_is_ready_for_the_kubelet() {
+        // Just scaled 1 → 3; the new pods report themselves ready, but the StatefulSet
+        // counts one Ready pod: the Service would send shed agents back to p-0.
+        let mut p = pool(
+            &[(0, 270, false), (1, 10, false), (2, 20, false)],
+            vec![],
+            Some(3),
+            100,
+        );
+        p.status.as_mut().unwrap().ready_replicas = Some(1);
+        let waiting = plan(&p, Some(3), &old_history(), &fresh(&p), t(100));
+        assert!(waiting.instructions.is_empty(), "{waiting:?}");
+        assert!(waiting.events.is_empty(), "{waiting:?}");
+
+        // Once the kubelet's probes passed on all three, the round starts.
+        p.status.as_mut().unwrap().ready_replicas = Some(3);
+        let round = plan(&p, Some(3), &old_history(), &fresh(&p), t(101));
+        assert_eq!(round.instructions.len(), 1);
+        assert_eq!(round.instructions[0].shed, Some(170));
     }
 
     #[test]

@@ -5,13 +5,17 @@
 //! a kubeconfig `kubectl` can use. Stops everything on Ctrl-C.
 //!
 //! `TETHER_LOCAL_SERVICE` moves the Service (default `127.0.0.1:8090`; port 0 picks one).
+//!
+//! `--containers` runs the gateway pods and the operator as containers from the images
+//! `scripts/images` built (podman + runc), each pod in its own network namespace with
+//! the pod spec as rendered; the default runs them as host processes.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use serde_json::json;
-use tether_e2e::{API_KEY, Cluster, JWT_SECRET, Kubelet, NS, eventually, token};
+use tether_e2e::{API_KEY, Cluster, JWT_SECRET, Kubelet, NS, Runtime, eventually, token};
 
 const POOL: &str = "demo";
 /// Where the pool's client Service listens unless `TETHER_LOCAL_SERVICE` says otherwise.
@@ -19,12 +23,22 @@ const DEFAULT_SERVICE: &str = "127.0.0.1:8090";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mut runtime = Runtime::from_env()?;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--containers" => runtime = Runtime::Containers,
+            "--processes" => runtime = Runtime::Processes,
+            other => {
+                bail!("unknown argument {other:?} (tether-local [--containers | --processes])")
+            }
+        }
+    }
     let service: SocketAddr = std::env::var("TETHER_LOCAL_SERVICE")
         .unwrap_or_else(|_| DEFAULT_SERVICE.into())
         .parse()
         .context("TETHER_LOCAL_SERVICE must be an address such as 127.0.0.1:8090")?;
-    let cluster = Cluster::start().await?;
-    let mut operator = cluster.start_operator()?;
+    let cluster = Cluster::start_with(runtime).await?;
+    let mut operator = cluster.start_operator().await?;
     cluster
         .create_pool(
             POOL,
@@ -53,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
     let url = kubelet.service_url();
     println!(
         r#"
-Tether is running locally.
+Tether is running locally (pods as {mode}).
 
   export KUBECONFIG={kubeconfig}
   kubectl get connectionpools -n {NS}          # or: kubectl get cpool -n {NS} -w
@@ -77,6 +91,7 @@ Load through the Service (watch `kubectl get cpool -n {NS} -w` scale up, rebalan
 Operator log: {log}
 Ctrl-C stops everything.
 "#,
+        mode = runtime.name(),
         pod = first.pod,
         internal = first.internal,
         token = token("local-agent"),
