@@ -268,7 +268,18 @@ impl TokenVerifier {
                 let mut validation = Validation::new(alg);
                 validation.leeway = config.leeway_seconds;
                 validation.validate_nbf = true;
-                validation.set_required_spec_claims(&["exp", "sub"]);
+                // jsonwebtoken checks `aud` and `iss` only when a token carries them (and
+                // a claim of the wrong type counts as absent): a configured audience or
+                // issuer is therefore also a required claim, else a token minted for
+                // another service with the same key and no `aud` would pass.
+                let mut required = vec!["exp", "sub"];
+                if config.audience.is_some() {
+                    required.push("aud");
+                }
+                if config.issuer.is_some() {
+                    required.push("iss");
+                }
+                validation.set_required_spec_claims(&required);
                 match &config.audience {
                     Some(aud) => validation.set_audience(&[aud]),
                     None => validation.validate_aud = false,
@@ -336,6 +347,12 @@ impl TokenVerifier {
                         ErrorKind::InvalidAudience => {
                             AuthError::Forbidden("token is for another audience".into())
                         }
+                        ErrorKind::InvalidIssuer => {
+                            AuthError::Forbidden("token is from another issuer".into())
+                        }
+                        ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!(
+                            "token lacks the required `{claim}` claim (or it has the wrong type)"
+                        )),
                         // With several public keys, a signature mismatch means "try the next key".
                         _ => AuthError::Invalid(e.to_string()),
                     };
