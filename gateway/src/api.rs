@@ -127,7 +127,9 @@ impl From<RouteError> for ApiError {
         let message = e.to_string();
         match e {
             RouteError::NotConnected => ApiError::NotFound(message),
-            RouteError::Duplicate => ApiError::Conflict(message),
+            RouteError::Duplicate | RouteError::KeyReused(_) | RouteError::AmbiguousId(_) => {
+                ApiError::Conflict(message)
+            }
             RouteError::QueueFull | RouteError::TooManyPending | RouteError::DurableFull(_) => {
                 ApiError::TooManyRequests(message)
             }
@@ -151,6 +153,10 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .route("/v1/groups/{group}/messages", post(send_to_group))
         .route("/v1/broadcast", post(broadcast))
         .route("/v1/messages/{id}", get(message_status))
+        .route(
+            "/v1/agents/{agent}/messages/{id}",
+            get(agent_message_status),
+        )
         .route("/v1/stats", get(stats))
         .route("/admin/drain", post(drain))
         // One byte over the limit is enough to tell "too large" from "exactly at it".
@@ -176,7 +182,9 @@ fn required_scope(method: &http::Method, route: &str) -> Scope {
         }
         (&http::Method::POST, "/v1/agents/{agent}/requests") => Scope::Request,
         // Whoever may push may follow what became of its durable pushes.
-        (&http::Method::GET, "/v1/messages/{id}") => Scope::Push,
+        (&http::Method::GET, "/v1/messages/{id}" | "/v1/agents/{agent}/messages/{id}") => {
+            Scope::Push
+        }
         (&http::Method::GET, "/v1/agents" | "/v1/agents/{agent}" | "/v1/stats") => Scope::Presence,
         // Broadcast, disconnect, drain — and any route added without a decision here.
         _ => Scope::Admin,
@@ -590,12 +598,27 @@ async fn broadcast(
     fan_out(&state, Audience::Everyone, &headers, body).await
 }
 
-/// Where a durable push is: pending, delivered, acknowledged or expired.
+/// Where a durable push is: pending, delivered, acknowledged or expired. The id alone
+/// must name one agent's message (an Idempotency-Key used for several agents: 409,
+/// ask [`agent_message_status`]).
 async fn message_status(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    if !valid_id(&id) {
+    durable_status(&state, None, &id).await
+}
+
+/// Where agent `agent`'s durable push `id` is (idempotency keys are per agent).
+async fn agent_message_status(
+    State(state): State<Arc<AppState>>,
+    Path((agent, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    checked_agent(&agent)?;
+    durable_status(&state, Some(&agent), &id).await
+}
+
+async fn durable_status(state: &AppState, agent: Option<&str>, id: &str) -> ApiResult<Response> {
+    if !valid_id(id) {
         return Err(ApiError::BadRequest(format!(
             "message id must be 1..={MAX_ID_LEN} bytes without control characters"
         )));
@@ -605,7 +628,7 @@ async fn message_status(
             "durable delivery is not configured for this pool (delivery.durable)".into(),
         ));
     }
-    match state.router.durable_status(&id).await? {
+    match state.router.durable_status(agent, id).await? {
         Some(status) => Ok(Json(status).into_response()),
         None => Err(ApiError::NotFound(format!(
             "no durable message with id `{id}`"

@@ -347,9 +347,6 @@ impl TokenVerifier {
                         ErrorKind::InvalidAudience => {
                             AuthError::Forbidden("token is for another audience".into())
                         }
-                        ErrorKind::InvalidIssuer => {
-                            AuthError::Forbidden("token is from another issuer".into())
-                        }
                         ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!(
                             "token lacks the required `{claim}` claim (or it has the wrong type)"
                         )),

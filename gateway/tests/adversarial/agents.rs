@@ -223,7 +223,7 @@ async fn tokens_without_the_configured_audience_or_issuer_are_refused() {
 
     let mut other_iss = good();
     other_iss["iss"] = json!("https://elsewhere.example");
-    assert_eq!(refusal(&url, &sign(&other_iss)).await.0, 403);
+    assert_eq!(refusal(&url, &sign(&other_iss)).await.0, 401);
     let mut other_aud = good();
     other_aud["aud"] = json!("another-service");
     assert_eq!(refusal(&url, &sign(&other_aud)).await.0, 403);
