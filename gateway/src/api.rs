@@ -172,6 +172,14 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .with_state(state)
 }
 
+/// The probe listener's routes (`listen.probes`): health and readiness only.
+pub fn probes(state: Arc<AppState>) -> HttpRouter {
+    HttpRouter::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
 /// The scope a route needs. Reading (presence) and writing to one agent or a group
 /// are a backend's daily work; broadcast, disconnect and drain reach every agent or
 /// the pod itself and need `admin`.

@@ -41,6 +41,9 @@ use crate::validate::SpecError;
 pub const WS_PORT: i32 = 8080;
 /// Port of the push API, admin and health endpoints.
 pub const API_PORT: i32 = 8081;
+/// Port serving only `/healthz` and `/readyz` (the kubelet's probes), with its own
+/// connection cap: clients holding the API port's cap cannot fail the probes.
+pub const PROBE_PORT: i32 = 8082;
 /// NATS client port of a managed NATS.
 pub const NATS_PORT: i32 = 4222;
 /// Where the ConfigMap's `gateway.yaml` is mounted; the gateway gets `--config` with it.
@@ -510,7 +513,10 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
     });
     let config = GatewayConfig {
         tenant: Some(spec.tenant.clone()),
-        listen: Default::default(),
+        listen: tether_config::ListenConfig {
+            probes: Some(format!("0.0.0.0:{PROBE_PORT}")),
+            ..Default::default()
+        },
         limits,
         auth: AuthConfig {
             jwt,
@@ -522,7 +528,10 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
                 let (auth, tls) = nats_settings(pool, &mounts);
                 NatsConfig {
                     url,
-                    namespace: None,
+                    // The bus namespace is the pool's identity (namespace/name), not
+                    // `spec.tenant`: tenants need not be unique, and two pools on one
+                    // bus must never share a subject, bucket, stream or pod registry.
+                    namespace: Some(bus_namespace(pool)),
                     auth,
                     tls,
                 }
@@ -547,6 +556,17 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
         .validate()
         .map_err(|err| SpecError::Config(err.to_string()))?;
     Ok(config)
+}
+
+/// The namespace of a pool's subjects, buckets and streams on its NATS:
+/// `<namespace>/<name>`, unique per pool in the cluster (the gateway encodes it
+/// injectively into one subject token).
+pub fn bus_namespace(pool: &ConnectionPool) -> String {
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_else(|| "default".into()),
+        pool.name_any()
+    )
 }
 
 /// SHA-256 of the rendered configuration, hex.
@@ -766,14 +786,16 @@ fn gateway_stateful_set(
         "ports": [
             {"name": "ws", "containerPort": WS_PORT, "protocol": "TCP"},
             {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
+            {"name": "probes", "containerPort": PROBE_PORT, "protocol": "TCP"},
         ],
         // Readiness turns false while draining, so the Services stop sending new agents.
+        // Probes have their own port (and cap): see `PROBE_PORT`.
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": "api"},
+            "httpGet": {"path": "/readyz", "port": "probes"},
             "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "api"},
+            "httpGet": {"path": "/healthz", "port": "probes"},
             "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "volumeMounts": volume_mounts,

@@ -339,3 +339,27 @@ async fn refreshes_are_verified_and_apply_their_groups() {
     }
     arena.check().await;
 }
+
+/// Issue 21: on a full pod, tokenless and forged upgrades are refused for what they
+/// are (401) and are not scaling demand; only an authenticated agent's refusal (503)
+/// counts in `refused_full`, which the status reporter sends to the operator.
+#[tokio::test]
+async fn anonymous_upgrades_on_a_full_pod_are_not_demand() {
+    let mut arena = Arena::start_with(|c| c.limits.max_connections = 1).await;
+    let url = arena.gw.ws_url();
+    let state = arena.gw.gateway.state().clone();
+    for _ in 0..20 {
+        assert_eq!(refused_status(&url, None).await, 401);
+    }
+    let forged =
+        tether_test_support::hs256(b"not-the-pool-secret-not-the-pool-x", &claims("x", &[], 60));
+    assert_eq!(refused_status(&url, Some(&forged)).await, 401);
+    assert_eq!(state.refused_full.load(Ordering::Relaxed), 0);
+    // A real agent that finds no room is demand.
+    assert_eq!(
+        refused_status(&url, Some(&token("real", &[], 3600))).await,
+        503
+    );
+    assert_eq!(state.refused_full.load(Ordering::Relaxed), 1);
+    arena.check().await;
+}

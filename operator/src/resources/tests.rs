@@ -123,7 +123,11 @@ fn stateful_set_shape() {
         .collect();
     assert_eq!(
         ports,
-        vec![("ws".into(), WS_PORT), ("api".into(), API_PORT)]
+        vec![
+            ("ws".into(), WS_PORT),
+            ("api".into(), API_PORT),
+            ("probes".into(), PROBE_PORT)
+        ]
     );
     let readiness = c
         .readiness_probe
@@ -133,6 +137,11 @@ fn stateful_set_shape() {
         .as_ref()
         .unwrap();
     assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+    // Probes on their own port: a client holding the API port's cap cannot fail them.
+    assert_eq!(
+        readiness.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("probes".into())
+    );
     let liveness = c
         .liveness_probe
         .as_ref()
@@ -405,6 +414,33 @@ fn managed_nats_gets_its_own_server() {
         "nats://acme-nats.tenants.svc:4222"
     );
     assert!(build(&pool("acme")).nats.is_none());
+}
+
+/// Issue 21: two pools with one tenant on one bus are kept apart by the pool's identity
+/// (namespace/name), which the gateway encodes into every subject, bucket and stream.
+#[test]
+fn the_bus_namespace_is_the_pools_namespace_and_name_not_its_tenant() {
+    let a = managed_nats_pool("web-a");
+    let b = managed_nats_pool("web-b");
+    assert_eq!(a.spec.tenant, b.spec.tenant, "one tenant");
+    let ns = |p: &ConnectionPool| {
+        build(p)
+            .config
+            .routing
+            .nats
+            .as_ref()
+            .unwrap()
+            .namespace
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(ns(&a), "tenants/web-a");
+    assert_ne!(ns(&a), ns(&b));
+    // The probe port the rendered probes use is the one the config opens.
+    assert_eq!(
+        build(&a).config.listen.probes.as_deref(),
+        Some(format!("0.0.0.0:{PROBE_PORT}").as_str())
+    );
 }
 
 #[test]
