@@ -275,8 +275,21 @@ async fn read_body(state: &AppState, request: Request) -> ApiResult<Request> {
     }
 }
 
-/// The body, or 413 when it exceeds `limits.maxMessageBytes`.
+/// The body, or 413 when it exceeds `limits.maxMessageBytes` or what the pool's bus
+/// carries (NATS `max_payload` less the envelope: a push must not work to an agent on
+/// this pod and fail to one on another).
 fn checked_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    if let (Ok(body), Some(bus)) = (&body, state.router.max_body_bytes())
+        && body.len() > bus
+        && bus < state.config.limits.max_message_bytes
+    {
+        return Err(ApiError::TooLarge(format!(
+            "body exceeds what the pool's NATS carries ({bus} bytes: its max_payload less \
+             {} bytes of envelope); raise max_payload on the NATS server or lower \
+             limits.maxMessageBytes",
+            crate::nats::router::ENVELOPE_OVERHEAD
+        )));
+    }
     let limit = state.config.limits.max_message_bytes;
     let too_large = || {
         ApiError::TooLarge(format!(

@@ -250,6 +250,13 @@ pub trait Router: Send + Sync + 'static {
         let _ = (conn, id);
         false
     }
+    /// The largest body the router can carry (`None`: no limit below
+    /// `limits.maxMessageBytes`). A bus with a smaller message limit would carry a push
+    /// to an agent on this pod but not one on another pod; the push API refuses larger
+    /// bodies everywhere (413) instead.
+    fn max_body_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Whether the router can route right now (feeds `/readyz`).
     fn ready(&self) -> bool {
         true

@@ -204,6 +204,16 @@ impl Gateway {
             config.limits.max_pending_requests,
         ));
         let router = make_router(hub.clone()).await?;
+        if let Some(bus) = router.max_body_bytes()
+            && bus < config.limits.max_message_bytes
+        {
+            warn!(
+                max_message_bytes = config.limits.max_message_bytes,
+                bus_limit = bus,
+                "limits.maxMessageBytes exceeds what the NATS server carries (max_payload less \
+                 the envelope): larger pushes are refused with 413"
+            );
+        }
         let state = Arc::new(AppState {
             config,
             pod,

@@ -569,6 +569,33 @@ pub fn bus_namespace(pool: &ConnectionPool) -> String {
     )
 }
 
+/// Room a message needs on the bus besides its body (the gateway's
+/// `nats::router::ENVELOPE_OVERHEAD`: call metadata, `push` envelope, headers).
+pub const NATS_ENVELOPE_BYTES: i64 = 8 * 1024;
+
+/// NATS's own default `max_payload`; a managed NATS never carries less.
+const NATS_DEFAULT_MAX_PAYLOAD: i64 = 1024 * 1024;
+
+/// The ConfigMap key of a managed NATS's configuration file.
+pub const NATS_CONFIG_KEY: &str = "nats.conf";
+
+/// Where a managed NATS reads its configuration file.
+const NATS_CONFIG_PATH: &str = "/etc/nats/nats.conf";
+
+/// The `max_payload` a managed NATS needs to carry the pool's largest message with its
+/// envelope (never less than NATS's default).
+pub fn nats_max_payload(pool: &ConnectionPool) -> i64 {
+    (i64::from(pool.spec.limits.max_message_bytes) + NATS_ENVELOPE_BYTES)
+        .max(NATS_DEFAULT_MAX_PAYLOAD)
+}
+
+/// A managed NATS's configuration file (`None`: the pool has no managed NATS). Command
+/// line flags cannot set `max_payload`; the file sets it alone.
+fn nats_config(pool: &ConnectionPool) -> Option<String> {
+    let managed = pool.spec.routing.as_ref()?.nats.managed == Some(true);
+    managed.then(|| format!("max_payload: {}\n", nats_max_payload(pool)))
+}
+
 /// SHA-256 of the rendered configuration, hex.
 pub fn config_hash(yaml: &str) -> String {
     hex::encode(Sha256::digest(yaml.as_bytes()))
@@ -593,7 +620,10 @@ pub fn desired(
         json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": meta(pool, config_map_name(pool), "gateway")?,
-            "data": {"gateway.yaml": yaml},
+            "data": nats_config(pool).map_or_else(
+                || json!({"gateway.yaml": yaml}),
+                |nats| json!({"gateway.yaml": yaml, NATS_CONFIG_KEY: nats}),
+            ),
         }),
     )?;
     let service_account = typed(
@@ -928,6 +958,10 @@ fn managed_nats(
     ]);
     // JetStream holds the agent directory (a key-value bucket).
     let mut args = vec![
+        // `max_payload` from `limits.maxMessageBytes` (file, key `nats.conf` of the
+        // pool's ConfigMap); flags below override nothing in it.
+        json!("--config"),
+        json!(NATS_CONFIG_PATH),
         json!("--jetstream"),
         json!("--store_dir"),
         json!("/data"),
@@ -982,7 +1016,11 @@ fn managed_nats(
                 "serviceName": name,
                 "selector": {"matchLabels": selector},
                 "template": {
-                    "metadata": {"labels": labels(pool, "nats")},
+                    // A new limit rolls the server (it reads the file at start).
+                    "metadata": {
+                        "labels": labels(pool, "nats"),
+                        "annotations": {"tether.dev/nats-max-payload": nats_max_payload(pool).to_string()},
+                    },
                     "spec": {
                         "securityContext": {
                             "runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
@@ -999,14 +1037,23 @@ fn managed_nats(
                             ],
                             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "monitor"}, "periodSeconds": 5},
                             "livenessProbe": {"httpGet": {"path": "/healthz?js-enabled-only=true", "port": "monitor"}, "periodSeconds": 10},
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            "volumeMounts": [
+                                {"name": "data", "mountPath": "/data"},
+                                {"name": "config", "mountPath": "/etc/nats", "readOnly": true},
+                            ],
                             "securityContext": {
                                 "allowPrivilegeEscalation": false,
                                 "readOnlyRootFilesystem": true,
                                 "capabilities": {"drop": ["ALL"]},
                             },
                         }],
-                        "volumes": [{"name": "data", "emptyDir": {}}],
+                        "volumes": [
+                            {"name": "data", "emptyDir": {}},
+                            {"name": "config", "configMap": {
+                                "name": config_map_name(pool),
+                                "items": [{"key": NATS_CONFIG_KEY, "path": "nats.conf"}],
+                            }},
+                        ],
                     },
                 },
             },
@@ -1015,8 +1062,14 @@ fn managed_nats(
     if let Some(claim) = data_volume
         && let Some(spec) = sts.spec.as_mut()
     {
-        if let Some(pod) = spec.template.spec.as_mut() {
-            pod.volumes = None;
+        // The claim template provides `data`; the config file stays a volume.
+        if let Some(volumes) = spec
+            .template
+            .spec
+            .as_mut()
+            .and_then(|pod| pod.volumes.as_mut())
+        {
+            volumes.retain(|v| v.name != "data");
         }
         spec.volume_claim_templates = Some(vec![typed("PersistentVolumeClaim", claim)?]);
     }

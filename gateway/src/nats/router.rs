@@ -160,6 +160,16 @@ pub enum NatsError {
     },
 }
 
+/// Room a message needs on the bus besides its body: the call's metadata (agent id and
+/// message id, JSON-escaped), the `push` envelope around the body, and the headers
+/// (trace context; durable: de-duplication id, message id, digest).
+pub const ENVELOPE_OVERHEAD: usize = 8 * 1024;
+
+/// The largest body a server with `max_payload` carries.
+pub fn body_limit(max_payload: usize) -> usize {
+    max_payload.saturating_sub(ENVELOPE_OVERHEAD)
+}
+
 fn unavailable(what: impl std::fmt::Display) -> RouteError {
     RouteError::Unavailable(what.to_string())
 }
@@ -1190,6 +1200,11 @@ impl Router for NatsRouter {
             .durable
             .as_ref()
             .is_some_and(|durable| durable.acked(conn.id, id))
+    }
+
+    fn max_body_bytes(&self) -> Option<usize> {
+        // The server's announced limit, as of the current connection.
+        Some(body_limit(self.inner.client.server_info().max_payload))
     }
 
     fn ready(&self) -> bool {

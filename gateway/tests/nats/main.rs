@@ -880,3 +880,43 @@ async fn neighbouring_pools_with_one_tenant_do_not_see_each_other() {
     assert_eq!(pods_of("tenants/web-a").await, ["web-a-0", "web-a-1"]);
     assert_eq!(pods_of("tenants/web-b").await, ["web-b-0"]);
 }
+
+/// Issue 21: a bus that carries less than `limits.maxMessageBytes` (an external NATS
+/// with a small `max_payload`): the push API refuses larger bodies on every pod with a
+/// 413 naming the limit, instead of a push that works locally and fails across pods.
+#[tokio::test]
+async fn pushes_larger_than_the_bus_carries_are_refused_with_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 65536\n").unwrap();
+    let nats = Nats::start_with_args(&["-c", conf.to_str().unwrap()]).await;
+    let big = |c: &mut tether_config::GatewayConfig| {
+        c.limits.max_message_bytes = 256 * 1024;
+        c.limits.max_write_buffer_bytes = c.limits.max_write_buffer_bytes.max(256 * 1024);
+    };
+    let (p0, p1) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", big),
+        Pod::start_with(&nats, "gw-1", big)
+    );
+    let mut agent = p1.agent("big", &[]).await;
+    let limit = 65536 - tether_gateway::nats::router::ENVELOPE_OVERHEAD;
+    for pod in [&p0, &p1] {
+        let response = pod
+            .post("/v1/agents/big/messages", json!("x".repeat(100 * 1024)))
+            .await;
+        assert_eq!(response.status(), 413, "{}: local or not", pod.name);
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&limit.to_string()), "{message}");
+        assert!(message.contains("max_payload"), "{message}");
+    }
+    // Just under the bus's limit: delivered across pods.
+    let fits = json!("y".repeat(limit - 2));
+    assert_eq!(
+        p0.post("/v1/agents/big/messages", fits.clone())
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(next_push(&mut agent).await.1, fits);
+}

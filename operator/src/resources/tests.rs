@@ -775,10 +775,102 @@ fn delivery_renders_the_durable_queue_and_sizes_the_managed_nats_volume() {
         .as_ref()
         .unwrap();
     assert_eq!(requests["storage"], Quantity("10Gi".into()));
-    assert!(spec.template.spec.as_ref().unwrap().volumes.is_none());
+    // The claim template is the data volume; only the config file stays a volume.
+    let volumes = spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["config"]
+    );
     let mount = &nats_container(sts).volume_mounts.as_ref().unwrap()[0];
     assert_eq!(
         (mount.name.as_str(), mount.mount_path.as_str()),
         ("data", "/data")
+    );
+}
+
+/// Issue 21: a managed NATS carries the pool's largest message: its `max_payload`
+/// (a config file from the pool's ConfigMap; flags cannot set it) follows
+/// `limits.maxMessageBytes` plus the envelope, and a real nats-server accepts the file.
+#[test]
+fn a_managed_nats_carries_the_pools_largest_message() {
+    let mut p = managed_nats_pool("big");
+    p.spec.limits.max_message_bytes = 4 * 1024 * 1024;
+    let d = build(&p);
+    let conf = d
+        .config_map
+        .data
+        .as_ref()
+        .unwrap()
+        .get(NATS_CONFIG_KEY)
+        .unwrap()
+        .clone();
+    let expected = 4 * 1024 * 1024 + NATS_ENVELOPE_BYTES;
+    assert_eq!(conf, format!("max_payload: {expected}\n"));
+    let (sts, _) = d.nats.as_ref().unwrap();
+    let nats = nats_container(sts);
+    let args = nats.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--config").unwrap();
+    assert_eq!(args[at + 1], "/etc/nats/nats.conf");
+    let mounts = nats.volume_mounts.as_ref().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "config" && m.mount_path == "/etc/nats")
+    );
+    let volumes = template_spec(sts).volumes.as_ref().unwrap();
+    let config = volumes.iter().find(|v| v.name == "config").unwrap();
+    assert_eq!(
+        config.config_map.as_ref().unwrap().name,
+        config_map_name(&p)
+    );
+    // A new limit rolls the server.
+    let annotations = sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        annotations["tether.dev/nats-max-payload"],
+        expected.to_string()
+    );
+    // The real server accepts the rendered file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nats.conf");
+    std::fs::write(&file, &conf).unwrap();
+    let binary = tether_test_support::nats_server_binary().unwrap();
+    let check = std::process::Command::new(binary)
+        .arg("-c")
+        .arg(&file)
+        .arg("-t")
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+
+    // Small limits keep NATS's default (1 MiB); pools without a managed NATS get no file.
+    let small = build(&managed_nats_pool("small"));
+    assert_eq!(
+        small.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY],
+        "max_payload: 1048576\n"
+    );
+    assert!(
+        !build(&pool("plain"))
+            .config_map
+            .data
+            .as_ref()
+            .unwrap()
+            .contains_key(NATS_CONFIG_KEY)
     );
 }
