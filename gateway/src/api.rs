@@ -135,12 +135,22 @@ impl From<RouteError> for ApiError {
             }
             RouteError::Timeout(_) => ApiError::Timeout(message),
             RouteError::AgentGone => ApiError::BadGateway(message),
-            RouteError::Unavailable(_) => ApiError::Unavailable(message),
+            // The detail (pod names, raw NATS errors) goes to the log, not to the caller.
+            RouteError::Unavailable(detail) => {
+                tracing::warn!(%detail, "push API: routing unavailable");
+                ApiError::Unavailable(UNAVAILABLE.into())
+            }
         }
     }
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// The body of every 503 the router causes: fixed, so it names no pod and carries no
+/// NATS error (those are logged).
+pub const UNAVAILABLE: &str = "routing is unavailable right now (the message bus or the \
+     agent's pod did not answer); nothing was delivered or stored: retry, with the same \
+     Idempotency-Key";
 
 /// The internal API's routes.
 pub fn router(state: Arc<AppState>) -> HttpRouter {

@@ -441,11 +441,14 @@ async fn nats_restart_keeps_connections_loses_nothing_accepted_and_recovers() {
             202
         );
         assert_eq!(next_push(&mut local).await.1, json!("local"));
+        let refused = p0.post("/v1/agents/agent-1/messages", json!(0)).await;
+        assert_eq!(refused.status(), 503);
+        // A fixed message: no pod name, no raw NATS error (those are logged).
+        let body: Value = refused.json().await.unwrap();
         assert_eq!(
-            p0.post("/v1/agents/agent-1/messages", json!(0))
-                .await
-                .status(),
-            503
+            body["error"]["message"],
+            tether_gateway::api::UNAVAILABLE,
+            "{body}"
         );
         assert_eq!(p0.post("/v1/broadcast", json!(0)).await.status(), 503);
 
