@@ -781,8 +781,10 @@ async fn serve(inner: Arc<Inner>, mut incoming: impl futures_util::Stream<Item =
         };
         let reply = message.reply.clone();
         match call {
-            // These wait for an agent: off the loop, bounded by the hub's pending limit.
+            // These wait for an agent (bounded by the hub's pending limit), or walk the
+            // whole hub (a listing page): off the loop, so they hold up no other call.
             Call::Request { .. }
+            | Call::List { .. }
             | Call::Push {
                 ack_ms: Some(_), ..
             } => {
