@@ -590,10 +590,27 @@ pub fn nats_max_payload(pool: &ConnectionPool) -> i64 {
 }
 
 /// A managed NATS's configuration file (`None`: the pool has no managed NATS). Command
-/// line flags cannot set `max_payload`; the file sets it alone.
+/// line flags cannot set `max_payload`; and credentials on the command line would be
+/// readable in the process list, so the file names them by environment variable
+/// (`$NATS_TOKEN`, `$NATS_PASSWORD`, filled from the Secret): the ConfigMap holds no
+/// secret and the server's arguments carry none.
 fn nats_config(pool: &ConnectionPool) -> Option<String> {
-    let managed = pool.spec.routing.as_ref()?.nats.managed == Some(true);
-    managed.then(|| format!("max_payload: {}\n", nats_max_payload(pool)))
+    if pool.spec.routing.as_ref()?.nats.managed != Some(true) {
+        return None;
+    }
+    let mut conf = format!("max_payload: {}\n", nats_max_payload(pool));
+    if let Some(auth) = nats_auth(pool).as_ref() {
+        if let (Some(user), Some(_)) = (&auth.user, &auth.password_secret_ref) {
+            // JSON string quoting is valid NATS configuration quoting.
+            let user = serde_json::to_string(user).expect("strings serialize");
+            conf.push_str(&format!(
+                "authorization {{\n  user: {user}\n  password: $NATS_PASSWORD\n}}\n"
+            ));
+        } else if auth.token_secret_ref.is_some() {
+            conf.push_str("authorization {\n  token: $NATS_TOKEN\n}\n");
+        }
+    }
+    Some(conf)
 }
 
 /// SHA-256 of the rendered configuration, hex.
@@ -970,21 +987,15 @@ fn managed_nats(
     ];
     let mut env = vec![];
     // The server requires the pool's credentials from every client: `routing.nats.auth`
-    // or the token the operator generated (the secret reaches it as an env var expanded
-    // in its args, never in the object); CEL admits user + password or a token here.
+    // or the token the operator generated. The secret reaches it as an environment
+    // variable that its configuration file references (`nats_config`), never in the
+    // object nor on its command line; CEL admits user + password or a token here.
     if let Some(auth) = nats_auth(pool).as_ref() {
         let from = |name: &str, source: &SecretKeyRef| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": source.name, "key": source.key}}});
-        if let (Some(user), Some(password)) = (&auth.user, &auth.password_secret_ref) {
+        if let (Some(_), Some(password)) = (&auth.user, &auth.password_secret_ref) {
             env.push(from("NATS_PASSWORD", password));
-            args.extend([
-                json!("--user"),
-                json!(user),
-                json!("--pass"),
-                json!("$(NATS_PASSWORD)"),
-            ]);
         } else if let Some(token) = &auth.token_secret_ref {
             env.push(from("NATS_TOKEN", token));
-            args.extend([json!("--auth"), json!("$(NATS_TOKEN)")]);
         }
     }
     // The directory is a cache the gateways rebuild on reconnect and needs no volume;

@@ -650,11 +650,17 @@ fn a_managed_nats_with_auth_requires_the_pools_credentials() {
     let d = build(&p);
     let (sts, _) = d.nats.as_ref().unwrap();
     let nats = nats_container(sts);
+    // Credentials live in the configuration file by reference, not on the command line.
     let args = nats.args.as_ref().unwrap();
-    let at = args.iter().position(|a| a == "--user").unwrap();
-    assert_eq!(
-        args[at..at + 4],
-        ["--user", "acme", "--pass", "$(NATS_PASSWORD)"]
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("NATS_PASSWORD") || a == "--user")
+    );
+    let conf = &d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY];
+    assert!(
+        conf.contains("authorization {\n  user: \"acme\"\n  password: $NATS_PASSWORD\n}"),
+        "{conf}"
     );
     let env = &nats.env.as_ref().unwrap()[0];
     assert_eq!(env.name, "NATS_PASSWORD");
@@ -683,8 +689,13 @@ fn a_managed_nats_without_auth_never_runs_open() {
     let (sts, _) = d.nats.as_ref().unwrap();
     let nats = nats_container(sts);
     let args = nats.args.as_ref().unwrap();
-    let at = args.iter().position(|a| a == "--auth").unwrap();
-    assert_eq!(args[at + 1], "$(NATS_TOKEN)");
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("NATS_TOKEN") || a == "--auth")
+    );
+    let conf = &d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY];
+    assert!(conf.contains("token: $NATS_TOKEN"), "{conf}");
     let source = nats.env.as_ref().unwrap()[0]
         .value_from
         .as_ref()
@@ -812,7 +823,10 @@ fn a_managed_nats_carries_the_pools_largest_message() {
         .unwrap()
         .clone();
     let expected = 4 * 1024 * 1024 + NATS_ENVELOPE_BYTES;
-    assert_eq!(conf, format!("max_payload: {expected}\n"));
+    assert!(
+        conf.starts_with(&format!("max_payload: {expected}\n")),
+        "{conf}"
+    );
     let (sts, _) = d.nats.as_ref().unwrap();
     let nats = nats_container(sts);
     let args = nats.args.as_ref().unwrap();
@@ -855,15 +869,16 @@ fn a_managed_nats_carries_the_pools_largest_message() {
         .arg("-c")
         .arg(&file)
         .arg("-t")
+        .env("NATS_TOKEN", "token-from-the-secret")
         .output()
         .unwrap();
     assert!(check.status.success(), "{check:?}");
 
     // Small limits keep NATS's default (1 MiB); pools without a managed NATS get no file.
     let small = build(&managed_nats_pool("small"));
-    assert_eq!(
-        small.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY],
-        "max_payload: 1048576\n"
+    assert!(
+        small.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY]
+            .starts_with("max_payload: 1048576\n")
     );
     assert!(
         !build(&pool("plain"))
@@ -873,4 +888,63 @@ fn a_managed_nats_carries_the_pools_largest_message() {
             .unwrap()
             .contains_key(NATS_CONFIG_KEY)
     );
+}
+
+/// Issue 21: the managed NATS's token is not on its command line; a real nats-server
+/// reads it from the environment through the rendered file and refuses a client
+/// without it.
+#[test]
+fn a_real_nats_server_takes_its_token_from_the_rendered_file_and_env() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = build(&managed_nats_pool("acme"));
+    let conf = d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nats.conf");
+    std::fs::write(&file, &conf).unwrap();
+    let port = tether_test_support::free_port();
+    let mut server = std::process::Command::new(tether_test_support::nats_server_binary().unwrap())
+        .args([
+            "-c",
+            file.to_str().unwrap(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("NATS_TOKEN", "s3cret-token-from-the-secret")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let connect = |token: &str| -> String {
+        let stream = (0..200)
+            .find_map(|_| {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .or_else(|| {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        None
+                    })
+            })
+            .expect("nats-server listens");
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut info = String::new();
+        reader.read_line(&mut info).unwrap();
+        assert!(info.contains("\"auth_required\":true"), "{info}");
+        let mut writer = stream;
+        writeln!(
+            writer,
+            "CONNECT {{\"verbose\":true,\"auth_token\":\"{token}\"}}\r\nPING\r"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        answer
+    };
+    let accepted = connect("s3cret-token-from-the-secret");
+    let refused = connect("wrong");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(accepted.starts_with("+OK"), "{accepted}");
+    assert!(refused.contains("Authorization Violation"), "{refused}");
 }
