@@ -974,7 +974,7 @@ fn managed_nats(
         (POOL_LABEL.to_string(), pool.name_any()),
     ]);
     // JetStream holds the agent directory (a key-value bucket).
-    let mut args = vec![
+    let args = vec![
         // `max_payload` from `limits.maxMessageBytes` (file, key `nats.conf` of the
         // pool's ConfigMap); flags below override nothing in it.
         json!("--config"),
