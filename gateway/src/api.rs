@@ -146,12 +146,6 @@ impl From<RouteError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The body of every 503 the router causes: fixed, so it names no pod and carries no
-/// NATS error (those are logged).
-pub const UNAVAILABLE: &str = "routing is unavailable right now (the message bus or the \
-     agent's pod did not answer); nothing was delivered or stored: retry, with the same \
-     Idempotency-Key";
-
 /// The internal API's routes.
 pub fn router(state: Arc<AppState>) -> HttpRouter {
     let limit = state.config.limits.max_message_bytes;
@@ -179,14 +173,6 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(authenticated)
-        .with_state(state)
-}
-
-/// The probe listener's routes (`listen.probes`): health and readiness only.
-pub fn probes(state: Arc<AppState>) -> HttpRouter {
-    HttpRouter::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -743,4 +729,18 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
     } else {
         (StatusCode::OK, "ready")
     }
+}
+
+/// The body of every 503 the router causes: fixed, so it names no pod and carries no
+/// NATS error (those are logged).
+pub const UNAVAILABLE: &str = "routing is unavailable right now (the message bus or the \
+     agent's pod did not answer); nothing was delivered or stored: retry, with the same \
+     Idempotency-Key";
+
+/// The probe listener's routes (`listen.probes`): health and readiness only.
+pub fn probes(state: Arc<AppState>) -> HttpRouter {
+    HttpRouter::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
 }
