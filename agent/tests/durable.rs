@@ -13,7 +13,7 @@ use tether_gateway::Gateway;
 use tether_test_support::{PATIENCE, push_api};
 
 const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key";
+const API_KEY: &str = "integration-key-0123456789";
 
 /// `nats-server -js` on a free loopback port, killed on drop.
 struct Nats {

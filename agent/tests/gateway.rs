@@ -18,7 +18,7 @@ use tether_test_support::push_api;
 use tokio::net::{TcpListener, TcpStream};
 
 const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key";
+const API_KEY: &str = "integration-key-0123456789";
 
 struct Files {
     dir: tempfile::TempDir,

@@ -66,6 +66,12 @@ pub struct ListenConfig {
     pub public: String,
     /// Internal address: the push API, admin and health endpoints.
     pub internal: String,
+    /// Address of a listener serving only `/healthz` and `/readyz`, with its own small
+    /// connection cap, so that clients holding `maxInternalConnections` on the
+    /// internal port cannot fail the kubelet's probes (and get the pod restarted).
+    /// Unset: probes are answered on the internal port only. The operator sets it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes: Option<String>,
     /// Listen backlog. Reconnect storms arrive as bursts of SYNs; a small backlog makes
     /// the kernel drop them and clients wait a full SYN retransmit (1 s) per drop.
     pub backlog: u32,
@@ -89,6 +95,7 @@ impl Default for ListenConfig {
         Self {
             public: "0.0.0.0:8080".into(),
             internal: "0.0.0.0:8081".into(),
+            probes: None,
             backlog: 4096,
             header_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,

@@ -762,6 +762,8 @@ pub fn rewrite_config(text: &str, root: &Path) -> anyhow::Result<String> {
     walk(&mut config, root);
     config["listen"]["public"] = "127.0.0.1:0".into();
     config["listen"]["internal"] = "127.0.0.1:0".into();
+    // Many pods share this host: the rendered probe port (8082) is per pod in a cluster.
+    config["listen"]["probes"] = "127.0.0.1:0".into();
     Ok(serde_yaml::to_string(&config)?)
 }
 

@@ -59,7 +59,7 @@ pub const NS: &str = "tenants";
 /// The agents' HS256 secret (in the pool's JWT Secret).
 pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789abcdef0123456789";
 /// The push API key (in the pool's API-key Secret).
-pub const API_KEY: &str = "e2e-api-key";
+pub const API_KEY: &str = "e2e-api-key-0123456789";
 
 /// A tiny cancellation flag (the harness needs no more than this).
 mod tokio_util_free {

@@ -127,13 +127,19 @@ impl From<RouteError> for ApiError {
         let message = e.to_string();
         match e {
             RouteError::NotConnected => ApiError::NotFound(message),
-            RouteError::Duplicate => ApiError::Conflict(message),
+            RouteError::Duplicate | RouteError::KeyReused(_) | RouteError::AmbiguousId(_) => {
+                ApiError::Conflict(message)
+            }
             RouteError::QueueFull | RouteError::TooManyPending | RouteError::DurableFull(_) => {
                 ApiError::TooManyRequests(message)
             }
             RouteError::Timeout(_) => ApiError::Timeout(message),
             RouteError::AgentGone => ApiError::BadGateway(message),
-            RouteError::Unavailable(_) => ApiError::Unavailable(message),
+            // The detail (pod names, raw NATS errors) goes to the log, not to the caller.
+            RouteError::Unavailable(detail) => {
+                tracing::warn!(%detail, "push API: routing unavailable");
+                ApiError::Unavailable(UNAVAILABLE.into())
+            }
         }
     }
 }
@@ -151,6 +157,10 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .route("/v1/groups/{group}/messages", post(send_to_group))
         .route("/v1/broadcast", post(broadcast))
         .route("/v1/messages/{id}", get(message_status))
+        .route(
+            "/v1/agents/{agent}/messages/{id}",
+            get(agent_message_status),
+        )
         .route("/v1/stats", get(stats))
         .route("/admin/drain", post(drain))
         // One byte over the limit is enough to tell "too large" from "exactly at it".
@@ -176,7 +186,9 @@ fn required_scope(method: &http::Method, route: &str) -> Scope {
         }
         (&http::Method::POST, "/v1/agents/{agent}/requests") => Scope::Request,
         // Whoever may push may follow what became of its durable pushes.
-        (&http::Method::GET, "/v1/messages/{id}") => Scope::Push,
+        (&http::Method::GET, "/v1/messages/{id}" | "/v1/agents/{agent}/messages/{id}") => {
+            Scope::Push
+        }
         (&http::Method::GET, "/v1/agents" | "/v1/agents/{agent}" | "/v1/stats") => Scope::Presence,
         // Broadcast, disconnect, drain — and any route added without a decision here.
         _ => Scope::Admin,
@@ -259,8 +271,21 @@ async fn read_body(state: &AppState, request: Request) -> ApiResult<Request> {
     }
 }
 
-/// The body, or 413 when it exceeds `limits.maxMessageBytes`.
+/// The body, or 413 when it exceeds `limits.maxMessageBytes` or what the pool's bus
+/// carries (NATS `max_payload` less the envelope: a push must not work to an agent on
+/// this pod and fail to one on another).
 fn checked_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    if let (Ok(body), Some(bus)) = (&body, state.router.max_body_bytes())
+        && body.len() > bus
+        && bus < state.config.limits.max_message_bytes
+    {
+        return Err(ApiError::TooLarge(format!(
+            "body exceeds what the pool's NATS carries ({bus} bytes: its max_payload less \
+             {} bytes of envelope); raise max_payload on the NATS server or lower \
+             limits.maxMessageBytes",
+            crate::nats::router::ENVELOPE_OVERHEAD
+        )));
+    }
     let limit = state.config.limits.max_message_bytes;
     let too_large = || {
         ApiError::TooLarge(format!(
@@ -590,12 +615,27 @@ async fn broadcast(
     fan_out(&state, Audience::Everyone, &headers, body).await
 }
 
-/// Where a durable push is: pending, delivered, acknowledged or expired.
+/// Where a durable push is: pending, delivered, acknowledged or expired. The id alone
+/// must name one agent's message (an Idempotency-Key used for several agents: 409,
+/// ask [`agent_message_status`]).
 async fn message_status(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    if !valid_id(&id) {
+    durable_status(&state, None, &id).await
+}
+
+/// Where agent `agent`'s durable push `id` is (idempotency keys are per agent).
+async fn agent_message_status(
+    State(state): State<Arc<AppState>>,
+    Path((agent, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    checked_agent(&agent)?;
+    durable_status(&state, Some(&agent), &id).await
+}
+
+async fn durable_status(state: &AppState, agent: Option<&str>, id: &str) -> ApiResult<Response> {
+    if !valid_id(id) {
         return Err(ApiError::BadRequest(format!(
             "message id must be 1..={MAX_ID_LEN} bytes without control characters"
         )));
@@ -605,7 +645,7 @@ async fn message_status(
             "durable delivery is not configured for this pool (delivery.durable)".into(),
         ));
     }
-    match state.router.durable_status(&id).await? {
+    match state.router.durable_status(agent, id).await? {
         Some(status) => Ok(Json(status).into_response()),
         None => Err(ApiError::NotFound(format!(
             "no durable message with id `{id}`"
@@ -689,4 +729,18 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
     } else {
         (StatusCode::OK, "ready")
     }
+}
+
+/// The body of every 503 the router causes: fixed, so it names no pod and carries no
+/// NATS error (those are logged).
+pub const UNAVAILABLE: &str = "routing is unavailable right now (the message bus or the \
+     agent's pod did not answer); nothing was delivered or stored: retry, with the same \
+     Idempotency-Key";
+
+/// The probe listener's routes (`listen.probes`): health and readiness only.
+pub fn probes(state: Arc<AppState>) -> HttpRouter {
+    HttpRouter::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
 }

@@ -268,7 +268,18 @@ impl TokenVerifier {
                 let mut validation = Validation::new(alg);
                 validation.leeway = config.leeway_seconds;
                 validation.validate_nbf = true;
-                validation.set_required_spec_claims(&["exp", "sub"]);
+                // jsonwebtoken checks `aud` and `iss` only when a token carries them (and
+                // a claim of the wrong type counts as absent): a configured audience or
+                // issuer is therefore also a required claim, else a token minted for
+                // another service with the same key and no `aud` would pass.
+                let mut required = vec!["exp", "sub"];
+                if config.audience.is_some() {
+                    required.push("aud");
+                }
+                if config.issuer.is_some() {
+                    required.push("iss");
+                }
+                validation.set_required_spec_claims(&required);
                 match &config.audience {
                     Some(aud) => validation.set_audience(&[aud]),
                     None => validation.validate_aud = false,
@@ -336,6 +347,9 @@ impl TokenVerifier {
                         ErrorKind::InvalidAudience => {
                             AuthError::Forbidden("token is for another audience".into())
                         }
+                        ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!(
+                            "token lacks the required `{claim}` claim (or it has the wrong type)"
+                        )),
                         // With several public keys, a signature mismatch means "try the next key".
                         _ => AuthError::Invalid(e.to_string()),
                     };
@@ -486,7 +500,18 @@ pub fn valid_name(name: &str, max: usize) -> bool {
 #[derive(Debug)]
 pub struct ApiKeys {
     path: Option<PathBuf>,
-    keys: RwLock<Vec<(Vec<u8>, Scopes)>>,
+    /// SHA-256 of each key: every comparison is of 32 bytes, so its time tells
+    /// nothing about a key's length (a constant-time compare of unequal lengths
+    /// returns early).
+    keys: RwLock<Vec<([u8; 32], Scopes)>>,
+}
+
+/// Shortest API key accepted from a key file, in bytes.
+pub const MIN_API_KEY_LEN: usize = 16;
+
+fn key_hash(key: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).into()
 }
 
 impl ApiKeys {
@@ -508,11 +533,15 @@ impl ApiKeys {
     pub fn scoped(keys: Vec<(String, Scopes)>) -> Self {
         Self {
             path: None,
-            keys: RwLock::new(keys.into_iter().map(|(k, s)| (k.into_bytes(), s)).collect()),
+            keys: RwLock::new(
+                keys.into_iter()
+                    .map(|(k, s)| (key_hash(k.as_bytes()), s))
+                    .collect(),
+            ),
         }
     }
 
-    fn parse(path: &Path) -> Result<Vec<(Vec<u8>, Scopes)>, KeyError> {
+    fn parse(path: &Path) -> Result<Vec<([u8; 32], Scopes)>, KeyError> {
         let text = String::from_utf8(read(path)?)
             .map_err(|_| KeyError::Invalid(format!("{}: not UTF-8", path.display())))?;
         let mut keys = Vec::new();
@@ -530,7 +559,16 @@ impl ApiKeys {
                 ),
                 None => (line, Scopes::ALL),
             };
-            keys.push((key.as_bytes().to_vec(), scopes));
+            if key.len() < MIN_API_KEY_LEN {
+                return Err(KeyError::Invalid(format!(
+                    "{}:{}: an API key needs at least {MIN_API_KEY_LEN} bytes (this one has {}); \
+                     generate one with `openssl rand -hex 24`",
+                    path.display(),
+                    n + 1,
+                    key.len()
+                )));
+            }
+            keys.push((key_hash(key.as_bytes()), scopes));
         }
         if keys.is_empty() {
             return Err(KeyError::Invalid(format!(
@@ -555,13 +593,13 @@ impl ApiKeys {
     /// each in constant time, and the scopes are selected by mask, so timing tells
     /// nothing about which key or prefix matched.
     pub fn verify(&self, presented: &str) -> Option<Scopes> {
-        let presented = presented.as_bytes();
+        let presented = key_hash(presented.as_bytes());
         let (found, scopes) =
             self.keys
                 .read()
                 .iter()
                 .fold((0u8, 0u8), |(found, scopes), (key, key_scopes)| {
-                    let eq = key.as_slice().ct_eq(presented).unwrap_u8();
+                    let eq = key.as_slice().ct_eq(presented.as_slice()).unwrap_u8();
                     // 0xFF when equal, 0 otherwise.
                     let mask = eq.wrapping_neg();
                     (found | eq, scopes | (mask & key_scopes.0))
@@ -796,24 +834,46 @@ mod tests {
     fn api_key_file_skips_comments_and_reloads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys");
-        std::fs::write(&path, "# rotated monthly\nalpha\n\n").unwrap();
+        std::fs::write(&path, "# rotated monthly\nalpha-0123456789ab\n\n").unwrap();
         let keys = ApiKeys::from_file(&path).unwrap();
-        assert_eq!(keys.verify("alpha"), Some(Scopes::ALL));
-        std::fs::write(&path, "beta\n").unwrap();
+        assert_eq!(keys.verify("alpha-0123456789ab"), Some(Scopes::ALL));
+        std::fs::write(&path, "beta-0123456789abcd\n").unwrap();
         keys.reload().unwrap();
-        assert!(keys.verify("beta").is_some() && keys.verify("alpha").is_none());
+        assert!(
+            keys.verify("beta-0123456789abcd").is_some()
+                && keys.verify("alpha-0123456789ab").is_none()
+        );
         std::fs::write(&path, "").unwrap();
         assert!(keys.reload().is_err());
         assert!(
-            keys.verify("beta").is_some(),
+            keys.verify("beta-0123456789abcd").is_some(),
             "an empty file must not lock everyone out"
         );
-        std::fs::write(&path, "gamma push,bogus\n").unwrap();
+        std::fs::write(&path, "gamma-0123456789abc push,bogus\n").unwrap();
         let err = keys.reload().unwrap_err().to_string();
         assert!(err.contains(":1:") && err.contains("bogus"), "{err}");
         assert!(
-            keys.verify("beta").is_some(),
+            keys.verify("beta-0123456789abcd").is_some(),
             "a malformed file keeps the old keys"
+        );
+    }
+
+    #[test]
+    fn short_api_keys_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "# fine\nlong-enough-key-0123\nshort-key push\n").unwrap();
+        let err = ApiKeys::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(":3:") && err.contains("at least 16 bytes") && err.contains("has 9"),
+            "{err}"
+        );
+        std::fs::write(&path, "exactly-16-bytes\n").unwrap();
+        assert!(
+            ApiKeys::from_file(&path)
+                .unwrap()
+                .verify("exactly-16-bytes")
+                .is_some()
         );
     }
 
@@ -821,15 +881,19 @@ mod tests {
     fn api_keys_carry_scopes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys");
-        std::fs::write(&path, "pusher push,request\nops\tadmin, presence\nold\n").unwrap();
+        std::fs::write(
+            &path,
+            "pusher-0123456789 push,request\nops-0123456789abc\tadmin, presence\nold-0123456789abc\n",
+        )
+        .unwrap();
         let keys = ApiKeys::from_file(&path).unwrap();
-        let pusher = keys.verify("pusher").unwrap();
+        let pusher = keys.verify("pusher-0123456789").unwrap();
         assert!(pusher.allows(Scope::Push) && pusher.allows(Scope::Request));
         assert!(!pusher.allows(Scope::Admin) && !pusher.allows(Scope::Presence));
-        let ops = keys.verify("ops").unwrap();
+        let ops = keys.verify("ops-0123456789abc").unwrap();
         assert!(ops.allows(Scope::Admin) && ops.allows(Scope::Presence));
         assert!(!ops.allows(Scope::Push));
-        assert_eq!(keys.verify("old"), Some(Scopes::ALL));
+        assert_eq!(keys.verify("old-0123456789abc"), Some(Scopes::ALL));
     }
 
     #[test]

@@ -66,12 +66,27 @@ pub enum Ended {
 
 impl Ended {
     /// The close code for metrics: ours, the peer's (1005 when it sent none), or 1006.
+    /// A peer picks its code freely: codes outside RFC 6455's registered range and the
+    /// protocol's own are bucketed ([`peer_code_bucket`]) so the label stays bounded.
     pub fn code_label(self) -> i64 {
         match self {
             Self::Closed(code) => i64::from(code.code()),
-            Self::ByPeer(code) => i64::from(code.unwrap_or(1005)),
+            Self::ByPeer(code) => i64::from(peer_code_bucket(code.unwrap_or(1005))),
             Self::Gone => 1006,
         }
+    }
+}
+
+/// A peer's close code as a metric label: RFC 6455's codes (1000–1015) and the
+/// protocol's own stay; any other code of the library range becomes 3000, of the
+/// private range 4000, and anything else 0. At most ~40 distinct values.
+pub fn peer_code_bucket(code: u16) -> u16 {
+    match code {
+        1000..=1015 => code,
+        _ if CloseCode::from_code(code).is_some() => code,
+        3000..=3999 => 3000,
+        4000..=4999 => 4000,
+        _ => 0,
     }
 }
 
@@ -447,6 +462,20 @@ impl<S: Socket> Future for Driver<S> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn peer_close_codes_are_bucketed_into_a_bounded_label() {
+        use super::peer_code_bucket;
+        assert_eq!(peer_code_bucket(1000), 1000);
+        assert_eq!(peer_code_bucket(1011), 1011);
+        assert_eq!(peer_code_bucket(4003), 4003, "the protocol's own code");
+        assert_eq!(peer_code_bucket(3999), 3000);
+        assert_eq!(peer_code_bucket(4777), 4000);
+        assert_eq!(peer_code_bucket(2999), 0);
+        let labels: std::collections::BTreeSet<u16> =
+            (0..=u16::MAX).map(peer_code_bucket).collect();
+        assert!(labels.len() <= 40, "{} labels", labels.len());
+    }
+
     use super::*;
 
     /// The driver is what every idle connection keeps in its task cell: a regression

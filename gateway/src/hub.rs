@@ -603,21 +603,59 @@ impl Hub {
     }
 
     /// A page of connected agents ordered by id, starting after `cursor`.
+    ///
+    /// No global sort: one pass over the index keeps the `limit + 1` smallest ids after
+    /// the cursor in a bounded max-heap (O(n log limit) under the read lock, and memory
+    /// for one page, not for every connection); the page is sorted after the lock is
+    /// released.
     pub fn list(
         &self,
         cursor: Option<&str>,
         limit: usize,
     ) -> (Vec<Arc<Connection>>, Option<String>) {
-        let index = self.index.read();
-        let mut conns: Vec<&Arc<Connection>> = index
-            .agents
-            .iter()
-            .map(|c| &c.0)
-            .filter(|c| cursor.is_none_or(|cursor| &*c.agent_id > cursor))
-            .collect();
-        conns.sort_unstable_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        use std::collections::BinaryHeap;
+        /// Orders connections by agent id for the heap.
+        struct ById(Arc<Connection>);
+        impl PartialEq for ById {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.agent_id == other.0.agent_id
+            }
+        }
+        impl Eq for ById {}
+        impl PartialOrd for ById {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for ById {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.0.agent_id.cmp(&other.0.agent_id)
+            }
+        }
+        let keep = limit.saturating_add(1);
+        let mut heap: BinaryHeap<ById> = BinaryHeap::with_capacity(keep.min(1024));
+        {
+            let index = self.index.read();
+            for conn in index.agents.iter().map(|c| &c.0) {
+                if cursor.is_some_and(|cursor| &*conn.agent_id <= cursor) {
+                    continue;
+                }
+                if heap.len() < keep {
+                    heap.push(ById(conn.clone()));
+                } else if heap
+                    .peek()
+                    .is_some_and(|largest| conn.agent_id < largest.0.agent_id)
+                {
+                    heap.pop();
+                    heap.push(ById(conn.clone()));
+                }
+            }
+        }
+        let mut conns: Vec<Arc<Connection>> =
+            heap.into_sorted_vec().into_iter().map(|c| c.0).collect();
         let more = conns.len() > limit;
-        let page: Vec<Arc<Connection>> = conns.into_iter().take(limit).cloned().collect();
+        conns.truncate(limit);
+        let page = conns;
         let next = more
             .then(|| page.last().map(|c| c.agent_id.to_string()))
             .flatten();
@@ -908,5 +946,32 @@ mod tests {
         let (page, next) = hub.list(next.as_deref(), 3);
         assert_eq!(page.len(), 1);
         assert_eq!(next, None);
+    }
+
+    #[test]
+    fn listing_pages_through_many_agents_in_order_without_gaps() {
+        let hub = Hub::new(8, 8);
+        let mut names: Vec<String> = (0..257)
+            .map(|i| format!("agent-{:05}", (i * 7919) % 1000))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            hub.register(&Connection::new(i as u64, name, vec![], u64::MAX));
+        }
+        names.sort();
+        names.dedup();
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = hub.list(cursor.as_deref(), 10);
+            assert!(page.len() <= 10);
+            seen.extend(page.iter().map(|c| c.agent_id.to_string()));
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, names);
+        assert_eq!(hub.list(None, 1000).0.len(), names.len());
+        assert!(hub.list(None, 0).0.is_empty());
     }
 }

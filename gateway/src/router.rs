@@ -42,6 +42,19 @@ pub enum RouteError {
     /// stored.
     #[error("{0}")]
     DurableFull(String),
+    /// A durable push reused an Idempotency-Key this agent already used, within the
+    /// duplicate window, with another body (409): nothing was stored.
+    #[error(
+        "Idempotency-Key `{0}` was already used for this agent with a different body; \
+         a retry must repeat the same body, a new message needs a new key"
+    )]
+    KeyReused(String),
+    /// `GET /v1/messages/{id}` names an id several agents' messages share (409).
+    #[error(
+        "several agents have a durable message with id `{0}`; ask \
+         GET /v1/agents/{{agent}}/messages/{{id}}"
+    )]
+    AmbiguousId(String),
     /// The bus or the agent's pod cannot be reached right now (503). Nothing was
     /// delivered; the caller may retry.
     #[error("routing unavailable: {0}")]
@@ -104,7 +117,7 @@ pub struct ExpiredMessage {
     pub sequence: u64,
 }
 
-/// The answer of `GET /v1/messages/{id}`.
+/// The answer of `GET /v1/messages/{id}` and `GET /v1/agents/{agent}/messages/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MessageStatus {
     /// Message id.
@@ -193,10 +206,15 @@ pub trait Router: Send + Sync + 'static {
             "durable delivery needs routing.nats and delivery.durable".into(),
         ))
     }
-    /// Where durable message `id` is; `None` when no such message is known (never
-    /// stored, or its record outlived `delivery.durable.statusRetentionSeconds`).
-    async fn durable_status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
-        let _ = id;
+    /// Where durable message `id` (of `agent`, or of the one agent that has a message
+    /// with this id) is; `None` when no such message is known (never stored, or its
+    /// record outlived `delivery.durable.statusRetentionSeconds`).
+    async fn durable_status(
+        &self,
+        agent: Option<&str>,
+        id: &str,
+    ) -> Result<Option<MessageStatus>, RouteError> {
+        let _ = (agent, id);
         Err(RouteError::Unavailable(
             "durable delivery needs routing.nats and delivery.durable".into(),
         ))
@@ -231,6 +249,13 @@ pub trait Router: Send + Sync + 'static {
     fn acked(&self, conn: &Arc<Connection>, id: &str) -> bool {
         let _ = (conn, id);
         false
+    }
+    /// The largest body the router can carry (`None`: no limit below
+    /// `limits.maxMessageBytes`). A bus with a smaller message limit would carry a push
+    /// to an agent on this pod but not one on another pod; the push API refuses larger
+    /// bodies everywhere (413) instead.
+    fn max_body_bytes(&self) -> Option<usize> {
+        None
     }
     /// Whether the router can route right now (feeds `/readyz`).
     fn ready(&self) -> bool {

@@ -70,6 +70,7 @@ pub type RouterFactory = Box<
 pub struct Gateway {
     public_addr: SocketAddr,
     internal_addr: SocketAddr,
+    probes_addr: Option<SocketAddr>,
     state: Arc<AppState>,
     done: JoinHandle<()>,
 }
@@ -186,11 +187,33 @@ impl Gateway {
             addr: config.listen.internal.clone(),
             source,
         })?;
+        let probes = match &config.listen.probes {
+            Some(addr) => {
+                let listener = listen(addr, config.listen.backlog)?;
+                let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
+        let probes_addr = probes.as_ref().map(|(_, addr)| *addr);
         let hub = Arc::new(Hub::new(
             config.limits.outbound_queue,
             config.limits.max_pending_requests,
         ));
         let router = make_router(hub.clone()).await?;
+        if let Some(bus) = router.max_body_bytes()
+            && bus < config.limits.max_message_bytes
+        {
+            warn!(
+                max_message_bytes = config.limits.max_message_bytes,
+                bus_limit = bus,
+                "limits.maxMessageBytes exceeds what the NATS server carries (max_payload less \
+                 the envelope): larger pushes are refused with 413"
+            );
+        }
         let state = Arc::new(AppState {
             config,
             pod,
@@ -207,10 +230,16 @@ impl Gateway {
             drain_requested: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        let done = tokio::spawn(run(state.clone(), public, internal));
+        let done = tokio::spawn(run(
+            state.clone(),
+            public,
+            internal,
+            probes.map(|(listener, _)| listener),
+        ));
         Ok(Self {
             public_addr,
             internal_addr,
+            probes_addr,
             state,
             done,
         })
@@ -224,6 +253,11 @@ impl Gateway {
     /// Where the push API listens.
     pub fn internal_addr(&self) -> SocketAddr {
         self.internal_addr
+    }
+
+    /// Where the probe listener (`/healthz`, `/readyz` only) listens, if configured.
+    pub fn probes_addr(&self) -> Option<SocketAddr> {
+        self.probes_addr
     }
 
     /// The shared state (connection counts, hub) for status reporting and tests.
@@ -244,7 +278,12 @@ impl Gateway {
     }
 }
 
-async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
+async fn run(
+    state: Arc<AppState>,
+    public: TcpListener,
+    internal: TcpListener,
+    probes: Option<TcpListener>,
+) {
     let stop_accepting = CancellationToken::new();
     let stop_internal = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(state.clone(), public, stop_accepting.clone()));
@@ -252,7 +291,20 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
         state.clone(),
         internal,
         stop_internal.clone(),
+        crate::api::router(state.clone()),
+        state.config.listen.max_internal_connections,
     ));
+    // Probes keep answering through the drain (readiness says "draining") until the
+    // internal port stops too.
+    let probe_server = probes.map(|listener| {
+        tokio::spawn(serve_internal(
+            state.clone(),
+            listener,
+            stop_internal.clone(),
+            crate::api::probes(state.clone()),
+            PROBE_CONNECTIONS,
+        ))
+    });
     let reload_keys = tokio::spawn(reload_keys(state.clone()));
     let liveness = tokio::spawn(crate::liveness::sweep(
         state.hub.clone(),
@@ -280,6 +332,9 @@ async fn run(state: Arc<AppState>, public: TcpListener, internal: TcpListener) {
     }
     stop_internal.cancel();
     let _ = internal_server.await;
+    if let Some(probe_server) = probe_server {
+        let _ = probe_server.await;
+    }
     if let Some(status) = status {
         status.shutdown(Duration::from_secs(5)).await;
     }
@@ -385,13 +440,23 @@ async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<TcpS
     }
 }
 
-/// The internal port: the push API, admin and health. Not `axum::serve`: that sets no
-/// header deadline, caps nothing, and its graceful shutdown waits for every connection
-/// — a neighbour's half-sent request would hold the process forever.
-async fn serve_internal(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
-    let app = crate::api::router(state.clone());
+/// Concurrent connections on the probe listener: a kubelet needs one or two; the cap
+/// is its own, so the internal port's clients cannot use it up.
+const PROBE_CONNECTIONS: usize = 64;
+
+/// The internal port (the push API, admin and health) and the probe port. Not
+/// `axum::serve`: that sets no header deadline, caps nothing, and its graceful shutdown
+/// waits for every connection — a neighbour's half-sent request would hold the process
+/// forever.
+async fn serve_internal(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    app: axum::Router,
+    cap: usize,
+) {
     let builder = http1_builder(&state.config.listen);
-    let slots = Arc::new(Semaphore::new(state.config.listen.max_internal_connections));
+    let slots = Arc::new(Semaphore::new(cap));
     let connections = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     while let Some(stream) = accept(&listener, &stop).await {

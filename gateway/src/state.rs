@@ -70,7 +70,9 @@ impl AppState {
         self.shedding.load(Ordering::Acquire)
     }
 
-    /// Reserves a connection slot; `None` when the pod is full.
+    /// Reserves a connection slot; `None` when the pod is full. A refusal is not
+    /// counted here: only an agent that could have connected is demand
+    /// ([`AppState::refused_for_capacity`]), not an anonymous or forged handshake.
     pub fn admit(self: &Arc<Self>) -> Option<Admission> {
         let max = self.config.limits.max_connections;
         let admitted = self
@@ -78,12 +80,15 @@ impl AppState {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             });
-        if admitted.is_err() {
-            self.refused_full.fetch_add(1, Ordering::Relaxed);
-        }
         admitted.ok().map(|_| Admission {
             state: Some(self.clone()),
         })
+    }
+
+    /// An authenticated agent was refused because the pod is full: demand the pool
+    /// could not serve (the status reporter sends its increase).
+    pub fn refused_for_capacity(&self) {
+        self.refused_full.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Releases a slot that [`Admission::into_session`] handed over.

@@ -236,13 +236,10 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
             ApiError::Unavailable("gateway is rebalancing; connect again".into()),
         );
     }
-    let Some(admission) = state.admit() else {
-        return refuse(
-            &state,
-            "full",
-            ApiError::Unavailable("gateway is at its connection limit".into()),
-        );
-    };
+    // A refusal for capacity counts as demand only once the token is valid: tokenless
+    // or forged upgrades on a full pod must not push the pool toward `replicas.max`
+    // (they get their 401/403 instead of the 503).
+    let admission = state.admit();
     let identity = match bearer_token(&req)
         .ok_or(AuthError::Missing)
         .and_then(|token| state.verifier.verify(&token))
@@ -258,6 +255,14 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
             debug!(%e, "handshake refused");
             return refuse(&state, "unauthorized", ApiError::from(e));
         }
+    };
+    let Some(admission) = admission else {
+        state.refused_for_capacity();
+        return refuse(
+            &state,
+            "full",
+            ApiError::Unavailable("gateway is at its connection limit".into()),
+        );
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_state = state.clone();

@@ -41,6 +41,9 @@ use crate::validate::SpecError;
 pub const WS_PORT: i32 = 8080;
 /// Port of the push API, admin and health endpoints.
 pub const API_PORT: i32 = 8081;
+/// Port serving only `/healthz` and `/readyz` (the kubelet's probes), with its own
+/// connection cap: clients holding the API port's cap cannot fail the probes.
+pub const PROBE_PORT: i32 = 8082;
 /// NATS client port of a managed NATS.
 pub const NATS_PORT: i32 = 4222;
 /// Where the ConfigMap's `gateway.yaml` is mounted; the gateway gets `--config` with it.
@@ -510,7 +513,10 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
     });
     let config = GatewayConfig {
         tenant: Some(spec.tenant.clone()),
-        listen: Default::default(),
+        listen: tether_config::ListenConfig {
+            probes: Some(format!("0.0.0.0:{PROBE_PORT}")),
+            ..Default::default()
+        },
         limits,
         auth: AuthConfig {
             jwt,
@@ -522,7 +528,10 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
                 let (auth, tls) = nats_settings(pool, &mounts);
                 NatsConfig {
                     url,
-                    namespace: None,
+                    // The bus namespace is the pool's identity (namespace/name), not
+                    // `spec.tenant`: tenants need not be unique, and two pools on one
+                    // bus must never share a subject, bucket, stream or pod registry.
+                    namespace: Some(bus_namespace(pool)),
                     auth,
                     tls,
                 }
@@ -549,6 +558,61 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
     Ok(config)
 }
 
+/// The namespace of a pool's subjects, buckets and streams on its NATS:
+/// `<namespace>/<name>`, unique per pool in the cluster (the gateway encodes it
+/// injectively into one subject token).
+pub fn bus_namespace(pool: &ConnectionPool) -> String {
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_else(|| "default".into()),
+        pool.name_any()
+    )
+}
+
+/// Room a message needs on the bus besides its body (the gateway's
+/// `nats::router::ENVELOPE_OVERHEAD`: call metadata, `push` envelope, headers).
+pub const NATS_ENVELOPE_BYTES: i64 = 8 * 1024;
+
+/// NATS's own default `max_payload`; a managed NATS never carries less.
+const NATS_DEFAULT_MAX_PAYLOAD: i64 = 1024 * 1024;
+
+/// The ConfigMap key of a managed NATS's configuration file.
+pub const NATS_CONFIG_KEY: &str = "nats.conf";
+
+/// Where a managed NATS reads its configuration file.
+const NATS_CONFIG_PATH: &str = "/etc/nats/nats.conf";
+
+/// The `max_payload` a managed NATS needs to carry the pool's largest message with its
+/// envelope (never less than NATS's default).
+pub fn nats_max_payload(pool: &ConnectionPool) -> i64 {
+    (i64::from(pool.spec.limits.max_message_bytes) + NATS_ENVELOPE_BYTES)
+        .max(NATS_DEFAULT_MAX_PAYLOAD)
+}
+
+/// A managed NATS's configuration file (`None`: the pool has no managed NATS). Command
+/// line flags cannot set `max_payload`; and credentials on the command line would be
+/// readable in the process list, so the file names them by environment variable
+/// (`$NATS_TOKEN`, `$NATS_PASSWORD`, filled from the Secret): the ConfigMap holds no
+/// secret and the server's arguments carry none.
+fn nats_config(pool: &ConnectionPool) -> Option<String> {
+    if pool.spec.routing.as_ref()?.nats.managed != Some(true) {
+        return None;
+    }
+    let mut conf = format!("max_payload: {}\n", nats_max_payload(pool));
+    if let Some(auth) = nats_auth(pool).as_ref() {
+        if let (Some(user), Some(_)) = (&auth.user, &auth.password_secret_ref) {
+            // JSON string quoting is valid NATS configuration quoting.
+            let user = serde_json::to_string(user).expect("strings serialize");
+            conf.push_str(&format!(
+                "authorization {{\n  user: {user}\n  password: $NATS_PASSWORD\n}}\n"
+            ));
+        } else if auth.token_secret_ref.is_some() {
+            conf.push_str("authorization {\n  token: $NATS_TOKEN\n}\n");
+        }
+    }
+    Some(conf)
+}
+
 /// SHA-256 of the rendered configuration, hex.
 pub fn config_hash(yaml: &str) -> String {
     hex::encode(Sha256::digest(yaml.as_bytes()))
@@ -573,7 +637,10 @@ pub fn desired(
         json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": meta(pool, config_map_name(pool), "gateway")?,
-            "data": {"gateway.yaml": yaml},
+            "data": nats_config(pool).map_or_else(
+                || json!({"gateway.yaml": yaml}),
+                |nats| json!({"gateway.yaml": yaml, NATS_CONFIG_KEY: nats}),
+            ),
         }),
     )?;
     let service_account = typed(
@@ -766,14 +833,16 @@ fn gateway_stateful_set(
         "ports": [
             {"name": "ws", "containerPort": WS_PORT, "protocol": "TCP"},
             {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
+            {"name": "probes", "containerPort": PROBE_PORT, "protocol": "TCP"},
         ],
         // Readiness turns false while draining, so the Services stop sending new agents.
+        // Probes have their own port (and cap): see `PROBE_PORT`.
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": "api"},
+            "httpGet": {"path": "/readyz", "port": "probes"},
             "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "api"},
+            "httpGet": {"path": "/healthz", "port": "probes"},
             "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "volumeMounts": volume_mounts,
@@ -905,7 +974,11 @@ fn managed_nats(
         (POOL_LABEL.to_string(), pool.name_any()),
     ]);
     // JetStream holds the agent directory (a key-value bucket).
-    let mut args = vec![
+    let args = vec![
+        // `max_payload` from `limits.maxMessageBytes` (file, key `nats.conf` of the
+        // pool's ConfigMap); flags below override nothing in it.
+        json!("--config"),
+        json!(NATS_CONFIG_PATH),
         json!("--jetstream"),
         json!("--store_dir"),
         json!("/data"),
@@ -914,21 +987,15 @@ fn managed_nats(
     ];
     let mut env = vec![];
     // The server requires the pool's credentials from every client: `routing.nats.auth`
-    // or the token the operator generated (the secret reaches it as an env var expanded
-    // in its args, never in the object); CEL admits user + password or a token here.
+    // or the token the operator generated. The secret reaches it as an environment
+    // variable that its configuration file references (`nats_config`), never in the
+    // object nor on its command line; CEL admits user + password or a token here.
     if let Some(auth) = nats_auth(pool).as_ref() {
         let from = |name: &str, source: &SecretKeyRef| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": source.name, "key": source.key}}});
-        if let (Some(user), Some(password)) = (&auth.user, &auth.password_secret_ref) {
+        if let (Some(_), Some(password)) = (&auth.user, &auth.password_secret_ref) {
             env.push(from("NATS_PASSWORD", password));
-            args.extend([
-                json!("--user"),
-                json!(user),
-                json!("--pass"),
-                json!("$(NATS_PASSWORD)"),
-            ]);
         } else if let Some(token) = &auth.token_secret_ref {
             env.push(from("NATS_TOKEN", token));
-            args.extend([json!("--auth"), json!("$(NATS_TOKEN)")]);
         }
     }
     // The directory is a cache the gateways rebuild on reconnect and needs no volume;
@@ -960,7 +1027,11 @@ fn managed_nats(
                 "serviceName": name,
                 "selector": {"matchLabels": selector},
                 "template": {
-                    "metadata": {"labels": labels(pool, "nats")},
+                    // A new limit rolls the server (it reads the file at start).
+                    "metadata": {
+                        "labels": labels(pool, "nats"),
+                        "annotations": {"tether.dev/nats-max-payload": nats_max_payload(pool).to_string()},
+                    },
                     "spec": {
                         "securityContext": {
                             "runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
@@ -977,14 +1048,23 @@ fn managed_nats(
                             ],
                             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "monitor"}, "periodSeconds": 5},
                             "livenessProbe": {"httpGet": {"path": "/healthz?js-enabled-only=true", "port": "monitor"}, "periodSeconds": 10},
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            "volumeMounts": [
+                                {"name": "data", "mountPath": "/data"},
+                                {"name": "config", "mountPath": "/etc/nats", "readOnly": true},
+                            ],
                             "securityContext": {
                                 "allowPrivilegeEscalation": false,
                                 "readOnlyRootFilesystem": true,
                                 "capabilities": {"drop": ["ALL"]},
                             },
                         }],
-                        "volumes": [{"name": "data", "emptyDir": {}}],
+                        "volumes": [
+                            {"name": "data", "emptyDir": {}},
+                            {"name": "config", "configMap": {
+                                "name": config_map_name(pool),
+                                "items": [{"key": NATS_CONFIG_KEY, "path": "nats.conf"}],
+                            }},
+                        ],
                     },
                 },
             },
@@ -993,8 +1073,14 @@ fn managed_nats(
     if let Some(claim) = data_volume
         && let Some(spec) = sts.spec.as_mut()
     {
-        if let Some(pod) = spec.template.spec.as_mut() {
-            pod.volumes = None;
+        // The claim template provides `data`; the config file stays a volume.
+        if let Some(volumes) = spec
+            .template
+            .spec
+            .as_mut()
+            .and_then(|pod| pod.volumes.as_mut())
+        {
+            volumes.retain(|v| v.name != "data");
         }
         spec.volume_claim_templates = Some(vec![typed("PersistentVolumeClaim", claim)?]);
     }

@@ -36,9 +36,18 @@ use crate::hub::unix_now_ms;
 use crate::hub::{Connection, DeliveryError, Hub};
 use crate::router::{DurableState, ExpiredMessage, MessageStatus, RouteError};
 
-/// The header that carries a durable message's id (JetStream de-duplicates on it
-/// within the stream's duplicate window, so a retried push is stored once).
+/// The header JetStream de-duplicates on within the stream's duplicate window (a
+/// retried push is stored once): agent and message id together
+/// ([`Subjects::durable_msg_id`]), so one Idempotency-Key used for two agents stores
+/// two messages.
 const MSG_ID: &str = "Nats-Msg-Id";
+
+/// The header that carries the message id as the caller and the agent know it.
+const TETHER_ID: &str = "Tether-Id";
+
+/// The header that carries a digest of the stored frame: a retry with the same key
+/// and another body is a conflict (409), not a duplicate.
+const DIGEST: &str = "Tether-Digest";
 
 /// How long a drain task waits on a silent agent before it checks its connection again.
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
@@ -57,6 +66,13 @@ const AGE_SAFETY_MARGIN: Duration = Duration::from_secs(3600);
 pub struct DurableError {
     stream: String,
     message: String,
+}
+
+/// Hex SHA-256 of a stored frame (it holds the id and the body).
+pub fn digest(frame: &[u8]) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(frame);
+    hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Where a durable push was stored.
@@ -106,6 +122,9 @@ pub struct Record {
     pub state: DurableState,
     /// Unix milliseconds of the change.
     pub at_ms: u64,
+    /// Digest of the stored frame ([`digest`]): tells a retry from a reused key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// The state a record stands for, given whether its message is still stored. Pure.
@@ -160,8 +179,10 @@ struct Shared {
     js: jetstream::Context,
     /// A handle (no server state behind it) for message gets and purges.
     stream: stream::Stream<()>,
-    /// Message id → status record.
+    /// (agent, message id) → status record.
     status: kv::Store,
+    /// The status bucket's stream (looking a message up by id alone).
+    status_stream: stream::Stream<()>,
     /// `$KV.<bucket>.` (records of deliveries are published without waiting).
     status_prefix: String,
     client: async_nats::Client,
@@ -188,10 +209,30 @@ struct Drain {
 #[derive(Default)]
 struct DrainState {
     acks: Vec<String>,
+    /// Ids written to the connection and not yet acknowledged, with their count (an
+    /// id reused after the duplicate window may be in flight twice).
+    outstanding: HashMap<String, u32>,
     /// Something was stored since the task last looked.
     kicked: bool,
     /// The connection ended.
     stopped: bool,
+}
+
+impl DrainState {
+    /// Counts one ack of `id` against what was written; `false` if none is owed.
+    fn take_outstanding(&mut self, id: &str) -> bool {
+        match self.outstanding.get_mut(id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                self.outstanding.remove(id);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl Durable {
@@ -232,11 +273,16 @@ impl Durable {
             .get_key_value(&bucket)
             .await
             .map_err(|e| status_error(&e))?;
+        let status_stream = js
+            .get_stream_no_info(format!("KV_{bucket}"))
+            .await
+            .map_err(|e| status_error(&e))?;
         Ok(Self {
             shared: Arc::new(Shared {
                 js,
                 stream,
                 status,
+                status_stream,
                 status_prefix: format!("$KV.{bucket}."),
                 client,
                 stream_name,
@@ -252,9 +298,16 @@ impl Durable {
 
     /// Stores a push for `agent`. Returns once JetStream acknowledged it (file storage,
     /// every replica): from then on a gateway or NATS crash does not lose it.
+    ///
+    /// A push with an id this agent already used within the duplicate window is stored
+    /// once (`duplicate`) when its frame is the same, and refused
+    /// ([`RouteError::KeyReused`]) when it differs.
     pub async fn store(&self, agent: &str, id: &str, frame: Bytes) -> Result<Stored, RouteError> {
+        let digest = digest(&frame);
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(MSG_ID, id);
+        headers.insert(MSG_ID, Subjects::durable_msg_id(agent, id).as_str());
+        headers.insert(TETHER_ID, id);
+        headers.insert(DIGEST, digest.as_str());
         let subject = self.shared.subjects.durable(agent);
         let publish = self
             .shared
@@ -263,8 +316,19 @@ impl Durable {
             .await
             .map_err(store_error)?;
         let ack = publish.await.map_err(store_error)?;
-        if !ack.duplicate {
-            self.shared.record_stored(agent, id, ack.sequence).await;
+        if ack.duplicate {
+            // Only a duplicate costs a look: the stored message (or, once it is
+            // gone, its record) says which body the key was first used with.
+            match self.shared.stored_digest(agent, id, ack.sequence).await? {
+                Some(stored) if stored != digest => {
+                    return Err(RouteError::KeyReused(id.to_owned()));
+                }
+                _ => {}
+            }
+        } else {
+            self.shared
+                .record_stored(agent, id, ack.sequence, &digest)
+                .await;
         }
         Ok(Stored {
             sequence: ack.sequence,
@@ -312,17 +376,17 @@ impl Durable {
         tokio::spawn(drain_task(self.shared.clone(), conn.clone(), drain));
     }
 
-    /// The agent acknowledged message `id` on connection `conn`; `false` when no
-    /// durable delivery waits on that connection.
+    /// The agent acknowledged message `id` on connection `conn`; `false` unless a
+    /// durable message with that id was written to that connection and not yet
+    /// acknowledged. Only those acks are free of the message rate: an agent cannot
+    /// owe more acks than the messages it was sent, and any other ack is charged
+    /// like any other message.
     pub fn acked(&self, conn: u64, id: &str) -> bool {
         let Some(drain) = self.shared.drains.lock().get(&conn).cloned() else {
             return false;
         };
-        // At most a window's worth waits for the task: an agent cannot owe more acks
-        // than the messages it was sent, and anything beyond is not taken (and so is
-        // charged to its message rate like any other message).
         let mut state = drain.state.lock();
-        if state.acks.len() >= self.shared.in_flight {
+        if !state.take_outstanding(id) {
             return false;
         }
         state.acks.push(id.to_owned());
@@ -340,13 +404,43 @@ impl Durable {
         }
     }
 
-    /// Where message `id` is (`None`: unknown).
-    pub async fn status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
+    /// Where agent `agent`'s message `id` is (`None`: unknown). Without an agent, the
+    /// id must name one agent's message ([`RouteError::AmbiguousId`] otherwise): one
+    /// stream-info call lists the agents' records with that id.
+    pub async fn status(
+        &self,
+        agent: Option<&str>,
+        id: &str,
+    ) -> Result<Option<MessageStatus>, RouteError> {
         let unavailable = |e: &dyn std::fmt::Display| RouteError::Unavailable(e.to_string());
+        let key = match agent {
+            Some(agent) => Subjects::message_key(agent, id),
+            None => {
+                use futures_util::TryStreamExt;
+                let subjects = &self.shared.subjects;
+                let mut found = self
+                    .shared
+                    .status_stream
+                    .info_with_subjects(subjects.message_subjects_of_id(id))
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                let mut keys = Vec::new();
+                while let Some((subject, _)) =
+                    found.try_next().await.map_err(|e| unavailable(&e))?
+                {
+                    keys.extend(subjects.message_key_of_subject(&subject));
+                }
+                match keys.len() {
+                    0 => return Ok(None),
+                    1 => keys.remove(0),
+                    _ => return Err(RouteError::AmbiguousId(id.to_owned())),
+                }
+            }
+        };
         let Some(value) = self
             .shared
             .status
-            .get(Subjects::message_key(id))
+            .get(key)
             .await
             .map_err(|e| unavailable(&e))?
         else {
@@ -423,11 +517,16 @@ impl Durable {
 
     /// Records `expired` and removes the message.
     pub async fn expire(&self, expired: &ExpiredMessage) -> Result<(), RouteError> {
-        let value = Shared::record(&expired.agent, expired.sequence, DurableState::Expired);
+        let value = Shared::record(
+            &expired.agent,
+            expired.sequence,
+            DurableState::Expired,
+            None,
+        );
         if let Err(e) = self
             .shared
             .status
-            .put(Subjects::message_key(&expired.id), value)
+            .put(Subjects::message_key(&expired.agent, &expired.id), value)
             .await
         {
             debug!(%e, id = %expired.id, "expiry record not written");
@@ -471,17 +570,23 @@ fn store_error(e: impl std::fmt::Display) -> RouteError {
 struct Fetched {
     sequence: u64,
     id: String,
+    digest: Option<String>,
     /// Older than `maxAgeSeconds`: left to the sweep (which tells the upstream).
     expired: bool,
     payload: Bytes,
 }
 
+/// The id the caller and the agent know: `Tether-Id`, or (a message stored before it
+/// existed) `Nats-Msg-Id`, or the sequence.
 fn message_id(message: &jetstream::message::StreamMessage) -> String {
-    message
-        .headers
-        .get(MSG_ID)
-        .map(|v| v.as_str().to_owned())
+    let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+    header(TETHER_ID)
+        .or_else(|| header(MSG_ID))
         .unwrap_or_else(|| message.sequence.to_string())
+}
+
+fn message_digest(message: &jetstream::message::StreamMessage) -> Option<String> {
+    message.headers.get(DIGEST).map(|v| v.as_str().to_owned())
 }
 
 impl Shared {
@@ -493,22 +598,50 @@ impl Shared {
                 >= i64::try_from(self.max_age_seconds).unwrap_or(i64::MAX)
     }
 
-    fn record(agent: &str, seq: u64, state: DurableState) -> Bytes {
+    fn record(agent: &str, seq: u64, state: DurableState, digest: Option<&str>) -> Bytes {
         let record = Record {
             agent: agent.to_owned(),
             seq,
             state,
             at_ms: unix_now_ms(),
+            digest: digest.map(str::to_owned),
         };
         Bytes::from(serde_json::to_vec(&record).expect("records serialize"))
+    }
+
+    /// The digest agent `agent`'s message `id` (stored at `seq`) was stored with: from
+    /// the message while it is stored, else from its status record; `None` when
+    /// neither says (a message stored before digests existed).
+    async fn stored_digest(
+        &self,
+        agent: &str,
+        id: &str,
+        seq: u64,
+    ) -> Result<Option<String>, RouteError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            RouteError::Unavailable(format!("checking a duplicate: {e}"))
+        };
+        match self.stream.get_raw_message(seq).await {
+            Ok(message) => return Ok(message_digest(&message)),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(unavailable(&e)),
+        }
+        let record = self
+            .status
+            .get(Subjects::message_key(agent, id))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(record
+            .and_then(|value| serde_json::from_slice::<Record>(&value).ok())
+            .and_then(|record| record.digest))
     }
 
     /// Records a newly stored message as pending. `create`, not `put`: a drain task may
     /// already have recorded its delivery (or its ack). An id reused for a newer message
     /// (after the duplicate window) replaces the older message's record.
-    async fn record_stored(&self, agent: &str, id: &str, seq: u64) {
-        let key = Subjects::message_key(id);
-        let value = Self::record(agent, seq, DurableState::Pending);
+    async fn record_stored(&self, agent: &str, id: &str, seq: u64, digest: &str) {
+        let key = Subjects::message_key(agent, id);
+        let value = Self::record(agent, seq, DurableState::Pending, Some(digest));
         if self.status.create(&key, value.clone()).await.is_ok() {
             return;
         }
@@ -526,9 +659,9 @@ impl Shared {
     }
 
     /// Records a delivery without waiting (the message itself is what matters).
-    async fn record_delivered(&self, agent: &str, id: &str, seq: u64) {
-        let subject = format!("{}{}", self.status_prefix, Subjects::message_key(id));
-        let value = Self::record(agent, seq, DurableState::Delivered);
+    async fn record_delivered(&self, agent: &str, id: &str, seq: u64, digest: Option<&str>) {
+        let subject = format!("{}{}", self.status_prefix, Subjects::message_key(agent, id));
+        let value = Self::record(agent, seq, DurableState::Delivered, digest);
         if let Err(e) = self.client.publish(subject, value).await {
             debug!(%e, id, "delivery record not sent");
         }
@@ -536,11 +669,15 @@ impl Shared {
 
     /// Records acknowledgements; done before the purge, so a message that is gone and
     /// not recorded as acknowledged is one that expired.
-    async fn record_acknowledged(&self, agent: &str, acked: &[(u64, String)]) {
-        let puts = acked.iter().map(|(seq, id)| {
-            let value = Self::record(agent, *seq, DurableState::Acknowledged);
+    async fn record_acknowledged(&self, agent: &str, acked: &[(u64, String, Option<String>)]) {
+        let puts = acked.iter().map(|(seq, id, digest)| {
+            let value = Self::record(agent, *seq, DurableState::Acknowledged, digest.as_deref());
             async move {
-                if let Err(e) = self.status.put(Subjects::message_key(id), value).await {
+                if let Err(e) = self
+                    .status
+                    .put(Subjects::message_key(agent, id), value)
+                    .await
+                {
                     debug!(%e, id, "acknowledgement record not written");
                 }
             }
@@ -559,10 +696,29 @@ impl Shared {
             Ok(message) => Ok(Some(Fetched {
                 sequence: message.sequence,
                 id: message_id(&message),
+                digest: message_digest(&message),
                 expired: self.expired(message.time.unix_timestamp()),
                 payload: message.payload,
             })),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Whether `conn` is still this pod's live connection of its agent.
+    fn still_current(&self, conn: &Arc<Connection>) -> bool {
+        !conn.is_closing()
+            && self
+                .hub
+                .get(&conn.agent_id)
+                .is_some_and(|c| Arc::ptr_eq(&c, conn))
+    }
+
+    /// Deletes one acknowledged message (already gone: done).
+    async fn delete(&self, seq: u64) -> Result<(), String> {
+        match self.stream.delete_message(seq).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("no message found") => Ok(()),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -581,12 +737,23 @@ impl Shared {
 
 /// Delivers one connection's backlog, in order, at most `in_flight` unacknowledged,
 /// and ends once nothing is pending and nothing unacknowledged.
+///
+/// Expired messages are skipped, not removed: the pool's sweep removes them and tells
+/// the upstream (`expired`, once per message). Until the sweep has removed every
+/// expired message this task skipped, acknowledged messages are deleted one by one
+/// instead of purged as a prefix, so a purge never removes an expired message
+/// without its event.
 async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain>) {
     let agent = conn.agent_id.clone();
     let mut window = Window::default();
+    let mut digests: HashMap<u64, Option<String>> = HashMap::new();
     let mut next = 1;
     // The highest acknowledged sequence not yet purged (purge failed: retried).
     let mut unpurged: Option<u64> = None;
+    // Acknowledged messages to delete one by one (an expired one lies below them).
+    let mut to_delete: Vec<u64> = Vec::new();
+    // Expired messages skipped and not yet seen removed by the sweep, in order.
+    let mut skipped: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     loop {
         let acks = {
             let mut state = drain.state.lock();
@@ -596,24 +763,53 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
             state.kicked = false;
             std::mem::take(&mut state.acks)
         };
-        let current = shared
-            .hub
-            .get(&agent)
-            .is_some_and(|c| Arc::ptr_eq(&c, &conn));
-        if !current || conn.is_closing() {
+        if !shared.still_current(&conn) {
             break;
         }
-        let acked: Vec<(u64, String)> = acks
+        let acked: Vec<(u64, String, Option<String>)> = acks
             .into_iter()
             .filter_map(|id| window.ack(&id).map(|seq| (seq, id)))
+            .map(|(seq, id)| (seq, id, digests.remove(&seq).flatten()))
             .collect();
         if !acked.is_empty() {
             shared.record_acknowledged(&agent, &acked).await;
         }
-        if let Some(floor) = window.take_floor() {
-            unpurged = Some(floor);
-        }
         let mut failed = false;
+        // The sweep removes expired messages oldest first: drop those it removed.
+        while let Some(&oldest) = skipped.first() {
+            match shared.stream.get_raw_message(oldest).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                    skipped.pop_first();
+                }
+                Err(e) => {
+                    debug!(%e, %agent, "looking at a skipped expired message failed; retrying");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let floor = window.take_floor();
+        match skipped.first() {
+            None => {
+                if let Some(floor) = floor {
+                    unpurged = Some(floor);
+                }
+            }
+            Some(&barrier) => {
+                // A prefix purge would take the expired message too: below it, purge;
+                // above it, delete what was acknowledged, one by one.
+                to_delete.extend(acked.iter().map(|(seq, ..)| *seq).filter(|s| *s > barrier));
+                // Everything written up to the floor is acknowledged; below the
+                // barrier nothing else is left.
+                if let Some(below) = floor
+                    .map(|f| f.min(barrier - 1))
+                    .filter(|b| *b > 0 && unpurged.is_none_or(|u| u < *b))
+                {
+                    unpurged = Some(below);
+                }
+            }
+        }
         if let Some(floor) = unpurged {
             match shared.purge_through(&agent, floor).await {
                 Ok(()) => unpurged = None,
@@ -623,25 +819,58 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
                 }
             }
         }
+        while let Some(&seq) = to_delete.last() {
+            match shared.delete(seq).await {
+                Ok(()) => {
+                    to_delete.pop();
+                }
+                Err(e) => {
+                    debug!(%e, %agent, "delete of an acknowledged message failed; retrying");
+                    failed = true;
+                    break;
+                }
+            }
+        }
         while window.len() < shared.in_flight {
             match shared.next_message(&agent, next).await {
                 Ok(Some(message)) => {
                     next = message.sequence + 1;
                     if message.expired {
+                        skipped.insert(message.sequence);
                         continue;
                     }
                     let Ok(frame) = wire::frame_of(message.payload, false) else {
                         warn!(%agent, sequence = message.sequence, "stored frame is not UTF-8; skipped");
                         continue;
                     };
-                    match enqueue(&conn, frame, shared.outbound_queue).await {
+                    // Owed before it is queued: the agent's ack may come before this
+                    // task runs again.
+                    drain
+                        .state
+                        .lock()
+                        .outstanding
+                        .entry(message.id.clone())
+                        .and_modify(|n| *n += 1)
+                        .or_insert(1);
+                    match enqueue(&shared, &conn, &drain, frame).await {
                         Ok(()) => {
                             shared
-                                .record_delivered(&agent, &message.id, message.sequence)
+                                .record_delivered(
+                                    &agent,
+                                    &message.id,
+                                    message.sequence,
+                                    message.digest.as_deref(),
+                                )
                                 .await;
+                            digests.insert(message.sequence, message.digest);
                             window.sent(message.sequence, message.id);
                         }
-                        Err(_) => break,
+                        Err(_) => {
+                            drain.state.lock().take_outstanding(&message.id);
+                            // Not queued: the next look starts from it again.
+                            next = message.sequence;
+                            break;
+                        }
                     }
                 }
                 Ok(None) => break,
@@ -652,7 +881,8 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
                 }
             }
         }
-        if window.is_empty() && !failed && unpurged.is_none() {
+        let settled = unpurged.is_none() && to_delete.is_empty();
+        if window.is_empty() && !failed && settled {
             // Under the map's lock: a kick either sees this task (and sets `kicked`,
             // checked here) or finds no task and starts a new one.
             let mut drains = shared.drains.lock();
@@ -663,21 +893,38 @@ async fn drain_task(shared: Arc<Shared>, conn: Arc<Connection>, drain: Arc<Drain
             }
             continue;
         }
-        let wait = if failed { RETRY_AFTER } else { IDLE_RECHECK };
+        let wait = if failed || !skipped.is_empty() {
+            RETRY_AFTER
+        } else {
+            IDLE_RECHECK
+        };
         let _ = tokio::time::timeout(wait, drain.notify.notified()).await;
     }
     shared.drains.lock().remove(&conn.id);
 }
 
-/// Queues a frame, waiting while the connection's queue is full (live pushes share it).
+/// How long the drain task waits for room in a full outbound queue before it looks
+/// again (live pushes share the queue; the writer frees room as it writes).
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
+
+/// Queues a frame, waiting while the connection's queue is full. Gives up as soon as
+/// the connection ended (stopped, closing, or no longer the agent's connection in the
+/// hub): a dead socket's queue never drains, and waiting on it would keep this task,
+/// the connection and its queued frames alive forever.
 async fn enqueue(
-    conn: &Connection,
+    shared: &Shared,
+    conn: &Arc<Connection>,
+    drain: &Drain,
     frame: crate::hub::Outbound,
-    capacity: usize,
 ) -> Result<(), DeliveryError> {
     loop {
-        match conn.enqueue(frame.clone(), capacity) {
-            Err(DeliveryError::QueueFull) => tokio::time::sleep(Duration::from_millis(10)).await,
+        match conn.enqueue(frame.clone(), shared.outbound_queue) {
+            Err(DeliveryError::QueueFull) => {
+                if drain.state.lock().stopped || !shared.still_current(conn) {
+                    return Err(DeliveryError::NotConnected);
+                }
+                tokio::time::sleep(QUEUE_FULL_RETRY).await;
+            }
             other => return other,
         }
     }

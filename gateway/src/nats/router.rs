@@ -160,6 +160,16 @@ pub enum NatsError {
     },
 }
 
+/// Room a message needs on the bus besides its body: the call's metadata (agent id and
+/// message id, JSON-escaped), the `push` envelope around the body, and the headers
+/// (trace context; durable: de-duplication id, message id, digest).
+pub const ENVELOPE_OVERHEAD: usize = 8 * 1024;
+
+/// The largest body a server with `max_payload` carries.
+pub fn body_limit(max_payload: usize) -> usize {
+    max_payload.saturating_sub(ENVELOPE_OVERHEAD)
+}
+
 fn unavailable(what: impl std::fmt::Display) -> RouteError {
     RouteError::Unavailable(what.to_string())
 }
@@ -599,42 +609,37 @@ impl Inner {
 // === impl Inner: durable delivery ===
 
 impl Inner {
-    /// Tells the pod holding `agent` (if any) that something was stored for it. Best
-    /// effort: the message is already stored, and a lost kick is made up by the agent's
-    /// next connect or the next kick.
-    async fn kick(&self, durable: &Durable, agent: &str) {
-        if let Some(conn) = self.hub.get(agent) {
+    /// Tells the pod holding `agent` (if any) that something was stored for it.
+    ///
+    /// A kick is a call like a push: the pod answers "not here" when it does not hold
+    /// the agent (it moved: drain, rebalance, reconnect), and [`Inner::call_agent`] then
+    /// drops the stale cache entry and asks the directory's current owner. A kick that
+    /// still fails (NATS away, pod silent) is made up by the agent's next connect or
+    /// the next kick: the message is stored either way.
+    async fn kick(&self, agent: &str) {
+        let Some(durable) = &self.durable else {
+            return;
+        };
+        if let Some(conn) = self.hub.get(agent).filter(|c| !c.is_closing()) {
             durable.kick(&conn);
             return;
         }
-        let route = match self.cache.get(agent) {
-            Some((route, _)) => Some(route),
-            None => match self.directory.lookup(agent).await {
-                Ok(Some((route, revision))) => {
-                    self.cache.put(agent, route.clone(), revision);
-                    Some(route)
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    debug!(%e, agent, "directory unreadable; the agent gets its backlog on connect");
-                    None
-                }
-            },
-        };
-        let Some(route) = route.filter(|r| !r.on_pod(&self.me)) else {
-            return;
-        };
         let call = Call::Kick {
             agent: agent.to_owned(),
         };
-        if let Ok(payload) = wire::encode_call(&call, &[]) {
-            let subject = self.subjects.pod(&route.pod, PodOp::Kick);
-            if let Err(e) = self
-                .client
-                .publish_with_headers(subject, wire::trace_headers(), payload)
-                .await
-            {
-                debug!(%e, agent, "kick not sent");
+        match self
+            .call_agent(agent, PodOp::Kick, &call, &[], self.tuning.call_timeout)
+            .await
+        {
+            Ok(_) => {}
+            Err(RouteError::NotConnected) => {
+                debug!(
+                    agent,
+                    "kick: agent not connected; it gets its backlog on connect"
+                );
+            }
+            Err(e) => {
+                debug!(%e, agent, "kick not delivered; the agent gets it on its next connect or kick")
             }
         }
     }
@@ -776,8 +781,10 @@ async fn serve(inner: Arc<Inner>, mut incoming: impl futures_util::Stream<Item =
         };
         let reply = message.reply.clone();
         match call {
-            // These wait for an agent: off the loop, bounded by the hub's pending limit.
+            // These wait for an agent (bounded by the hub's pending limit), or walk the
+            // whole hub (a listing page): off the loop, so they hold up no other call.
             Call::Request { .. }
+            | Call::List { .. }
             | Call::Push {
                 ack_ms: Some(_), ..
             } => {
@@ -898,12 +905,18 @@ impl Inner {
                 }
             }
             Call::Ping => Answer::Ok,
-            Call::Kick { agent } => {
-                if let (Some(durable), Some(conn)) = (&self.durable, self.hub.get(&agent)) {
+            // A replaced connection may still be here, closing: that is "not here" too.
+            Call::Kick { agent } => match (
+                &self.durable,
+                self.hub.get(&agent).filter(|c| !c.is_closing()),
+            ) {
+                (Some(durable), Some(conn)) => {
                     durable.kick(&conn);
+                    Answer::Ok
                 }
-                return None;
-            }
+                // "Not here": the caller re-resolves the agent through the directory.
+                _ => Answer::NotHere,
+            },
             Call::Fanout { group, binary } => {
                 let n = match wire::frame_of(body, binary) {
                     Ok(frame) => match &group {
@@ -1129,16 +1142,24 @@ impl Router for NatsRouter {
             .ok_or_else(|| unavailable("delivery.durable is not configured"))?;
         inner.require_nats()?;
         let stored = durable.store(agent, id, frame).await?;
-        inner.kick(durable, agent).await;
+        // Off the push's path: the message is stored, the 202 need not wait for the
+        // agent's pod (nor for a re-resolution when the route was stale).
+        let kicker = self.inner.clone();
+        let agent = agent.to_owned();
+        tokio::spawn(async move { kicker.kick(&agent).await });
         Ok(DurableReceipt {
             sequence: stored.sequence,
             duplicate: stored.duplicate,
         })
     }
 
-    async fn durable_status(&self, id: &str) -> Result<Option<MessageStatus>, RouteError> {
+    async fn durable_status(
+        &self,
+        agent: Option<&str>,
+        id: &str,
+    ) -> Result<Option<MessageStatus>, RouteError> {
         match &self.inner.durable {
-            Some(durable) => durable.status(id).await,
+            Some(durable) => durable.status(agent, id).await,
             None => Err(unavailable("delivery.durable is not configured")),
         }
     }
@@ -1181,6 +1202,11 @@ impl Router for NatsRouter {
             .durable
             .as_ref()
             .is_some_and(|durable| durable.acked(conn.id, id))
+    }
+
+    fn max_body_bytes(&self) -> Option<usize> {
+        // The server's announced limit, as of the current connection.
+        Some(body_limit(self.inner.client.server_info().max_payload))
     }
 
     fn ready(&self) -> bool {

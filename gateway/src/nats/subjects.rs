@@ -15,7 +15,7 @@
 //!  tether.<ns>.durable.<agent>    an agent's durable queue (stream tether-<ns>-durable)
 //!  KV tether-<ns>-agents  key a.<agent> → pod + connection epoch
 //!  KV tether-<ns>-pods    key <pod>     → pod boot id
-//!  KV tether-<ns>-messages key m.<id>   → durable message status
+//!  KV tether-<ns>-messages key m.<agent>.<id> → durable message status
 //! ```
 
 use std::fmt::Write;
@@ -222,9 +222,31 @@ impl Subjects {
         format!("tether-{}-messages", self.ns)
     }
 
-    /// The status key of a durable message.
-    pub fn message_key(id: &str) -> String {
-        format!("m.{}", token(id))
+    /// The status key of agent `agent`'s durable message `id`: idempotency keys are
+    /// the caller's and scoped to one agent, so two agents' messages with one key
+    /// never share a record.
+    pub fn message_key(agent: &str, id: &str) -> String {
+        format!("m.{}.{}", token(agent), token(id))
+    }
+
+    /// The KV subjects of every agent's status record for message `id` (a wildcard
+    /// over the agent level, for `GET /v1/messages/{id}` without an agent).
+    pub fn message_subjects_of_id(&self, id: &str) -> String {
+        format!("$KV.{}.m.*.{}", self.messages_bucket(), token(id))
+    }
+
+    /// The KV key a status-bucket subject names (`$KV.<bucket>.<key>`).
+    pub fn message_key_of_subject(&self, subject: &str) -> Option<String> {
+        subject
+            .strip_prefix(&format!("$KV.{}.", self.messages_bucket()))
+            .map(str::to_owned)
+    }
+
+    /// The JetStream de-duplication id (`Nats-Msg-Id`) of agent `agent`'s message `id`:
+    /// the stream de-duplicates per stream, so the agent is part of it. The agent's
+    /// token holds no `.`, so the first `.` separates the two (injective).
+    pub fn durable_msg_id(agent: &str, id: &str) -> String {
+        format!("{}.{id}", token(agent))
     }
 
     /// The directory key of an agent.
@@ -362,7 +384,40 @@ mod tests {
         }
         assert_eq!(s.durable_wildcard(), "tether.acme.durable.*");
         assert_eq!(s.messages_bucket(), "tether-acme-messages");
-        assert_eq!(Subjects::message_key("a.b*"), "m.a_2Eb_2A");
+        assert_eq!(Subjects::message_key("a1", "a.b*"), "m.a1.a_2Eb_2A");
+        assert_eq!(
+            s.message_subjects_of_id("a.b*"),
+            "$KV.tether-acme-messages.m.*.a_2Eb_2A"
+        );
+        assert_eq!(
+            s.message_key_of_subject("$KV.tether-acme-messages.m.a1.x"),
+            Some("m.a1.x".to_string())
+        );
+    }
+
+    #[test]
+    fn idempotency_is_scoped_to_the_agent_injectively() {
+        // One key, two agents: two ids and two status keys.
+        assert_ne!(
+            Subjects::durable_msg_id("a", "k"),
+            Subjects::durable_msg_id("b", "k")
+        );
+        assert_ne!(
+            Subjects::message_key("a", "k"),
+            Subjects::message_key("b", "k")
+        );
+        // Agent and key boundaries cannot be shifted: ("a.b", "c") vs ("a", "b.c").
+        let mut seen = std::collections::HashMap::new();
+        for agent in HOSTILE {
+            for id in HOSTILE {
+                let msg_id = Subjects::durable_msg_id(agent, id);
+                let key = Subjects::message_key(agent, id);
+                assert_eq!(key.split('.').count(), 3, "{key}");
+                if let Some(other) = seen.insert((msg_id, key), (*agent, *id)) {
+                    panic!("{:?} and {other:?} share an id", (agent, id));
+                }
+            }
+        }
     }
 
     #[test]

@@ -214,6 +214,10 @@ impl Answer {
             },
             RouteError::AgentGone => Answer::Gone,
             RouteError::Unavailable(m) => Answer::Failed { message: m.clone() },
+            // Durable-store outcomes, never the answer of a pod call.
+            RouteError::KeyReused(_) | RouteError::AmbiguousId(_) => Answer::Failed {
+                message: e.to_string(),
+            },
         }
     }
 

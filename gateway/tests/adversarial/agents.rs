@@ -173,6 +173,77 @@ async fn hostile_tokens_are_refused_before_the_upgrade() {
     arena.check().await;
 }
 
+/// The refused handshake's status and the message of its JSON error body.
+async fn refusal(url: &str, token: &str) -> (u16, String) {
+    match connect(url, Some(token)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                    .expect("a JSON error body");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            (response.status().as_u16(), message.to_owned())
+        }
+        Ok(_) => panic!("handshake unexpectedly succeeded"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// A configured `audience` and `issuer` are required claims: a token signed with the
+/// pool's key but minted for another service (no `aud`, no `iss`, or an `aud` of the
+/// wrong type, which jsonwebtoken would otherwise skip) is refused before the upgrade.
+#[tokio::test]
+async fn tokens_without_the_configured_audience_or_issuer_are_refused() {
+    const ISSUER: &str = "https://issuer.example";
+    // No canary arena: its agent's token has no `iss`, which this pool now refuses;
+    // the well-formed token at the end plays the canary.
+    let gw = TestGateway::start_with(|c| c.auth.jwt.issuer = Some(ISSUER.into())).await;
+    let url = gw.ws_url();
+    let good = || {
+        let mut c = claims("svc", &[], 3600);
+        c["iss"] = json!(ISSUER);
+        c
+    };
+    let mut no_aud = good();
+    no_aud.as_object_mut().unwrap().remove("aud");
+    let (status, message) = refusal(&url, &sign(&no_aud)).await;
+    assert_eq!(status, 401);
+    assert!(message.contains("`aud`"), "{message}");
+
+    let mut no_iss = good();
+    no_iss.as_object_mut().unwrap().remove("iss");
+    let (status, message) = refusal(&url, &sign(&no_iss)).await;
+    assert_eq!(status, 401);
+    assert!(message.contains("`iss`"), "{message}");
+
+    let mut numeric_aud = good();
+    numeric_aud["aud"] = json!(5);
+    let (status, message) = refusal(&url, &sign(&numeric_aud)).await;
+    assert_eq!(status, 401);
+    assert!(message.contains("`aud`"), "{message}");
+
+    let mut other_iss = good();
+    other_iss["iss"] = json!("https://elsewhere.example");
+    assert_eq!(refusal(&url, &sign(&other_iss)).await.0, 401);
+    let mut other_aud = good();
+    other_aud["aud"] = json!("another-service");
+    assert_eq!(refusal(&url, &sign(&other_aud)).await.0, 403);
+
+    // The same claims with the configured audience and issuer connect.
+    let (mut ws, _) = connect(&url, Some(&sign(&good()))).await.expect("upgraded");
+    assert!(matches!(
+        next_message(&mut ws).await,
+        GatewayMessage::Welcome(_)
+    ));
+    assert_eq!(
+        gw.post("/v1/agents/svc/messages", json!(1)).await.status(),
+        202
+    );
+    assert!(matches!(
+        next_message(&mut ws).await,
+        GatewayMessage::Push { .. }
+    ));
+}
+
 /// A pool whose keys are a JWKS: a token naming an unknown `kid` is refused (401), a
 /// known one connects.
 #[tokio::test]
@@ -266,5 +337,29 @@ async fn refreshes_are_verified_and_apply_their_groups() {
         tether_protocol::GatewayMessage::Push { data, .. } => assert_eq!(data.get(), "\"new\""),
         other => panic!("expected the group push, got {other:?}"),
     }
+    arena.check().await;
+}
+
+/// Issue 21: on a full pod, tokenless and forged upgrades are refused for what they
+/// are (401) and are not scaling demand; only an authenticated agent's refusal (503)
+/// counts in `refused_full`, which the status reporter sends to the operator.
+#[tokio::test]
+async fn anonymous_upgrades_on_a_full_pod_are_not_demand() {
+    let mut arena = Arena::start_with(|c| c.limits.max_connections = 1).await;
+    let url = arena.gw.ws_url();
+    let state = arena.gw.gateway.state().clone();
+    for _ in 0..20 {
+        assert_eq!(refused_status(&url, None).await, 401);
+    }
+    let forged =
+        tether_test_support::hs256(b"not-the-pool-secret-not-the-pool-x", &claims("x", &[], 60));
+    assert_eq!(refused_status(&url, Some(&forged)).await, 401);
+    assert_eq!(state.refused_full.load(Ordering::Relaxed), 0);
+    // A real agent that finds no room is demand.
+    assert_eq!(
+        refused_status(&url, Some(&token("real", &[], 3600))).await,
+        503
+    );
+    assert_eq!(state.refused_full.load(Ordering::Relaxed), 1);
     arena.check().await;
 }

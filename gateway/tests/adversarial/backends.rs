@@ -168,8 +168,12 @@ async fn in_flight_idempotency_keys_are_exclusive() {
 async fn api_key_scopes_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("scoped-keys");
-    std::fs::write(&keys, "pusher push,request\nops admin,presence\n").unwrap();
-    let mut arena = Arena::start_with_key("pusher", |c| {
+    std::fs::write(
+        &keys,
+        "pusher-0123456789 push,request\nops-0123456789abc admin,presence\n",
+    )
+    .unwrap();
+    let mut arena = Arena::start_with_key("pusher-0123456789", |c| {
         c.auth.api_keys_file = Some(keys);
     })
     .await;
@@ -185,17 +189,25 @@ async fn api_key_scopes_are_enforced() {
     let status = |r: reqwest::Response| r.status().as_u16();
     assert_eq!(
         status(
-            call(Method::POST, "/v1/agents/canary/messages", "pusher")
-                .await
-                .unwrap()
+            call(
+                Method::POST,
+                "/v1/agents/canary/messages",
+                "pusher-0123456789"
+            )
+            .await
+            .unwrap()
         ),
         202
     );
     assert_eq!(
         status(
-            call(Method::POST, "/v1/groups/canaries/messages", "pusher")
-                .await
-                .unwrap()
+            call(
+                Method::POST,
+                "/v1/groups/canaries/messages",
+                "pusher-0123456789"
+            )
+            .await
+            .unwrap()
         ),
         202
     );
@@ -207,25 +219,41 @@ async fn api_key_scopes_are_enforced() {
         (Method::GET, "/v1/agents"),
     ] {
         assert_eq!(
-            status(call(method.clone(), path, "pusher").await.unwrap()),
+            status(
+                call(method.clone(), path, "pusher-0123456789")
+                    .await
+                    .unwrap()
+            ),
             403,
             "{method} {path}"
         );
     }
     assert_eq!(
         status(
-            call(Method::POST, "/v1/agents/canary/messages", "ops")
-                .await
-                .unwrap()
+            call(
+                Method::POST,
+                "/v1/agents/canary/messages",
+                "ops-0123456789abc"
+            )
+            .await
+            .unwrap()
         ),
         403
     );
     assert_eq!(
-        status(call(Method::GET, "/v1/agents/canary", "ops").await.unwrap()),
+        status(
+            call(Method::GET, "/v1/agents/canary", "ops-0123456789abc")
+                .await
+                .unwrap()
+        ),
         200
     );
     assert_eq!(
-        status(call(Method::POST, "/v1/broadcast", "ops").await.unwrap()),
+        status(
+            call(Method::POST, "/v1/broadcast", "ops-0123456789abc")
+                .await
+                .unwrap()
+        ),
         202
     );
     assert_eq!(

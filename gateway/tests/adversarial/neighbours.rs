@@ -208,3 +208,56 @@ async fn slow_and_oversized_bodies_on_the_internal_port() {
     assert_eq!(status_of(&answer), 413);
     arena.check().await;
 }
+
+/// Issue 21: a neighbour holding every internal-port connection (the cap) cannot fail
+/// the kubelet's probes: they are served on their own listener with its own cap.
+#[tokio::test]
+async fn probes_answer_while_the_internal_port_is_held_full() {
+    let mut arena = Arena::start_with(|c| {
+        c.listen.max_internal_connections = 2;
+        c.listen.header_timeout_ms = 600_000;
+        c.listen.probes = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tcp(arena.internal(), None).await;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    let probe =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n");
+    // The internal port is full (once its accept loop took both): a probe there is
+    // closed unanswered.
+    let mut refused = false;
+    for _ in 0..50 {
+        if raw_status(arena.internal(), probe("/healthz").as_bytes())
+            .await
+            .is_none()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the internal port is held full");
+    let probes = arena.gw.gateway.probes_addr().expect("a probe listener");
+    assert_eq!(
+        raw_status(probes, probe("/healthz").as_bytes()).await,
+        Some(200)
+    );
+    assert_eq!(
+        raw_status(probes, probe("/readyz").as_bytes()).await,
+        Some(200)
+    );
+    // Only probes there: the push API is not reachable through it.
+    assert_eq!(
+        raw_status(probes, probe("/v1/agents").as_bytes()).await,
+        Some(404)
+    );
+    drop(held);
+    arena.check().await;
+}

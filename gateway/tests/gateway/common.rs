@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::{Message, http};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
-pub const API_KEY: &str = "test-api-key";
+pub const API_KEY: &str = "test-api-key-0123456789";
 pub const AUDIENCE: &str = "tether-test";
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;

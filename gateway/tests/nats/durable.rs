@@ -510,3 +510,375 @@ async fn a_backlog_drains_faster_than_the_message_rate_limit() {
         other => panic!("expected a rate-limit error, got {other:?}"),
     }
 }
+
+/// POSTs a durable push with an Idempotency-Key; returns the response.
+async fn push_keyed(pod: &Pod, agent: &str, key: &str, data: Value) -> reqwest::Response {
+    pod.http
+        .post(pod.api(&format!("/v1/agents/{agent}/messages?delivery=durable")))
+        .bearer_auth(API_KEY)
+        .header("idempotency-key", key)
+        .json(&data)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Issue 21: idempotency is per (agent, key). One key used for two agents stores and
+/// delivers two messages (JetStream de-duplicated per stream before); their status
+/// records stay apart; the direct path's pending answers are per connection too.
+#[tokio::test]
+async fn one_idempotency_key_for_two_agents_delivers_to_both() {
+    let nats = Nats::start().await;
+    let (p0, p1) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", with_durable(4)),
+        Pod::start_with(&nats, "gw-1", with_durable(4))
+    );
+    let mut a = p1.agent("agent-a", &[]).await;
+    let mut b = p1.agent("agent-b", &[]).await;
+    for (agent, data) in [("agent-a", json!("for a")), ("agent-b", json!("for b"))] {
+        let response = push_keyed(&p0, agent, "same-key-1", data).await;
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["duplicate"], false, "{agent}: stored, not a duplicate");
+    }
+    assert_eq!(
+        next_durable(&mut a).await,
+        ("same-key-1".into(), json!("for a"))
+    );
+    assert_eq!(
+        next_durable(&mut b).await,
+        ("same-key-1".into(), json!("for b"))
+    );
+    assert_eq!(stored(&nats).await, 2);
+    // Each agent's record is its own.
+    for agent in ["agent-a", "agent-b"] {
+        let body: Value = p0
+            .get(&format!("/v1/agents/{agent}/messages/same-key-1"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["agent_id"], agent);
+    }
+    // The id alone names two messages: a clear 409, not one of them at random.
+    let response = p0.get("/v1/messages/same-key-1").await;
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/agents/{agent}/messages/{id}"),
+        "{body}"
+    );
+    ack(&mut a, "same-key-1").await;
+    ack(&mut b, "same-key-1").await;
+    eventually_stored(&nats, 0).await;
+
+    // Direct pushes waiting for acks with one key, to two agents at once: both wait,
+    // both are answered.
+    let send = |agent: &'static str| {
+        let http = p0.http.clone();
+        let url = p0.api(&format!(
+            "/v1/agents/{agent}/messages?ack=true&timeout_ms=10000"
+        ));
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(API_KEY)
+                .header("idempotency-key", "same-key-2")
+                .json(&json!(agent))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let (to_a, to_b) = (send("agent-a"), send("agent-b"));
+    for ws in [&mut a, &mut b] {
+        match common::next_message(ws).await {
+            GatewayMessage::Push { id, ack: true, .. } => {
+                assert_eq!(id, "same-key-2");
+                ack(ws, &id).await;
+            }
+            other => panic!("expected an acked push, got {other:?}"),
+        }
+    }
+    assert_eq!(to_a.await.unwrap(), 200);
+    assert_eq!(to_b.await.unwrap(), 200);
+}
+
+/// Issue 21: a key reused for the same agent with another body is a conflict (409),
+/// whether the first message is still stored or already acknowledged; the same body
+/// again is a duplicate (stored once).
+#[tokio::test]
+async fn a_key_reused_with_another_body_is_a_conflict() {
+    let nats = Nats::start().await;
+    let pod = Pod::start_with(&nats, "gw-0", with_durable(4)).await;
+    assert_eq!(
+        push_keyed(&pod, "k-agent", "order-7", json!({"qty": 1}))
+            .await
+            .status(),
+        202
+    );
+    let retry: Value = push_keyed(&pod, "k-agent", "order-7", json!({"qty": 1}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retry["duplicate"], true);
+    let conflict = push_keyed(&pod, "k-agent", "order-7", json!({"qty": 2})).await;
+    assert_eq!(conflict.status(), 409);
+    let body: Value = conflict.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "conflict");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("different body"),
+        "{body}"
+    );
+    assert_eq!(stored(&nats).await, 1, "nothing stored for the conflict");
+
+    // Delivered and acknowledged (purged from the stream): the record still knows.
+    let mut agent = pod.agent("k-agent", &[]).await;
+    receive_and_ack(&mut agent, [json!({"qty": 1})]).await;
+    eventually_stored(&nats, 0).await;
+    assert_eq!(
+        push_keyed(&pod, "k-agent", "order-7", json!({"qty": 3}))
+            .await
+            .status(),
+        409
+    );
+    let same: Value = push_keyed(&pod, "k-agent", "order-7", json!({"qty": 1}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(same["duplicate"], true);
+    assert_silent(&mut agent).await;
+}
+
+/// Issue 21: a kick is answered; "not here" makes the sender re-resolve. Backend pinned
+/// to gw-0, agent moves from gw-1 to gw-2 and stays connected: a durable push through
+/// gw-0 (whose cache still names gw-1) reaches it.
+#[tokio::test]
+async fn a_durable_push_reaches_an_agent_that_moved_to_another_pod() {
+    let nats = Nats::start().await;
+    let (p0, p1, p2) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", with_durable(4)),
+        Pod::start_with(&nats, "gw-1", with_durable(4)),
+        Pod::start_with(&nats, "gw-2", with_durable(4))
+    );
+    let mut first = p1.agent("mover-2", &[]).await;
+    push_durable(&p0.http, api_base(&p0), "mover-2", json!(1)).await;
+    receive_and_ack(&mut first, [json!(1)]).await;
+    eventually_stored(&nats, 0).await;
+    // A direct push through gw-0 fills its cache with gw-1 for sure.
+    assert_eq!(
+        p0.post("/v1/agents/mover-2/messages", json!("direct"))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(next_push(&mut first).await.1, json!("direct"));
+
+    // The agent moves: its new connection on gw-2 replaces the one on gw-1.
+    // The push comes while gw-1 may still hold the replaced connection, closing: a
+    // closing connection is "not here" too.
+    let mut moved = p2.agent("mover-2", &[]).await;
+    assert_eq!(common::close_code(&mut first).await, 4003, "replaced");
+    push_durable(&p0.http, api_base(&p0), "mover-2", json!(2)).await;
+    receive_and_ack(&mut moved, [json!(2)]).await;
+    eventually_stored(&nats, 0).await;
+}
+
+/// Issue 21: only acks of durable messages written to the connection and not yet
+/// acknowledged are free; acks of ids never sent pay the message rate even while a
+/// drain runs.
+#[tokio::test]
+async fn acks_of_ids_never_sent_pay_the_message_rate_during_a_drain() {
+    let nats = Nats::start().await;
+    let pod = Pod::start_with(&nats, "gw-0", |c: &mut GatewayConfig| {
+        with_durable(4)(c);
+        c.limits.messages_per_second = 1;
+        c.limits.message_burst = 2;
+        c.limits.max_rate_violations = 100;
+    })
+    .await;
+    for n in 0..5 {
+        push_durable(&pod.http, api_base(&pod), "acker", json!(n)).await;
+    }
+    let mut agent = pod.agent("acker", &[]).await;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let (id, data) = next_durable(&mut agent).await;
+        assert_eq!(data, json!(n));
+        ids.push(id);
+    }
+    assert_eq!(draining(&pod), 1, "a drain runs: four messages in flight");
+    // The real acks are free: more than the burst, no complaint, and the window moves.
+    for id in &ids[..3] {
+        ack(&mut agent, id).await;
+    }
+    assert_eq!(next_durable(&mut agent).await.1, json!(4));
+    // Acks for ids never sent: the first two take the burst, the third is refused.
+    for n in 0..3 {
+        send_text(
+            &mut agent,
+            &AgentMessage::Ack {
+                id: format!("never-sent-{n}"),
+            }
+            .encode(),
+        )
+        .await;
+    }
+    match common::next_message(&mut agent).await {
+        GatewayMessage::Error { error, .. } => {
+            assert_eq!(error.code, tether_protocol::ErrorCode::RateLimited)
+        }
+        other => panic!("expected a rate-limit error, got {other:?}"),
+    }
+}
+
+/// Issue 21: a drain task waiting for room in a full outbound queue ends when the
+/// socket dies (it used to retry forever, keeping the connection and its frames).
+#[tokio::test]
+async fn a_drain_task_waiting_on_a_full_queue_ends_when_the_socket_dies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = Nats::start().await;
+    let pod = Pod::start_with(&nats, "gw-0", |c: &mut GatewayConfig| {
+        with_durable(4)(c);
+        c.limits.outbound_queue = 8;
+    })
+    .await;
+    // An agent that never reads, with a tiny receive window.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut stream = socket.connect(pod.gateway.public_addr()).await.unwrap();
+    let token = common::token("zero-window", &[], 3600);
+    stream
+        .write_all(
+            format!(
+                "GET /v1/connect HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tether.v1\r\n\
+                 Authorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    let state = pod.gateway.state().clone();
+    eventually(|| state.hub.get("zero-window").is_some()).await;
+
+    // Direct pushes until its queue is full.
+    let payload = json!("x".repeat(32 * 1024));
+    let mut full = false;
+    for _ in 0..2000 {
+        match pod
+            .post("/v1/agents/zero-window/messages", payload.clone())
+            .await
+            .status()
+            .as_u16()
+        {
+            202 => continue,
+            429 => {
+                full = true;
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(full, "the queue filled");
+    // A durable push: its drain task finds the queue full and waits for room.
+    push_durable(&pod.http, api_base(&pod), "zero-window", json!("backlog")).await;
+    eventually(|| draining(&pod) == 1).await;
+
+    // The socket dies (reset: unread data in its receive buffer).
+    drop(stream);
+    eventually(|| state.hub.get("zero-window").is_none()).await;
+    eventually(|| draining(&pod) == 0).await;
+    // The message was never written: it waits for the next connection.
+    assert_eq!(stored(&nats).await, 1);
+}
+
+/// An upstream that refuses (503) until `accepting` is set, recording what it took.
+async fn gated_upstream(
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+) -> (Arc<Mutex<Vec<Value>>>, String) {
+    let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = events.clone();
+    let app = axum::Router::new().route(
+        "/events",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let sink = sink.clone();
+            let accepting = accepting.clone();
+            async move {
+                if !accepting.load(std::sync::atomic::Ordering::Acquire) {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                sink.lock().push(body.0);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (events, url)
+}
+
+/// Issue 21: an expired message the drain task skips is removed only by the sweep,
+/// with exactly one `expired` event — the acknowledgement of a later message no longer
+/// purges it silently.
+#[tokio::test]
+async fn an_expired_message_skipped_by_a_drain_gets_exactly_one_event() {
+    let nats = Nats::start().await;
+    let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (events, url) = gated_upstream(accepting.clone()).await;
+    let pod = Pod::start_with(&nats, "gw-0", |c| {
+        c.delivery.durable = Some(DurableConfig {
+            max_age_seconds: 2,
+            ..DurableConfig::default()
+        });
+        c.upstream = Some(tether_config::UpstreamConfig {
+            url,
+            secret_file: None,
+            timeout_ms: 2_000,
+            events: vec![],
+            max_concurrency: 4,
+            queue_timeout_ms: 1_000,
+        });
+    })
+    .await;
+    let old = push_durable(&pod.http, api_base(&pod), "skipper", json!("old")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Let it expire; the upstream refuses the event meanwhile, so the sweep keeps it.
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    push_durable(&pod.http, api_base(&pod), "skipper", json!("fresh")).await;
+    let mut agent = pod.agent("skipper", &[]).await;
+    // The drain skips the expired one and delivers the fresh one; its ack does not
+    // take the expired one with it.
+    receive_and_ack(&mut agent, [json!("fresh")]).await;
+    eventually_stored(&nats, 1).await;
+    assert!(events.lock().is_empty());
+
+    accepting.store(true, std::sync::atomic::Ordering::Release);
+    eventually_stored(&nats, 0).await;
+    assert_eq!(
+        events.lock().clone(),
+        vec![json!({"type": "expired", "agent_id": "skipper", "id": old})]
+    );
+    assert_eq!(status(&pod, &old).await, "expired");
+    assert_silent(&mut agent).await;
+    eventually(|| draining(&pod) == 0).await;
+}

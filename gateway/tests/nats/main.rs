@@ -441,11 +441,14 @@ async fn nats_restart_keeps_connections_loses_nothing_accepted_and_recovers() {
             202
         );
         assert_eq!(next_push(&mut local).await.1, json!("local"));
+        let refused = p0.post("/v1/agents/agent-1/messages", json!(0)).await;
+        assert_eq!(refused.status(), 503);
+        // A fixed message: no pod name, no raw NATS error (those are logged).
+        let body: Value = refused.json().await.unwrap();
         assert_eq!(
-            p0.post("/v1/agents/agent-1/messages", json!(0))
-                .await
-                .status(),
-            503
+            body["error"]["message"],
+            tether_gateway::api::UNAVAILABLE,
+            "{body}"
         );
         assert_eq!(p0.post("/v1/broadcast", json!(0)).await.status(), 503);
 
@@ -785,4 +788,138 @@ async fn a_pools_nats_user_reaches_only_its_own_subjects() {
         log_text.contains("Violation - User \"globex\""),
         "the server logged the refusal:\n{log_text}"
     );
+}
+
+/// Issue 21: two pools with the same tenant on one bus, namespaced by their identity
+/// (`<namespace>/<pool>`, as the operator renders it), share nothing: no directory
+/// entry, no pod registry, no subject, no durable stream.
+#[tokio::test]
+async fn neighbouring_pools_with_one_tenant_do_not_see_each_other() {
+    let nats = Nats::start().await;
+    let in_pool = |ns: &'static str| {
+        move |c: &mut tether_config::GatewayConfig| {
+            c.tenant = Some("acme".into());
+            c.routing.nats.as_mut().unwrap().namespace = Some(ns.into());
+            c.delivery.durable = Some(Default::default());
+        }
+    };
+    let (a0, a1, b0) = tokio::join!(
+        Pod::start_with(&nats, "web-a-0", in_pool("tenants/web-a")),
+        Pod::start_with(&nats, "web-a-1", in_pool("tenants/web-a")),
+        Pod::start_with(&nats, "web-b-0", in_pool("tenants/web-b"))
+    );
+    let mut agent = a1.agent("shared-id", &["ops"]).await;
+    // Pool a routes to it across its pods.
+    assert_eq!(
+        a0.post("/v1/agents/shared-id/messages", json!("from a"))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(next_push(&mut agent).await.1, json!("from a"));
+    // Pool b does not know it: no presence, no push, no group member, no broadcast.
+    assert_eq!(b0.get("/v1/agents/shared-id").await.status(), 404);
+    assert_eq!(
+        b0.post("/v1/agents/shared-id/messages", json!("from b"))
+            .await
+            .status(),
+        404
+    );
+    let body: Value = b0
+        .post("/v1/groups/ops/messages", json!("from b"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["delivered"], 0);
+    let body: Value = b0
+        .post("/v1/broadcast", json!("from b"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["delivered"], 0);
+    let listing: Value = b0.get("/v1/agents").await.json().await.unwrap();
+    assert_eq!(listing["agents"], json!([]));
+    // A durable push in pool b waits in pool b's stream, not for pool a's agent.
+    assert_eq!(
+        b0.http
+            .post(b0.api("/v1/agents/shared-id/messages?delivery=durable"))
+            .bearer_auth(API_KEY)
+            .json(&json!("durable from b"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    assert_silent(&mut agent).await;
+    // The buckets are the pools' own: pool b's directory has no entry for the agent.
+    let client = nats.client().await;
+    assert!(
+        directory_entry(&client, "tenants/web-a", "shared-id")
+            .await
+            .is_some()
+    );
+    assert!(
+        directory_entry(&client, "tenants/web-b", "shared-id")
+            .await
+            .is_none()
+    );
+    let js = async_nats::jetstream::new(client);
+    let pods_of = |ns: &'static str| {
+        let js = js.clone();
+        async move {
+            use futures_util::TryStreamExt;
+            let kv = js
+                .get_key_value(tether_gateway::nats::subjects::Subjects::new(ns).pods_bucket())
+                .await
+                .unwrap();
+            let mut keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+            keys.sort();
+            keys
+        }
+    };
+    assert_eq!(pods_of("tenants/web-a").await, ["web-a-0", "web-a-1"]);
+    assert_eq!(pods_of("tenants/web-b").await, ["web-b-0"]);
+}
+
+/// Issue 21: a bus that carries less than `limits.maxMessageBytes` (an external NATS
+/// with a small `max_payload`): the push API refuses larger bodies on every pod with a
+/// 413 naming the limit, instead of a push that works locally and fails across pods.
+#[tokio::test]
+async fn pushes_larger_than_the_bus_carries_are_refused_with_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 65536\n").unwrap();
+    let nats = Nats::start_with_args(&["-c", conf.to_str().unwrap()]).await;
+    let big = |c: &mut tether_config::GatewayConfig| {
+        c.limits.max_message_bytes = 256 * 1024;
+        c.limits.max_write_buffer_bytes = c.limits.max_write_buffer_bytes.max(256 * 1024);
+    };
+    let (p0, p1) = tokio::join!(
+        Pod::start_with(&nats, "gw-0", big),
+        Pod::start_with(&nats, "gw-1", big)
+    );
+    let mut agent = p1.agent("big", &[]).await;
+    let limit = 65536 - tether_gateway::nats::router::ENVELOPE_OVERHEAD;
+    for pod in [&p0, &p1] {
+        let response = pod
+            .post("/v1/agents/big/messages", json!("x".repeat(100 * 1024)))
+            .await;
+        assert_eq!(response.status(), 413, "{}: local or not", pod.name);
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&limit.to_string()), "{message}");
+        assert!(message.contains("max_payload"), "{message}");
+    }
+    // Just under the bus's limit: delivered across pods.
+    let fits = json!("y".repeat(limit - 2));
+    assert_eq!(
+        p0.post("/v1/agents/big/messages", fits.clone())
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(next_push(&mut agent).await.1, fits);
 }

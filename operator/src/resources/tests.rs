@@ -123,7 +123,11 @@ fn stateful_set_shape() {
         .collect();
     assert_eq!(
         ports,
-        vec![("ws".into(), WS_PORT), ("api".into(), API_PORT)]
+        vec![
+            ("ws".into(), WS_PORT),
+            ("api".into(), API_PORT),
+            ("probes".into(), PROBE_PORT)
+        ]
     );
     let readiness = c
         .readiness_probe
@@ -133,6 +137,11 @@ fn stateful_set_shape() {
         .as_ref()
         .unwrap();
     assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+    // Probes on their own port: a client holding the API port's cap cannot fail them.
+    assert_eq!(
+        readiness.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("probes".into())
+    );
     let liveness = c
         .liveness_probe
         .as_ref()
@@ -407,6 +416,33 @@ fn managed_nats_gets_its_own_server() {
     assert!(build(&pool("acme")).nats.is_none());
 }
 
+/// Issue 21: two pools with one tenant on one bus are kept apart by the pool's identity
+/// (namespace/name), which the gateway encodes into every subject, bucket and stream.
+#[test]
+fn the_bus_namespace_is_the_pools_namespace_and_name_not_its_tenant() {
+    let a = managed_nats_pool("web-a");
+    let b = managed_nats_pool("web-b");
+    assert_eq!(a.spec.tenant, b.spec.tenant, "one tenant");
+    let ns = |p: &ConnectionPool| {
+        build(p)
+            .config
+            .routing
+            .nats
+            .as_ref()
+            .unwrap()
+            .namespace
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(ns(&a), "tenants/web-a");
+    assert_ne!(ns(&a), ns(&b));
+    // The probe port the rendered probes use is the one the config opens.
+    assert_eq!(
+        build(&a).config.listen.probes.as_deref(),
+        Some(format!("0.0.0.0:{PROBE_PORT}").as_str())
+    );
+}
+
 #[test]
 fn template_knobs_reach_the_pod() {
     let mut p: ConnectionPool = pool("acme");
@@ -614,11 +650,17 @@ fn a_managed_nats_with_auth_requires_the_pools_credentials() {
     let d = build(&p);
     let (sts, _) = d.nats.as_ref().unwrap();
     let nats = nats_container(sts);
+    // Credentials live in the configuration file by reference, not on the command line.
     let args = nats.args.as_ref().unwrap();
-    let at = args.iter().position(|a| a == "--user").unwrap();
-    assert_eq!(
-        args[at..at + 4],
-        ["--user", "acme", "--pass", "$(NATS_PASSWORD)"]
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("NATS_PASSWORD") || a == "--user")
+    );
+    let conf = &d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY];
+    assert!(
+        conf.contains("authorization {\n  user: \"acme\"\n  password: $NATS_PASSWORD\n}"),
+        "{conf}"
     );
     let env = &nats.env.as_ref().unwrap()[0];
     assert_eq!(env.name, "NATS_PASSWORD");
@@ -647,8 +689,13 @@ fn a_managed_nats_without_auth_never_runs_open() {
     let (sts, _) = d.nats.as_ref().unwrap();
     let nats = nats_container(sts);
     let args = nats.args.as_ref().unwrap();
-    let at = args.iter().position(|a| a == "--auth").unwrap();
-    assert_eq!(args[at + 1], "$(NATS_TOKEN)");
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("NATS_TOKEN") || a == "--auth")
+    );
+    let conf = &d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY];
+    assert!(conf.contains("token: $NATS_TOKEN"), "{conf}");
     let source = nats.env.as_ref().unwrap()[0]
         .value_from
         .as_ref()
@@ -739,10 +786,165 @@ fn delivery_renders_the_durable_queue_and_sizes_the_managed_nats_volume() {
         .as_ref()
         .unwrap();
     assert_eq!(requests["storage"], Quantity("10Gi".into()));
-    assert!(spec.template.spec.as_ref().unwrap().volumes.is_none());
+    // The claim template is the data volume; only the config file stays a volume.
+    let volumes = spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["config"]
+    );
     let mount = &nats_container(sts).volume_mounts.as_ref().unwrap()[0];
     assert_eq!(
         (mount.name.as_str(), mount.mount_path.as_str()),
         ("data", "/data")
     );
+}
+
+/// Issue 21: a managed NATS carries the pool's largest message: its `max_payload`
+/// (a config file from the pool's ConfigMap; flags cannot set it) follows
+/// `limits.maxMessageBytes` plus the envelope, and a real nats-server accepts the file.
+#[test]
+fn a_managed_nats_carries_the_pools_largest_message() {
+    let mut p = managed_nats_pool("big");
+    p.spec.limits.max_message_bytes = 4 * 1024 * 1024;
+    let d = build(&p);
+    let conf = d
+        .config_map
+        .data
+        .as_ref()
+        .unwrap()
+        .get(NATS_CONFIG_KEY)
+        .unwrap()
+        .clone();
+    let expected = 4 * 1024 * 1024 + NATS_ENVELOPE_BYTES;
+    assert!(
+        conf.starts_with(&format!("max_payload: {expected}\n")),
+        "{conf}"
+    );
+    let (sts, _) = d.nats.as_ref().unwrap();
+    let nats = nats_container(sts);
+    let args = nats.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--config").unwrap();
+    assert_eq!(args[at + 1], "/etc/nats/nats.conf");
+    let mounts = nats.volume_mounts.as_ref().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "config" && m.mount_path == "/etc/nats")
+    );
+    let volumes = template_spec(sts).volumes.as_ref().unwrap();
+    let config = volumes.iter().find(|v| v.name == "config").unwrap();
+    assert_eq!(
+        config.config_map.as_ref().unwrap().name,
+        config_map_name(&p)
+    );
+    // A new limit rolls the server.
+    let annotations = sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        annotations["tether.dev/nats-max-payload"],
+        expected.to_string()
+    );
+    // The real server accepts the rendered file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nats.conf");
+    std::fs::write(&file, &conf).unwrap();
+    let binary = tether_test_support::nats_server_binary().unwrap();
+    let check = std::process::Command::new(binary)
+        .arg("-c")
+        .arg(&file)
+        .arg("-t")
+        .env("NATS_TOKEN", "token-from-the-secret")
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+
+    // Small limits keep NATS's default (1 MiB); pools without a managed NATS get no file.
+    let small = build(&managed_nats_pool("small"));
+    assert!(
+        small.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY]
+            .starts_with("max_payload: 1048576\n")
+    );
+    assert!(
+        !build(&pool("plain"))
+            .config_map
+            .data
+            .as_ref()
+            .unwrap()
+            .contains_key(NATS_CONFIG_KEY)
+    );
+}
+
+/// Issue 21: the managed NATS's token is not on its command line; a real nats-server
+/// reads it from the environment through the rendered file and refuses a client
+/// without it.
+#[test]
+fn a_real_nats_server_takes_its_token_from_the_rendered_file_and_env() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = build(&managed_nats_pool("acme"));
+    let conf = d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nats.conf");
+    std::fs::write(&file, &conf).unwrap();
+    let port = tether_test_support::free_port();
+    let mut server = std::process::Command::new(tether_test_support::nats_server_binary().unwrap())
+        .args([
+            "-c",
+            file.to_str().unwrap(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("NATS_TOKEN", "s3cret-token-from-the-secret")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let connect = |token: &str| -> String {
+        let stream = (0..200)
+            .find_map(|_| {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .or_else(|| {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        None
+                    })
+            })
+            .expect("nats-server listens");
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut info = String::new();
+        reader.read_line(&mut info).unwrap();
+        assert!(info.contains("\"auth_required\":true"), "{info}");
+        let mut writer = stream;
+        writeln!(
+            writer,
+            "CONNECT {{\"verbose\":true,\"auth_token\":\"{token}\"}}\r\nPING\r"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        answer
+    };
+    let accepted = connect("s3cret-token-from-the-secret");
+    let refused = connect("wrong");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(accepted.starts_with("+OK"), "{accepted}");
+    assert!(refused.contains("Authorization Violation"), "{refused}");
 }
