@@ -1,13 +1,18 @@
 //! `tether-agent`: a small agent for manual use and demos. It connects, prints every push
 //! as a JSON line on stdout, and answers requests with a fixed reply or by running a
 //! command (request data on stdin, its stdout is the answer).
+//!
+//! Output lines use the protocol's vocabulary (`docs/protocol.md`): a push prints as the
+//! `push` envelope it came in (`{"type":"push","id","data"}`), a request as
+//! `{"type":"request","id","data"}`, an acknowledged `--send` as `{"type":"ack","id"}`;
+//! a binary frame as `{"type":"binary","len"}`. Logs go to stderr.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use tether_agent::{
-    Agent, ErrorBody, ErrorCode, Hs256Minter, Payload, RawValue, StaticToken, TokenFile,
+    Agent, ErrorBody, ErrorCode, Hs256Minter, Options, Payload, RawValue, StaticToken, TokenFile,
     TokenProvider,
 };
 use tokio::io::AsyncWriteExt;
@@ -142,14 +147,21 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         .map(|text| RawValue::from_string(text).context("--send must be JSON"))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let exec = exec.map(Arc::new);
+    let options = Options {
+        // A one-shot send fails at once with the gateway's reason when nothing upstream
+        // receives agent messages, instead of retrying until someone presses Ctrl-C.
+        retry_unavailable: !exit_after_send,
+        ..Options::default()
+    };
     let agent = Agent::builder_shared(url, tokens)
+        .options(options)
         .on_push(|push| async move {
             let line = match &push.payload {
                 Payload::Json(data) => {
-                    serde_json::json!({"event": "push", "id": push.id, "data": data})
+                    serde_json::json!({"type": "push", "id": push.id, "data": data})
                 }
                 Payload::Binary(bytes) => {
-                    serde_json::json!({"event": "push", "binary_len": bytes.len()})
+                    serde_json::json!({"type": "binary", "len": bytes.len()})
                 }
             };
             println!("{line}");
@@ -160,7 +172,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
             async move {
                 println!(
                     "{}",
-                    serde_json::json!({"event": "request", "id": request.id, "data": request.data})
+                    serde_json::json!({"type": "request", "id": request.id, "data": request.data})
                 );
                 match (reply, exec) {
                     (Some(reply), _) => Ok(reply),
@@ -179,8 +191,9 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         session.agent_id, session.connection_id
     );
     for data in sends {
-        agent.send_raw(uuid_like(), data).await?;
-        println!("{}", serde_json::json!({"event": "acked"}));
+        let id = uuid_like();
+        agent.send_raw(id.clone(), data).await?;
+        println!("{}", serde_json::json!({"type": "ack", "id": id}));
     }
     if exit_after_send {
         agent.close().await;
