@@ -162,8 +162,31 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
     HttpRouter::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(authenticated)
         .with_state(state)
+}
+
+/// `GET /metrics`: the Prometheus text of the process's OTel instruments (the same
+/// values OTLP exports), unauthenticated like the health endpoints and the operator's
+/// `/metrics`: the NetworkPolicy decides who reaches the internal port.
+async fn metrics() -> Response {
+    match tether_telemetry::global_prometheus() {
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                tether_telemetry::PrometheusText::CONTENT_TYPE,
+            )],
+            text.encode(),
+        )
+            .into_response(),
+        None => ApiError::NotFound(
+            "no Prometheus view in this process (the gateway binary installs one; a \
+             library user calls tether_telemetry::init with prometheus)"
+                .into(),
+        )
+        .into_response(),
+    }
 }
 
 /// The scope a route needs. Reading (presence) and writing to one agent or a group

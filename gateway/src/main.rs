@@ -78,6 +78,8 @@ async fn main() -> anyhow::Result<()> {
     // Pod and pool name every span and metric (`instance`, `tether_pool` in Prometheus).
     let mut telemetry = tether_telemetry::Options::new("tether-gateway")
         .json(log_json)
+        // `/metrics` on the internal port serves the same instruments as OTLP.
+        .prometheus(true)
         .instance(pod_name.clone())
         .attribute("k8s.pod.name", pod_name.clone());
     if let Some(status) = &config.status {
