@@ -4,7 +4,7 @@
 //!
 //! Output lines use the protocol's vocabulary (`docs/protocol.md`): a push prints as the
 //! `push` envelope it came in (`{"type":"push","id","data"}`), a request as
-//! `{"type":"request","id","data"}`, an acknowledged `--send` as `{"type":"ack","id"}`;
+//! `{"type":"request","id","data","timeout_ms"}`, an acknowledged `--send` as `{"type":"ack","id"}`;
 //! a binary frame as `{"type":"binary","len"}`. Logs go to stderr.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -38,9 +38,18 @@ enum Command {
 
 #[derive(ClapArgs, Debug)]
 struct TokenArgs {
-    /// File with the gateway's HS256 secret (`auth.jwt.hs256SecretFile`).
-    #[arg(long, env = "TETHER_HS256_SECRET_FILE")]
+    /// File with the gateway's HS256 secret (`auth.jwt.hs256SecretFile`; the dev
+    /// gateway prints its path).
+    #[arg(
+        long,
+        env = "TETHER_HS256_SECRET_FILE",
+        conflicts_with = "hs256_secret"
+    )]
     hs256_secret_file: Option<PathBuf>,
+    /// The gateway's HS256 secret itself (what the local platform prints); the same
+    /// secret `tether-bench --hs256-secret` takes.
+    #[arg(long, env = "TETHER_HS256_SECRET", hide_env_values = true)]
+    hs256_secret: Option<String>,
     /// Agent id (`sub`) of minted tokens.
     #[arg(long, env = "TETHER_AGENT_ID", default_value = "dev-agent")]
     agent_id: String,
@@ -65,10 +74,10 @@ struct ConnectArgs {
     )]
     url: String,
     /// A bearer token.
-    #[arg(long, env = "TETHER_TOKEN", conflicts_with_all = ["token_file", "hs256_secret_file"])]
+    #[arg(long, env = "TETHER_TOKEN", conflicts_with_all = ["token_file", "hs256_secret_file", "hs256_secret"])]
     token: Option<String>,
     /// A file holding the token, re-read on every connect and refresh.
-    #[arg(long, env = "TETHER_TOKEN_FILE", conflicts_with = "hs256_secret_file")]
+    #[arg(long, env = "TETHER_TOKEN_FILE", conflicts_with_all = ["hs256_secret_file", "hs256_secret"])]
     token_file: Option<PathBuf>,
     #[command(flatten)]
     mint: TokenArgs,
@@ -113,15 +122,20 @@ async fn main() -> anyhow::Result<()> {
 fn minter(args: &TokenArgs) -> anyhow::Result<Hs256Minter> {
     let TokenArgs {
         hs256_secret_file,
+        hs256_secret,
         agent_id,
         groups,
         ttl_seconds,
         tenant,
     } = args;
-    let Some(path) = hs256_secret_file else {
-        bail!("give --token, --token-file or --hs256-secret-file");
+    let mut minter = match (hs256_secret_file, hs256_secret) {
+        (Some(path), _) => Hs256Minter::from_secret_file(path, agent_id.clone())?,
+        // Trimmed as the gateway trims its secret file, so both ways give one key.
+        (None, Some(secret)) => Hs256Minter::new(secret.trim_end().as_bytes(), agent_id.clone()),
+        (None, None) => {
+            bail!("give --token, --token-file, --hs256-secret-file or --hs256-secret")
+        }
     };
-    let mut minter = Hs256Minter::from_secret_file(path, agent_id.clone())?;
     minter.groups = groups.clone();
     minter.ttl = Duration::from_secs(*ttl_seconds);
     minter.tenant = tenant.clone();
@@ -177,7 +191,12 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
             async move {
                 println!(
                     "{}",
-                    serde_json::json!({"type": "request", "id": request.id, "data": request.data})
+                    serde_json::json!({
+                        "type": "request",
+                        "id": request.id,
+                        "data": request.data,
+                        "timeout_ms": request.timeout.as_millis() as u64,
+                    })
                 );
                 match (reply, exec) {
                     (Some(reply), _) => Ok(reply),

@@ -193,3 +193,49 @@ async fn an_unreachable_gateway_is_explained_at_the_default_level() {
     setup.gateway.drain();
     within(setup.gateway.wait()).await;
 }
+
+#[tokio::test]
+async fn the_secret_is_taken_as_a_file_or_a_value_alike() {
+    let setup = gateway().await;
+    let mint = |how: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+            .arg("token")
+            .args(how)
+            .args(["--agent-id", "a1"])
+            .env_remove("TETHER_HS256_SECRET")
+            .env_remove("TETHER_HS256_SECRET_FILE")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let file = setup.dir.path().join("secret");
+    for token in [
+        mint(&["--hs256-secret-file", file.to_str().unwrap()]),
+        mint(&["--hs256-secret", SECRET]),
+    ] {
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.required_spec_claims.clear();
+        let claims = jsonwebtoken::decode::<serde_json::Value>(
+            &token,
+            &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+            &validation,
+        )
+        .expect("signed with the gateway's secret");
+        assert_eq!(claims.claims["sub"], "a1");
+    }
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+        .args(["token", "--agent-id", "a1"])
+        .env_remove("TETHER_HS256_SECRET")
+        .env_remove("TETHER_HS256_SECRET_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("give --token, --token-file, --hs256-secret-file or --hs256-secret"),
+        "{output:?}"
+    );
+    setup.gateway.drain();
+    within(setup.gateway.wait()).await;
+}
