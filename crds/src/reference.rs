@@ -28,6 +28,12 @@ gateway pods under `/etc/tether/secrets/` and the configuration points at the fi
 
 `kubectl scale cpool <name> --replicas=N` sets `spec.replicas.min` (the scale
 subresource); the autoscaler works above it.
+
+The operator renders the spec into each pod's gateway configuration
+(docs/configuration.md). Names match, but for one: the pool's
+`limits.maxConnectionsPerPod` is the gateway's `limits.maxConnections` (one gateway
+process is one pod). The JWT keys of `auth.jwt.publicKeysSecretRef` may be PEM blocks or
+a JWKS document; the gateway reads both.
 "#;
 
 /// The whole document.
