@@ -92,10 +92,16 @@ check({"POD_NAME", "POD_NAMESPACE"} <= env, f"downward API env: {env}")
 rules = find(docs, "ClusterRole")[0]["rules"]
 secret_rules = [r for r in rules if "secrets" in r["resources"]]
 # Secrets: read by name, and the one the operator owns (a managed NATS's generated token)
-# created and deleted; never list or watch, which would cache every Secret it can see.
+# created; never list or watch, which would cache every Secret it can see, and never
+# delete (the garbage collector deletes the token with its pool).
 check(
-    secret_rules and set(secret_rules[0]["verbs"]) == {"get", "create", "delete"},
-    "Secrets: get, create and delete only, no list/watch",
+    secret_rules and set(secret_rules[0]["verbs"]) == {"get", "create"},
+    f"Secrets: get and create only, no list/watch/delete: {secret_rules}",
+)
+pod_rules = [r for r in rules if "pods" in r["resources"]]
+check(
+    pod_rules and set(pod_rules[0]["verbs"]) == {"get", "list", "watch", "patch"},
+    f"Pods: get/list/watch (to grant them to gateways) and patch (instructions): {pod_rules}",
 )
 check(all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules), "no wildcards in RBAC")
 lease_rules = find(docs, "Role")[0]["rules"]
@@ -109,12 +115,32 @@ check(("tether-operator", "tenants") in roles, f"Role in the watched namespace: 
 args = find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
 check("--namespace=tenants" in args, f"--namespace flag: {args}")
 
+# 3b. Tenant namespaces: Secrets and Pods only there, the rest cluster-wide.
+docs = render({"tenantNamespaces": ["team-a", "team-b"]})
+cluster_rules = find(docs, "ClusterRole")[0]["rules"]
+check(
+    not any({"secrets", "pods"} & set(r["resources"]) for r in cluster_rules),
+    f"no cluster-wide Secret or Pod rights with tenantNamespaces: {cluster_rules}",
+)
+tenant_roles = {d["metadata"]["namespace"]: d for d in find(docs, "Role") if d["metadata"]["name"] == "tether-operator-tenant"}
+check(sorted(tenant_roles) == ["team-a", "team-b"], f"a Role per tenant namespace: {sorted(tenant_roles)}")
+for ns, role in tenant_roles.items():
+    granted = {res: set(r["verbs"]) for r in role["rules"] for res in r["resources"]}
+    check(granted == {"secrets": {"get", "create"}, "pods": {"get", "list", "watch", "patch"}}, f"{ns}: {granted}")
+bindings = {d["metadata"]["namespace"] for d in find(docs, "RoleBinding") if d["metadata"]["name"] == "tether-operator-tenant"}
+check(bindings == {"team-a", "team-b"}, f"bound in each: {bindings}")
+try:
+    render({"watchNamespace": "tenants", "tenantNamespaces": ["tenants"]})
+    failures.append("watchNamespace with tenantNamespaces was accepted")
+except helm.HelmError as err:
+    check("tenantNamespaces" in str(err), f"the refusal says why: {err}")
+
 # Opt-in rolling: the operator pins running pools at each start.
 args = find(render({"pinGatewayImages": True}), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
 check("--pin-gateway-images" in args, f"--pin-gateway-images flag: {args}")
 
 # 4. Values the schema or the templates must refuse.
-for bad in ({"replicaCount": "two"}, {"logFormat": "xml"}, {"unknownKey": 1}, {"watchNamespace": "Not_A_Namespace"}, {"pinGatewayImages": "yes"}):
+for bad in ({"replicaCount": "two"}, {"logFormat": "xml"}, {"unknownKey": 1}, {"watchNamespace": "Not_A_Namespace"}, {"pinGatewayImages": "yes"}, {"tenantNamespaces": ["Bad_NS"]}, {"tenantNamespaces": "team-a"}):
     try:
         render(bad)
         failures.append(f"values {bad} were accepted")

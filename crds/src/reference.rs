@@ -68,7 +68,7 @@ pub fn markdown() -> String {
          | `Ready` | `True` (`Available`) when every desired pod runs the current spec and is ready. |\n\
          | `Progressing` | `True` while a rollout or resize is under way (`Creating`, `RollingOut`, `PodsNotReady`). |\n\
          | `Scaling` | `True` while the autoscaler acts or waits to: `ScaledUp`, `ScaleUpLimited`, `OutOfBounds`, `ScaleDownStabilizing` (a lower size waits out the stabilization window), `Draining` (a scale-down waits for its pods to drain), `ScaledDown`, `Rebalancing`; `False` at rest (`Stable`, `WithinTolerance`, `NoReports`). The message gives the numbers (`2 → 4 pods: 350 connections …`), and each step is also an Event of the same reason. |\n\
-         | `Degraded` | `True` when the spec cannot be applied: `InvalidSpec`, `InvalidImage`, `SecretMissing`, `RejectedByAPIServer`; the message says what to fix. A Warning Event with the same reason is recorded on the pool. |\n",
+         | `Degraded` | `True` when the spec cannot be applied: `InvalidSpec`, `InvalidImage`, `SecretMissing`, `RejectedByAPIServer`, `ChildNotOwned` (an object the operator does not own has a child's name), `NameCollision` (a sibling pool's children take the names), `Forbidden` (the operator's RBAC refuses a write), `InternalError`; the message says what to fix. A Warning Event with the same reason is recorded on the pool. |\n",
     );
     out
 }

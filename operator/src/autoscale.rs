@@ -19,6 +19,16 @@
 //!               are ignored and pruned
 //! ```
 //!
+//! The orchestration is one typed state machine per pool: each step ends in one
+//! [`State`] — `Steady`, `ScalingUp`, `Draining`, `ScalingDown`, `Holding` (a
+//! scale-down held while shed agents come back) or `Rebalancing` (an episode's
+//! [`Rebalance`] phase). The size part is the pure [`transition`], whose doc lists the
+//! priorities (a scale-up calls off a drain, a drain under way finishes before the pool
+//! goes lower, a new scale-down waits for shed agents, rebalancing only once the size
+//! settled); [`plan`] adds the rebalancing step. Why the pool is where it is, is a
+//! [`Reason`], rendered in one place for the `Scaling` condition
+//! ([`Plan::scaling_condition`], derived from the state), the Events and the metric.
+//!
 //! Everything that decides is the pure [`plan`]. [`Autoscaler`] is the memory of one
 //! leadership term (each term starts a fresh one, as the HPA does: a new leader starts a
 //! fresh stabilization window, so a failover never causes a scale-down): each pool's
@@ -43,7 +53,8 @@ use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction, PodRep
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::scaling::{
-    Ages, Decision, History, Live, Observed, Policy, decide, is_stale, live_reports, ordinal,
+    Ages, Decision, History, Live, Observed, Policy, Reason as PolicyReason, decide, is_stale,
+    live_reports, ordinal,
 };
 
 /// Drain and rebalance settings from the spec.
@@ -78,11 +89,168 @@ impl Orchestration {
     }
 }
 
+// === states, reasons, transitions ===
+
+/// Why the pool's orchestration is where it is: the reason of the `Scaling` condition
+/// and of the scaling Events, rendered in one place ([`Reason::as_str`]); nothing
+/// matches the rendered text back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// More pods (the policy's reason; also an Event).
+    ScaledUp,
+    /// Fewer pods, after their drain (condition and Event).
+    ScaledDown,
+    /// The spec's bounds moved past the current size (the policy's).
+    OutOfBounds,
+    /// More pods are needed, but the last scale-up is too recent (the policy's).
+    ScaleUpLimited,
+    /// Fewer pods would do, not for the whole stabilization window yet (the policy's).
+    ScaleDownStabilizing,
+    /// The mean is within the tolerance of the target (the policy's).
+    WithinTolerance,
+    /// The recommendation equals the current size (the policy's).
+    Stable,
+    /// No fresh report to decide on (the policy's).
+    NoReports,
+    /// Pods drain before the StatefulSet shrinks (condition).
+    Draining,
+    /// A drain began (Event).
+    DrainStarted,
+    /// Drains of pods that stay were called off (Event).
+    DrainCancelled,
+    /// A rebalancing episode acts, waits or has stopped (condition); a round began (Event).
+    Rebalancing,
+    /// An episode stopped issuing rounds (Event).
+    RebalanceStopped,
+}
+
+impl Reason {
+    /// The CamelCase text of conditions, Events and the metric label: the one place a
+    /// reason becomes a string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::ScaledUp => "ScaledUp",
+            Reason::ScaledDown => "ScaledDown",
+            Reason::OutOfBounds => "OutOfBounds",
+            Reason::ScaleUpLimited => "ScaleUpLimited",
+            Reason::ScaleDownStabilizing => "ScaleDownStabilizing",
+            Reason::WithinTolerance => "WithinTolerance",
+            Reason::Stable => "Stable",
+            Reason::NoReports => "NoReports",
+            Reason::Draining => "Draining",
+            Reason::DrainStarted => "DrainStarted",
+            Reason::DrainCancelled => "DrainCancelled",
+            Reason::Rebalancing => "Rebalancing",
+            Reason::RebalanceStopped => "RebalanceStopped",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<PolicyReason> for Reason {
+    fn from(reason: PolicyReason) -> Self {
+        match reason {
+            PolicyReason::ScaledUp => Reason::ScaledUp,
+            PolicyReason::ScaledDown => Reason::ScaledDown,
+            PolicyReason::OutOfBounds => Reason::OutOfBounds,
+            PolicyReason::ScaleUpLimited => Reason::ScaleUpLimited,
+            PolicyReason::ScaleDownStabilizing => Reason::ScaleDownStabilizing,
+            PolicyReason::WithinTolerance => Reason::WithinTolerance,
+            PolicyReason::Stable => Reason::Stable,
+            PolicyReason::NoReports => Reason::NoReports,
+        }
+    }
+}
+
+/// Where the pool's orchestration is after a step: one state at a time. Which state
+/// wins when several could apply is [`transition`]'s order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    /// No change of size under way and no episode acting; the policy's decision says
+    /// why (within tolerance, stabilizing a scale-down, rate-limited...).
+    Steady,
+    /// The StatefulSet grows from `from` to `to` in this step.
+    ScalingUp {
+        /// Pods before.
+        from: i32,
+        /// Pods after.
+        to: i32,
+    },
+    /// Pods `to..from` drain; the StatefulSet shrinks once none is pending.
+    Draining {
+        /// Pods now.
+        from: i32,
+        /// Pods once drained.
+        to: i32,
+        /// The pods still draining, with their connections.
+        pending: Vec<String>,
+    },
+    /// Every drain is done (or past its deadline): the StatefulSet shrinks in this step.
+    ScalingDown {
+        /// Pods before.
+        from: i32,
+        /// Pods after.
+        to: i32,
+        /// Pods removed with connections left because their drain deadline passed.
+        overdue: Vec<String>,
+    },
+    /// A scale-down held back while the agents a rebalance round shed come back: they
+    /// are between pods, not gone.
+    Holding {
+        /// The size held.
+        pods: i32,
+        /// Shed agents not back yet.
+        missing: i64,
+    },
+    /// A rebalancing episode acts, waits or has stopped (only once the size settled).
+    Rebalancing(Rebalance),
+    // Room for `RollingOut { batch }` (issue 22): it would rank below a scale-up and a
+    // drain under way, and wait for an episode to end.
+}
+
+/// The phase of a rebalancing episode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rebalance {
+    /// A round was issued in this step; `note` has the figures and the pods.
+    Round {
+        /// What the round sheds, from which pods.
+        note: String,
+    },
+    /// The last round is still running.
+    RoundRunning,
+    /// The round is over and its shed agents are not all back: the next waits.
+    AwaitingAgents {
+        /// Agents not back yet.
+        missing: i64,
+    },
+    /// The episode issues no more rounds until the pool is resized or balanced.
+    Stopped {
+        /// Why.
+        why: String,
+    },
+}
+
+/// The `Scaling` condition of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingCondition {
+    /// Status True: something is under way.
+    pub active: bool,
+    /// Its reason.
+    pub reason: Reason,
+    /// The figures behind it.
+    pub message: String,
+}
+
 /// An Event to publish about the pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScaleEvent {
-    /// Event reason (`ScaledUp`, `DrainStarted`, ...).
-    pub reason: &'static str,
+    /// Event reason.
+    pub reason: Reason,
     /// Human-readable note.
     pub note: String,
 }
@@ -130,6 +298,8 @@ impl Episode {
 /// What one reconcile should do about the pool's size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Where the orchestration is after this step.
+    pub state: State,
     /// The StatefulSet's replicas to apply.
     pub stateful_set_replicas: i32,
     /// `status.desiredReplicas`: where the pool is heading (below the StatefulSet's size
@@ -139,8 +309,6 @@ pub struct Plan {
     pub total_connections: i64,
     /// `status.instructions`.
     pub instructions: Vec<PodInstruction>,
-    /// The Scaling condition: (in progress, reason, message).
-    pub scaling: (bool, &'static str, String),
     /// Events to publish.
     pub events: Vec<ScaleEvent>,
     /// The pool's size changed in this step (`lastScaleTime`).
@@ -157,6 +325,61 @@ pub struct Plan {
     pub episode: Option<Episode>,
 }
 
+impl Plan {
+    /// The `Scaling` condition: rendered from the state (and, where no orchestration is
+    /// under way, the policy's decision).
+    pub fn scaling_condition(&self) -> ScalingCondition {
+        let decision = &self.decision;
+        let (active, reason, message) = match &self.state {
+            State::Steady | State::ScalingUp { .. } => (
+                !decision.reason.at_rest(),
+                decision.reason.into(),
+                decision.message.clone(),
+            ),
+            State::Draining { from, to, pending } => (
+                true,
+                Reason::Draining,
+                format!(
+                    "scaling {from} → {to} once drained; waiting for {}",
+                    pending.join(", ")
+                ),
+            ),
+            State::ScalingDown { from, to, .. } => (
+                true,
+                Reason::ScaledDown,
+                format!("{from} → {to} pods: {}", decision.message),
+            ),
+            State::Holding { pods, missing } => (
+                true,
+                Reason::Rebalancing,
+                format!(
+                    "holding {pods} pods while {missing} shed agents come back ({})",
+                    decision.message
+                ),
+            ),
+            State::Rebalancing(phase) => {
+                let (active, message) = match phase {
+                    Rebalance::Round { note } => (true, note.clone()),
+                    Rebalance::RoundRunning => (true, "rebalancing round in progress".into()),
+                    Rebalance::AwaitingAgents { missing } => (
+                        true,
+                        format!(
+                            "waiting for {missing} shed agents to come back before the next round"
+                        ),
+                    ),
+                    Rebalance::Stopped { why } => (false, format!("rebalancing stopped: {why}")),
+                };
+                (active, Reason::Rebalancing, message)
+            }
+        };
+        ScalingCondition {
+            active,
+            reason,
+            message,
+        }
+    }
+}
+
 fn signed(d: Duration) -> SignedDuration {
     SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
@@ -165,113 +388,141 @@ fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
 }
 
-/// Plans one step. `current` is the StatefulSet's replicas (None before it exists);
-/// `ages` says how long ago this operator saw each pod entry change.
-pub fn plan(
-    pool: &ConnectionPool,
-    current: Option<i32>,
-    history: &History,
-    ages: &Ages,
-    now: Timestamp,
-) -> Plan {
-    let name = pool.name_any();
-    let policy = Policy::from_spec(&pool.spec);
-    let orch = Orchestration::from_pool(pool);
-    let status = pool.status.clone().unwrap_or_default();
-    let n = current
-        .or(status.desired_replicas)
-        .unwrap_or(policy.min)
-        .max(0);
-    let stale_after = policy.stale_after();
-    let live = live_reports(&name, &status.pods, n, stale_after, ages);
-    let total: i64 = live
-        .iter()
-        .fold(0i64, |sum, l| sum.saturating_add(l.connections));
-    let report_of = |ordinal: i32| live.iter().find(|l| l.ordinal == ordinal);
-    let has_entry = |ordinal: i32| {
-        status
+/// What a step sees of the pool: plain data, read once from its status.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The pool's name (pods are `<name>-<ordinal>`).
+    pub name: String,
+    /// The StatefulSet's size (or where it is heading before it exists).
+    pub replicas: i32,
+    /// Fresh reports of pods the StatefulSet has.
+    pub live: Vec<Live>,
+    /// Connections over `live`.
+    pub total: i64,
+    /// Drain instructions in the status, by ordinal.
+    pub drains: BTreeMap<i32, PodInstruction>,
+    /// Ordinals that have an entry in `status.pods[]` (fresh or not).
+    pub entries: Vec<i32>,
+    /// A scale-down under way: the size the pool is settling at.
+    pub settling: Option<i32>,
+}
+
+impl View {
+    /// What `pool` (whose StatefulSet has `current` replicas) looks like to a step.
+    pub fn of(pool: &ConnectionPool, current: Option<i32>, policy: &Policy, ages: &Ages) -> Self {
+        let name = pool.name_any();
+        let status = pool.status.clone().unwrap_or_default();
+        let n = current
+            .or(status.desired_replicas)
+            .unwrap_or(policy.min)
+            .max(0);
+        let live = live_reports(&name, &status.pods, n, policy.stale_after(), ages);
+        let total: i64 = live
+            .iter()
+            .fold(0i64, |sum, l| sum.saturating_add(l.connections));
+        let drains: BTreeMap<i32, PodInstruction> = status
+            .instructions
+            .iter()
+            .filter(|i| i.drain)
+            .filter_map(|i| Some((ordinal(&name, &i.pod)?, i.clone())))
+            .collect();
+        // A scale-down in progress: decide from the size the pool is settling at, so the
+        // decision does not waver between "remove" and "keep" while pods drain.
+        let settling = status
+            .desired_replicas
+            .filter(|d| *d < n && drains.keys().any(|o| *o >= *d && *o < n));
+        let entries = status
             .pods
             .iter()
-            .any(|p| crate::scaling::ordinal(&name, &p.name) == Some(ordinal))
-    };
-    let pod_name = |ordinal: i32| format!("{name}-{ordinal}");
+            .filter_map(|p| ordinal(&name, &p.name))
+            .collect();
+        Self {
+            name,
+            replicas: n,
+            live,
+            total,
+            drains,
+            entries,
+            settling,
+        }
+    }
 
-    let drains: BTreeMap<i32, &PodInstruction> = status
-        .instructions
-        .iter()
-        .filter(|i| i.drain)
-        .filter_map(|i| Some((ordinal(&name, &i.pod)?, i)))
-        .collect();
-    // A scale-down in progress: decide from the size the pool is settling at, so the
-    // decision does not waver between "remove" and "keep" while pods drain.
-    let settling = status
-        .desired_replicas
-        .filter(|d| *d < n && drains.keys().any(|o| *o >= *d && *o < n));
-    let decided_from = settling.unwrap_or(n);
-    let decision = decide(
-        &policy,
-        &Observed {
-            replicas: decided_from,
-            reports: live.clone(),
-        },
-        history,
-        now,
-    );
-    // While a drain is under way, the pool only goes further down once it is done (a
-    // step is drained and removed before the next begins); going up calls it off.
-    let mut requeue = None;
-    let mut wanted = match settling {
+    fn report_of(&self, ordinal: i32) -> Option<&Live> {
+        self.live.iter().find(|l| l.ordinal == ordinal)
+    }
+
+    fn pod_name(&self, ordinal: i32) -> String {
+        format!("{}-{ordinal}", self.name)
+    }
+}
+
+/// The outcome of [`transition`]: the size part of a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// The state the size logic leaves the pool in (a rebalancing step may follow).
+    pub state: State,
+    /// The StatefulSet's replicas to apply.
+    pub stateful_set_replicas: i32,
+    /// Where the pool is heading.
+    pub wanted: i32,
+    /// Drain instructions to keep or issue.
+    pub instructions: Vec<PodInstruction>,
+    /// Events of the transition.
+    pub events: Vec<ScaleEvent>,
+    /// The size changes in this step.
+    pub scaled: bool,
+    /// When time alone changes the answer.
+    pub look_again: Option<Duration>,
+}
+
+/// The size transition of one step, pure. In order of priority:
+///
+/// 1. **Scale-up** (the policy wants more pods than the StatefulSet has): at once; it
+///    calls off the drains of pods that are kept (`DrainCancelled`).
+/// 2. **A drain under way** (`view.settling`): goes on; the pool only goes further down
+///    once it is done (the policy can only raise its floor, calling off drains above).
+/// 3. **Holding**: no new scale-down while an episode's shed agents are coming back —
+///    the dip is them, not load leaving.
+/// 4. **Scale-down**: drain the highest ordinals (`DrainStarted`, state `Draining`);
+///    once each is drained (a report echoing the drain's id, draining, 0 connections)
+///    or past its deadline, the StatefulSet shrinks (`ScalingDown`).
+/// 5. **Steady** otherwise; [`plan`] then lets a rebalancing episode act if the size
+///    settled.
+pub fn transition(
+    view: &View,
+    decision: &Decision,
+    episode: Option<&Episode>,
+    orch: &Orchestration,
+    now: Timestamp,
+) -> Transition {
+    let n = view.replicas;
+    let mut look_again = None;
+    let mut wanted = match view.settling {
         Some(floor) => decision.replicas.max(floor),
         None => decision.replicas,
     };
-    // No scale-down on the dip a rebalance round makes: the agents it shed are between
-    // pods, and draining pods now would leave them short of room when they are back
-    // (measured: a 10-pod pool drained to 7 while 305 shed agents were reconnecting).
-    // Once they are back, or the episode gives up waiting, the policy decides as usual.
-    let awaiting = history
-        .rebalance
-        .as_ref()
-        .filter(|e| e.awaiting_shed_agents(n, total, now));
     let mut held = None;
-    if let Some(ep) = awaiting
+    if let Some(ep) = episode.filter(|e| e.awaiting_shed_agents(n, view.total, now))
         && wanted < n
-        && settling.is_none()
+        && view.settling.is_none()
     {
-        held = Some(format!(
-            "holding {n} pods while {} shed agents come back ({})",
-            ep.missing(total),
-            decision.message
-        ));
+        held = Some(ep.missing(view.total));
         wanted = n;
-        requeue = Some(elapsed(now, ep.recover_by));
+        look_again = Some(elapsed(now, ep.recover_by));
     }
 
     let mut events = Vec::new();
-    let mut instructions: Vec<PodInstruction> = Vec::new();
-    let mut scaled = false;
-    let stateful_set_replicas;
-    let mut scaling = (
-        !matches!(
-            decision.reason.as_str(),
-            "Stable" | "WithinTolerance" | "NoReports"
-        ),
-        decision.reason.as_str(),
-        decision.message.clone(),
-    );
-    if let Some(message) = held {
-        scaling = (true, "Rebalancing", message);
-    }
-
     // Drains of pods that stay are called off.
     let keep_from = wanted.min(n);
-    let cancelled: Vec<String> = drains
+    let cancelled: Vec<&str> = view
+        .drains
         .iter()
         .filter(|(o, _)| **o < keep_from)
-        .map(|(_, i)| i.pod.clone())
+        .map(|(_, i)| i.pod.as_str())
         .collect();
     if !cancelled.is_empty() {
         events.push(ScaleEvent {
-            reason: "DrainCancelled",
+            reason: Reason::DrainCancelled,
             note: format!(
                 "drain of {} called off: {}",
                 cancelled.join(", "),
@@ -281,111 +532,175 @@ pub fn plan(
     }
 
     if wanted >= n {
-        stateful_set_replicas = wanted;
-        if wanted > n {
-            scaled = true;
+        let state = if wanted > n {
             events.push(ScaleEvent {
-                reason: "ScaledUp",
+                reason: Reason::ScaledUp,
                 note: format!("{n} → {wanted} pods: {}", decision.message),
             });
-        }
-    } else {
-        // Scale-down: drain the highest ordinals first.
-        let mut pending = Vec::new();
-        let mut started = Vec::new();
-        let mut deadline_passed = Vec::new();
-        for o in wanted..n {
-            let instruction = match drains.get(&o) {
-                Some(existing) => (*existing).clone(),
-                None => {
-                    started.push(pod_name(o));
-                    PodInstruction {
-                        pod: pod_name(o),
-                        id: format!("drain-{}", now.as_millisecond()),
-                        drain: true,
-                        shed: None,
-                        issued_at: Some(Time(now)),
-                    }
-                }
-            };
-            let issued = instruction.issued_at.as_ref().map_or(now, |t| t.0);
-            // Only a report made while acting on this very instruction counts: not one
-            // from a cancelled drain, a shutdown drain or an earlier boot of the pod.
-            let drained = report_of(o).is_some_and(|r| {
-                r.draining && r.connections == 0 && r.instruction.as_ref() == Some(&instruction.id)
-            });
-            let left = orch.drain_deadline.saturating_sub(elapsed(issued, now));
-            if !drained {
-                if left.is_zero() {
-                    deadline_passed.push(format!(
-                        "{} ({} connections)",
-                        pod_name(o),
-                        report_of(o).map_or(0, |r| r.connections)
-                    ));
-                } else {
-                    requeue = Some(requeue.map_or(left, |r: Duration| r.min(left)));
-                    pending.push(format!(
-                        "{} ({})",
-                        pod_name(o),
-                        report_of(o).map_or("not reported yet".to_string(), |r| format!(
-                            "{} connections",
-                            r.connections
-                        ))
-                    ));
+            State::ScalingUp {
+                from: n,
+                to: wanted,
+            }
+        } else if let Some(missing) = held {
+            State::Holding { pods: n, missing }
+        } else {
+            State::Steady
+        };
+        return Transition {
+            state,
+            stateful_set_replicas: wanted,
+            wanted,
+            instructions: Vec::new(),
+            events,
+            scaled: wanted > n,
+            look_again,
+        };
+    }
+
+    // Scale-down: drain the highest ordinals first.
+    let mut instructions = Vec::new();
+    let mut pending = Vec::new();
+    let mut started = Vec::new();
+    let mut overdue = Vec::new();
+    for o in wanted..n {
+        let instruction = match view.drains.get(&o) {
+            Some(existing) => existing.clone(),
+            None => {
+                started.push(view.pod_name(o));
+                PodInstruction {
+                    pod: view.pod_name(o),
+                    id: format!("drain-{}", now.as_millisecond()),
+                    drain: true,
+                    shed: None,
+                    issued_at: Some(Time(now)),
                 }
             }
-            instructions.push(instruction);
-        }
-        if !started.is_empty() {
-            events.push(ScaleEvent {
-                reason: "DrainStarted",
-                note: format!(
-                    "draining {} before scaling {n} → {wanted}: {}",
-                    started.join(", "),
-                    decision.message
-                ),
-            });
-        }
-        if pending.is_empty() {
-            stateful_set_replicas = wanted;
-            scaled = true;
-            let mut note = format!("{n} → {wanted} pods after draining");
-            if !deadline_passed.is_empty() {
-                note.push_str(&format!(
-                    "; drain deadline passed for {}",
-                    deadline_passed.join(", ")
+        };
+        let issued = instruction.issued_at.as_ref().map_or(now, |t| t.0);
+        // Only a report made while acting on this very instruction counts: not one
+        // from a cancelled drain, a shutdown drain or an earlier boot of the pod.
+        let report = view.report_of(o);
+        let drained = report.is_some_and(|r| {
+            r.draining && r.connections == 0 && r.instruction.as_ref() == Some(&instruction.id)
+        });
+        let left = orch.drain_deadline.saturating_sub(elapsed(issued, now));
+        if !drained {
+            if left.is_zero() {
+                overdue.push(format!(
+                    "{} ({} connections)",
+                    view.pod_name(o),
+                    report.map_or(0, |r| r.connections)
+                ));
+            } else {
+                look_again = Some(look_again.map_or(left, |r: Duration| r.min(left)));
+                pending.push(format!(
+                    "{} ({})",
+                    view.pod_name(o),
+                    report.map_or("not reported yet".to_string(), |r| format!(
+                        "{} connections",
+                        r.connections
+                    ))
                 ));
             }
-            events.push(ScaleEvent {
-                reason: "ScaledDown",
-                note,
-            });
-            scaling = (
-                true,
-                "ScaledDown",
-                format!("{n} → {wanted} pods: {}", decision.message),
-            );
-        } else {
-            stateful_set_replicas = n;
-            scaling = (
-                true,
-                "Draining",
-                format!(
-                    "scaling {n} → {wanted} once drained; waiting for {}",
-                    pending.join(", ")
-                ),
-            );
         }
+        instructions.push(instruction);
     }
+    if !started.is_empty() {
+        events.push(ScaleEvent {
+            reason: Reason::DrainStarted,
+            note: format!(
+                "draining {} before scaling {n} → {wanted}: {}",
+                started.join(", "),
+                decision.message
+            ),
+        });
+    }
+    let (state, stateful_set_replicas) = if pending.is_empty() {
+        let mut note = format!("{n} → {wanted} pods after draining");
+        if !overdue.is_empty() {
+            note.push_str(&format!(
+                "; drain deadline passed for {}",
+                overdue.join(", ")
+            ));
+        }
+        events.push(ScaleEvent {
+            reason: Reason::ScaledDown,
+            note,
+        });
+        (
+            State::ScalingDown {
+                from: n,
+                to: wanted,
+                overdue,
+            },
+            wanted,
+        )
+    } else {
+        (
+            State::Draining {
+                from: n,
+                to: wanted,
+                pending,
+            },
+            n,
+        )
+    };
+    Transition {
+        scaled: stateful_set_replicas != n,
+        state,
+        stateful_set_replicas,
+        wanted,
+        instructions,
+        events,
+        look_again,
+    }
+}
+
+/// Plans one step. `current` is the StatefulSet's replicas (None before it exists);
+/// `ages` says how long ago this operator saw each pod entry change. The size part is
+/// [`transition`]; a rebalancing step follows once the size settled.
+pub fn plan(
+    pool: &ConnectionPool,
+    current: Option<i32>,
+    history: &History,
+    ages: &Ages,
+    now: Timestamp,
+) -> Plan {
+    let policy = Policy::from_spec(&pool.spec);
+    let orch = Orchestration::from_pool(pool);
+    let status = pool.status.clone().unwrap_or_default();
+    let stale_after = policy.stale_after();
+    let view = View::of(pool, current, &policy, ages);
+    let (name, n) = (view.name.as_str(), view.replicas);
+    let decided_from = view.settling.unwrap_or(n);
+    let decision = decide(
+        &policy,
+        &Observed {
+            replicas: decided_from,
+            reports: view.live.clone(),
+        },
+        history,
+        now,
+    );
+    let Transition {
+        mut state,
+        stateful_set_replicas,
+        wanted,
+        mut instructions,
+        mut events,
+        scaled,
+        look_again,
+    } = transition(&view, &decision, history.rebalance.as_ref(), &orch, now);
+    let mut requeue = look_again;
 
     // Pods beyond the new size keep their drain instruction until their entry is gone,
     // so that a pod still shutting down never turns ready again.
-    for (o, i) in &drains {
+    for (o, i) in &view.drains {
         if *o >= stateful_set_replicas
             && !instructions.iter().any(|k| k.pod == i.pod)
-            && has_entry(*o)
+            && view.entries.contains(o)
         {
-            instructions.push((*i).clone());
+            instructions.push(i.clone());
         }
     }
 
@@ -393,13 +708,13 @@ pub fn plan(
     let settled = wanted == n
         && instructions
             .iter()
-            .all(|i| ordinal(&name, &i.pod).is_some_and(|o| o >= n));
+            .all(|i| ordinal(name, &i.pod).is_some_and(|o| o >= n));
     let mut episode = history.rebalance.clone().filter(|e| e.replicas == n);
     if settled && orch.spread_percent > 0 {
         let step = rebalance(
-            &name,
+            name,
             &status.instructions,
-            &live,
+            &view.live,
             n,
             &policy,
             &orch,
@@ -410,8 +725,8 @@ pub fn plan(
         if let Some(event) = step.event {
             events.push(event);
         }
-        if let Some(message) = step.message {
-            scaling = (step.active, "Rebalancing", message);
+        if let Some(phase) = step.phase {
+            state = State::Rebalancing(phase);
         }
         if let Some(at) = step.look_again {
             requeue = Some(requeue.map_or(at, |r: Duration| r.min(at)));
@@ -424,17 +739,31 @@ pub fn plan(
         .pods
         .iter()
         .filter(|p| {
-            let gone = ordinal(&name, &p.name).is_none_or(|o| o >= stateful_set_replicas)
+            let gone = ordinal(name, &p.name).is_none_or(|o| o >= stateful_set_replicas)
                 && !instructions.iter().any(|i| i.pod == p.name);
             gone || is_stale(p, ages, stale_after)
         })
         .map(|p| p.name.clone())
         .collect();
 
+    let mut plan = Plan {
+        state,
+        stateful_set_replicas,
+        desired_replicas: wanted,
+        total_connections: view.total,
+        instructions,
+        events,
+        scaled,
+        prune,
+        requeue: Duration::ZERO,
+        decision,
+        decided_from,
+        episode,
+    };
     // Reports trigger the next step; time alone matters for deadlines, rounds, the
     // windows of the policy and for noticing that pods went silent.
-    let requeue = requeue
-        .unwrap_or(if scaling.0 {
+    plan.requeue = requeue
+        .unwrap_or(if plan.scaling_condition().active {
             policy.report_interval
         } else {
             stale_after
@@ -443,21 +772,7 @@ pub fn plan(
             Duration::from_millis(500),
             stale_after.max(Duration::from_secs(1)),
         );
-
-    Plan {
-        stateful_set_replicas,
-        desired_replicas: wanted,
-        total_connections: total,
-        instructions,
-        scaling,
-        events,
-        scaled,
-        prune,
-        requeue,
-        decision,
-        decided_from,
-        episode,
-    }
+    plan
 }
 
 /// What rebalancing does in one step.
@@ -469,10 +784,8 @@ struct RebalanceStep {
     episode: Option<Episode>,
     /// An Event, when a round starts or the episode stops.
     event: Option<ScaleEvent>,
-    /// The Scaling condition's message while an episode is under way.
-    message: Option<String>,
-    /// Whether the episode is still acting (the condition's status).
-    active: bool,
+    /// The episode's phase, when it has one to show (the pool's state then).
+    phase: Option<Rebalance>,
     /// When time alone changes the answer.
     look_again: Option<Duration>,
 }
@@ -507,8 +820,7 @@ fn rebalance(
             return RebalanceStep {
                 round: running.into_iter().cloned().collect(),
                 episode,
-                message: Some("rebalancing round in progress".into()),
-                active: true,
+                phase: Some(Rebalance::RoundRunning),
                 look_again: Some(left),
                 ..Default::default()
             };
@@ -524,7 +836,7 @@ fn rebalance(
     {
         let balanced = live.len() == n as usize && heavy_pods(live, n, orch).is_empty();
         return RebalanceStep {
-            message: (!balanced).then(|| format!("rebalancing stopped: {why}")),
+            phase: (!balanced).then(|| Rebalance::Stopped { why: why.clone() }),
             episode: (!balanced).then_some(episode.clone()).flatten(),
             ..Default::default()
         };
@@ -547,10 +859,10 @@ fn rebalance(
         ep.stopped = Some((now, why.clone()));
         RebalanceStep {
             event: Some(ScaleEvent {
-                reason: "RebalanceStopped",
+                reason: Reason::RebalanceStopped,
                 note: why.clone(),
             }),
-            message: Some(format!("rebalancing stopped: {why}")),
+            phase: Some(Rebalance::Stopped { why }),
             episode: Some(ep),
             ..Default::default()
         }
@@ -569,10 +881,7 @@ fn rebalance(
                 }
                 return RebalanceStep {
                     episode: Some(ep),
-                    message: Some(format!(
-                        "waiting for {missing} shed agents to come back before the next round"
-                    )),
-                    active: true,
+                    phase: Some(Rebalance::AwaitingAgents { missing }),
                     look_again: Some(left),
                     ..Default::default()
                 };
@@ -635,11 +944,10 @@ fn rebalance(
         round,
         episode: Some(ep),
         event: Some(ScaleEvent {
-            reason: "Rebalancing",
+            reason: Reason::Rebalancing,
             note: note.clone(),
         }),
-        message: Some(note),
-        active: true,
+        phase: Some(Rebalance::Round { note }),
         look_again: Some(round_time),
     }
 }
@@ -759,7 +1067,7 @@ impl Autoscaler {
             replicas = plan.stateful_set_replicas,
             desired = plan.desired_replicas,
             total = plan.total_connections,
-            reason = plan.scaling.1,
+            state = ?plan.state,
             oldest_report = ?ages.values().max(),
             watch_silent_for = ?seen_now.saturating_duration_since(progress),
             "autoscale step"
@@ -905,15 +1213,15 @@ async fn annotate(
 /// are spaced by `scale_spacing`, so this is at most one Event per pool per step.
 pub async fn after_apply(client: &Client, reporter: &Reporter, pool: &ConnectionPool, plan: &Plan) {
     for event in &plan.events {
-        let span = info_span!("scaling", pool = %pool.name_any(), reason = event.reason, note = %event.note);
+        let span = info_span!("scaling", pool = %pool.name_any(), reason = %event.reason, note = %event.note);
         async {
-            info!(pool = %pool.name_any(), reason = event.reason, note = %event.note, "scaling");
+            info!(pool = %pool.name_any(), reason = %event.reason, note = %event.note, "scaling");
             let note = event_note(&event.note, tether_telemetry::current_trace_id().as_deref());
             let published = Recorder::new(client.clone(), reporter.clone())
                 .publish(
                     &Event {
                         type_: EventType::Normal,
-                        reason: event.reason.into(),
+                        reason: event.reason.to_string(),
                         note: Some(note),
                         action: "Scale".into(),
                         secondary: None,
@@ -1079,7 +1387,7 @@ mod tests {
             ),
             (4, 4, true)
         );
-        assert_eq!(plan.events[0].reason, "ScaledUp");
+        assert_eq!(plan.events[0].reason, Reason::ScaledUp);
         assert!(plan.instructions.is_empty());
     }
 
@@ -1103,8 +1411,8 @@ mod tests {
             .map(|i| (i.pod.as_str(), i.drain))
             .collect();
         assert_eq!(drained, vec![("p-1", true), ("p-2", true)]);
-        assert_eq!(step1.events[0].reason, "DrainStarted");
-        assert_eq!(step1.scaling.1, "Draining");
+        assert_eq!(step1.events[0].reason, Reason::DrainStarted);
+        assert_eq!(step1.scaling_condition().reason, Reason::Draining);
 
         // p-2 is empty, p-1 still holds agents: keep waiting, same instructions.
         let p = pool(
@@ -1127,7 +1435,7 @@ mod tests {
         );
         let step3 = plan(&p, Some(3), &old_history(), &fresh(&p), t(110));
         assert_eq!((step3.stateful_set_replicas, step3.scaled), (1, true));
-        assert_eq!(step3.events[0].reason, "ScaledDown");
+        assert_eq!(step3.events[0].reason, Reason::ScaledDown);
         assert_eq!(step3.instructions, step1.instructions);
         assert!(
             step3.prune.is_empty(),
@@ -1215,7 +1523,7 @@ mod tests {
         assert!(plan.stateful_set_replicas >= 4, "{plan:?}");
         assert!(plan.instructions.is_empty(), "drain cancelled");
         let reasons: Vec<_> = plan.events.iter().map(|e| e.reason).collect();
-        assert_eq!(reasons, vec!["DrainCancelled", "ScaledUp"]);
+        assert_eq!(reasons, vec![Reason::DrainCancelled, Reason::ScaledUp]);
     }
 
     #[test]
@@ -1235,8 +1543,8 @@ mod tests {
             (shed.pod.as_str(), shed.shed, shed.drain),
             ("p-0", Some(170), false)
         );
-        assert_eq!(round.scaling.1, "Rebalancing");
-        assert_eq!(round.events[0].reason, "Rebalancing");
+        assert_eq!(round.scaling_condition().reason, Reason::Rebalancing);
+        assert_eq!(round.events[0].reason, Reason::Rebalancing);
 
         // While the round runs, the same instruction stays and no new Event is sent.
         let p = pool(
@@ -1258,7 +1566,7 @@ mod tests {
         );
         let balanced = plan(&p, Some(3), &old_history(), &fresh(&p), t(120));
         assert!(balanced.instructions.is_empty(), "{balanced:?}");
-        assert_ne!(balanced.scaling.1, "Rebalancing");
+        assert_ne!(balanced.scaling_condition().reason, Reason::Rebalancing);
     }
 
     #[test]
@@ -1312,7 +1620,7 @@ mod tests {
         p.status.as_mut().unwrap().pods[1].instruction = Some("drain-1".into());
         let waiting = plan(&p, Some(2), &old_history(), &fresh(&p), t(5));
         assert_eq!(waiting.stateful_set_replicas, 2, "{waiting:?}");
-        assert_eq!(waiting.scaling.1, "Draining");
+        assert_eq!(waiting.scaling_condition().reason, Reason::Draining);
         assert!(waiting.requeue <= Duration::from_secs(25));
         p.status.as_mut().unwrap().pods[1].instruction = Some("drain-2".into());
         let done = plan(&p, Some(2), &old_history(), &fresh(&p), t(6));
@@ -1379,11 +1687,13 @@ mod tests {
             last = step;
         }
         assert_eq!(shed, budget, "no round beyond the first: {last:?}");
-        assert_eq!(last.scaling.1, "Rebalancing");
+        assert_eq!(last.scaling_condition().reason, Reason::Rebalancing);
         assert!(
-            last.scaling.2.contains("did not come back"),
+            last.scaling_condition()
+                .message
+                .contains("did not come back"),
             "{}",
-            last.scaling.2
+            last.scaling_condition().message
         );
         assert!(last.instructions.is_empty());
     }
@@ -1418,7 +1728,11 @@ mod tests {
             "{dip:?}"
         );
         assert!(dip.instructions.iter().all(|i| !i.drain), "{dip:?}");
-        assert_eq!(dip.scaling.1, "Rebalancing", "{dip:?}");
+        assert_eq!(
+            dip.scaling_condition().reason,
+            Reason::Rebalancing,
+            "{dip:?}"
+        );
         // They never come back: the episode stops waiting, and the policy decides from
         // what is there.
         let mut last = dip;
@@ -1435,16 +1749,18 @@ mod tests {
         let waiting = rebalance_step([84, 40, 40], &first, 106);
         assert!(waiting.instructions.is_empty(), "{waiting:?}");
         assert!(
-            waiting.scaling.2.contains("waiting for"),
+            waiting.scaling_condition().message.contains("waiting for"),
             "{}",
-            waiting.scaling.2
+            waiting.scaling_condition().message
         );
         // A load balancer sent them all back to the same pod: the total recovered, the
         // pod is as heavy as before, and the budget is spent: stop, no second round.
         let back = rebalance_step([250, 0, 0], &waiting, 108);
         assert!(back.instructions.is_empty(), "{back:?}");
         assert!(
-            back.events.iter().any(|e| e.reason == "RebalanceStopped"),
+            back.events
+                .iter()
+                .any(|e| e.reason == Reason::RebalanceStopped),
             "{:?}",
             back.events
         );
@@ -1480,5 +1796,332 @@ mod tests {
             .unwrap();
         assert_eq!(again.last_transition_time, cond.last_transition_time);
         assert_eq!(next.desired_replicas, Some(1));
+    }
+
+    // === transitions, without a pool or I/O ===
+
+    fn decision(replicas: i32, reason: PolicyReason) -> Decision {
+        Decision {
+            replicas,
+            recommendation: replicas,
+            reason,
+            message: "m".into(),
+        }
+    }
+
+    fn drain(o: i32, id: &str, issued: i64) -> (i32, PodInstruction) {
+        (
+            o,
+            PodInstruction {
+                pod: format!("p-{o}"),
+                id: id.into(),
+                drain: true,
+                shed: None,
+                issued_at: Some(Time(t(issued))),
+            },
+        )
+    }
+
+    /// A view of `n` pods: `live` is (ordinal, connections, instruction echoed while
+    /// draining).
+    fn view(
+        n: i32,
+        live: &[(i32, i64, Option<&str>)],
+        drains: Vec<(i32, PodInstruction)>,
+        settling: Option<i32>,
+    ) -> View {
+        let live: Vec<Live> = live
+            .iter()
+            .map(|(o, c, acting)| Live {
+                ordinal: *o,
+                connections: *c,
+                refused: 0,
+                ready: acting.is_none(),
+                draining: acting.is_some(),
+                instruction: acting.map(String::from),
+            })
+            .collect();
+        View {
+            name: "p".into(),
+            replicas: n,
+            total: live.iter().map(|l| l.connections).sum(),
+            entries: live.iter().map(|l| l.ordinal).collect(),
+            live,
+            drains: drains.into_iter().collect(),
+            settling,
+        }
+    }
+
+    fn orch() -> Orchestration {
+        Orchestration {
+            drain_deadline: Duration::from_secs(30),
+            close_rate: 100,
+            reconnect_jitter: Duration::ZERO,
+            spread_percent: 25,
+        }
+    }
+
+    fn reasons(t: &Transition) -> Vec<Reason> {
+        t.events.iter().map(|e| e.reason).collect()
+    }
+
+    #[test]
+    fn a_scale_up_outranks_a_drain_under_way_and_calls_it_off() {
+        let v = view(
+            3,
+            &[(0, 90, None), (1, 90, None), (2, 40, Some("d"))],
+            vec![drain(2, "d", 0)],
+            Some(2),
+        );
+        let step = transition(
+            &v,
+            &decision(5, PolicyReason::ScaledUp),
+            None,
+            &orch(),
+            t(5),
+        );
+        assert_eq!(step.state, State::ScalingUp { from: 3, to: 5 });
+        assert_eq!((step.stateful_set_replicas, step.scaled), (5, true));
+        assert!(step.instructions.is_empty());
+        assert_eq!(reasons(&step), [Reason::DrainCancelled, Reason::ScaledUp]);
+    }
+
+    #[test]
+    fn a_drain_under_way_keeps_its_floor_and_its_ids() {
+        // Draining 4 → 2; the policy now wants 1: this step finishes first.
+        let v = view(
+            4,
+            &[
+                (0, 9, None),
+                (1, 9, None),
+                (2, 3, Some("d")),
+                (3, 0, Some("d")),
+            ],
+            vec![drain(2, "d", 0), drain(3, "d", 0)],
+            Some(2),
+        );
+        let step = transition(
+            &v,
+            &decision(1, PolicyReason::ScaledDown),
+            None,
+            &orch(),
+            t(5),
+        );
+        assert_eq!(
+            step.state,
+            State::Draining {
+                from: 4,
+                to: 2,
+                pending: vec!["p-2 (3 connections)".into()]
+            }
+        );
+        assert_eq!((step.stateful_set_replicas, step.wanted), (4, 2));
+        assert!(step.instructions.iter().all(|i| i.id == "d"));
+        assert!(step.events.is_empty(), "no second DrainStarted");
+        assert_eq!(step.look_again, Some(Duration::from_secs(25)));
+        // p-2 drained too: the StatefulSet shrinks.
+        let v = view(
+            4,
+            &[
+                (0, 9, None),
+                (1, 9, None),
+                (2, 0, Some("d")),
+                (3, 0, Some("d")),
+            ],
+            vec![drain(2, "d", 0), drain(3, "d", 0)],
+            Some(2),
+        );
+        let step = transition(
+            &v,
+            &decision(1, PolicyReason::ScaledDown),
+            None,
+            &orch(),
+            t(6),
+        );
+        assert_eq!(
+            step.state,
+            State::ScalingDown {
+                from: 4,
+                to: 2,
+                overdue: vec![]
+            }
+        );
+        assert_eq!((step.stateful_set_replicas, step.scaled), (2, true));
+        assert_eq!(reasons(&step), [Reason::ScaledDown]);
+    }
+
+    #[test]
+    fn shed_agents_coming_back_hold_a_new_scale_down_but_not_one_under_way() {
+        let episode = Episode {
+            replicas: 3,
+            total_at_start: 300,
+            budget: 200,
+            shed: 200,
+            recover_by: t(20),
+            stopped: None,
+        };
+        let v = view(
+            3,
+            &[(0, 100, None), (1, 0, None), (2, 0, None)],
+            vec![],
+            None,
+        );
+        let d = decision(1, PolicyReason::ScaledDown);
+        let held = transition(&v, &d, Some(&episode), &orch(), t(10));
+        assert_eq!(
+            held.state,
+            State::Holding {
+                pods: 3,
+                missing: 200
+            }
+        );
+        assert_eq!((held.stateful_set_replicas, held.wanted), (3, 3));
+        assert!(held.instructions.is_empty() && held.events.is_empty());
+        assert_eq!(held.look_again, Some(Duration::from_secs(10)));
+        // Past `recover_by` nothing holds it: the drain starts.
+        let late = transition(&v, &d, Some(&episode), &orch(), t(21));
+        assert!(
+            matches!(late.state, State::Draining { to: 1, .. }),
+            "{late:?}"
+        );
+        assert_eq!(reasons(&late), [Reason::DrainStarted]);
+        // A drain already under way is not held.
+        let v = view(
+            3,
+            &[(0, 100, None), (1, 0, None), (2, 5, Some("d"))],
+            vec![drain(2, "d", 0)],
+            Some(2),
+        );
+        let going = transition(&v, &d, Some(&episode), &orch(), t(10));
+        assert!(
+            matches!(going.state, State::Draining { to: 2, .. }),
+            "{going:?}"
+        );
+    }
+
+    #[test]
+    fn an_overdue_drain_is_named_and_no_longer_waited_for() {
+        let v = view(
+            2,
+            &[(0, 9, None), (1, 4, Some("d"))],
+            vec![drain(1, "d", 0)],
+            Some(1),
+        );
+        let step = transition(
+            &v,
+            &decision(1, PolicyReason::ScaledDown),
+            None,
+            &orch(),
+            t(31),
+        );
+        assert_eq!(
+            step.state,
+            State::ScalingDown {
+                from: 2,
+                to: 1,
+                overdue: vec!["p-1 (4 connections)".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn no_change_is_steady() {
+        let v = view(2, &[(0, 90, None), (1, 90, None)], vec![], None);
+        for reason in [
+            PolicyReason::WithinTolerance,
+            PolicyReason::ScaleDownStabilizing,
+            PolicyReason::ScaleUpLimited,
+        ] {
+            let step = transition(&v, &decision(2, reason), None, &orch(), t(1));
+            assert_eq!(step.state, State::Steady);
+            assert!(step.events.is_empty() && !step.scaled);
+        }
+    }
+
+    #[test]
+    fn the_scaling_condition_is_rendered_from_the_state() {
+        let p = pool(&[(0, 100, false)], vec![], Some(1), 100);
+        let mut plan = plan(&p, Some(1), &old_history(), &fresh(&p), t(100));
+        let rendered = |plan: &Plan| {
+            let c = plan.scaling_condition();
+            (c.active, c.reason)
+        };
+        // Steady: the policy's reason, active unless at rest.
+        assert_eq!(plan.state, State::Steady);
+        assert_eq!(rendered(&plan), (false, Reason::WithinTolerance));
+        plan.decision.reason = PolicyReason::ScaleDownStabilizing;
+        assert_eq!(rendered(&plan), (true, Reason::ScaleDownStabilizing));
+        for (state, expected) in [
+            (
+                State::Draining {
+                    from: 3,
+                    to: 1,
+                    pending: vec!["p-2 (4 connections)".into()],
+                },
+                (true, Reason::Draining),
+            ),
+            (
+                State::ScalingDown {
+                    from: 3,
+                    to: 1,
+                    overdue: vec![],
+                },
+                (true, Reason::ScaledDown),
+            ),
+            (
+                State::Holding {
+                    pods: 3,
+                    missing: 7,
+                },
+                (true, Reason::Rebalancing),
+            ),
+            (
+                State::Rebalancing(Rebalance::RoundRunning),
+                (true, Reason::Rebalancing),
+            ),
+            (
+                State::Rebalancing(Rebalance::Stopped { why: "x".into() }),
+                (false, Reason::Rebalancing),
+            ),
+        ] {
+            plan.state = state;
+            assert_eq!(rendered(&plan), expected, "{:?}", plan.state);
+        }
+        assert_eq!(plan.scaling_condition().message, "rebalancing stopped: x");
+    }
+
+    #[test]
+    fn each_reason_is_rendered_once_as_its_name() {
+        let all = [
+            Reason::ScaledUp,
+            Reason::ScaledDown,
+            Reason::OutOfBounds,
+            Reason::ScaleUpLimited,
+            Reason::ScaleDownStabilizing,
+            Reason::WithinTolerance,
+            Reason::Stable,
+            Reason::NoReports,
+            Reason::Draining,
+            Reason::DrainStarted,
+            Reason::DrainCancelled,
+            Reason::Rebalancing,
+            Reason::RebalanceStopped,
+        ];
+        for reason in all {
+            assert_eq!(reason.to_string(), format!("{reason:?}"));
+            assert_eq!(reason.as_str(), format!("{reason:?}"));
+        }
+        for policy in [
+            PolicyReason::ScaledUp,
+            PolicyReason::ScaledDown,
+            PolicyReason::OutOfBounds,
+            PolicyReason::ScaleUpLimited,
+            PolicyReason::ScaleDownStabilizing,
+            PolicyReason::WithinTolerance,
+            PolicyReason::Stable,
+            PolicyReason::NoReports,
+        ] {
+            assert_eq!(Reason::from(policy).as_str(), format!("{policy:?}"));
+        }
     }
 }

@@ -48,6 +48,7 @@ use tether_crds::{CONDITION_DEGRADED, ConnectionPool};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
+use crate::ownership;
 use crate::resources::{self, Desired, MANAGED_BY, Settings};
 use crate::status::{Observed, pool_status, worth_writing};
 use crate::validate::{SpecError, validate};
@@ -124,6 +125,10 @@ pub struct Context {
     /// When the pool watch last delivered anything: the clock that report staleness is
     /// measured against (see `Autoscaler::step`).
     pool_watch_progress: Arc<Mutex<Instant>>,
+    /// The pools, from the controller's own watch: the siblings a pool's children must
+    /// not collide with (see `ownership`).
+    pools: Store<ConnectionPool>,
+    pool_writer: Mutex<Option<reflector::store::Writer<ConnectionPool>>>,
     /// The pools' StatefulSets, from a watch.
     stateful_sets: Store<StatefulSet>,
     stateful_set_writer: Mutex<Option<reflector::store::Writer<StatefulSet>>>,
@@ -170,6 +175,7 @@ impl Context {
             instance,
         };
         let (stateful_sets, writer) = reflector::store();
+        let (pools, pool_writer) = reflector::store();
         Self {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             reporter,
@@ -186,6 +192,8 @@ impl Context {
             written: Mutex::default(),
             stepped: Mutex::default(),
             pool_watch_progress: Arc::new(Mutex::new(Instant::now())),
+            pools,
+            pool_writer: Mutex::new(Some(pool_writer)),
             stateful_sets,
             stateful_set_writer: Mutex::new(Some(writer)),
         }
@@ -487,7 +495,7 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     Ok(match (&plan, &problem) {
         (Some(plan), _) => {
             for event in &plan.events {
-                ctx.metrics.observe_scaling(pool, event.reason);
+                ctx.metrics.observe_scaling(pool, event.reason.as_str());
             }
             crate::autoscale::after_apply(&ctx.client, &ctx.reporter, pool, plan).await;
             Action::requeue(plan.requeue.min(RESYNC))
@@ -509,13 +517,114 @@ async fn apply_spec(
     if let Err(problem) = validate(pool) {
         return Ok(Err(problem));
     }
-    ensure_nats_token(pool, ctx).await?;
+    let siblings = ctx.pools.state();
+    if let Some(collision) = ownership::name_collision(pool, siblings.iter().map(|p| &**p)) {
+        let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+        for (kind, name) in &collision.objects {
+            let meta = existing_child(&ctx.client, &ns, *kind, name).await?;
+            if !meta.is_some_and(|m| ownership::controlled_by(&m, pool)) {
+                return Ok(Err(collision.refusal()));
+            }
+        }
+    }
+    let desired = resources::desired(pool, &ctx.settings, replicas);
+    if let Ok(desired) = &desired
+        && let Err(problem) = check_ownership(pool, desired, ctx).await?
+    {
+        return Ok(Err(problem));
+    }
+    if let Err(problem) = ensure_nats_token(pool, ctx).await? {
+        return Ok(Err(problem));
+    }
     if let Err(problem) = check_secrets(pool, ctx).await? {
         return Ok(Err(problem));
     }
-    match resources::desired(pool, &ctx.settings, replicas) {
+    match desired {
         Err(problem) => Ok(Err(problem)),
         Ok(desired) => apply_children(pool, &desired, ctx).await,
+    }
+}
+
+/// Reads the metadata of every child about to be written: one that exists without this
+/// pool's controller reference is a problem, and nothing is written (a forced apply
+/// would adopt it: take its fields and add the pool's ownerReference, and the garbage
+/// collector would delete it with the pool). A read per child per spec change, never
+/// per report. The window between this read and the apply that creates a child is not
+/// closed: an object created in it is adopted (see docs/operator.md).
+async fn check_ownership(
+    pool: &ConnectionPool,
+    desired: &Desired,
+    ctx: &Context,
+) -> Result<Result<(), SpecError>, Error> {
+    let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    let client = &ctx.client;
+    for (kind, name) in ownership::planned_children(pool, desired) {
+        let meta = match existing_child(client, &ns, kind, &name).await {
+            Err(Error::Kube(err)) => forbidden(Err(err), || format!("get {kind} {name:?}"))?,
+            other => Ok(other?),
+        };
+        let meta = match meta {
+            Ok(meta) => meta,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        if let Err(problem) = ownership::check_owner(pool, kind, &name, meta.as_ref()) {
+            return Ok(Err(problem));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The metadata of the child `kind`/`name`, if it exists.
+async fn existing_child(
+    client: &Client,
+    ns: &str,
+    kind: ownership::Kind,
+    name: &str,
+) -> Result<Option<kube::api::ObjectMeta>, Error> {
+    use ownership::Kind;
+    match kind {
+        Kind::StatefulSet => existing::<StatefulSet>(client, ns, name).await,
+        Kind::Service => existing::<Service>(client, ns, name).await,
+        Kind::PodDisruptionBudget => existing::<PodDisruptionBudget>(client, ns, name).await,
+        Kind::ConfigMap => existing::<ConfigMap>(client, ns, name).await,
+        Kind::ServiceAccount => existing::<ServiceAccount>(client, ns, name).await,
+        Kind::Role => existing::<Role>(client, ns, name).await,
+        Kind::RoleBinding => existing::<RoleBinding>(client, ns, name).await,
+        Kind::NetworkPolicy => existing::<NetworkPolicy>(client, ns, name).await,
+        Kind::Secret => existing::<Secret>(client, ns, name).await,
+    }
+}
+
+/// The metadata of `name`, if it exists.
+async fn existing<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<kube::api::ObjectMeta>, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    Ok(api.get_metadata_opt(name).await?.map(|m| m.metadata))
+}
+
+/// A 403 as a spec problem: the operator's RBAC does not reach the pool's namespace
+/// (the chart's `tenantNamespaces`). Retried every `--secret-recheck`, as a Role may be
+/// granted later, instead of failing the reconcile into back-off with nothing shown.
+fn forbidden<T>(
+    result: Result<T, kube::Error>,
+    action: impl FnOnce() -> String,
+) -> Result<Result<T, SpecError>, Error> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(kube::Error::Api(status)) if status.code == 403 => Ok(Err(SpecError::Forbidden {
+            action: action(),
+            message: status.message,
+        })),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -548,19 +657,22 @@ fn apply_params() -> PatchParams {
 /// Creates the token Secret of a managed NATS that the pool gives no credentials for,
 /// if it is missing: 32 random bytes, hex. Never rewritten: a new token would lock the
 /// running gateways out of the running server until both restarted.
-async fn ensure_nats_token(pool: &ConnectionPool, ctx: &Context) -> Result<(), Error> {
+async fn ensure_nats_token(
+    pool: &ConnectionPool,
+    ctx: &Context,
+) -> Result<Result<(), SpecError>, Error> {
     if !resources::generates_nats_token(pool) {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = resources::nats_auth_secret_name(pool);
     if secrets.get_metadata_opt(&name).await?.is_some() {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
     let Ok(secret) = resources::nats_token_secret(pool, &token) else {
-        return Ok(()); // an unsaved pool: validate() has refused it already
+        return Ok(Ok(())); // an unsaved pool: validate() has refused it already
     };
     let params = kube::api::PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -570,9 +682,11 @@ async fn ensure_nats_token(pool: &ConnectionPool, ctx: &Context) -> Result<(), E
         Ok(_) => info!(pool = %pool.name_any(), secret = %name, "generated the managed NATS token"),
         // Another reconcile (or an earlier term) made it: keep that one.
         Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(err) => return Err(err.into()),
+        Err(err) => {
+            return forbidden::<()>(Err(err), || format!("create Secret {name:?}"));
+        }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Checks that every referenced Secret exists and has its key. `Ok(Err(_))` is a spec
@@ -587,7 +701,12 @@ async fn check_secrets(
     for mount in resources::secret_mounts(pool) {
         let name = &mount.source.name;
         if !fetched.contains_key(name) {
-            fetched.insert(name.clone(), secrets.get_opt(name).await?);
+            match forbidden(secrets.get_opt(name).await, || {
+                format!("get Secret {name:?}")
+            })? {
+                Ok(secret) => fetched.insert(name.clone(), secret),
+                Err(problem) => return Ok(Err(problem)),
+            };
         }
         let Some(secret) = &fetched[name] else {
             return Ok(Err(SpecError::SecretMissing {
@@ -749,7 +868,9 @@ async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> 
         delete_if_owned::<Service>(client, &ns, &svc, pool).await?;
     }
     delete_if_owned::<ConfigMap>(client, &ns, &resources::config_map_name(pool), pool).await?;
-    delete_if_owned::<Secret>(client, &ns, &resources::nats_auth_secret_name(pool), pool).await?;
+    // Not the generated NATS token: the operator holds no right to delete Secrets (see
+    // charts/tether/templates/_helpers.tpl); it carries the pool's ownerReference, so the
+    // garbage collector deletes it once the pool is gone.
     delete_if_owned::<RoleBinding>(client, &ns, &rbac, pool).await?;
     delete_if_owned::<Role>(client, &ns, &rbac, pool).await?;
     delete_if_owned::<ServiceAccount>(client, &ns, &rbac, pool).await?;
@@ -971,7 +1092,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = &ctx.client;
-    let Some(sts_writer) = lock(&ctx.stateful_set_writer).take() else {
+    let (Some(sts_writer), Some(pools_writer)) = (
+        lock(&ctx.stateful_set_writer).take(),
+        lock(&ctx.pool_writer).take(),
+    ) else {
         warn!("controller::run called twice on one Context");
         return;
     };
@@ -995,7 +1119,7 @@ pub async fn run(
         stateful_set_status_version,
     );
 
-    let (pools_reader, pools_writer) = reflector::store();
+    let pools_reader = ctx.pools.clone();
     let progress = ctx.pool_watch_progress.clone();
     let pools = watcher(
         api_for::<ConnectionPool>(client, &scope),

@@ -215,7 +215,8 @@ impl History {
     }
 }
 
-/// Why the decision is what it is (the Scaling condition's reason).
+/// Why the decision is what it is. Rendered, with the orchestration's own reasons, by
+/// [`crate::autoscale::Reason`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// More pods.
@@ -237,18 +238,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// The condition reason string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::ScaledUp => "ScaledUp",
-            Reason::ScaledDown => "ScaledDown",
-            Reason::OutOfBounds => "OutOfBounds",
-            Reason::ScaleUpLimited => "ScaleUpLimited",
-            Reason::ScaleDownStabilizing => "ScaleDownStabilizing",
-            Reason::WithinTolerance => "WithinTolerance",
-            Reason::Stable => "Stable",
-            Reason::NoReports => "NoReports",
-        }
+    /// Whether the decision leaves the pool as it is with nothing pending (the Scaling
+    /// condition is False): within tolerance, stable, or nothing to decide on.
+    pub fn at_rest(self) -> bool {
+        matches!(
+            self,
+            Reason::Stable | Reason::WithinTolerance | Reason::NoReports
+        )
     }
 }
 

@@ -89,8 +89,8 @@ pub fn pool_status(
 
 /// The Scaling condition of a plan, keeping its transition time while its status holds.
 fn scaling_condition(pool: &ConnectionPool, plan: &Plan, now: Timestamp) -> Condition {
-    let (active, reason, message) = &plan.scaling;
-    let status = if *active { "True" } else { "False" };
+    let scaling = plan.scaling_condition();
+    let status = if scaling.active { "True" } else { "False" };
     let since = pool
         .status
         .as_ref()
@@ -100,8 +100,8 @@ fn scaling_condition(pool: &ConnectionPool, plan: &Plan, now: Timestamp) -> Cond
     Condition {
         type_: CONDITION_SCALING.into(),
         status: status.into(),
-        reason: (*reason).into(),
-        message: message.clone(),
+        reason: scaling.reason.to_string(),
+        message: scaling.message,
         observed_generation: pool.metadata.generation,
         last_transition_time: since,
     }

@@ -73,6 +73,38 @@ pub enum SpecError {
         /// The server's message.
         message: String,
     },
+    /// An object with a child's name exists and this pool is not its controller: it is
+    /// left exactly as it is (nothing of the spec is applied while it is there).
+    #[error(
+        "{object} exists and is not this pool's ({}): nothing was written; delete or rename it, or rename the pool",
+        owner.as_deref().map_or("it has no controller".to_string(), |o| format!("it belongs to {o}"))
+    )]
+    ChildNotOwned {
+        /// `Kind/name`.
+        object: String,
+        /// Its controller, `Kind name`, if it has one.
+        owner: Option<String>,
+    },
+    /// An older pool of the namespace writes an object of the same kind and name.
+    #[error(
+        "ConnectionPool {pool:?} was created first and also writes {object}: this pool is refused, nothing was written; rename it"
+    )]
+    NameCollision {
+        /// The older pool.
+        pool: String,
+        /// `Kind/name` both would write.
+        object: String,
+    },
+    /// The operator's RBAC does not allow what the pool needs in its namespace.
+    #[error(
+        "the operator may not {action} in this namespace ({message}); grant it there (Helm value tenantNamespaces)"
+    )]
+    Forbidden {
+        /// What it tried, e.g. `get Secret "acme-jwt"`.
+        action: String,
+        /// The API server's message.
+        message: String,
+    },
     /// The pool has no uid yet, so children cannot point at it.
     #[error("the pool has no metadata.uid yet")]
     NotPersisted,
@@ -88,18 +120,25 @@ impl SpecError {
             SpecError::SecretMissing { .. } | SpecError::SecretKeyMissing { .. } => "SecretMissing",
             SpecError::BadImage(_) => "InvalidImage",
             SpecError::Rejected { .. } => "RejectedByAPIServer",
+            SpecError::ChildNotOwned { .. } => "ChildNotOwned",
+            SpecError::NameCollision { .. } => "NameCollision",
+            SpecError::Forbidden { .. } => "Forbidden",
             SpecError::NotPersisted | SpecError::Internal(_) => "InternalError",
             _ => "InvalidSpec",
         }
     }
 
-    /// Whether the fix may come from outside the pool (a Secret being created), so the
-    /// reconciler should look again after a while rather than only on a spec change.
+    /// Whether the fix may come from outside the pool (a Secret being created, a user's
+    /// object or an older pool deleted), so the reconciler should look again after a
+    /// while rather than only on a spec change: none of those is watched.
     pub fn may_resolve_itself(&self) -> bool {
         matches!(
             self,
             SpecError::SecretMissing { .. }
                 | SpecError::SecretKeyMissing { .. }
+                | SpecError::ChildNotOwned { .. }
+                | SpecError::NameCollision { .. }
+                | SpecError::Forbidden { .. }
                 | SpecError::NotPersisted
         )
     }

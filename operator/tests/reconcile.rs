@@ -272,7 +272,7 @@ async fn spec_changes_converge_and_roll_pods_only_for_config() {
 
 #[tokio::test]
 async fn deleting_a_pool_removes_everything() {
-    let (_sim, client) = cluster().await;
+    let (sim, client) = cluster().await;
     let op = Operator::start(&client, args("op-a"));
     let managed = json!({"routing": {"nats": {"managed": true}}});
     pools(&client)
@@ -321,6 +321,13 @@ async fn deleting_a_pool_removes_everything() {
         (left == 0).then_some(())
     })
     .await;
+    // The token went with the garbage collector: the operator holds no right to delete
+    // Secrets (the chart grants get and create only) and never asks.
+    let secret_deletes = sim
+        .stats()
+        .snapshot()
+        .count(|k| k.verb == "delete" && k.resource == "secrets");
+    assert_eq!(secret_deletes, 0);
     op.stop().await;
 }
 
@@ -642,5 +649,318 @@ async fn concurrency_and_debounce_reach_the_controller() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let per_pool = op.metrics.reconciles() as f64 / 8.0;
     assert!(per_pool <= 6.0, "{per_pool} reconciles per pool");
+    op.stop().await;
+}
+
+/// The pool's `Degraded` condition once it is True with `reason`, and the Warning Events
+/// of that reason about it.
+async fn refused(client: &Client, name: &str, reason: &str) -> (ConnectionPool, Vec<Event>) {
+    let p = eventually(reason, Duration::from_secs(10), || async {
+        let p = pools(client).get(name).await.unwrap();
+        (condition(&p, "Degraded")? == ("True".to_string(), reason.to_string())).then_some(p)
+    })
+    .await;
+    let events = eventually("a Warning event", Duration::from_secs(10), || async {
+        let events: Vec<Event> = warning_events(client, reason)
+            .await
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect();
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    (p, events)
+}
+
+fn degraded_message(pool: &ConnectionPool) -> String {
+    pool.status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap()
+        .message
+        .clone()
+}
+
+async fn wait_pool_gone(client: &Client, name: &str) {
+    eventually("the pool gone", Duration::from_secs(10), || async {
+        pools(client)
+            .get_opt(name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+/// Issue 21: pool `bar-web` must not adopt, rewrite or delete a user's Service that
+/// happens to be called like its push-API Service.
+#[tokio::test]
+async fn a_users_object_with_a_childs_name_is_never_adopted_rewritten_or_deleted() {
+    let (_sim, client) = cluster().await;
+    let services = api::<Service>(&client);
+    let users: Service = serde_json::from_value(json!({
+        "metadata": {"name": "bar-web-api", "labels": {"team": "other"}},
+        "spec": {"selector": {"app": "other"}, "ports": [{"name": "http", "port": 80}]},
+    }))
+    .unwrap();
+    let before = services
+        .create(&PostParams::default(), &users)
+        .await
+        .unwrap();
+    let as_json = |svc: &Service| serde_json::to_string(svc).unwrap();
+
+    let op = Operator::start(&client, args("op-a"));
+    pools(&client)
+        .create(&PostParams::default(), &pool("bar-web", json!({})))
+        .await
+        .unwrap();
+    let (p, events) = refused(&client, "bar-web", "ChildNotOwned").await;
+    let message = degraded_message(&p);
+    assert!(message.contains("Service/bar-web-api"), "{message}");
+    assert!(
+        events[0]
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("Service/bar-web-api")
+    );
+    // Nothing was written: not the user's Service, not any other child.
+    assert_eq!(
+        as_json(&services.get("bar-web-api").await.unwrap()),
+        as_json(&before)
+    );
+    assert_eq!(children_of(&client, "bar-web").await, 0);
+    assert!(
+        api::<StatefulSet>(&client)
+            .get_opt("bar-web")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Deleting the pool leaves the user's Service as it was.
+    pools(&client)
+        .delete("bar-web", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_pool_gone(&client, "bar-web").await;
+    assert_eq!(
+        as_json(&services.get("bar-web-api").await.unwrap()),
+        as_json(&before)
+    );
+
+    // Once the user's object is gone, the pool converges without being touched.
+    pools(&client)
+        .create(&PostParams::default(), &pool("bar-web", json!({})))
+        .await
+        .unwrap();
+    refused(&client, "bar-web", "ChildNotOwned").await;
+    services
+        .delete("bar-web-api", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_sts(&client, "bar-web").await;
+    eventually("recovered", Duration::from_secs(10), || async {
+        let p = pools(&client).get("bar-web").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    let svc = services.get("bar-web-api").await.unwrap();
+    assert_eq!(svc.labels()["tether.dev/pool"], "bar-web");
+    op.stop().await;
+}
+
+/// Every object of the kinds the operator writes, as (kind/name, owner uids).
+async fn owners_of_everything(client: &Client) -> Vec<(String, Vec<String>)> {
+    async fn of<K>(client: &Client, out: &mut Vec<(String, Vec<String>)>)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        for obj in api::<K>(client)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+        {
+            let uids = obj
+                .owner_references()
+                .iter()
+                .map(|o| o.uid.clone())
+                .collect();
+            out.push((format!("{}/{}", K::kind(&()), obj.name_any()), uids));
+        }
+    }
+    let mut out = Vec::new();
+    of::<StatefulSet>(client, &mut out).await;
+    of::<Service>(client, &mut out).await;
+    of::<ConfigMap>(client, &mut out).await;
+    of::<NetworkPolicy>(client, &mut out).await;
+    of::<PodDisruptionBudget>(client, &mut out).await;
+    of::<ServiceAccount>(client, &mut out).await;
+    of::<Role>(client, &mut out).await;
+    of::<RoleBinding>(client, &mut out).await;
+    of::<Secret>(client, &mut out).await;
+    out
+}
+
+/// Issue 21: pools `a` and `a-api` both name a Service `a-api` (the push API of `a`, the
+/// client Service of `a-api`). The older pool keeps it; the younger is refused with a
+/// condition and an Event naming the older, writes nothing, and converges once the
+/// older is gone.
+#[tokio::test]
+async fn sibling_pools_whose_children_collide_never_write_the_same_object() {
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    let a = pools(&client)
+        .create(&PostParams::default(), &pool("a", json!({})))
+        .await
+        .unwrap();
+    wait_sts(&client, "a").await;
+    let a_api_svc = api::<Service>(&client).get("a-api").await.unwrap();
+
+    let younger = pools(&client)
+        .create(&PostParams::default(), &pool("a-api", json!({})))
+        .await
+        .unwrap();
+    let (p, events) = refused(&client, "a-api", "NameCollision").await;
+    let message = degraded_message(&p);
+    assert!(
+        message.contains("ConnectionPool \"a\"") && message.contains("Service/a-api"),
+        "{message}"
+    );
+    assert!(events[0].note.as_deref().unwrap().contains("\"a\""));
+    assert_eq!(children_of(&client, "a-api").await, 0);
+    // Pool a's Service is as pool a wrote it.
+    let now = api::<Service>(&client).get("a-api").await.unwrap();
+    assert_eq!(now.resource_version(), a_api_svc.resource_version());
+    let a_uid = a.metadata.uid.clone().unwrap();
+    let younger_uid = younger.metadata.uid.clone().unwrap();
+    for (object, uids) in owners_of_everything(&client).await {
+        assert!(!uids.contains(&younger_uid), "{object} written by a-api");
+        assert!(uids.len() <= 1, "{object} has owners {uids:?}");
+    }
+    assert_eq!(
+        condition(&pools(&client).get("a").await.unwrap(), "Degraded").unwrap(),
+        ("False".to_string(), "AsExpected".to_string())
+    );
+
+    // Pool a deleted: its children go with it, and a-api takes its names.
+    pools(&client)
+        .delete("a", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_pool_gone(&client, "a").await;
+    wait_sts(&client, "a-api").await;
+    eventually("a-api recovered", Duration::from_secs(10), || async {
+        let p = pools(&client).get("a-api").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    for (object, uids) in owners_of_everything(&client).await {
+        assert!(!uids.contains(&a_uid), "{object} still pool a's");
+    }
+    op.stop().await;
+}
+
+/// The same pair created back to back, the other way round, both reconciled at once:
+/// whichever is refused (`NameCollision`, or `ChildNotOwned` when the younger got to
+/// the shared Service first), no object carries both pools, and the pool that holds
+/// the names stays healthy.
+#[tokio::test]
+async fn sibling_pools_created_together_never_share_an_object() {
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    let first = pools(&client)
+        .create(&PostParams::default(), &pool("a-api", json!({})))
+        .await
+        .unwrap();
+    let second = pools(&client)
+        .create(&PostParams::default(), &pool("a", json!({})))
+        .await
+        .unwrap();
+    let outcome = |name: &'static str| {
+        let client = client.clone();
+        async move {
+            let p = pools(&client).get(name).await.unwrap();
+            condition(&p, "Degraded")
+        }
+    };
+    let (ok, bad) = eventually(
+        "one applied, one refused",
+        Duration::from_secs(20),
+        || async {
+            let (x, y) = (outcome("a-api").await?, outcome("a").await?);
+            let applied = |c: &(String, String)| c.0 == "False";
+            let refusal = |c: &(String, String)| {
+                c.0 == "True" && (c.1 == "NameCollision" || c.1 == "ChildNotOwned")
+            };
+            if applied(&x) && refusal(&y) {
+                Some((&first, &second))
+            } else if applied(&y) && refusal(&x) {
+                Some((&second, &first))
+            } else {
+                None
+            }
+        },
+    )
+    .await;
+    // Settle, then look again: the refusal holds and the healthy pool stays healthy.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        outcome(if ok.name_any() == "a" { "a" } else { "a-api" })
+            .await
+            .unwrap()
+            .0,
+        "False"
+    );
+    let bad_uid = bad.metadata.uid.clone().unwrap();
+    assert_eq!(children_of(&client, &bad.name_any()).await, 0);
+    for (object, uids) in owners_of_everything(&client).await {
+        assert!(
+            !uids.contains(&bad_uid),
+            "{object} written by the refused pool"
+        );
+        assert!(uids.len() <= 1, "{object} has owners {uids:?}");
+    }
+    op.stop().await;
+}
+
+/// Issue 21 (Low): with the chart's `tenantNamespaces`, the operator holds no rights on
+/// Secrets outside them. A pool there is refused with a condition and an Event saying
+/// what is missing (not an error retried blindly in back-off), and converges once the
+/// right is granted.
+#[tokio::test]
+async fn a_pool_where_the_operator_may_not_read_secrets_says_so() {
+    let (sim, client) = cluster().await;
+    sim.faults()
+        .fail_next(10_000, FaultMatch::verb("get").on("secrets"), 403);
+    let op = Operator::start(&client, args("op-a"));
+    pools(&client)
+        .create(&PostParams::default(), &pool("acme", json!({})))
+        .await
+        .unwrap();
+    let (p, events) = refused(&client, "acme", "Forbidden").await;
+    let message = degraded_message(&p);
+    assert!(
+        message.contains("get Secret") && message.contains("tenantNamespaces"),
+        "{message}"
+    );
+    assert!(events[0].note.as_deref().unwrap().contains("get Secret"));
+    assert_eq!(children_of(&client, "acme").await, 0);
+
+    sim.faults().clear();
+    wait_sts(&client, "acme").await;
+    eventually("recovered", Duration::from_secs(10), || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
     op.stop().await;
 }

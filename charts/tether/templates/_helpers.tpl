@@ -34,6 +34,29 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/* The rules the operator needs on pools and their children (namespaced resources). */}}
+{{- /*
+Rights on Secrets and Pods: cluster-wide in the ClusterRole (or in the watched
+namespace's Role), or, with `tenantNamespaces`, only in those namespaces.
+*/ -}}
+{{- define "tether.tenantRules" -}}
+# Pods: the operator writes each gateway pod's instruction annotation (patch; not
+# limitable by name: pods come and go). It also needs get/list/watch itself to grant
+# them to the gateway Role (RBAC forbids granting what one does not hold). It does not
+# watch pods.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "patch"]
+# Secrets: read by name, to check that the Secrets a pool references exist (their names
+# are the pools' choice, so not limitable by name); no list or watch, so the operator
+# never holds Secret contents it was not pointed at. Created for the one Secret it owns,
+# a managed NATS's generated token (`create` cannot be limited by name in RBAC); never
+# deleted by the operator: the token carries the pool's ownerReference and the garbage
+# collector deletes it with the pool.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
+{{- end -}}
+
 {{- define "tether.poolRules" -}}
 - apiGroups: ["tether.dev"]
   resources: ["connectionpools"]
@@ -56,18 +79,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods: the operator writes each gateway pod's instruction annotation (patch); it also
-# needs get/list/watch itself to grant them to the gateway Role (RBAC forbids granting
-# what one does not hold). It does not watch pods.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch", "patch"]
-# Only read by name, to check that the Secrets a pool references exist: no list or
-# watch, so the operator never holds Secret contents it was not pointed at. Created (and
-# deleted with its pool) for the one Secret it owns: a managed NATS's generated token.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get", "create", "delete"]
+{{- if not .Values.tenantNamespaces }}
+{{ include "tether.tenantRules" . }}
+{{- end }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
