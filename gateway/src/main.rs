@@ -92,6 +92,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let _telemetry = tether_telemetry::init(telemetry)?;
 
+    // Signal handlers first: a SIGTERM that arrives as soon as the addresses are printed
+    // must drain (and, in dev mode, remove the keys), not kill the process outright.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let gateway = Gateway::start(config, pod_name).await?;
     println!(
         "tether-gateway listening public={} internal={}",
@@ -106,8 +110,6 @@ async fn main() -> anyhow::Result<()> {
     let state = gateway.state().clone();
     let dev_dir = dev_credentials.as_ref().map(|c| c.dir.path().to_owned());
     tokio::spawn(async move {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
