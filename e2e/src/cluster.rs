@@ -6,16 +6,111 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tether_crds::ConnectionPool;
 use tether_test_support::json::merge;
 use tokio::process::{Child, Command};
 
 use crate::{API_KEY, JWT_SECRET, NS, binary, free_port};
+
+/// The operator's service account as the chart installs it (release `tether` in
+/// namespace `tether-system`).
+pub const OPERATOR_SA: (&str, &str) = ("tether-system", "tether-operator");
+
+/// The rules the chart grants the operator on pools and their children: the
+/// `tether.poolRules` block of `charts/tether/templates/_helpers.tpl`, which the chart
+/// renders into its ClusterRole (or, with `watchNamespace`, a Role there) unchanged —
+/// read from the chart itself, so that the e2e proves the chart's grant sufficient.
+pub fn chart_operator_rules() -> anyhow::Result<Value> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/tether/templates/_helpers.tpl"
+    );
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let start = text
+        .find(r#"{{- define "tether.poolRules" -}}"#)
+        .context("tether.poolRules in the chart's helpers")?;
+    let body = &text[start..];
+    let body = &body[body.find('\n').context("define line")? + 1..];
+    let body = &body[..body
+        .find("{{- end -}}")
+        .context("end of tether.poolRules")?];
+    if body.contains("{{") {
+        bail!("tether.poolRules is templated now: render it with Helm instead");
+    }
+    let rules: Value = serde_yaml::from_str(body).context("tether.poolRules as YAML")?;
+    if rules.as_array().is_none_or(|r| r.is_empty()) {
+        bail!("tether.poolRules is not a list of rules: {rules}");
+    }
+    Ok(rules)
+}
+
+/// Installs the operator's RBAC as the chart does with `watchNamespace: ns` (what the
+/// harness's `--namespace ns` corresponds to): its ServiceAccount in the release
+/// namespace, a Role in `ns` with the chart's rules, and the RoleBinding.
+pub async fn install_operator_rbac(client: &Client, ns: &str) -> anyhow::Result<()> {
+    let (sa_ns, sa) = OPERATOR_SA;
+    let ssa = PatchParams::apply("tether-e2e-chart");
+    let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": sa_ns}});
+    Api::<Namespace>::all(client.clone())
+        .patch(sa_ns, &ssa, &Patch::Apply(namespace))
+        .await?;
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": sa_ns}});
+    Api::<ServiceAccount>::namespaced(client.clone(), sa_ns)
+        .patch(sa, &ssa, &Patch::Apply(account))
+        .await?;
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": sa, "namespace": ns},
+        "rules": chart_operator_rules()?,
+    });
+    Api::<Role>::namespaced(client.clone(), ns)
+        .patch(sa, &ssa, &Patch::Apply(role))
+        .await?;
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": sa, "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": sa_ns}],
+    });
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .patch(sa, &ssa, &Patch::Apply(binding))
+        .await?;
+    Ok(())
+}
+
+/// A bound token of service account `sa` in `ns`, from the TokenRequest API (what a
+/// kubelet mounts into a pod, and `kubectl create token` prints).
+pub async fn request_token(client: &Client, ns: &str, sa: &str) -> anyhow::Result<String> {
+    let req = http::Request::post(format!(
+        "/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
+    ))
+    .header("content-type", "application/json")
+    .body(serde_json::to_vec(&json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"expirationSeconds": 3600},
+    }))?)?;
+    let answer: Value = client
+        .request(req)
+        .await
+        .with_context(|| format!("TokenRequest for {ns}/{sa}"))?;
+    answer
+        .pointer("/status/token")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .context("TokenRequest answered without a token")
+}
+
+/// Writes a kubeconfig for the API at `url` whose user is `token`'s.
+pub fn write_token_kubeconfig(path: &Path, url: &str, token: &str) -> anyhow::Result<()> {
+    std::fs::write(path, tether_kube_sim::kubeconfig_for(url, token))
+        .with_context(|| format!("writing {}", path.display()))
+}
 
 /// Starts the real `tether-operator` binary against `kubeconfig` without leader
 /// election, its admin server on a free port, `args` added, its output in `log`, and
@@ -77,8 +172,11 @@ pub struct Cluster {
     pub sim: tether_kube_sim::Server,
     /// Client of the stand-in.
     pub client: Client,
-    /// kubeconfig for child processes.
+    /// The administrator's kubeconfig (the harness, tests, users of `tether-local`).
     pub kubeconfig: PathBuf,
+    /// The operator's kubeconfig: a token of the chart's service account, so the
+    /// operator has exactly what the chart grants it.
+    pub operator_kubeconfig: PathBuf,
     /// NATS URL for the pool's routing.
     pub nats_url: String,
     nats: Child,
@@ -102,6 +200,10 @@ impl Cluster {
         let kubeconfig = dir.path().join("kubeconfig");
         sim.write_kubeconfig(&kubeconfig)?;
         install(&client, NS).await?;
+        install_operator_rbac(&client, NS).await?;
+        let operator_kubeconfig = dir.path().join("operator-kubeconfig");
+        let token = request_token(&client, OPERATOR_SA.0, OPERATOR_SA.1).await?;
+        write_token_kubeconfig(&operator_kubeconfig, &sim.url(), &token)?;
         let port = free_port();
         let store = dir.path().join("nats");
         std::fs::create_dir_all(&store)?;
@@ -127,6 +229,7 @@ impl Cluster {
             sim,
             client,
             kubeconfig,
+            operator_kubeconfig,
             nats_url: format!("nats://127.0.0.1:{port}"),
             nats,
             dir,
@@ -158,10 +261,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts the real operator process against the stand-in.
+    /// Starts the real operator process against the stand-in, as the chart's service
+    /// account.
     pub fn start_operator(&self) -> anyhow::Result<Child> {
         spawn_operator(
-            &self.kubeconfig,
+            &self.operator_kubeconfig,
             &self.dir.path().join("operator.log"),
             &["--namespace", NS, "--gateway-image", "tether-gateway:e2e"],
             &std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into()),

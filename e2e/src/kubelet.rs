@@ -88,7 +88,7 @@ impl Kubelet {
         let stop = Stop::default();
         let state = KubeletLoop {
             client: cluster.client.clone(),
-            kubeconfig: cluster.kubeconfig.clone(),
+            api_url: cluster.sim.url(),
             root: cluster.dir.path().join("pods"),
             gateway,
             pool: pool.to_string(),
@@ -180,7 +180,8 @@ fn service_endpoints(endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>) -> Endpoint
 
 struct KubeletLoop {
     client: Client,
-    kubeconfig: PathBuf,
+    /// The API server's address, for the pods' kubeconfigs.
+    api_url: String,
     root: PathBuf,
     gateway: PathBuf,
     pool: String,
@@ -423,13 +424,24 @@ impl KubeletLoop {
         let _ = pods.delete(&name, &DeleteParams::default()).await;
         let _ = pods.create(&PostParams::default(), &pod).await;
 
+        // The pod's API credentials, as a kubelet gives them: a bound token of the pod's
+        // service account (TokenRequest), so the gateway has exactly what the operator's
+        // Role grants that account.
+        let account = template
+            .service_account_name
+            .as_deref()
+            .context("the pod template names no service account")?;
+        let token = crate::cluster::request_token(&self.client, NS, account).await?;
+        let kubeconfig = root.join("kubeconfig");
+        crate::cluster::write_token_kubeconfig(&kubeconfig, &self.api_url, &token)?;
+
         let log = std::fs::File::create(root.join("gateway.log"))?;
         let mut child = Command::new(&self.gateway)
             .arg("--config")
             .arg(&config)
             .env("POD_NAME", &name)
             .env("POD_NAMESPACE", NS)
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", &kubeconfig)
             .env(
                 "RUST_LOG",
                 std::env::var("E2E_GATEWAY_LOG").unwrap_or_else(|_| "info".into()),

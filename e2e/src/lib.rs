@@ -37,7 +37,10 @@ use std::path::PathBuf;
 use anyhow::bail;
 
 pub use agents::{AgentState, AgentStats, Agents, minter, test_agent_options, token};
-pub use cluster::{Cluster, install, spawn_operator};
+pub use cluster::{
+    Cluster, OPERATOR_SA, chart_operator_rules, install, install_operator_rbac, request_token,
+    spawn_operator, write_token_kubeconfig,
+};
 pub use kubelet::{Endpoint, Kubelet, Removal, rewrite_config};
 pub use pusher::Pusher;
 /// A free loopback port (bound and released; good enough for a test).

@@ -229,6 +229,11 @@ async fn run(s: Scenario) -> anyhow::Result<()> {
         for r in ["ScaledUp", "DrainStarted", "ScaledDown"] {
             anyhow::ensure!(reasons.contains_key(r), "no {r} Event: {reasons:?}");
         }
+        // The operator ran with the chart's rules and each gateway with its pool's
+        // service account (see docs/testing.md): none of them was ever refused.
+        let stats = cluster.sim.stats().snapshot();
+        let refused: Vec<_> = stats.requests.iter().filter(|r| r.key.code == 403).collect();
+        anyhow::ensure!(refused.is_empty(), "requests refused by RBAC: {refused:?}");
         Ok::<_, anyhow::Error>(())
     }
     .await;

@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use http::{HeaderMap, Method, StatusCode, Uri, header};
 use serde_json::{Value, json};
 
+use crate::auth::{self, Attributes, Identity, Tokens};
 use crate::discovery;
 use crate::error::{ApiError, Result};
 use crate::faults::{FaultRule, Faults, RequestInfo};
@@ -36,6 +37,8 @@ pub struct AppState {
     pub addr: String,
     /// Bookmark interval of watches.
     pub bookmark_interval: Duration,
+    /// Service account tokens issued by TokenRequest.
+    pub tokens: Arc<Tokens>,
 }
 
 /// The router.
@@ -106,6 +109,8 @@ pub fn app(state: Arc<AppState>) -> Router {
             }),
         )
         .fallback(resource)
+        // Bodies are limited by the API server's own rule (3 MiB, 413), not axum's 2 MB.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), account))
         .with_state(state)
 }
@@ -360,6 +365,30 @@ async fn handle(
 ) -> Result<Response> {
     let path = uri.path();
     let accept = header_str(headers, header::ACCEPT);
+    let who = s.tokens.authenticate(&s.store, headers)?;
+    // Reviews about the caller itself (create-only, never stored).
+    if method == Method::POST {
+        let review = match path.trim_end_matches('/') {
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" => {
+                Some(("authorization.k8s.io", "selfsubjectaccessreviews"))
+            }
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews" => {
+                Some(("authentication.k8s.io", "selfsubjectreviews"))
+            }
+            _ => None,
+        };
+        if let Some((group, resource)) = review {
+            *key = Some(RequestKey {
+                verb: "create".into(),
+                group: group.into(),
+                version: "v1".into(),
+                resource: resource.into(),
+                ..Default::default()
+            });
+            let content_type = header_str(headers, header::CONTENT_TYPE);
+            return self_review(s, &who, resource, &parse_body(body, content_type)?);
+        }
+    }
     // Discovery.
     if method == Method::GET {
         let reg = s.store.registry();
@@ -411,6 +440,7 @@ async fn handle(
         let ok = match sub.as_str() {
             "status" => rt.has_status(&p.version),
             "scale" => rt.version(&p.version).is_some_and(|v| v.scale.is_some()),
+            "token" => rt.group.is_empty() && rt.plural == "serviceaccounts",
             _ => false,
         };
         if !ok {
@@ -432,6 +462,7 @@ async fn handle(
         (Method::GET, false) if is_watch => "watch",
         (Method::GET, false) => "list",
         (Method::POST, false) => "create",
+        (Method::POST, true) if p.subresource.as_deref() == Some("token") => "create",
         (Method::PUT, true) => "update",
         (Method::PATCH, true) => "patch",
         (Method::DELETE, true) => "delete",
@@ -457,6 +488,24 @@ async fn handle(
         namespace: p.namespace.clone(),
         name: p.name.clone(),
     };
+    // Authorization, before anything else is looked at. A list or watch pinned to one
+    // name by its field selector is authorized for that name (as the real RequestInfo
+    // does), so `resourceNames` rules admit a pod watching its own Pod.
+    let pinned = match verb {
+        "list" | "watch" if p.name.is_none() => {
+            FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))
+                .ok()
+                .and_then(|f| f.pinned_name().map(str::to_string))
+        }
+        _ => None,
+    };
+    let attrs = Attributes::resource(verb, &rt.group, &plural)
+        .subresource(p.subresource.as_deref())
+        .namespace(p.namespace.as_deref())
+        .name(p.name.as_deref().or(pinned.as_deref()));
+    if !auth::allowed(&s.store, &who, &attrs) {
+        return Err(auth::forbidden(&who, &attrs));
+    }
     let (delay, fault) = s.faults.check(&info);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -468,6 +517,17 @@ async fn handle(
         return Err(not_found_path(uri));
     }
     let content_type = header_str(headers, header::CONTENT_TYPE).to_string();
+    if body.len() > crate::store::MAX_REQUEST_BYTES {
+        // The real server's limitedReadBody.
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!(
+                "Request entity too large: limit is {}",
+                crate::store::MAX_REQUEST_BYTES
+            ),
+        ));
+    }
     let wopts = WriteOpts {
         manager: q.get("fieldManager").cloned(),
         user_agent: header_str(headers, header::USER_AGENT).to_string(),
@@ -484,6 +544,11 @@ async fn handle(
         .get("includeObject")
         .cloned()
         .unwrap_or_else(|| "Metadata".into());
+    if p.subresource.as_deref() == Some("token") {
+        let content_type = header_str(headers, header::CONTENT_TYPE);
+        return token_request(s, &target, &parse_body(body, content_type)?);
+    }
+    let rbac_kind = rt.group == "rbac.authorization.k8s.io" && !who.is_admin();
     match verb {
         "get" => {
             let obj = s.store.get(&target)?;
@@ -509,6 +574,9 @@ async fn handle(
         "watch" => watch(s, &target, &q, wants_table, &include, headers),
         "create" => {
             let obj = parse_body(body, &content_type)?;
+            if rbac_kind {
+                auth::check_escalation(&s.store, &who, &plural, p.namespace.as_deref(), &obj)?;
+            }
             let w = s.store.create(&target, obj, &wopts)?;
             Ok(with_warnings(
                 json_response(
@@ -520,6 +588,9 @@ async fn handle(
         }
         "update" => {
             let obj = parse_body(body, &content_type)?;
+            if rbac_kind {
+                auth::check_escalation(&s.store, &who, &plural, p.namespace.as_deref(), &obj)?;
+            }
             let w = s.store.replace(&target, obj, &wopts)?;
             Ok(written_response(StatusCode::OK, &target, w))
         }
@@ -548,6 +619,35 @@ async fn handle(
                 },
             )?;
             let existed = s.store.exists(&target);
+            // A patch that creates (server-side apply) must also be allowed to create.
+            if !existed && kind == PatchKind::Apply {
+                let create = Attributes {
+                    verb: "create".into(),
+                    ..attrs.clone()
+                };
+                if !auth::allowed(&s.store, &who, &create) {
+                    return Err(auth::forbidden(&who, &create));
+                }
+            }
+            if rbac_kind {
+                // What the patch would store, checked before it is stored.
+                let trial = s.store.patch(
+                    &target,
+                    kind,
+                    obj.clone(),
+                    &WriteOpts {
+                        dry_run: true,
+                        ..wopts.clone()
+                    },
+                )?;
+                auth::check_escalation(
+                    &s.store,
+                    &who,
+                    &plural,
+                    p.namespace.as_deref(),
+                    &trial.object,
+                )?;
+            }
             let w = s.store.patch(&target, kind, obj, &wopts)?;
             let code = if existed {
                 StatusCode::OK
@@ -608,6 +708,117 @@ async fn handle(
             "unsupported verb {verb}"
         ))),
     }
+}
+
+/// SelfSubjectAccessReview (`kubectl auth can-i`) and SelfSubjectReview
+/// (`kubectl auth whoami`): answered for the caller, 201, never stored.
+fn self_review(
+    s: &Arc<AppState>,
+    who: &Identity,
+    resource: &str,
+    review: &Value,
+) -> Result<Response> {
+    if resource == "selfsubjectreviews" {
+        return Ok(json_response(
+            StatusCode::CREATED,
+            &json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview",
+                "metadata": {"creationTimestamp": null},
+                "status": {"userInfo": {"username": who.user, "uid": who.uid, "groups": who.groups}},
+            }),
+        ));
+    }
+    let spec = review.get("spec").cloned().unwrap_or_else(|| json!({}));
+    let text = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+    };
+    let attrs = if let Some(r) = spec.get("resourceAttributes") {
+        Attributes {
+            verb: text(r, "verb").unwrap_or_default(),
+            group: text(r, "group").unwrap_or_default(),
+            resource: text(r, "resource").unwrap_or_default(),
+            subresource: text(r, "subresource"),
+            namespace: text(r, "namespace"),
+            name: text(r, "name"),
+            path: None,
+        }
+    } else if let Some(n) = spec.get("nonResourceAttributes") {
+        Attributes {
+            verb: text(n, "verb").unwrap_or_default(),
+            path: Some(text(n, "path").unwrap_or_default()),
+            ..Default::default()
+        }
+    } else {
+        return Err(ApiError::invalid(
+            "authorization.k8s.io",
+            "SelfSubjectAccessReview",
+            "",
+            vec![crate::error::Cause {
+                reason: "FieldValueRequired".into(),
+                message: "Required value: exactly one of nonResourceAttributes or resourceAttributes must be specified".into(),
+                field: "spec.resourceAttributes".into(),
+            }],
+        ));
+    };
+    let allowed = auth::allowed(&s.store, who, &attrs);
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "metadata": {"creationTimestamp": null},
+            "spec": spec,
+            "status": {"allowed": allowed},
+        }),
+    ))
+}
+
+/// TokenRequest (`POST .../serviceaccounts/<name>/token`, `kubectl create token`): a
+/// bound token for the service account, valid for `spec.expirationSeconds` (default one
+/// hour, at least ten minutes).
+fn token_request(s: &Arc<AppState>, t: &Target, req: &Value) -> Result<Response> {
+    let name = t.name.clone().unwrap_or_default();
+    let ns = t.namespace.clone().unwrap_or_default();
+    let seconds = req
+        .pointer("/spec/expirationSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(3600);
+    if seconds < 600 {
+        return Err(ApiError::invalid(
+            "authentication.k8s.io",
+            "TokenRequest",
+            &name,
+            vec![crate::error::Cause {
+                reason: "FieldValueInvalid".into(),
+                message: format!(
+                    "Invalid value: {seconds}: may not specify a duration less than 10 minutes"
+                ),
+                field: "spec.expirationSeconds".into(),
+            }],
+        ));
+    }
+    let audiences: Vec<String> = req
+        .pointer("/spec/audiences")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .filter(|a: &Vec<String>| !a.is_empty())
+        .unwrap_or_else(|| vec!["https://kubernetes.default.svc.cluster.local".into()]);
+    let (token, expires) = s.tokens.issue(&s.store, &ns, &name, &audiences, seconds)?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": crate::store::now()},
+            "spec": {"audiences": audiences, "expirationSeconds": seconds, "boundObjectRef": null},
+            "status": {"token": token, "expirationTimestamp": expires.format("%Y-%m-%dT%H:%M:%SZ").to_string()},
+        }),
+    ))
 }
 
 fn aggregated_response(v: &Value) -> Response {

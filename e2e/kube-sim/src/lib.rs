@@ -44,6 +44,8 @@
 // error paths of a test server, so its size is not worth boxing for.
 #![allow(clippy::result_large_err)]
 
+pub mod auth;
+pub mod builtin;
 pub mod cel;
 pub mod discovery;
 pub mod error;
@@ -104,6 +106,7 @@ pub struct Builder {
     port: u16,
     history: usize,
     bookmark_interval: Duration,
+    watch_buffer: usize,
 }
 
 impl Default for Builder {
@@ -112,6 +115,7 @@ impl Default for Builder {
             port: 0,
             history: 10_000,
             bookmark_interval: Duration::from_secs(5),
+            watch_buffer: store::DEFAULT_WATCH_BUFFER,
         }
     }
 }
@@ -137,6 +141,14 @@ impl Builder {
         self
     }
 
+    /// Events a watch may have waiting for its client (written by the store, not yet
+    /// taken by the connection, whose buffers are full) before the stand-in closes it, as
+    /// the real watch cache closes a watcher whose buffer stays full (default 10,000).
+    pub fn watch_buffer(mut self, events: usize) -> Self {
+        self.watch_buffer = events;
+        self
+    }
+
     /// Binds and starts serving.
     pub async fn start(self) -> Result<Server, Error> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
@@ -147,12 +159,15 @@ impl Builder {
             .local_addr()
             .map_err(|source| Error::Bind { addr, source })?;
         let store = Arc::new(Store::new(self.history));
+        store.set_watch_buffer(self.watch_buffer);
         let faults = Faults::new(store.clone());
+        let tokens = Arc::new(auth::Tokens::default());
         let state = Arc::new(http::AppState {
             store: store.clone(),
             faults: faults.clone(),
             addr: addr.to_string(),
             bookmark_interval: self.bookmark_interval,
+            tokens: tokens.clone(),
         });
         let app = http::app(state);
         let serve = tokio::spawn(async move {
@@ -165,6 +180,7 @@ impl Builder {
             addr,
             store,
             faults,
+            tokens,
             tasks: vec![serve, gc],
         })
     }
@@ -175,6 +191,7 @@ pub struct Server {
     addr: SocketAddr,
     store: Arc<Store>,
     faults: Faults,
+    tokens: Arc<auth::Tokens>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -226,6 +243,30 @@ impl Server {
         })
     }
 
+    /// A token for service account `name` in `ns` (which must exist), valid for an hour:
+    /// what a TokenRequest (`kubectl create token`) returns. Requests carrying it are
+    /// that service account's, subject to RBAC.
+    pub fn token(&self, ns: &str, name: &str) -> Result<String, ApiError> {
+        let aud = ["https://kubernetes.default.svc.cluster.local".to_string()];
+        self.tokens
+            .issue(&self.store, ns, name, &aud, 3600)
+            .map(|(t, _)| t)
+    }
+
+    /// A kubeconfig like [`Server::kubeconfig`] whose user carries `token`.
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
+        kubeconfig_for(&self.url(), token)
+    }
+
+    /// A client authenticated with `token` (default namespace `default`).
+    pub fn client_with_token(&self, token: &str) -> Result<kube::Client, Error> {
+        let uri: ::http::Uri = self.url().parse().expect("valid url");
+        let mut config = kube::Config::new(uri);
+        config.default_namespace = "default".into();
+        config.auth_info.token = Some(token.to_string().into());
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// Fault injection.
     pub fn faults(&self) -> &Faults {
         &self.faults
@@ -250,6 +291,14 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// A kubeconfig for the stand-in at `url` whose user carries `token` (context
+/// `kube-sim`, namespace `default`).
+pub fn kubeconfig_for(url: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {url}\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\nusers:\n- name: kube-sim\n  user:\n    token: {token}\n"
+    )
 }
 
 impl Drop for Server {

@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
+use k8s_pb::api::authentication::v1 as authn;
+use k8s_pb::api::authorization::v1 as authz;
 use k8s_pb::api::core::v1 as core;
 use k8s_pb::api::rbac::v1 as rbac;
 use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
@@ -27,8 +29,9 @@ pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
 const MAGIC: &[u8] = b"k8s\0";
 
 /// The kinds whose protobuf bodies are understood, as (apiVersion, kind).
-pub const KINDS: [(&str, &str); 8] = [
+pub const KINDS: [(&str, &str); 9] = [
     ("v1", "Namespace"),
+    ("v1", "Service"),
     ("v1", "Secret"),
     ("v1", "ConfigMap"),
     ("v1", "ServiceAccount"),
@@ -68,6 +71,7 @@ pub fn decode(body: &[u8]) -> Result<Value> {
     let mut obj = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => namespace(core::Namespace::decode(raw).map_err(bad)?),
         ("v1", "Secret") => secret(core::Secret::decode(raw).map_err(bad)?),
+        ("v1", "Service") => service(core::Service::decode(raw).map_err(bad)?),
         ("v1", "ConfigMap") => config_map(core::ConfigMap::decode(raw).map_err(bad)?),
         ("v1", "ServiceAccount") => {
             service_account(core::ServiceAccount::decode(raw).map_err(bad)?)
@@ -94,6 +98,58 @@ pub fn decode(body: &[u8]) -> Result<Value> {
             let b = rbac::ClusterRoleBinding::decode(raw).map_err(bad)?;
             binding(b.metadata, b.subjects, b.role_ref)
         }
+        // What `kubectl create token` and `kubectl auth can-i|whoami` send (not stored).
+        ("authentication.k8s.io/v1", "TokenRequest") => {
+            let t = authn::TokenRequest::decode(raw).map_err(bad)?;
+            let spec = t.spec.unwrap_or_default();
+            let mut m = Map::new();
+            set(&mut m, "audiences", strings(spec.audiences));
+            set(
+                &mut m,
+                "expirationSeconds",
+                spec.expiration_seconds.map(|v| json!(v)),
+            );
+            with_meta(t.metadata, [("spec", Some(Value::Object(m)))])
+        }
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => {
+            let r = authn::SelfSubjectReview::decode(raw).map_err(bad)?;
+            with_meta(r.metadata, [])
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => {
+            let r = authz::SelfSubjectAccessReview::decode(raw).map_err(bad)?;
+            let spec = r.spec.unwrap_or_default();
+            let mut m = Map::new();
+            set(
+                &mut m,
+                "resourceAttributes",
+                spec.resource_attributes.map(|a| {
+                    let mut o = Map::new();
+                    for (k, v) in [
+                        ("namespace", a.namespace),
+                        ("verb", a.verb),
+                        ("group", a.group),
+                        ("version", a.version),
+                        ("resource", a.resource),
+                        ("subresource", a.subresource),
+                        ("name", a.name),
+                    ] {
+                        set(&mut o, k, s(v));
+                    }
+                    Value::Object(o)
+                }),
+            );
+            set(
+                &mut m,
+                "nonResourceAttributes",
+                spec.non_resource_attributes.map(|a| {
+                    let mut o = Map::new();
+                    set(&mut o, "path", s(a.path));
+                    set(&mut o, "verb", s(a.verb));
+                    Value::Object(o)
+                }),
+            );
+            with_meta(r.metadata, [("spec", Some(Value::Object(m)))])
+        }
         _ => {
             return Err(ApiError::new(
                 415,
@@ -108,6 +164,89 @@ pub fn decode(body: &[u8]) -> Result<Value> {
     obj["apiVersion"] = json!(api_version);
     obj["kind"] = json!(kind);
     Ok(obj)
+}
+
+/// A Service (`kubectl create service clusterip|nodeport|loadbalancer|externalname`):
+/// every field of its spec; its status is the server's.
+fn service(svc: core::Service) -> Value {
+    let spec = svc.spec.unwrap_or_default();
+    let mut m = Map::new();
+    let port = |p: core::ServicePort| {
+        let mut o = Map::new();
+        set(&mut o, "name", s(p.name));
+        set(&mut o, "protocol", s(p.protocol));
+        set(&mut o, "appProtocol", s(p.app_protocol));
+        set(&mut o, "port", p.port.map(|v| json!(v)));
+        set(
+            &mut o,
+            "targetPort",
+            p.target_port.and_then(|t| match t.r#type {
+                Some(1) => s(t.str_val),
+                _ => t.int_val.map(|v| json!(v)),
+            }),
+        );
+        set(
+            &mut o,
+            "nodePort",
+            p.node_port.filter(|v| *v != 0).map(|v| json!(v)),
+        );
+        Value::Object(o)
+    };
+    set(&mut m, "ports", list(spec.ports, port));
+    set(&mut m, "selector", string_map(spec.selector));
+    set(&mut m, "clusterIP", s(spec.cluster_ip));
+    set(&mut m, "clusterIPs", strings(spec.cluster_ips));
+    set(&mut m, "type", s(spec.r#type));
+    set(&mut m, "externalIPs", strings(spec.external_ips));
+    set(&mut m, "sessionAffinity", s(spec.session_affinity));
+    set(&mut m, "loadBalancerIP", s(spec.load_balancer_ip));
+    set(
+        &mut m,
+        "loadBalancerSourceRanges",
+        strings(spec.load_balancer_source_ranges),
+    );
+    set(&mut m, "externalName", s(spec.external_name));
+    set(
+        &mut m,
+        "externalTrafficPolicy",
+        s(spec.external_traffic_policy),
+    );
+    set(
+        &mut m,
+        "healthCheckNodePort",
+        spec.health_check_node_port
+            .filter(|v| *v != 0)
+            .map(|v| json!(v)),
+    );
+    set(
+        &mut m,
+        "publishNotReadyAddresses",
+        spec.publish_not_ready_addresses
+            .filter(|v| *v)
+            .map(|v| json!(v)),
+    );
+    set(
+        &mut m,
+        "sessionAffinityConfig",
+        spec.session_affinity_config.map(|c| {
+            json!({"clientIP": c.client_ip.map(|ip| json!({"timeoutSeconds": ip.timeout_seconds}))})
+        }),
+    );
+    set(&mut m, "ipFamilies", strings(spec.ip_families));
+    set(&mut m, "ipFamilyPolicy", s(spec.ip_family_policy));
+    set(
+        &mut m,
+        "allocateLoadBalancerNodePorts",
+        spec.allocate_load_balancer_node_ports.map(|v| json!(v)),
+    );
+    set(&mut m, "loadBalancerClass", s(spec.load_balancer_class));
+    set(
+        &mut m,
+        "internalTrafficPolicy",
+        s(spec.internal_traffic_policy),
+    );
+    set(&mut m, "trafficDistribution", s(spec.traffic_distribution));
+    with_meta(svc.metadata, [("spec", Some(Value::Object(m)))])
 }
 
 /// Decodes a protobuf `DeleteOptions` body into its JSON form.

@@ -157,7 +157,8 @@ fn builtin(
         }],
         builtin: true,
         // The real server tracks generation for workloads, PDBs and CRDs, not for config data.
-        has_generation: status && plural != "namespaces" && plural != "services",
+        has_generation: status
+            && !matches!(plural, "namespaces" | "services" | "persistentvolumeclaims"),
     }
 }
 
@@ -197,6 +198,16 @@ pub fn builtins() -> Vec<ResourceType> {
             false,
         ),
         builtin("", "v1", "pods", "Pod", true, &["po"], true, false),
+        builtin(
+            "",
+            "v1",
+            "persistentvolumeclaims",
+            "PersistentVolumeClaim",
+            true,
+            &["pvc"],
+            true,
+            false,
+        ),
         builtin("", "v1", "events", "Event", true, &["ev"], false, false),
         builtin(
             "",

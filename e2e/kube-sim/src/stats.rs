@@ -125,6 +125,10 @@ pub struct Snapshot {
     /// selectors, conversion, tables).
     #[serde(default)]
     pub objects_encoded: u64,
+    /// Watches the stand-in closed because their client stopped reading (their buffer
+    /// of waiting events was full, see `Builder::watch_buffer`).
+    #[serde(default)]
+    pub watches_overflowed: u64,
 }
 
 const EVENT_TYPES: [&str; 5] = ["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"];
@@ -146,6 +150,7 @@ struct Inner {
     objects_examined: AtomicU64,
     watchers_examined: AtomicU64,
     objects_encoded: AtomicU64,
+    watches_overflowed: AtomicU64,
 }
 
 /// The accounting handle (cheap to clone; every clone counts into the same place).
@@ -201,6 +206,7 @@ impl Stats {
             objects_examined: self.inner.objects_examined.load(Relaxed),
             watchers_examined: self.inner.watchers_examined.load(Relaxed),
             objects_encoded: self.inner.objects_encoded.load(Relaxed),
+            watches_overflowed: self.inner.watches_overflowed.load(Relaxed),
         }
     }
 
@@ -218,6 +224,7 @@ impl Stats {
         self.inner.objects_examined.store(0, Relaxed);
         self.inner.watchers_examined.store(0, Relaxed);
         self.inner.objects_encoded.store(0, Relaxed);
+        self.inner.watches_overflowed.store(0, Relaxed);
     }
 
     /// Counts one request.
@@ -243,6 +250,10 @@ impl Stats {
 
     pub(crate) fn objects_encoded(&self, n: u64) {
         self.inner.objects_encoded.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn watch_overflowed(&self) {
+        self.inner.watches_overflowed.fetch_add(1, Relaxed);
     }
 }
 
@@ -333,6 +344,9 @@ impl Snapshot {
                 .watchers_examined
                 .saturating_sub(earlier.watchers_examined),
             objects_encoded: self.objects_encoded.saturating_sub(earlier.objects_encoded),
+            watches_overflowed: self
+                .watches_overflowed
+                .saturating_sub(earlier.watches_overflowed),
         }
     }
 
@@ -444,6 +458,7 @@ impl Snapshot {
                 "events": total.events,
                 "bytes": total.bytes,
                 "byType": total.by_type,
+                "overflowed": self.watches_overflowed,
                 "entries": self.watches,
             },
             "store": {

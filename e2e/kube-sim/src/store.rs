@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
+use crate::builtin;
 use crate::error::{ApiError, Cause, Result};
 use crate::patch;
 use crate::registry::{Registry, ResourceKey, ResourceType, TypeCursor, from_crd};
@@ -120,12 +121,62 @@ fn encode(obj: &Value) -> Bytes {
     Bytes::from(serde_json::to_vec(obj).expect("a JSON value serializes"))
 }
 
+/// etcd's default `--max-request-bytes` (1.5 MiB): a write whose stored object is larger
+/// is refused by etcd, and the API server answers with its error (500).
+pub const MAX_OBJECT_BYTES: usize = 1_572_864;
+
+/// The API server's request body limit (`MaxRequestBodyBytes`, 3 MiB): larger bodies get
+/// 413 before they are decoded.
+pub const MAX_REQUEST_BYTES: usize = 3 << 20;
+
+/// An object serialized for storage, refused as etcd refuses it when over its limit.
+fn encode_stored(obj: &Value) -> Result<Bytes> {
+    let b = encode(obj);
+    if b.len() > MAX_OBJECT_BYTES {
+        // The etcd client's error, passed through by the API server as an unknown
+        // (reason-less) 500.
+        return Err(ApiError::new(500, "", "etcdserver: request is too large"));
+    }
+    Ok(b)
+}
+
+/// Strict decoding of a built-in kind (see [`crate::builtin`]): the unknown fields are
+/// refused (`Strict`), or pruned and returned as warnings (`Warn`), or pruned (`Ignore`).
+fn decode_builtin(
+    rt: &ResourceType,
+    version: &str,
+    obj: &mut Value,
+    v: FieldValidation,
+) -> Result<Vec<String>> {
+    let cannot = |msg: &str| {
+        ApiError::bad_request(format!(
+            "{} in version \"{version}\" cannot be handled as a {}: {msg}",
+            rt.kind, rt.kind
+        ))
+    };
+    let d = builtin::decode(rt, obj, v != FieldValidation::Strict).map_err(|e| cannot(&e))?;
+    let list: Vec<String> = d
+        .unknown
+        .iter()
+        .map(|p| format!("unknown field \"{p}\""))
+        .collect();
+    match v {
+        _ if list.is_empty() => Ok(list),
+        FieldValidation::Strict => Err(cannot(&format!(
+            "strict decoding error: {}",
+            list.join(", ")
+        ))),
+        FieldValidation::Warn => Ok(list),
+        FieldValidation::Ignore => Ok(vec![]),
+    }
+}
+
 /// What a watch starts with.
 pub struct WatchStart {
     /// Events to send first (synthetic ADDED for a fresh watch, or the log backlog).
     pub backlog: Vec<Arc<Event>>,
     /// Live events (shared: one event is allocated once, whatever the number of watchers).
-    pub rx: mpsc::UnboundedReceiver<Arc<Event>>,
+    pub rx: mpsc::Receiver<Arc<Event>>,
     /// Current resourceVersion when the watch started.
     pub rv: u64,
     /// Live events sent to `rx` and not yet taken from it: whoever reads `rx` subtracts
@@ -240,10 +291,15 @@ struct Watchers {
     added: usize,
 }
 
-/// One watcher: its channel, and the gauge of the events waiting in it.
+/// Events a watcher may have waiting (written by the store, not yet handed to its
+/// connection) before the stand-in closes it, by default.
+pub const DEFAULT_WATCH_BUFFER: usize = 10_000;
+
+/// One watcher: its bounded channel, and the gauge of the events waiting in it.
 struct Sink {
-    tx: mpsc::UnboundedSender<Arc<Event>>,
+    tx: mpsc::Sender<Arc<Event>>,
     queued: Arc<AtomicU64>,
+    stats: Stats,
 }
 
 impl Sink {
@@ -251,15 +307,23 @@ impl Sink {
         self.tx.is_closed()
     }
 
-    /// Sends `ev`; false when the watch has ended.
+    /// Sends `ev`; false when the watch has ended, or when its buffer is full: the real
+    /// watch cache closes a watcher whose buffer stays full rather than let it hold the
+    /// others up or grow without bound. Dropping this sender ends the watch: its stream
+    /// sends what the buffer holds, then ends, and the client re-watches.
     fn offer(&self, ev: &Arc<Event>) -> bool {
         // Counted before the send, so the reader never takes an event not yet counted.
         self.queued.fetch_add(1, Relaxed);
-        let sent = self.tx.send(ev.clone()).is_ok();
-        if !sent {
-            self.queued.fetch_sub(1, Relaxed);
+        match self.tx.try_send(ev.clone()) {
+            Ok(()) => true,
+            Err(e) => {
+                self.queued.fetch_sub(1, Relaxed);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.stats.watch_overflowed();
+                }
+                false
+            }
         }
-        sent
     }
 }
 
@@ -331,6 +395,10 @@ pub(crate) struct State {
     /// Objects the garbage collector must look at (queued by the writes that concern it).
     gc_queue: BTreeSet<ObjRef>,
     stats: Stats,
+    /// The cluster IP allocator's counter.
+    cluster_ips: u32,
+    /// Events a watcher may have waiting before it is closed (see [`Sink::offer`]).
+    watch_buffer: usize,
 }
 
 /// One page of a list.
@@ -629,6 +697,8 @@ impl Store {
                 dependents: HashMap::new(),
                 gc_queue: BTreeSet::new(),
                 stats: stats.clone(),
+                cluster_ips: 0,
+                watch_buffer: DEFAULT_WATCH_BUFFER,
             }),
             gc: Notify::new(),
             stats,
@@ -717,6 +787,11 @@ impl Store {
             ts.log.clear();
             ts.compacted = rv;
         }
+    }
+
+    /// How many events a watcher may have waiting before it is closed (at least 1).
+    pub fn set_watch_buffer(&self, n: usize) {
+        self.state.lock().watch_buffer = n.max(1);
     }
 
     /// Ends every open watch stream (clients see the stream close and re-watch).
@@ -983,11 +1058,13 @@ impl Store {
                     .collect()
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(st.watch_buffer.max(1));
         let sink = Sink {
             tx,
             queued: queued.clone(),
+            stats: self.stats.clone(),
         };
+        let ts = st.types.entry(storage_key(&t.rt)).or_default();
         ts.watchers.add((ns, name.map(str::to_string)), sink);
         self.stats.objects_examined(examined);
         Ok(WatchStart {
@@ -996,6 +1073,32 @@ impl Store {
             rv,
             queued,
         })
+    }
+
+    /// One stored object, shared, without counting it as examined (authorization reads
+    /// RBAC objects on every request of a service account; the counters are the
+    /// requests' own work). `ns` is "" for cluster-scoped kinds.
+    pub fn peek(&self, key: &ResourceKey, ns: &str, name: &str) -> Option<Arc<Value>> {
+        let st = self.state.lock();
+        st.types
+            .get(key)?
+            .objects
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Every stored object of a type in one namespace ("" for cluster-scoped kinds),
+    /// shared, without counting them as examined.
+    pub fn peek_namespace(&self, key: &ResourceKey, ns: &str) -> Vec<Arc<Value>> {
+        let st = self.state.lock();
+        let Some(ts) = st.types.get(key) else {
+            return vec![];
+        };
+        ts.objects
+            .range((ns.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == ns)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Runs a closure over the locked state (garbage collector).
@@ -1241,6 +1344,7 @@ impl State {
         kind: EventType,
         obj: &Value,
         old: Option<&Value>,
+        bytes: Option<Bytes>,
     ) {
         let history = self.history;
         let ts = self.types.entry(key.clone()).or_default();
@@ -1248,7 +1352,7 @@ impl State {
             meta_str(obj, "namespace").unwrap_or("").to_string(),
             meta_str(obj, "name").unwrap_or("").to_string(),
         );
-        let bytes = encode(obj);
+        let bytes = bytes.unwrap_or_else(|| encode(obj));
         let mut encoded = 1;
         let old = match (kind, old) {
             (EventType::Modified, Some(o)) => {
@@ -1476,7 +1580,9 @@ impl State {
                 .as_object_mut()
                 .map(|l| l.insert("kubernetes.io/metadata.name".into(), json!(name)));
         }
-        let warnings = Self::check_custom(t, &mut obj, None, o)?;
+        let mut warnings = Self::check_custom(t, &mut obj, None, o)?;
+        warnings.extend(decode_builtin(&rt, &t.version, &mut obj, o.validation)?);
+        builtin::allocate_cluster_ip(&rt, &mut obj, &mut self.cluster_ips);
         let crd_type =
             if rt.plural == "customresourcedefinitions" && rt.group == "apiextensions.k8s.io" {
                 Some(from_crd(&obj).map_err(|m| {
@@ -1515,11 +1621,15 @@ impl State {
                 encoded: None,
             });
         }
-        let rv = self.next_rv();
+        // etcd refuses what exceeds its request limit: checked on the bytes stored, before
+        // the write takes a resourceVersion.
+        let rv = self.rv + 1;
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
         let skey = storage_key(&rt);
         let stored = crate::events::to_storage(&rt, &obj).into_owned();
-        self.emit(&skey, rv, EventType::Added, &stored, None);
+        let bytes = encode_stored(&stored)?;
+        self.rv = rv;
+        self.emit(&skey, rv, EventType::Added, &stored, None, Some(bytes));
         self.put(&skey, key, Arc::new(stored));
         if let Some(ct) = crd_type {
             self.establish_crd(t, &name, ct);
@@ -1564,13 +1674,15 @@ impl State {
                 {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": ts},
             ],
         });
-        self.store_update(t, &old, new);
+        // Conditions added to a CRD the client could store: never over the limit.
+        let _ = self.store_update(t, &old, new);
     }
 
     /// Stores a new version of an object and emits its MODIFIED event; returns it, shared
     /// with the store (no copy).
-    fn store_update(&mut self, t: &Target, old: &Value, mut new: Value) -> Arc<Value> {
-        let rv = self.next_rv();
+    fn store_update(&mut self, t: &Target, old: &Value, mut new: Value) -> Result<Arc<Value>> {
+        // As in create_with: the size is checked before the write takes a resourceVersion.
+        let rv = self.rv + 1;
         meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
         let name = meta_str(&new, "name").unwrap_or("").to_string();
         let key = Self::ns_key(t, &name);
@@ -1578,14 +1690,32 @@ impl State {
         let old = crate::events::to_storage(&t.rt, old);
         if crate::events::is_events_v1(&t.rt) {
             let stored = crate::events::to_storage(&t.rt, &new).into_owned();
-            self.emit(&skey, rv, EventType::Modified, &stored, Some(&old));
+            let bytes = encode_stored(&stored)?;
+            self.rv = rv;
+            self.emit(
+                &skey,
+                rv,
+                EventType::Modified,
+                &stored,
+                Some(&old),
+                Some(bytes),
+            );
             self.put(&skey, key, Arc::new(stored));
-            return Arc::new(new);
+            return Ok(Arc::new(new));
         }
         let stored = Arc::new(new);
-        self.emit(&skey, rv, EventType::Modified, &stored, Some(&old));
+        let bytes = encode_stored(&stored)?;
+        self.rv = rv;
+        self.emit(
+            &skey,
+            rv,
+            EventType::Modified,
+            &stored,
+            Some(&old),
+            Some(bytes),
+        );
         self.put(&skey, key, stored.clone());
-        stored
+        Ok(stored)
     }
 
     fn replace(&mut self, t: &Target, body: Value, o: &WriteOpts) -> Result<Written> {
@@ -1698,6 +1828,45 @@ impl State {
             if let Some(meta) = m.get_mut("metadata").and_then(Value::as_object_mut) {
                 meta.remove("managedFields");
                 meta.remove("resourceVersion");
+            }
+        }
+        // The applied configuration is converted to its type's schema first: an unknown
+        // field fails the request whatever fieldValidation says (structured-merge-diff's
+        // "field not declared in schema", which the real server answers with a
+        // reason-less 500).
+        if rt.builtin {
+            let mut probe = applied.clone();
+            probe["apiVersion"] = json!(api_version);
+            probe["kind"] = json!(rt.kind);
+            let what = match builtin::decode(&rt, &mut probe, false) {
+                Err(e) => Some(e),
+                Ok(d) if !d.unknown.is_empty() => Some(
+                    d.unknown
+                        .iter()
+                        .map(|p| format!(".{p}: field not declared in schema"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                ),
+                Ok(_) => None,
+            };
+            if let Some(what) = what {
+                let nn = match &t.namespace {
+                    Some(ns) if rt.namespaced => format!("{ns}/{name}"),
+                    _ => format!("/{name}"),
+                };
+                let gv = if rt.group.is_empty() {
+                    format!("/{}", t.version)
+                } else {
+                    api_version.clone()
+                };
+                return Err(ApiError::new(
+                    500,
+                    "",
+                    format!(
+                        "failed to create typed patch object ({nn}; {gv}, Kind={}): {what}",
+                        rt.kind
+                    ),
+                ));
             }
         }
         // Defaults and pruning apply to the config too, so ownership matches stored values.
@@ -1920,7 +2089,13 @@ impl State {
                 ));
             }
         }
-        let warnings = Self::check_custom(t, &mut new, Some(&old), o)?;
+        let mut warnings = Self::check_custom(t, &mut new, Some(&old), o)?;
+        builtin::carry_cluster_ip(&rt, &old, &mut new);
+        warnings.extend(decode_builtin(&rt, &t.version, &mut new, o.validation)?);
+        let causes = builtin::immutable(&rt, &old, &new);
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(&rt.group, &rt.kind, &name, causes));
+        }
         if rt.plural == "customresourcedefinitions"
             && rt.group == "apiextensions.k8s.io"
             && sub.is_none()
@@ -1988,7 +2163,7 @@ impl State {
                 encoded: None,
             });
         }
-        let stored = self.store_update(t, &old, new);
+        let stored = self.store_update(t, &old, new)?;
         let encoded = if crate::events::is_events_v1(&rt) {
             None
         } else {
@@ -2078,7 +2253,7 @@ impl State {
         let skey = storage_key(&t.rt);
         self.take(&skey, &key);
         let stored = crate::events::to_storage(&t.rt, &obj);
-        self.emit(&skey, rv, EventType::Deleted, &stored, None);
+        self.emit(&skey, rv, EventType::Deleted, &stored, None, None);
         // Deleting a CRD removes its custom resources and stops serving the type.
         if t.rt.plural == "customresourcedefinitions"
             && t.rt.group == "apiextensions.k8s.io"
@@ -2178,7 +2353,7 @@ impl State {
             new["status"] = json!({"phase": "Terminating"});
         }
         Ok(Deleted::Pending(Arc::unwrap_or_clone(
-            self.store_update(t, &old, new),
+            self.store_update(t, &old, new)?,
         )))
     }
 
@@ -2199,7 +2374,8 @@ impl State {
         if new.pointer("/metadata/deletionTimestamp").is_some() && fins.is_empty() {
             self.remove(t, new);
         } else {
-            self.store_update(t, &old, new);
+            // Fewer finalizers: smaller than what was stored.
+            let _ = self.store_update(t, &old, new);
         }
     }
 
@@ -2214,7 +2390,8 @@ impl State {
         } else {
             meta_mut(&mut new).insert("ownerReferences".into(), json!(refs));
         }
-        self.store_update(t, &old, new);
+        // Fewer owners: smaller than what was stored.
+        let _ = self.store_update(t, &old, new);
     }
 
     /// Removes a namespace whose contents are gone.

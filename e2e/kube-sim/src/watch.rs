@@ -135,7 +135,7 @@ struct Running {
     spec: WatchSpec,
     store: Arc<Store>,
     backlog: std::vec::IntoIter<Arc<Event>>,
-    rx: mpsc::UnboundedReceiver<Arc<Event>>,
+    rx: mpsc::Receiver<Arc<Event>>,
     /// Live events waiting in `rx` (the store adds, taking from `rx` subtracts).
     queued: Arc<AtomicU64>,
     tap: WatchTap,

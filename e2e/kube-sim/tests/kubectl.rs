@@ -790,3 +790,249 @@ async fn events_from_the_recorder_show_in_get_events_describe_and_watch() {
         .await;
     assert_eq!(notes, "draining pod p1-2/p1/tether-operator");
 }
+
+/// RBAC as kubectl meets it: `create token` (TokenRequest, protobuf), `auth whoami`,
+/// `auth can-i` (SelfSubjectAccessReview), a 403 worded as the real server words it, and
+/// a Role + RoleBinding taking effect at once (names included). kubectl sends a bearer
+/// token only over TLS and the stand-in serves plain HTTP, so kubectl acts as the
+/// service account with `--as` (impersonation, which the administrator may do); the
+/// token it created is used by a kube-rs client, which sends it over HTTP.
+#[tokio::test]
+async fn create_token_auth_can_i_and_forbidden_requests() {
+    let sim = Server::start().await.unwrap();
+    let k = Kubectl::new(&sim);
+    with_crd(&k).await;
+    k.ok(&["create", "serviceaccount", "gw"]).await;
+    let token = k
+        .ok(&["create", "token", "gw", "--duration=20m"])
+        .await
+        .trim()
+        .to_string();
+    assert_eq!(token.split('.').count(), 3, "a JWT-shaped token: {token}");
+    let as_gw = "--as=system:serviceaccount:default:gw";
+    let who = k
+        .ok(&[
+            "auth",
+            "whoami",
+            as_gw,
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
+        .await;
+    assert_eq!(who, "system:serviceaccount:default:gw");
+    // Nothing is granted yet.
+    let can = k
+        .run(&[
+            "auth",
+            "can-i",
+            "patch",
+            "connectionpools/p1",
+            "--subresource=status",
+            as_gw,
+        ])
+        .await;
+    assert_eq!((can.ok, can.stdout.trim()), (false, "no"), "{}", can.stderr);
+    let denied = k.run(&["get", "configmaps", as_gw]).await;
+    assert!(!denied.ok);
+    assert!(
+        denied.stderr.contains(
+            "Error from server (Forbidden): configmaps is forbidden: User \"system:serviceaccount:default:gw\" cannot list resource \"configmaps\" in API group \"\" in the namespace \"default\""
+        ),
+        "{}",
+        denied.stderr
+    );
+    // A Role limited to one pool's status, bound to the account.
+    // (Reading any pool's status, so that kubectl's patch gets as far as the patch.)
+    k.ok(&[
+        "create",
+        "role",
+        "gw",
+        "--verb=patch",
+        "--resource=connectionpools.tether.dev/status",
+        "--resource-name=p1",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "role",
+        "read",
+        "--verb=get",
+        "--resource=connectionpools.tether.dev/status",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "read",
+        "--role=read",
+        "--serviceaccount=default:gw",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "gw",
+        "--role=gw",
+        "--serviceaccount=default:gw",
+    ])
+    .await;
+    let no = k
+        .run(&[
+            "auth",
+            "can-i",
+            "patch",
+            "connectionpools",
+            "--subresource=status",
+            as_gw,
+        ])
+        .await;
+    assert_eq!(
+        no.stdout.trim(),
+        "no",
+        "a rule with resourceNames needs a name"
+    );
+    let yes = k
+        .ok(&[
+            "auth",
+            "can-i",
+            "patch",
+            "connectionpools/p1",
+            "--subresource=status",
+            as_gw,
+        ])
+        .await;
+    assert_eq!(yes.trim(), "yes");
+    let other = k
+        .run(&[
+            "auth",
+            "can-i",
+            "patch",
+            "connectionpools/p2",
+            "--subresource=status",
+            as_gw,
+        ])
+        .await;
+    assert_eq!(other.stdout.trim(), "no", "{}", other.stderr);
+    k.ok(&[
+        "apply",
+        "-f",
+        &k.file("p1.yaml", &POOL.replace("REPLICAS", "1")),
+    ])
+    .await;
+    k.ok(&[
+        "apply",
+        "-f",
+        &k.file(
+            "p2.yaml",
+            &POOL.replace("p1", "p2").replace("REPLICAS", "1"),
+        ),
+    ])
+    .await;
+    let patch = k
+        .run(&[
+            "patch",
+            "cpool",
+            "p2",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"replicas":1}}"#,
+            as_gw,
+        ])
+        .await;
+    assert!(!patch.ok);
+    assert!(
+        patch.stderr.contains(
+            "connectionpools.tether.dev \"p2\" is forbidden: User \"system:serviceaccount:default:gw\" cannot patch resource \"connectionpools/status\" in API group \"tether.dev\" in the namespace \"default\""
+        ),
+        "{}",
+        patch.stderr
+    );
+    // The token kubectl created is the account's: it may read p1's status, not p2's.
+    let pools: kube::Api<kube::core::DynamicObject> = kube::Api::default_namespaced_with(
+        sim.client_with_token(&token).unwrap(),
+        &common::pool_resource(),
+    );
+    let ssa = kube::api::PatchParams::default();
+    let status = kube::api::Patch::Merge(serde_json::json!({"status": {"replicas": 1}}));
+    pools.patch_status("p1", &ssa, &status).await.unwrap();
+    assert!(pools.patch_status("p2", &ssa, &status).await.is_err());
+    // The administrator's kubeconfig may do anything.
+    assert_eq!(k.ok(&["auth", "can-i", "*", "*"]).await.trim(), "yes");
+}
+
+/// `kubectl create service` sends a protobuf Service: decoded, allocated a cluster IP
+/// (and `--clusterip=None` kept for a headless one), and its cluster IP then immutable.
+#[tokio::test]
+async fn create_service_from_protobuf() {
+    let sim = Server::start().await.unwrap();
+    let k = Kubectl::new(&sim);
+    k.ok(&["create", "service", "clusterip", "web", "--tcp=80:8080"])
+        .await;
+    let got = k
+        .ok(&["get", "service", "web", "-o", "jsonpath={.spec.type} {.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.ports[0].name} {.spec.selector.app} {.spec.clusterIP}"])
+        .await;
+    let fields: Vec<&str> = got.split(' ').collect();
+    assert_eq!(
+        fields[..5],
+        ["ClusterIP", "80", "8080", "80-8080", "web"],
+        "{got}"
+    );
+    assert!(fields[5].starts_with("10.96."), "{got}");
+    k.ok(&[
+        "create",
+        "service",
+        "clusterip",
+        "headless",
+        "--clusterip=None",
+        "--tcp=9090:9090",
+    ])
+    .await;
+    let ip = k
+        .ok(&[
+            "get",
+            "service",
+            "headless",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .await;
+    assert_eq!(ip, "None");
+    k.ok(&[
+        "create",
+        "service",
+        "nodeport",
+        "np",
+        "--tcp=443:8443",
+        "--node-port=30443",
+    ])
+    .await;
+    let np = k
+        .ok(&[
+            "get",
+            "service",
+            "np",
+            "-o",
+            "jsonpath={.spec.type} {.spec.ports[0].nodePort}",
+        ])
+        .await;
+    assert_eq!(np, "NodePort 30443");
+    let changed = k
+        .run(&[
+            "patch",
+            "service",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"clusterIP":"10.96.200.1","clusterIPs":["10.96.200.1"]}}"#,
+        ])
+        .await;
+    assert!(!changed.ok);
+    assert!(
+        changed
+            .stderr
+            .contains("spec.clusterIP: Invalid value: \"10.96.200.1\": field is immutable"),
+        "{}",
+        changed.stderr
+    );
+}

@@ -21,6 +21,10 @@ struct Args {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 5)]
     bookmark_interval: u64,
+    /// Events a watch may have waiting for a client that stopped reading before it is
+    /// closed.
+    #[arg(long, default_value_t = 10_000)]
+    watch_buffer: usize,
 }
 
 #[tokio::main]
@@ -34,11 +38,13 @@ async fn main() -> anyhow::Result<()> {
         kubeconfig,
         history,
         bookmark_interval,
+        watch_buffer,
     } = Args::parse();
     let sim = tether_kube_sim::Server::builder()
         .port(port)
         .history(history)
         .bookmark_interval(std::time::Duration::from_secs(bookmark_interval))
+        .watch_buffer(watch_buffer)
         .start()
         .await?;
     if let Some(path) = kubeconfig {
