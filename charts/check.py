@@ -185,6 +185,42 @@ check(
     "dashboards.namespace and the sidecar label are honoured",
 )
 
+# 6b. PodMonitors: none by default; when enabled, one for the operator's admin port and
+#     one for every pool's gateway pods (their `api` port), both at /metrics, with the
+#     extra labels; gateway namespaces from the value, else watchNamespace, else all.
+check(not find(render({}), "PodMonitor"), "no PodMonitor by default")
+monitors = {d["metadata"]["name"]: d for d in find(render({"monitoring": {"podMonitors": {"enabled": True, "labels": {"release": "kps"}}}}), "PodMonitor")}
+check(sorted(monitors) == ["tether-gateways", "tether-operator"], f"PodMonitors: {sorted(monitors)}")
+if len(monitors) == 2:
+    op, gw = monitors["tether-operator"], monitors["tether-gateways"]
+    check(op["apiVersion"] == "monitoring.coreos.com/v1", "PodMonitor apiVersion")
+    check(op["spec"]["podMetricsEndpoints"] == [{"port": "admin", "path": "/metrics", "interval": "30s"}], f"operator endpoint: {op['spec']}")
+    check(op["spec"]["selector"]["matchLabels"] == find(render({}), "Deployment")[0]["spec"]["selector"]["matchLabels"],
+          "the operator PodMonitor selects the operator's pods")
+    check(gw["spec"]["podMetricsEndpoints"] == [{"port": "api", "path": "/metrics", "interval": "30s"}], f"gateway endpoint: {gw['spec']}")
+    check(gw["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "tether-gateway", "app.kubernetes.io/part-of": "tether"},
+          f"gateway selector: {gw['spec']['selector']}")
+    check(gw["spec"]["namespaceSelector"] == {"any": True}, f"all namespaces by default: {gw['spec']['namespaceSelector']}")
+    check(all(m["metadata"]["labels"].get("release") == "kps" for m in monitors.values()), "extra labels on both")
+gw = [d for d in find(render({"watchNamespace": "tenants", "monitoring": {"podMonitors": {"enabled": True}}}), "PodMonitor") if d["metadata"]["name"] == "tether-gateways"]
+check(gw and gw[0]["spec"]["namespaceSelector"] == {"matchNames": ["tenants"]}, f"watchNamespace scopes the gateway PodMonitor: {gw}")
+gw = [d for d in find(render({"monitoring": {"podMonitors": {"enabled": True, "gatewayNamespaces": ["a", "b"]}}}), "PodMonitor") if d["metadata"]["name"] == "tether-gateways"]
+check(gw and gw[0]["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}, f"gatewayNamespaces: {gw}")
+# The gateways' api port name is the one the operator renders (operator/src/resources.rs).
+resources_rs = (REPO / "operator" / "src" / "resources.rs").read_text()
+check('{"name": "api", "containerPort": API_PORT' in resources_rs, "gateway pods name their internal port `api`")
+for bad in ({"monitoring": {"podMonitors": {"enabled": "yes"}}}, {"monitoring": {"podMonitors": {"interval": "soon"}}},
+            {"monitoring": {"serviceMonitors": {}}}):
+    try:
+        render(bad)
+        failures.append(f"values {bad} were accepted")
+    except helm.HelmError:
+        pass
+
+# The operator's memory limit fits the 10,000 pools measured in docs/benchmarks.md.
+limit = find(render({}), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+check(limit.endswith("Mi") and int(limit[:-2]) >= 413 * 1.2, f"operator memory limit {limit} fits 413 MiB (10,000 pools) with headroom")
+
 # 7. Image digests: accepted, rendered as repository:tag@digest, and anything else refused.
 digest = "sha256:" + "0123456789abcdef" * 4
 docs = render({"image": {"repository": "registry.test/op", "digest": digest},
@@ -231,4 +267,4 @@ if failures:
     for f in failures:
         print(f"chart check FAILED: {f}", file=sys.stderr)
     sys.exit(1)
-print("chart check: lint, schema, rendering, dashboards, image digests, notes and CRD upgrade path OK")
+print("chart check: lint, schema, rendering, dashboards, PodMonitors, image digests, notes and CRD upgrade path OK")

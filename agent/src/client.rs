@@ -56,8 +56,13 @@ type Sink = SplitSink<Ws, Message>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The URL is not a valid `ws://` or `wss://` URL.
-    #[error("invalid gateway url: {0}")]
-    InvalidUrl(#[source] tungstenite::Error),
+    #[error("invalid gateway url `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The payload could not be serialized as JSON.
     #[error("payload is not JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -65,10 +70,10 @@ pub enum Error {
     #[error("request timed out")]
     Timeout,
     /// The gateway or upstream refused the message for good (bad shape, too large).
-    #[error("rejected: {0:?}")]
+    #[error("refused by the gateway ({:?}): {}", .0.code, .0.message)]
     Rejected(ErrorBody),
     /// The upstream answered the request with an error.
-    #[error("upstream error: {0:?}")]
+    #[error("the upstream answered with an error ({:?}): {}", .0.code, .0.message)]
     Upstream(ErrorBody),
     /// The agent stopped (closed, or a terminal auth failure) before the call completed.
     #[error("agent stopped: {0}")]
@@ -105,6 +110,11 @@ pub struct Options {
     pub dedup_window: usize,
     /// Read buffer of the socket (tungstenite's default is 128 KiB).
     pub read_buffer_bytes: usize,
+    /// Whether a `send` refused with `unavailable` (nothing upstream receives agent
+    /// messages) is retried like other transient refusals. A long-running agent keeps
+    /// retrying (the pool may get an upstream later); a one-shot tool sets `false` to
+    /// fail the send at once with the gateway's reason ([`Error::Rejected`]).
+    pub retry_unavailable: bool,
 }
 
 impl Default for Options {
@@ -122,6 +132,7 @@ impl Default for Options {
             push_queue: 64,
             dedup_window: 4096,
             read_buffer_bytes: 16 * 1024,
+            retry_unavailable: true,
         }
     }
 }
@@ -255,9 +266,7 @@ impl AgentBuilder {
             on_push,
             on_request,
         } = self;
-        url.as_str()
-            .into_client_request()
-            .map_err(Error::InvalidUrl)?;
+        check_url(&url)?;
         let request_timeout = options.request_timeout;
         let (command_tx, commands) = mpsc::channel(options.command_queue.max(1));
         let (state_tx, state) = watch::channel(State::Connecting { attempt: 0 });
@@ -443,6 +452,59 @@ impl Agent {
 
     fn request_timeout(&self) -> Duration {
         self.request_timeout
+    }
+}
+
+/// Refuses, before any connection attempt, a URL no attempt could use: one that does
+/// not parse, has no host, or names a scheme other than `ws`/`wss` (an `http://` URL
+/// would otherwise fail the same way on every retry).
+fn check_url(url: &str) -> Result<(), Error> {
+    let invalid = |reason: String| Error::InvalidUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    const SHAPE: &str = "agents connect at ws://HOST:PORT/v1/connect";
+    let uri: http::Uri = url.parse().map_err(|e| invalid(format!("{e}; {SHAPE}")))?;
+    match uri.scheme_str() {
+        Some("ws" | "wss") => {}
+        Some(other) => {
+            return Err(invalid(format!(
+                "the scheme must be ws:// or wss:// (got {other}://); {SHAPE}"
+            )));
+        }
+        None => {
+            return Err(invalid(format!("no scheme; {SHAPE}")));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(format!("no host; {SHAPE}")));
+    }
+    url.into_client_request()
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(())
+}
+
+/// The gateway's reason from the body of a refused upgrade: the `message` of its
+/// `{"error":{"code","message"}}` body, else the body's text, cut to a readable length.
+fn refusal_message(body: Option<&[u8]>) -> String {
+    const MAX_CHARS: usize = 300;
+    let Some(body) = body.filter(|b| !b.is_empty()) else {
+        return String::new();
+    };
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
+        let message = json
+            .pointer("/error/message")
+            .or_else(|| json.get("message"))
+            .and_then(|m| m.as_str());
+        if let Some(message) = message {
+            return message.to_owned();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
     }
 }
 
@@ -667,11 +729,13 @@ impl Core {
             attempt = attempt.saturating_add(1);
             match decision {
                 Decision::Stop(reason) => {
-                    warn!(?ended, %reason, "agent stops");
+                    warn!(url = %self.url, "agent stops: {reason}");
                     return self.stop(reason);
                 }
                 Decision::Reconnect(delay) => {
-                    info!(?ended, ?delay, "reconnecting");
+                    // At info, in words: a newcomer with the default log level must see
+                    // why the agent is not connected (a refused port, a 503's reason).
+                    info!(url = %self.url, ?delay, "reconnecting: {ended}");
                     self.state_tx.send_replace(State::Waiting { delay });
                     if !self.wait(delay).await {
                         return self.stop(StopReason::Closed);
@@ -750,11 +814,12 @@ impl Core {
                     return Err(Ended::TokenUnavailable);
                 }
             };
-            let mut request = self
-                .url
-                .as_str()
-                .into_client_request()
-                .map_err(|_| Ended::Lost { hint: None })?;
+            let mut request = self.url.as_str().into_client_request().map_err(|err| {
+                // `start` validated the URL; this only fails if that check is wrong.
+                Ended::Unreachable {
+                    cause: err.to_string(),
+                }
+            })?;
             let headers = request.headers_mut();
             headers.insert(
                 header::AUTHORIZATION,
@@ -773,11 +838,11 @@ impl Core {
                     .map_err(|err| match err {
                         tungstenite::Error::Http(response) => Ended::Rejected {
                             status: response.status().as_u16(),
+                            message: refusal_message(response.body().as_deref()),
                         },
-                        other => {
-                            debug!(err = %other, "connect failed");
-                            Ended::Lost { hint: None }
-                        }
+                        other => Ended::Unreachable {
+                            cause: other.to_string(),
+                        },
                     })?;
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => match GatewayMessage::decode(&text) {
@@ -799,7 +864,9 @@ impl Core {
             result = timeout(limit, attempt) => match result {
                 Ok(Ok(ok)) => Ok(ok),
                 Ok(Err(ended)) => Err(Outcome::Ended(ended)),
-                Err(_) => Err(Outcome::Ended(Ended::Lost { hint: None })),
+                Err(_) => Err(Outcome::Ended(Ended::Unreachable {
+                    cause: format!("no welcome within the connect timeout ({limit:?})"),
+                })),
             },
         }
     }
@@ -1022,7 +1089,9 @@ impl Core {
         let Some(entry) = self.outbox.get_mut(id) else {
             return;
         };
-        if policy::nack_is_retryable(error.code) {
+        let retryable = policy::nack_is_retryable(error.code)
+            && (self.options.retry_unavailable || error.code != ErrorCode::Unavailable);
+        if retryable {
             let delay = policy::resend_delay(
                 retry_after_ms,
                 entry.nacks,
@@ -1031,7 +1100,14 @@ impl Core {
             );
             entry.nacks += 1;
             entry.state = SendState::Due(Instant::now() + delay);
-            debug!(id, ?error, ?delay, "send refused; will retry");
+            // Info, not debug: a send that never completes must say why by default.
+            info!(
+                id,
+                code = ?error.code,
+                ?delay,
+                "send refused by the gateway, retrying: {}",
+                error.message
+            );
         } else if let Some(entry) = self.outbox.remove(id) {
             entry.finish(|| Err(Error::Rejected(error.clone())));
         }
@@ -1440,7 +1516,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                Error::Stopped(StopReason::AuthRejected { status: 401 })
+                Error::Stopped(StopReason::AuthRejected { status: 401, .. })
             ),
             "{err}"
         );

@@ -19,9 +19,12 @@
 //!
 //! Guarantees: a `send` is re-sent with the same id (the upstream's idempotency key)
 //! across reconnects and transient `nack`s until it is acknowledged; a `reconnect` hint
-//! from a draining gateway sets the next delay; auth failures (HTTP 401/403, close 4002)
-//! and explicit disconnects (4003, 4005) stop the agent instead of looping; a gateway
-//! that stops answering pings is treated as dead and replaced.
+//! from a draining gateway sets the next delay; auth failures (HTTP 401/403, close 4002),
+//! other permanent HTTP refusals (404 and the rest of 4xx but 408/429) and explicit
+//! disconnects (4003, 4005) stop the agent with the gateway's own reason instead of
+//! looping; a URL that is not `ws://`/`wss://` is refused by `start`; every retry is
+//! logged at info with why; a gateway that stops answering pings is treated as dead
+//! and replaced.
 
 pub mod client;
 pub mod policy;

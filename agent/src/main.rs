@@ -1,13 +1,18 @@
 //! `tether-agent`: a small agent for manual use and demos. It connects, prints every push
 //! as a JSON line on stdout, and answers requests with a fixed reply or by running a
 //! command (request data on stdin, its stdout is the answer).
+//!
+//! Output lines use the protocol's vocabulary (`docs/protocol.md`): a push prints as the
+//! `push` envelope it came in (`{"type":"push","id","data"}`), a request as
+//! `{"type":"request","id","data","timeout_ms"}`, an acknowledged `--send` as `{"type":"ack","id"}`;
+//! a binary frame as `{"type":"binary","len"}`. Logs go to stderr.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use tether_agent::{
-    Agent, ErrorBody, ErrorCode, Hs256Minter, Payload, RawValue, StaticToken, TokenFile,
+    Agent, ErrorBody, ErrorCode, Hs256Minter, Options, Payload, RawValue, StaticToken, TokenFile,
     TokenProvider,
 };
 use tokio::io::AsyncWriteExt;
@@ -33,9 +38,18 @@ enum Command {
 
 #[derive(ClapArgs, Debug)]
 struct TokenArgs {
-    /// File with the gateway's HS256 secret (`auth.jwt.hs256SecretFile`).
-    #[arg(long, env = "TETHER_HS256_SECRET_FILE")]
+    /// File with the gateway's HS256 secret (`auth.jwt.hs256SecretFile`; the dev
+    /// gateway prints its path).
+    #[arg(
+        long,
+        env = "TETHER_HS256_SECRET_FILE",
+        conflicts_with = "hs256_secret"
+    )]
     hs256_secret_file: Option<PathBuf>,
+    /// The gateway's HS256 secret itself (what the local platform prints); the same
+    /// secret `tether-bench --hs256-secret` takes.
+    #[arg(long, env = "TETHER_HS256_SECRET", hide_env_values = true)]
+    hs256_secret: Option<String>,
     /// Agent id (`sub`) of minted tokens.
     #[arg(long, env = "TETHER_AGENT_ID", default_value = "dev-agent")]
     agent_id: String,
@@ -60,10 +74,10 @@ struct ConnectArgs {
     )]
     url: String,
     /// A bearer token.
-    #[arg(long, env = "TETHER_TOKEN", conflicts_with_all = ["token_file", "hs256_secret_file"])]
+    #[arg(long, env = "TETHER_TOKEN", conflicts_with_all = ["token_file", "hs256_secret_file", "hs256_secret"])]
     token: Option<String>,
     /// A file holding the token, re-read on every connect and refresh.
-    #[arg(long, env = "TETHER_TOKEN_FILE", conflicts_with = "hs256_secret_file")]
+    #[arg(long, env = "TETHER_TOKEN_FILE", conflicts_with_all = ["hs256_secret_file", "hs256_secret"])]
     token_file: Option<PathBuf>,
     #[command(flatten)]
     mint: TokenArgs,
@@ -89,6 +103,11 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "tether_agent=info".into()),
         )
+        // Colour codes only on a terminal: a log redirected to a file stays plain text.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
@@ -103,15 +122,20 @@ async fn main() -> anyhow::Result<()> {
 fn minter(args: &TokenArgs) -> anyhow::Result<Hs256Minter> {
     let TokenArgs {
         hs256_secret_file,
+        hs256_secret,
         agent_id,
         groups,
         ttl_seconds,
         tenant,
     } = args;
-    let Some(path) = hs256_secret_file else {
-        bail!("give --token, --token-file or --hs256-secret-file");
+    let mut minter = match (hs256_secret_file, hs256_secret) {
+        (Some(path), _) => Hs256Minter::from_secret_file(path, agent_id.clone())?,
+        // Trimmed as the gateway trims its secret file, so both ways give one key.
+        (None, Some(secret)) => Hs256Minter::new(secret.trim_end().as_bytes(), agent_id.clone()),
+        (None, None) => {
+            bail!("give --token, --token-file, --hs256-secret-file or --hs256-secret")
+        }
     };
-    let mut minter = Hs256Minter::from_secret_file(path, agent_id.clone())?;
     minter.groups = groups.clone();
     minter.ttl = Duration::from_secs(*ttl_seconds);
     minter.tenant = tenant.clone();
@@ -142,14 +166,21 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         .map(|text| RawValue::from_string(text).context("--send must be JSON"))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let exec = exec.map(Arc::new);
+    let options = Options {
+        // A one-shot send fails at once with the gateway's reason when nothing upstream
+        // receives agent messages, instead of retrying until someone presses Ctrl-C.
+        retry_unavailable: !exit_after_send,
+        ..Options::default()
+    };
     let agent = Agent::builder_shared(url, tokens)
+        .options(options)
         .on_push(|push| async move {
             let line = match &push.payload {
                 Payload::Json(data) => {
-                    serde_json::json!({"event": "push", "id": push.id, "data": data})
+                    serde_json::json!({"type": "push", "id": push.id, "data": data})
                 }
                 Payload::Binary(bytes) => {
-                    serde_json::json!({"event": "push", "binary_len": bytes.len()})
+                    serde_json::json!({"type": "binary", "len": bytes.len()})
                 }
             };
             println!("{line}");
@@ -160,7 +191,12 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
             async move {
                 println!(
                     "{}",
-                    serde_json::json!({"event": "request", "id": request.id, "data": request.data})
+                    serde_json::json!({
+                        "type": "request",
+                        "id": request.id,
+                        "data": request.data,
+                        "timeout_ms": request.timeout.as_millis() as u64,
+                    })
                 );
                 match (reply, exec) {
                     (Some(reply), _) => Ok(reply),
@@ -179,8 +215,9 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         session.agent_id, session.connection_id
     );
     for data in sends {
-        agent.send_raw(uuid_like(), data).await?;
-        println!("{}", serde_json::json!({"event": "acked"}));
+        let id = uuid_like();
+        agent.send_raw(id.clone(), data).await?;
+        println!("{}", serde_json::json!({"type": "ack", "id": id}));
     }
     if exit_after_send {
         agent.close().await;

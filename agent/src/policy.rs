@@ -48,6 +48,15 @@ pub enum Ended {
     Rejected {
         /// The HTTP status.
         status: u16,
+        /// The gateway's reason: the `message` of its JSON error body, or the body's
+        /// text (empty when it sent none).
+        message: String,
+    },
+    /// No HTTP answer: the TCP connect was refused, the name did not resolve, TLS
+    /// failed, or nothing answered before the connect deadline.
+    Unreachable {
+        /// What failed, as the transport reported it.
+        cause: String,
     },
     /// The gateway closed the session with a close frame.
     Closed {
@@ -74,10 +83,25 @@ pub enum StopReason {
     Closed,
     /// The gateway refused the token (HTTP 401/403): retrying the same credentials would
     /// only hammer the gateway.
-    #[error("authentication rejected with HTTP {status}")]
+    #[error("authentication rejected with HTTP {status}{}", reason(message))]
     AuthRejected {
         /// 401 or 403.
         status: u16,
+        /// The gateway's reason (its error body's `message`).
+        message: String,
+    },
+    /// The gateway refused the upgrade with a status no retry can change (404 for a
+    /// wrong path, 400, 405, 426 for a request that is not a WebSocket upgrade ...):
+    /// the URL or the client is wrong, not the moment.
+    #[error(
+        "the gateway refused the connection with HTTP {status}{}",
+        reason(message)
+    )]
+    HttpRejected {
+        /// The HTTP status.
+        status: u16,
+        /// The gateway's reason (its error body's `message`, or the body's text).
+        message: String,
     },
     /// The gateway closed with a code that forbids reconnecting (token invalid, replaced
     /// by a newer connection, disconnected by a backend).
@@ -86,6 +110,42 @@ pub enum StopReason {
         /// The close code.
         code: u16,
     },
+}
+
+fn reason(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Rejected { status, message } => {
+                write!(f, "the gateway answered HTTP {status}{}", reason(message))
+            }
+            Ended::Unreachable { cause } => write!(f, "could not reach the gateway: {cause}"),
+            Ended::Closed { code, hint } => {
+                write!(f, "the gateway closed the session with code {code}")?;
+                match hint {
+                    Some(hint) => write!(f, " after asking to reconnect in {hint:?}"),
+                    None => Ok(()),
+                }
+            }
+            Ended::Lost { .. } => f.write_str("the connection was lost"),
+            Ended::TokenUnavailable => f.write_str("the token provider failed"),
+        }
+    }
+}
+
+/// Whether an HTTP refusal of the upgrade may succeed on a later attempt. Server errors,
+/// 408 and 429 are moments; every other 4xx (and any status that is neither an error nor
+/// 101, such as a redirect or a 200 from something that is not a gateway) says the URL,
+/// the credentials or the client are wrong, and retrying would repeat it forever.
+pub fn status_is_retryable(status: u16) -> bool {
+    matches!(status, 408 | 429) || (500..600).contains(&status)
 }
 
 /// What to do after a session or attempt ended.
@@ -128,11 +188,24 @@ pub fn decide(
     match *ended {
         Ended::Rejected {
             status: status @ (401 | 403),
-        } => Decision::Stop(StopReason::AuthRejected { status }),
-        Ended::Rejected { status: 503 | 429 } => {
-            Decision::Reconnect(policy.overload_floor + backoff)
+            ref message,
+        } => Decision::Stop(StopReason::AuthRejected {
+            status,
+            message: message.clone(),
+        }),
+        Ended::Rejected {
+            status: 503 | 429, ..
+        } => Decision::Reconnect(policy.overload_floor + backoff),
+        Ended::Rejected {
+            status,
+            ref message,
+        } if !status_is_retryable(status) => Decision::Stop(StopReason::HttpRejected {
+            status,
+            message: message.clone(),
+        }),
+        Ended::Rejected { .. } | Ended::Unreachable { .. } | Ended::TokenUnavailable => {
+            Decision::Reconnect(backoff)
         }
-        Ended::Rejected { .. } | Ended::TokenUnavailable => Decision::Reconnect(backoff),
         Ended::Closed { code, hint } => match CloseCode::from_code(code) {
             Some(known) if !known.should_reconnect() => {
                 Decision::Stop(StopReason::Refused { code })
@@ -271,9 +344,14 @@ mod tests {
     fn auth_failures_stop() {
         let p = ReconnectPolicy::default();
         for status in [401, 403] {
+            let message = "forbidden: token has no tenant claim".to_owned();
+            let ended = Ended::Rejected {
+                status,
+                message: message.clone(),
+            };
             assert_eq!(
-                decide(&Ended::Rejected { status }, 0, &p, &mut rng()),
-                Decision::Stop(StopReason::AuthRejected { status })
+                decide(&ended, 0, &p, &mut rng()),
+                Decision::Stop(StopReason::AuthRejected { status, message })
             );
         }
         for code in [4002, 4003, 4005] {
@@ -289,6 +367,65 @@ mod tests {
                 ),
                 Decision::Stop(StopReason::Refused { code })
             );
+        }
+    }
+
+    fn rejected(status: u16) -> Ended {
+        Ended::Rejected {
+            status,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_wrong_url_or_client_stops_with_the_gateways_reason() {
+        let p = ReconnectPolicy::default();
+        for status in [400, 404, 405, 426, 200, 301] {
+            let message = format!("reason {status}");
+            let ended = Ended::Rejected {
+                status,
+                message: message.clone(),
+            };
+            assert_eq!(
+                decide(&ended, 0, &p, &mut rng()),
+                Decision::Stop(StopReason::HttpRejected { status, message })
+            );
+        }
+        let stop = StopReason::HttpRejected {
+            status: 404,
+            message: "agents connect at GET /v1/connect".into(),
+        };
+        assert_eq!(
+            stop.to_string(),
+            "the gateway refused the connection with HTTP 404: agents connect at GET /v1/connect"
+        );
+        let bare = StopReason::AuthRejected {
+            status: 401,
+            message: String::new(),
+        };
+        assert_eq!(bare.to_string(), "authentication rejected with HTTP 401");
+    }
+
+    #[test]
+    fn ended_says_why_in_words() {
+        let cases = [
+            (
+                Ended::Rejected {
+                    status: 503,
+                    message: "gateway is draining".into(),
+                },
+                "the gateway answered HTTP 503: gateway is draining",
+            ),
+            (
+                Ended::Unreachable {
+                    cause: "Connection refused (os error 111)".into(),
+                },
+                "could not reach the gateway: Connection refused (os error 111)",
+            ),
+            (rejected(502), "the gateway answered HTTP 502"),
+        ];
+        for (ended, text) in cases {
+            assert_eq!(ended.to_string(), text);
         }
     }
 
@@ -324,8 +461,8 @@ mod tests {
                 code: 1013,
                 hint: None,
             },
-            Ended::Rejected { status: 503 },
-            Ended::Rejected { status: 429 },
+            rejected(503),
+            rejected(429),
         ] {
             for attempt in 0..4 {
                 match decide(&ended, attempt, &p, &mut rng) {
@@ -353,7 +490,12 @@ mod tests {
                 code: 4007,
                 hint: None,
             },
-            Ended::Rejected { status: 502 },
+            rejected(502),
+            rejected(500),
+            rejected(408),
+            Ended::Unreachable {
+                cause: "Connection refused (os error 111)".into(),
+            },
             Ended::TokenUnavailable,
         ] {
             match decide(&ended, 6, &p, &mut rng) {

@@ -367,7 +367,10 @@ async fn invalid_token_stops_the_agent() {
     assert!(
         matches!(
             err,
-            tether_agent::Error::Stopped(tether_agent::StopReason::AuthRejected { status: 401 })
+            tether_agent::Error::Stopped(tether_agent::StopReason::AuthRejected {
+                status: 401,
+                ..
+            })
         ),
         "{err}"
     );

@@ -135,9 +135,35 @@ pub struct Common {
         hide_env_values = true
     )]
     pub hs256_secret: Option<String>,
+    /// With `--url`: a file holding the HS256 secret (as `tether-agent
+    /// --hs256-secret-file` takes it, e.g. the path the dev gateway prints); trailing
+    /// whitespace is trimmed as the gateway does.
+    #[arg(
+        long,
+        env = "TETHER_BENCH_HS256_SECRET_FILE",
+        requires = "url",
+        conflicts_with = "hs256_secret"
+    )]
+    pub hs256_secret_file: Option<PathBuf>,
     /// With `--url`: the `tenant` claim of the minted tokens (the pool's `spec.tenant`).
-    #[arg(long, requires = "hs256_secret")]
+    #[arg(long, requires = "url")]
     pub tenant: Option<String>,
+}
+
+impl Common {
+    /// The HS256 secret of `--url` mode: `--hs256-secret`, or the contents of
+    /// `--hs256-secret-file` (trailing whitespace trimmed, as the gateway reads it).
+    pub fn secret(&self) -> anyhow::Result<Option<String>> {
+        match (&self.hs256_secret, &self.hs256_secret_file) {
+            (Some(secret), _) => Ok(Some(secret.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --hs256-secret-file {}", path.display()))?;
+                Ok(Some(text.trim_end().to_owned()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 /// Results for one target.
@@ -279,8 +305,7 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
             bail!("--url supports connect and churn ({name} needs the push API's address)");
         }
         eprintln!("== {name}: {url} ({} connections)", common.connections);
-        let deployment =
-            Deployment::external(url, common.hs256_secret.clone(), common.tenant.clone())?;
+        let deployment = Deployment::external(url, common.secret()?, common.tenant.clone())?;
         let n = common.connections.max(1);
         let workers = worker_count(&common, n)?;
         let mut result = measure(name, &deployment, &common, n, workers).await?;
@@ -815,6 +840,51 @@ async fn drive_churn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn connect_args(extra: &[&str]) -> Result<Common, clap::Error> {
+        let args = Args::try_parse_from(
+            [
+                "tether-bench",
+                "connect",
+                "--url",
+                "ws://127.0.0.1:8090/v1/connect",
+            ]
+            .iter()
+            .chain(extra),
+        )?;
+        match args.mode {
+            Mode::Connect(common) => Ok(common),
+            _ => panic!("connect mode"),
+        }
+    }
+
+    #[test]
+    fn the_secret_is_taken_as_a_value_or_a_file_like_the_agent_cli_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwt-secret");
+        std::fs::write(&file, "s3cret-of-the-gateway\n").unwrap();
+        let by_value = connect_args(&["--hs256-secret", "s3cret-of-the-gateway"]).unwrap();
+        let by_file = connect_args(&["--hs256-secret-file", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            by_value.secret().unwrap().as_deref(),
+            Some("s3cret-of-the-gateway")
+        );
+        assert_eq!(by_file.secret().unwrap(), by_value.secret().unwrap());
+        let both = connect_args(&[
+            "--hs256-secret",
+            "x",
+            "--hs256-secret-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let missing = connect_args(&["--hs256-secret-file", "/nonexistent/secret"]).unwrap();
+        let err = missing.secret().unwrap_err();
+        assert!(
+            format!("{err:#}").starts_with("reading --hs256-secret-file /nonexistent/secret: "),
+            "{err:#}"
+        );
+    }
 
     #[test]
     fn variants_run_after_the_targets_each_with_its_own_gateway() {

@@ -21,9 +21,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
@@ -181,6 +181,10 @@ pub struct ConnectionPoolSpec {
     #[serde(default)]
     pub service: ServiceSpec,
 
+    /// Who may reach the push API (port `api`, 8081) through the pool's NetworkPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiSpec>,
+
     /// Longest time between two status reports of a gateway pod, in seconds. Pods report
     /// on change, at most this far apart; entries older than three intervals are stale.
     #[serde(default = "default_report_interval")]
@@ -191,7 +195,7 @@ pub struct ConnectionPoolSpec {
     /// rewrites the pool object, whose size grows with its pods, so a large pool's pods
     /// report less often: past `maxReportsPerSecond × reportIntervalSeconds` pods
     /// (`replicas.max`) the interval stretches to `replicas.max / maxReportsPerSecond`
-    /// seconds (see [`ConnectionPoolSpec::effective_report_interval_seconds`]).
+    /// seconds.
     #[serde(default = "default_max_reports_per_second")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_reports_per_second: i32,
@@ -446,9 +450,9 @@ pub struct JwtSpec {
     /// Secret key holding the HS256 shared secret (raw bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
-    /// Secret key holding one or more PEM public keys (RSA for RS256, EC P-256 for
-    /// ES256). The design called this `jwksSecretRef`; the gateway reads PEM, not a JWKS
-    /// document, so the name says what the file holds.
+    /// Secret key holding the public keys of RS256/ES256 tokens: one or more PEM blocks
+    /// (RSA, EC P-256), or a JWKS document (`{"keys":[...]}`) whose `kid`s select the
+    /// key a token names, so keys rotate by `kid` without a restart (re-read every 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_keys_secret_ref: Option<SecretKeyRef>,
     /// Required `iss` claim, if set.
@@ -725,6 +729,12 @@ pub struct PodTemplateSpec {
     /// Image pull policy of the gateway container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<ImagePullPolicy>,
+    /// Secrets (of the pool's namespace) holding credentials for a private registry,
+    /// as in a pod's `imagePullSecrets`; used for the gateway image (and a managed
+    /// NATS's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
     /// CPU and memory requests and limits of the gateway container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -745,6 +755,41 @@ pub struct PodTemplateSpec {
     /// Extra annotations of the pods (e.g. for a service mesh or a log shipper).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Access to the push API (the gateways' internal port).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    /// Callers admitted to the push API besides the pool's own pods and the pods of the
+    /// pool's namespace labelled `tether.dev/api-client=<pool name>`: backends in other
+    /// namespaces, or a Prometheus scraping `/metrics`. Each entry becomes a peer of the
+    /// pool's NetworkPolicy rule for the `api` port; callers still need an API key for
+    /// every route but /healthz, /readyz and /metrics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub allowed_from: Vec<ApiPeer>,
+}
+
+/// One NetworkPolicy peer admitted to the push API.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.namespaceSelector) || has(self.podSelector)",
+        "message": "an api.allowedFrom entry needs namespaceSelector, podSelector or both"
+    }
+]))]
+pub struct ApiPeer {
+    /// Namespaces whose pods are admitted (by their labels, e.g.
+    /// `kubernetes.io/metadata.name: backends`). `{}` selects every namespace. With
+    /// podSelector: only the matching pods of those namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Pods admitted, in the pool's namespace (or, with namespaceSelector, in the
+    /// selected namespaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
 }
 
 /// Type of the client-facing Service.
@@ -809,7 +854,7 @@ pub struct ConnectionPoolStatus {
     /// The operator's record of its instructions to individual pods (drain before a
     /// scale-down, shed connections to rebalance after a scale-up). Gateway pods do not
     /// read it: each instruction is delivered on the annotation
-    /// [`INSTRUCTION_ANNOTATION`] of the pod's own Pod object, and the pod's report
+    /// `tether.dev/instruction` of the pod's own Pod object, and the pod's report
     /// echoes the id it acts on (`pods[].instruction`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 2000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
@@ -868,7 +913,7 @@ pub struct PodReport {
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(range(min = 0, max = 100_000_000))]
     pub refused: i64,
-    /// Id of the instruction (see [`INSTRUCTION_ANNOTATION`]) the pod is acting on, or
+    /// Id of the instruction (annotation `tether.dev/instruction`) the pod is acting on, or
     /// acted on last. The operator completes a drain only on a report that echoes the
     /// drain's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -900,9 +945,96 @@ fn is_zero(n: &i64) -> bool {
 
 // === generated YAML ===
 
+/// The CRD as installed: the derived one with every description turned into what
+/// `kubectl explain` shows well. Doc comments are written for rustdoc: hard-wrapped
+/// lines (which `kubectl explain` prints as broken lines, since it wraps text itself)
+/// and intra-doc links (`` [`Foo::bar`] ``) that mean nothing to a cluster user.
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let mut crd = ConnectionPool::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            let mut value = serde_json::to_value(&*schema).expect("a schema serializes");
+            clean_descriptions(&mut value);
+            *schema = serde_json::from_value(value).expect("a cleaned schema deserializes");
+        }
+    }
+    crd
+}
+
+fn clean_descriptions(node: &mut serde_json::Value) {
+    match node {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = plain_description(text);
+                    }
+                    other => clean_descriptions(other),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(clean_descriptions),
+        _ => {}
+    }
+}
+
+/// A doc comment as plain text: paragraphs kept (blank lines), the lines of each joined
+/// with spaces, and rustdoc links `` [`x`] `` / `[x]` reduced to `` `x` `` / `x`.
+pub fn plain_description(text: &str) -> String {
+    let paragraphs: Vec<String> = text
+        .split("\n\n")
+        .map(|p| {
+            p.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|p| !p.is_empty())
+        .collect();
+    let joined = paragraphs.join("\n\n");
+    let mut out = String::with_capacity(joined.len());
+    let mut rest = joined.as_str();
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        // A link is `[text]` not followed by `(` (a markdown link keeps its text only).
+        match after.find(']') {
+            Some(close) if !after[..close].contains('[') => {
+                let inner = &after[..close];
+                let tail = &after[close + 1..];
+                let is_link = inner.starts_with('`') && inner.ends_with('`') && inner.len() > 1
+                    || inner
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                        && inner.chars().next().is_some_and(|c| c.is_ascii_uppercase());
+                if is_link {
+                    out.push_str(inner);
+                } else {
+                    out.push('[');
+                    out.push_str(inner);
+                    out.push(']');
+                }
+                rest = tail;
+            }
+            _ => {
+                out.push('[');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The CRD as YAML, exactly as committed under `crds/` and `charts/tether/crds/`.
 pub fn crd_yaml() -> String {
-    let crd = ConnectionPool::crd();
+    let crd = crd();
     let body = serde_yaml::to_string(&crd).expect("a CRD always serializes");
     format!(
         "# Generated by `cargo run -p tether-crds --bin crdgen -- --write` from crds/src/lib.rs.\n# Do not edit by hand.\n{body}"

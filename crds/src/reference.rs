@@ -1,10 +1,7 @@
 //! `docs/crd.md`: the field reference, generated from the CRD schema (so from the
 //! types' doc comments and validation attributes) by `crdgen --write`.
 
-use kube::core::CustomResourceExt;
 use serde_json::Value;
-
-use crate::ConnectionPool;
 
 /// Fields whose type is a Kubernetes core type: documented by `kubectl explain` and the
 /// Kubernetes reference, not expanded here.
@@ -31,11 +28,17 @@ gateway pods under `/etc/tether/secrets/` and the configuration points at the fi
 
 `kubectl scale cpool <name> --replicas=N` sets `spec.replicas.min` (the scale
 subresource); the autoscaler works above it.
+
+The operator renders the spec into each pod's gateway configuration
+(docs/configuration.md). Names match, but for one: the pool's
+`limits.maxConnectionsPerPod` is the gateway's `limits.maxConnections` (one gateway
+process is one pod). The JWT keys of `auth.jwt.publicKeysSecretRef` may be PEM blocks or
+a JWKS document; the gateway reads both.
 "#;
 
 /// The whole document.
 pub fn markdown() -> String {
-    let crd = ConnectionPool::crd();
+    let crd = crate::crd();
     let schema = serde_json::to_value(
         crd.spec.versions[0]
             .schema
@@ -64,7 +67,8 @@ pub fn markdown() -> String {
         "\n## Status conditions\n\n| type | meaning |\n|---|---|\n\
          | `Ready` | `True` (`Available`) when every desired pod runs the current spec and is ready. |\n\
          | `Progressing` | `True` while a rollout or resize is under way (`Creating`, `RollingOut`, `PodsNotReady`). |\n\
-         | `Degraded` | `True` when the spec cannot be applied: `InvalidSpec`, `InvalidImage`, `SecretMissing`, `RejectedByAPIServer`; the message says what to fix. A Warning Event with the same reason is recorded on the pool. |\n",
+         | `Scaling` | `True` while the autoscaler acts or waits to: `ScaledUp`, `ScaleUpLimited`, `OutOfBounds`, `ScaleDownStabilizing` (a lower size waits out the stabilization window), `Draining` (a scale-down waits for its pods to drain), `ScaledDown`, `Rebalancing`; `False` at rest (`Stable`, `WithinTolerance`, `NoReports`). The message gives the numbers (`2 → 4 pods: 350 connections …`), and each step is also an Event of the same reason. |\n\
+         | `Degraded` | `True` when the spec cannot be applied: `InvalidSpec`, `InvalidImage`, `SecretMissing`, `RejectedByAPIServer`, `ChildNotOwned` (an object the operator does not own has a child's name), `NameCollision` (a sibling pool's children take the names), `Forbidden` (the operator's RBAC refuses a write), `InternalError`; the message says what to fix. A Warning Event with the same reason is recorded on the pool. |\n",
     );
     out
 }

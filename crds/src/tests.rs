@@ -407,3 +407,110 @@ fn durable_delivery_needs_routing() {
     pool["spec"]["routing"] = json!({"nats": {"managed": true}});
     assert_eq!(cel_failures(&pool), Vec::<String>::new());
 }
+
+/// Every `description` in a schema, with its path.
+fn descriptions(node: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    match node {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match value {
+                    Value::String(text) if key == "description" => {
+                        out.push((path.to_owned(), text.clone()))
+                    }
+                    other => descriptions(other, &format!("{path}.{key}"), out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| descriptions(i, path, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn kubectl_explain_shows_plain_text_without_rustdoc_links_or_broken_lines() {
+    // What is installed: the committed YAML, parsed as `kubectl explain` reads it.
+    let committed: Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    let mut found = Vec::new();
+    descriptions(&committed, "", &mut found);
+    assert!(found.len() > 100, "descriptions found: {}", found.len());
+    let link = regex_lite_link();
+    for (path, text) in &found {
+        assert!(
+            !link(text),
+            "{path}: rustdoc link syntax in `kubectl explain`: {text}"
+        );
+        let single_newline = text.replace("\n\n", "").contains('\n');
+        assert!(
+            !single_newline,
+            "{path}: a hard-wrapped line shows broken in `kubectl explain`: {text:?}"
+        );
+    }
+    // The raw derive still has both, so the cleaning is what removes them.
+    let mut raw = Vec::new();
+    descriptions(&schema(), "", &mut raw);
+    assert!(raw.iter().any(|(_, t)| t.contains('\n')));
+}
+
+/// `[`Foo`]`, `[Foo::bar]` or `[`Foo::bar`]`: rustdoc's intra-doc link syntax.
+fn regex_lite_link() -> impl Fn(&str) -> bool {
+    |text: &str| {
+        let mut rest = text;
+        while let Some(open) = rest.find('[') {
+            let after = &rest[open + 1..];
+            if let Some(close) = after.find(']') {
+                let inner = &after[..close];
+                let code = inner.len() > 1 && inner.starts_with('`') && inner.ends_with('`');
+                let path = !inner.is_empty()
+                    && inner.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                    && inner
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+                if code || path {
+                    return true;
+                }
+            }
+            rest = after;
+        }
+        false
+    }
+}
+
+#[test]
+fn plain_descriptions_keep_paragraphs_and_drop_link_brackets() {
+    assert_eq!(
+        plain_description(
+            "One line\nwrapped here.\n\nSecond [`Foo::bar`] and [Baz]\nand [not a link]."
+        ),
+        "One line wrapped here.\n\nSecond `Foo::bar` and Baz and [not a link]."
+    );
+    assert_eq!(plain_description("[ unclosed"), "[ unclosed");
+}
+
+#[test]
+fn image_pull_secrets_and_api_peers_are_part_of_the_spec() {
+    let mut pool = minimal();
+    pool["spec"]["template"] = json!({"imagePullSecrets": [{"name": "registry-creds"}]});
+    pool["spec"]["api"] = json!({"allowedFrom": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "backends"}}},
+        {"podSelector": {"matchLabels": {"app": "billing"}}},
+    ]});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+    let parsed: ConnectionPool = serde_json::from_value(pool.clone()).unwrap();
+    assert_eq!(
+        parsed
+            .spec
+            .template
+            .image_pull_secrets
+            .as_deref()
+            .map(|s| s[0].name.as_str()),
+        Some("registry-creds")
+    );
+    assert_eq!(parsed.spec.api.unwrap().allowed_from.len(), 2);
+    pool["spec"]["api"] = json!({"allowedFrom": [{}]});
+    assert_eq!(
+        cel_failures(&pool),
+        [
+            "spec.api.allowedFrom[0]: an api.allowedFrom entry needs namespaceSelector, podSelector or both"
+        ]
+    );
+}

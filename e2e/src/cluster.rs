@@ -10,8 +10,8 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
 use serde_json::{Value, json};
 use tether_crds::ConnectionPool;
 use tether_test_support::json::merge;
@@ -167,9 +167,10 @@ pub fn spawn_operator(
 /// Installs the ConnectionPool CRD (unless present) and creates namespace `ns` with the Secrets every
 /// pool of the harness references (`jwt`/`hs256`, `api-keys`/`keys`).
 pub async fn install(client: &Client, ns: &str) -> anyhow::Result<()> {
-    // Installed once for every namespace a harness uses.
+    // Installed once for every namespace a harness uses; the CRD as the chart ships it
+    // (plain-text descriptions), so `kubectl explain` on the local platform shows it.
     match Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &ConnectionPool::crd())
+        .create(&PostParams::default(), &tether_crds::crd())
         .await
     {
         Err(kube::Error::Api(e)) if e.code == 409 => {}

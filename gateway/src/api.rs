@@ -60,6 +60,16 @@ pub enum ApiError {
     /// 429.
     #[error("{0}")]
     TooManyRequests(String),
+    /// 429 `queue_full`: a durable push found the agent's (or the pool's) durable queue
+    /// at its limit. Unlike a rate limit it does not clear in a second: it drains as the
+    /// agent acknowledges, so `Retry-After` is what the gateway knows of that.
+    #[error("{message}")]
+    DurableQueueFull {
+        /// What to do about it.
+        message: String,
+        /// The `Retry-After` header, in seconds.
+        retry_after_seconds: u64,
+    },
     /// 502: the agent answered with an error or went away.
     #[error("{0}")]
     BadGateway(String),
@@ -84,6 +94,7 @@ impl ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::DurableQueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "agent_error"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -94,8 +105,21 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let retry_after = match &self {
+            ApiError::DurableQueueFull {
+                retry_after_seconds,
+                ..
+            } => Some(*retry_after_seconds),
+            _ => None,
+        };
         let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
         let mut response = (status, body).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            return response;
+        }
         match status {
             StatusCode::UNAUTHORIZED => {
                 response
@@ -110,6 +134,63 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// How long a backend should wait before retrying a push into a full durable queue
+/// whose agent is connected: the queue drains at the agent's pace (a backlog of 5,000
+/// drained in 0.69 s in docs/benchmarks.md), so a few seconds free room.
+const DURABLE_FULL_RETRY_CONNECTED_SECS: u64 = 5;
+/// ... and whose agent is not connected: nothing drains until it connects (or messages
+/// expire), so a retry every minute costs little and loses nothing.
+const DURABLE_FULL_RETRY_OFFLINE_SECS: u64 = 60;
+
+impl ApiError {
+    /// A durable push's refusals, told in what they mean for that push: a 429 is a full
+    /// queue (nothing stored, drains only as the agent acknowledges), a 503 means
+    /// "not stored; retry with the same Idempotency-Key" (a retry is stored once).
+    async fn for_durable_push(self, state: &AppState, agent: &str) -> ApiError {
+        match self {
+            ApiError::TooManyRequests(why) => {
+                let connected = matches!(state.router.presence(agent).await, Ok(Some(_)));
+                let max_age = state
+                    .config
+                    .delivery
+                    .durable
+                    .as_ref()
+                    .map_or(0, |d| d.max_age_seconds);
+                let expiry = if max_age == 0 {
+                    String::new()
+                } else {
+                    format!(" or as messages expire (delivery.durable.maxAgeSeconds: {max_age})")
+                };
+                let (pace, retry_after_seconds) = if connected {
+                    (
+                        format!(
+                            "agent `{agent}` is connected: the queue drains as it acknowledges{expiry}"
+                        ),
+                        DURABLE_FULL_RETRY_CONNECTED_SECS,
+                    )
+                } else {
+                    (
+                        format!(
+                            "agent `{agent}` is not connected: the queue drains only once it connects and acknowledges{expiry}"
+                        ),
+                        DURABLE_FULL_RETRY_OFFLINE_SECS,
+                    )
+                };
+                ApiError::DurableQueueFull {
+                    message: format!(
+                        "{why}; nothing was stored. {pace}. Retry after Retry-After with the same Idempotency-Key, or raise delivery.durable.maxMessagesPerAgent"
+                    ),
+                    retry_after_seconds,
+                }
+            }
+            ApiError::Unavailable(why) => ApiError::Unavailable(format!(
+                "not stored ({why}); retry with the same Idempotency-Key: a retry is stored once"
+            )),
+            other => other,
+        }
     }
 }
 
@@ -146,7 +227,9 @@ impl From<RouteError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The internal API's routes.
+/// The internal API's routes. Every refusal, including an unknown route (404), a
+/// wrong method (405) and an unknown query parameter (400), answers in the API's JSON
+/// error shape.
 pub fn router(state: Arc<AppState>) -> HttpRouter {
     let limit = state.config.limits.max_message_bytes;
     let authenticated = HttpRouter::new()
@@ -165,15 +248,128 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
         .route("/admin/drain", post(drain))
         // One byte over the limit is enough to tell "too large" from "exactly at it".
         .layer(DefaultBodyLimit::max(limit + 1))
+        // Inside the key check: a caller without a key learns nothing about parameters.
+        .route_layer(middleware::from_fn(refuse_unknown_params))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
-    HttpRouter::new()
+    let open = HttpRouter::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(authenticated)
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(refuse_unknown_params));
+    open.merge(authenticated)
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
+}
+
+async fn unknown_route(method: http::Method, uri: http::Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route {method} {}: the push API's routes are listed in docs/push-api.md",
+        uri.path()
+    ))
+}
+
+async fn wrong_method(method: http::Method, uri: http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{} does not take {method} (the Allow header lists what it takes)",
+        uri.path()
+    ))
+}
+
+/// The query parameters each route reads. Anything else is refused: a misspelt
+/// `?timeout=5` (for `timeout_ms`) silently ignored would make the caller believe it
+/// set a timeout.
+fn known_params(method: &http::Method, route: &str) -> &'static [&'static str] {
+    match (method, route) {
+        (&http::Method::POST, "/v1/agents/{agent}/messages") => &["ack", "timeout_ms", "delivery"],
+        (&http::Method::POST, "/v1/agents/{agent}/requests") => &["timeout_ms"],
+        (&http::Method::GET, "/v1/agents") => &["limit", "cursor"],
+        _ => &[],
+    }
+}
+
+/// 400 naming every query parameter `route` does not read (and the one meant, when a
+/// known name starts with it).
+fn check_params(method: &http::Method, route: &str, uri: &http::Uri) -> ApiResult<()> {
+    if uri.query().is_none_or(str::is_empty) {
+        return Ok(());
+    }
+    let known = known_params(method, route);
+    let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let mut unknown: Vec<String> = Vec::new();
+    for (name, _) in &pairs.0 {
+        if !known.contains(&name.as_str()) && !unknown.contains(name) {
+            unknown.push(name.clone());
+        }
+    }
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let listed = unknown
+        .iter()
+        .map(|n| format!("`{}`", n.escape_debug()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let takes = if known.is_empty() {
+        format!("{method} {route} takes no query parameters")
+    } else {
+        format!("{method} {route} takes {}", known.join(", "))
+    };
+    let hint = unknown
+        .iter()
+        .find_map(|n| {
+            known
+                .iter()
+                .find(|k| !n.is_empty() && k.starts_with(n.as_str()))
+        })
+        .map(|k| format!("; did you mean `{k}`?"))
+        .unwrap_or_default();
+    let noun = if unknown.len() == 1 {
+        "parameter"
+    } else {
+        "parameters"
+    };
+    Err(ApiError::BadRequest(format!(
+        "unknown query {noun} {listed} ({takes}){hint}"
+    )))
+}
+
+async fn refuse_unknown_params(
+    route: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("");
+    match check_params(request.method(), route, request.uri()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /metrics`: the Prometheus text of the process's OTel instruments (the same
+/// values OTLP exports), unauthenticated like the health endpoints and the operator's
+/// `/metrics`: the NetworkPolicy decides who reaches the internal port.
+async fn metrics() -> Response {
+    match tether_telemetry::global_prometheus() {
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                tether_telemetry::PrometheusText::CONTENT_TYPE,
+            )],
+            text.encode(),
+        )
+            .into_response(),
+        None => ApiError::NotFound(
+            "no Prometheus view in this process (the gateway binary installs one; a \
+             library user calls tether_telemetry::init with prometheus)"
+                .into(),
+        )
+        .into_response(),
+    }
 }
 
 /// The scope a route needs. Reading (presence) and writing to one agent or a group
@@ -431,7 +627,10 @@ async fn push(
         let body = checked_body(&state, body)?;
         let id = message_id(&headers)?;
         if query.delivery.unwrap_or(state.config.delivery.mode) == DeliveryMode::Durable {
-            return push_durable(&state, &agent, &query, &headers, &body, id).await;
+            return match push_durable(&state, &agent, &query, &headers, &body, id).await {
+                Err(e) => Err(e.for_durable_push(&state, &agent).await),
+                ok => ok,
+            };
         }
         let frame = push_frame(&headers, &body, &id, query.ack)?;
         let ack_timeout = query.ack.then(|| query.timeout(&state));
@@ -675,8 +874,9 @@ const MAX_PAGE: usize = 1000;
 
 async fn list_agents(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::BadRequest(format!(

@@ -47,7 +47,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction, PodReport};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -1212,13 +1212,20 @@ async fn annotate(
 /// `status.pods[]` entries. Best effort: failures are logged and retried next step.
 /// Each scaling Event gets its own `scaling` span, and its note names that span's trace,
 /// so `kubectl describe` leads to the trace (and the trace's attributes to the Event).
-pub async fn after_apply(client: &Client, recorder: &Recorder, pool: &ConnectionPool, plan: &Plan) {
+///
+/// Every decision is its own Event object. kube's `Recorder` folds repeats of one
+/// reason into a series that keeps the *first* note (its cache key has no note), so
+/// `1 → 2` then `2 → 3` would show as `1 → 2 (x2)`: the one place a user looks to learn
+/// why the pool scaled would be wrong. A fresh `Recorder` per decision has an empty
+/// cache, so it creates a new Event (named `<pool>.<nanoseconds>`) every time; decisions
+/// are spaced by `scale_spacing`, so this is at most one Event per pool per step.
+pub async fn after_apply(client: &Client, reporter: &Reporter, pool: &ConnectionPool, plan: &Plan) {
     for event in &plan.events {
         let span = info_span!("scaling", pool = %pool.name_any(), reason = %event.reason, note = %event.note);
         async {
             info!(pool = %pool.name_any(), reason = %event.reason, note = %event.note, "scaling");
             let note = event_note(&event.note, tether_telemetry::current_trace_id().as_deref());
-            let published = recorder
+            let published = Recorder::new(client.clone(), reporter.clone())
                 .publish(
                     &Event {
                         type_: EventType::Normal,

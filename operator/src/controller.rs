@@ -93,6 +93,9 @@ pub struct Context {
     pub client: Client,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
+    /// Who the Events name as their reporter (scaling decisions each get a fresh
+    /// recorder from it: see `autoscale::after_apply`).
+    pub reporter: Reporter,
     /// Operator-wide settings (default images).
     pub settings: Settings,
     /// Reconcile counters and timings.
@@ -174,7 +177,8 @@ impl Context {
         let (stateful_sets, writer) = reflector::store();
         let (pools, pool_writer) = reflector::store();
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             settings,
             metrics,
@@ -493,7 +497,7 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
             for event in &plan.events {
                 ctx.metrics.observe_scaling(pool, event.reason.as_str());
             }
-            crate::autoscale::after_apply(&ctx.client, &ctx.recorder, pool, plan).await;
+            crate::autoscale::after_apply(&ctx.client, &ctx.reporter, pool, plan).await;
             Action::requeue(plan.requeue.min(RESYNC))
         }
         (None, Some(problem)) if problem.may_resolve_itself() => {

@@ -883,6 +883,13 @@ fn gateway_stateful_set(
     if let Some(tolerations) = &template.tolerations {
         pod_spec["tolerations"] = json!(tolerations);
     }
+    if let Some(secrets) = template
+        .image_pull_secrets
+        .as_ref()
+        .filter(|s| !s.is_empty())
+    {
+        pod_spec["imagePullSecrets"] = json!(secrets);
+    }
 
     let mut pod_labels = labels(pool, "gateway");
     pod_labels.remove("app.kubernetes.io/managed-by");
@@ -910,11 +917,30 @@ fn gateway_stateful_set(
 }
 
 /// The gateways' NetworkPolicy: agents reach `ws` from anywhere; the push API (`api`)
-/// only from the pool's own pods and from pods of the pool's namespace labelled
-/// [`API_CLIENT_LABEL`]`=<pool>` (the tenant's backends opt in). A neighbour elsewhere in
-/// the cluster cannot call the push API. (Kubelet probes are not subject to
-/// NetworkPolicy.)
+/// only from the pool's own pods, from pods of the pool's namespace labelled
+/// [`API_CLIENT_LABEL`]`=<pool>` (the tenant's backends opt in), and from the peers of
+/// `spec.api.allowedFrom` (backends in other namespaces, a Prometheus scraping
+/// `/metrics`). A neighbour elsewhere in the cluster cannot call the push API. (Kubelet
+/// probes are not subject to NetworkPolicy.)
 pub fn gateway_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, SpecError> {
+    let mut api_peers = vec![
+        json!({"podSelector": {"matchLabels": selector_labels(pool)}}),
+        json!({"podSelector": {"matchLabels": {API_CLIENT_LABEL: pool.name_any()}}}),
+    ];
+    for peer in pool.spec.api.iter().flat_map(|a| &a.allowed_from) {
+        let mut entry = serde_json::Map::new();
+        if let Some(namespaces) = &peer.namespace_selector {
+            entry.insert("namespaceSelector".into(), json!(namespaces));
+        }
+        if let Some(pods) = &peer.pod_selector {
+            entry.insert("podSelector".into(), json!(pods));
+        }
+        // The CRD refuses an entry with neither selector; an empty peer here would
+        // admit everyone, so it is skipped should one get through.
+        if !entry.is_empty() {
+            api_peers.push(serde_json::Value::Object(entry));
+        }
+    }
     typed(
         "NetworkPolicy",
         json!({
@@ -927,10 +953,7 @@ pub fn gateway_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, Sp
                     {"ports": [{"protocol": "TCP", "port": WS_PORT}]},
                     {
                         "ports": [{"protocol": "TCP", "port": API_PORT}],
-                        "from": [
-                            {"podSelector": {"matchLabels": selector_labels(pool)}},
-                            {"podSelector": {"matchLabels": {API_CLIENT_LABEL: pool.name_any()}}},
-                        ],
+                        "from": api_peers,
                     },
                 ],
             },
@@ -938,8 +961,6 @@ pub fn gateway_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, Sp
     )
 }
 
-/// The managed NATS's NetworkPolicy: only the pool's gateways reach its client port;
-/// nothing reaches the monitoring port but the kubelet's probes.
 pub fn nats_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, SpecError> {
     typed(
         "NetworkPolicy",
@@ -1070,6 +1091,18 @@ fn managed_nats(
             },
         }),
     )?;
+    // A private registry's credentials serve the managed NATS's image too (it is
+    // mirrored there when the cluster cannot pull from Docker Hub).
+    if let Some(secrets) = pool
+        .spec
+        .template
+        .image_pull_secrets
+        .as_ref()
+        .filter(|s| !s.is_empty())
+        && let Some(pod) = sts.spec.as_mut().and_then(|s| s.template.spec.as_mut())
+    {
+        pod.image_pull_secrets = Some(secrets.clone());
+    }
     if let Some(claim) = data_volume
         && let Some(spec) = sts.spec.as_mut()
     {

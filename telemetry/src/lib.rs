@@ -24,10 +24,19 @@
 //! - Histograms in seconds get latency buckets (0.5 ms .. 30 s) by a view, since the
 //!   SDK's default buckets (0 .. 10,000) suit milliseconds and would put every push in
 //!   the first bucket.
+//! - The Prometheus view of the global meter provider is also kept process-wide
+//!   ([`global_prometheus`]), so a server built as a library (the gateway) serves
+//!   `/metrics` from whatever `main` installed, without threading it through.
+//! - Log lines carry ANSI colours only when stderr is a terminal and `NO_COLOR` is
+//!   unset ([`use_colour`]): redirected to a file or collected by a log shipper, they
+//!   are plain text.
 //! - The W3C trace-context propagator is installed either way, so a push keeps one
 //!   trace across pods (the NATS router carries `traceparent` in message headers).
 
 use std::borrow::Cow;
+use std::ffi::OsStr;
+use std::io::IsTerminal;
+use std::sync::RwLock;
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
@@ -190,6 +199,35 @@ impl PrometheusText {
     pub const CONTENT_TYPE: &'static str = "text/plain; version=0.0.4; charset=utf-8";
 }
 
+/// The Prometheus view of the global meter provider, set by [`init`] when
+/// [`Options::prometheus`] asked for one (the latest `init` wins, as for the meter
+/// provider itself).
+static GLOBAL_PROMETHEUS: RwLock<Option<PrometheusText>> = RwLock::new(None);
+
+/// The Prometheus text view of the global meter provider's instruments, when [`init`]
+/// installed one: what a server's `/metrics` serves.
+pub fn global_prometheus() -> Option<PrometheusText> {
+    GLOBAL_PROMETHEUS
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
+/// Whether log lines get ANSI colour codes: only on a terminal, and never when
+/// `NO_COLOR` is set to anything non-empty (<https://no-color.org>). A log redirected
+/// to a file, or read by a collector, stays plain text.
+pub fn use_colour(is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// [`use_colour`] for this process's stderr, where the logs go.
+pub fn stderr_colour() -> bool {
+    use_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
 /// Whether the standard variables ask for OTLP export.
 pub fn otlp_configured() -> bool {
     [
@@ -266,6 +304,9 @@ pub fn init(options: Options) -> Result<Telemetry, Error> {
     if options.prometheus {
         let (reader, text) = prometheus_reader()?;
         meter = meter.with_reader(reader);
+        *GLOBAL_PROMETHEUS
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(text.clone());
         telemetry.prometheus = Some(text);
         readers += 1;
     }
@@ -305,7 +346,11 @@ pub fn init(options: Options) -> Result<Telemetry, Error> {
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(stderr_colour())
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     Ok(telemetry)
@@ -315,6 +360,18 @@ pub fn init(options: Options) -> Result<Telemetry, Error> {
 mod tests {
     use super::*;
     use opentelemetry::metrics::MeterProvider as _;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(
+            use_colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None), "redirected to a file: plain text");
+        assert!(!use_colour(false, Some(OsStr::new("1"))));
+    }
 
     #[test]
     fn seconds_histograms_get_latency_buckets() {

@@ -9,6 +9,10 @@
 //! literal fails the test, so the scan cannot silently miss one.
 //!
 //! Every panel must also be described in `docs/observability.md`.
+//!
+//! The scan is checked against what a scraper reads: a real gateway's `/metrics`, after
+//! an agent connected and received a push, serves only names the scan found, and the
+//! ones the gateway dashboard is built on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -350,4 +354,108 @@ fn instrument_scan_reads_names_units_and_refuses_computed_names() {
     );
     let err = instruments_in("meter.u64_counter(NAME).build()", "src.rs").unwrap_err();
     assert!(err.contains("string literal"), "{err}");
+}
+
+/// The metric names of a Prometheus text exposition (not `# HELP`/`# TYPE` lines).
+fn scraped_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_gateways_metrics_endpoint_serves_the_names_the_dashboards_query() {
+    let _telemetry =
+        tether_telemetry::init(tether_telemetry::Options::new("tether-gateway").prometheus(true))
+            .unwrap();
+    const SECRET: &str = "integration-secret-of-at-least-32-bytes";
+    const KEY: &str = "integration-key";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    std::fs::write(dir.path().join("keys"), format!("{KEY}\n")).unwrap();
+    let mut config = tether_config::GatewayConfig::default();
+    config.listen.public = "127.0.0.1:0".into();
+    config.listen.internal = "127.0.0.1:0".into();
+    config.auth.jwt.hs256_secret_file = Some(dir.path().join("secret"));
+    config.auth.api_keys_file = Some(dir.path().join("keys"));
+    let gateway = tether_gateway::Gateway::start(config, "g-0".into())
+        .await
+        .unwrap();
+    let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+    let agent = tether_agent::Agent::builder(
+        format!("ws://{}/v1/connect", gateway.public_addr()),
+        tether_agent::Hs256Minter::new(SECRET.as_bytes(), "a1"),
+    )
+    .on_push(move |push| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(push.id);
+        }
+    })
+    .start()
+    .unwrap();
+    agent.connected().await.unwrap();
+    let http = reqwest::Client::new();
+    let resp = tether_test_support::push_api::push(
+        &http,
+        gateway.internal_addr(),
+        KEY,
+        "a1",
+        &serde_json::json!({"n": 1}),
+    )
+    .await;
+    assert_eq!(resp.status().as_u16(), 202);
+    pushes.recv().await.unwrap();
+
+    let resp = http
+        .get(format!("http://{}/metrics", gateway.internal_addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+    );
+    let text = resp.text().await.unwrap();
+    let scraped = scraped_names(&text);
+    let exported = exported();
+    let unknown: Vec<_> = scraped
+        .iter()
+        .filter(|n| n.starts_with("tether_") && !exported.contains_key(*n))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "/metrics serves names the source scan does not know: {unknown:?}"
+    );
+    for must in [
+        "tether_connections_active",
+        "tether_handshakes_total",
+        "tether_push_duration_seconds_bucket",
+        "tether_messages_sent_total",
+    ] {
+        assert!(scraped.contains(must), "{must} not scraped:\n{text}");
+    }
+    // The gateway dashboard's queries name these; each one it names that the run above
+    // produced is served under exactly the name the dashboard uses.
+    let (_, board) = dashboards()
+        .into_iter()
+        .find(|(f, _)| f == "tether-gateway.json")
+        .unwrap();
+    let queried: BTreeSet<String> = queries(&board)
+        .iter()
+        .flat_map(|(_, expr)| metrics_in(expr))
+        .collect();
+    let served = queried.intersection(&scraped).count();
+    assert!(
+        served >= 4,
+        "the dashboard's core series come from /metrics: {served} of {queried:?}"
+    );
+    agent.close().await;
+    gateway.drain();
+    gateway.wait().await;
 }

@@ -80,6 +80,7 @@ Service {POOL} (every Ready pod, new connections balanced): {url}
   API key:      {API_KEY}
 
   cargo run -p tether-agent -- connect --url {url} --token {token}
+  cargo run -p tether-agent -- connect --url {url} --hs256-secret {JWT_SECRET} --tenant acme --agent-id agent-2
   curl -X POST http://{internal}/v1/agents/local-agent/messages \
        -H 'Authorization: Bearer {API_KEY}' -H 'Content-Type: application/json' -d '{{"hello":"agent"}}'
        (push API of pod {pod}; any pod routes to the agent's pod)

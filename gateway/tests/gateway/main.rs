@@ -7,4 +7,5 @@ mod drain;
 mod handshake;
 mod limits;
 mod push;
+mod refusals;
 mod upstream;

@@ -6,6 +6,7 @@
 #[path = "../gateway/common.rs"]
 mod common;
 mod durable;
+mod durable_refusals;
 mod harness;
 mod measure;
 

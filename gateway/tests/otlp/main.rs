@@ -56,6 +56,18 @@ async fn gateway_exports_metrics_and_spans_over_otlp_http() {
     .await;
     assert_eq!(push.status(), 202);
 
+    // The binary also serves the same instruments as Prometheus text on the internal port.
+    let metrics = reqwest::get(format!("http://{internal}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tether_handshakes_total{"),
+        "/metrics of the binary: {metrics}"
+    );
+
     receiver
         .expect(
             &[

@@ -947,4 +947,73 @@ fn a_real_nats_server_takes_its_token_from_the_rendered_file_and_env() {
     let _ = server.wait();
     assert!(accepted.starts_with("+OK"), "{accepted}");
     assert!(refused.contains("Authorization Violation"), "{refused}");
+
+#[test]
+fn image_pull_secrets_reach_the_gateway_and_managed_nats_pods() {
+    let mut p = managed_nats_pool("acme");
+    p.spec.template = serde_json::from_value(serde_json::json!({
+        "image": "registry.internal/tether-gateway:1.2.3",
+        "imagePullSecrets": [{"name": "registry-creds"}],
+    }))
+    .unwrap();
+    let d = build(&p);
+    let names = |pod: &PodSpec| -> Vec<String> {
+        pod.image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    assert_eq!(names(pod_spec(&d)), ["registry-creds"]);
+    let nats = d.nats.as_ref().expect("a managed NATS");
+    assert_eq!(names(template_spec(&nats.0)), ["registry-creds"]);
+    // Without the field, no pod spec names one.
+    let plain = build(&pool("acme"));
+    assert!(pod_spec(&plain).image_pull_secrets.is_none());
+}
+
+#[test]
+fn api_allowed_from_admits_backends_in_other_namespaces() {
+    let mut p = pool("acme");
+    p.spec.api = Some(
+        serde_json::from_value(serde_json::json!({"allowedFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "backends"}}},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+        ]}))
+        .unwrap(),
+    );
+    let gw = gateway_network_policy(&p).unwrap();
+    let rules = gw.spec.unwrap().ingress.unwrap();
+    assert_eq!(rules.len(), 2, "still only the two ports");
+    let from = rules[1].from.clone().unwrap();
+    assert_eq!(
+        from.len(),
+        4,
+        "the pool's pods, labelled clients, and the two peers"
+    );
+    let labels = |s: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
+        s.as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        labels(&from[2].namespace_selector)["kubernetes.io/metadata.name"],
+        "backends"
+    );
+    assert!(
+        from[2].pod_selector.is_none(),
+        "every pod of that namespace"
+    );
+    assert_eq!(
+        labels(&from[3].namespace_selector)["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert_eq!(
+        labels(&from[3].pod_selector)["app.kubernetes.io/name"],
+        "prometheus",
+        "both selectors in one peer: those pods of those namespaces"
+    );
+    // The WebSocket rule is unchanged.
+    assert!(rules[0].from.is_none());
 }
