@@ -947,6 +947,7 @@ fn a_real_nats_server_takes_its_token_from_the_rendered_file_and_env() {
     let _ = server.wait();
     assert!(accepted.starts_with("+OK"), "{accepted}");
     assert!(refused.contains("Authorization Violation"), "{refused}");
+}
 
 #[test]
 fn image_pull_secrets_reach_the_gateway_and_managed_nats_pods() {
