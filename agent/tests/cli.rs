@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key";
+const API_KEY: &str = "integration-key-0123456789";
 
 struct Setup {
     dir: tempfile::TempDir,

@@ -13,7 +13,7 @@ const SECRET: &str = "integration-secret-of-at-least-32-bytes";
 
 fn config(dir: &std::path::Path) -> GatewayConfig {
     std::fs::write(dir.join("secret"), SECRET).unwrap();
-    std::fs::write(dir.join("keys"), "integration-key\n").unwrap();
+    std::fs::write(dir.join("keys"), "integration-key-0123456789\n").unwrap();
     let mut config = GatewayConfig::default();
     config.listen.public = "127.0.0.1:0".into();
     config.listen.internal = "127.0.0.1:0".into();

@@ -371,7 +371,7 @@ async fn a_gateways_metrics_endpoint_serves_the_names_the_dashboards_query() {
         tether_telemetry::init(tether_telemetry::Options::new("tether-gateway").prometheus(true))
             .unwrap();
     const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-    const KEY: &str = "integration-key";
+    const KEY: &str = "integration-key-0123456789";
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), SECRET).unwrap();
     std::fs::write(dir.path().join("keys"), format!("{KEY}\n")).unwrap();
