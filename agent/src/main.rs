@@ -31,7 +31,7 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Connect, print pushes, answer requests; runs until Ctrl-C or a terminal close.
-    Connect(ConnectArgs),
+    Connect(Box<ConnectArgs>),
     /// Print a development token minted with the gateway's HS256 secret.
     Token(TokenArgs),
 }
@@ -155,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
-        Command::Connect(args) => connect(args).await,
+        Command::Connect(args) => connect(*args).await,
         Command::Token(args) => {
             println!("{}", minter(&args)?.mint()?);
             Ok(())
