@@ -765,6 +765,24 @@ async fn cli_honours_https_proxy_no_proxy_the_proxy_flag_and_ssl_cert_file() {
     assert!(run.stderr.contains("connected as"), "{}", run.stderr);
     assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 2);
 
+    // HTTP_PROXY carries ws:// (a CONNECT tunnel too); HTTPS_PROXY is not used for it.
+    let plain = format!(
+        "ws://gateway.test:{}/v1/connect",
+        setup.gateway.public_addr().port()
+    );
+    let run = cli(
+        &setup,
+        &plain,
+        &[],
+        &[
+            ("HTTP_PROXY", good_proxy.clone()),
+            ("HTTPS_PROXY", dead_proxy.clone()),
+        ],
+    )
+    .await;
+    assert!(run.stderr.contains("connected as"), "{}", run.stderr);
+    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 3);
+
     // Trusting another CA: a non-zero exit with the certificate error, no retry loop.
     let other = Pki::new();
     let other_ca = other.ca_file().display().to_string();
