@@ -109,6 +109,16 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
+    /// The pair `cert_file`/`key_file` with the default deadline and reload interval.
+    pub fn new(cert_file: PathBuf, key_file: PathBuf) -> Self {
+        Self {
+            cert_file,
+            key_file,
+            handshake_timeout_ms: Self::default_handshake_timeout_ms(),
+            reload_interval_ms: Self::default_reload_interval_ms(),
+        }
+    }
+
     fn default_handshake_timeout_ms() -> u64 {
         10_000
     }
