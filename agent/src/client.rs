@@ -28,13 +28,12 @@ use tether_protocol::{
     AgentMessage, ErrorBody, ErrorCode, GatewayMessage, RawValue, SUBPROTOCOL, Welcome,
 };
 use tokio::{
-    net::TcpStream,
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
     time::{Instant, sleep_until, timeout},
 };
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream,
+    WebSocketStream,
     tungstenite::{
         self, Message,
         client::IntoClientRequest,
@@ -47,9 +46,10 @@ use tracing::{debug, info, warn};
 use crate::{
     policy::{self, Decision, Ended, ReconnectPolicy, StopReason},
     token::{BoxFuture, TokenError, TokenProvider, unix_now},
+    transport::{Proxy, Stream, TlsOptions, Transport},
 };
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<Stream>;
 type Sink = SplitSink<Ws, Message>;
 
 /// Errors returned by the [`Agent`] handle.
@@ -75,6 +75,11 @@ pub enum Error {
     /// The upstream answered the request with an error.
     #[error("the upstream answered with an error ({:?}): {}", .0.code, .0.message)]
     Upstream(ErrorBody),
+    /// The TLS or proxy settings cannot be used (a certificate file that is missing or
+    /// holds no certificate, a key that does not match, a proxy URL that is not
+    /// `http://`, no trusted CA at all).
+    #[error("cannot set up the connection: {0}")]
+    Transport(String),
     /// The agent stopped (closed, or a terminal auth failure) before the call completed.
     #[error("agent stopped: {0}")]
     Stopped(StopReason),
@@ -115,6 +120,12 @@ pub struct Options {
     /// retrying (the pool may get an upstream later); a one-shot tool sets `false` to
     /// fail the send at once with the gateway's reason ([`Error::Rejected`]).
     pub retry_unavailable: bool,
+    /// TLS of `wss://` URLs: extra CA file and client certificate (the system roots,
+    /// with `SSL_CERT_FILE`/`SSL_CERT_DIR`, are always trusted).
+    pub tls: TlsOptions,
+    /// The HTTP proxy to tunnel through (default: from `HTTPS_PROXY`/`HTTP_PROXY`/
+    /// `NO_PROXY`).
+    pub proxy: Proxy,
 }
 
 impl Default for Options {
@@ -133,6 +144,8 @@ impl Default for Options {
             dedup_window: 4096,
             read_buffer_bytes: 16 * 1024,
             retry_unavailable: true,
+            tls: TlsOptions::default(),
+            proxy: Proxy::FromEnv,
         }
     }
 }
@@ -266,7 +279,11 @@ impl AgentBuilder {
             on_push,
             on_request,
         } = self;
-        check_url(&url)?;
+        let uri = check_url(&url)?;
+        let transport = Transport::new(&uri, &options.tls, &options.proxy, |name| {
+            std::env::var(name).ok()
+        })
+        .map_err(Error::Transport)?;
         let request_timeout = options.request_timeout;
         let (command_tx, commands) = mpsc::channel(options.command_queue.max(1));
         let (state_tx, state) = watch::channel(State::Connecting { attempt: 0 });
@@ -281,6 +298,7 @@ impl AgentBuilder {
         ));
         let core = Core {
             url,
+            transport,
             tokens,
             options,
             on_request,
@@ -458,7 +476,7 @@ impl Agent {
 /// Refuses, before any connection attempt, a URL no attempt could use: one that does
 /// not parse, has no host, or names a scheme other than `ws`/`wss` (an `http://` URL
 /// would otherwise fail the same way on every retry).
-fn check_url(url: &str) -> Result<(), Error> {
+fn check_url(url: &str) -> Result<http::Uri, Error> {
     let invalid = |reason: String| Error::InvalidUrl {
         url: url.to_owned(),
         reason,
@@ -481,7 +499,7 @@ fn check_url(url: &str) -> Result<(), Error> {
     }
     url.into_client_request()
         .map_err(|e| invalid(e.to_string()))?;
-    Ok(())
+    Ok(uri)
 }
 
 /// The gateway's reason from the body of a refused upgrade: the `message` of its
@@ -680,6 +698,7 @@ enum Outcome {
 
 struct Core {
     url: String,
+    transport: Transport,
     tokens: Arc<dyn TokenProvider>,
     options: Options,
     on_request: RequestFn,
@@ -832,14 +851,19 @@ impl Core {
             );
             let config =
                 WebSocketConfig::default().read_buffer_size(self.options.read_buffer_bytes);
+            let stream = self.transport.open().await?;
             let (mut ws, _) =
-                tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+                tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                     .await
                     .map_err(|err| match err {
                         tungstenite::Error::Http(response) => Ended::Rejected {
                             status: response.status().as_u16(),
                             message: refusal_message(response.body().as_deref()),
                         },
+                        tungstenite::Error::Io(err) => crate::transport::certificate_failure(&err)
+                            .unwrap_or_else(|| Ended::Unreachable {
+                                cause: tungstenite::Error::Io(err).to_string(),
+                            }),
                         other => Ended::Unreachable {
                             cause: other.to_string(),
                         },
@@ -1218,7 +1242,7 @@ mod tests {
     //! Narrow tests against a scripted in-test WebSocket server. Behaviour against the
     //! real gateway is covered by `tests/gateway.rs`.
 
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::tungstenite::handshake::server::{
         ErrorResponse, Request as HsRequest, Response as HsResponse,
     };

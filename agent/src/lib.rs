@@ -16,6 +16,8 @@
 //!   status means for reconnecting, when to refresh the token, which `nack`s to retry.
 //! - [`token`]: where tokens come from (static, file, closure, local HS256 minting for
 //!   development).
+//! - [`transport`]: the socket under the WebSocket: direct or through an HTTP proxy's
+//!   `CONNECT` tunnel, TLS with rustls for `wss://` (system roots, extra CA, mTLS).
 //!
 //! Guarantees: a `send` is re-sent with the same id (the upstream's idempotency key)
 //! across reconnects and transient `nack`s until it is acknowledged; a `reconnect` hint
@@ -29,8 +31,10 @@
 pub mod client;
 pub mod policy;
 pub mod token;
+pub mod transport;
 
 pub use client::{Agent, AgentBuilder, Error, Options, Payload, Push, Request, Session, State};
 pub use policy::{Backoff, ReconnectPolicy, StopReason};
 pub use tether_protocol::{ErrorBody, ErrorCode, RawValue};
 pub use token::{Hs256Minter, StaticToken, TokenError, TokenFile, TokenProvider, token_fn};
+pub use transport::{ClientCert, Proxy, TlsOptions, no_proxy_matches, proxy_for};

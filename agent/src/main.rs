@@ -12,8 +12,8 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use tether_agent::{
-    Agent, ErrorBody, ErrorCode, Hs256Minter, Options, Payload, RawValue, StaticToken, TokenFile,
-    TokenProvider,
+    Agent, ClientCert, ErrorBody, ErrorCode, Hs256Minter, Options, Payload, Proxy, RawValue,
+    StaticToken, TlsOptions, TokenFile, TokenProvider,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -31,7 +31,7 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Connect, print pushes, answer requests; runs until Ctrl-C or a terminal close.
-    Connect(ConnectArgs),
+    Connect(Box<ConnectArgs>),
     /// Print a development token minted with the gateway's HS256 secret.
     Token(TokenArgs),
 }
@@ -94,6 +94,50 @@ struct ConnectArgs {
     /// Exit after the `--send` messages are acknowledged instead of staying connected.
     #[arg(long)]
     exit_after_send: bool,
+    #[command(flatten)]
+    transport: TransportArgs,
+}
+
+/// TLS and proxy settings (`wss://`; the system roots, with `SSL_CERT_FILE` and
+/// `SSL_CERT_DIR`, are always trusted).
+#[derive(ClapArgs, Debug)]
+struct TransportArgs {
+    /// PEM file of CA certificates trusted in addition to the system roots.
+    #[arg(long, env = "TETHER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for a gateway that requires mutual TLS.
+    #[arg(long, env = "TETHER_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of `--client-cert`.
+    #[arg(long, env = "TETHER_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// HTTP proxy to tunnel through (`http://[user:password@]host:port`); overrides
+    /// HTTPS_PROXY/HTTP_PROXY/NO_PROXY.
+    #[arg(long, env = "TETHER_PROXY", conflicts_with = "direct")]
+    proxy: Option<String>,
+    /// Connect directly, ignoring HTTPS_PROXY/HTTP_PROXY.
+    #[arg(long)]
+    direct: bool,
+}
+
+impl TransportArgs {
+    fn apply(self, options: &mut Options) {
+        options.tls = TlsOptions {
+            extra_ca_file: self.ca_file,
+            client_cert: match (self.client_cert, self.client_key) {
+                (Some(cert_file), Some(key_file)) => Some(ClientCert {
+                    cert_file,
+                    key_file,
+                }),
+                _ => None,
+            },
+        };
+        options.proxy = match (self.proxy, self.direct) {
+            (Some(url), _) => Proxy::Url(url),
+            (None, true) => Proxy::Direct,
+            (None, false) => Proxy::FromEnv,
+        };
+    }
 }
 
 #[tokio::main]
@@ -111,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
-        Command::Connect(args) => connect(args).await,
+        Command::Connect(args) => connect(*args).await,
         Command::Token(args) => {
             println!("{}", minter(&args)?.mint()?);
             Ok(())
@@ -152,6 +196,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         exec,
         send,
         exit_after_send,
+        transport,
     } = args;
     let tokens: Arc<dyn TokenProvider> = match (token, token_file) {
         (Some(token), _) => Arc::new(StaticToken(token)),
@@ -166,12 +211,13 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         .map(|text| RawValue::from_string(text).context("--send must be JSON"))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let exec = exec.map(Arc::new);
-    let options = Options {
+    let mut options = Options {
         // A one-shot send fails at once with the gateway's reason when nothing upstream
         // receives agent messages, instead of retrying until someone presses Ctrl-C.
         retry_unavailable: !exit_after_send,
         ..Options::default()
     };
+    transport.apply(&mut options);
     let agent = Agent::builder_shared(url, tokens)
         .options(options)
         .on_push(|push| async move {

@@ -73,6 +73,19 @@ pub enum Ended {
     },
     /// The token provider failed to produce a token.
     TokenUnavailable,
+    /// The TLS handshake failed on a certificate: the gateway's is not trusted or not
+    /// valid for its name, or the gateway refused the agent's (mTLS).
+    CertificateRejected {
+        /// What was wrong, in words.
+        cause: String,
+    },
+    /// The HTTP proxy answered `CONNECT` with an error status.
+    ProxyRefused {
+        /// The proxy's status.
+        status: u16,
+        /// Which proxy refused which tunnel, with its status line.
+        line: String,
+    },
 }
 
 /// Why the agent stopped for good.
@@ -102,6 +115,23 @@ pub enum StopReason {
         status: u16,
         /// The gateway's reason (its error body's `message`, or the body's text).
         message: String,
+    },
+    /// The TLS handshake failed on a certificate (untrusted issuer, wrong name, expired,
+    /// or a client certificate the gateway refuses): the same certificates fail every
+    /// retry.
+    #[error("TLS: {message}")]
+    Tls {
+        /// What was wrong, in words.
+        message: String,
+    },
+    /// The HTTP proxy refused the tunnel with a status no retry can change (407 for
+    /// missing or wrong credentials, 403 for a destination it forbids ...).
+    #[error("the proxy refused the tunnel with HTTP {status}: {line}")]
+    ProxyRejected {
+        /// The proxy's status.
+        status: u16,
+        /// Which proxy refused which tunnel, with its status line.
+        line: String,
     },
     /// The gateway closed with a code that forbids reconnecting (token invalid, replaced
     /// by a newer connection, disconnected by a backend).
@@ -136,6 +166,10 @@ impl std::fmt::Display for Ended {
             }
             Ended::Lost { .. } => f.write_str("the connection was lost"),
             Ended::TokenUnavailable => f.write_str("the token provider failed"),
+            Ended::CertificateRejected { cause } => write!(f, "TLS: {cause}"),
+            Ended::ProxyRefused { status, line } => {
+                write!(f, "the proxy refused the tunnel with HTTP {status}: {line}")
+            }
         }
     }
 }
@@ -203,9 +237,19 @@ pub fn decide(
             status,
             message: message.clone(),
         }),
-        Ended::Rejected { .. } | Ended::Unreachable { .. } | Ended::TokenUnavailable => {
-            Decision::Reconnect(backoff)
+        Ended::CertificateRejected { ref cause } => Decision::Stop(StopReason::Tls {
+            message: cause.clone(),
+        }),
+        Ended::ProxyRefused { status, ref line } if !status_is_retryable(status) => {
+            Decision::Stop(StopReason::ProxyRejected {
+                status,
+                line: line.clone(),
+            })
         }
+        Ended::Rejected { .. }
+        | Ended::Unreachable { .. }
+        | Ended::TokenUnavailable
+        | Ended::ProxyRefused { .. } => Decision::Reconnect(backoff),
         Ended::Closed { code, hint } => match CloseCode::from_code(code) {
             Some(known) if !known.should_reconnect() => {
                 Decision::Stop(StopReason::Refused { code })
@@ -367,6 +411,48 @@ mod tests {
                 ),
                 Decision::Stop(StopReason::Refused { code })
             );
+        }
+    }
+
+    #[test]
+    fn certificate_failures_and_final_proxy_refusals_stop_transient_ones_retry() {
+        let p = ReconnectPolicy::default();
+        let cause = "invalid peer certificate: UnknownIssuer".to_owned();
+        assert_eq!(
+            decide(
+                &Ended::CertificateRejected {
+                    cause: cause.clone()
+                },
+                0,
+                &p,
+                &mut rng()
+            ),
+            Decision::Stop(StopReason::Tls { message: cause })
+        );
+        for status in [407, 403, 400] {
+            let line = format!("proxy:3128 answered CONNECT gw:443 with `HTTP/1.1 {status} x`");
+            assert_eq!(
+                decide(
+                    &Ended::ProxyRefused {
+                        status,
+                        line: line.clone()
+                    },
+                    0,
+                    &p,
+                    &mut rng()
+                ),
+                Decision::Stop(StopReason::ProxyRejected { status, line })
+            );
+        }
+        for status in [502, 503, 504] {
+            let ended = Ended::ProxyRefused {
+                status,
+                line: String::new(),
+            };
+            assert!(matches!(
+                decide(&ended, 0, &p, &mut rng()),
+                Decision::Reconnect(_)
+            ));
         }
     }
 

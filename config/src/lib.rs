@@ -88,6 +88,50 @@ pub struct ListenConfig {
     /// Concurrent TCP connections on the internal port (push API, health); more are
     /// closed at accept.
     pub max_internal_connections: usize,
+    /// TLS on the public port, terminated by the gateway itself (instead of a load
+    /// balancer). Absent: the public port speaks plain HTTP/WebSocket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS on the public port: a certificate chain and its key as PEM files (a mounted
+/// `kubernetes.io/tls` Secret's `tls.crt` and `tls.key`), reloaded when they change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf.
+    pub key_file: PathBuf,
+    /// Deadline for the TLS handshake of a new connection, in milliseconds; a client
+    /// that opens TCP and does not finish its handshake in time is closed. It holds a
+    /// `listen.maxPendingUpgrades` slot meanwhile.
+    #[serde(default = "TlsConfig::default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// How often the files are read again, in milliseconds; a changed, valid pair
+    /// replaces the certificate for new connections (open ones keep theirs).
+    #[serde(default = "TlsConfig::default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+impl TlsConfig {
+    /// The pair `cert_file`/`key_file` with the default deadline and reload interval.
+    pub fn new(cert_file: PathBuf, key_file: PathBuf) -> Self {
+        Self {
+            cert_file,
+            key_file,
+            handshake_timeout_ms: Self::default_handshake_timeout_ms(),
+            reload_interval_ms: Self::default_reload_interval_ms(),
+        }
+    }
+
+    fn default_handshake_timeout_ms() -> u64 {
+        10_000
+    }
+
+    fn default_reload_interval_ms() -> u64 {
+        5_000
+    }
 }
 
 impl Default for ListenConfig {
@@ -101,6 +145,7 @@ impl Default for ListenConfig {
             max_header_bytes: 16 * 1024,
             max_pending_upgrades: 1024,
             max_internal_connections: 1024,
+            tls: None,
         }
     }
 }
@@ -551,6 +596,18 @@ impl GatewayConfig {
                 "listen.maxHeaderBytes must be at least 8192".into(),
             ));
         }
+        if let Some(tls) = &self.listen.tls {
+            if tls.handshake_timeout_ms == 0 {
+                return Err(ConfigError::Invalid(
+                    "listen.tls.handshakeTimeoutMs must be greater than 0".into(),
+                ));
+            }
+            if tls.reload_interval_ms < 100 {
+                return Err(ConfigError::Invalid(
+                    "listen.tls.reloadIntervalMs must be at least 100".into(),
+                ));
+            }
+        }
         let jwt = &self.auth.jwt;
         if jwt.hs256_secret_file.is_some() && jwt.public_keys_file.is_some() {
             return Err(ConfigError::Invalid(
@@ -639,6 +696,39 @@ impl GatewayConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_tls_parses_with_defaults_and_checks_its_bounds() {
+        let yaml = "listen:\n  tls:\n    certFile: /tls/tls.crt\n    keyFile: /tls/tls.key\n";
+        let tls = GatewayConfig::from_yaml(yaml).unwrap().listen.tls.unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("/tls/tls.crt"));
+        assert_eq!(tls.key_file, PathBuf::from("/tls/tls.key"));
+        assert_eq!(
+            (tls.handshake_timeout_ms, tls.reload_interval_ms),
+            (10_000, 5_000)
+        );
+        let missing_key = "listen:\n  tls:\n    certFile: /tls/tls.crt\n";
+        assert!(
+            GatewayConfig::from_yaml(missing_key)
+                .unwrap_err()
+                .to_string()
+                .contains("keyFile")
+        );
+        let zero = format!("{yaml}    handshakeTimeoutMs: 0\n");
+        assert!(
+            GatewayConfig::from_yaml(&zero)
+                .unwrap_err()
+                .to_string()
+                .contains("listen.tls.handshakeTimeoutMs")
+        );
+        let fast = format!("{yaml}    reloadIntervalMs: 10\n");
+        assert!(
+            GatewayConfig::from_yaml(&fast)
+                .unwrap_err()
+                .to_string()
+                .contains("listen.tls.reloadIntervalMs")
+        );
+    }
 
     #[test]
     fn empty_file_is_the_default() {

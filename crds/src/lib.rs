@@ -185,6 +185,10 @@ pub struct ConnectionPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiSpec>,
 
+    /// TLS terminated by the gateways themselves on the agents' port (ws, 8080), for when nothing in front of them (an L4 load balancer) terminates it. The port then speaks only TLS. The certificate is reloaded when the Secret changes, without dropping open connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<GatewayTlsSpec>,
+
     /// Longest time between two status reports of a gateway pod, in seconds. Pods report
     /// on change, at most this far apart; entries older than three intervals are stale.
     #[serde(default = "default_report_interval")]
@@ -423,6 +427,23 @@ pub struct SecretKeyRef {
     /// Key within the Secret's data.
     #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
     pub key: String,
+}
+
+/// TLS on the gateways' public port.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTlsSpec {
+    /// A kubernetes.io/tls Secret in the pool's namespace: its tls.crt (PEM chain, leaf first) and tls.key are mounted read-only into the gateway pods.
+    pub secret_ref: SecretNameRef,
+}
+
+/// A Secret named by itself (its keys are fixed by its type).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretNameRef {
+    /// Name of the Secret (same namespace as the pool).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
 }
 
 /// Authentication of agents and tenant backends.

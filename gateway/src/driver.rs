@@ -119,11 +119,32 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin {
     /// Sends what the kernel holds back (`TCP_CORK`, set at accept so that the 101 and
     /// the `welcome` leave together); called once, after the first write.
     fn uncork(&self) {}
+
+    /// Pushes out what the socket itself still holds (TLS records that rustls keeps
+    /// while the kernel's buffer is full); `Ready(Ok)` once nothing is held. A plain
+    /// socket holds nothing.
+    fn poll_held(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl Socket for TcpStream {
     fn uncork(&self) {
         let _ = socket2::SockRef::from(self).set_tcp_cork(false);
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
+    fn uncork(&self) {
+        self.get_ref().0.uncork();
+    }
+
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.get_ref().1.wants_write() {
+            Pin::new(self).poll_flush(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
     }
 }
 
@@ -331,7 +352,21 @@ impl<S: Socket> Driver<S> {
         if !self.out.is_empty() {
             progress |= self.write(cx)?;
         }
-        if self.out.is_empty() {
+        // A TLS socket may have taken our frames into its own buffer without the kernel
+        // taking them yet: they are not written until it is empty.
+        let held = match self.io.poll_held(cx) {
+            Poll::Ready(Ok(())) => false,
+            Poll::Ready(Err(_)) => return Err(self.gone()),
+            Poll::Pending => {
+                if self.deadline.is_none() {
+                    let timeout = self.session.state().config.limits.write_timeout_ms;
+                    self.deadline =
+                        Some(Box::pin(tokio::time::sleep(Duration::from_millis(timeout))));
+                }
+                true
+            }
+        };
+        if self.out.is_empty() && !held {
             match self.phase {
                 Phase::Open => self.deadline = None,
                 Phase::Closing {

@@ -44,6 +44,7 @@ pub mod session;
 pub mod shed;
 pub mod state;
 pub mod status;
+pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 

@@ -30,6 +30,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::router::{LocalRouter, Router};
 use crate::state::AppState;
+use crate::tls::{Accepted, CertStore};
 use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
@@ -53,6 +54,9 @@ pub enum StartError {
     /// The router could not be set up.
     #[error("routing: {0}")]
     Routing(String),
+    /// `listen.tls` names files that do not hold a usable certificate and key.
+    #[error("listen.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Builds the router once the hub exists (the cross-pod router needs the hub to deliver
@@ -72,6 +76,7 @@ pub struct Gateway {
     internal_addr: SocketAddr,
     probes_addr: Option<SocketAddr>,
     state: Arc<AppState>,
+    tls: Option<Arc<CertStore>>,
     done: JoinHandle<()>,
 }
 
@@ -177,6 +182,12 @@ impl Gateway {
             .as_ref()
             .map(|u| Upstream::new(u, config.limits.max_message_bytes))
             .transpose()?;
+        let tls = config
+            .listen
+            .tls
+            .as_ref()
+            .map(CertStore::load)
+            .transpose()?;
         let public = listen(&config.listen.public, config.listen.backlog)?;
         let internal = listen(&config.listen.internal, config.listen.backlog)?;
         let public_addr = public.local_addr().map_err(|source| StartError::Bind {
@@ -235,12 +246,14 @@ impl Gateway {
             public,
             internal,
             probes.map(|(listener, _)| listener),
+            tls.clone(),
         ));
         Ok(Self {
             public_addr,
             internal_addr,
             probes_addr,
             state,
+            tls,
             done,
         })
     }
@@ -258,6 +271,11 @@ impl Gateway {
     /// Where the probe listener (`/healthz`, `/readyz` only) listens, if configured.
     pub fn probes_addr(&self) -> Option<SocketAddr> {
         self.probes_addr
+    }
+
+    /// The public port's certificate when the gateway terminates TLS itself.
+    pub fn tls(&self) -> Option<&Arc<CertStore>> {
+        self.tls.as_ref()
     }
 
     /// The shared state (connection counts, hub) for status reporting and tests.
@@ -283,10 +301,19 @@ async fn run(
     public: TcpListener,
     internal: TcpListener,
     probes: Option<TcpListener>,
+    tls: Option<Arc<CertStore>>,
 ) {
     let stop_accepting = CancellationToken::new();
     let stop_internal = CancellationToken::new();
-    let accept = tokio::spawn(accept_loop(state.clone(), public, stop_accepting.clone()));
+    let reload_tls = tls
+        .clone()
+        .map(|store| tokio::spawn(crate::tls::reload_loop(store)));
+    let accept = tokio::spawn(accept_loop(
+        state.clone(),
+        public,
+        tls,
+        stop_accepting.clone(),
+    ));
     let internal_server = tokio::spawn(serve_internal(
         state.clone(),
         internal,
@@ -326,6 +353,9 @@ async fn run(
     stop_accepting.cancel();
     let _ = accept.await;
     reload_keys.abort();
+    if let Some(reload_tls) = reload_tls {
+        reload_tls.abort();
+    }
     liveness.abort();
     if let Some(expiry) = expiry {
         expiry.abort();
@@ -495,11 +525,23 @@ async fn serve_internal(
 }
 
 /// The public port: upgrades only. Connections that have not finished their upgrade
-/// are capped by `listen.maxPendingUpgrades`; beyond it new ones are closed at accept.
-async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
+/// (TLS handshake included) are capped by `listen.maxPendingUpgrades`; beyond it new
+/// ones are closed at accept.
+async fn accept_loop(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    tls: Option<Arc<CertStore>>,
+    stop: CancellationToken,
+) {
     let app = crate::upgrade::public_app(state.clone());
     let builder = http1_builder(&state.config.listen);
     let pending = Arc::new(Semaphore::new(state.config.listen.max_pending_upgrades));
+    let tls = tls.map(|store| {
+        (
+            tokio_rustls::TlsAcceptor::from(store.server_config()),
+            store.handshake_timeout(),
+        )
+    });
     while let Some(stream) = accept(&listener, &stop).await {
         let Ok(slot) = pending.clone().try_acquire_owned() else {
             state
@@ -508,6 +550,33 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: Cancella
                 .add(1, &crate::metrics::label("result", "pending_full"));
             continue;
         };
+        if let Some((acceptor, timeout)) = &tls {
+            // The handshake runs in the connection's task, holding its pending slot, so
+            // a client that never speaks TLS costs one slot until the deadline.
+            let (acceptor, timeout) = (acceptor.clone(), *timeout);
+            let (app, builder, state_for_task) = (app.clone(), builder.clone(), state.clone());
+            state.tasks.spawn(async move {
+                let _slot = slot;
+                let tls = match crate::tls::handshake(&acceptor, timeout, stream).await {
+                    Accepted::Tls(tls) => tls,
+                    Accepted::Refused(result) => {
+                        state_for_task
+                            .metrics
+                            .handshakes
+                            .add(1, &crate::metrics::label("result", result));
+                        return;
+                    }
+                };
+                // Corked as below, now that the TLS handshake has left unhindered.
+                let _ = socket2::SockRef::from(tls.get_ref().0).set_tcp_cork(true);
+                let service = TowerToHyperService::new(app);
+                let _ = builder
+                    .serve_connection(TokioIo::new(*tls), service)
+                    .with_upgrades()
+                    .await;
+            });
+            continue;
+        }
         // Corked until the connection's driver has written its first frame (it uncorks
         // then): the 101 that hyper writes and the `welcome` leave in one segment —
         // one delivery and one wake-up of the agent instead of two. A refused

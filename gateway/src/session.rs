@@ -30,6 +30,7 @@ use tether_protocol::{
     AgentMessage, CloseCode, ErrorBody, ErrorCode, GatewayMessage, RawValue, Welcome, salvage_id,
 };
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use crate::auth::AgentIdentity;
@@ -54,7 +55,7 @@ use crate::upstream::{Event, UpstreamError};
 /// side), and that cell is what every idle connection costs.
 pub async fn open(
     state: Arc<AppState>,
-    socket: TcpStream,
+    socket: AgentSocket,
     early: Bytes,
     identity: AgentIdentity,
     admission: Admission,
@@ -78,14 +79,19 @@ pub async fn open(
     let welcome = session.welcome();
     // Bytes that came with the upgrade are decoded on the driver's first poll, after
     // the registration below.
-    let driver = Driver::new(socket, session, welcome, &early);
+    let stage = match socket {
+        AgentSocket::Plain(socket) => Stage::Serving(Driver::new(socket, session, welcome, &early)),
+        AgentSocket::Tls(socket) => {
+            Stage::ServingTls(Box::new(Driver::new(*socket, session, welcome, &early)))
+        }
+    };
     if let Some(old) = state.hub.register(&conn).replaced {
         debug!(agent = %conn.agent_id, connection = conn.id, old = old.id, "replaced older connection");
     }
     state.router.connected(&conn).await;
     state.metrics.connections_active.add(1, &[]);
     notify_upstream(&state, &conn, UpstreamEvent::Connect);
-    ConnectionTask(Stage::Serving(driver))
+    ConnectionTask(stage)
 }
 
 /// The task of one connection: its driver until the connection ends, then the
@@ -97,8 +103,19 @@ pub async fn open(
 /// it within the size that gives a 256-byte tokio task cell.
 pub struct ConnectionTask(Stage);
 
+/// An agent's socket as the public port hands it over.
+pub enum AgentSocket {
+    /// Plain TCP (TLS, if any, ended at a load balancer).
+    Plain(TcpStream),
+    /// TLS terminated by the gateway (`listen.tls`). Boxed: rustls' connection state is
+    /// large, and plain connections must not pay for it in their task cell.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
 enum Stage {
     Serving(Driver),
+    /// Boxed so that the plain stage, what most connections are, stays small.
+    ServingTls(Box<Driver<TlsStream<TcpStream>>>),
     Leaving(Pin<Box<dyn Future<Output = ()> + Send>>),
     Done,
 }
@@ -115,14 +132,16 @@ impl Future for ConnectionTask {
                     let Stage::Serving(driver) = std::mem::replace(stage, Stage::Done) else {
                         unreachable!("matched above");
                     };
-                    let (state, conn) = {
-                        let session = driver.session();
-                        (session.state.clone(), session.conn.clone())
+                    *stage = leave(driver.session(), ended);
+                    // Dropped here: the socket, its slot and the session go before the
+                    // cleanup runs.
+                }
+                Stage::ServingTls(driver) => {
+                    let ended = ready!(Pin::new(&mut **driver).poll(cx));
+                    let Stage::ServingTls(driver) = std::mem::replace(stage, Stage::Done) else {
+                        unreachable!("matched above");
                     };
-                    debug!(agent = %conn.agent_id, connection = conn.id, ?ended, "session ended");
-                    // Release the socket, its slot and the session before the cleanup.
-                    drop(driver);
-                    *stage = Stage::Leaving(Box::pin(close(state, conn, ended)));
+                    *stage = leave(driver.session(), ended);
                 }
                 Stage::Leaving(cleanup) => {
                     ready!(cleanup.as_mut().poll(cx));
@@ -132,6 +151,13 @@ impl Future for ConnectionTask {
             }
         }
     }
+}
+
+/// The cleanup stage for a session whose driver ended.
+fn leave(session: &Session, ended: Ended) -> Stage {
+    let (state, conn) = (session.state.clone(), session.conn.clone());
+    debug!(agent = %conn.agent_id, connection = conn.id, ?ended, "session ended");
+    Stage::Leaving(Box::pin(close(state, conn, ended)))
 }
 
 /// A connection's cleanup once its driver ended.

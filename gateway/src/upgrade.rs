@@ -19,12 +19,14 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tether_protocol::SUBPROTOCOL;
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, warn};
 
 use crate::api::ApiError;
 use crate::auth::AuthError;
 use crate::metrics::label;
+use crate::session::AgentSocket;
 use crate::state::AppState;
 
 /// The public port's routes: `GET /v1/connect` only. Tests drive it with `oneshot`.
@@ -274,18 +276,27 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
                 return;
             }
         };
-        // The public port serves `TcpStream`s: take the socket back from hyper, with
-        // whatever it read past the request (a client may pipeline its first frames).
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-            warn!(agent = %identity.agent_id, "upgraded connection is not a TCP socket");
-            return;
+        // The public port serves `TcpStream`s, or TLS streams over them when the gateway
+        // terminates TLS: take the socket back from hyper, with whatever it read past
+        // the request (a client may pipeline its first frames).
+        let (socket, read_buf) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (AgentSocket::Plain(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                Ok(parts) => (
+                    AgentSocket::Tls(Box::new(parts.io.into_inner())),
+                    parts.read_buf,
+                ),
+                Err(_) => {
+                    warn!(agent = %identity.agent_id, "upgraded connection is not a TCP or TLS socket");
+                    return;
+                }
+            },
         };
-        let socket = parts.io.into_inner();
         // A task of its own: the connection's future is then only its driver, not this
         // handshake's state too — it is what every idle connection keeps in memory.
         let tasks = session_state.tasks.clone();
         let task =
-            crate::session::open(session_state, socket, parts.read_buf, identity, admission).await;
+            crate::session::open(session_state, socket, read_buf, identity, admission).await;
         // What every idle connection keeps in its task cell (docs/benchmarks.md).
         debug!(future_bytes = size_of_val(&task), "connection task");
         tasks.spawn(task);

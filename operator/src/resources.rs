@@ -30,8 +30,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tether_config::{
     AuthConfig, DeliveryConfig, DeliveryMode, DrainConfig, DurableConfig, GatewayConfig, JwtConfig,
-    Limits, NatsAuth, NatsConfig, NatsTls, RoutingConfig, StatusConfig, UpstreamConfig,
-    UpstreamEvent as ConfigEvent,
+    Limits, ListenConfig, NatsAuth, NatsConfig, NatsTls, RoutingConfig, StatusConfig, TlsConfig,
+    UpstreamConfig, UpstreamEvent as ConfigEvent,
 };
 use tether_crds::{ConnectionPool, ImagePullPolicy, SecretKeyRef, ServiceType, UpstreamEvent};
 
@@ -256,6 +256,25 @@ pub fn secret_mounts(pool: &ConnectionPool) -> Vec<SecretMount> {
             source: source.clone(),
             field: "auth.jwt.publicKeysSecretRef",
         });
+    }
+    if let Some(tls) = &pool.spec.tls {
+        // Two volumes of the same Secret: the gateway refuses a certificate and key that
+        // do not match, so a moment where one is updated before the other keeps the
+        // previous pair until both agree.
+        for (volume, file, field) in [
+            ("tls-cert", "tls.crt", "tls.secretRef (tls.crt)"),
+            ("tls-key", "tls.key", "tls.secretRef (tls.key)"),
+        ] {
+            mounts.push(SecretMount {
+                volume,
+                file,
+                source: SecretKeyRef {
+                    name: tls.secret_ref.name.clone(),
+                    key: file.into(),
+                },
+                field,
+            });
+        }
     }
     mounts.push(SecretMount {
         volume: "api-keys",
@@ -513,8 +532,15 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
     });
     let config = GatewayConfig {
         tenant: Some(spec.tenant.clone()),
-        listen: tether_config::ListenConfig {
+        listen: ListenConfig {
             probes: Some(format!("0.0.0.0:{PROBE_PORT}")),
+            tls: match (
+                mount_path(&mounts, "tls-cert"),
+                mount_path(&mounts, "tls-key"),
+            ) {
+                (Some(cert_file), Some(key_file)) => Some(TlsConfig::new(cert_file, key_file)),
+                _ => None,
+            },
             ..Default::default()
         },
         limits,

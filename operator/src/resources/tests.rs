@@ -1018,3 +1018,70 @@ fn api_allowed_from_admits_backends_in_other_namespaces() {
     // The WebSocket rule is unchanged.
     assert!(rules[0].from.is_none());
 }
+
+#[test]
+fn gateway_tls_mounts_the_secret_read_only_and_renders_the_paths() {
+    let plain = build(&pool("acme"));
+    let plain_yaml = &plain.config_map.data.as_ref().unwrap()["gateway.yaml"];
+    let plain_config = tether_config::GatewayConfig::from_yaml(plain_yaml).unwrap();
+    assert_eq!(plain_config.listen.tls, None);
+
+    let mut p = pool("acme");
+    p.spec.tls = Some(tether_crds::GatewayTlsSpec {
+        secret_ref: tether_crds::SecretNameRef {
+            name: "acme-gateway-tls".into(),
+        },
+    });
+    let d = build(&p);
+    let volumes = pod_spec(&d).volumes.as_ref().unwrap();
+    for (volume, key) in [
+        ("secret-tls-cert", "tls.crt"),
+        ("secret-tls-key", "tls.key"),
+    ] {
+        let v = volumes.iter().find(|v| v.name == volume).unwrap();
+        let secret = v.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("acme-gateway-tls"));
+        let items = secret.items.as_ref().unwrap();
+        assert_eq!((items[0].key.as_str(), items[0].path.as_str()), (key, key));
+        let mount = container(&d)
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == volume)
+            .unwrap();
+        assert_eq!(mount.read_only, Some(true));
+        // A directory, not a subPath: the kubelet's updates reach the gateway.
+        assert_eq!(mount.sub_path, None);
+    }
+    let yaml = &d.config_map.data.as_ref().unwrap()["gateway.yaml"];
+    assert!(
+        !yaml.contains("acme-gateway-tls"),
+        "no Secret name in the ConfigMap"
+    );
+    let config = tether_config::GatewayConfig::from_yaml(yaml).expect("the gateway accepts it");
+    let tls = config.listen.tls.unwrap();
+    assert_eq!(
+        tls.cert_file,
+        std::path::Path::new("/etc/tether/secrets/tls-cert/tls.crt")
+    );
+    assert_eq!(
+        tls.key_file,
+        std::path::Path::new("/etc/tether/secrets/tls-key/tls.key")
+    );
+    // The pods roll when TLS is switched on (the config's hash changes).
+    assert_ne!(plain.config_hash, d.config_hash);
+    // Both keys are checked like every referenced Secret key.
+    let fields: Vec<_> = secret_mounts(&p)
+        .into_iter()
+        .filter(|m| m.source.name == "acme-gateway-tls")
+        .map(|m| (m.source.key, m.field))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("tls.crt".to_string(), "tls.secretRef (tls.crt)"),
+            ("tls.key".to_string(), "tls.secretRef (tls.key)")
+        ]
+    );
+}
