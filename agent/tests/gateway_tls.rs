@@ -29,7 +29,7 @@ use tokio::{
 };
 
 const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key";
+const API_KEY: &str = "integration-key-0123456789";
 
 /// A CA made at test time, its PEM written to `dir/ca-N.pem`.
 struct Ca {

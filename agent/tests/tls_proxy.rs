@@ -39,7 +39,7 @@ use tokio::{
 };
 
 const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key";
+const API_KEY: &str = "integration-key-0123456789";
 
 // === a CA made at test time ===
 
