@@ -3,18 +3,18 @@
 //! ends it with the gateway's reason and a non-zero exit, a retryable one is explained
 //! at the default log level, and a one-shot send with nothing upstream fails at once.
 
+mod common;
+
+use common::{API_KEY, SECRET, gateway_config, secret_file};
+
 use std::process::Stdio;
 use std::time::Duration;
 
-use tether_config::GatewayConfig;
 use tether_gateway::Gateway;
 use tether_protocol::GatewayMessage;
 use tether_test_support::push_api;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key-0123456789";
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -23,15 +23,7 @@ struct Setup {
 
 async fn gateway() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-    std::fs::write(dir.path().join("keys"), format!("{API_KEY}\n")).unwrap();
-    let mut config = GatewayConfig::default();
-    config.listen.public = "127.0.0.1:0".into();
-    config.listen.internal = "127.0.0.1:0".into();
-    config.auth.jwt.hs256_secret_file = Some(dir.path().join("secret"));
-    config.auth.api_keys_file = Some(dir.path().join("keys"));
-    config.drain.reconnect_jitter_ms = 0;
-    config.drain.deadline_seconds = 5;
+    let config = gateway_config(dir.path());
     let gateway = Gateway::start(config, "g".into()).await.unwrap();
     Setup { dir, gateway }
 }
@@ -47,7 +39,7 @@ fn cli(setup: &Setup, url: &str, extra: &[&str]) -> Child {
             "cli-agent",
             "--hs256-secret-file",
         ])
-        .arg(setup.dir.path().join("secret"))
+        .arg(secret_file(setup.dir.path()))
         .args(extra)
         .env_remove("RUST_LOG")
         .env_remove("TETHER_URL")
@@ -209,7 +201,7 @@ async fn the_secret_is_taken_as_a_file_or_a_value_alike() {
         assert!(output.status.success(), "{output:?}");
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
     };
-    let file = setup.dir.path().join("secret");
+    let file = secret_file(setup.dir.path());
     for token in [
         mint(&["--hs256-secret-file", file.to_str().unwrap()]),
         mint(&["--hs256-secret", SECRET]),

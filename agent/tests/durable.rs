@@ -3,6 +3,10 @@
 //! while the handler ran) is delivered again by the next gateway — and the handler
 //! still sees it once.
 
+mod common;
+
+use common::{API_KEY, SECRET, gateway_config};
+
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,9 +15,6 @@ use tether_agent::{Agent, Backoff, Hs256Minter, Options, ReconnectPolicy, State}
 use tether_config::{DurableConfig, GatewayConfig, NatsConfig};
 use tether_gateway::Gateway;
 use tether_test_support::{PATIENCE, push_api};
-
-const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key-0123456789";
 
 /// `nats-server -js` on a free loopback port, killed on drop.
 struct Nats {
@@ -57,15 +58,8 @@ impl Drop for Nats {
 }
 
 fn config(dir: &std::path::Path, nats: &Nats, public: &str) -> GatewayConfig {
-    std::fs::write(dir.join("secret"), SECRET).unwrap();
-    std::fs::write(dir.join("keys"), format!("{API_KEY}\n")).unwrap();
-    let mut config = GatewayConfig::default();
+    let mut config = gateway_config(dir);
     config.listen.public = public.into();
-    config.listen.internal = "127.0.0.1:0".into();
-    config.auth.jwt.hs256_secret_file = Some(dir.join("secret"));
-    config.auth.api_keys_file = Some(dir.join("keys"));
-    config.drain.reconnect_jitter_ms = 0;
-    config.drain.deadline_seconds = 5;
     config.routing.nats = Some(NatsConfig {
         url: nats.url.clone(),
         namespace: None,

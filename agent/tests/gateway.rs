@@ -1,6 +1,10 @@
 //! The SDK against the real gateway (library, on 127.0.0.1): restart, drain hints, token
 //! refresh, at-least-once send across upstream failures, push and request round trips.
 
+mod common;
+
+use common::{API_KEY, SECRET, gateway_config};
+
 use std::{
     net::SocketAddr,
     sync::{
@@ -17,29 +21,20 @@ use tether_gateway::Gateway;
 use tether_test_support::push_api;
 use tokio::net::{TcpListener, TcpStream};
 
-const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key-0123456789";
-
 struct Files {
     dir: tempfile::TempDir,
 }
 
 fn files() -> Files {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-    std::fs::write(dir.path().join("keys"), format!("{API_KEY}\n")).unwrap();
-    Files { dir }
+    Files {
+        dir: tempfile::tempdir().unwrap(),
+    }
 }
 
 fn config(files: &Files, public: &str) -> GatewayConfig {
-    let mut config = GatewayConfig::default();
+    let mut config = gateway_config(files.dir.path());
     config.listen.public = public.into();
-    config.listen.internal = "127.0.0.1:0".into();
-    config.auth.jwt.hs256_secret_file = Some(files.dir.path().join("secret"));
-    config.auth.api_keys_file = Some(files.dir.path().join("keys"));
     config.auth.jwt.leeway_seconds = 0;
-    config.drain.reconnect_jitter_ms = 0;
-    config.drain.deadline_seconds = 5;
     config
 }
 

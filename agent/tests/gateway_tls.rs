@@ -3,6 +3,10 @@
 //! files sit behind a `..data` symlink as a kubelet mounts a Secret, and rotation swaps
 //! that symlink the way the kubelet does.
 
+mod common;
+
+use common::{API_KEY, SECRET, gateway_config};
+
 use std::{
     path::{Path, PathBuf},
     sync::{
@@ -27,9 +31,6 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-
-const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key-0123456789";
 
 /// A CA made at test time, its PEM written to `dir/ca-N.pem`.
 struct Ca {
@@ -123,19 +124,11 @@ struct Setup {
 
 async fn tls_gateway(tweak: impl FnOnce(&mut GatewayConfig)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret-jwt"), SECRET).unwrap();
-    std::fs::write(dir.path().join("keys"), format!("{API_KEY}\n")).unwrap();
     let ca = Ca::new(dir.path());
     let (cert, key) = ca.server_pem();
     let secret = SecretDir::new(dir.path(), &cert, &key);
-    let mut config = GatewayConfig::default();
-    config.listen.public = "127.0.0.1:0".into();
-    config.listen.internal = "127.0.0.1:0".into();
+    let mut config = gateway_config(dir.path());
     config.listen.tls = Some(secret.config());
-    config.auth.jwt.hs256_secret_file = Some(dir.path().join("secret-jwt"));
-    config.auth.api_keys_file = Some(dir.path().join("keys"));
-    config.drain.reconnect_jitter_ms = 0;
-    config.drain.deadline_seconds = 5;
     tweak(&mut config);
     let gateway = Gateway::start(config, "g".into()).await.unwrap();
     Setup {
@@ -374,15 +367,9 @@ async fn plain_http_to_the_tls_port_gets_a_clear_400() {
 #[tokio::test]
 async fn unusable_files_stop_the_start_with_the_file_named() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret-jwt"), SECRET).unwrap();
-    std::fs::write(dir.path().join("keys"), format!("{API_KEY}\n")).unwrap();
     std::fs::write(dir.path().join("tls.crt"), "garbage").unwrap();
     std::fs::write(dir.path().join("tls.key"), "garbage").unwrap();
-    let mut config = GatewayConfig::default();
-    config.listen.public = "127.0.0.1:0".into();
-    config.listen.internal = "127.0.0.1:0".into();
-    config.auth.jwt.hs256_secret_file = Some(dir.path().join("secret-jwt"));
-    config.auth.api_keys_file = Some(dir.path().join("keys"));
+    let mut config = gateway_config(dir.path());
     config.listen.tls = Some(TlsConfig {
         cert_file: dir.path().join("tls.crt"),
         key_file: dir.path().join("tls.key"),

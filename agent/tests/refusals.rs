@@ -3,26 +3,14 @@
 //! could use is refused before connecting, and a one-shot send fails at once when
 //! nothing upstream receives agent messages.
 
+mod common;
+
 use std::time::Duration;
 
 use tether_agent::{Agent, Backoff, Error, Hs256Minter, Options, ReconnectPolicy, StopReason};
-use tether_config::GatewayConfig;
 use tether_gateway::Gateway;
 
-const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-
-fn config(dir: &std::path::Path) -> GatewayConfig {
-    std::fs::write(dir.join("secret"), SECRET).unwrap();
-    std::fs::write(dir.join("keys"), "integration-key-0123456789\n").unwrap();
-    let mut config = GatewayConfig::default();
-    config.listen.public = "127.0.0.1:0".into();
-    config.listen.internal = "127.0.0.1:0".into();
-    config.auth.jwt.hs256_secret_file = Some(dir.join("secret"));
-    config.auth.api_keys_file = Some(dir.join("keys"));
-    config.drain.reconnect_jitter_ms = 0;
-    config.drain.deadline_seconds = 5;
-    config
-}
+use common::{SECRET, gateway_config as config};
 
 fn fast() -> Options {
     Options {

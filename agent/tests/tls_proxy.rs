@@ -4,6 +4,10 @@
 //! between the agent and that front. The proxy resolves `gateway.test` itself, so an
 //! agent that reaches the gateway by that name provably went through the tunnel.
 
+mod common;
+
+use common::{API_KEY, SECRET, gateway_config, secret_file};
+
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -29,7 +33,6 @@ use tether_agent::{
     Agent, Backoff, ClientCert, Error, Hs256Minter, Options, Proxy, ReconnectPolicy, State,
     StopReason, TlsOptions,
 };
-use tether_config::GatewayConfig;
 use tether_gateway::Gateway;
 use tether_test_support::push_api;
 use tokio::{
@@ -37,9 +40,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     process::Command,
 };
-
-const SECRET: &str = "integration-secret-of-at-least-32-bytes";
-const API_KEY: &str = "integration-key-0123456789";
 
 // === a CA made at test time ===
 
@@ -140,15 +140,7 @@ struct Setup {
 
 async fn gateway() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-    std::fs::write(dir.path().join("keys"), format!("{API_KEY}\n")).unwrap();
-    let mut config = GatewayConfig::default();
-    config.listen.public = "127.0.0.1:0".into();
-    config.listen.internal = "127.0.0.1:0".into();
-    config.auth.jwt.hs256_secret_file = Some(dir.path().join("secret"));
-    config.auth.api_keys_file = Some(dir.path().join("keys"));
-    config.drain.reconnect_jitter_ms = 0;
-    config.drain.deadline_seconds = 5;
+    let config = gateway_config(dir.path());
     let gateway = Gateway::start(config, "g".into()).await.unwrap();
     Setup { dir, gateway }
 }
@@ -626,7 +618,7 @@ async fn cli(setup: &Setup, url: &str, args: &[&str], env: &[(&str, String)]) ->
             "cli-agent",
             "--hs256-secret-file",
         ])
-        .arg(setup.dir.path().join("secret"))
+        .arg(secret_file(setup.dir.path()))
         .args(args);
     for name in [
         "RUST_LOG",
