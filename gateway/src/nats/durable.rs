@@ -71,8 +71,7 @@ pub struct DurableError {
 /// Hex SHA-256 of a stored frame (it holds the id and the body).
 pub fn digest(frame: &[u8]) -> String {
     use sha2::Digest;
-    let hash = sha2::Sha256::digest(frame);
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(sha2::Sha256::digest(frame))
 }
 
 /// Where a durable push was stored.

@@ -1205,8 +1205,9 @@ impl Router for NatsRouter {
     }
 
     fn max_body_bytes(&self) -> Option<usize> {
-        // The server's announced limit, as of the current connection.
-        Some(body_limit(self.inner.client.server_info().max_payload))
+        // The server's announced limit, as of the current connection (an atomic the
+        // client keeps: no copy of the server's INFO on every push).
+        Some(body_limit(self.inner.client.max_payload()))
     }
 
     fn ready(&self) -> bool {
