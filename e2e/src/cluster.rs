@@ -18,7 +18,7 @@ use tether_test_support::json::merge;
 use tokio::process::{Child, Command};
 
 use crate::container::{self, HttpProbe, RunningContainer};
-use crate::runtime::{ContainerEnv, Runtime, render_chart, render_operator_deployment};
+use crate::runtime::{ContainerEnv, Runtime, operator_deployment, render_chart};
 use crate::{API_KEY, JWT_SECRET, NS, binary, free_port};
 
 /// The operator's service account as the chart installs it (release `tether` in
@@ -34,13 +34,12 @@ const CHART_RBAC_KINDS: [&str; 5] = [
     "ClusterRoleBinding",
 ];
 
-/// The operator's RBAC exactly as the chart renders it with `watchNamespace: ns` (what
-/// the harness's `--namespace ns` corresponds to), through the real Helm engine: so that
+/// The operator's RBAC in `chart` (the chart as [`render_chart`] renders it with
+/// `watchNamespace` = the harness's `--namespace`, through the real Helm engine): so that
 /// the e2e proves the chart's grant sufficient, and least.
-pub async fn chart_rbac(ns: &str) -> anyhow::Result<Vec<Value>> {
-    let objects: Vec<Value> = render_chart(ns, "info")
-        .await?
-        .into_iter()
+pub fn chart_rbac(chart: &[Value]) -> anyhow::Result<Vec<&Value>> {
+    let objects: Vec<&Value> = chart
+        .iter()
         .filter(|o| {
             o["kind"]
                 .as_str()
@@ -53,32 +52,22 @@ pub async fn chart_rbac(ns: &str) -> anyhow::Result<Vec<Value>> {
     Ok(objects)
 }
 
-/// The rules of the chart's Role for the operator in `ns` (its pools' namespace).
-pub async fn chart_operator_rules(ns: &str) -> anyhow::Result<Value> {
-    chart_rbac(ns)
-        .await?
-        .into_iter()
-        .find(|o| o["kind"] == "Role" && o["metadata"]["namespace"] == ns)
-        .map(|role| role["rules"].clone())
-        .with_context(|| format!("the chart renders no Role in {ns}"))
-}
-
-/// Installs the operator's RBAC as the chart renders it (see [`chart_rbac`]): the
-/// release namespace, the ServiceAccount, Roles and bindings, applied unchanged.
-pub async fn install_operator_rbac(client: &Client, ns: &str) -> anyhow::Result<()> {
+/// Installs the operator's RBAC of `chart` (see [`chart_rbac`]): the release namespace,
+/// the ServiceAccount, Roles and bindings, applied unchanged.
+pub async fn install_operator_rbac(client: &Client, chart: &[Value]) -> anyhow::Result<()> {
     let ssa = PatchParams::apply("tether-e2e-chart");
     let namespace =
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_SA.0}});
     Api::<Namespace>::all(client.clone())
         .patch(OPERATOR_SA.0, &ssa, &Patch::Apply(namespace))
         .await?;
-    for object in chart_rbac(ns).await? {
+    for object in chart_rbac(chart)? {
         let name = object["metadata"]["name"]
             .as_str()
             .context("metadata.name")?;
         let namespace = object["metadata"]["namespace"].as_str();
         let kind = object["kind"].as_str().unwrap_or_default();
-        let patch = Patch::Apply(&object);
+        let patch = Patch::Apply(object);
         match (kind, namespace) {
             ("ServiceAccount", Some(n)) => {
                 Api::<ServiceAccount>::namespaced(client.clone(), n)
@@ -214,6 +203,8 @@ pub struct Cluster {
     pub runtime: Runtime,
     /// Container mode's pod network, API address for pods and images.
     pub containers: Option<Arc<ContainerEnv>>,
+    /// The chart as rendered for this cluster (see [`render_chart`]).
+    pub chart: Vec<Value>,
     /// Scratch space (pod roots, logs).
     pub dir: tempfile::TempDir,
 }
@@ -240,7 +231,10 @@ impl Cluster {
         let kubeconfig = dir.path().join("kubeconfig");
         sim.write_kubeconfig(&kubeconfig)?;
         install(&client, NS).await?;
-        install_operator_rbac(&client, NS).await?;
+        // Rendered once: its RBAC is installed now, its Deployment runs the operator in
+        // container mode.
+        let chart = render_chart(NS, &operator_log_level()).await?;
+        install_operator_rbac(&client, &chart).await?;
         let operator_kubeconfig = dir.path().join("operator-kubeconfig");
         let token = request_token(&client, OPERATOR_SA.0, OPERATOR_SA.1).await?;
         write_token_kubeconfig(&operator_kubeconfig, &sim.url(), &token)?;
@@ -293,6 +287,7 @@ impl Cluster {
             nats,
             runtime,
             containers,
+            chart,
             dir,
         })
     }
@@ -325,17 +320,15 @@ impl Cluster {
     /// Starts the real operator against the stand-in: a process, or in container mode
     /// a container from its image running the chart's Deployment as rendered.
     pub async fn start_operator(&self) -> anyhow::Result<Operator> {
-        let log_level =
-            std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into());
         match &self.containers {
             None => Ok(Operator::Process(spawn_operator(
                 &self.operator_kubeconfig,
                 &self.dir.path().join("operator.log"),
                 &["--namespace", NS, "--gateway-image", "tether-gateway:e2e"],
-                &log_level,
+                &operator_log_level(),
             )?)),
             Some(env) => {
-                let container = start_operator_container(self, env, &log_level).await?;
+                let container = start_operator_container(self, env).await?;
                 Ok(Operator::Container(container))
             }
         }
@@ -345,6 +338,11 @@ impl Cluster {
     pub fn operator_log(&self) -> PathBuf {
         self.dir.path().join("operator.log")
     }
+}
+
+/// The operator's RUST_LOG: `E2E_OPERATOR_LOG`, else info.
+fn operator_log_level() -> String {
+    std::env::var("E2E_OPERATOR_LOG").unwrap_or_else(|_| "info,kube=warn".into())
 }
 
 /// The running operator.
@@ -385,9 +383,8 @@ impl Operator {
 async fn start_operator_container(
     cluster: &Cluster,
     env: &ContainerEnv,
-    log_level: &str,
 ) -> anyhow::Result<RunningContainer> {
-    let deployment = render_operator_deployment(NS, log_level).await?;
+    let deployment = operator_deployment(&cluster.chart)?;
     let release_ns = deployment["metadata"]["namespace"]
         .as_str()
         .unwrap_or("tether-system")

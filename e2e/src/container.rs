@@ -804,8 +804,10 @@ pub struct RunningContainer {
 impl RunningContainer {
     /// Starts `spec` in `netns`, its output appended to `log`.
     pub async fn start(spec: &RunSpec, netns: PodNetns, log: &Path) -> anyhow::Result<Self> {
+        // One inspect: it refuses an image that is not loaded (ErrImageNeverPull) and
+        // gives the image's user for the runAsNonRoot check.
+        let image_user = image_user(&spec.image).await?;
         if spec.run_as_non_root {
-            let image_user = image_user(&spec.image).await?;
             let uid = match spec.user {
                 Some(u) => u.to_string(),
                 None => image_user.split(':').next().unwrap_or("").to_string(),
@@ -816,8 +818,6 @@ impl RunningContainer {
                     spec.image
                 );
             }
-        } else {
-            image_user(&spec.image).await?;
         }
         let cidfile = log.with_extension("cid");
         let _ = std::fs::remove_file(&cidfile);

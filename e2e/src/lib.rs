@@ -43,8 +43,8 @@ use anyhow::bail;
 
 pub use agents::{AgentState, AgentStats, Agents, minter, test_agent_options, token};
 pub use cluster::{
-    Cluster, OPERATOR_SA, Operator, chart_operator_rules, chart_rbac, install,
-    install_operator_rbac, request_token, spawn_operator, write_token_kubeconfig,
+    Cluster, OPERATOR_SA, Operator, chart_rbac, install, install_operator_rbac, request_token,
+    spawn_operator, write_token_kubeconfig,
 };
 pub use kubelet::{Endpoint, Kubelet, Removal, rewrite_config};
 pub use pusher::Pusher;

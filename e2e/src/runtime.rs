@@ -234,14 +234,10 @@ pub async fn render_chart(watch_namespace: &str, log_level: &str) -> anyhow::Res
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// The operator's Deployment as the chart renders it for the e2e install.
-pub async fn render_operator_deployment(
-    watch_namespace: &str,
-    log_level: &str,
-) -> anyhow::Result<Value> {
-    render_chart(watch_namespace, log_level)
-        .await?
-        .into_iter()
+/// The operator's Deployment in `chart` (as [`render_chart`] renders it).
+pub fn operator_deployment(chart: &[Value]) -> anyhow::Result<&Value> {
+    chart
+        .iter()
         .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "tether-operator")
         .context("the chart renders no tether-operator Deployment")
 }
