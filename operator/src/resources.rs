@@ -610,7 +610,7 @@ const NATS_CONFIG_PATH: &str = "/etc/nats/nats.conf";
 
 /// The `max_payload` a managed NATS needs to carry the pool's largest message with its
 /// envelope (never less than NATS's default).
-pub fn nats_max_payload(pool: &ConnectionPool) -> i64 {
+fn nats_max_payload(pool: &ConnectionPool) -> i64 {
     (i64::from(pool.spec.limits.max_message_bytes) + NATS_ENVELOPE_BYTES)
         .max(NATS_DEFAULT_MAX_PAYLOAD)
 }
@@ -1074,10 +1074,11 @@ fn managed_nats(
                 "serviceName": name,
                 "selector": {"matchLabels": selector},
                 "template": {
-                    // A new limit rolls the server (it reads the file at start).
+                    // The server reads its file only at start: any change to it (a new
+                    // limit, other credentials) rolls the server, as for the gateways.
                     "metadata": {
                         "labels": labels(pool, "nats"),
-                        "annotations": {"tether.dev/nats-max-payload": nats_max_payload(pool).to_string()},
+                        "annotations": {CONFIG_HASH_ANNOTATION: config_hash(&nats_config(pool).unwrap_or_default())},
                     },
                     "spec": {
                         "securityContext": {

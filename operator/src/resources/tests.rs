@@ -856,10 +856,7 @@ fn a_managed_nats_carries_the_pools_largest_message() {
         .annotations
         .as_ref()
         .unwrap();
-    assert_eq!(
-        annotations["tether.dev/nats-max-payload"],
-        expected.to_string()
-    );
+    assert_eq!(annotations[CONFIG_HASH_ANNOTATION], config_hash(&conf));
     // The real server accepts the rendered file.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("nats.conf");
@@ -1084,4 +1081,37 @@ fn gateway_tls_mounts_the_secret_read_only_and_renders_the_paths() {
             ("tls.key".to_string(), "tls.secretRef (tls.key)")
         ]
     );
+}
+
+/// The managed NATS reads its file only at start: a change of credentials (not only of
+/// the limit) must change its pod template, or it keeps refusing the gateways' new ones.
+#[test]
+fn a_managed_nats_rolls_when_its_file_changes() {
+    let nats_hash = |p: &ConnectionPool| {
+        let d = build(p);
+        let (sts, _) = d.nats.unwrap();
+        sts.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[CONFIG_HASH_ANNOTATION]
+            .clone()
+    };
+    let token = managed_nats_pool("acme");
+    let mut user = managed_nats_pool("acme");
+    user.spec.routing.as_mut().unwrap().nats.auth = Some(tether_crds::NatsAuthSpec {
+        user: Some("gateway".into()),
+        password_secret_ref: Some(SecretKeyRef {
+            name: "nats-user".into(),
+            key: "password".into(),
+        }),
+        ..Default::default()
+    });
+    let mut bigger = managed_nats_pool("acme");
+    bigger.spec.limits.max_message_bytes = 4 * 1024 * 1024;
+    assert_eq!(nats_hash(&token), nats_hash(&managed_nats_pool("acme")));
+    assert_ne!(nats_hash(&token), nats_hash(&user), "new credentials");
+    assert_ne!(nats_hash(&token), nats_hash(&bigger), "a new limit");
 }
