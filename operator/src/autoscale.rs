@@ -326,13 +326,26 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether the pool is changing: the Scaling condition's status, without rendering
+    /// its message (the requeue of every step asks only this).
+    pub fn is_active(&self) -> bool {
+        match &self.state {
+            State::Steady | State::ScalingUp { .. } => !self.decision.reason.at_rest(),
+            State::Rebalancing(Rebalance::Stopped { .. }) => false,
+            State::Draining { .. }
+            | State::ScalingDown { .. }
+            | State::Holding { .. }
+            | State::Rebalancing(_) => true,
+        }
+    }
+
     /// The `Scaling` condition: rendered from the state (and, where no orchestration is
     /// under way, the policy's decision).
     pub fn scaling_condition(&self) -> ScalingCondition {
         let decision = &self.decision;
         let (active, reason, message) = match &self.state {
             State::Steady | State::ScalingUp { .. } => (
-                !decision.reason.at_rest(),
+                self.is_active(),
                 decision.reason.into(),
                 decision.message.clone(),
             ),
@@ -358,18 +371,15 @@ impl Plan {
                 ),
             ),
             State::Rebalancing(phase) => {
-                let (active, message) = match phase {
-                    Rebalance::Round { note } => (true, note.clone()),
-                    Rebalance::RoundRunning => (true, "rebalancing round in progress".into()),
-                    Rebalance::AwaitingAgents { missing } => (
-                        true,
-                        format!(
-                            "waiting for {missing} shed agents to come back before the next round"
-                        ),
+                let message = match phase {
+                    Rebalance::Round { note } => note.clone(),
+                    Rebalance::RoundRunning => "rebalancing round in progress".into(),
+                    Rebalance::AwaitingAgents { missing } => format!(
+                        "waiting for {missing} shed agents to come back before the next round"
                     ),
-                    Rebalance::Stopped { why } => (false, format!("rebalancing stopped: {why}")),
+                    Rebalance::Stopped { why } => format!("rebalancing stopped: {why}"),
                 };
-                (active, Reason::Rebalancing, message)
+                (self.is_active(), Reason::Rebalancing, message)
             }
         };
         ScalingCondition {
@@ -769,7 +779,7 @@ pub fn plan(
     // Reports trigger the next step; time alone matters for deadlines, rounds, the
     // windows of the policy and for noticing that pods went silent.
     plan.requeue = requeue
-        .unwrap_or(if plan.scaling_condition().active {
+        .unwrap_or(if plan.is_active() {
             policy.report_interval
         } else {
             stale_after
