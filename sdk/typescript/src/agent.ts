@@ -330,7 +330,8 @@ export function checkUrl(url: string): URL {
   if (parsed.protocol !== 'ws:' && parsed.protocol !== 'wss:') {
     throw invalid(`the scheme must be ws:// or wss:// (got ${parsed.protocol}//)`);
   }
-  if (!parsed.hostname) throw invalid('no host');
+  // WHATWG URLs skip empty authorities (`ws:///v1/connect` gets host `v1`): look at the text.
+  if (!parsed.hostname || /^wss?:\/\/[/?#]/i.test(url.trim())) throw invalid('no host');
   return parsed;
 }
 
