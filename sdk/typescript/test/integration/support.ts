@@ -11,6 +11,7 @@ import * as http from 'node:http';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as readline from 'node:readline';
 import * as tls from 'node:tls';
 
 import { mintHs256 } from '../../dist/index';
@@ -453,3 +454,46 @@ export function makePki(): Pki {
     otherCaFile: at('other-ca.pem'),
   };
 }
+
+// === the CLI ===
+
+export const CLI = path.resolve(__dirname, '../../dist/cli.js');
+
+export class Cli {
+  readonly lines: any[] = [];
+  stderr = '';
+  readonly exited: Promise<number | null>;
+  private readonly child: ChildProcess;
+
+  constructor(args: string[], env: Record<string, string | undefined> = {}) {
+    // No proxy from the test runner's own environment, unless a test sets one.
+    const base = { ...process.env };
+    for (const name of ['HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'NO_PROXY', 'no_proxy']) delete base[name];
+    this.child = spawn(process.execPath, [CLI, ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...base, ...env } });
+    readline.createInterface({ input: this.child.stdout! }).on('line', (line) => this.lines.push(JSON.parse(line)));
+    this.child.stderr!.on('data', (chunk: Buffer) => (this.stderr += chunk.toString()));
+    this.exited = new Promise((resolve) => this.child.once('exit', (code) => resolve(code)));
+  }
+
+  /** Waits for a stdout line of this `type` (the `nth`, 1-based). */
+  line(type: string, nth = 1): Promise<any> {
+    return waitFor(`a ${type} line (#${nth}); stderr: ${this.stderr}`, () => this.lines.filter((l) => l.type === type)[nth - 1]);
+  }
+
+  exit(): Promise<number | null> {
+    return within(`the CLI to exit; stderr: ${this.stderr}`, this.exited);
+  }
+
+  signal(signal: NodeJS.Signals): void {
+    this.child.kill(signal);
+  }
+
+  writeStdin(text: string): void {
+    this.child.stdin!.write(text);
+  }
+
+  kill(): void {
+    if (this.child.exitCode === null) this.child.kill('SIGKILL');
+  }
+}
+
