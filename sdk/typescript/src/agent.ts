@@ -355,6 +355,15 @@ export function refusalMessage(body: string): string {
 
 const unixNow = () => Math.floor(Date.now() / 1000);
 
+/**
+ * `promise`, marked as handled: when it loses a race (to the connect deadline) and
+ * rejects later, that rejection is expected, not an unhandled one that ends the process.
+ */
+function settleQuietly<T>(promise: Promise<T>): Promise<T> {
+  promise.catch(() => {});
+  return promise;
+}
+
 // === the agent ===
 
 /**
@@ -603,7 +612,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       if (this.shutdown.signal.aborted) return { ended: 'shutdown' };
       let token: string;
       try {
-        token = await Promise.race([Promise.resolve().then(() => this.tokens()), aborted]);
+        token = await Promise.race([settleQuietly(Promise.resolve().then(() => this.tokens())), aborted]);
       } catch (err) {
         if (attempt.signal.aborted) throw err;
         this.logger.warn(`token provider failed: ${(err as Error)?.message ?? err}`);
@@ -618,7 +627,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       });
       ws = opened;
       const wire = new Wire(opened);
-      const welcome = await Promise.race([this.handshake(opened, wire), aborted]);
+      const welcome = await Promise.race([settleQuietly(this.handshake(opened, wire)), aborted]);
       return { wire, welcome };
     } catch (err) {
       ws?.terminate();
