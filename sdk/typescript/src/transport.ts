@@ -3,7 +3,7 @@
  * `CONNECT` tunnel (basic auth from the proxy URL), then TLS for `wss://` (Node's
  * bundled roots with `NODE_EXTRA_CA_CERTS`, or `SSL_CERT_FILE`/`SSL_CERT_DIR` in their
  * place; an extra CA file; a client certificate for mTLS). The finished socket is handed
- * to `ws`, which speaks HTTP and WebSocket over it.
+ * to `ws`, which speaks HTTP and WebSocket over it. `NODE_EXTRA_CA_CERTS` always adds.
  *
  * Everything that can be checked without the network (certificate files, proxy URLs, the
  * proxy environment) is checked once, when the [[Transport]] is made at agent start, so
@@ -288,55 +288,51 @@ function readCertificates(file: string, what: string): string[] {
 /**
  * The CA certificates to trust, or `undefined` for Node's default store (its bundled
  * roots plus `NODE_EXTRA_CA_CERTS`, which Node reads itself). `SSL_CERT_FILE` (a PEM
- * bundle) and `SSL_CERT_DIR` replace the bundled roots, as OpenSSL and the Rust SDK
- * read them; an extra CA file adds to whichever applies.
+ * bundle) and `SSL_CERT_DIR` replace the bundled roots, as OpenSSL and the Rust SDK read
+ * them; `NODE_EXTRA_CA_CERTS` and an extra CA file add to whichever applies.
  */
 export function trustedCas(options: TlsOptions, env: Env): string[] | undefined {
   const certFile = env('SSL_CERT_FILE')?.trim();
   const certDir = env('SSL_CERT_DIR')?.trim();
   const extra = options.caFile ? readCertificates(options.caFile, 'CA file') : [];
-  let system: string[] | undefined;
+  if (!certFile && !certDir && extra.length === 0) return undefined;
+  // Passing `ca` replaces Node's whole default store: rebuild it from its parts.
+  const all = new Set<string>();
   if (certFile || certDir) {
-    system = [];
-    if (certFile) system.push(...readCertificates(certFile, 'SSL_CERT_FILE'));
-    if (certDir) {
-      for (const dir of certDir.split(path.delimiter).filter(Boolean)) {
-        let names: string[];
-        try {
-          names = fs.readdirSync(dir);
-        } catch (err) {
-          throw new TransportError(`SSL_CERT_DIR ${dir}: ${(err as Error).message}`);
-        }
-        for (const name of names) {
-          try {
-            system.push(...pemCertificates(fs.readFileSync(path.join(dir, name), 'utf8')));
-          } catch {
-            // Subdirectories and unreadable entries are skipped, as OpenSSL does.
-          }
-        }
-      }
-    }
-  }
-  if (system === undefined && extra.length === 0) return undefined;
-  if (system === undefined) {
-    // Passing `ca` replaces Node's default store, NODE_EXTRA_CA_CERTS included: keep both.
-    system = [...tls.rootCertificates];
-    const nodeExtra = env('NODE_EXTRA_CA_CERTS')?.trim();
-    if (nodeExtra) {
+    if (certFile) readCertificates(certFile, 'SSL_CERT_FILE').forEach((c) => all.add(c));
+    for (const dir of (certDir ?? '').split(path.delimiter).filter(Boolean)) {
+      let names: string[];
       try {
-        system.push(...pemCertificates(fs.readFileSync(nodeExtra, 'utf8')));
-      } catch {
-        // Node itself only warns about an unreadable NODE_EXTRA_CA_CERTS.
+        names = fs.readdirSync(dir);
+      } catch (err) {
+        throw new TransportError(`SSL_CERT_DIR ${dir}: ${(err as Error).message}`);
+      }
+      for (const name of names) {
+        try {
+          pemCertificates(fs.readFileSync(path.join(dir, name), 'utf8')).forEach((c) => all.add(c));
+        } catch {
+          // Subdirectories and unreadable entries are skipped, as OpenSSL does.
+        }
       }
     }
+  } else {
+    tls.rootCertificates.forEach((c) => all.add(c));
   }
-  const all = [...system, ...extra];
-  if (all.length === 0) {
+  const nodeExtra = env('NODE_EXTRA_CA_CERTS')?.trim();
+  if (nodeExtra) {
+    try {
+      pemCertificates(fs.readFileSync(nodeExtra, 'utf8')).forEach((c) => all.add(c));
+    } catch {
+      // Node itself only warns about an unreadable NODE_EXTRA_CA_CERTS.
+    }
+  }
+  extra.forEach((c) => all.add(c));
+  if (all.size === 0) {
     throw new TransportError(
       'no trusted CA certificates: SSL_CERT_FILE/SSL_CERT_DIR hold none; set them to a CA bundle or give an extra CA file',
     );
   }
-  return all;
+  return [...all];
 }
 
 /** Resolved TLS settings for `tls.connect`. */

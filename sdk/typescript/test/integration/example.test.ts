@@ -21,7 +21,7 @@ test('examples/agent.mjs connects with a minted tenant token, prints a push and 
   const exited = new Promise((resolve) => example.once('exit', resolve));
   try {
     await waitFor(`the example to connect (stderr: ${err})`, () => gateway.connected('ex1'));
-    assert.match(err, /connected as ex1/);
+    await waitFor('the connected line on stderr', () => /connected as ex1/.test(err));
     assert.equal((await gateway.push('ex1', { hello: 'agent' })).status, 202);
     await waitFor('the push line', () => out.includes('"hello"'));
     assert.deepEqual(JSON.parse(out.trim().split('\n')[0]).data, { hello: 'agent' });

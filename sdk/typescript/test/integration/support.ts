@@ -466,9 +466,13 @@ export class Cli {
   private readonly child: ChildProcess;
 
   constructor(args: string[], env: Record<string, string | undefined> = {}) {
-    // No proxy from the test runner's own environment, unless a test sets one.
+    // No proxy or CA settings from the test runner's own environment (a machine may set
+    // SSL_CERT_FILE for every program), unless a test sets them.
     const base = { ...process.env };
-    for (const name of ['HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'NO_PROXY', 'no_proxy']) delete base[name];
+    for (const name of [
+      'HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'NO_PROXY', 'no_proxy',
+      'SSL_CERT_FILE', 'SSL_CERT_DIR', 'NODE_EXTRA_CA_CERTS',
+    ]) delete base[name];
     this.child = spawn(process.execPath, [CLI, ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...base, ...env } });
     readline.createInterface({ input: this.child.stdout! }).on('line', (line) => this.lines.push(JSON.parse(line)));
     this.child.stderr!.on('data', (chunk: Buffer) => (this.stderr += chunk.toString()));
@@ -477,11 +481,15 @@ export class Cli {
 
   /** Waits for a stdout line of this `type` (the `nth`, 1-based). */
   line(type: string, nth = 1): Promise<any> {
-    return waitFor(`a ${type} line (#${nth}); stderr: ${this.stderr}`, () => this.lines.filter((l) => l.type === type)[nth - 1]);
+    return waitFor(`a ${type} line (#${nth})`, () => this.lines.filter((l) => l.type === type)[nth - 1]).catch((err: Error) => {
+      throw new Error(`${err.message}; stderr: ${this.stderr}`);
+    });
   }
 
   exit(): Promise<number | null> {
-    return within(`the CLI to exit; stderr: ${this.stderr}`, this.exited);
+    return within('the CLI to exit', this.exited).catch((err: Error) => {
+      throw new Error(`${err.message}; stderr: ${this.stderr}`);
+    });
   }
 
   signal(signal: NodeJS.Signals): void {
