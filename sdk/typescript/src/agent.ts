@@ -383,7 +383,9 @@ export class Agent extends EventEmitter<AgentEvents> {
   private readonly url: URL;
   private readonly transport: Transport;
   private readonly tokens: TokenProvider;
-  private readonly onPush: (push: Push) => void | Promise<void>;
+  private onPush: (push: Push) => void | Promise<void>;
+  private readonly hasPushHandler: boolean;
+  private iterating = false;
   private readonly onRequest: (request: IncomingRequest) => unknown;
   private readonly settings: Settings;
   private readonly logger: Logger;
@@ -392,7 +394,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   private current: State = { kind: 'connecting', attempt: 0 };
   private readonly outbox = new Map<string, PendingSend>();
   private readonly requests = new Map<string, PendingRequest>();
-  private readonly pushes: PushJob[] = [];
+  private readonly queuedPushes: PushJob[] = [];
   private dispatching = false;
   private epoch = 0;
   /** The open session's socket and a nudge to re-run its timers, while one is open. */
@@ -407,6 +409,7 @@ export class Agent extends EventEmitter<AgentEvents> {
     this.transport = new Transport(this.url, options.tls ?? {}, options.proxy ?? 'fromEnv', env);
     this.tokens = typeof options.token === 'string' ? staticToken(options.token) : options.token;
     this.onPush = options.onPush ?? (() => {});
+    this.hasPushHandler = options.onPush !== undefined;
     this.onRequest =
       options.onRequest ??
       (() => {
@@ -463,6 +466,67 @@ export class Agent extends EventEmitter<AgentEvents> {
     const state = this.current;
     if (state.kind === 'stopped') return Promise.resolve(state.reason);
     return new Promise((resolve) => this.once('stopped', resolve));
+  }
+
+  /**
+   * The pushes as an async iterator, in place of `onPush` (one consumer): a push is
+   * handled while the loop body runs, so one that asked for an `ack` is acknowledged
+   * when the loop asks for the next push (or leaves). Ends when the agent stops.
+   *
+   * ```ts
+   * for await (const push of agent.pushes()) await handle(push.data);
+   * ```
+   */
+  pushes(): AsyncIterableIterator<Push> {
+    if (this.hasPushHandler || this.iterating) {
+      throw new Error('pushes() takes the place of onPush and has one consumer');
+    }
+    this.iterating = true;
+    let offered: { push: Push; done: () => void } | undefined;
+    let waiting: ((result: IteratorResult<Push>) => void) | undefined;
+    let release: (() => void) | undefined;
+    let ended = false;
+    const end = () => {
+      ended = true;
+      release?.();
+      offered?.done();
+      waiting?.({ value: undefined, done: true });
+      waiting = undefined;
+    };
+    this.onPush = (push) =>
+      new Promise<void>((done) => {
+        if (ended) return done();
+        if (waiting) {
+          release = done;
+          waiting({ value: push, done: false });
+          waiting = undefined;
+        } else {
+          offered = { push, done };
+        }
+      });
+    void this.stopped().then(end);
+    const iterator: AsyncIterableIterator<Push> = {
+      next: () => {
+        // The consumer is back: the push it had is handled, so it may be acknowledged.
+        release?.();
+        release = undefined;
+        if (offered) {
+          const { push, done } = offered;
+          offered = undefined;
+          release = done;
+          return Promise.resolve({ value: push, done: false });
+        }
+        if (ended) return Promise.resolve({ value: undefined, done: true });
+        return new Promise((resolve) => (waiting = resolve));
+      },
+      return: () => {
+        end();
+        this.onPush = () => {};
+        return Promise.resolve({ value: undefined, done: true });
+      },
+      [Symbol.asyncIterator]: () => iterator,
+    };
+    return iterator;
   }
 
   /**
@@ -935,10 +999,10 @@ export class Agent extends EventEmitter<AgentEvents> {
   // === handlers ===
 
   private enqueuePush(job: PushJob): void {
-    this.pushes.push(job);
+    this.queuedPushes.push(job);
     // Back-pressure: a slow push handler slows reading, and the gateway's bounded queue
     // decides what happens to a consumer that stays slow.
-    if (this.pushes.length >= this.settings.pushQueue) this.live?.ws.pause();
+    if (this.queuedPushes.length >= this.settings.pushQueue) this.live?.ws.pause();
     void this.dispatchPushes();
   }
 
@@ -952,8 +1016,8 @@ export class Agent extends EventEmitter<AgentEvents> {
     if (this.dispatching) return;
     this.dispatching = true;
     try {
-      for (let job = this.pushes.shift(); job; job = this.pushes.shift()) {
-        if (this.pushes.length < this.settings.pushQueue) this.live?.ws.resume();
+      for (let job = this.queuedPushes.shift(); job; job = this.queuedPushes.shift()) {
+        if (this.queuedPushes.length < this.settings.pushQueue) this.live?.ws.resume();
         const { id, ack } = job.push;
         if (id !== undefined && this.dedup.has(id)) {
           this.logger.debug(`redelivered push ${id}: acknowledged, not handled again`);

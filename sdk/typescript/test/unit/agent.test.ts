@@ -166,3 +166,24 @@ test('close codes 4002, 4003 and 4005 stop the agent; close() ends it with 1000'
   assert.equal(await closed, 1000);
   assert.deepEqual(agent.state, { kind: 'stopped', reason: { kind: 'closed' } });
 });
+
+test('pushes() yields each push and acknowledges it when the loop asks for the next one', async () => {
+  const server = await scripted();
+  const agent = start(server);
+  await agent.connected();
+  const ws = server.sockets[0].ws;
+  ws.send('{"type":"push","id":"i1","data":1,"ack":true}');
+  ws.send('{"type":"push","id":"i2","data":2,"ack":true}');
+  const seen: unknown[] = [];
+  for await (const push of agent.pushes()) {
+    seen.push(push.data);
+    // While the body runs, this push is not acknowledged yet.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(server.sockets[0].frames.filter((f) => f.id === push.id).length, 0);
+    if (seen.length === 2) break;
+  }
+  assert.deepEqual(seen, [1, 2]);
+  await until('both acks', () => server.sockets[0].frames.length === 2);
+  assert.deepEqual(server.sockets[0].frames.map((f) => f.id), ['i1', 'i2']);
+  assert.throws(() => agent.pushes(), /one consumer/);
+});
