@@ -509,7 +509,9 @@ export class Transport {
 
 function connectTcp(host: string, port: number, sockets: net.Socket[]): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host, port });
+    // Happy eyeballs (Node 20's default; explicit for 18): `localhost` may resolve to
+    // ::1 first while the gateway listens on 127.0.0.1 only.
+    const socket = net.connect({ host, port, autoSelectFamily: true });
     sockets.push(socket);
     // Whoever reads the socket next (the tunnel, TLS, ws) listens for its errors; this
     // keeps an error between two of them from being an uncaught exception.
