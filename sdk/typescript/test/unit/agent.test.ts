@@ -187,3 +187,22 @@ test('pushes() yields each push and acknowledges it when the loop asks for the n
   assert.deepEqual(server.sockets[0].frames.map((f) => f.id), ['i1', 'i2']);
   assert.throws(() => agent.pushes(), /one consumer/);
 });
+
+test('a request is written again on the next session within its deadline, and resolves with the answer', async () => {
+  const server = await scripted();
+  const agent = start(server);
+  const answer = agent.request({ q: 'config' }, { timeoutMs: 5000 });
+  const first = await until('the request', () => server.sockets[0]?.frames.find((f) => f.type === 'request'));
+  assert.deepEqual(first.data, { q: 'config' });
+  assert.ok(first.timeout_ms > 0 && first.timeout_ms <= 5000);
+  server.sockets[0].ws.close(1012);
+  const again = await until('the request again', () => server.sockets[1]?.frames.find((f) => f.type === 'request'));
+  assert.equal(again.id, first.id);
+  assert.ok(again.timeout_ms <= first.timeout_ms, 'what is left of the deadline');
+  server.sockets[1].ws.send(JSON.stringify({ type: 'response', id: first.id, data: { answer: 42 } }));
+  assert.deepEqual(await answer, { answer: 42 });
+  const failing = agent.request({ q: 'x' }, { timeoutMs: 5000 });
+  const second = await until('the second request', () => server.sockets[1].frames.filter((f) => f.type === 'request')[1]);
+  server.sockets[1].ws.send(JSON.stringify({ type: 'response', id: second.id, error: { code: 'upstream_error', message: 'upstream answered 503' } }));
+  await assert.rejects(failing, /the upstream answered with an error \(upstream_error\): upstream answered 503/);
+});
