@@ -468,6 +468,9 @@ class Agent:
                         attempt = 0
                 except _Ended as end:
                     ended = end.ended
+                except Exception as err:  # a bug must not end the agent silently
+                    log.exception("connection attempt failed unexpectedly")
+                    ended = Lost() if self._epoch else Unreachable(repr(err))
                 decision = decide(ended, attempt, self.options.reconnect, self._rng)
                 attempt += 1
                 if not isinstance(decision, Reconnect):
@@ -588,7 +591,7 @@ class Agent:
                 if entry.in_flight:
                     entry.in_flight = False
                     entry.due = _now()
-        rcvd = ws.close_rcvd
+        rcvd = ws.protocol.close_rcvd
         if rcvd is not None:
             return Closed(rcvd.code, self._hint)
         return Lost(self._hint)
