@@ -58,6 +58,10 @@ conformance!(
     send_acked,
     groups,
     durable_redelivery_deduplicated,
+    wss_through_a_proxy_with_basic_auth,
+    ssl_cert_file_and_no_proxy,
+    untrusted_certificate_exits,
+    proxy_refusal_exits,
 );
 
 // === fixtures ===
@@ -531,4 +535,233 @@ async fn durable_redelivery_deduplicated(sdk: Sdk) {
     assert_eq!(handled, ["d1", "d2"], "each durable push handled once");
     second.drain();
     within(second.wait()).await;
+}
+
+// === TLS and proxies ===
+
+/// A CA made at test time, and a TLS front signed by it that forwards to a gateway
+/// (as a load balancer terminating TLS does).
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tether conformance CA");
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        Self {
+            dir,
+            ca_der: cert.der().clone(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn ca_file(&self) -> String {
+        self.dir.path().join("ca.pem").to_string_lossy().into_owned()
+    }
+
+    /// Listens on 127.0.0.1 with a certificate for `names`; forwards to `target`.
+    async fn front(&self, names: &[&str], target: SocketAddr) -> u16 {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone(), self.ca_der.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+                });
+            }
+        });
+        port
+    }
+}
+
+/// An HTTP CONNECT proxy on 127.0.0.1: requires Basic `credentials` when set (407
+/// otherwise), resolves `gateway.test` itself (so reaching that name proves the tunnel
+/// was used), records every CONNECT target.
+struct ConnectProxy {
+    addr: SocketAddr,
+    targets: Arc<Mutex<Vec<String>>>,
+}
+
+async fn connect_proxy(credentials: Option<&str>) -> ConnectProxy {
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let expected =
+        credentials.map(|c| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c)));
+    let targets: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = targets.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (seen, expected) = (seen.clone(), expected.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match client.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = head.lines();
+                let request = lines.next().unwrap_or_default().to_owned();
+                let target = request.split(' ').nth(1).unwrap_or_default().to_owned();
+                seen.lock().unwrap().push(target.clone());
+                let auth = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
+                    .map(|(_, v)| v.trim().to_owned());
+                if !request.starts_with("CONNECT ") {
+                    let _ = client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n").await;
+                    return;
+                }
+                if expected.is_some() && auth != expected {
+                    let _ = client
+                        .write_all(
+                            b"HTTP/1.1 407 Proxy Authentication Required\r\n\
+                              Proxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+                let (host, port) = target.rsplit_once(':').unwrap_or((&target, "443"));
+                let host = if host == "gateway.test" { "127.0.0.1" } else { host };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(format!("{host}:{port}")).await
+                else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                if client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    ConnectProxy { addr, targets }
+}
+
+/// `wss://` through `HTTPS_PROXY` with Basic credentials (a %-encoded password), the
+/// gateway's CA given with `--ca-file`: a push round trip through one tunnel.
+async fn wss_through_a_proxy_with_basic_auth(sdk: Sdk) {
+    let setup = Setup::start(|_| {}).await;
+    let pki = Pki::new();
+    let port = pki.front(&["gateway.test"], setup.gateway.public_addr()).await;
+    let proxy = connect_proxy(Some("agent:p@ss word")).await;
+    let token = token("w1", 3600, &[]);
+    let url = format!("wss://gateway.test:{port}/v1/connect");
+    let proxy_url = format!("http://agent:p%40ss%20word@{}", proxy.addr);
+    let mut cli = Cli::spawn_with_env(
+        sdk,
+        &["--url", &url, "--token", &token, "--ca-file", &pki.ca_file()],
+        &[("HTTPS_PROXY", &proxy_url), ("HTTP_PROXY", "http://127.0.0.1:9")],
+    );
+    cli.next("welcome").await;
+    let resp = push_api::push(&http(), setup.internal(), API_KEY, "w1", &json!("tls")).await;
+    assert_eq!(resp.status(), 202);
+    assert_eq!(cli.next("push").await.json["data"], json!("tls"));
+    assert_eq!(
+        *proxy.targets.lock().unwrap(),
+        [format!("gateway.test:{port}")],
+        "one tunnel, to the gateway's name"
+    );
+    cli.kill().await;
+    setup.stop().await;
+}
+
+/// `SSL_CERT_FILE` replaces the system roots, and `NO_PROXY` sends the gateway's name
+/// past the proxy the environment names.
+async fn ssl_cert_file_and_no_proxy(sdk: Sdk) {
+    let setup = Setup::start(|_| {}).await;
+    let pki = Pki::new();
+    let port = pki.front(&["localhost"], setup.gateway.public_addr()).await;
+    let proxy = connect_proxy(None).await;
+    let token = token("w2", 3600, &[]);
+    let url = format!("wss://localhost:{port}/v1/connect");
+    let proxy_url = format!("http://{}", proxy.addr);
+    let ca = pki.ca_file();
+    let mut cli = Cli::spawn_with_env(
+        sdk,
+        &["--url", &url, "--token", &token],
+        &[
+            ("SSL_CERT_FILE", &ca),
+            ("HTTPS_PROXY", &proxy_url),
+            ("NO_PROXY", "example.com,localhost"),
+        ],
+    );
+    cli.next("welcome").await;
+    assert!(proxy.targets.lock().unwrap().is_empty(), "NO_PROXY bypassed the proxy");
+    cli.kill().await;
+    setup.stop().await;
+}
+
+/// A gateway certificate from an unknown CA stops the CLI (exit 1) with a TLS reason:
+/// the same certificate would fail every retry.
+async fn untrusted_certificate_exits(sdk: Sdk) {
+    let setup = Setup::start(|_| {}).await;
+    let pki = Pki::new();
+    let port = pki.front(&["localhost"], setup.gateway.public_addr()).await;
+    let token = token("w3", 3600, &[]);
+    let url = format!("wss://localhost:{port}/v1/connect");
+    let cli = Cli::spawn(sdk, &["--url", &url, "--token", &token]);
+    let (code, stderr) = cli.exit().await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    setup.stop().await;
+}
+
+/// A proxy refusing the tunnel (407: no credentials) stops the CLI with its status.
+async fn proxy_refusal_exits(sdk: Sdk) {
+    let setup = Setup::start(|_| {}).await;
+    let proxy = connect_proxy(Some("agent:secret")).await;
+    let token = token("w4", 3600, &[]);
+    let proxy_url = format!("http://{}", proxy.addr);
+    let cli = Cli::spawn(
+        sdk,
+        &["--url", &setup.url(), "--token", &token, "--proxy", &proxy_url],
+    );
+    let (code, stderr) = cli.exit().await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("407"), "{stderr}");
+    assert_eq!(proxy.targets.lock().unwrap().len(), 1, "no retry after a 407");
+    setup.stop().await;
 }
