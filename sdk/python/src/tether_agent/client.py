@@ -235,7 +235,7 @@ def check_url(url: str) -> None:
         raise InvalidUrl(f"invalid gateway url `{url}`: no host; {shape}")
 
 
-def refusal_message(body: Optional[bytes]) -> str:
+def refusal_message(body: Optional[Union[bytes, bytearray]]) -> str:
     """The gateway's reason from a refused upgrade's body: its error ``message``, else
     the body's text cut to a readable length."""
     if not body:
@@ -249,7 +249,7 @@ def refusal_message(body: Optional[bytes]) -> str:
                 return message
     except ValueError:
         pass
-    text = body.decode("utf-8", "replace").strip()
+    text = bytes(body).decode("utf-8", "replace").strip()
     return text if len(text) <= 300 else text[:300] + "…"
 
 
@@ -331,6 +331,7 @@ class Agent:
         self._hint: Optional[float] = None
         self._refresh_at: Optional[float] = None
         self._refresh_in_flight = False
+        self._closing = False
 
     # --- lifecycle ---
 
@@ -471,6 +472,8 @@ class Agent:
                 except Exception as err:  # a bug must not end the agent silently
                     log.exception("connection attempt failed unexpectedly")
                     ended = Lost() if self._epoch else Unreachable(repr(err))
+                if self._closing:
+                    break
                 decision = decide(ended, attempt, self.options.reconnect, self._rng)
                 attempt += 1
                 if not isinstance(decision, Reconnect):
@@ -485,6 +488,7 @@ class Agent:
         except asyncio.CancelledError:
             self._stop(ClosedByApplication())
             raise
+        self._stop(ClosedByApplication())
 
     def _stop(self, reason: StopReason) -> None:
         for entry in self._outbox.values():

@@ -28,7 +28,7 @@ class Backoff:
     cap: float = 30.0
 
     def window(self, attempt: int) -> float:
-        return min(self.cap, self.base * (2 ** min(attempt, 31)))
+        return float(min(self.cap, self.base * float(2 ** min(attempt, 31))))
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0.0, self.window(attempt))
