@@ -165,7 +165,16 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
-        Command::Connect(args) => connect(*args).await,
+        Command::Connect(args) => {
+            let result = connect(*args).await;
+            // A pending stdin read (`--ack-on-stdin`) cannot be cancelled and would hold
+            // up the runtime's shutdown: exit here, as `main` returning would.
+            if let Err(err) = result {
+                eprintln!("Error: {err:?}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
         Command::Token(args) => {
             println!("{}", minter(&args)?.mint()?);
             Ok(())

@@ -13,7 +13,6 @@ use std::{
     path::Path,
     process::Stdio,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use axum::{Router, http::HeaderMap, routing::post};
