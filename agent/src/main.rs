@@ -384,8 +384,7 @@ async fn print_sessions(mut state: tokio::sync::watch::Receiver<tether_agent::St
 
 /// Ctrl-C or SIGTERM (what `kill` and Kubernetes send).
 async fn terminated() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(_) => return std::future::pending().await,
     };

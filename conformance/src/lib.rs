@@ -95,7 +95,9 @@ impl Sdk {
     /// command, when the program does not exist or is older than the sources it was
     /// built from.
     pub fn command(&self) -> Vec<String> {
-        let from_env = std::env::var(self.env).ok().filter(|v| !v.trim().is_empty());
+        let from_env = std::env::var(self.env)
+            .ok()
+            .filter(|v| !v.trim().is_empty());
         let command: Vec<String> = match &from_env {
             Some(value) => value.split_whitespace().map(str::to_owned).collect(),
             None => {

@@ -17,8 +17,8 @@ use std::{
 
 use axum::{Router, http::HeaderMap, routing::post};
 use serde_json::{Value, json};
-use tether_conformance::{Cli, Sdk, text};
 use tether_config::{DurableConfig, GatewayConfig, NatsConfig, UpstreamConfig, UpstreamEvent};
+use tether_conformance::{Cli, Sdk, text};
 use tether_gateway::Gateway;
 use tether_test_support::{PATIENCE, hs256, push_api, unix_now};
 
@@ -211,7 +211,12 @@ async fn token_refresh_in_band(sdk: Sdk) {
     std::fs::write(&file, token("t1", 6, &["old"])).unwrap();
     let mut cli = Cli::spawn(
         sdk,
-        &["--url", &setup.url(), "--token-file", file.to_str().unwrap()],
+        &[
+            "--url",
+            &setup.url(),
+            "--token-file",
+            file.to_str().unwrap(),
+        ],
     );
     let welcome = cli.next("welcome").await;
     let first_expiry = welcome.json["expires_at"].as_u64().unwrap();
@@ -496,9 +501,12 @@ async fn durable_status(gateway: &Gateway, id: &str) -> String {
 async fn durable_redelivery_deduplicated(sdk: Sdk) {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let first = Gateway::start(durable_config(dir.path(), &nats, "127.0.0.1:0"), "g1".into())
-        .await
-        .unwrap();
+    let first = Gateway::start(
+        durable_config(dir.path(), &nats, "127.0.0.1:0"),
+        "g1".into(),
+    )
+    .await
+    .unwrap();
     let addr = first.public_addr();
     let token = token("dd", 3600, &[]);
     let url = format!("ws://{addr}/v1/connect");
@@ -512,16 +520,21 @@ async fn durable_redelivery_deduplicated(sdk: Sdk) {
     assert_eq!(text(&line, "id"), "d1");
     first.drain();
     within(first.wait()).await;
-    let second = Gateway::start(durable_config(dir.path(), &nats, &addr.to_string()), "g2".into())
-        .await
-        .unwrap();
+    let second = Gateway::start(
+        durable_config(dir.path(), &nats, &addr.to_string()),
+        "g2".into(),
+    )
+    .await
+    .unwrap();
     cli.next("welcome").await;
     // Release every push from now on (lines wait in the pipe for the next handler).
     cli.release(16).await;
     for id in ["d1", "d2"] {
-        tether_test_support::eventually(&format!("{id} acknowledged"), tether_conformance::STEP, || async {
-            (durable_status(&second, id).await == "acknowledged").then_some(())
-        })
+        tether_test_support::eventually(
+            &format!("{id} acknowledged"),
+            tether_conformance::STEP,
+            || async { (durable_status(&second, id).await == "acknowledged").then_some(()) },
+        )
         .await;
     }
     // Every line the CLI printed before it acked is in the pipe: read to EOF.
@@ -567,7 +580,11 @@ impl Pki {
     }
 
     fn ca_file(&self) -> String {
-        self.dir.path().join("ca.pem").to_string_lossy().into_owned()
+        self.dir
+            .path()
+            .join("ca.pem")
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Listens on 127.0.0.1 with a certificate for `names`; forwards to `target`.
@@ -621,8 +638,12 @@ async fn connect_proxy(credentials: Option<&str>) -> ConnectProxy {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let expected =
-        credentials.map(|c| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c)));
+    let expected = credentials.map(|c| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(c)
+        )
+    });
     let targets: Arc<Mutex<Vec<String>>> = Arc::default();
     let seen = targets.clone();
     tokio::spawn(async move {
@@ -647,7 +668,9 @@ async fn connect_proxy(credentials: Option<&str>) -> ConnectProxy {
                     .find(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
                     .map(|(_, v)| v.trim().to_owned());
                 if !request.starts_with("CONNECT ") {
-                    let _ = client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n").await;
+                    let _ = client
+                        .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                        .await;
                     return;
                 }
                 if expected.is_some() && auth != expected {
@@ -660,8 +683,13 @@ async fn connect_proxy(credentials: Option<&str>) -> ConnectProxy {
                     return;
                 }
                 let (host, port) = target.rsplit_once(':').unwrap_or((&target, "443"));
-                let host = if host == "gateway.test" { "127.0.0.1" } else { host };
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(format!("{host}:{port}")).await
+                let host = if host == "gateway.test" {
+                    "127.0.0.1"
+                } else {
+                    host
+                };
+                let Ok(mut upstream) =
+                    tokio::net::TcpStream::connect(format!("{host}:{port}")).await
                 else {
                     let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
                     return;
@@ -684,15 +712,27 @@ async fn connect_proxy(credentials: Option<&str>) -> ConnectProxy {
 async fn wss_through_a_proxy_with_basic_auth(sdk: Sdk) {
     let setup = Setup::start(|_| {}).await;
     let pki = Pki::new();
-    let port = pki.front(&["gateway.test"], setup.gateway.public_addr()).await;
+    let port = pki
+        .front(&["gateway.test"], setup.gateway.public_addr())
+        .await;
     let proxy = connect_proxy(Some("agent:p@ss word")).await;
     let token = token("w1", 3600, &[]);
     let url = format!("wss://gateway.test:{port}/v1/connect");
     let proxy_url = format!("http://agent:p%40ss%20word@{}", proxy.addr);
     let mut cli = Cli::spawn_with_env(
         sdk,
-        &["--url", &url, "--token", &token, "--ca-file", &pki.ca_file()],
-        &[("HTTPS_PROXY", &proxy_url), ("HTTP_PROXY", "http://127.0.0.1:9")],
+        &[
+            "--url",
+            &url,
+            "--token",
+            &token,
+            "--ca-file",
+            &pki.ca_file(),
+        ],
+        &[
+            ("HTTPS_PROXY", &proxy_url),
+            ("HTTP_PROXY", "http://127.0.0.1:9"),
+        ],
     );
     cli.next("welcome").await;
     let resp = push_api::push(&http(), setup.internal(), API_KEY, "w1", &json!("tls")).await;
@@ -728,7 +768,10 @@ async fn ssl_cert_file_and_no_proxy(sdk: Sdk) {
         ],
     );
     cli.next("welcome").await;
-    assert!(proxy.targets.lock().unwrap().is_empty(), "NO_PROXY bypassed the proxy");
+    assert!(
+        proxy.targets.lock().unwrap().is_empty(),
+        "NO_PROXY bypassed the proxy"
+    );
     cli.kill().await;
     setup.stop().await;
 }
@@ -756,11 +799,22 @@ async fn proxy_refusal_exits(sdk: Sdk) {
     let proxy_url = format!("http://{}", proxy.addr);
     let cli = Cli::spawn(
         sdk,
-        &["--url", &setup.url(), "--token", &token, "--proxy", &proxy_url],
+        &[
+            "--url",
+            &setup.url(),
+            "--token",
+            &token,
+            "--proxy",
+            &proxy_url,
+        ],
     );
     let (code, stderr) = cli.exit().await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("407"), "{stderr}");
-    assert_eq!(proxy.targets.lock().unwrap().len(), 1, "no retry after a 407");
+    assert_eq!(
+        proxy.targets.lock().unwrap().len(),
+        1,
+        "no retry after a 407"
+    );
     setup.stop().await;
 }
