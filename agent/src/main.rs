@@ -2,10 +2,15 @@
 //! as a JSON line on stdout, and answers requests with a fixed reply or by running a
 //! command (request data on stdin, its stdout is the answer).
 //!
-//! Output lines use the protocol's vocabulary (`docs/protocol.md`): a push prints as the
-//! `push` envelope it came in (`{"type":"push","id","data"}`), a request as
-//! `{"type":"request","id","data","timeout_ms"}`, an acknowledged `--send` as `{"type":"ack","id"}`;
-//! a binary frame as `{"type":"binary","len"}`. Logs go to stderr.
+//! Output lines use the protocol's vocabulary (`docs/protocol.md`): every session opens
+//! with `{"type":"welcome","agent_id","connection_id","expires_at"}`, an in-band token
+//! refresh prints `{"type":"refreshed","expires_at"}`, a push prints as the `push`
+//! envelope it came in (`{"type":"push","id","data"}`, data byte for byte), a request as
+//! `{"type":"request","id","data","timeout_ms"}`, an acknowledged `--send` as
+//! `{"type":"ack","id"}`; a binary frame as `{"type":"binary","len"}`. Logs go to stderr.
+//! Every SDK's CLI prints the same lines and exits with the same codes
+//! (`conformance/README.md`): 0 after Ctrl-C/SIGTERM or `--exit-after-send`, 1 when the
+//! agent stopped for good.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -15,7 +20,7 @@ use tether_agent::{
     Agent, ClientCert, ErrorBody, ErrorCode, Hs256Minter, Options, Payload, Proxy, RawValue,
     StaticToken, TlsOptions, TokenFile, TokenProvider,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -94,6 +99,11 @@ struct ConnectArgs {
     /// Exit after the `--send` messages are acknowledged instead of staying connected.
     #[arg(long)]
     exit_after_send: bool,
+    /// Acknowledge each push only after reading one line from stdin (step through
+    /// pushes by hand; the conformance suite loses an ack with it). It only delays an
+    /// ack: no push is acknowledged before it was handled.
+    #[arg(long)]
+    ack_on_stdin: bool,
     #[command(flatten)]
     transport: TransportArgs,
 }
@@ -155,7 +165,16 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Args::parse().command {
-        Command::Connect(args) => connect(*args).await,
+        Command::Connect(args) => {
+            let result = connect(*args).await;
+            // A pending stdin read (`--ack-on-stdin`) cannot be cancelled and would hold
+            // up the runtime's shutdown: exit here, as `main` returning would.
+            if let Err(err) = result {
+                eprintln!("Error: {err:?}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
         Command::Token(args) => {
             println!("{}", minter(&args)?.mint()?);
             Ok(())
@@ -196,6 +215,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         exec,
         send,
         exit_after_send,
+        ack_on_stdin,
         transport,
     } = args;
     let tokens: Arc<dyn TokenProvider> = match (token, token_file) {
@@ -218,32 +238,43 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         ..Options::default()
     };
     transport.apply(&mut options);
+    // One reader shared by the push handler (pushes are handled one at a time).
+    let stdin = ack_on_stdin.then(|| {
+        Arc::new(tokio::sync::Mutex::new(tokio::io::BufReader::new(
+            tokio::io::stdin(),
+        )))
+    });
     let agent = Agent::builder_shared(url, tokens)
         .options(options)
-        .on_push(|push| async move {
-            let line = match &push.payload {
-                Payload::Json(data) => {
-                    serde_json::json!({"type": "push", "id": push.id, "data": data})
+        .on_push(move |push| {
+            let stdin = stdin.clone();
+            async move {
+                match &push.payload {
+                    Payload::Json(data) => print_line(&PushLine {
+                        kind: "push",
+                        id: push.id.as_deref(),
+                        data,
+                    }),
+                    Payload::Binary(bytes) => {
+                        print_line(&serde_json::json!({"type": "binary", "len": bytes.len()}))
+                    }
                 }
-                Payload::Binary(bytes) => {
-                    serde_json::json!({"type": "binary", "len": bytes.len()})
+                if let Some(stdin) = stdin {
+                    let mut line = String::new();
+                    let _ = stdin.lock().await.read_line(&mut line).await;
                 }
-            };
-            println!("{line}");
+            }
         })
         .on_request(move |request| {
             let reply = reply.clone();
             let exec = exec.clone();
             async move {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "type": "request",
-                        "id": request.id,
-                        "data": request.data,
-                        "timeout_ms": request.timeout.as_millis() as u64,
-                    })
-                );
+                print_line(&RequestLine {
+                    kind: "request",
+                    id: &request.id,
+                    data: &request.data,
+                    timeout_ms: request.timeout.as_millis() as u64,
+                });
                 match (reply, exec) {
                     (Some(reply), _) => Ok(reply),
                     (None, Some(command)) => run_command(&command, request.data.get()).await,
@@ -255,7 +286,14 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
             }
         })
         .start()?;
-    let session = agent.connected().await?;
+    tokio::spawn(print_sessions(agent.state()));
+    let session = tokio::select! {
+        session = agent.connected() => session?,
+        _ = terminated() => {
+            agent.close().await;
+            return Ok(());
+        }
+    };
     eprintln!(
         "connected as {} (connection {})",
         session.agent_id, session.connection_id
@@ -263,7 +301,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     for data in sends {
         let id = uuid_like();
         agent.send_raw(id.clone(), data).await?;
-        println!("{}", serde_json::json!({"type": "ack", "id": id}));
+        print_line(&serde_json::json!({"type": "ack", "id": id}));
     }
     if exit_after_send {
         agent.close().await;
@@ -271,7 +309,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     }
     let mut state = agent.state();
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => agent.close().await,
+        _ = terminated() => agent.close().await,
         stopped = state.wait_for(|s| matches!(s, tether_agent::State::Stopped(_))) => {
             if let Ok(state) = stopped {
                 bail!("agent stopped: {:?}", *state);
@@ -279,6 +317,81 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A push line: the envelope with `data` exactly as it came (a `RawValue` serializes
+/// verbatim; `json!` would re-encode it).
+#[derive(serde::Serialize)]
+struct PushLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: Option<&'a str>,
+    data: &'a RawValue,
+}
+
+#[derive(serde::Serialize)]
+struct RequestLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    data: &'a RawValue,
+    timeout_ms: u64,
+}
+
+/// Prints one event as one line. `println!` on stdout flushes at each newline, so a
+/// reader sees the line before the push's ack goes out.
+fn print_line(line: &impl serde::Serialize) {
+    match serde_json::to_string(line) {
+        // A raw value may span lines (a backend's pretty JSON): newlines can only be
+        // whitespace between its tokens, so they become spaces.
+        Ok(text) => println!("{}", text.replace(['\n', '\r'], " ")),
+        Err(err) => tracing::warn!(%err, "cannot print an event"),
+    }
+}
+
+/// Prints a `welcome` line for every new session and a `refreshed` line for every
+/// in-band refresh of the current one.
+async fn print_sessions(mut state: tokio::sync::watch::Receiver<tether_agent::State>) {
+    let mut last: Option<tether_agent::Session> = None;
+    loop {
+        let session = match &*state.borrow_and_update() {
+            tether_agent::State::Connected(session) => Some(session.clone()),
+            _ => None,
+        };
+        if let Some(session) = session {
+            match &last {
+                Some(prev) if prev.number == session.number => {
+                    if prev.expires_at != session.expires_at {
+                        print_line(
+                            &serde_json::json!({"type": "refreshed", "expires_at": session.expires_at}),
+                        );
+                    }
+                }
+                _ => print_line(&serde_json::json!({
+                    "type": "welcome",
+                    "agent_id": session.agent_id,
+                    "connection_id": session.connection_id,
+                    "expires_at": session.expires_at,
+                })),
+            }
+            last = Some(session);
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM (what `kill` and Kubernetes send).
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn uuid_like() -> String {

@@ -105,6 +105,11 @@ async fn a_push_prints_as_the_protocols_push_envelope() {
     })
     .await;
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The session's `welcome` line comes first.
+    let welcome = within(stdout.next_line()).await.unwrap().expect("a line");
+    let welcome: serde_json::Value = serde_json::from_str(&welcome).unwrap();
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["agent_id"], "cli-agent", "{welcome}");
     let line = within(stdout.next_line()).await.unwrap().expect("a line");
     // The documented shape is the protocol's envelope: it decodes as one.
     match GatewayMessage::decode(&line) {
