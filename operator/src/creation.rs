@@ -65,7 +65,7 @@ fn last_seen(e: &Event) -> Option<Timestamp> {
     e.last_timestamp
         .as_ref()
         .map(|t| t.0)
-        .or_else(|| e.series.as_ref().map(|s| s.last_observed_time.0))
+        .or_else(|| e.series.as_ref()?.last_observed_time.as_ref().map(|t| t.0))
         .or_else(|| e.event_time.as_ref().map(|t| t.0))
         .or_else(|| e.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }

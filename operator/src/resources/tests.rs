@@ -371,7 +371,7 @@ fn services_split_public_and_internal_ports() {
     let pdb = d.pdb.spec.as_ref().unwrap();
     assert_eq!(
         pdb.max_unavailable,
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("10%".into()))
     );
 }
 
