@@ -718,7 +718,6 @@ impl KubeletLoop {
         );
 
         // The Pod object, not ready yet.
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
         let labels = sts
             .spec
             .as_ref()

@@ -27,6 +27,7 @@ fn pods_creatable(pool: &ConnectionPool) -> Option<(String, String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "written and compiled, not yet run against the binaries; run with --run-ignored"]
 async fn a_pod_refused_by_a_resource_quota_shows_on_the_pool_until_the_quota_allows_it()
 -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
@@ -51,7 +52,7 @@ async fn a_pod_refused_by_a_resource_quota_shows_on_the_pool_until_the_quota_all
             let c = pods_creatable(&pools.get("q").await.ok()?)?;
             (c.0 == "False").then_some(c)
         })
-        .await;
+        .await?;
         let pool = pools.get("q").await?;
         let (status, reason, _) = pods_creatable(&pool).expect("condition");
         anyhow::ensure!(status == "False" && reason == "FailedCreate", "{status} {reason}");
@@ -75,7 +76,7 @@ async fn a_pod_refused_by_a_resource_quota_shows_on_the_pool_until_the_quota_all
                 .any(|e| e.reason.as_deref() == Some("FailedCreate") && e.type_.as_deref() == Some("Warning"))
                 .then_some(())
         })
-        .await;
+        .await?;
 
         // More room: the StatefulSet controller's retry creates the pod, and the
         // condition turns True.
@@ -90,7 +91,7 @@ async fn a_pod_refused_by_a_resource_quota_shows_on_the_pool_until_the_quota_all
             let c = pods_creatable(&pools.get("q").await.ok()?)?;
             (c.0 == "True" && c.1 == "Created").then_some(())
         })
-        .await;
+        .await?;
         anyhow::ensure!(pod_api.get_opt("q-1").await?.is_some(), "q-1 exists");
         Ok(())
     }
