@@ -21,9 +21,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    EnvVar, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
@@ -41,6 +44,11 @@ pub const CONDITION_PROGRESSING: &str = "Progressing";
 /// Condition type: the pool cannot reach its desired state (bad spec, missing Secret,
 /// API errors); the reason and message say why.
 pub const CONDITION_DEGRADED: &str = "Degraded";
+/// Condition type: the gateway StatefulSet can create its pods. False (reason
+/// `FailedCreate`) when the StatefulSet controller's last attempt was refused (a
+/// ResourceQuota, a PodSecurity level, a missing PriorityClass), with the API server's
+/// message.
+pub const CONDITION_PODS_CREATABLE: &str = "PodsCreatable";
 
 /// A DNS-1123 label: what a tenant id must look like, since it ends up in names and labels.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -177,6 +185,11 @@ pub struct ConnectionPoolSpec {
     #[serde(default)]
     pub template: PodTemplateSpec,
 
+    /// How many gateway pods voluntary disruptions (node drains, evictions) may take at
+    /// once: the pool's PodDisruptionBudget.
+    #[serde(default)]
+    pub disruption: DisruptionSpec,
+
     /// The client-facing Service that agents connect to.
     #[serde(default)]
     pub service: ServiceSpec,
@@ -239,7 +252,10 @@ pub struct ReplicasSpec {
     /// Fewest gateway pods, also while idle. `kubectl scale` sets this field.
     #[schemars(range(min = 1, max = 1000))]
     pub min: i32,
-    /// Most gateway pods.
+    /// Most gateway pods. At most 1000: the pool object carries one status entry per pod
+    /// (each written under the pod's own field manager, so with a managedFields entry),
+    /// and at 1000 pods it is measured below 1 MiB, within etcd's 1.5 MiB object limit
+    /// (docs/operator.md, "How big the pool object gets").
     #[schemars(range(min = 1, max = 1000))]
     pub max: i32,
 }
@@ -727,6 +743,40 @@ impl Default for DrainSpec {
     }
 }
 
+/// The gateway pods' PodDisruptionBudget.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionSpec {
+    /// Most gateway pods a voluntary disruption may take down at once: a count (`2`) or
+    /// a percentage of the pool's pods (`"10%"`, rounded up, so at least one pod). Each
+    /// evicted pod drains and its agents reconnect to the others, so a larger value drains
+    /// nodes faster at the cost of a larger reconnect wave. Pods that are not ready may
+    /// always be evicted (`unhealthyPodEvictionPolicy: AlwaysAllow`): a crash-looping pod
+    /// never blocks a node drain.
+    // The rule reads both forms through `string(self)` (the CEL libraries that check it
+    // client-side lack `type()`), so it lets a count written as a string (`"2"`) through;
+    // a real API server's PodDisruptionBudget validation then refuses the operator's
+    // apply (the pool's Degraded condition says so).
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "string(self).matches('^([1-9][0-9]*|(100|[1-9][0-9]?)%)$')",
+        "message": "disruption.maxUnavailable must be a count of at least 1 or a percentage from 1% to 100%: 0 would block every node drain"
+    }]))]
+    pub max_unavailable: IntOrString,
+}
+
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::String("10%".into())
+}
+
+impl Default for DisruptionSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable: default_max_unavailable(),
+        }
+    }
+}
+
 /// When the kubelet pulls the gateway image.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum ImagePullPolicy {
@@ -756,9 +806,29 @@ pub struct PodTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
     pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
-    /// CPU and memory requests and limits of the gateway container.
+    /// CPU and memory requests and limits of the gateway container. Without it, the
+    /// operator derives them from the pool's limits and the measured cost of a
+    /// connection (docs/sizing.md): memory request 64Mi + 4.5 KiB ×
+    /// `scaling.targetConnectionsPerPod`, memory limit 64Mi + 18 KiB ×
+    /// `limits.maxConnectionsPerPod`, CPU request 50 µs × `targetConnectionsPerPod`
+    /// (at least 100m), no CPU limit (a throttled gateway misses pings). Given, it
+    /// replaces the defaults whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Topology spread constraints of the gateway pods. Without it, pods spread over
+    /// zones (`topology.kubernetes.io/zone`) and nodes (`kubernetes.io/hostname`), each
+    /// with `maxSkew: 1` and `whenUnsatisfiable: ScheduleAnyway` (a preference: a pool
+    /// still scales on a single node). Given, it replaces the defaults (`[]`: no
+    /// spreading); a constraint without `labelSelector` gets the pool's pod selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// PriorityClass of the gateway pods (it must exist, or the pods are refused and the
+    /// pool's `PodsCreatable` condition says so). A gateway pod evicted to make room for
+    /// another workload disconnects every agent it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub priority_class_name: Option<String>,
     /// Node labels the pods must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
@@ -843,9 +913,11 @@ pub struct ServiceSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPoolStatus {
-    /// One entry per gateway pod, applied by that pod.
+    /// One entry per gateway pod, applied by that pod. At most one per pod of the largest
+    /// pool (`replicas.max` ≤ 1000): with each entry's managedFields, the pool object
+    /// then stays under 1 MiB (etcd refuses objects over 1.5 MiB).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 2000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 1000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub pods: Vec<PodReport>,
     /// Open agent connections over all live pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -878,7 +950,7 @@ pub struct ConnectionPoolStatus {
     /// `tether.dev/instruction` of the pod's own Pod object, and the pod's report
     /// echoes the id it acts on (`pods[].instruction`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 2000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
+    #[schemars(length(max = 1000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
     pub instructions: Vec<PodInstruction>,
 }
 
@@ -887,9 +959,11 @@ pub struct ConnectionPoolStatus {
 #[serde(rename_all = "camelCase")]
 pub struct PodInstruction {
     /// The pod the instruction is for.
+    #[schemars(length(min = 1, max = 63))]
     pub pod: String,
     /// Identifies this instruction: a pod acts once per id, so a new rebalancing round
     /// gets a new id.
+    #[schemars(length(min = 1, max = 128))]
     pub id: String,
     /// Drain: turn unready, refuse new agents and close every connection with a
     /// `reconnect` hint, without exiting; the operator removes the pod once it reports
@@ -923,6 +997,9 @@ pub const CONDITION_SCALING: &str = "Scaling";
 #[serde(rename_all = "camelCase")]
 pub struct PodReport {
     /// Pod name.
+    // Bounded (a StatefulSet's pod name is a DNS label) so that the largest pool object
+    // is a known size (docs/operator.md, "How big the pool object gets").
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Open agent connections on the pod.
     #[serde(default)]
@@ -952,6 +1029,7 @@ pub struct PodReport {
     /// Random id of the gateway process, so a restarted pod with the same name is told
     /// apart from its predecessor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub boot_id: Option<String>,
     /// Durable messages pending across the pool's agents (`spec.delivery`), as this pod
     /// read them from the pool's stream when it reported: every pod reads the same

@@ -322,8 +322,23 @@ fn tenant_is_immutable() {
 #[test]
 fn status_lists_and_counts_are_bounded() {
     let status = &schema()["properties"]["status"]["properties"];
-    assert_eq!(status["pods"]["maxItems"], json!(2000));
-    assert_eq!(status["instructions"]["maxItems"], json!(2000));
+    // One entry per pod of the largest pool: what keeps the object's size known.
+    let max_pods = &schema()["properties"]["spec"]["properties"]["replicas"]["properties"]["max"];
+    assert_eq!(max_pods["maximum"].as_f64(), Some(1000.0));
+    assert_eq!(status["pods"]["maxItems"], json!(1000));
+    assert_eq!(status["instructions"]["maxItems"], json!(1000));
+    assert_eq!(
+        status["pods"]["items"]["properties"]["name"]["maxLength"],
+        json!(63)
+    );
+    assert_eq!(
+        status["pods"]["items"]["properties"]["bootId"]["maxLength"],
+        json!(64)
+    );
+    assert_eq!(
+        status["instructions"]["items"]["properties"]["id"]["maxLength"],
+        json!(128)
+    );
     let report = &status["pods"]["items"]["properties"];
     assert_eq!(report["connections"]["maximum"].as_f64(), Some(1e8));
     assert_eq!(report["refused"]["minimum"].as_f64(), Some(0.0));
@@ -512,5 +527,74 @@ fn image_pull_secrets_and_api_peers_are_part_of_the_spec() {
         [
             "spec.api.allowedFrom[0]: an api.allowedFrom entry needs namespaceSelector, podSelector or both"
         ]
+    );
+}
+
+#[test]
+fn disruption_budget_is_a_count_or_a_percentage_and_never_zero() {
+    let pool: ConnectionPool = serde_json::from_value(minimal()).unwrap();
+    assert_eq!(
+        pool.spec.disruption.max_unavailable,
+        IntOrString::String("10%".into()),
+        "default"
+    );
+    let disruption = &schema()["properties"]["spec"]["properties"]["disruption"];
+    assert_eq!(
+        disruption["properties"]["maxUnavailable"]["x-kubernetes-int-or-string"],
+        json!(true)
+    );
+    for ok in [
+        json!(1),
+        json!(5),
+        json!("1%"),
+        json!("10%"),
+        json!("25%"),
+        json!("100%"),
+    ] {
+        let mut pool = minimal();
+        pool["spec"]["disruption"] = json!({"maxUnavailable": ok});
+        assert_eq!(cel_failures(&pool), Vec::<String>::new(), "{ok} is valid");
+    }
+    for bad in [
+        json!(0),
+        json!(-1),
+        json!("0%"),
+        json!("101%"),
+        json!("10 %"),
+        json!("ten%"),
+    ] {
+        let mut pool = minimal();
+        pool["spec"]["disruption"] = json!({"maxUnavailable": bad});
+        let failures = cel_failures(&pool);
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("disruption.maxUnavailable")),
+            "{bad} is refused: {failures:?}"
+        );
+    }
+}
+
+#[test]
+fn spread_and_priority_class_are_in_the_template() {
+    let template = &schema()["properties"]["spec"]["properties"]["template"]["properties"];
+    let spread = &template["topologySpreadConstraints"];
+    assert_eq!(spread["type"], json!("array"));
+    assert_eq!(spread["maxItems"], json!(8));
+    assert!(spread["items"]["properties"]["whenUnsatisfiable"].is_object());
+    assert_eq!(template["priorityClassName"]["maxLength"], json!(253));
+    let mut pool = minimal();
+    pool["spec"]["template"] = json!({
+        "topologySpreadConstraints": [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule",
+        }],
+        "priorityClassName": "tether-gateways",
+    });
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+    let parsed: ConnectionPool = serde_json::from_value(pool).unwrap();
+    assert_eq!(
+        parsed.spec.template.priority_class_name.as_deref(),
+        Some("tether-gateways")
     );
 }

@@ -500,6 +500,69 @@ impl KubeletLoop {
         }
     }
 
+    /// Creates a pod's object as the StatefulSet controller does (replacing a leftover of
+    /// the same name). A refusal (a ResourceQuota's 403) is recorded as that controller
+    /// records it: a Warning Event `FailedCreate` on the StatefulSet, repeated ones
+    /// counted on the same Event; the pod is then retried with a back-off.
+    async fn create_pod(&self, sts: &StatefulSet, name: &str, pod: &Pod) -> anyhow::Result<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
+        let _ = pods.delete(name, &DeleteParams::default()).await;
+        match pods.create(&PostParams::default(), pod).await {
+            Ok(created) => Ok(created),
+            Err(kube::Error::Api(status)) => {
+                let message = format!(
+                    "create Pod {name} in StatefulSet {} failed error: {}",
+                    self.pool, status.message
+                );
+                self.record_failed_create(sts, &message).await;
+                bail!("{message}")
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A FailedCreate Event on the StatefulSet, as client-go's recorder writes it: the
+    /// same message again bumps `count` and `lastTimestamp` of one Event.
+    async fn record_failed_create(&self, sts: &StatefulSet, message: &str) {
+        use k8s_openapi::api::core::v1::Event;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let events: Api<Event> = Api::namespaced(self.client.clone(), NS);
+        let now =
+            serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap_or_default();
+        let digest = fnv1a(message);
+        let name = format!("{}.{digest:016x}", self.pool);
+        if let Ok(existing) = events.get(&name).await {
+            let count = existing.count.unwrap_or(1) + 1;
+            let _ = events
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"count": count, "lastTimestamp": now})),
+                )
+                .await;
+            return;
+        }
+        let event = json!({
+            "metadata": {"name": name, "namespace": NS},
+            "involvedObject": {
+                "apiVersion": "apps/v1", "kind": "StatefulSet", "namespace": NS,
+                "name": self.pool, "uid": sts.metadata.uid,
+            },
+            "reason": "FailedCreate", "message": message, "type": "Warning",
+            "source": {"component": "statefulset-controller"},
+            "reportingComponent": "statefulset-controller",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        });
+        match serde_json::from_value::<Event>(event) {
+            Ok(event) => {
+                if let Err(e) = events.create(&PostParams::default(), &event).await {
+                    warn!(%e, "could not record the FailedCreate event");
+                }
+            }
+            Err(e) => warn!(%e, "FailedCreate event"),
+        }
+    }
+
     /// Starts ordinal `o` as the runtime says.
     async fn start_pod(&self, sts: &StatefulSet, o: i32) -> anyhow::Result<RunningPod> {
         match &self.containers {
@@ -539,8 +602,7 @@ impl KubeletLoop {
             },
             "spec": template.spec.context("pod template spec")?,
         }))?;
-        let _ = pods.delete(&name, &DeleteParams::default()).await;
-        let pod = pods.create(&PostParams::default(), &pod).await?;
+        let pod = self.create_pod(sts, &name, &pod).await?;
         let spec = pod.spec.clone().context("pod spec")?;
         let c = spec.containers.first().context("container")?.clone();
 
@@ -656,19 +718,20 @@ impl KubeletLoop {
         );
 
         // The Pod object, not ready yet.
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
         let labels = sts
             .spec
             .as_ref()
             .and_then(|s| s.template.metadata.as_ref())
             .and_then(|m| m.labels.clone())
             .unwrap_or_default();
+        // The container's resources ride along: a namespace's ResourceQuota judges them.
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels},
-            "spec": {"containers": [{"name": "gateway", "image": container.image}]},
+            "spec": {"containers": [{
+                "name": "gateway", "image": container.image, "resources": container.resources,
+            }]},
         }))?;
-        let _ = pods.delete(&name, &DeleteParams::default()).await;
-        let _ = pods.create(&PostParams::default(), &pod).await;
+        self.create_pod(sts, &name, &pod).await?;
 
         // The pod's API credentials, as a kubelet gives them: a bound token of the pod's
         // service account (TokenRequest), so the gateway has exactly what the operator's
@@ -779,4 +842,12 @@ async fn terminate(mut child: Child, grace: Duration) {
         warn!("gateway ignored SIGTERM for the grace period; killing it");
         let _ = child.kill().await;
     }
+}
+
+/// A stable 64-bit hash of `text` (FNV-1a): names an Event after its message, so a
+/// repeat finds it.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

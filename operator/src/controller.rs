@@ -468,9 +468,21 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         ctx.autoscaler.withdraw(&ctx.client, pool, plan).await?;
     }
     let sts = applied_sts.as_ref().or(cached.as_deref());
+    let pod_creation = crate::creation::observe(&ctx.client, sts, now).await;
+    if let Some(message) = crate::creation::newly_refused(pool, &pod_creation) {
+        publish(
+            ctx,
+            pool,
+            EventType::Warning,
+            crate::creation::FAILED_CREATE,
+            message,
+        )
+        .await;
+    }
     let observed = Observed {
         stateful_set: sts,
         problem: problem.as_ref(),
+        pod_creation,
     };
     let status = pool_status(pool, &observed, plan.as_ref(), now);
     if worth_writing(pool, &status, ctx.autoscaler.status_refresh_due(pool)) {

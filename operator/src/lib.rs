@@ -21,6 +21,7 @@ pub mod admin;
 pub mod app;
 pub mod autoscale;
 pub mod controller;
+pub mod creation;
 pub mod lease;
 pub mod metrics;
 pub mod ownership;

@@ -765,14 +765,18 @@ pub fn desired(
             },
         }),
     )?;
-    // One pod at a time: each eviction costs a drain and a reconnect wave.
+    // `spec.disruption.maxUnavailable` (default 10 %): each eviction costs a drain and
+    // a reconnect wave, but one pod at a time makes a node drain of a large pool take
+    // hours. Unready pods serve no agents, so evicting them costs nothing: AlwaysAllow
+    // keeps a crash-looping pod from blocking every node drain.
     let pdb = typed(
         "PodDisruptionBudget",
         json!({
             "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": meta(pool, base_name(pool), "gateway")?,
             "spec": {
-                "maxUnavailable": 1,
+                "maxUnavailable": pool.spec.disruption.max_unavailable,
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
                 "selector": {"matchLabels": selector_labels(pool)},
             },
         }),
@@ -885,9 +889,10 @@ fn gateway_stateful_set(
             ImagePullPolicy::Never => "Never",
         });
     }
-    if let Some(resources) = &template.resources {
-        container["resources"] = json!(resources);
-    }
+    container["resources"] = match &template.resources {
+        Some(resources) => json!(resources),
+        None => default_resources(pool),
+    };
 
     let mut pod_spec = json!({
         "serviceAccountName": rbac_name(pool),
@@ -905,6 +910,13 @@ fn gateway_stateful_set(
     });
     if let Some(selector) = &template.node_selector {
         pod_spec["nodeSelector"] = json!(selector);
+    }
+    let spread = topology_spread(pool);
+    if !spread.is_empty() {
+        pod_spec["topologySpreadConstraints"] = json!(spread);
+    }
+    if let Some(class) = &template.priority_class_name {
+        pod_spec["priorityClassName"] = json!(class);
     }
     if let Some(tolerations) = &template.tolerations {
         pod_spec["tolerations"] = json!(tolerations);
@@ -940,6 +952,83 @@ fn gateway_stateful_set(
             },
         }),
     )
+}
+
+// === placement and size of the gateway pods ===
+
+/// Memory of one idle, authenticated connection: ≈ 0.8 KB in the gateway plus ≈ 3.7 KB
+/// of kernel socket memory, which is charged to the pod's memory cgroup
+/// (docs/sizing.md, "What one connection costs").
+pub const MEMORY_PER_CONNECTION: i64 = 4_608;
+/// Memory per connection allowed up to the limit: four times the idle cost, for the
+/// outbound queues of busy agents and the allocator's slack.
+pub const LIMIT_MEMORY_PER_CONNECTION: i64 = 4 * MEMORY_PER_CONNECTION;
+/// The gateway process without connections (≈ 30 MB measured), with room.
+pub const BASE_MEMORY: i64 = 64 << 20;
+/// CPU requested per targeted connection, in nanocores: a handshake costs ≈ 37 µs, so
+/// 50 µs per connection lets a pod take its whole target of reconnecting agents (a
+/// neighbour's drain or loss) in about one second of CPU.
+pub const CPU_NANOS_PER_CONNECTION: i64 = 50_000;
+/// Least CPU request, in millicores.
+pub const MIN_CPU_MILLIS: i64 = 100;
+
+/// The gateway container's requests and limits when `spec.template.resources` is not
+/// given, derived from the pool's own limits and the measured cost of a connection (see
+/// the constants above). No CPU limit: a CFS-throttled gateway misses pings and slows
+/// its drains (docs/sizing.md). Requests make the pods Burstable rather than
+/// BestEffort (first to be evicted under memory pressure), and let them be created in
+/// a namespace whose ResourceQuota requires requests.
+pub fn default_resources(pool: &ConnectionPool) -> Value {
+    const MI: i64 = 1 << 20;
+    let target = i64::from(pool.spec.scaling.target_connections_per_pod.max(1));
+    let max = i64::from(pool.spec.limits.max_connections_per_pod.max(1));
+    let mebibytes = |bytes: i64| format!("{}Mi", (bytes + MI - 1) / MI);
+    let cpu = ((target * CPU_NANOS_PER_CONNECTION + 999_999) / 1_000_000).max(MIN_CPU_MILLIS);
+    json!({
+        "requests": {
+            "cpu": format!("{cpu}m"),
+            "memory": mebibytes(BASE_MEMORY + target * MEMORY_PER_CONNECTION),
+        },
+        "limits": {
+            "memory": mebibytes(BASE_MEMORY + max * LIMIT_MEMORY_PER_CONNECTION),
+        },
+    })
+}
+
+/// Topology keys the gateway pods spread over by default: zones first, then nodes.
+pub const DEFAULT_SPREAD_KEYS: [&str; 2] =
+    ["topology.kubernetes.io/zone", "kubernetes.io/hostname"];
+
+/// The gateway pods' topology spread constraints: `spec.template.topologySpreadConstraints`
+/// when given (a constraint without a label selector gets the pool's), else one per
+/// [`DEFAULT_SPREAD_KEYS`] with `maxSkew: 1` and `ScheduleAnyway`. Losing a node or a
+/// zone then costs a pool a share of its agents, not all of them; ScheduleAnyway keeps
+/// it a preference, so a pool still scales on one node or in one zone.
+pub fn topology_spread(pool: &ConnectionPool) -> Vec<Value> {
+    let selector = json!({"matchLabels": selector_labels(pool)});
+    match &pool.spec.template.topology_spread_constraints {
+        Some(given) => given
+            .iter()
+            .map(|c| {
+                let mut c = json!(c);
+                if c.get("labelSelector").is_none_or(Value::is_null) {
+                    c["labelSelector"] = selector.clone();
+                }
+                c
+            })
+            .collect(),
+        None => DEFAULT_SPREAD_KEYS
+            .iter()
+            .map(|key| {
+                json!({
+                    "maxSkew": 1,
+                    "topologyKey": key,
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": selector,
+                })
+            })
+            .collect(),
+    }
 }
 
 /// The gateways' NetworkPolicy: agents reach `ws` from anywhere; the push API (`api`)

@@ -17,6 +17,7 @@ use tether_crds::{
 };
 
 use crate::autoscale::Plan;
+use crate::creation::{self, PodCreation};
 use crate::resources::selector_string;
 use crate::validate::SpecError;
 
@@ -27,6 +28,8 @@ pub struct Observed<'a> {
     pub stateful_set: Option<&'a StatefulSet>,
     /// Why the spec could not be applied, if so.
     pub problem: Option<&'a SpecError>,
+    /// Whether the StatefulSet could create its pods (see [`crate::creation`]).
+    pub pod_creation: PodCreation,
 }
 
 /// The whole operator-owned status. `plan` is the autoscaler's step (none while the spec
@@ -54,6 +57,7 @@ pub fn pool_status(
         .unwrap_or(1);
 
     let mut conditions = conditions(pool, observed, target, now);
+    conditions.extend(creation::condition(pool, &observed.pod_creation, now));
     match plan {
         Some(plan) => conditions.push(scaling_condition(pool, plan, now)),
         None => conditions.extend(
@@ -353,6 +357,7 @@ mod tests {
         let observed = Observed {
             stateful_set: Some(&sts),
             problem: None,
+            ..Default::default()
         };
         let status = pool_status(&p, &observed, Some(&planned(&p, 2)), at(100));
         let ready = find(&status.conditions, "Ready");
@@ -367,6 +372,7 @@ mod tests {
         let observed = Observed {
             stateful_set: Some(&rolling),
             problem: None,
+            ..Default::default()
         };
         let status = pool_status(&p, &observed, Some(&planned(&p, 2)), at(100));
         assert_eq!(find(&status.conditions, "Ready").reason, "RollingOut");
@@ -388,6 +394,7 @@ mod tests {
         let observed = Observed {
             stateful_set: None,
             problem: Some(&problem),
+            ..Default::default()
         };
         let status = pool_status(&p, &observed, None, at(100));
         assert_eq!(status.desired_replicas, Some(3));
@@ -408,6 +415,7 @@ mod tests {
         let observed = Observed {
             stateful_set: Some(&sts),
             problem: None,
+            ..Default::default()
         };
         let first = pool_status(&p, &observed, Some(&planned(&p, 1)), at(100));
         p.status = Some(first);
@@ -421,6 +429,7 @@ mod tests {
         let observed = Observed {
             stateful_set: Some(&down),
             problem: None,
+            ..Default::default()
         };
         let third = pool_status(&p, &observed, Some(&planned(&p, 1)), at(300));
         assert_eq!(

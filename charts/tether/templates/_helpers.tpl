@@ -85,4 +85,10 @@ namespace's Role), or, with `tenantNamespaces`, only in those namespaces.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# The StatefulSet controller's FailedCreate Events (a ResourceQuota refusing a pod),
+# listed by involvedObject only while a pool's StatefulSet is short of pods, to show them
+# as the pool's PodsCreatable condition. No watch: a cluster's Events are many.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["list"]
 {{- end -}}

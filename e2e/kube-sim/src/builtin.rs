@@ -36,6 +36,7 @@ pub fn round_trip(rt: &ResourceType, obj: &Value) -> Option<Result<Value, String
         ("", "serviceaccounts") => typed::<core::v1::ServiceAccount>(obj),
         ("", "pods") => typed::<core::v1::Pod>(obj),
         ("", "events") => typed::<core::v1::Event>(obj),
+        ("", "resourcequotas") => typed::<core::v1::ResourceQuota>(obj),
         ("", "endpoints") => typed::<core::v1::Endpoints>(obj),
         ("", "nodes") => typed::<core::v1::Node>(obj),
         ("", "persistentvolumeclaims") => typed::<core::v1::PersistentVolumeClaim>(obj),

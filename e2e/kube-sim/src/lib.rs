@@ -55,6 +55,7 @@ pub mod gc;
 pub mod http;
 pub mod patch;
 pub mod protobuf;
+pub mod quota;
 pub mod registry;
 pub mod schema;
 pub mod selector;

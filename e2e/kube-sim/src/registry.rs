@@ -212,6 +212,16 @@ pub fn builtins() -> Vec<ResourceType> {
         builtin(
             "",
             "v1",
+            "resourcequotas",
+            "ResourceQuota",
+            true,
+            &["quota"],
+            true,
+            false,
+        ),
+        builtin(
+            "",
+            "v1",
             "endpoints",
             "Endpoints",
             true,

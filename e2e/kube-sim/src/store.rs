@@ -1432,6 +1432,34 @@ impl State {
         Ok(warnings)
     }
 
+    /// The ResourceQuota admission plugin on a pod create (see [`crate::quota`]).
+    fn admit_pod(&self, t: &Target, name: &str, pod: &Value) -> Result<()> {
+        let ns = t.namespace.clone().unwrap_or_default();
+        let in_ns = |plural: &str| -> Vec<Arc<Value>> {
+            self.types
+                .get(&(String::new(), plural.to_string()))
+                .map(|ts| {
+                    ts.objects
+                        .iter()
+                        .filter(|((n, _), _)| *n == ns)
+                        .map(|(_, v)| v.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let quotas = in_ns("resourcequotas");
+        if quotas.is_empty() {
+            return Ok(());
+        }
+        let pods = in_ns("pods");
+        crate::quota::admit_pod(
+            name,
+            pod,
+            quotas.iter().map(|q| &**q),
+            pods.iter().map(|p| &**p),
+        )
+    }
+
     fn create(&mut self, t: &Target, obj: Value, o: &WriteOpts) -> Result<Written> {
         self.create_with(t, obj, o, None)
     }
@@ -1582,6 +1610,9 @@ impl State {
         }
         let mut warnings = Self::check_custom(t, &mut obj, None, o)?;
         warnings.extend(decode_builtin(&rt, &t.version, &mut obj, o.validation)?);
+        if rt.builtin && rt.group.is_empty() && rt.plural == "pods" {
+            self.admit_pod(t, &name, &obj)?;
+        }
         builtin::allocate_cluster_ip(&rt, &mut obj, &mut self.cluster_ips);
         let crd_type =
             if rt.plural == "customresourcedefinitions" && rt.group == "apiextensions.k8s.io" {

@@ -371,7 +371,7 @@ fn services_split_public_and_internal_ports() {
     let pdb = d.pdb.spec.as_ref().unwrap();
     assert_eq!(
         pdb.max_unavailable,
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("10%".into()))
     );
 }
 
@@ -1114,4 +1114,141 @@ fn a_managed_nats_rolls_when_its_file_changes() {
     assert_eq!(nats_hash(&token), nats_hash(&managed_nats_pool("acme")));
     assert_ne!(nats_hash(&token), nats_hash(&user), "new credentials");
     assert_ne!(nats_hash(&token), nats_hash(&bigger), "a new limit");
+}
+
+#[test]
+fn gateway_pods_get_requests_and_a_memory_limit_from_the_sizing_by_default() {
+    let d = build(&pool("acme"));
+    let r = container(&d).resources.clone().unwrap();
+    let requests = r.requests.unwrap();
+    let limits = r.limits.unwrap();
+    // Defaults: target 10,000, max 20,000 connections per pod.
+    // 64 MiB + 10,000 × 4.5 KiB = 107.9 MiB; 64 MiB + 20,000 × 18 KiB = 415.6 MiB;
+    // 10,000 × 50 µs = 500m.
+    assert_eq!(requests["memory"].0, "108Mi");
+    assert_eq!(requests["cpu"].0, "500m");
+    assert_eq!(limits["memory"].0, "416Mi");
+    assert!(
+        !limits.contains_key("cpu"),
+        "no CPU limit: a throttled gateway misses pings"
+    );
+
+    // They follow the pool's own limits.
+    let mut big = pool("big");
+    big.spec.scaling.target_connections_per_pod = 40_000;
+    big.spec.limits.max_connections_per_pod = 60_000;
+    let r = container(&build(&big)).resources.clone().unwrap();
+    assert_eq!(r.requests.as_ref().unwrap()["cpu"].0, "2000m");
+    assert_eq!(r.requests.as_ref().unwrap()["memory"].0, "240Mi");
+    assert_eq!(r.limits.as_ref().unwrap()["memory"].0, "1119Mi");
+    let mut small = pool("small");
+    small.spec.scaling.target_connections_per_pod = 100;
+    let r = container(&build(&small)).resources.clone().unwrap();
+    assert_eq!(
+        r.requests.as_ref().unwrap()["cpu"].0,
+        "100m",
+        "at least 100m"
+    );
+}
+
+#[test]
+fn given_resources_replace_the_defaults_whole() {
+    let mut p = pool("acme");
+    p.spec.template.resources =
+        Some(serde_json::from_value(serde_json::json!({"requests": {"memory": "1Gi"}})).unwrap());
+    let r = container(&build(&p)).resources.clone().unwrap();
+    assert_eq!(r.requests.as_ref().unwrap()["memory"].0, "1Gi");
+    assert!(!r.requests.as_ref().unwrap().contains_key("cpu"));
+    assert!(r.limits.is_none());
+}
+
+#[test]
+fn gateway_pods_spread_over_zones_and_nodes_by_default() {
+    let p = pool("acme");
+    let d = build(&p);
+    let spread = pod_spec(&d).topology_spread_constraints.clone().unwrap();
+    let keys: Vec<&str> = spread.iter().map(|c| c.topology_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    );
+    for c in &spread {
+        assert_eq!(c.max_skew, 1);
+        assert_eq!(c.when_unsatisfiable, "ScheduleAnyway");
+        assert_eq!(
+            c.label_selector.as_ref().unwrap().match_labels.as_ref(),
+            Some(&selector_labels(&p)),
+            "the pool's own pods only"
+        );
+    }
+    assert_eq!(pod_spec(&d).priority_class_name, None);
+}
+
+#[test]
+fn given_spread_constraints_replace_the_defaults_and_get_the_pools_selector() {
+    let mut p = pool("acme");
+    p.spec.template = serde_json::from_value(serde_json::json!({
+        "topologySpreadConstraints": [{
+            "maxSkew": 2, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule",
+        }, {
+            "maxSkew": 1, "topologyKey": "rack",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"team": "edge"}},
+        }],
+        "priorityClassName": "tether-gateways",
+    }))
+    .unwrap();
+    let d = build(&p);
+    let spread = pod_spec(&d).topology_spread_constraints.clone().unwrap();
+    assert_eq!(spread.len(), 2);
+    assert_eq!(spread[0].max_skew, 2);
+    assert_eq!(spread[0].when_unsatisfiable, "DoNotSchedule");
+    assert_eq!(
+        spread[0]
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref(),
+        Some(&selector_labels(&p))
+    );
+    assert_eq!(
+        spread[1]
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["team"],
+        "edge",
+        "a given selector is kept"
+    );
+    assert_eq!(
+        pod_spec(&d).priority_class_name.as_deref(),
+        Some("tether-gateways")
+    );
+
+    // An empty list turns spreading off.
+    p.spec.template.topology_spread_constraints = Some(vec![]);
+    assert_eq!(pod_spec(&build(&p)).topology_spread_constraints, None);
+}
+
+#[test]
+fn the_disruption_budget_is_a_share_of_the_pool_and_lets_unhealthy_pods_go() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut p = pool("acme");
+    let spec = build(&p).pdb.spec.unwrap();
+    assert_eq!(
+        spec.max_unavailable,
+        Some(IntOrString::String("10%".into()))
+    );
+    assert_eq!(spec.min_available, None);
+    assert_eq!(
+        spec.unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow")
+    );
+    p.spec.disruption.max_unavailable = IntOrString::Int(3);
+    let spec = build(&p).pdb.spec.unwrap();
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(3)));
 }
