@@ -96,6 +96,14 @@ pub struct PublicKey {
     pub(crate) key: DecodingKey,
 }
 
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublicKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Verifies agent tokens against the pool's keys.
 pub struct TokenVerifier {
     keys: RwLock<Keys>,
@@ -376,10 +384,15 @@ impl TokenVerifier {
         if let Some(remote) = &self.remote
             && remote.stale(std::time::Instant::now())
         {
-            let why = remote
-                .state()
-                .last_error
-                .map_or_else(|| "never fetched".to_owned(), |e| e.to_string());
+            let state = remote.state();
+            let why = match (state.last_error, state.last_success) {
+                (Some(e), _) => e.to_string(),
+                (None, Some(at)) => format!(
+                    "last good fetch {} s ago, none attempted since",
+                    at.elapsed().as_secs()
+                ),
+                (None, None) => "never fetched".to_owned(),
+            };
             return Err(AuthError::Invalid(format!(
                 "no current signing keys: the JWKS was not fetched successfully within \
                  auth.jwt.jwks.maxStaleSeconds ({why})"

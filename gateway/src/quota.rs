@@ -115,6 +115,7 @@ mod tests {
             &QuotaConfig {
                 per_api_key: per_key.map(q),
                 per_tenant: tenant.map(q),
+                max_connections: None,
             },
             now,
         )
