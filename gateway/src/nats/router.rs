@@ -967,7 +967,7 @@ impl Router for NatsRouter {
             .revocations
             .publish(revocation)
             .await
-            .map_err(|e| unavailable(&e.to_string()))?;
+            .map_err(unavailable)?;
         // This pod also hears its own announcement; applying it now makes the answer
         // mean "closed here already".
         inner.hub.revoke(revocation);
