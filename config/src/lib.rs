@@ -234,7 +234,9 @@ pub struct AuthConfig {
     /// Agent tokens.
     pub jwt: JwtConfig,
     /// How long a revocation without an explicit `until` lasts, in seconds (docs/push-api.md,
-    /// "Revocation"): at least the longest token lifetime the issuer hands out.
+    /// "Revocation"): at least the longest token lifetime the issuer hands out. Left out
+    /// of rendered YAML at its default, so pools that do not set it render as before.
+    #[serde(skip_serializing_if = "is_default_revocation")]
     pub revocation_default_seconds: u64,
     /// File with one push-API key per line (a mounted Secret), optionally followed by
     /// its scopes: `<key> push,request,presence` or `<key> admin`; a bare key has every
@@ -298,12 +300,18 @@ impl ConnectCheckConfig {
     }
 }
 
+const DEFAULT_REVOCATION_SECONDS: u64 = 24 * 3600;
+
+fn is_default_revocation(seconds: &u64) -> bool {
+    *seconds == DEFAULT_REVOCATION_SECONDS
+}
+
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             jwt: JwtConfig::default(),
             api_keys_file: None,
-            revocation_default_seconds: 24 * 3600,
+            revocation_default_seconds: DEFAULT_REVOCATION_SECONDS,
             connect_check: None,
         }
     }
