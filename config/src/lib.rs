@@ -52,6 +52,10 @@ pub struct GatewayConfig {
     pub drain: DrainConfig,
     /// Reporting of this pod's connection count into the pool's status.
     pub status: Option<StatusConfig>,
+    /// Rate quotas of the push API, per API key and per tenant (docs/security.md,
+    /// "Quotas").
+    #[serde(skip_serializing_if = "QuotaConfig::is_default")]
+    pub quotas: QuotaConfig,
     /// How pushes to one agent are delivered: straight to its socket, or through a
     /// durable per-agent queue (docs/routing.md, "Durable delivery").
     #[serde(skip_serializing_if = "DeliveryConfig::is_default")]
@@ -224,15 +228,182 @@ impl Default for Limits {
 }
 
 /// How agents (JWT) and backends (API keys) authenticate.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Agent tokens.
     pub jwt: JwtConfig,
+    /// How long a revocation without an explicit `until` lasts, in seconds (docs/push-api.md,
+    /// "Revocation"): at least the longest token lifetime the issuer hands out. Left out
+    /// of rendered YAML at its default, so pools that do not set it render as before.
+    #[serde(skip_serializing_if = "is_default_revocation")]
+    pub revocation_default_seconds: u64,
     /// File with one push-API key per line (a mounted Secret), optionally followed by
     /// its scopes: `<key> push,request,presence` or `<key> admin`; a bare key has every
     /// scope (the format before scopes). `#` starts a comment. See docs/security.md.
     pub api_keys_file: Option<PathBuf>,
+    /// Ask the tenant's backend whether to admit each agent (docs/security.md,
+    /// "Connect check").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_check: Option<ConnectCheckConfig>,
+}
+
+/// What a connect check does when the backend cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Unreachable {
+    /// Refuse the agent (503, it retries): nobody gets in unchecked.
+    #[default]
+    Deny,
+    /// Admit the agent with its token's groups: availability over the check.
+    Allow,
+}
+
+/// The connect check: before the upgrade, the gateway POSTs the verified agent to the
+/// backend, signed like upstream events, and applies its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectCheckConfig {
+    /// The backend's URL (`http://` or `https://`).
+    pub url: String,
+    /// HMAC-SHA256 key (at least 32 bytes) signing `"{timestamp}.{body}"`.
+    pub secret_file: PathBuf,
+    /// Timeout of one check, in milliseconds.
+    #[serde(default = "ConnectCheckConfig::default_timeout")]
+    pub timeout_ms: u64,
+    /// How long an answer is reused for the same agent id, in seconds (0: ask on every
+    /// handshake).
+    #[serde(default = "ConnectCheckConfig::default_cache")]
+    pub cache_seconds: u64,
+    /// What to do when the backend does not answer in time, answers another status than
+    /// 200 or an unreadable body.
+    #[serde(default)]
+    pub on_unreachable: Unreachable,
+}
+
+impl ConnectCheckConfig {
+    /// A check against `url` signed with the key in `secret_file`, with the defaults.
+    pub fn new(url: impl Into<String>, secret_file: PathBuf) -> Self {
+        Self {
+            url: url.into(),
+            secret_file,
+            timeout_ms: Self::default_timeout(),
+            cache_seconds: Self::default_cache(),
+            on_unreachable: Unreachable::Deny,
+        }
+    }
+    fn default_timeout() -> u64 {
+        2_000
+    }
+    fn default_cache() -> u64 {
+        60
+    }
+}
+
+const DEFAULT_REVOCATION_SECONDS: u64 = 24 * 3600;
+
+fn is_default_revocation(seconds: &u64) -> bool {
+    *seconds == DEFAULT_REVOCATION_SECONDS
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt: JwtConfig::default(),
+            api_keys_file: None,
+            revocation_default_seconds: DEFAULT_REVOCATION_SECONDS,
+            connect_check: None,
+        }
+    }
+}
+
+/// Rate quotas on the push API's calls (pushes, requests, group sends, broadcasts).
+/// Each is a token bucket per gateway pod; unset means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// The rate each API key may call at; one key over it gets 429 while the others
+    /// go on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_api_key: Option<RateQuota>,
+    /// The rate all of the tenant's keys together may call at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_tenant: Option<RateQuota>,
+    /// Most agent connections of the whole pool (all pods together, counted over the
+    /// bus); more are refused with 503 and are not scaling demand.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+}
+
+impl QuotaConfig {
+    /// Whether no quota is set (the section is then left out of rendered YAML).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A token bucket: `perSecond` calls a second on average, bursts of `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateQuota {
+    /// Sustained calls per second.
+    pub per_second: u32,
+    /// Calls allowed at once after a quiet period (at least `perSecond`).
+    pub burst: u32,
+}
+
+/// A JWKS fetched over HTTPS: cached, refreshed every `refreshIntervalSeconds` and when
+/// a token names an unknown `kid` (at most once per `minRefreshIntervalSeconds`), and
+/// served stale for at most `maxStaleSeconds` while the URL fails.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwksConfig {
+    /// The `https://` URL of the JWKS document.
+    pub url: String,
+    /// Extra CA certificates (PEM) trusted besides the system roots, for an identity
+    /// provider behind a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// How often the key set is fetched again, in seconds.
+    #[serde(default = "JwksConfig::default_refresh_interval")]
+    pub refresh_interval_seconds: u64,
+    /// Least time between two fetches, in seconds: a token naming an unknown `kid`
+    /// fetches at most this often, so forged `kid`s cannot hammer the provider.
+    #[serde(default = "JwksConfig::default_min_refresh_interval")]
+    pub min_refresh_interval_seconds: u64,
+    /// How long the last good key set is used after fetches started failing, in
+    /// seconds; past it every token is refused until a fetch succeeds.
+    #[serde(default = "JwksConfig::default_max_stale")]
+    pub max_stale_seconds: u64,
+    /// Timeout of one fetch (connect, TLS, headers and body), in milliseconds.
+    #[serde(default = "JwksConfig::default_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl JwksConfig {
+    /// A JWKS at `url` with the default intervals.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: None,
+            refresh_interval_seconds: Self::default_refresh_interval(),
+            min_refresh_interval_seconds: Self::default_min_refresh_interval(),
+            max_stale_seconds: Self::default_max_stale(),
+            timeout_ms: Self::default_timeout(),
+        }
+    }
+    fn default_refresh_interval() -> u64 {
+        300
+    }
+    fn default_min_refresh_interval() -> u64 {
+        10
+    }
+    fn default_max_stale() -> u64 {
+        24 * 3600
+    }
+    fn default_timeout() -> u64 {
+        5_000
+    }
 }
 
 /// Agent token verification.
@@ -245,6 +416,10 @@ pub struct JwtConfig {
     /// more blocks, or a JWKS document (`{"keys":[...]}`) whose `kid`s select the key a
     /// token names. Re-read while running, so keys rotate without a restart.
     pub public_keys_file: Option<PathBuf>,
+    /// Public keys fetched from a JWKS URL (an identity provider's
+    /// `.well-known/jwks.json`), cached and refreshed; instead of the two files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<JwksConfig>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required `aud`, if set.
@@ -260,6 +435,7 @@ impl Default for JwtConfig {
         Self {
             hs256_secret_file: None,
             public_keys_file: None,
+            jwks: None,
             issuer: None,
             audience: None,
             leeway_seconds: 30,
@@ -614,6 +790,79 @@ impl GatewayConfig {
                 "auth.jwt: set hs256SecretFile or publicKeysFile, not both (algorithm confusion)"
                     .into(),
             ));
+        }
+        let key_sources = [
+            jwt.hs256_secret_file.is_some(),
+            jwt.public_keys_file.is_some(),
+            jwt.jwks.is_some(),
+        ];
+        if key_sources.iter().filter(|set| **set).count() > 1 {
+            return Err(ConfigError::Invalid(
+                "auth.jwt: set one of hs256SecretFile, publicKeysFile or jwks".into(),
+            ));
+        }
+        if let Some(jwks) = &jwt.jwks {
+            if !jwks.url.starts_with("https://") {
+                return Err(ConfigError::Invalid(
+                    "auth.jwt.jwks.url must be an https:// URL: keys fetched in clear could be \
+                     replaced on the way"
+                        .into(),
+                ));
+            }
+            if jwks.refresh_interval_seconds == 0 || jwks.timeout_ms == 0 {
+                return Err(ConfigError::Invalid(
+                    "auth.jwt.jwks: refreshIntervalSeconds and timeoutMs must be greater than 0"
+                        .into(),
+                ));
+            }
+            if jwks.max_stale_seconds < jwks.refresh_interval_seconds {
+                return Err(ConfigError::Invalid(
+                    "auth.jwt.jwks.maxStaleSeconds must be at least refreshIntervalSeconds: \
+                     keys would go stale between two scheduled fetches"
+                        .into(),
+                ));
+            }
+            if jwks.min_refresh_interval_seconds > jwks.refresh_interval_seconds {
+                return Err(ConfigError::Invalid(
+                    "auth.jwt.jwks.minRefreshIntervalSeconds must not exceed \
+                     refreshIntervalSeconds"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(check) = &self.auth.connect_check {
+            if !(check.url.starts_with("http://") || check.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(
+                    "auth.connectCheck.url must be an http:// or https:// URL".into(),
+                ));
+            }
+            if check.timeout_ms == 0 {
+                return Err(ConfigError::Invalid(
+                    "auth.connectCheck.timeoutMs must be greater than 0".into(),
+                ));
+            }
+        }
+        if self.auth.revocation_default_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "auth.revocationDefaultSeconds must be greater than 0".into(),
+            ));
+        }
+        if self.quotas.max_connections == Some(0) {
+            return Err(ConfigError::Invalid(
+                "quotas.maxConnections must be greater than 0 (leave it out for no cap)".into(),
+            ));
+        }
+        for (name, quota) in [
+            ("quotas.perApiKey", &self.quotas.per_api_key),
+            ("quotas.perTenant", &self.quotas.per_tenant),
+        ] {
+            if let Some(q) = quota
+                && (q.per_second == 0 || q.burst < q.per_second)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: perSecond must be greater than 0 and burst at least perSecond"
+                )));
+            }
         }
         if let Some(upstream) = &self.upstream {
             if !(upstream.url.starts_with("http://") || upstream.url.starts_with("https://")) {

@@ -194,6 +194,12 @@ pub struct ConnectionPoolSpec {
     #[serde(default)]
     pub service: ServiceSpec,
 
+    /// Quotas: rates of the push API's sending calls (pushes, requests, group sends,
+    /// broadcasts), enforced by each gateway pod (over one, a call gets 429 with
+    /// `Retry-After`), and a pool-wide connection cap. Unset: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<QuotasSpec>,
+
     /// Who may reach the push API (port `api`, 8081) through the pool's NetworkPolicy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiSpec>,
@@ -433,6 +439,39 @@ impl Default for LimitsSpec {
     }
 }
 
+/// Rate quotas of the push API, per gateway pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotasSpec {
+    /// The rate each API key may send at; a key over it gets 429 while other keys go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_api_key: Option<RateQuotaSpec>,
+    /// The rate all of the tenant's API keys together may send at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_tenant: Option<RateQuotaSpec>,
+    /// Most agent connections of the whole pool, all pods together (the pods count over
+    /// the bus, at most a second late). More are refused with 503, and are not scaling
+    /// demand: the pool does not grow for agents its cap would refuse anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub max_connections: Option<i64>,
+}
+
+/// A token bucket: `perSecond` calls a second on average, bursts of `burst`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    { "rule": "self.burst >= self.perSecond", "message": "burst must be at least perSecond" }
+]))]
+pub struct RateQuotaSpec {
+    /// Sustained calls per second.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub per_second: i32,
+    /// Calls allowed at once after a quiet period.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub burst: i32,
+}
+
 /// One key of a Secret in the pool's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -471,6 +510,11 @@ pub struct AuthSpec {
     /// Secret key holding the push API's keys, one per line (`#` starts a comment).
     /// Tenant backends send one as `Authorization: Bearer <key>`.
     pub api_keys_secret_ref: SecretKeyRef,
+    /// How long a revocation (`POST /v1/agents/{id}/revoke`) without an explicit
+    /// `until` lasts, in seconds: at least the longest lifetime of the agents' tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31_536_000))]
+    pub revocation_default_seconds: Option<i32>,
 }
 
 /// Agent token verification. Exactly one key source: a shared HS256 secret, or PEM
@@ -479,8 +523,8 @@ pub struct AuthSpec {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "has(self.secretRef) != has(self.publicKeysSecretRef)",
-        "message": "set exactly one of auth.jwt.secretRef (HS256) and auth.jwt.publicKeysSecretRef (RS256/ES256)"
+        "rule": "(has(self.secretRef) ? 1 : 0) + (has(self.publicKeysSecretRef) ? 1 : 0) + (has(self.jwks) ? 1 : 0) == 1",
+        "message": "set exactly one of auth.jwt.secretRef (HS256), auth.jwt.publicKeysSecretRef and auth.jwt.jwks (RS256/ES256)"
     }
 ]))]
 pub struct JwtSpec {
@@ -492,6 +536,10 @@ pub struct JwtSpec {
     /// key a token names, so keys rotate by `kid` without a restart (re-read every 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_keys_secret_ref: Option<SecretKeyRef>,
+    /// Public keys of RS256/ES256 tokens fetched from an identity provider's JWKS URL,
+    /// cached and refreshed, so its key rotations need no Secret update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<JwksSpec>,
     /// Required `iss` claim, if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
@@ -500,6 +548,39 @@ pub struct JwtSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub audience: Option<String>,
+}
+
+/// A JWKS URL the gateways fetch agents' token keys from (system CA roots).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.maxStaleSeconds >= self.refreshIntervalSeconds",
+        "message": "jwks.maxStaleSeconds must be at least jwks.refreshIntervalSeconds"
+    }
+]))]
+pub struct JwksSpec {
+    /// The `https://` URL of the JWKS document.
+    #[schemars(length(min = 9, max = 2048), regex(pattern = "^https://"))]
+    pub url: String,
+    /// How often the key set is fetched again, in seconds. A token naming an unknown
+    /// `kid` also fetches it, at most once per 10 seconds.
+    #[serde(default = "default_jwks_refresh")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub refresh_interval_seconds: i32,
+    /// How long the last good key set is used while the URL fails, in seconds; past it
+    /// every token is refused until a fetch succeeds.
+    #[serde(default = "default_jwks_max_stale")]
+    #[schemars(range(min = 10, max = 604_800))]
+    pub max_stale_seconds: i32,
+}
+
+fn default_jwks_refresh() -> i32 {
+    300
+}
+
+fn default_jwks_max_stale() -> i32 {
+    86_400
 }
 
 /// An agent event forwarded to the upstream.

@@ -24,6 +24,7 @@ use tracing::instrument;
 use crate::auth::{AuthError, MAX_AGENT_ID_LEN, MAX_GROUP_LEN, Scope, valid_name};
 use crate::hub::Outbound;
 use crate::metrics::label;
+use crate::revocation::{Revocation, Revoked};
 use crate::router::{Push, Request as AgentRequest, RouteError};
 use crate::state::AppState;
 
@@ -70,6 +71,14 @@ pub enum ApiError {
         /// The `Retry-After` header, in seconds.
         retry_after_seconds: u64,
     },
+    /// 429 `quota_exceeded`: the API key or the tenant is over its `quotas` rate.
+    #[error("{message}")]
+    QuotaExceeded {
+        /// Which quota, and what to do.
+        message: String,
+        /// The `Retry-After` header, in seconds.
+        retry_after_seconds: u64,
+    },
     /// 502: the agent answered with an error or went away.
     #[error("{0}")]
     BadGateway(String),
@@ -95,6 +104,7 @@ impl ApiError {
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::DurableQueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            ApiError::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "agent_error"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -107,6 +117,10 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let retry_after = match &self {
             ApiError::DurableQueueFull {
+                retry_after_seconds,
+                ..
+            }
+            | ApiError::QuotaExceeded {
                 retry_after_seconds,
                 ..
             } => Some(*retry_after_seconds),
@@ -244,6 +258,8 @@ pub fn router(state: Arc<AppState>) -> HttpRouter {
             "/v1/agents/{agent}/messages/{id}",
             get(agent_message_status),
         )
+        .route("/v1/agents/{agent}/revoke", post(revoke_agent))
+        .route("/v1/tokens/{jti}/revoke", post(revoke_token))
         .route("/v1/stats", get(stats))
         .route("/admin/drain", post(drain))
         // One byte over the limit is enough to tell "too large" from "exactly at it".
@@ -391,6 +407,50 @@ fn required_scope(method: &http::Method, route: &str) -> Scope {
     }
 }
 
+/// Whether a route's calls count against `quotas`: the calls that send to agents.
+/// Reads, admin calls and revocations do not, so a key over its quota can still see
+/// and stop what it started.
+fn metered(method: &http::Method, route: &str) -> bool {
+    method == http::Method::POST
+        && matches!(
+            route,
+            "/v1/agents/{agent}/messages"
+                | "/v1/agents/{agent}/requests"
+                | "/v1/groups/{group}/messages"
+                | "/v1/broadcast"
+        )
+}
+
+/// Takes the call's quota tokens, or the 429 that refuses it.
+fn take_quota(
+    state: &AppState,
+    method: &http::Method,
+    route: &str,
+    key: [u8; 32],
+) -> ApiResult<()> {
+    if !metered(method, route) {
+        return Ok(());
+    }
+    state.quotas.take(key, Instant::now()).map_err(|refusal| {
+        state
+            .metrics
+            .quota_refusals
+            .add(1, &label("quota", refusal.quota.name()));
+        let retry_after_seconds = refusal.retry_after_seconds();
+        let who = match refusal.quota {
+            crate::quota::Exceeded::ApiKey => "this API key",
+            crate::quota::Exceeded::Tenant => "this tenant (all API keys together)",
+        };
+        ApiError::QuotaExceeded {
+            message: format!(
+                "{who} is over its rate quota (quotas.{}); retry after {retry_after_seconds} s",
+                refusal.quota.name()
+            ),
+            retry_after_seconds,
+        }
+    })
+}
+
 async fn require_api_key(
     State(state): State<Arc<AppState>>,
     route: Option<MatchedPath>,
@@ -404,11 +464,18 @@ async fn require_api_key(
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim());
+    // The key's identity for its quota: its hash, as the key file is kept.
+    let key_id = presented
+        .map(|key| crate::auth::key_hash(key.as_bytes()))
+        .unwrap_or_default();
     match presented.map(|key| state.api_keys.verify(key)) {
         Some(Some(scopes)) => {
             let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("");
             let scope = required_scope(request.method(), route);
             if scopes.allows(scope) {
+                if let Err(refusal) = take_quota(&state, request.method(), route, key_id) {
+                    return refusal.into_response();
+                }
                 match read_body(&state, request).await {
                     Ok(request) => next.run(request).await,
                     Err(e) => e.into_response(),
@@ -896,12 +963,84 @@ async fn disconnect(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The optional body of a revocation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    /// Unix seconds until which the revocation holds; default now +
+    /// `auth.revocationDefaultSeconds`.
+    #[serde(default)]
+    until: Option<u64>,
+}
+
+/// The revocation a `POST …/revoke` asks for: `until` from the body (it must lie in the
+/// future), else now + `auth.revocationDefaultSeconds`.
+fn revocation(state: &AppState, revoked: Revoked, body: &Bytes) -> ApiResult<Revocation> {
+    let body: RevokeBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RevokeBody::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "the body is optional; if present it is {{\"until\": <Unix seconds>}}: {e}"
+            ))
+        })?
+    };
+    let now = crate::hub::unix_now();
+    let until = match body.until {
+        Some(until) if until <= now => {
+            return Err(ApiError::BadRequest(format!(
+                "until ({until}) is not in the future (now is {now})"
+            )));
+        }
+        Some(until) => until,
+        None => now.saturating_add(state.config.auth.revocation_default_seconds),
+    };
+    Ok(Revocation { revoked, until })
+}
+
+async fn revoke(state: &AppState, revocation: Revocation) -> ApiResult<Response> {
+    state.router.revoke(&revocation).await?;
+    let (kind, name) = match &revocation.revoked {
+        Revoked::Agent(agent) => ("agent", agent),
+        Revoked::Token(jti) => ("jti", jti),
+    };
+    Ok(Json(json!({ kind: name, "until": revocation.until })).into_response())
+}
+
+/// `POST /v1/agents/{agent}/revoke`: closes the agent's connection anywhere in the pool
+/// with 4008 and refuses its handshakes (403) until `until`.
+async fn revoke_agent(
+    State(state): State<Arc<AppState>>,
+    Path(agent): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    checked_agent(&agent)?;
+    let revocation = revocation(&state, Revoked::Agent(agent), &body)?;
+    revoke(&state, revocation).await
+}
+
+/// `POST /v1/tokens/{jti}/revoke`: the same for the one token with this `jti`.
+async fn revoke_token(
+    State(state): State<Arc<AppState>>,
+    Path(jti): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    if !valid_name(&jti, MAX_AGENT_ID_LEN) {
+        return Err(ApiError::BadRequest(format!(
+            "a jti is 1..={MAX_AGENT_ID_LEN} bytes without control characters"
+        )));
+    }
+    let revocation = revocation(&state, Revoked::Token(jti), &body)?;
+    revoke(&state, revocation).await
+}
+
 async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(json!({
         "pod": state.pod,
         "connections": state.hub.len(),
         "admitted": state.admitted.load(Ordering::Acquire),
         "max_connections": state.config.limits.max_connections,
+        "refused_tenant_cap": state.refused_capped.load(Ordering::Relaxed),
         "draining": state.is_draining(),
         "ready": state.router.ready() && !state.is_draining() && !state.is_shedding(),
     }))

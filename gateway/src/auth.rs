@@ -19,6 +19,8 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tether_config::JwtConfig;
 
+use crate::jwks::{JwksError, Remote};
+
 /// Longest agent id accepted (`sub`), in bytes.
 pub const MAX_AGENT_ID_LEN: usize = 256;
 /// Longest group name accepted, in bytes.
@@ -66,6 +68,9 @@ pub struct AgentIdentity {
     pub groups: Vec<String>,
     /// Expiry, Unix seconds (`exp`).
     pub expires_at: u64,
+    /// The token's id (`jti`), if it has one: what `POST /v1/tokens/{jti}/revoke`
+    /// names.
+    pub jti: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +81,8 @@ struct Claims {
     groups: Vec<String>,
     #[serde(default)]
     tenant: Option<String>,
+    #[serde(default)]
+    jti: Option<String>,
 }
 
 enum Keys {
@@ -84,16 +91,27 @@ enum Keys {
 }
 
 /// A public key and the `kid` it was published under (JWKS), if any.
-struct PublicKey {
-    kid: Option<String>,
-    key: DecodingKey,
+pub struct PublicKey {
+    pub(crate) kid: Option<String>,
+    pub(crate) key: DecodingKey,
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublicKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Verifies agent tokens against the pool's keys.
 pub struct TokenVerifier {
     keys: RwLock<Keys>,
-    /// Where the keys came from, to re-read them on rotation (`None`: fixed keys).
+    /// Where the keys came from, to re-read them on rotation (`None`: fixed keys, or
+    /// keys fetched from a JWKS URL).
     source: Option<JwtConfig>,
+    /// The JWKS URL the keys are fetched from (`auth.jwt.jwks`).
+    remote: Option<Remote>,
     /// One validation per accepted algorithm: jsonwebtoken refuses a validation that
     /// lists algorithms of another family than the key's.
     validations: Vec<Validation>,
@@ -205,9 +223,12 @@ fn load_keys(config: &JwtConfig) -> Result<Keys, KeyError> {
                 }
                 Keys::Public(keys)
             }
+            // Filled by the first fetch (`TokenVerifier::refresh_remote`), which the
+            // gateway awaits before it listens.
+            (None, None) if config.jwks.is_some() => Keys::Public(Vec::new()),
             (None, None) => {
                 return Err(KeyError::Invalid(
-                    "auth.jwt needs hs256SecretFile or publicKeysFile".into(),
+                    "auth.jwt needs hs256SecretFile, publicKeysFile or jwks".into(),
                 ));
             }
             (Some(_), Some(_)) => {
@@ -224,7 +245,10 @@ impl TokenVerifier {
     pub fn from_config(config: &JwtConfig, tenant: Option<String>) -> Result<Self, KeyError> {
         let keys = load_keys(config)?;
         let mut verifier = Self::new(keys, config, tenant);
-        verifier.source = Some(config.clone());
+        match &config.jwks {
+            Some(jwks) => verifier.remote = Some(Remote::new(jwks)?),
+            None => verifier.source = Some(config.clone()),
+        }
         Ok(verifier)
     }
 
@@ -293,13 +317,87 @@ impl TokenVerifier {
         Self {
             keys: RwLock::new(keys),
             source: None,
+            remote: None,
             validations,
             tenant,
         }
     }
 
+    /// The JWKS URL the keys come from, if they are fetched.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
+    /// Fetches the JWKS again (rate-limited by `minRefreshIntervalSeconds`) and, if it
+    /// yields keys, uses them from now on. `Ok(false)`: no fetch (fixed keys, or the
+    /// rate limit). A failure keeps the current keys.
+    pub async fn refresh_remote(&self) -> Result<bool, JwksError> {
+        let Some(remote) = &self.remote else {
+            return Ok(false);
+        };
+        match remote.fetch().await? {
+            Some(keys) => {
+                *self.keys.write() = Keys::Public(keys);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Whether `token` names a `kid` that none of the current keys has.
+    fn names_unknown_kid(&self, token: &str) -> bool {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return false;
+        };
+        let Some(kid) = header.kid else {
+            return false;
+        };
+        match &*self.keys.read() {
+            Keys::Hs256(_) => false,
+            Keys::Public(keys) => !keys.iter().any(|k| k.kid.as_deref() == Some(&kid)),
+        }
+    }
+
+    /// Whether a refused `token` might verify after a JWKS fetch: the keys come from a
+    /// JWKS URL and none has the `kid` it names.
+    pub fn awaits_fetch(&self, token: &str) -> bool {
+        self.remote.is_some() && self.names_unknown_kid(token)
+    }
+
+    /// [`TokenVerifier::verify`], and for keys fetched from a JWKS URL: a token naming
+    /// an unknown `kid` fetches the set again first (a rotation the periodic refresh
+    /// has not seen yet), at most once per `minRefreshIntervalSeconds` however many
+    /// such tokens arrive.
+    pub async fn verify_fetching(&self, token: &str) -> Result<AgentIdentity, AuthError> {
+        let first = self.verify(token);
+        if first.is_ok() || self.remote.is_none() || !self.names_unknown_kid(token) {
+            return first;
+        }
+        // Fetched or not (another handshake may have fetched a moment ago), check the
+        // keys again; a failed fetch leaves them as they were.
+        let _ = self.refresh_remote().await;
+        self.verify(token)
+    }
+
     /// Verifies a token and returns the agent it names.
     pub fn verify(&self, token: &str) -> Result<AgentIdentity, AuthError> {
+        if let Some(remote) = &self.remote
+            && remote.stale(std::time::Instant::now())
+        {
+            let state = remote.state();
+            let why = match (state.last_error, state.last_success) {
+                (Some(e), _) => e.to_string(),
+                (None, Some(at)) => format!(
+                    "last good fetch {} s ago, none attempted since",
+                    at.elapsed().as_secs()
+                ),
+                (None, None) => "never fetched".to_owned(),
+            };
+            return Err(AuthError::Invalid(format!(
+                "no current signing keys: the JWKS was not fetched successfully within \
+                 auth.jwt.jwks.maxStaleSeconds ({why})"
+            )));
+        }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let Some(validation) = self
@@ -387,6 +485,9 @@ impl TokenVerifier {
         for group in &claims.groups {
             validate_name("group", group, MAX_GROUP_LEN)?;
         }
+        if let Some(jti) = &claims.jti {
+            validate_name("jti", jti, MAX_AGENT_ID_LEN)?;
+        }
         let mut groups = claims.groups;
         groups.sort_unstable();
         groups.dedup();
@@ -394,6 +495,7 @@ impl TokenVerifier {
             agent_id: claims.sub,
             groups,
             expires_at: claims.exp,
+            jti: claims.jti,
         })
     }
 }
@@ -509,7 +611,8 @@ pub struct ApiKeys {
 /// Shortest API key accepted from a key file, in bytes.
 pub const MIN_API_KEY_LEN: usize = 16;
 
-fn key_hash(key: &[u8]) -> [u8; 32] {
+/// The SHA-256 of an API key: how keys are held, and a key's identity for its quota.
+pub fn key_hash(key: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(key).into()
 }

@@ -27,6 +27,8 @@ use parking_lot::{Mutex, RwLock};
 use std::task::Waker;
 use tether_protocol::{CloseCode, ErrorBody, RawValue};
 
+use crate::revocation::{Revocation, Revocations, Revoked};
+
 use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -103,17 +105,27 @@ struct Mutable {
     queue: Option<Box<VecDeque<Outbound>>>,
     /// Set once a `Close` is queued: nothing more is accepted.
     closing: bool,
-    /// The token's groups; `None` for an agent in no group.
+    /// The token's groups and id; `None` for an agent in no group whose token has no
+    /// `jti`.
     groups: Option<Box<Groups>>,
 }
 
-/// A connection's groups (the token's `groups` claim), behind one thin pointer.
+/// A connection's groups (the token's `groups` claim) and its token's `jti` (what a
+/// revocation by token names), behind one thin pointer: the `jti` lives here rather
+/// than in [`Connection`] so that an idle connection stays in its allocator size class.
 #[derive(Debug)]
-struct Groups(Box<[Box<str>]>);
+struct Groups {
+    names: Box<[Box<str>]>,
+    jti: Option<Box<str>>,
+}
 
 impl Mutable {
     fn groups(&self) -> &[Box<str>] {
-        self.groups.as_deref().map_or(&[], |g| &g.0)
+        self.groups.as_deref().map_or(&[], |g| &g.names)
+    }
+
+    fn jti(&self) -> Option<&str> {
+        self.groups.as_deref().and_then(|g| g.jti.as_deref())
     }
 
     fn queue_len(&self) -> usize {
@@ -121,11 +133,12 @@ impl Mutable {
     }
 }
 
-fn groups_of(groups: Vec<String>) -> Option<Box<Groups>> {
-    (!groups.is_empty()).then(|| {
-        Box::new(Groups(
-            groups.into_iter().map(String::into_boxed_str).collect(),
-        ))
+fn groups_of(groups: Vec<String>, jti: Option<Box<str>>) -> Option<Box<Groups>> {
+    (!groups.is_empty() || jti.is_some()).then(|| {
+        Box::new(Groups {
+            names: groups.into_iter().map(String::into_boxed_str).collect(),
+            jti,
+        })
     })
 }
 
@@ -163,13 +176,26 @@ impl Connection {
                 state: Mutex::new(Mutable {
                     queue: None,
                     closing: false,
-                    groups: groups_of(groups),
+                    groups: groups_of(groups, None),
                 }),
                 waker: AtomicWaker::new(),
             },
             pending: AtomicU32::new(0),
             upstream_in_flight: AtomicU32::new(0),
         })
+    }
+
+    /// Records the id (`jti`) of the token the connection now holds (at the handshake
+    /// and on every `refresh`).
+    pub fn set_jti(&self, jti: Option<&str>) {
+        let mut state = self.outbox.state.lock();
+        let names: Vec<String> = state.groups().iter().map(ToString::to_string).collect();
+        state.groups = groups_of(names, jti.map(Into::into));
+    }
+
+    /// Whether the connection's current token has the id `jti`.
+    pub fn has_jti(&self, jti: &str) -> bool {
+        self.outbox.state.lock().jti() == Some(jti)
     }
 
     /// The connection's groups.
@@ -392,6 +418,9 @@ pub struct Hub {
     next_connection_id: AtomicU64,
     outbound_queue: usize,
     max_pending: u32,
+    /// Agents and tokens revoked across the pool (checked at the handshake and on
+    /// `refresh`).
+    pub revocations: Revocations,
 }
 
 impl Hub {
@@ -405,7 +434,30 @@ impl Hub {
             next_connection_id: AtomicU64::new(1),
             outbound_queue,
             max_pending: u32::try_from(max_pending).unwrap_or(u32::MAX),
+            revocations: Revocations::default(),
         }
+    }
+
+    /// Records a revocation and closes this pod's connections it names with
+    /// [`CloseCode::Revoked`]. Returns how many it closed.
+    pub fn revoke(&self, revocation: &Revocation) -> usize {
+        let now = unix_now();
+        self.revocations.insert(revocation, now);
+        if revocation.until <= now {
+            return 0;
+        }
+        let doomed: Vec<Arc<Connection>> = match &revocation.revoked {
+            Revoked::Agent(agent) => self.get(agent).into_iter().collect(),
+            Revoked::Token(jti) => self
+                .snapshot()
+                .into_iter()
+                .filter(|conn| conn.has_jti(jti))
+                .collect(),
+        };
+        for conn in &doomed {
+            conn.close(CloseCode::Revoked);
+        }
+        doomed.len()
     }
 
     /// A fresh process-unique connection id.
@@ -433,7 +485,8 @@ impl Hub {
 
     /// Replaces a connection's groups (a `refresh` with a token naming other groups).
     pub fn set_groups(&self, conn: &Connection, groups: Vec<String>) {
-        let groups = groups_of(groups);
+        let jti = conn.outbox.state.lock().jti().map(Into::into);
+        let groups = groups_of(groups, jti);
         let mut index = self.index.write();
         let current = index.is_current(conn);
         if current {

@@ -31,13 +31,17 @@
 
 pub mod api;
 pub mod auth;
+pub mod connect_check;
 pub mod driver;
 pub mod frame;
 pub mod hub;
+pub mod jwks;
 pub mod liveness;
 pub mod metrics;
 pub mod nats;
+pub mod quota;
 pub mod rate;
+pub mod revocation;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub upstream_duration: Histogram<f64>,
     /// `tether.drain.remaining`: connections left to close while draining.
     pub drain_remaining: UpDownCounter<i64>,
+    /// `tether.quota.refusals`: push-API calls refused with 429 by a rate quota, by
+    /// quota (`perApiKey`, `perTenant`).
+    pub quota_refusals: Counter<u64>,
 }
 
 impl Metrics {
@@ -81,6 +84,10 @@ impl Metrics {
             drain_remaining: meter
                 .i64_up_down_counter("tether.drain.remaining")
                 .with_description("Connections left to close while draining")
+                .build(),
+            quota_refusals: meter
+                .u64_counter("tether.quota.refusals")
+                .with_description("Push-API calls refused by a rate quota, by quota")
                 .build(),
         }
     }

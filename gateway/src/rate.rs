@@ -29,6 +29,17 @@ impl TokenBucket {
         self.tokens = (self.tokens + 1.0).min(self.burst);
     }
 
+    /// How long until a token is available, from `now` (zero if one is).
+    pub fn wait(&self, now: Instant) -> std::time::Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
+        let tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f32((1.0 - tokens) / self.rate)
+        }
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
@@ -61,5 +72,15 @@ mod tests {
         let later = start + Duration::from_secs(60);
         assert!((0..3).all(|_| bucket.try_take(later)));
         assert!(!bucket.try_take(later));
+        // Empty: the next token comes in 1/rate.
+        let wait = bucket.wait(later);
+        assert!(
+            wait > Duration::from_millis(90) && wait < Duration::from_millis(101),
+            "{wait:?}"
+        );
+        assert_eq!(
+            bucket.wait(later + Duration::from_millis(100)),
+            Duration::ZERO
+        );
     }
 }

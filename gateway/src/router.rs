@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::hub::{AgentReply, Connection, DeliveryError, Expect, Hub, Outbound};
+use crate::revocation::Revocation;
 
 /// Why a message could not be routed. Each maps to one push-API status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -188,6 +189,17 @@ pub trait Router: Send + Sync + 'static {
     async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<Page, RouteError>;
     /// Closes an agent's connection with [`tether_protocol::CloseCode::Disconnected`].
     async fn disconnect(&self, agent: &str) -> Result<(), RouteError>;
+    /// Revokes an agent or a token on every pod of the pool, including pods that start
+    /// later, until `revocation.until`: its connections close with
+    /// [`tether_protocol::CloseCode::Revoked`] and new ones are refused. Returns once the
+    /// revocation is stored where a restart finds it (the bus), or, without a bus,
+    /// applied in this process.
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), RouteError>;
+    /// Connections on the pool's other pods, as they last announced them (0 without a
+    /// bus): what `quotas.maxConnections` counts besides this pod's.
+    fn connections_elsewhere(&self) -> u64 {
+        0
+    }
     /// Whether durable pushes are available (a durable queue is configured).
     fn durable(&self) -> bool {
         false
@@ -366,6 +378,13 @@ impl Router for LocalRouter {
     async fn disconnect(&self, agent: &str) -> Result<(), RouteError> {
         let conn = self.hub.get(agent).ok_or(RouteError::NotConnected)?;
         conn.close(tether_protocol::CloseCode::Disconnected);
+        Ok(())
+    }
+
+    /// One pod and no bus: the revocation lives in this process (docs/push-api.md says
+    /// a restart forgets it).
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), RouteError> {
+        self.hub.revoke(revocation);
         Ok(())
     }
 }

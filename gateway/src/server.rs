@@ -57,6 +57,10 @@ pub enum StartError {
     /// `listen.tls` names files that do not hold a usable certificate and key.
     #[error("listen.tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The first fetch of `auth.jwt.jwks` failed: with no key at all, no agent could
+    /// connect, so the pod does not pretend to be ready.
+    #[error("auth.jwt.jwks: {0}")]
+    Jwks(#[from] crate::jwks::JwksError),
 }
 
 /// Builds the router once the hub exists (the cross-pod router needs the hub to deliver
@@ -158,6 +162,7 @@ impl Gateway {
     ) -> Result<Self, StartError> {
         config.validate()?;
         let verifier = TokenVerifier::from_config(&config.auth.jwt, config.tenant.clone())?;
+        verifier.refresh_remote().await?;
         let api_keys = match &config.auth.api_keys_file {
             Some(path) => ApiKeys::from_file(path)?,
             None => {
@@ -177,6 +182,12 @@ impl Gateway {
                  cannot tell them from forgeries (see docs/security.md)"
             );
         }
+        let connect_check = config
+            .auth
+            .connect_check
+            .as_ref()
+            .map(crate::connect_check::ConnectCheck::new)
+            .transpose()?;
         let upstream = config
             .upstream
             .as_ref()
@@ -225,6 +236,7 @@ impl Gateway {
                  the envelope): larger pushes are refused with 413"
             );
         }
+        let quotas = crate::quota::Quotas::new(&config.quotas, std::time::Instant::now());
         let state = Arc::new(AppState {
             config,
             pod,
@@ -232,10 +244,13 @@ impl Gateway {
             router,
             verifier,
             api_keys,
+            connect_check,
+            quotas,
             upstream,
             metrics: Metrics::global(),
             admitted: AtomicUsize::new(0),
             refused_full: Default::default(),
+            refused_capped: Default::default(),
             shedding: Default::default(),
             draining: AtomicBool::new(false),
             drain_requested: CancellationToken::new(),
@@ -333,6 +348,11 @@ async fn run(
         ))
     });
     let reload_keys = tokio::spawn(reload_keys(state.clone()));
+    let refresh_jwks = state
+        .verifier
+        .remote()
+        .map(|remote| Duration::from_secs(remote.config().refresh_interval_seconds))
+        .map(|every| tokio::spawn(refresh_jwks(state.clone(), every)));
     let liveness = tokio::spawn(crate::liveness::sweep(
         state.hub.clone(),
         state.config.limits.clone(),
@@ -353,6 +373,9 @@ async fn run(
     stop_accepting.cancel();
     let _ = accept.await;
     reload_keys.abort();
+    if let Some(refresh_jwks) = refresh_jwks {
+        refresh_jwks.abort();
+    }
     if let Some(reload_tls) = reload_tls {
         reload_tls.abort();
     }
@@ -429,6 +452,18 @@ async fn reload_keys(state: Arc<AppState>) {
         if let Err(e) = state.verifier.reload() {
             warn!(%e, "keeping the previous JWT keys");
         }
+    }
+}
+
+/// Fetches `auth.jwt.jwks` every `refreshIntervalSeconds`; a failure keeps the keys
+/// (logged and counted by the fetch itself).
+async fn refresh_jwks(state: Arc<AppState>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let _ = state.verifier.refresh_remote().await;
     }
 }
 

@@ -35,6 +35,7 @@ use tracing::debug;
 
 use crate::auth::AgentIdentity;
 use crate::driver::{Driver, Ended};
+use crate::hub::unix_now;
 use crate::hub::{Connection, Expect, Outbound, UpstreamSlot};
 use crate::liveness;
 use crate::metrics::label;
@@ -67,6 +68,9 @@ pub async fn open(
         identity.groups,
         identity.expires_at.saturating_add(grace),
     );
+    if identity.jti.is_some() {
+        conn.set_jti(identity.jti.as_deref());
+    }
     // Its own second of the ping interval, so that connections opened together (a
     // reconnect storm) are not pinged together, every interval, ever after.
     conn.clock.set_phase(liveness::phase(
@@ -397,7 +401,18 @@ impl Session {
 
     fn refresh(&mut self, token: &str) -> Reaction {
         match self.state.verifier.verify(token) {
+            Ok(identity)
+                if self
+                    .state
+                    .hub
+                    .revocations
+                    .revoked_until(&identity.agent_id, identity.jti.as_deref(), unix_now())
+                    .is_some() =>
+            {
+                Reaction::Close(CloseCode::Revoked)
+            }
             Ok(identity) if identity.agent_id == *self.conn.agent_id => {
+                self.conn.set_jti(identity.jti.as_deref());
                 let grace = self.state.config.auth.jwt.refresh_grace_seconds;
                 self.conn
                     .clock
@@ -412,6 +427,18 @@ impl Session {
                 })
             }
             Ok(_) => Reaction::Close(CloseCode::TokenInvalid),
+            // Signed by a key this pod has not fetched yet (a rotation): the check runs
+            // inside the connection's driver, which cannot wait for a fetch. Fetch in
+            // the background and let the agent reconnect (1013): its handshake then
+            // finds the new key, where 4002 would have stopped it for good.
+            Err(e) if self.state.verifier.awaits_fetch(token) => {
+                debug!(agent = %self.conn.agent_id, %e, "refresh names an unknown kid; fetching the JWKS");
+                let state = self.state.clone();
+                tokio::spawn(async move {
+                    let _ = state.verifier.refresh_remote().await;
+                });
+                Reaction::Close(CloseCode::TryAgainLater)
+            }
             Err(e) => {
                 debug!(agent = %self.conn.agent_id, %e, "refresh refused");
                 self.state

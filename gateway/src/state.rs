@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{ApiKeys, TokenVerifier};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 use crate::router::Router;
 use crate::upstream::Upstream;
 
@@ -29,6 +30,10 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     /// Where agent messages go, if configured.
     pub upstream: Option<Upstream>,
+    /// The tenant backend's say on each handshake (`auth.connectCheck`).
+    pub connect_check: Option<crate::connect_check::ConnectCheck>,
+    /// The push API's rate quotas (`quotas`).
+    pub quotas: Quotas,
     /// OpenTelemetry instruments.
     pub metrics: Metrics,
     /// Connections admitted (including upgrades in progress); bounded by
@@ -37,6 +42,9 @@ pub struct AppState {
     /// Upgrades refused because the pod was full, ever (the status reporter sends the
     /// increase since its previous report: demand the pool could not serve).
     pub refused_full: AtomicU64,
+    /// Upgrades refused because the pool was at `quotas.maxConnections`, ever: not
+    /// demand (more pods would not admit them), so kept apart from `refused_full`.
+    pub refused_capped: AtomicU64,
     /// Set once a drain starts: no new upgrades, readiness false.
     pub draining: AtomicBool,
     /// Set while an instructed shed round runs and its agents reconnect: no new

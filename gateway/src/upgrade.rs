@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 use crate::api::ApiError;
 use crate::auth::AuthError;
+use crate::connect_check::Decision;
 use crate::metrics::label;
 use crate::session::AgentSocket;
 use crate::state::AppState;
@@ -242,10 +243,11 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
     // or forged upgrades on a full pod must not push the pool toward `replicas.max`
     // (they get their 401/403 instead of the 503).
     let admission = state.admit();
-    let identity = match bearer_token(&req)
-        .ok_or(AuthError::Missing)
-        .and_then(|token| state.verifier.verify(&token))
-    {
+    let verified = match bearer_token(&req) {
+        Some(token) => state.verifier.verify_fetching(&token).await,
+        None => Err(AuthError::Missing),
+    };
+    let identity = match verified {
         Ok(identity) => identity,
         Err(e) => {
             let reason = match &e {
@@ -258,6 +260,80 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
             return refuse(&state, "unauthorized", ApiError::from(e));
         }
     };
+    // After the signature check: an unauthenticated caller learns nothing about which
+    // agents are revoked.
+    if let Some(until) = state.hub.revocations.revoked_until(
+        &identity.agent_id,
+        identity.jti.as_deref(),
+        crate::hub::unix_now(),
+    ) {
+        state
+            .metrics
+            .auth_failures
+            .add(1, &label("reason", "revoked"));
+        return refuse(
+            &state,
+            "revoked",
+            ApiError::Forbidden(format!(
+                "agent or token revoked until {until} (Unix seconds)"
+            )),
+        );
+    }
+    let mut identity = identity;
+    if let Some(check) = &state.connect_check {
+        match check.check(&identity, state.config.tenant.as_deref()).await {
+            Decision::Admit { groups } => {
+                identity.groups.extend(groups);
+                identity.groups.sort_unstable();
+                identity.groups.dedup();
+                if identity.groups.len() > crate::auth::MAX_GROUPS {
+                    return refuse(
+                        &state,
+                        "check_refused",
+                        ApiError::Forbidden(format!(
+                            "the token's and the connect check's groups exceed {}",
+                            crate::auth::MAX_GROUPS
+                        )),
+                    );
+                }
+            }
+            Decision::Refuse { reason } => {
+                return refuse(
+                    &state,
+                    "check_refused",
+                    ApiError::Forbidden(format!("refused by the tenant's connect check: {reason}")),
+                );
+            }
+            Decision::Unavailable => {
+                return refuse(
+                    &state,
+                    "check_unavailable",
+                    ApiError::Unavailable(
+                        "the tenant's connect check did not answer; connect again later".into(),
+                    ),
+                );
+            }
+        }
+    }
+    // The pool-wide cap before the pod's own: an agent refused at the cap is not demand
+    // (another pod would refuse it too), so it must not reach `refused_full`.
+    if let Some(cap) = state.config.quotas.max_connections {
+        let here = state.admitted.load(std::sync::atomic::Ordering::Acquire) as u64;
+        // `admitted` already holds this handshake's slot when it got one.
+        let pool = here + u64::from(admission.is_none()) + state.router.connections_elsewhere();
+        if pool > cap {
+            state
+                .refused_capped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return refuse(
+                &state,
+                "tenant_cap",
+                ApiError::Unavailable(format!(
+                    "the pool is at its connection cap (quotas.maxConnections: {cap})"
+                )),
+            );
+        }
+    }
     let Some(admission) = admission else {
         state.refused_for_capacity();
         return refuse(

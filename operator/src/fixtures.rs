@@ -43,10 +43,12 @@ pub fn with_public_keys(mut pool: ConnectionPool) -> ConnectionPool {
         jwt: JwtSpec {
             secret_ref: None,
             public_keys_secret_ref: Some(secret("acme-jwt-keys", "public.pem")),
+            jwks: None,
             issuer: Some("https://id.example".into()),
             audience: Some("tether".into()),
         },
         api_keys_secret_ref: secret("acme-api-keys", "keys"),
+        revocation_default_seconds: None,
     };
     pool.spec.replicas = ReplicasSpec { min: 2, max: 5 };
     pool

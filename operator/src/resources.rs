@@ -29,9 +29,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tether_config::{
-    AuthConfig, DeliveryConfig, DeliveryMode, DrainConfig, DurableConfig, GatewayConfig, JwtConfig,
-    Limits, ListenConfig, NatsAuth, NatsConfig, NatsTls, RoutingConfig, StatusConfig, TlsConfig,
-    UpstreamConfig, UpstreamEvent as ConfigEvent,
+    AuthConfig, DeliveryConfig, DeliveryMode, DrainConfig, DurableConfig, GatewayConfig,
+    JwksConfig, JwtConfig, Limits, ListenConfig, NatsAuth, NatsConfig, NatsTls, QuotaConfig,
+    RateQuota, RoutingConfig, StatusConfig, TlsConfig, UpstreamConfig,
+    UpstreamEvent as ConfigEvent,
 };
 use tether_crds::{ConnectionPool, ImagePullPolicy, SecretKeyRef, ServiceType, UpstreamEvent};
 
@@ -456,6 +457,23 @@ pub fn nats_url(pool: &ConnectionPool) -> Option<String> {
 
 /// Renders the pool's spec into the gateway's configuration and checks it the way the
 /// gateway will, so a spec the gateway would refuse never reaches a pod.
+/// `spec.quotas` as the gateway's `quotas` section.
+fn quota_config(pool: &ConnectionPool) -> QuotaConfig {
+    let rate = |q: &tether_crds::RateQuotaSpec| RateQuota {
+        per_second: u32::try_from(q.per_second).unwrap_or(0),
+        burst: u32::try_from(q.burst).unwrap_or(0),
+    };
+    pool.spec
+        .quotas
+        .as_ref()
+        .map(|q| QuotaConfig {
+            per_api_key: q.per_api_key.as_ref().map(rate),
+            per_tenant: q.per_tenant.as_ref().map(rate),
+            max_connections: q.max_connections.and_then(|n| u64::try_from(n).ok()),
+        })
+        .unwrap_or_default()
+}
+
 /// `spec.delivery` as the gateway's `delivery` section: a pool with it gets the durable
 /// queue (and its default mode); one without keeps direct delivery only.
 fn delivery_config(pool: &ConnectionPool) -> DeliveryConfig {
@@ -510,6 +528,11 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
             .public_keys_secret_ref
             .as_ref()
             .and_then(|_| mount_path(&mounts, "jwt")),
+        jwks: spec.auth.jwt.jwks.as_ref().map(|j| JwksConfig {
+            refresh_interval_seconds: positive(j.refresh_interval_seconds),
+            max_stale_seconds: positive(j.max_stale_seconds),
+            ..JwksConfig::new(j.url.clone())
+        }),
         issuer: spec.auth.jwt.issuer.clone(),
         audience: spec.auth.jwt.audience.clone(),
         ..JwtConfig::default()
@@ -547,6 +570,11 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
         auth: AuthConfig {
             jwt,
             api_keys_file: mount_path(&mounts, "api-keys"),
+            revocation_default_seconds: spec
+                .auth
+                .revocation_default_seconds
+                .map_or(AuthConfig::default().revocation_default_seconds, positive),
+            ..AuthConfig::default()
         },
         upstream,
         routing: RoutingConfig {
@@ -564,6 +592,7 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
             }),
         },
         delivery: delivery_config(pool),
+        quotas: quota_config(pool),
         drain: DrainConfig {
             connections_per_second: positive(spec.drain.connections_per_second) as u32,
             deadline_seconds: positive(spec.drain.deadline_seconds),

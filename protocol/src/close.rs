@@ -41,11 +41,14 @@ pub enum CloseCode {
     IdleTimeout,
     /// 4007: no pong arrived in time: the peer is considered dead.
     PingTimeout,
+    /// 4008: a backend revoked this agent or its token (`POST /v1/agents/{id}/revoke`,
+    /// `POST /v1/tokens/{jti}/revoke`); connecting again is refused until it lapses.
+    Revoked,
 }
 
 impl CloseCode {
     /// All codes, for documentation and exhaustive tests.
-    pub const ALL: [CloseCode; 16] = [
+    pub const ALL: [CloseCode; 17] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -62,6 +65,7 @@ impl CloseCode {
         CloseCode::Disconnected,
         CloseCode::IdleTimeout,
         CloseCode::PingTimeout,
+        CloseCode::Revoked,
     ];
 
     /// The numeric code sent in the close frame.
@@ -83,6 +87,7 @@ impl CloseCode {
             CloseCode::Disconnected => 4005,
             CloseCode::IdleTimeout => 4006,
             CloseCode::PingTimeout => 4007,
+            CloseCode::Revoked => 4008,
         }
     }
 
@@ -110,6 +115,7 @@ impl CloseCode {
             CloseCode::Disconnected => "disconnected by backend",
             CloseCode::IdleTimeout => "idle timeout",
             CloseCode::PingTimeout => "ping timeout",
+            CloseCode::Revoked => "revoked",
         }
     }
 
@@ -118,7 +124,10 @@ impl CloseCode {
     pub const fn should_reconnect(self) -> bool {
         !matches!(
             self,
-            CloseCode::TokenInvalid | CloseCode::Replaced | CloseCode::Disconnected
+            CloseCode::TokenInvalid
+                | CloseCode::Replaced
+                | CloseCode::Disconnected
+                | CloseCode::Revoked
         )
     }
 }

@@ -203,7 +203,7 @@ pub struct Directory {
     pods: kv::Store,
 }
 
-async fn open_bucket(
+pub(crate) async fn open_bucket(
     js: &jetstream::Context,
     bucket: &str,
     description: &str,

@@ -22,10 +22,12 @@
 //!
 //! docs/routing.md explains the design and its failure behaviour.
 
+pub mod census;
 pub mod credentials;
 pub mod directory;
 pub mod durable;
 pub mod health;
+pub mod revocations;
 pub mod router;
 pub mod subjects;
 pub mod wire;

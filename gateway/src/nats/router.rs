@@ -27,12 +27,15 @@ use tokio::sync::Notify;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::census::Census;
 use super::directory::{self, Cache, Directory, Me, Reconcile, Route};
 use super::durable::Durable;
 use super::health::NatsHealth;
+use super::revocations::RevocationBus;
 use super::subjects::{PodOp, Subjects};
 use super::wire::{self, Answer, Call};
 use crate::hub::{AgentReply, Connection, Hub, Outbound};
+use crate::revocation::Revocation;
 use crate::router::{
     DurableReceipt, ExpiredMessage, LocalRouter, MessageStatus, Page, Presence, Push, Request,
     RouteError, Router,
@@ -100,6 +103,10 @@ struct Inner {
     directory: Directory,
     /// The durable per-agent queue, when `delivery.durable` is configured.
     durable: Option<Durable>,
+    /// Revoked agents and tokens, stored and announced on the bus.
+    revocations: RevocationBus,
+    /// The other pods' connection counts.
+    census: Arc<Census>,
     cache: Cache,
     tuning: Tuning,
     /// Some local connection is missing from the directory (written while NATS was
@@ -254,6 +261,15 @@ impl NatsRouter {
             ),
             None => None,
         };
+        let revocations = RevocationBus::start(client.clone(), &js, &subjects, hub.clone()).await?;
+        let census = Census::start(
+            client.clone(),
+            subjects.census(),
+            hub.clone(),
+            pod.to_owned(),
+        )
+        .await
+        .map_err(NatsError::Subscribe)?;
         let directory = Directory::open(js, &subjects).await?;
         let me = Me {
             pod: pod.to_owned(),
@@ -270,6 +286,8 @@ impl NatsRouter {
             client: client.clone(),
             directory,
             durable,
+            revocations,
+            census,
             cache: Cache::new(tuning.cache_capacity),
             tuning,
             dirty: AtomicBool::new(false),
@@ -938,6 +956,24 @@ impl Inner {
 
 #[async_trait]
 impl Router for NatsRouter {
+    fn connections_elsewhere(&self) -> u64 {
+        self.inner.census.elsewhere(&self.inner.me.pod)
+    }
+
+    async fn revoke(&self, revocation: &Revocation) -> Result<(), RouteError> {
+        let inner = &self.inner;
+        inner.require_nats()?;
+        inner
+            .revocations
+            .publish(revocation)
+            .await
+            .map_err(unavailable)?;
+        // This pod also hears its own announcement; applying it now makes the answer
+        // mean "closed here already".
+        inner.hub.revoke(revocation);
+        Ok(())
+    }
+
     async fn connected(&self, conn: &Arc<Connection>) {
         let inner = &self.inner;
         if !inner.connected_to_nats() {

@@ -249,6 +249,30 @@ impl Subjects {
         format!("{}.{id}", token(agent))
     }
 
+    /// The revocations bucket (agent or token → until; docs/push-api.md, "Revocation").
+    pub fn revocations_bucket(&self) -> String {
+        format!("tether-{}-revoked", self.ns)
+    }
+
+    /// The subject each pod announces its connection count on (the pool-wide cap).
+    pub fn census(&self) -> String {
+        format!("{}.census", self.root)
+    }
+
+    /// The subject a new revocation is announced on to every pod.
+    pub fn revocations(&self) -> String {
+        format!("{}.revoke", self.root)
+    }
+
+    /// The revocations-bucket key of an agent (`a.`) or a token id (`t.`): the
+    /// prefixes keep an agent and a token of the same name apart.
+    pub fn revocation_key(revoked: &crate::revocation::Revoked) -> String {
+        match revoked {
+            crate::revocation::Revoked::Agent(agent) => format!("a.{}", token(agent)),
+            crate::revocation::Revoked::Token(jti) => format!("t.{}", token(jti)),
+        }
+    }
+
     /// The directory key of an agent.
     pub fn agent_key(agent: &str) -> String {
         format!("a.{}", token(agent))

@@ -3,9 +3,13 @@
 
 mod common;
 
+mod connect_check;
 mod drain;
 mod handshake;
+mod jwks;
 mod limits;
 mod push;
+mod quotas;
 mod refusals;
+mod revocation;
 mod upstream;

@@ -9,6 +9,8 @@ mod durable;
 mod durable_refusals;
 mod harness;
 mod measure;
+mod pool_cap;
+mod revocation;
 
 use std::collections::HashSet;
 use std::time::Duration;
