@@ -23,6 +23,7 @@ pub mod autoscale;
 pub mod controller;
 pub mod lease;
 pub mod metrics;
+pub mod nats;
 pub mod ownership;
 pub mod pin;
 pub mod resources;

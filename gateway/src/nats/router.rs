@@ -86,7 +86,7 @@ impl std::fmt::Debug for NatsRouter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsRouter")
             .field("pod", &self.inner.me.pod)
-            .field("ready", &self.ready())
+            .field("bus_connected", &self.bus_connected())
             .finish_non_exhaustive()
     }
 }
@@ -254,7 +254,7 @@ impl NatsRouter {
             ),
             None => None,
         };
-        let directory = Directory::open(js, &subjects).await?;
+        let directory = Directory::open(js, &subjects, config.replicas.unwrap_or(1).max(1)).await?;
         let me = Me {
             pod: pod.to_owned(),
             boot: uuid::Uuid::new_v4().simple().to_string(),
@@ -1210,7 +1210,7 @@ impl Router for NatsRouter {
         Some(body_limit(self.inner.client.max_payload()))
     }
 
-    fn ready(&self) -> bool {
-        self.inner.connected_to_nats() && self.inner.serving.load(Ordering::Acquire)
+    fn bus_connected(&self) -> Option<bool> {
+        Some(self.inner.connected_to_nats() && self.inner.serving.load(Ordering::Acquire))
     }
 }
