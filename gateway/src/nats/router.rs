@@ -174,6 +174,21 @@ fn unavailable(what: impl std::fmt::Display) -> RouteError {
     RouteError::Unavailable(what.to_string())
 }
 
+/// The servers of `url`: one URL or several, comma-separated.
+fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| NatsError::Connect {
+                    url: u.to_owned(),
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
 impl NatsRouter {
     /// Connects to NATS, opens the pool's directory, subscribes this pod's subjects and
     /// starts serving other pods' calls. With `durable`, it also opens (or updates) the
@@ -228,7 +243,9 @@ impl NatsRouter {
                     }
                 }
             })
-            .connect(url)
+            // Every server of a cluster, so the client moves to another when its own
+            // goes away (async-nats does not split a comma-separated string itself).
+            .connect(server_addrs(url)?.as_slice())
             .await
             .map_err(|e| NatsError::Connect {
                 url: url.to_owned(),

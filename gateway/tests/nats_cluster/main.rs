@@ -123,9 +123,9 @@ impl Cluster {
     /// Waits until the cluster's JetStream can hold a three-replica stream (its meta
     /// leader is elected and every server has joined).
     async fn await_jetstream(&self) {
-        let client = async_nats::connect(self.urls()).await.unwrap();
+        let client = async_nats::connect(self.addrs().as_slice()).await.unwrap();
         let js = async_nats::jetstream::new(client);
-        tether_test_support::eventually("JetStream R3 ready", PATIENCE, || async {
+        tether_test_support::eventually("JetStream R3 ready", PATIENCE * 6, || async {
             let created = js
                 .get_or_create_stream(async_nats::jetstream::stream::Config {
                     name: "probe".into(),
@@ -138,6 +138,15 @@ impl Cluster {
             js.delete_stream("probe").await.ok().map(|_| ())
         })
         .await;
+    }
+
+    /// Every live server, for the test's own clients.
+    fn addrs(&self) -> Vec<async_nats::ServerAddr> {
+        self.servers
+            .iter()
+            .filter(|s| s.child.is_some())
+            .map(|s| format!("nats://127.0.0.1:{}", s.port).parse().unwrap())
+            .collect()
     }
 
     /// Every server's client URL, comma-separated (what the operator renders).
@@ -328,7 +337,9 @@ async fn readiness_watch(urls: Vec<String>, stop: CancellationToken) -> (u64, Ve
 /// The server that leads the pool's durable stream now (once it has one: right after a
 /// kill the stream may be electing).
 async fn stream_leader(cluster: &Cluster) -> String {
-    let client = async_nats::connect(cluster.urls()).await.unwrap();
+    let client = async_nats::connect(cluster.addrs().as_slice())
+        .await
+        .unwrap();
     let js = async_nats::jetstream::new(client);
     tether_test_support::eventually("the stream's leader", PATIENCE, || async {
         let mut stream = js
