@@ -103,6 +103,11 @@ check(
     pod_rules and set(pod_rules[0]["verbs"]) == {"get", "list", "watch", "patch"},
     f"Pods: get/list/watch (to grant them to gateways) and patch (instructions): {pod_rules}",
 )
+pvc_rules = [r for r in rules if "persistentvolumeclaims" in r["resources"]]
+check(
+    pvc_rules and set(pvc_rules[0]["verbs"]) == {"get", "patch"},
+    f"PersistentVolumeClaims: get and patch only (a managed NATS's volumes grow): {pvc_rules}",
+)
 check(all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules), "no wildcards in RBAC")
 lease_rules = find(docs, "Role")[0]["rules"]
 check(any(r.get("resourceNames") == ["tether-operator"] for r in lease_rules), "lease get/update limited by name")
@@ -119,14 +124,14 @@ check("--namespace=tenants" in args, f"--namespace flag: {args}")
 docs = render({"tenantNamespaces": ["team-a", "team-b"]})
 cluster_rules = find(docs, "ClusterRole")[0]["rules"]
 check(
-    not any({"secrets", "pods"} & set(r["resources"]) for r in cluster_rules),
-    f"no cluster-wide Secret or Pod rights with tenantNamespaces: {cluster_rules}",
+    not any({"secrets", "pods", "persistentvolumeclaims"} & set(r["resources"]) for r in cluster_rules),
+    f"no cluster-wide Secret, Pod or claim rights with tenantNamespaces: {cluster_rules}",
 )
 tenant_roles = {d["metadata"]["namespace"]: d for d in find(docs, "Role") if d["metadata"]["name"] == "tether-operator-tenant"}
 check(sorted(tenant_roles) == ["team-a", "team-b"], f"a Role per tenant namespace: {sorted(tenant_roles)}")
 for ns, role in tenant_roles.items():
     granted = {res: set(r["verbs"]) for r in role["rules"] for res in r["resources"]}
-    check(granted == {"secrets": {"get", "create"}, "pods": {"get", "list", "watch", "patch"}}, f"{ns}: {granted}")
+    check(granted == {"secrets": {"get", "create"}, "pods": {"get", "list", "watch", "patch"}, "persistentvolumeclaims": {"get", "patch"}}, f"{ns}: {granted}")
 bindings = {d["metadata"]["namespace"] for d in find(docs, "RoleBinding") if d["metadata"]["name"] == "tether-operator-tenant"}
 check(bindings == {"team-a", "team-b"}, f"bound in each: {bindings}")
 try:

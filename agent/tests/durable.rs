@@ -65,6 +65,7 @@ fn config(dir: &std::path::Path, nats: &Nats, public: &str) -> GatewayConfig {
         namespace: None,
         auth: Default::default(),
         tls: None,
+        replicas: None,
     });
     config.delivery.durable = Some(DurableConfig::default());
     config

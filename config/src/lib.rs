@@ -521,6 +521,11 @@ pub struct NatsConfig {
     /// TLS to NATS.
     #[serde(default)]
     pub tls: Option<NatsTls>,
+    /// JetStream replicas of the pool's directory buckets (1 when absent): 3 on a NATS
+    /// cluster, so that routing survives the loss of one server. The durable stream
+    /// takes `delivery.durable.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
 }
 
 /// NATS credentials: at most one of these (each a mounted Secret file).

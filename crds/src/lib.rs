@@ -49,6 +49,14 @@ pub const CONDITION_DEGRADED: &str = "Degraded";
 /// ResourceQuota, a PodSecurity level, a missing PriorityClass), with the API server's
 /// message.
 pub const CONDITION_PODS_CREATABLE: &str = "PodsCreatable";
+/// Condition type (pools with routing): every gateway pod reaches the message bus
+/// (`True`), some report they do not (`False`, reason `PodsDisconnected`, with how many),
+/// or none has said yet (`Unknown`). Readiness does not depend on it.
+pub const CONDITION_BUS_AVAILABLE: &str = "BusAvailable";
+/// Condition type (managed NATS): the NATS objects are applied (`True`), or why not
+/// (`False`: `NatsRejected`, `NatsApplyFailed`, `NatsRecreating`,
+/// `NatsVolumeResizeFailed`). A NATS failure never stops the gateways or scaling.
+pub const CONDITION_NATS_APPLIED: &str = "NatsApplied";
 
 /// A DNS-1123 label: what a tenant id must look like, since it ends up in names and labels.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -139,6 +147,10 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
     {
         "rule": "!has(self.delivery) || has(self.routing)",
         "message": "delivery needs routing: the durable queue is a NATS JetStream stream"
+    },
+    {
+        "rule": "!has(self.delivery) || !has(self.routing) || !has(self.routing.nats.managed) || !self.routing.nats.managed || (has(self.delivery.replicas) ? self.delivery.replicas : 1) <= (has(self.routing.nats.replicas) ? self.routing.nats.replicas : 1)",
+        "message": "delivery.replicas cannot exceed routing.nats.replicas: each stream replica needs its own NATS server"
     }
 ]))]
 pub struct ConnectionPoolSpec {
@@ -625,7 +637,7 @@ fn default_upstream_events() -> Vec<UpstreamEvent> {
 }
 
 /// The message bus between gateway pods.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoutingSpec {
     /// NATS: either an existing server (`url`) or one the operator runs for this pool
@@ -634,7 +646,7 @@ pub struct RoutingSpec {
 }
 
 /// NATS settings: exactly one of `url` and `managed: true`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
@@ -648,6 +660,18 @@ pub struct RoutingSpec {
     {
         "rule": "has(self.url) || !has(self.auth) || !(has(self.auth.nkeySeedSecretRef) || has(self.auth.credsSecretRef))",
         "message": "a managed NATS takes routing.nats.auth user/passwordSecretRef or tokenSecretRef"
+    },
+    {
+        "rule": "!has(self.replicas) || (has(self.managed) && self.managed)",
+        "message": "routing.nats.replicas sizes a managed NATS (managed: true); an existing NATS (url) is sized where it runs"
+    },
+    {
+        "rule": "!has(self.replicas) || self.replicas % 2 == 1",
+        "message": "routing.nats.replicas must be odd (1, 3, 5 or 7): a NATS cluster's JetStream needs a majority of its servers, and an even count tolerates no more failures than the odd count below it"
+    },
+    {
+        "rule": "!has(self.resources) || (has(self.managed) && self.managed)",
+        "message": "routing.nats.resources applies to a managed NATS (managed: true)"
     }
 ]))]
 pub struct NatsRoutingSpec {
@@ -668,6 +692,19 @@ pub struct NatsRoutingSpec {
     /// TLS to an existing NATS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<NatsTlsSpec>,
+    /// Servers of a managed NATS (default 1): an odd count. With 3 or more they form a
+    /// cluster (routes over the `<pool>-nats-cluster` headless Service), one server may
+    /// go away (a PodDisruptionBudget allows one at a time; pods prefer distinct nodes),
+    /// and the pool's JetStream streams and buckets keep 3 replicas, so a durable
+    /// message stored once survives the loss of any one server. Changing it rolls the
+    /// NATS servers one at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 7))]
+    pub replicas: Option<i32>,
+    /// CPU and memory requests and limits of each managed NATS server (default:
+    /// requests 100m CPU and 256Mi, limit 1Gi memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 /// NATS credentials, each from a Secret key: one of user + password, token, NKey seed
@@ -745,7 +782,9 @@ pub struct DeliverySpec {
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub max_bytes: i64,
-    /// Replicas of the stream (1 for a single NATS server, 3 on a NATS cluster).
+    /// Replicas of the stream (1 for a single NATS server, 3 on a NATS cluster). On a
+    /// managed NATS of 3 or more servers (`routing.nats.replicas`) the stream keeps at
+    /// least 3, whatever this says.
     #[serde(default = "default_delivery_replicas")]
     #[schemars(range(min = 1, max = 5))]
     pub replicas: i32,
@@ -1104,6 +1143,11 @@ pub struct PodReport {
     /// The pod is draining: it accepts nothing and is closing its connections.
     #[serde(default)]
     pub draining: bool,
+    /// The pod reaches the pool's message bus (NATS). Absent for a pod without one.
+    /// Not part of `ready`: a pod serves its own agents without the bus; the operator
+    /// turns these into the pool's `BusAvailable` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus_connected: Option<bool>,
     /// When the pod wrote this entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,

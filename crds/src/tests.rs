@@ -235,6 +235,45 @@ fn nats_is_url_or_managed_not_both() {
 }
 
 #[test]
+fn a_managed_nats_cluster_is_odd_and_holds_the_streams_replicas() {
+    let mut pool = minimal();
+    pool["spec"]["replicas"]["max"] = json!(4);
+    pool["spec"]["routing"] = json!({"nats": {"managed": true, "replicas": 3,
+        "resources": {"requests": {"memory": "512Mi"}}}});
+    pool["spec"]["delivery"] = json!({"replicas": 3});
+    assert_eq!(cel_failures(&pool), Vec::<String>::new());
+    pool["spec"]["routing"]["nats"]["replicas"] = json!(2);
+    let failures = cel_failures(&pool);
+    assert!(
+        failures.iter().any(|f| f.contains("must be odd")),
+        "{failures:?}"
+    );
+    pool["spec"]["routing"]["nats"]["replicas"] = json!(1);
+    let failures = cel_failures(&pool);
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.contains("cannot exceed routing.nats.replicas")),
+        "{failures:?}"
+    );
+    // Sizing and resources are the managed server's; an existing NATS is sized elsewhere.
+    pool["spec"]["delivery"] = json!({});
+    pool["spec"]["routing"] = json!({"nats": {"url": "nats://n:4222", "replicas": 3,
+        "resources": {"requests": {"memory": "512Mi"}}}});
+    let failures = cel_failures(&pool);
+    assert!(
+        failures.iter().any(|f| f.contains("sizes a managed NATS")),
+        "{failures:?}"
+    );
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.contains("resources applies to a managed NATS")),
+        "{failures:?}"
+    );
+}
+
+#[test]
 fn nats_credentials_are_one_method_and_only_for_an_existing_bus() {
     let secret = |key: &str| json!({"name": "acme-nats", "key": key});
     let mut pool = minimal();

@@ -1042,7 +1042,8 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "max_connections": state.config.limits.max_connections,
         "refused_tenant_cap": state.refused_capped.load(Ordering::Relaxed),
         "draining": state.is_draining(),
-        "ready": state.router.ready() && !state.is_draining() && !state.is_shedding(),
+        "ready": !state.is_draining() && !state.is_shedding(),
+        "bus_connected": state.router.bus_connected(),
     }))
 }
 
@@ -1063,9 +1064,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if state.is_shedding() {
         (StatusCode::SERVICE_UNAVAILABLE, "rebalancing")
-    } else if !state.router.ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "routing unavailable")
     } else {
+        // Not the bus: a pod serves its own agents without it, and readiness tied to
+        // NATS would take every pod out of the Service at once when NATS goes away.
+        // Pushes that need the bus answer 503 meanwhile (`UNAVAILABLE`).
         (StatusCode::OK, "ready")
     }
 }

@@ -269,9 +269,13 @@ pub trait Router: Send + Sync + 'static {
     fn max_body_bytes(&self) -> Option<usize> {
         None
     }
-    /// Whether the router can route right now (feeds `/readyz`).
-    fn ready(&self) -> bool {
-        true
+    /// Whether the message bus between pods is up right now: `None` for a router
+    /// without one (this pod's agents only). It feeds the status report
+    /// (`pods[].busConnected`) and metrics, never `/readyz`: a pod serves its own agents
+    /// without the bus, and a bus outage that failed every pod's readiness would empty
+    /// the Service of the whole pool at once (docs/routing.md).
+    fn bus_connected(&self) -> Option<bool> {
+        None
     }
 }
 

@@ -3,9 +3,9 @@
 //! annotation `tether.dev/instruction` of its own Pod object.
 //!
 //! ```text
-//!   hub.len(), refused, ready, draining, instruction id
+//!   hub.len(), refused, ready, draining, bus connected, instruction id
 //!        ──(every 100 ms: due? pure `next_report`)──► SSA /status of the pool
-//!        status.pods[{name, connections, refused, ready, draining, instruction, observedAt, bootId,
+//!        status.pods[{name, connections, refused, ready, draining, busConnected, instruction, observedAt, bootId,
 //!                     pendingMessages (the pool's durable backlog, with a durable queue)}]
 //!        field manager `tether-gateway-<pod>`: pods never overwrite each other
 //!   watch own Pod (fieldSelector metadata.name=<pod>) ──► annotation changed?
@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub ready: bool,
     /// Draining (instructed or for shutdown).
     pub draining: bool,
+    /// Connected to the message bus (`None`: the pod has none). Not part of `ready`:
+    /// the operator turns it into the pool's `BusAvailable` condition.
+    pub bus_connected: Option<bool>,
     /// Id of the instruction the pod acts on (or acted on last).
     pub instruction: Option<String>,
 }
@@ -90,8 +93,8 @@ impl Significance {
 /// When the next report is due, given the last one that reached the API server.
 ///
 /// - nothing sent yet: now;
-/// - `ready`, `draining` or the instruction changed, or agents were refused for want of
-///   room: 250 ms after the last report (the operator waits on these to finish a drain
+/// - `ready`, `draining`, the bus connection or the instruction changed, or agents were
+///   refused for want of room: 250 ms after the last report (the operator waits on these to finish a drain
 ///   or to scale up a full pool);
 /// - the count moved by a significant amount ([`Significance`]): one interval after the
 ///   last report, so a pod writes at most once per interval for counts;
@@ -113,6 +116,7 @@ pub fn next_report(
     let interval = interval.mul_f64(jitter.clamp(0.5, 1.5));
     if sent.ready != current.ready
         || sent.draining != current.draining
+        || sent.bus_connected != current.bus_connected
         || sent.instruction != current.instruction
         || (current.refused > 0 && sent.refused == 0)
     {
@@ -160,6 +164,9 @@ pub fn report_body(
     }
     if let Some(id) = &snap.instruction {
         entry["instruction"] = json!(id);
+    }
+    if let Some(connected) = snap.bus_connected {
+        entry["busConnected"] = json!(connected);
     }
     json!({
         "apiVersion": format!("{}/{}", tether_crds::GROUP, tether_crds::VERSION),
@@ -318,8 +325,9 @@ impl Reporter {
                 .refused_full
                 .load(Ordering::Relaxed)
                 .saturating_sub(refused_base) as i64,
-            ready: !draining && !state.is_shedding() && state.router.ready(),
+            ready: !draining && !state.is_shedding(),
             draining,
+            bus_connected: state.router.bus_connected(),
             instruction: self
                 .acting_on
                 .lock()
@@ -525,6 +533,7 @@ mod tests {
             refused: 0,
             ready: true,
             draining: false,
+            bus_connected: None,
             instruction: None,
         }
     }
@@ -593,6 +602,11 @@ mod tests {
             ..snap(5)
         };
         assert_eq!(next(5, &full, at), quick);
+        let bus_lost = Snapshot {
+            bus_connected: Some(false),
+            ..snap(5)
+        };
+        assert_eq!(next(5, &bus_lost, at), quick);
     }
 
     #[test]
@@ -633,6 +647,14 @@ mod tests {
         let body = report_body("p", "p-1", "boot", &acting, Timestamp::UNIX_EPOCH);
         assert_eq!(body["status"]["pods"][0]["refused"], json!(4));
         assert_eq!(body["status"]["pods"][0]["instruction"], json!("shed-9"));
+        // A pod with a bus says whether it reaches it; one without says nothing.
+        let cut_off = Snapshot {
+            bus_connected: Some(false),
+            ..snap(7)
+        };
+        let body = report_body("p", "p-1", "boot", &cut_off, Timestamp::UNIX_EPOCH);
+        assert_eq!(body["status"]["pods"][0]["busConnected"], json!(false));
+        assert_eq!(body["status"]["pods"][0]["ready"], json!(true));
         let mut body = report_body("p", "p-1", "boot", &snap(7), Timestamp::UNIX_EPOCH);
         with_pending_messages(&mut body, 12);
         assert_eq!(body["status"]["pods"][0]["pendingMessages"], json!(12));

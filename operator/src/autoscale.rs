@@ -1368,6 +1368,7 @@ mod tests {
                     observed_at: Some(Time(t(at))),
                     boot_id: None,
                     pending_messages: None,
+                    bus_connected: None,
                 })
                 .collect(),
             instructions,

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -48,6 +50,7 @@ use tether_crds::{CONDITION_DEGRADED, ConnectionPool};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
+use crate::nats::{self, NatsProblem};
 use crate::ownership;
 use crate::resources::{self, Desired, MANAGED_BY, Settings};
 use crate::status::{Observed, pool_status, worth_writing};
@@ -122,6 +125,9 @@ pub struct Context {
     written: Mutex<HashMap<ObjectRef<ConnectionPool>, HashMap<String, String>>>,
     /// When each pool's autoscaler last stepped.
     stepped: Mutex<HashMap<ObjectRef<ConnectionPool>, Instant>>,
+    /// The managed NATS's last apply per pool: its problem, if any, and when to retry it
+    /// (on its own: a NATS failure never holds the gateways or scaling).
+    nats: Mutex<HashMap<ObjectRef<ConnectionPool>, NatsState>>,
     /// When the pool watch last delivered anything: the clock that report staleness is
     /// measured against (see `Autoscaler::step`).
     pool_watch_progress: Arc<Mutex<Instant>>,
@@ -147,6 +153,23 @@ struct ChildChange {
 
 fn child_key(kind: &str, name: &str) -> String {
     format!("{kind}/{name}")
+}
+
+/// The managed NATS's last apply for one pool.
+#[derive(Debug, Clone)]
+struct NatsState {
+    problem: Option<NatsProblem>,
+    retry_at: Instant,
+}
+
+/// How soon a failed NATS apply is tried again: a re-create waits only for the old
+/// StatefulSet to be gone; other failures back off a little.
+fn nats_retry_after(problem: &NatsProblem) -> Duration {
+    match problem {
+        NatsProblem::Recreating { .. } => Duration::from_secs(1),
+        NatsProblem::Api(_) => Duration::from_secs(5),
+        NatsProblem::Rejected(_) | NatsProblem::Resize { .. } => Duration::from_secs(30),
+    }
 }
 
 /// The outcome of the spec part for one pool.
@@ -191,6 +214,7 @@ impl Context {
             dirty: Dirty::default(),
             written: Mutex::default(),
             stepped: Mutex::default(),
+            nats: Mutex::default(),
             pool_watch_progress: Arc::new(Mutex::new(Instant::now())),
             pools,
             pool_writer: Mutex::new(Some(pool_writer)),
@@ -251,6 +275,54 @@ impl Context {
             .insert(child_key(&K::kind(&()), name), version.clone());
     }
 
+    /// Whether the pool's last NATS apply failed and is due for another try.
+    fn nats_retry_due(&self, pool: &ObjectRef<ConnectionPool>) -> bool {
+        lock(&self.nats)
+            .get(pool)
+            .is_some_and(|n| n.problem.is_some() && n.retry_at <= Instant::now())
+    }
+
+    /// Records a NATS apply's outcome; a new problem (or its end) is an Event.
+    async fn record_nats(&self, pool: &ConnectionPool, problem: Option<NatsProblem>) {
+        let key = ObjectRef::from_obj(pool);
+        let retry_at = Instant::now() + problem.as_ref().map_or(Duration::ZERO, nats_retry_after);
+        let before = lock(&self.nats)
+            .insert(
+                key,
+                NatsState {
+                    problem: problem.clone(),
+                    retry_at,
+                },
+            )
+            .and_then(|n| n.problem);
+        match (&before, &problem) {
+            (_, Some(now)) if before.as_ref() != Some(now) => {
+                warn!(pool = %pool.name_any(), reason = now.reason(), %now, "managed NATS not applied; the gateways go on");
+                if !matches!(now, NatsProblem::Recreating { .. }) {
+                    publish(
+                        self,
+                        pool,
+                        EventType::Warning,
+                        now.reason(),
+                        now.to_string(),
+                    )
+                    .await;
+                }
+            }
+            (Some(_), None) => {
+                publish(
+                    self,
+                    pool,
+                    EventType::Normal,
+                    "NatsApplied",
+                    "the managed NATS objects are applied".into(),
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+
     /// How long until the pool's autoscaler may step again (zero: now), noting a step.
     fn claim_step(&self, pool: &ObjectRef<ConnectionPool>) -> Duration {
         let mut stepped = lock(&self.stepped);
@@ -274,6 +346,7 @@ impl Context {
         let key = ObjectRef::from_obj(pool);
         lock(&self.applied).remove(&key);
         lock(&self.stepped).remove(&key);
+        lock(&self.nats).remove(&key);
         lock(&self.written).remove(&key);
         self.autoscaler.forget(pool);
     }
@@ -447,8 +520,22 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
                 Err(rejected) => problem = Some(rejected),
             }
         }
+        if problem.is_none() && ctx.nats_retry_due(&key) {
+            // A NATS apply that failed: retried on its own, the rest is in place.
+            if let Ok(desired) = resources::desired(pool, &ctx.settings, replicas) {
+                let outcome = apply_nats(pool, &desired, ctx).await;
+                ctx.record_nats(pool, outcome).await;
+            }
+        }
         problem
     };
+    let nats_state = lock(&ctx.nats).get(&key).cloned();
+    let nats_problem = nats_state.as_ref().and_then(|n| n.problem.clone());
+    let nats_retry = nats_state.filter(|n| n.problem.is_some()).map(|n| {
+        n.retry_at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100))
+    });
     ctx.record_applied(
         key,
         Applied {
@@ -483,6 +570,7 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         stateful_set: sts,
         problem: problem.as_ref(),
         pod_creation,
+        nats: nats_problem.as_ref(),
     };
     let status = pool_status(pool, &observed, plan.as_ref(), now);
     if worth_writing(pool, &status, ctx.autoscaler.status_refresh_due(pool)) {
@@ -504,17 +592,18 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         // ...and new ones enter the record before they reach the pods.
         ctx.autoscaler.deliver(&ctx.client, pool, plan).await?;
     }
-    Ok(match (&plan, &problem) {
-        (Some(plan), _) => {
+    Ok(match (&plan, &problem, nats_retry) {
+        (Some(plan), _, _) => {
             for event in &plan.events {
                 ctx.metrics.observe_scaling(pool, event.reason.as_str());
             }
             crate::autoscale::after_apply(&ctx.client, &ctx.reporter, pool, plan).await;
-            Action::requeue(plan.requeue.min(RESYNC))
+            Action::requeue(plan.requeue.min(RESYNC).min(nats_retry.unwrap_or(RESYNC)))
         }
-        (None, Some(problem)) if problem.may_resolve_itself() => {
+        (None, Some(problem), _) if problem.may_resolve_itself() => {
             Action::requeue(ctx.secret_recheck)
         }
+        (None, None, Some(retry)) => Action::requeue(retry),
         _ => Action::await_change(),
     })
 }
@@ -775,25 +864,145 @@ async fn apply_children(
     ssa!(&desired.api_service);
     ssa!(&desired.pdb);
     ssa!(&desired.gateway_policy);
-    match (&desired.nats, &desired.nats_policy) {
-        (Some((sts, svc)), policy) => {
-            if let Some(policy) = policy {
-                ssa!(policy);
-            }
-            ssa!(svc);
-            ssa!(sts);
-        }
-        (None, _) => {
-            // A pool that switched from managed NATS to an external one drops its server.
-            let name = resources::nats_name(pool);
-            delete_if_owned::<StatefulSet>(client, &ns, &name, pool).await?;
-            delete_if_owned::<Service>(client, &ns, &name, pool).await?;
-            delete_if_owned::<NetworkPolicy>(client, &ns, &name, pool).await?;
-        }
-    }
+    // The managed NATS before the gateways (their pods find its Service in place), but
+    // its failure is the NATS's own condition: the gateways and scaling go on.
+    let nats = apply_nats(pool, desired, ctx).await;
+    ctx.record_nats(pool, nats).await;
     let sts = ssa!(&desired.stateful_set);
     debug!(pool = %pool.name_any(), hash = %desired.config_hash, "children applied");
     Ok(Ok(sts))
+}
+
+/// Applies the managed NATS (or removes it when the pool no longer has one), turning
+/// every failure into a [`NatsProblem`] instead of an error of the reconcile. A change
+/// its StatefulSet cannot take in place re-creates it (see [`nats`]).
+async fn apply_nats(
+    pool: &ConnectionPool,
+    desired: &Desired,
+    ctx: &Context,
+) -> Option<NatsProblem> {
+    let ns = pool.namespace()?;
+    let client = &ctx.client;
+    let key = ObjectRef::from_obj(pool);
+    let api_problem = |e: Error| NatsProblem::Api(e.to_string());
+    macro_rules! ssa {
+        ($obj:expr) => {
+            match server_side_apply(client, &ns, $obj).await {
+                Ok(Ok(applied)) => {
+                    ctx.record_written(&key, &applied);
+                    applied
+                }
+                Ok(Err(problem)) => return Some(NatsProblem::from_spec(problem)),
+                Err(e) => return Some(api_problem(e)),
+            }
+        };
+    }
+    let Some((sts, svc)) = &desired.nats else {
+        // A pool that switched from managed NATS to an external one drops its server.
+        let name = resources::nats_name(pool);
+        let removed = async {
+            delete_if_owned::<StatefulSet>(client, &ns, &name, pool).await?;
+            delete_if_owned::<Service>(client, &ns, &name, pool).await?;
+            delete_if_owned::<Service>(client, &ns, &resources::nats_cluster_name(pool), pool)
+                .await?;
+            delete_if_owned::<PodDisruptionBudget>(client, &ns, &name, pool).await?;
+            delete_if_owned::<NetworkPolicy>(client, &ns, &name, pool).await
+        };
+        return removed.await.err().map(api_problem);
+    };
+    if let Some(policy) = &desired.nats_policy {
+        ssa!(policy);
+    }
+    ssa!(svc);
+    if let Some(cluster) = &desired.nats_cluster_service {
+        ssa!(cluster);
+    }
+    if let Some(pdb) = &desired.nats_pdb {
+        ssa!(pdb);
+    }
+    let name = resources::nats_name(pool);
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let live = match api.get_opt(&name).await {
+        Ok(live) => live,
+        Err(e) => return Some(api_problem(e.into())),
+    };
+    if let Some(live) = &live {
+        if live.metadata.deletion_timestamp.is_some() {
+            return Some(NatsProblem::Recreating {
+                name,
+                reason: "waiting for the old StatefulSet to be gone".into(),
+            });
+        }
+        if let Some(reason) = nats::recreate_reason(live, sts) {
+            // Orphan: the pods keep serving and the new StatefulSet adopts them; the
+            // claims are never deleted with a StatefulSet. The uid precondition makes
+            // sure it is the object just read (a concurrent re-create is not undone).
+            let params = DeleteParams {
+                propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+                preconditions: Some(kube::api::Preconditions {
+                    uid: live.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+                Err(e) => return Some(api_problem(e.into())),
+            }
+            info!(pool = %pool.name_any(), statefulset = %name, %reason, "re-creating the NATS StatefulSet");
+            publish(
+                ctx,
+                pool,
+                EventType::Normal,
+                "NatsRecreating",
+                format!("re-creating StatefulSet {name} (pods and volumes kept): {reason}"),
+            )
+            .await;
+            return Some(NatsProblem::Recreating { name, reason });
+        }
+    }
+    ssa!(sts);
+    grow_claims(pool, sts, &ns, ctx).await
+}
+
+/// Patches the managed NATS's existing volumes to the size `delivery.storage` asks for
+/// (new pods get it from the claim template; existing claims keep theirs otherwise).
+async fn grow_claims(
+    pool: &ConnectionPool,
+    sts: &StatefulSet,
+    ns: &str,
+    ctx: &Context,
+) -> Option<NatsProblem> {
+    let want = nats::requested_storage(sts)?;
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let name = resources::nats_name(pool);
+    for claim in nats::claim_names(&name, resources::nats_replicas(pool)) {
+        let existing = match api.get_opt(&claim).await {
+            Ok(Some(existing)) => existing,
+            Ok(None) => continue,
+            Err(e) => return Some(NatsProblem::Api(e.to_string())),
+        };
+        if !nats::claim_needs_resize(&existing, &want) {
+            continue;
+        }
+        let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": want}}}});
+        match api
+            .patch(&claim, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => info!(pool = %pool.name_any(), %claim, size = %want.0, "NATS volume resized"),
+            Err(kube::Error::Api(status)) if (400..500).contains(&status.code) => {
+                return Some(NatsProblem::Resize {
+                    claim,
+                    size: want.0.clone(),
+                    message: status.message,
+                });
+            }
+            Err(e) => return Some(NatsProblem::Api(e.to_string())),
+        }
+    }
+    None
 }
 
 /// One server-side apply. A 400/422 answer means the object built from the spec is
@@ -869,12 +1078,14 @@ async fn cleanup(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> 
     delete_if_owned::<StatefulSet>(client, &ns, &base, pool).await?;
     delete_if_owned::<StatefulSet>(client, &ns, &nats, pool).await?;
     delete_if_owned::<PodDisruptionBudget>(client, &ns, &base, pool).await?;
+    delete_if_owned::<PodDisruptionBudget>(client, &ns, &nats, pool).await?;
     delete_if_owned::<NetworkPolicy>(client, &ns, &rbac, pool).await?;
     delete_if_owned::<NetworkPolicy>(client, &ns, &resources::nats_name(pool), pool).await?;
     for svc in [
         base.clone(),
         resources::headless_name(pool),
         resources::api_service_name(pool),
+        resources::nats_cluster_name(pool),
         nats,
     ] {
         delete_if_owned::<Service>(client, &ns, &svc, pool).await?;

@@ -24,6 +24,7 @@ pub mod controller;
 pub mod creation;
 pub mod lease;
 pub mod metrics;
+pub mod nats;
 pub mod ownership;
 pub mod pin;
 pub mod resources;

@@ -421,6 +421,7 @@ mod tests {
             )),
             boot_id: None,
             pending_messages: None,
+            bus_connected: None,
         }
     }
 

@@ -75,7 +75,9 @@ pub fn child_names(name: &str) -> BTreeSet<Child> {
         (Kind::Service, with("-headless")),
         (Kind::Service, with("-api")),
         (Kind::Service, with("-nats")),
+        (Kind::Service, with("-nats-cluster")),
         (Kind::PodDisruptionBudget, name.to_string()),
+        (Kind::PodDisruptionBudget, with("-nats")),
         (Kind::ConfigMap, with("-config")),
         (Kind::ServiceAccount, with("-gateway")),
         (Kind::Role, with("-gateway")),
@@ -218,6 +220,12 @@ pub fn planned_children(pool: &ConnectionPool, desired: &resources::Desired) -> 
     if let Some(policy) = &desired.nats_policy {
         out.push((Kind::NetworkPolicy, name(&policy.metadata)));
     }
+    if let Some(svc) = &desired.nats_cluster_service {
+        out.push((Kind::Service, name(&svc.metadata)));
+    }
+    if let Some(pdb) = &desired.nats_pdb {
+        out.push((Kind::PodDisruptionBudget, name(&pdb.metadata)));
+    }
     if let Some((sts, svc)) = &desired.nats {
         out.push((Kind::Service, name(&svc.metadata)));
         out.push((Kind::StatefulSet, name(&sts.metadata)));
@@ -255,7 +263,7 @@ mod tests {
         let d = desired(&p, &Settings::default(), 1).unwrap();
         let all = child_names("acme");
         let planned = planned_children(&p, &d);
-        assert_eq!(planned.len(), 14, "{planned:?}");
+        assert_eq!(planned.len(), 16, "{planned:?}");
         for child in planned {
             assert!(all.contains(&child), "{child:?} missing from child_names");
         }

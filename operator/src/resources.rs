@@ -12,7 +12,8 @@
 //! | Service, push API (ClusterIP, port `api`) | `P-api` |
 //! | PodDisruptionBudget | `P` |
 //! | ServiceAccount, Role, RoleBinding | `P-gateway` |
-//! | managed NATS StatefulSet + Service | `P-nats` |
+//! | managed NATS StatefulSet + Service + PodDisruptionBudget | `P-nats` |
+//! | managed NATS headless Service (server DNS names, cluster routes) | `P-nats-cluster` |
 //! | NetworkPolicy, gateways (`ws` open, `api` only from allowed pods) | `P-gateway` |
 //! | NetworkPolicy, managed NATS (only from the pool's gateways) | `P-nats` |
 
@@ -115,6 +116,11 @@ pub struct Desired {
     pub pdb: PodDisruptionBudget,
     /// `P-nats` StatefulSet and Service when `routing.nats.managed`.
     pub nats: Option<(StatefulSet, Service)>,
+    /// `P-nats-cluster`: the managed NATS servers' headless Service (their DNS names,
+    /// which the gateways and the cluster routes use).
+    pub nats_cluster_service: Option<Service>,
+    /// `P-nats`: one managed NATS server away at a time.
+    pub nats_pdb: Option<PodDisruptionBudget>,
     /// `P-gateway`: only the pool's pods and opted-in backends reach the push API.
     pub gateway_policy: NetworkPolicy,
     /// `P-nats`: only the pool's gateways reach its managed NATS.
@@ -444,14 +450,84 @@ fn mount_path(mounts: &[SecretMount], volume: &str) -> Option<std::path::PathBuf
         .map(|m| m.path().into())
 }
 
-/// The NATS URL a pool's gateways use, if any.
+/// The NATS URL(s) a pool's gateways use, if any. A managed cluster is listed server
+/// by server (comma-separated): the client picks another one when its server goes
+/// away, and does not depend on the cluster's gossip reaching it first.
 pub fn nats_url(pool: &ConnectionPool) -> Option<String> {
     let nats = &pool.spec.routing.as_ref()?.nats;
     if nats.managed == Some(true) {
         let ns = pool.namespace().unwrap_or_else(|| "default".into());
-        Some(format!("nats://{}.{ns}.svc:{NATS_PORT}", nats_name(pool)))
+        let servers = nats_replicas(pool);
+        if servers == 1 {
+            return Some(format!("nats://{}.{ns}.svc:{NATS_PORT}", nats_name(pool)));
+        }
+        Some(
+            nats_server_hosts(pool)
+                .iter()
+                .map(|host| format!("nats://{host}:{NATS_PORT}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
     } else {
         nats.url.clone()
+    }
+}
+
+/// Port of a managed NATS cluster's routes between its servers.
+pub const NATS_CLUSTER_PORT: i32 = 6222;
+
+/// Name of a managed NATS's headless Service (the servers' DNS names).
+pub fn nats_cluster_name(pool: &ConnectionPool) -> String {
+    format!("{}-nats-cluster", pool.name_any())
+}
+
+/// Servers of the pool's managed NATS (`routing.nats.replicas`, default 1).
+pub fn nats_replicas(pool: &ConnectionPool) -> i32 {
+    pool.spec
+        .routing
+        .as_ref()
+        .and_then(|r| r.nats.replicas)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The DNS name of each managed NATS server (`P-nats-<i>.P-nats-cluster.<ns>.svc`).
+pub fn nats_server_hosts(pool: &ConnectionPool) -> Vec<String> {
+    let ns = pool.namespace().unwrap_or_else(|| "default".into());
+    let (sts, svc) = (nats_name(pool), nats_cluster_name(pool));
+    (0..nats_replicas(pool))
+        .map(|i| format!("{sts}-{i}.{svc}.{ns}.svc"))
+        .collect()
+}
+
+/// Whether the pool runs its own NATS cluster (a managed NATS of 3 or more servers),
+/// whose JetStream keeps 3 copies of everything the pool stores.
+fn managed_cluster(pool: &ConnectionPool) -> bool {
+    pool.spec
+        .routing
+        .as_ref()
+        .is_some_and(|r| r.nats.managed == Some(true))
+        && nats_replicas(pool) >= 3
+}
+
+/// JetStream replicas of the pool's directory buckets: 3 on a managed cluster (routing
+/// then survives one server's loss), else 1.
+pub fn directory_replicas(pool: &ConnectionPool) -> Option<usize> {
+    managed_cluster(pool).then_some(3)
+}
+
+/// JetStream replicas of the durable stream: `delivery.replicas`, at least 3 on a
+/// managed cluster (CEL keeps it within `routing.nats.replicas`).
+pub fn stream_replicas(pool: &ConnectionPool) -> usize {
+    let configured = pool
+        .spec
+        .delivery
+        .as_ref()
+        .map_or(1, |d| usize::try_from(d.replicas).unwrap_or(1).max(1));
+    if managed_cluster(pool) {
+        configured.max(3)
+    } else {
+        configured
     }
 }
 
@@ -490,7 +566,7 @@ fn delivery_config(pool: &ConnectionPool) -> DeliveryConfig {
             max_age_seconds: positive(delivery.max_age_seconds.into()),
             max_messages_per_agent: positive(delivery.max_messages_per_agent.into()),
             max_bytes: positive(delivery.max_bytes),
-            replicas: positive(delivery.replicas.into()).max(1) as usize,
+            replicas: stream_replicas(pool),
             ..DurableConfig::default()
         }),
     }
@@ -588,6 +664,7 @@ pub fn gateway_config(pool: &ConnectionPool) -> Result<GatewayConfig, SpecError>
                     namespace: Some(bus_namespace(pool)),
                     auth,
                     tls,
+                    replicas: directory_replicas(pool),
                 }
             }),
         },
@@ -654,6 +731,22 @@ fn nats_config(pool: &ConnectionPool) -> Option<String> {
         return None;
     }
     let mut conf = format!("max_payload: {}\n", nats_max_payload(pool));
+    let servers = nats_replicas(pool);
+    if servers > 1 {
+        // Each server's name is its pod's (JetStream in a cluster needs unique names);
+        // routes go to every server by its stable DNS name (a server skips the route to
+        // itself). The name and the routes are fixed by the spec, so the file (and its
+        // hash) changes only with `routing.nats.replicas`.
+        let routes = nats_server_hosts(pool)
+            .iter()
+            .map(|host| format!("    nats://{host}:{NATS_CLUSTER_PORT}\n"))
+            .collect::<String>();
+        let name = serde_json::to_string(&format!("tether-{}", pool.name_any()))
+            .expect("strings serialize");
+        conf.push_str(&format!(
+            "server_name: $POD_NAME\ncluster {{\n  name: {name}\n  listen: \"0.0.0.0:{NATS_CLUSTER_PORT}\"\n  routes: [\n{routes}  ]\n}}\n"
+        ));
+    }
     if let Some(auth) = nats_auth(pool).as_ref() {
         if let (Some(user), Some(_)) = (&auth.user, &auth.password_secret_ref) {
             // JSON string quoting is valid NATS configuration quoting.
@@ -810,10 +903,16 @@ pub fn desired(
             },
         }),
     )?;
-    let nats = if pool.spec.routing.as_ref().and_then(|r| r.nats.managed) == Some(true) {
+    let managed = pool.spec.routing.as_ref().and_then(|r| r.nats.managed) == Some(true);
+    let nats = if managed {
         Some(managed_nats(pool, settings)?)
     } else {
         None
+    };
+    let (nats_cluster_service, nats_pdb) = if managed {
+        (Some(nats_cluster_service(pool)?), Some(nats_pdb(pool)?))
+    } else {
+        (None, None)
     };
     let stateful_set = gateway_stateful_set(pool, settings, replicas, &hash)?;
     Ok(Desired {
@@ -832,6 +931,8 @@ pub fn desired(
             None => None,
         },
         nats,
+        nats_cluster_service,
+        nats_pdb,
         gateway_policy: gateway_network_policy(pool)?,
         stateful_set,
     })
@@ -1117,10 +1218,79 @@ pub fn nats_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, SpecE
                     POOL_LABEL: pool.name_any(),
                 }},
                 "policyTypes": ["Ingress"],
-                "ingress": [{
-                    "ports": [{"protocol": "TCP", "port": NATS_PORT}],
-                    "from": [{"podSelector": {"matchLabels": selector_labels(pool)}}],
-                }],
+                "ingress": [
+                    {
+                        "ports": [{"protocol": "TCP", "port": NATS_PORT}],
+                        "from": [{"podSelector": {"matchLabels": selector_labels(pool)}}],
+                    },
+                    // The cluster's routes carry no credentials of their own: only the
+                    // pool's NATS servers reach each other's route port.
+                    {
+                        "ports": [{"protocol": "TCP", "port": NATS_CLUSTER_PORT}],
+                        "from": [{"podSelector": {"matchLabels": nats_selector(pool)}}],
+                    },
+                ],
+            },
+        }),
+    )
+}
+
+/// The labels that select a pool's managed NATS pods.
+fn nats_selector(pool: &ConnectionPool) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "tether-nats".to_string(),
+        ),
+        (POOL_LABEL.to_string(), pool.name_any()),
+    ])
+}
+
+/// Requests and limits of a managed NATS server without `routing.nats.resources`: a
+/// request, so that the server is not the first thing evicted under memory pressure
+/// (BestEffort) and is admitted under a ResourceQuota; a memory limit above what a
+/// pool's bus needs, so that a runaway server cannot take its node down. No CPU limit:
+/// throttling a bus delays every pod's routing.
+pub fn default_nats_resources() -> Value {
+    json!({
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    })
+}
+
+/// `P-nats-cluster`: the headless Service that gives each managed NATS server its DNS
+/// name. Not-ready servers are published too: servers must find each other's routes
+/// before any of them can report ready (JetStream needs a quorum).
+fn nats_cluster_service(pool: &ConnectionPool) -> Result<Service, SpecError> {
+    typed(
+        "Service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(pool, nats_cluster_name(pool), "nats")?,
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": true,
+                "selector": nats_selector(pool),
+                "ports": [
+                    {"name": "client", "port": NATS_PORT, "targetPort": "client", "protocol": "TCP"},
+                    {"name": "cluster", "port": NATS_CLUSTER_PORT, "targetPort": "cluster", "protocol": "TCP"},
+                ],
+            },
+        }),
+    )
+}
+
+/// `P-nats`: a node drain takes one managed NATS server at a time, so a cluster keeps
+/// its JetStream quorum (a single server may still go: nothing would ever drain it).
+fn nats_pdb(pool: &ConnectionPool) -> Result<PodDisruptionBudget, SpecError> {
+    typed(
+        "PodDisruptionBudget",
+        json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": meta(pool, nats_name(pool), "nats")?,
+            "spec": {
+                "maxUnavailable": 1,
+                "selector": {"matchLabels": nats_selector(pool)},
             },
         }),
     )
@@ -1131,13 +1301,7 @@ fn managed_nats(
     settings: &Settings,
 ) -> Result<(StatefulSet, Service), SpecError> {
     let name = nats_name(pool);
-    let selector = BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            "tether-nats".to_string(),
-        ),
-        (POOL_LABEL.to_string(), pool.name_any()),
-    ]);
+    let selector = nats_selector(pool);
     // JetStream holds the agent directory (a key-value bucket).
     let args = vec![
         // `max_payload` from `limits.maxMessageBytes` (file, key `nats.conf` of the
@@ -1150,7 +1314,10 @@ fn managed_nats(
         json!("--http_port"),
         json!("8222"),
     ];
-    let mut env = vec![];
+    // The server's name in a cluster (`server_name: $POD_NAME` in its file).
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+    ];
     // The server requires the pool's credentials from every client: `routing.nats.auth`
     // or the token the operator generated. The secret reaches it as an environment
     // variable that its configuration file references (`nats_config`), never in the
@@ -1166,8 +1333,8 @@ fn managed_nats(
     // The directory is a cache the gateways rebuild on reconnect and needs no volume;
     // a durable queue with `delivery.storage` gets one PersistentVolumeClaim per NATS
     // pod, so stored messages outlive the NATS pod. (A StatefulSet's claim templates
-    // cannot change in place: adding `storage` to a running pool needs the NATS
-    // StatefulSet re-created — docs/operator.md.)
+    // cannot change in place: the operator re-creates the NATS StatefulSet when they
+    // change, keeping its pods and claims — `nats::recreate_reason`, docs/operator.md.)
     let data_volume = pool
         .spec
         .delivery
@@ -1188,8 +1355,13 @@ fn managed_nats(
             "apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": meta(pool, name.clone(), "nats")?,
             "spec": {
-                "replicas": 1,
-                "serviceName": name,
+                "replicas": nats_replicas(pool),
+                // The headless Service: each server's DNS name, for routes and clients.
+                "serviceName": nats_cluster_name(pool),
+                // All servers at once: a cluster's servers become ready only together
+                // (JetStream needs a quorum), so OrderedReady would wait forever on the
+                // first one.
+                "podManagementPolicy": "Parallel",
                 "selector": {"matchLabels": selector},
                 "template": {
                     // The server reads its file only at start: any change to it (a new
@@ -1203,13 +1375,28 @@ fn managed_nats(
                             "runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                             "seccompProfile": {"type": "RuntimeDefault"},
                         },
+                        // Servers on distinct nodes where the scheduler can: one node's
+                        // loss then takes one server, which a cluster survives.
+                        "affinity": {"podAntiAffinity": {
+                            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                                "weight": 100,
+                                "podAffinityTerm": {
+                                    "topologyKey": "kubernetes.io/hostname",
+                                    "labelSelector": {"matchLabels": selector},
+                                },
+                            }],
+                        }},
                         "containers": [{
                             "name": "nats",
                             "image": settings.nats_image,
                             "args": args,
                             "env": env,
+                            "resources": pool.spec.routing.as_ref()
+                                .and_then(|r| r.nats.resources.as_ref())
+                                .map_or_else(default_nats_resources, |r| json!(r)),
                             "ports": [
                                 {"name": "client", "containerPort": NATS_PORT, "protocol": "TCP"},
+                                {"name": "cluster", "containerPort": NATS_CLUSTER_PORT, "protocol": "TCP"},
                                 {"name": "monitor", "containerPort": 8222, "protocol": "TCP"},
                             ],
                             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "monitor"}, "periodSeconds": 5},

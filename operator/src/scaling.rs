@@ -465,6 +465,7 @@ mod tests {
             observed_at: Some(Time(t(-31_536_000))),
             boot_id: None,
             pending_messages: None,
+            bus_connected: None,
         };
         let pods = [
             report("p-0"),

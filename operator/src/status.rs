@@ -12,12 +12,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tether_crds::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CONDITION_SCALING, ConnectionPool,
-    ConnectionPoolStatus,
+    CONDITION_BUS_AVAILABLE, CONDITION_DEGRADED, CONDITION_NATS_APPLIED, CONDITION_PROGRESSING,
+    CONDITION_READY, CONDITION_SCALING, ConnectionPool, ConnectionPoolStatus,
 };
 
 use crate::autoscale::Plan;
 use crate::creation::{self, PodCreation};
+use crate::nats::NatsProblem;
 use crate::resources::selector_string;
 use crate::validate::SpecError;
 
@@ -30,6 +31,8 @@ pub struct Observed<'a> {
     pub problem: Option<&'a SpecError>,
     /// Whether the StatefulSet could create its pods (see [`crate::creation`]).
     pub pod_creation: PodCreation,
+    /// Why the managed NATS is not applied, if so (it never stops the rest).
+    pub nats: Option<&'a NatsProblem>,
 }
 
 /// The whole operator-owned status. `plan` is the autoscaler's step (none while the spec
@@ -58,6 +61,10 @@ pub fn pool_status(
 
     let mut conditions = conditions(pool, observed, target, now);
     conditions.extend(creation::condition(pool, &observed.pod_creation, now));
+    conditions.extend(keep_transition(
+        pool,
+        bus_conditions(pool, observed.nats, replicas, now),
+    ));
     match plan {
         Some(plan) => conditions.push(scaling_condition(pool, plan, now)),
         None => conditions.extend(
@@ -156,6 +163,106 @@ pub fn total_connections(pool: &ConnectionPool, replicas: Option<i32>) -> i64 {
         })
         .map(|p| p.connections.max(0))
         .sum()
+}
+
+/// `BusAvailable` (a pool with routing) from the pods' reports of their bus connection,
+/// and `NatsApplied` (a managed NATS) from the last apply of its objects. Neither
+/// touches Ready: a pod serves its own agents without the bus, and a failing NATS
+/// object never stops the gateways or scaling.
+pub fn bus_conditions(
+    pool: &ConnectionPool,
+    nats: Option<&NatsProblem>,
+    replicas: Option<i32>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let Some(routing) = &pool.spec.routing else {
+        return vec![];
+    };
+    let new = |type_: &str, status: &str, reason: &str, message: String| Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: pool.metadata.generation,
+        last_transition_time: Time(now),
+    };
+    let prefix = format!("{}-", pool.name_any());
+    let reporting: Vec<bool> = pool
+        .status
+        .iter()
+        .flat_map(|s| &s.pods)
+        .filter(|p| {
+            let ordinal = p
+                .name
+                .strip_prefix(&prefix)
+                .and_then(|o| o.parse::<i32>().ok());
+            ordinal.is_some_and(|o| replicas.is_none_or(|r| o < r))
+        })
+        .filter_map(|p| p.bus_connected)
+        .collect();
+    let cut_off = reporting.iter().filter(|c| !**c).count();
+    let bus = match (reporting.len(), cut_off) {
+        (0, _) => new(
+            CONDITION_BUS_AVAILABLE,
+            "Unknown",
+            "NoReports",
+            "no gateway pod has reported its bus connection yet".into(),
+        ),
+        (n, 0) => new(
+            CONDITION_BUS_AVAILABLE,
+            "True",
+            "Connected",
+            format!("{n}/{n} gateway pods reach the bus"),
+        ),
+        (n, d) => new(
+            CONDITION_BUS_AVAILABLE,
+            "False",
+            "PodsDisconnected",
+            format!(
+                "{d} of {n} gateway pods cannot reach the bus: they serve their own agents, \
+                 pushes for agents on other pods and durable pushes answer 503"
+            ),
+        ),
+    };
+    let mut out = vec![bus];
+    if routing.nats.managed == Some(true) {
+        out.push(match nats {
+            None => new(
+                CONDITION_NATS_APPLIED,
+                "True",
+                "Applied",
+                "the managed NATS objects are applied".into(),
+            ),
+            Some(problem) => new(
+                CONDITION_NATS_APPLIED,
+                "False",
+                problem.reason(),
+                problem.to_string(),
+            ),
+        });
+    }
+    out
+}
+
+/// `fresh` with each condition's `lastTransitionTime` kept from the pool's status while
+/// its status does not change.
+fn keep_transition(pool: &ConnectionPool, fresh: Vec<Condition>) -> Vec<Condition> {
+    let previous = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    fresh
+        .into_iter()
+        .map(|mut c| {
+            if let Some(old) = previous.iter().find(|o| o.type_ == c.type_)
+                && old.status == c.status
+            {
+                c.last_transition_time = old.last_transition_time.clone();
+            }
+            c
+        })
+        .collect()
 }
 
 /// Ready, Progressing and Degraded for what was observed. A condition keeps its
@@ -455,6 +562,7 @@ mod tests {
             observed_at: None,
             boot_id: None,
             pending_messages: None,
+            bus_connected: None,
         };
         p.status = Some(ConnectionPoolStatus {
             pods: vec![

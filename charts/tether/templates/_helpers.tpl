@@ -55,6 +55,12 @@ namespace's Role), or, with `tenantNamespaces`, only in those namespaces.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]
+# PersistentVolumeClaims: a managed NATS's volumes grow in place when `delivery.storage`
+# grows (docs/operator.md, "Immutable fields"); never created or deleted by the operator
+# (the StatefulSet controller makes them).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "patch"]
 {{- end -}}
 
 {{- define "tether.poolRules" -}}

@@ -19,6 +19,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use super::subjects::Subjects;
 
@@ -197,6 +198,7 @@ const CAS_ATTEMPTS: usize = 8;
 #[derive(Debug, Clone)]
 pub struct Directory {
     js: jetstream::Context,
+    replicas: usize,
     agents_bucket: String,
     pods_bucket: String,
     agents: kv::Store,
@@ -207,8 +209,22 @@ pub(crate) async fn open_bucket(
     js: &jetstream::Context,
     bucket: &str,
     description: &str,
+    replicas: usize,
 ) -> Result<kv::Store, DirectoryError> {
     if let Ok(store) = js.get_key_value(bucket).await {
+        // A pool whose NATS grew into a cluster: its buckets take the new replica count
+        // (JetStream re-replicates a stream in place), or the directory would stay on
+        // one server and routing would not survive that server's loss.
+        if let Ok(mut stream) = js.get_stream(format!("KV_{bucket}")).await
+            && let Ok(info) = stream.info().await
+            && info.config.num_replicas != replicas
+        {
+            let mut config = info.config.clone();
+            config.num_replicas = replicas;
+            if let Err(e) = js.update_stream(config).await {
+                warn!(%bucket, %e, replicas, "could not change the directory's replicas");
+            }
+        }
         return Ok(store);
     }
     // The stream a KV bucket is, created directly: `create_key_value` first queries the
@@ -225,7 +241,7 @@ pub(crate) async fn open_bucket(
             deny_delete: true,
             allow_direct: true,
             discard: jetstream::stream::DiscardPolicy::New,
-            num_replicas: 1,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await;
@@ -237,14 +253,20 @@ pub(crate) async fn open_bucket(
 }
 
 impl Directory {
-    /// Opens (creating if needed) the pool's buckets.
-    pub async fn open(js: jetstream::Context, subjects: &Subjects) -> Result<Self, DirectoryError> {
+    /// Opens (creating if needed) the pool's buckets, each stored on `replicas` NATS
+    /// servers.
+    pub async fn open(
+        js: jetstream::Context,
+        subjects: &Subjects,
+        replicas: usize,
+    ) -> Result<Self, DirectoryError> {
         let agents_bucket = subjects.agents_bucket();
         let pods_bucket = subjects.pods_bucket();
-        let agents = open_bucket(&js, &agents_bucket, "tether: agent -> pod").await?;
-        let pods = open_bucket(&js, &pods_bucket, "tether: gateway pods").await?;
+        let agents = open_bucket(&js, &agents_bucket, "tether: agent -> pod", replicas).await?;
+        let pods = open_bucket(&js, &pods_bucket, "tether: gateway pods", replicas).await?;
         Ok(Self {
             js,
+            replicas,
             agents_bucket,
             pods_bucket,
             agents,
@@ -254,8 +276,21 @@ impl Directory {
 
     /// Re-creates the buckets if NATS lost them (a restart without its store).
     pub async fn ensure(&self) -> Result<(), DirectoryError> {
-        open_bucket(&self.js, &self.agents_bucket, "tether: agent -> pod").await?;
-        open_bucket(&self.js, &self.pods_bucket, "tether: gateway pods").await?;
+        let replicas = self.replicas;
+        open_bucket(
+            &self.js,
+            &self.agents_bucket,
+            "tether: agent -> pod",
+            replicas,
+        )
+        .await?;
+        open_bucket(
+            &self.js,
+            &self.pods_bucket,
+            "tether: gateway pods",
+            replicas,
+        )
+        .await?;
         Ok(())
     }
 

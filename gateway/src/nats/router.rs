@@ -89,7 +89,7 @@ impl std::fmt::Debug for NatsRouter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsRouter")
             .field("pod", &self.inner.me.pod)
-            .field("ready", &self.ready())
+            .field("bus_connected", &self.bus_connected())
             .finish_non_exhaustive()
     }
 }
@@ -181,6 +181,21 @@ fn unavailable(what: impl std::fmt::Display) -> RouteError {
     RouteError::Unavailable(what.to_string())
 }
 
+/// The servers of `url`: one URL or several, comma-separated.
+fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| NatsError::Connect {
+                    url: u.to_owned(),
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
 impl NatsRouter {
     /// Connects to NATS, opens the pool's directory, subscribes this pod's subjects and
     /// starts serving other pods' calls. With `durable`, it also opens (or updates) the
@@ -235,7 +250,9 @@ impl NatsRouter {
                     }
                 }
             })
-            .connect(url)
+            // Every server of a cluster, so the client moves to another when its own
+            // goes away (async-nats does not split a comma-separated string itself).
+            .connect(server_addrs(url)?.as_slice())
             .await
             .map_err(|e| NatsError::Connect {
                 url: url.to_owned(),
@@ -270,7 +287,8 @@ impl NatsRouter {
         )
         .await
         .map_err(NatsError::Subscribe)?;
-        let directory = Directory::open(js, &subjects).await?;
+        let directory =
+            Directory::open(js, &subjects, config.replicas.unwrap_or(1).max(1)).await?;
         let me = Me {
             pod: pod.to_owned(),
             boot: uuid::Uuid::new_v4().simple().to_string(),
@@ -1246,7 +1264,7 @@ impl Router for NatsRouter {
         Some(body_limit(self.inner.client.max_payload()))
     }
 
-    fn ready(&self) -> bool {
-        self.inner.connected_to_nats() && self.inner.serving.load(Ordering::Acquire)
+    fn bus_connected(&self) -> Option<bool> {
+        Some(self.inner.connected_to_nats() && self.inner.serving.load(Ordering::Acquire))
     }
 }

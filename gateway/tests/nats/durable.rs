@@ -245,7 +245,7 @@ async fn a_nats_restart_mid_delivery_loses_nothing() {
     nats.kill();
     ack(&mut agent, &id1).await;
     nats.restart(false).await;
-    eventually(|| pod.ready()).await;
+    eventually(|| pod.bus_connected()).await;
 
     // A push after the restart (retried while the client reconnects) queues behind
     // the backlog; everything arrives in order, nothing twice.
@@ -460,7 +460,7 @@ async fn an_agent_that_connects_while_nats_is_away_gets_its_backlog_when_it_is_b
         push_durable(&pod.http, api_base(&pod), "blip", json!(n)).await;
     }
     nats.kill();
-    eventually(|| !pod.ready()).await;
+    eventually(|| !pod.bus_connected()).await;
     // The gateway still accepts the agent (local routing keeps working), but cannot
     // look at its backlog yet.
     let mut agent = pod.agent("blip", &[]).await;

@@ -115,6 +115,7 @@ pub fn config(dir: &Path, nats: &Nats, tweak: impl FnOnce(&mut GatewayConfig)) -
             namespace: None,
             auth: Default::default(),
             tls: None,
+            replicas: None,
         });
         tweak(c);
     })
@@ -175,8 +176,9 @@ impl Pod {
         self.gateway.state().hub.len()
     }
 
-    pub fn ready(&self) -> bool {
-        self.gateway.state().router.ready()
+    /// Whether the pod reaches NATS (what it reports as `busConnected`).
+    pub fn bus_connected(&self) -> bool {
+        self.gateway.state().router.bus_connected() == Some(true)
     }
 }
 

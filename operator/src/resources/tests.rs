@@ -18,6 +18,8 @@ fn managed_nats_pool(name: &str) -> ConnectionPool {
             managed: Some(true),
             auth: None,
             tls: None,
+            replicas: None,
+            resources: None,
         },
     });
     p
@@ -180,6 +182,8 @@ fn secrets_are_mounted_read_only_and_never_in_the_config_map() {
             managed: None,
             auth: None,
             tls: None,
+            replicas: None,
+            resources: None,
         },
     });
     p.spec.upstream = Some(UpstreamSpec {
@@ -539,6 +543,8 @@ fn nats_credentials_and_tls_are_mounted_and_rendered_as_paths() {
                 ca_secret_ref: Some(crate::fixtures::secret("acme-nats", "ca.crt")),
                 ..Default::default()
             }),
+            replicas: None,
+            resources: None,
         },
     });
     let d = build(&p);
@@ -645,6 +651,8 @@ fn a_managed_nats_with_auth_requires_the_pools_credentials() {
                 ..Default::default()
             }),
             tls: None,
+            replicas: None,
+            resources: None,
         },
     });
     let d = build(&p);
@@ -1251,4 +1259,160 @@ fn the_disruption_budget_is_a_share_of_the_pool_and_lets_unhealthy_pods_go() {
     p.spec.disruption.max_unavailable = IntOrString::Int(3);
     let spec = build(&p).pdb.spec.unwrap();
     assert_eq!(spec.max_unavailable, Some(IntOrString::Int(3)));
+}
+
+/// Issue 22: a managed NATS of three servers is a cluster the pool survives one
+/// server of: routes by stable DNS names, every server listed to the gateways, three
+/// copies of the directory and the durable stream, one server away at a time, servers
+/// apart, and requests and limits by default.
+#[test]
+fn a_managed_nats_of_three_is_a_cluster_with_replicated_streams() {
+    let mut p = managed_nats_pool("acme");
+    p.spec.replicas.max = 4;
+    p.spec.routing.as_mut().unwrap().nats.replicas = Some(3);
+    p.spec.delivery = Some(serde_json::from_value(serde_json::json!({"storage": "10Gi"})).unwrap());
+    let d = build(&p);
+    let (sts, _) = d.nats.as_ref().unwrap();
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.service_name.as_deref(), Some("acme-nats-cluster"));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+
+    let hosts: Vec<String> = (0..3)
+        .map(|i| format!("acme-nats-{i}.acme-nats-cluster.tenants.svc"))
+        .collect();
+    let nats = d.config.routing.nats.as_ref().unwrap();
+    let urls: Vec<String> = hosts.iter().map(|h| format!("nats://{h}:4222")).collect();
+    assert_eq!(nats.url, urls.join(","), "every server, so one may go away");
+    assert_eq!(nats.replicas, Some(3), "the directory on three servers");
+    assert_eq!(d.config.delivery.durable.as_ref().unwrap().replicas, 3);
+
+    let conf = &d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY];
+    assert!(conf.contains("server_name: $POD_NAME"), "{conf}");
+    for host in &hosts {
+        assert!(conf.contains(&format!("nats://{host}:6222")), "{conf}");
+    }
+    let container = nats_container(sts);
+    let env = container.env.as_ref().unwrap();
+    assert!(env.iter().any(|e| {
+        e.name == "POD_NAME"
+            && e.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path
+                == "metadata.name"
+    }));
+    let ports: Vec<i32> = container
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.container_port)
+        .collect();
+    assert!(ports.contains(&NATS_CLUSTER_PORT));
+
+    // Defaults: requests for scheduling and quotas, a memory limit, no CPU limit.
+    let resources = container.resources.as_ref().unwrap();
+    let requests = resources.requests.as_ref().unwrap();
+    assert_eq!(requests["cpu"].0, "100m");
+    assert_eq!(requests["memory"].0, "256Mi");
+    let limits = resources.limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, "1Gi");
+    assert!(!limits.contains_key("cpu"));
+
+    let anti = template_spec(sts)
+        .affinity
+        .as_ref()
+        .unwrap()
+        .pod_anti_affinity
+        .as_ref()
+        .unwrap()
+        .preferred_during_scheduling_ignored_during_execution
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        anti[0].pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(
+        anti[0]
+            .pod_affinity_term
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels,
+        spec.selector.match_labels
+    );
+
+    let pdb = d.nats_pdb.as_ref().unwrap();
+    assert_eq!(pdb.metadata.name.as_deref(), Some("acme-nats"));
+    let pdb_spec = pdb.spec.as_ref().unwrap();
+    assert_eq!(
+        pdb_spec.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert_eq!(
+        pdb_spec.selector.as_ref().unwrap().match_labels,
+        spec.selector.match_labels
+    );
+
+    let headless = d.nats_cluster_service.as_ref().unwrap();
+    let headless_spec = headless.spec.as_ref().unwrap();
+    assert_eq!(headless_spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(headless_spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(headless_spec.selector, spec.selector.match_labels);
+
+    // The servers reach each other's route port; nothing else does.
+    let policy = d.nats_policy.as_ref().unwrap();
+    let rules = policy.spec.as_ref().unwrap().ingress.as_ref().unwrap();
+    let route_rule = rules
+        .iter()
+        .find(|r| {
+            r.ports.as_ref().unwrap()[0].port
+                == Some(
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                        NATS_CLUSTER_PORT,
+                    ),
+                )
+        })
+        .expect("a rule for the route port");
+    assert_eq!(
+        route_rule.from.as_ref().unwrap()[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels,
+        spec.selector.match_labels
+    );
+}
+
+#[test]
+fn a_single_managed_nats_keeps_one_server_and_takes_resources_from_the_spec() {
+    let mut p = managed_nats_pool("acme");
+    p.spec.routing.as_mut().unwrap().nats.resources = Some(
+        serde_json::from_value(serde_json::json!({"requests": {"cpu": "1", "memory": "2Gi"}}))
+            .unwrap(),
+    );
+    p.spec.delivery = Some(serde_json::from_value(serde_json::json!({})).unwrap());
+    let d = build(&p);
+    let (sts, _) = d.nats.as_ref().unwrap();
+    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(1));
+    let nats = d.config.routing.nats.as_ref().unwrap();
+    assert_eq!(nats.url, "nats://acme-nats.tenants.svc:4222");
+    assert_eq!(nats.replicas, None);
+    assert_eq!(d.config.delivery.durable.as_ref().unwrap().replicas, 1);
+    let conf = &d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY];
+    assert!(!conf.contains("cluster"), "{conf}");
+    let resources = nats_container(sts).resources.as_ref().unwrap();
+    assert_eq!(resources.requests.as_ref().unwrap()["memory"].0, "2Gi");
+    assert!(
+        resources.limits.is_none(),
+        "the spec's resources replace the defaults"
+    );
+    // An existing NATS gets no server, no PDB and no headless Service.
+    let external = build(&pool("acme"));
+    assert!(external.nats_pdb.is_none() && external.nats_cluster_service.is_none());
 }
