@@ -460,7 +460,7 @@ impl SimCluster {
 
     /// Waits until `name` runs `pods` pods holding their load, every pod at one revision.
     async fn settled(&self, name: &str, pods: i32, patience: Duration) -> anyhow::Result<String> {
-        eventually(
+        let one = eventually(
             &format!("{name}: {pods} pods at one revision"),
             patience,
             || async {
@@ -475,7 +475,8 @@ impl SimCluster {
                 .then_some(one)
             },
         )
-        .await
+        .await?;
+        Ok(one)
     }
 
     fn log_tail(&self) -> String {
