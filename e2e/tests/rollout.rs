@@ -117,6 +117,9 @@ async fn pod_revisions(
         .collect())
 }
 
+/// A push the push API accepted: agent, message id, durable.
+type Accepted = (String, String, bool);
+
 /// What the sampler saw during the rollout.
 #[derive(Debug, Default)]
 struct Samples {
@@ -135,7 +138,7 @@ struct Samples {
 fn start_pushes(
     endpoints: Arc<Mutex<BTreeMap<i32, Endpoint>>>,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<(String, String, bool)>, usize)> {
+) -> tokio::task::JoinHandle<(Vec<Accepted>, usize)> {
     tokio::spawn(async move {
         use rand::seq::IndexedRandom;
         let http = reqwest::Client::builder()
@@ -149,7 +152,7 @@ fn start_pushes(
             tokio::time::sleep(Duration::from_millis(25)).await;
             n += 1;
             let agent = format!("agent-{}", rand::random_range(0..AGENTS));
-            let durable = n % 2 == 0;
+            let durable = n.is_multiple_of(2);
             let key = format!("rollout-push-{n}");
             // Direct pushes to an agent between pods answer 404: retried until it is
             // back (the documented client behaviour), for at most 20 s.
