@@ -193,6 +193,11 @@ pub struct ConnectionPoolSpec {
     #[serde(default)]
     pub drain: DrainSpec,
 
+    /// How the operator replaces the gateway pods when their template changes (image,
+    /// env, configuration): in batches, each drained before it is replaced.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+
     /// Pod template knobs of the gateway pods.
     #[serde(default)]
     pub template: PodTemplateSpec,
@@ -885,6 +890,32 @@ pub struct DisruptionSpec {
     pub max_unavailable: IntOrString,
 }
 
+/// How a template change reaches the pods. The StatefulSet's update strategy is
+/// `OnDelete`: the operator, not the StatefulSet controller, picks the pods to replace.
+/// Each batch is drained first (paced, jittered `reconnect` hints, as a scale-down
+/// drains), then its pods are deleted and come back at the new revision; the next batch
+/// starts once every pod is Ready again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "string(self.maxUnavailable).matches('^([1-9][0-9]{0,5}|([1-9][0-9]?|100)%)$')",
+        "message": "rollout.maxUnavailable must be a count of pods (1 or more) or a percentage from 1% to 100%"
+    }
+]))]
+pub struct RolloutSpec {
+    /// Most pods replaced at once: a count (`2`) or a percentage of the pool (`"10%"`,
+    /// rounded down, at least one pod; the Kubernetes IntOrString convention). The agents
+    /// of at most this many pods are between pods at any time.
+    #[serde(default = "default_max_unavailable")]
+    pub max_unavailable: IntOrString,
+    /// Stops starting new batches (a batch still draining is called off and its pods
+    /// stay at the old revision); `false` resumes. Pods created meanwhile, by a
+    /// scale-up, already run the new revision.
+    #[serde(default)]
+    pub paused: bool,
+}
+
 fn default_max_unavailable() -> IntOrString {
     IntOrString::String("10%".into())
 }
@@ -894,6 +925,40 @@ impl Default for DisruptionSpec {
         Self {
             max_unavailable: default_max_unavailable(),
         }
+    }
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable: default_max_unavailable(),
+            paused: false,
+        }
+    }
+}
+
+impl RolloutSpec {
+    /// Pods per batch in a pool of `replicas`: the count, or the percentage rounded
+    /// down, never below one nor above the pool. A value the schema would refuse counts
+    /// as the default.
+    pub fn batch_size(&self, replicas: i32) -> i32 {
+        let replicas = replicas.max(1);
+        let wanted = match &self.max_unavailable {
+            IntOrString::Int(n) => *n,
+            IntOrString::String(s) => match s.strip_suffix('%') {
+                Some(percent) => {
+                    let percent = percent
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|p| (1..=100).contains(p))
+                        .unwrap_or(10);
+                    i32::try_from(i64::from(replicas) * percent / 100).unwrap_or(replicas)
+                }
+                // A count written as a string (the schema accepts `"3"` like `3`).
+                None => s.parse().unwrap_or(1),
+            },
+        };
+        wanted.clamp(1, replicas)
     }
 }
 
@@ -1051,6 +1116,10 @@ pub struct ConnectionPoolStatus {
     /// Gateway pods the operator wants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
+    /// Gateway pods at the StatefulSet's current template revision (its
+    /// `updatedReplicas`): below `replicas` while a rollout is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_replicas: Option<i32>,
     /// When the operator last changed the number of pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
@@ -1111,6 +1180,11 @@ pub const INSTRUCTION_ANNOTATION: &str = "tether.dev/instruction";
 /// Condition type: the autoscaler's last decision (reason `ScaledUp`, `ScaledDown`,
 /// `Draining`, `Rebalancing`, `Stable`, ...), with the figures behind it in the message.
 pub const CONDITION_SCALING: &str = "Scaling";
+
+/// Condition type: a rollout of a new pod template (reason `RollingOut`, `Paused`,
+/// `Waiting` while True; `RolloutComplete` when False), with the counts (`3/10 updated`)
+/// in the message.
+pub const CONDITION_ROLLING_OUT: &str = "RollingOut";
 
 /// One gateway pod's report.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -637,3 +637,56 @@ fn spread_and_priority_class_are_in_the_template() {
         Some("tether-gateways")
     );
 }
+
+#[test]
+fn rollout_batches_are_a_count_or_a_percentage_of_the_pool() {
+    let spec = |v: IntOrString| RolloutSpec {
+        max_unavailable: v,
+        paused: false,
+    };
+    let default = RolloutSpec::default();
+    assert_eq!(default.batch_size(10), 1);
+    assert_eq!(default.batch_size(100), 10);
+    // Rounded down, never below one pod.
+    assert_eq!(default.batch_size(3), 1);
+    assert_eq!(spec(IntOrString::String("25%".into())).batch_size(10), 2);
+    assert_eq!(spec(IntOrString::String("100%".into())).batch_size(7), 7);
+    assert_eq!(spec(IntOrString::Int(3)).batch_size(10), 3);
+    // A count written as a string, as `kubectl patch` may send it.
+    assert_eq!(spec(IntOrString::String("3".into())).batch_size(10), 3);
+    // Never more than the pool.
+    assert_eq!(spec(IntOrString::Int(50)).batch_size(4), 4);
+}
+
+#[test]
+fn rollout_max_unavailable_is_validated() {
+    for good in [
+        json!(1),
+        json!(250),
+        json!("1%"),
+        json!("10%"),
+        json!("100%"),
+    ] {
+        let mut pool = minimal();
+        pool["spec"]["rollout"] = json!({"maxUnavailable": good});
+        assert_eq!(cel_failures(&pool), Vec::<String>::new(), "{good}");
+    }
+    for bad in [
+        json!(0),
+        json!(-2),
+        json!("0%"),
+        json!("101%"),
+        json!("ten"),
+        json!("5 %"),
+    ] {
+        let mut pool = minimal();
+        pool["spec"]["rollout"] = json!({"maxUnavailable": bad});
+        let failures = cel_failures(&pool);
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("rollout.maxUnavailable must be")),
+            "{bad}: {failures:?}"
+        );
+    }
+}

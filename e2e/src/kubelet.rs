@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tether_crds::ConnectionPool;
@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::Cluster;
 use crate::container::{self, HttpProbe, PodVolumes, RunningContainer, container_port};
+use crate::revision;
 use crate::runtime::ContainerEnv;
 use crate::service_proxy::{Backend, EndpointSource, ServiceProxy};
 use crate::{API_KEY, NS, binary};
@@ -60,6 +61,13 @@ pub struct Removal {
 struct RunningPod {
     workload: Workload,
     endpoint: Endpoint,
+    /// The template revision it was created from (its `controller-revision-hash`).
+    revision: String,
+    /// The StatefulSet it was created from: a restart of its process (as a kubelet
+    /// restarts a container) keeps its revision.
+    from: Arc<StatefulSet>,
+    /// Its Pod object's uid: when that object is deleted (or replaced), the pod stops.
+    uid: Option<String>,
 }
 
 /// What runs a pod.
@@ -204,6 +212,9 @@ impl Kubelet {
                 .timeout(Duration::from_secs(2))
                 .build()?,
             last_sts_status: None,
+            current_revision: None,
+            recorded: std::collections::HashSet::new(),
+            stopping: HashMap::new(),
         };
         let task = tokio::spawn(state.run(stop.clone()));
         let service = ServiceProxy::start(service, service_endpoints(endpoints.clone()))
@@ -299,7 +310,16 @@ struct KubeletLoop {
     removals: Arc<Mutex<Vec<Removal>>>,
     replicas_seen: Arc<Mutex<Vec<(Instant, i32)>>>,
     http: reqwest::Client,
-    last_sts_status: Option<(i32, i32)>,
+    last_sts_status: Option<Value>,
+    /// The StatefulSet's `currentRevision`: what the pods ran before the template last
+    /// changed (it becomes the update revision once every pod runs that).
+    current_revision: Option<String>,
+    /// Revisions whose ControllerRevision exists.
+    recorded: std::collections::HashSet<String>,
+    /// Pods being stopped for their replacement: the ordinal is started again (at the
+    /// update revision) only once the old process is gone, as a StatefulSet waits for
+    /// the old Pod before it creates its successor.
+    stopping: HashMap<i32, tokio::task::JoinHandle<()>>,
 }
 
 impl KubeletLoop {
@@ -326,6 +346,18 @@ impl KubeletLoop {
         };
         let spec = sts.spec.clone().context("sts spec")?;
         let replicas = spec.replicas.unwrap_or(1);
+        let sts = Arc::new(sts);
+        let update = revision::update_revision(&sts);
+        if self.recorded.insert(update.clone())
+            && let Err(e) = revision::record(&self.client, &sts, &update).await
+        {
+            self.recorded.remove(&update);
+            debug!(%e, "kubelet: ControllerRevision");
+        }
+        let current = self
+            .current_revision
+            .get_or_insert_with(|| update.clone())
+            .clone();
         self.replicas_seen.lock().push((Instant::now(), replicas));
         let grace = spec
             .template
@@ -364,22 +396,69 @@ impl KubeletLoop {
             });
         }
 
+        // Pods whose Pod object was deleted (a rollout's `OnDelete`) stop; the
+        // StatefulSet then recreates them from its template, at the update revision.
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), NS);
+        let objects: HashMap<String, Option<String>> = pods_api
+            .list(&ListParams::default().labels(&format!("tether.dev/pool={}", self.pool)))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| (p.metadata.name.clone().unwrap_or_default(), p.metadata.uid))
+            .collect();
+        let deleted: Vec<i32> = self
+            .running
+            .iter()
+            .filter(|(_, p)| {
+                p.uid
+                    .as_ref()
+                    .is_some_and(|uid| objects.get(&p.endpoint.pod) != Some(&Some(uid.clone())))
+            })
+            .map(|(o, _)| *o)
+            .collect();
+        for o in deleted {
+            self.replace(o, grace, false).await;
+        }
+        // RollingUpdate: the controller replaces old pods itself, highest ordinal first,
+        // one at a time, once every pod is Ready.
+        self.stopping.retain(|_, h| !h.is_finished());
+        if !revision::on_delete(&sts)
+            && self.stopping.is_empty()
+            && self.running.len() as i32 == replicas
+            && self.running.values().all(|p| p.endpoint.ready)
+            && let Some(o) = self
+                .running
+                .iter()
+                .rev()
+                .find(|(_, p)| p.revision != update)
+                .map(|(o, _)| *o)
+        {
+            self.replace(o, grace, true).await;
+        }
+
         // Missing or exited pods: (re)start them, as the kubelet restarts a container.
         for o in 0..replicas {
+            if self.stopping.get(&o).is_some_and(|h| !h.is_finished()) {
+                continue;
+            }
             let exited = match self.running.get_mut(&o) {
                 Some(p) => p.workload.exited(),
                 None => true,
             };
             if exited {
+                // A restart keeps the pod's revision; a new pod gets the update revision.
+                let mut from = sts.clone();
                 if let Some(old) = self.running.remove(&o) {
                     warn!(ordinal = o, "gateway exited; restarting it");
                     self.endpoints.lock().remove(&o);
+                    from = old.from.clone();
                     old.workload.terminate(Duration::from_secs(1)).await;
                 }
                 if self.retry_at.get(&o).is_some_and(|t| Instant::now() < *t) {
                     continue;
                 }
-                match self.start_pod(&sts, o).await {
+                match self.start_pod(&from, o).await {
                     Ok(pod) => {
                         self.retry_at.remove(&o);
                         self.endpoints.lock().insert(o, pod.endpoint.clone());
@@ -455,17 +534,61 @@ impl KubeletLoop {
             }
         }
         let running = self.running.len() as i32;
-        if self.last_sts_status != Some((running, ready_count)) {
-            let status = json!({"status": {
-                "observedGeneration": sts.metadata.generation,
-                "replicas": running, "readyReplicas": ready_count, "availableReplicas": ready_count,
-                "currentReplicas": running, "updatedReplicas": running,
-            }});
-            sets.patch_status(&self.pool, &PatchParams::default(), &Patch::Merge(status))
-                .await?;
-            self.last_sts_status = Some((running, ready_count));
+        let revisions: BTreeMap<i32, String> = self
+            .running
+            .iter()
+            .map(|(o, p)| (*o, p.revision.clone()))
+            .collect();
+        let (fields, current) = revision::status_fields(&revisions, replicas, &current, &update);
+        self.current_revision = Some(current);
+        let mut status = json!({
+            "observedGeneration": sts.metadata.generation,
+            "replicas": running, "readyReplicas": ready_count, "availableReplicas": ready_count,
+        });
+        if let (Some(status), Value::Object(fields)) = (status.as_object_mut(), fields) {
+            status.extend(fields);
+        }
+        if self.last_sts_status.as_ref() != Some(&status) {
+            sets.patch_status(
+                &self.pool,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await?;
+            self.last_sts_status = Some(status);
         }
         Ok(())
+    }
+
+    /// Stops pod `o` for its replacement: out of the endpoints at once, SIGTERM (SIGKILL
+    /// after `grace` seconds), its Pod object deleted when `delete` (the controller's own
+    /// RollingUpdate; under OnDelete someone else deleted it). The ordinal starts again
+    /// once the process is gone.
+    async fn replace(&mut self, o: i32, grace: i64, delete: bool) {
+        let Some(pod) = self.running.remove(&o) else {
+            return;
+        };
+        self.endpoints.lock().remove(&o);
+        let connections = self.stats_connections(&pod.endpoint.internal).await;
+        let (instructed, issued) = self.drain_instruction(&pod.endpoint.pod).await;
+        info!(pod = %pod.endpoint.pod, revision = %pod.revision, connections, "kubelet: replacing pod");
+        self.removals.lock().push(Removal {
+            pod: pod.endpoint.pod.clone(),
+            connections_at_sigterm: connections,
+            was_drain_instructed: instructed,
+            drain_issued_at: issued,
+        });
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
+        let name = pod.endpoint.pod.clone();
+        let stop = tokio::spawn(async move {
+            pod.workload
+                .terminate(Duration::from_secs(grace.max(1) as u64))
+                .await;
+            if delete {
+                let _ = pods.delete(&name, &DeleteParams::default()).await;
+            }
+        });
+        self.stopping.insert(o, stop);
     }
 
     async fn stats_connections(&self, internal: &str) -> i64 {
@@ -564,11 +687,19 @@ impl KubeletLoop {
     }
 
     /// Starts ordinal `o` as the runtime says.
-    async fn start_pod(&self, sts: &StatefulSet, o: i32) -> anyhow::Result<RunningPod> {
-        match &self.containers {
-            Some(env) => self.start_container_pod(env, sts, o).await,
-            None => self.start_process_pod(sts, o).await,
-        }
+    async fn start_pod(&self, sts: &Arc<StatefulSet>, o: i32) -> anyhow::Result<RunningPod> {
+        let revision = revision::update_revision(sts);
+        let (workload, endpoint, uid) = match &self.containers {
+            Some(env) => self.start_container_pod(env, sts, o, &revision).await?,
+            None => self.start_process_pod(sts, o, &revision).await?,
+        };
+        Ok(RunningPod {
+            workload,
+            endpoint,
+            revision,
+            from: sts.clone(),
+            uid,
+        })
     }
 
     /// Container mode: the Pod object from the StatefulSet's template (as the
@@ -579,7 +710,8 @@ impl KubeletLoop {
         env: &ContainerEnv,
         sts: &StatefulSet,
         o: i32,
-    ) -> anyhow::Result<RunningPod> {
+        revision: &str,
+    ) -> anyhow::Result<(Workload, Endpoint, Option<String>)> {
         let name = format!("{}-{o}", self.pool);
         let root = self.root.join(&name);
         let _ = std::fs::remove_dir_all(&root);
@@ -590,11 +722,13 @@ impl KubeletLoop {
             .map(|s| s.template.clone())
             .context("pod template")?;
         let meta = template.metadata.unwrap_or_default();
+        let mut labels = meta.labels.unwrap_or_default();
+        labels.insert(revision::REVISION_LABEL.into(), revision.into());
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {
                 "name": name, "namespace": NS,
-                "labels": meta.labels, "annotations": meta.annotations,
+                "labels": labels, "annotations": meta.annotations,
                 "ownerReferences": [{
                     "apiVersion": "apps/v1", "kind": "StatefulSet", "controller": true,
                     "name": self.pool, "uid": sts.metadata.uid,
@@ -603,6 +737,7 @@ impl KubeletLoop {
             "spec": template.spec.context("pod template spec")?,
         }))?;
         let pod = self.create_pod(sts, &name, &pod).await?;
+        let uid = pod.metadata.uid.clone();
         let spec = pod.spec.clone().context("pod spec")?;
         let c = spec.containers.first().context("container")?.clone();
 
@@ -646,8 +781,8 @@ impl KubeletLoop {
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
             .await;
         info!(pod = %name, public = %endpoint.public, id = %container.id, "kubelet: container started");
-        Ok(RunningPod {
-            workload: Workload::Container(Box::new(ContainerPod {
+        Ok((
+            Workload::Container(Box::new(ContainerPod {
                 container,
                 volumes,
                 readiness,
@@ -655,12 +790,18 @@ impl KubeletLoop {
                 last_refresh: Instant::now(),
             })),
             endpoint,
-        })
+            uid,
+        ))
     }
 
     /// Process mode: the pod's files (config from the ConfigMap, Secret volumes) under
     /// a temp dir, a Pod object, and the gateway process with the pod's environment.
-    async fn start_process_pod(&self, sts: &StatefulSet, o: i32) -> anyhow::Result<RunningPod> {
+    async fn start_process_pod(
+        &self,
+        sts: &StatefulSet,
+        o: i32,
+        revision: &str,
+    ) -> anyhow::Result<(Workload, Endpoint, Option<String>)> {
         let name = format!("{}-{o}", self.pool);
         let root = self.root.join(&name);
         std::fs::create_dir_all(&root)?;
@@ -718,20 +859,21 @@ impl KubeletLoop {
         );
 
         // The Pod object, not ready yet.
-        let labels = sts
+        let mut labels = sts
             .spec
             .as_ref()
             .and_then(|s| s.template.metadata.as_ref())
             .and_then(|m| m.labels.clone())
             .unwrap_or_default();
         // The container's resources ride along: a namespace's ResourceQuota judges them.
+        labels.insert(revision::REVISION_LABEL.into(), revision.into());
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels},
             "spec": {"containers": [{
                 "name": "gateway", "image": container.image, "resources": container.resources,
             }]},
         }))?;
-        self.create_pod(sts, &name, &pod).await?;
+        let uid = self.create_pod(sts, &name, &pod).await?.metadata.uid;
 
         // The pod's API credentials, as a kubelet gives them: a bound token of the pod's
         // service account (TokenRequest), so the gateway has exactly what the operator's
@@ -787,11 +929,8 @@ impl KubeletLoop {
             ready: false,
             container_id: None,
         };
-        info!(pod = %name, public = %endpoint.public, "kubelet: pod started");
-        Ok(RunningPod {
-            workload: Workload::Process(child),
-            endpoint,
-        })
+        info!(pod = %name, public = %endpoint.public, %revision, "kubelet: pod started");
+        Ok((Workload::Process(child), endpoint, uid))
     }
 }
 

@@ -33,6 +33,7 @@ mod kubelet;
 pub mod podnet;
 pub mod podsim;
 mod pusher;
+pub mod revision;
 pub mod runtime;
 pub mod scale;
 pub mod service_proxy;
@@ -53,6 +54,11 @@ pub use runtime::Runtime;
 pub use tether_test_support::free_port;
 /// Polls `f` until it returns `Some`, for at most `timeout`; the error names `what`.
 pub use tether_test_support::try_eventually as eventually;
+
+/// The ordinal of pod `pod` of pool `pool` (`<pool>-<n>`).
+pub fn scaling_ordinal(pool: &str, pod: &str) -> Option<i32> {
+    pod.strip_prefix(pool)?.strip_prefix('-')?.parse().ok()
+}
 
 /// Namespace of the test pools.
 pub const NS: &str = "tenants";

@@ -63,6 +63,11 @@ pub struct SimPod {
     pub boot_id: String,
     /// Stops reporting (a hung or partitioned pod), for staleness tests.
     pub silent: bool,
+    /// The StatefulSet template revision it was created from.
+    pub revision: String,
+    /// Its Pod object's uid; once the watch has shown it, its deletion ends the pod.
+    uid: Option<String>,
+    seen: bool,
     last: Option<(Instant, Snapshot)>,
 }
 
@@ -188,7 +193,7 @@ async fn run(client: Client, config: SimConfig, world: Arc<World>) {
     let _ = caches.pools.wait_until_ready().await;
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sts_status: HashMap<String, (Option<i64>, i32)> = HashMap::new();
+    let mut sts_status: HashMap<String, StsMemory> = HashMap::new();
     loop {
         tick.tick().await;
         if let Err(e) = kubelet(&client, &ns, &caches, &world, &mut sts_status).await {
@@ -200,38 +205,114 @@ async fn run(client: Client, config: SimConfig, world: Arc<World>) {
     }
 }
 
-/// Pods for every StatefulSet replica; gone ones deleted; StatefulSet status kept.
+/// What the simulator last wrote of a StatefulSet's status, and its current revision.
+#[derive(Debug, Default)]
+struct StsMemory {
+    status: Option<serde_json::Value>,
+    current: Option<String>,
+    recorded: HashSet<String>,
+}
+
+/// Pods for every StatefulSet replica, labelled with the template revision they were
+/// created from ([`crate::revision`]); gone ones deleted; a pod whose Pod object was
+/// deleted (a rollout, `OnDelete`) is recreated at the update revision; with
+/// `RollingUpdate`, one old pod at a time is replaced; StatefulSet status kept.
 async fn kubelet(
     client: &Client,
     ns: &str,
     caches: &Caches,
     world: &World,
-    sts_status: &mut HashMap<String, (Option<i64>, i32)>,
+    sts_status: &mut HashMap<String, StsMemory>,
 ) -> kube::Result<()> {
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let sets_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let mut wanted: HashSet<String> = HashSet::new();
+    // Pods whose object the watch showed and no longer shows (or shows anew): deleted.
+    {
+        let mut pods = world.pods.lock();
+        let mut deleted = Vec::new();
+        for (name, pod) in pods.iter_mut() {
+            let object = caches.pods.get(&ObjectRef::new(name).within(ns));
+            let same =
+                object.is_some_and(|o| o.metadata.uid.is_some() && o.metadata.uid == pod.uid);
+            if same {
+                pod.seen = true;
+            } else if pod.seen {
+                deleted.push(name.clone());
+            }
+        }
+        for name in deleted {
+            debug!(pod = %name, "simulated pod deleted; recreating it");
+            pods.remove(&name);
+        }
+    }
     for sts in caches.sets.state() {
         let pool = sts.name_any();
         let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let update = crate::revision::update_revision(&sts);
+        let memory = sts_status.entry(pool.clone()).or_default();
+        if memory.recorded.insert(update.clone())
+            && let Err(e) = crate::revision::record(client, &sts, &update).await
+        {
+            memory.recorded.remove(&update);
+            debug!(%e, "pod simulator: ControllerRevision");
+        }
+        let current = memory.current.get_or_insert_with(|| update.clone()).clone();
+        // RollingUpdate: the controller replaces the highest old pod, one at a time.
+        if !crate::revision::on_delete(&sts) {
+            let all_there =
+                (0..replicas).all(|o| world.pods.lock().contains_key(&format!("{pool}-{o}")));
+            let old = (0..replicas)
+                .rev()
+                .map(|o| format!("{pool}-{o}"))
+                .find(|n| {
+                    world
+                        .pods
+                        .lock()
+                        .get(n)
+                        .is_some_and(|p| p.revision != update)
+                });
+            if all_there && let Some(name) = old {
+                world.pods.lock().remove(&name);
+                match pods_api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         for o in 0..replicas {
             let name = format!("{pool}-{o}");
             wanted.insert(name.clone());
             if world.pods.lock().contains_key(&name) {
                 continue;
             }
+            let mut labels = sts
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.metadata.as_ref()?.labels.clone())
+                .unwrap_or_default();
+            labels.insert(SIM_LABEL.into(), "true".into());
+            labels.insert("tether.dev/pool".into(), pool.clone());
+            labels.insert(crate::revision::REVISION_LABEL.into(), update.clone());
             let pod: Pod = serde_json::from_value(json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": ns,
-                             "labels": {SIM_LABEL: "true", "tether.dev/pool": pool}},
+                "metadata": {"name": name, "namespace": ns, "labels": labels},
                 "spec": {"containers": [{"name": "gateway", "image": "simulated"}]},
             }))
             .expect("pod json");
-            match pods_api.create(&PostParams::default(), &pod).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
+            let uid = match pods_api.create(&PostParams::default(), &pod).await {
+                Ok(created) => created.metadata.uid,
+                // Left over from an earlier run of the simulator: taken over as it is.
+                Err(kube::Error::Api(s)) if s.code == 409 => None,
                 Err(e) => return Err(e),
-            }
+            };
+            // Running and Ready at once (what a rollout waits for before its next batch).
+            let ready = json!({"status": {"phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True"}]}});
+            pods_api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(ready))
+                .await?;
             world.pods.lock().insert(
                 name,
                 SimPod {
@@ -244,22 +325,44 @@ async fn kubelet(
                     acted: Vec::new(),
                     boot_id: format!("{:016x}", rand::random::<u64>()),
                     silent: false,
+                    revision: update.clone(),
+                    uid,
+                    seen: false,
                     last: None,
                 },
             );
         }
-        // Every replica runs and is ready; the status follows each new generation.
-        let running = (sts.metadata.generation, replicas);
-        if sts_status.get(&pool) != Some(&running) {
-            let status = json!({"status": {
-                "observedGeneration": sts.metadata.generation,
-                "replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
-                "currentReplicas": replicas, "updatedReplicas": replicas,
-            }});
+        // Every replica runs and is ready; the status follows each new generation and
+        // each pod's revision.
+        let revisions: BTreeMap<i32, String> = world
+            .pods
+            .lock()
+            .iter()
+            .filter(|(_, p)| p.pool == pool)
+            .filter_map(|(n, p)| Some((crate::scaling_ordinal(&pool, n)?, p.revision.clone())))
+            .filter(|(o, _)| *o < replicas)
+            .collect();
+        let (fields, current) =
+            crate::revision::status_fields(&revisions, replicas, &current, &update);
+        let memory = sts_status.entry(pool.clone()).or_default();
+        memory.current = Some(current);
+        let mut status = json!({
+            "observedGeneration": sts.metadata.generation,
+            "replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+        });
+        if let (Some(status), serde_json::Value::Object(fields)) = (status.as_object_mut(), fields)
+        {
+            status.extend(fields);
+        }
+        if memory.status.as_ref() != Some(&status) {
             sets_api
-                .patch_status(&pool, &PatchParams::default(), &Patch::Merge(status))
+                .patch_status(
+                    &pool,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "status": status })),
+                )
                 .await?;
-            sts_status.insert(pool, running);
+            memory.status = Some(status);
         }
     }
     let gone: Vec<String> = world

@@ -122,6 +122,18 @@ pub enum Reason {
     Rebalancing,
     /// An episode stopped issuing rounds (Event).
     RebalanceStopped,
+    /// A rollout replaces pods in batches (conditions `Scaling` and `RollingOut`).
+    RollingOut,
+    /// A new template revision began rolling out (Event).
+    RolloutStarted,
+    /// A batch of pods began draining before its replacement (Event).
+    BatchStarted,
+    /// Every pod runs the new revision (Event; `RollingOut` False).
+    RolloutComplete,
+    /// `spec.rollout.paused`: no new batch (Event and condition).
+    RolloutPaused,
+    /// The rollout waits for a drain or a rebalancing episode to end (condition).
+    RolloutWaiting,
 }
 
 impl Reason {
@@ -142,6 +154,12 @@ impl Reason {
             Reason::DrainCancelled => "DrainCancelled",
             Reason::Rebalancing => "Rebalancing",
             Reason::RebalanceStopped => "RebalanceStopped",
+            Reason::RollingOut => "RollingOut",
+            Reason::RolloutStarted => "RolloutStarted",
+            Reason::BatchStarted => "BatchStarted",
+            Reason::RolloutComplete => "RolloutComplete",
+            Reason::RolloutPaused => "RolloutPaused",
+            Reason::RolloutWaiting => "RolloutWaiting",
         }
     }
 }
@@ -209,8 +227,8 @@ pub enum State {
     },
     /// A rebalancing episode acts, waits or has stopped (only once the size settled).
     Rebalancing(Rebalance),
-    // Room for `RollingOut { batch }` (issue 22): it would rank below a scale-up and a
-    // drain under way, and wait for an episode to end.
+    /// A new pod template replaces the pods batch by batch ([`roll_out`]).
+    RollingOut(RolloutProgress),
 }
 
 /// The phase of a rebalancing episode.
@@ -323,6 +341,14 @@ pub struct Plan {
     pub decided_from: i32,
     /// The rebalancing episode after this step.
     pub episode: Option<Episode>,
+    /// A rollout's progress while pods are not all at the new revision (the
+    /// `RollingOut` condition), also when it waits behind another state.
+    pub rollout: Option<RolloutProgress>,
+    /// The rollout this term runs, after this step (the autoscaler's memory).
+    pub rollout_memory: Option<Rollout>,
+    /// Drained pods to delete in this step, so that the StatefulSet (`OnDelete`)
+    /// recreates them at the new revision.
+    pub delete: Vec<String>,
 }
 
 impl Plan {
@@ -332,6 +358,8 @@ impl Plan {
         match &self.state {
             State::Steady | State::ScalingUp { .. } => !self.decision.reason.at_rest(),
             State::Rebalancing(Rebalance::Stopped { .. }) => false,
+            // Paused, a rollout waits for the user: nothing is under way.
+            State::RollingOut(p) => !matches!(p.phase, RolloutPhase::Paused),
             State::Draining { .. }
             | State::ScalingDown { .. }
             | State::Holding { .. }
@@ -380,6 +408,9 @@ impl Plan {
                     Rebalance::Stopped { why } => format!("rebalancing stopped: {why}"),
                 };
                 (self.is_active(), Reason::Rebalancing, message)
+            }
+            State::RollingOut(progress) => {
+                (self.is_active(), progress.reason(), progress.message())
             }
         };
         ScalingCondition {
@@ -430,10 +461,11 @@ impl View {
         let total: i64 = live
             .iter()
             .fold(0i64, |sum, l| sum.saturating_add(l.connections));
+        // A rollout's drains are its own ([`roll_out`]): not a scale-down's.
         let drains: BTreeMap<i32, PodInstruction> = status
             .instructions
             .iter()
-            .filter(|i| i.drain)
+            .filter(|i| i.drain && !is_rollout(i))
             .filter_map(|i| Some((ordinal(&name, &i.pod)?, i.clone())))
             .collect();
         // A scale-down in progress: decide from the size the pool is settling at, so the
@@ -676,6 +708,19 @@ pub fn plan(
     ages: &Ages,
     now: Timestamp,
 ) -> Plan {
+    plan_with(pool, current, history, ages, &RolloutView::default(), now)
+}
+
+/// [`plan`] with what a rollout needs: the pods' revisions and the rollout under way.
+/// Then a [`roll_out`] step follows the size and rebalancing parts.
+pub fn plan_with(
+    pool: &ConnectionPool,
+    current: Option<i32>,
+    history: &History,
+    ages: &Ages,
+    rollout: &RolloutView,
+    now: Timestamp,
+) -> Plan {
     let policy = Policy::from_spec(&pool.spec);
     let orch = Orchestration::from_pool(pool);
     let status = pool.status.clone().unwrap_or_default();
@@ -725,7 +770,12 @@ pub fn plan(
     // endpoints until its readiness probe passed (one probe period later), and agents
     // shed before then come back to the only pods the Service has: the heavy ones.
     let in_service = status.ready_replicas.is_none_or(|ready| ready >= n);
-    if settled && orch.spread_percent > 0 {
+    // No episode starts while a rollout is pending (replaced pods come back empty and
+    // would look light); one already under way finishes first and the rollout waits.
+    let rolling = rollout_pending(name, rollout, &status.instructions, n);
+    let episode_on = episode.as_ref().is_some_and(|e| e.stopped.is_none())
+        || status.instructions.iter().any(|i| i.shed.is_some());
+    if settled && orch.spread_percent > 0 && (!rolling || episode_on) {
         let step = rebalance(
             name,
             &status.instructions,
@@ -749,6 +799,44 @@ pub fn plan(
         }
         instructions.extend(step.round);
     }
+
+    // Rollout, behind a drain under way and a rebalancing episode that acts.
+    let blocked = match &state {
+        State::Draining { .. } | State::ScalingDown { .. } => Some("a scale-down's drain"),
+        State::Rebalancing(phase) if !matches!(phase, Rebalance::Stopped { .. }) => {
+            Some("the rebalancing episode")
+        }
+        _ => None,
+    };
+    let step = roll_out(
+        &RolloutInput {
+            name,
+            spec: &pool.spec.rollout,
+            view: rollout,
+            previous: &status.instructions,
+            live: &view.live,
+            replicas: stateful_set_replicas,
+            blocked,
+        },
+        &orch,
+        now,
+    );
+    if let Some(progress) = &step.progress
+        && blocked.is_none()
+        && matches!(state, State::Steady | State::Holding { .. })
+    {
+        state = State::RollingOut(progress.clone());
+    }
+    if let Some(at) = step.look_again {
+        requeue = Some(requeue.map_or(at, |r: Duration| r.min(at)));
+    }
+    // One instruction per pod (the status list is keyed by pod): what the size and
+    // rebalancing parts decided stays.
+    let mut step = step;
+    step.instructions
+        .retain(|r| !instructions.iter().any(|i| i.pod == r.pod));
+    instructions.extend(step.instructions);
+    events.extend(step.events);
     instructions.sort_by(|a, b| a.pod.cmp(&b.pod));
 
     let prune = status
@@ -775,6 +863,9 @@ pub fn plan(
         decision,
         decided_from,
         episode,
+        rollout: step.progress,
+        rollout_memory: step.memory,
+        delete: step.delete,
     };
     // Reports trigger the next step; time alone matters for deadlines, rounds, the
     // windows of the policy and for noticing that pods went silent.
@@ -982,6 +1073,379 @@ fn heavy_pods<'a>(live: &'a [Live], n: i32, orch: &Orchestration) -> Vec<&'a Liv
         .collect()
 }
 
+// === rollouts ===
+
+/// Instruction ids of a rollout's drains start with this: they are the rollout's, not
+/// a scale-down's ([`View::drains`] leaves them out).
+pub const ROLLOUT_ID_PREFIX: &str = "rollout-";
+
+fn is_rollout(i: &PodInstruction) -> bool {
+    i.drain && i.id.starts_with(ROLLOUT_ID_PREFIX)
+}
+
+/// One gateway Pod as a rollout sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRevision {
+    /// Its `controller-revision-hash` label: the template revision it runs.
+    pub revision: Option<String>,
+    /// Its Ready condition (what the Service goes by).
+    pub ready: bool,
+    /// It is being deleted.
+    pub terminating: bool,
+}
+
+/// The pods' revisions, read (a list of the pool's Pods) only while the StatefulSet
+/// says a rollout is under way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revisions {
+    /// The StatefulSet's `status.updateRevision`: the revision of its template now.
+    pub update: String,
+    /// The pool's Pods by ordinal.
+    pub pods: BTreeMap<i32, PodRevision>,
+}
+
+/// The rollout one leadership term runs (its memory, for the Events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// The revision being rolled out.
+    pub revision: String,
+    /// Batches started so far.
+    pub batches: u32,
+}
+
+/// What [`plan_with`] gets to roll out with.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RolloutView {
+    /// The pods' revisions; `None` when the StatefulSet has every pod at its revision.
+    pub revisions: Option<Revisions>,
+    /// The rollout under way in this term, if any.
+    pub under_way: Option<Rollout>,
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RolloutPhase {
+    /// A batch began draining in this step.
+    BatchStarted {
+        /// The batch's number (1-based).
+        number: u32,
+        /// Its pods.
+        pods: Vec<String>,
+    },
+    /// The batch drains; its pods are deleted once each is empty (or its deadline passed).
+    Draining {
+        /// Pods still draining.
+        pending: Vec<String>,
+    },
+    /// The batch's pods were deleted, or some pod is not Ready: the next batch waits
+    /// until every pod is back and Ready.
+    Replacing {
+        /// Pods deleted in this step, or not Ready yet.
+        pods: Vec<String>,
+    },
+    /// `spec.rollout.paused`.
+    Paused,
+    /// Behind another state (a scale-down's drain, a rebalancing episode).
+    Waiting {
+        /// What it waits for.
+        behind: &'static str,
+    },
+}
+
+/// A rollout's progress: the `RollingOut` condition, and the pool's state while the
+/// rollout acts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutProgress {
+    /// Pods at the new revision.
+    pub updated: i32,
+    /// Pods in the pool.
+    pub total: i32,
+    /// Pods per batch.
+    pub batch: i32,
+    /// Where it is.
+    pub phase: RolloutPhase,
+}
+
+impl RolloutProgress {
+    /// The reason of the `RollingOut` (and, while it acts, `Scaling`) condition.
+    pub fn reason(&self) -> Reason {
+        match self.phase {
+            RolloutPhase::Paused => Reason::RolloutPaused,
+            RolloutPhase::Waiting { .. } => Reason::RolloutWaiting,
+            _ => Reason::RollingOut,
+        }
+    }
+
+    /// The condition's message, counts first (`3/10 updated`).
+    pub fn message(&self) -> String {
+        let counts = format!(
+            "{}/{} updated, batches of {}",
+            self.updated, self.total, self.batch
+        );
+        match &self.phase {
+            RolloutPhase::BatchStarted { number, pods } => {
+                format!("{counts}: batch {number} draining {}", pods.join(", "))
+            }
+            RolloutPhase::Draining { pending } => {
+                format!("{counts}: draining {}", pending.join(", "))
+            }
+            RolloutPhase::Replacing { pods } => {
+                format!("{counts}: waiting for {} to be Ready", pods.join(", "))
+            }
+            RolloutPhase::Paused => format!("{counts}: paused (spec.rollout.paused)"),
+            RolloutPhase::Waiting { behind } => format!("{counts}: waiting for {behind}"),
+        }
+    }
+}
+
+/// The inputs of one [`roll_out`] step.
+#[derive(Debug, Clone)]
+pub struct RolloutInput<'a> {
+    /// The pool's name (pods are `<name>-<ordinal>`).
+    pub name: &'a str,
+    /// `spec.rollout`.
+    pub spec: &'a tether_crds::RolloutSpec,
+    /// Revisions and memory.
+    pub view: &'a RolloutView,
+    /// `status.instructions` as they are.
+    pub previous: &'a [PodInstruction],
+    /// Fresh reports.
+    pub live: &'a [Live],
+    /// The StatefulSet's replicas after this step's size part.
+    pub replicas: i32,
+    /// Another state that must end before a new batch starts.
+    pub blocked: Option<&'static str>,
+}
+
+/// What a rollout does in one step.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RolloutStep {
+    /// Its drain instructions to keep or issue.
+    pub instructions: Vec<PodInstruction>,
+    /// Drained pods to delete now.
+    pub delete: Vec<String>,
+    /// Events.
+    pub events: Vec<ScaleEvent>,
+    /// Progress while some pod is not at the new revision.
+    pub progress: Option<RolloutProgress>,
+    /// The memory afterwards.
+    pub memory: Option<Rollout>,
+    /// When time alone changes the answer (a drain deadline).
+    pub look_again: Option<Duration>,
+}
+
+/// Whether a rollout has work left: a pod below the new revision, or a batch in flight.
+fn rollout_pending(name: &str, view: &RolloutView, previous: &[PodInstruction], n: i32) -> bool {
+    let outdated = view.revisions.as_ref().is_some_and(|r| {
+        r.pods
+            .range(0..n)
+            .any(|(_, p)| p.revision.as_deref() != Some(r.update.as_str()))
+    });
+    outdated
+        || previous
+            .iter()
+            .any(|i| is_rollout(i) && ordinal(name, &i.pod).is_some_and(|o| o < n))
+}
+
+/// One rollout step, pure. The StatefulSet's update strategy is `OnDelete`: pods change
+/// revision only when deleted, and the operator picks which, when:
+///
+/// 1. **A batch in flight** (drain instructions with the [`ROLLOUT_ID_PREFIX`]): each
+///    pod that is drained (a report echoing the id, draining, 0 connections) or past
+///    `drain.deadlineSeconds` is deleted (the StatefulSet recreates it at the new
+///    revision); the others keep draining. Paused, the drains still pending are called
+///    off (their pods turn ready again at the old revision).
+/// 2. **Paused**: no new batch.
+/// 3. **Blocked** (a scale-down's drain, a rebalancing episode under way): no new batch.
+/// 4. **Some pod missing, terminating or not Ready**: no new batch; replacements come
+///    back first, so at most one batch of agents is ever between pods.
+/// 5. **A new batch**: `rollout.maxUnavailable` of the pods below the new revision,
+///    highest ordinals first (as the StatefulSet controller orders them), get a drain
+///    instruction — the paced, jittered `reconnect` hints of a scale-down's drain.
+///
+/// A pod created meanwhile (a scale-up) is at the new revision from the start.
+pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) -> RolloutStep {
+    let RolloutInput {
+        name,
+        spec,
+        view,
+        previous,
+        live,
+        replicas: n,
+        blocked,
+    } = input.clone();
+    let pod_name = |o: i32| format!("{name}-{o}");
+    let in_flight: Vec<&PodInstruction> = previous.iter().filter(|i| is_rollout(i)).collect();
+    let Some(revisions) = &view.revisions else {
+        // Every pod is at the StatefulSet's revision: the rollout, if one ran, is over.
+        let events = view
+            .under_way
+            .iter()
+            .map(|r| ScaleEvent {
+                reason: Reason::RolloutComplete,
+                note: format!(
+                    "every pod runs revision {} ({} batches)",
+                    r.revision, r.batches
+                ),
+            })
+            .collect();
+        return RolloutStep {
+            events,
+            ..Default::default()
+        };
+    };
+    let at_update = |o: i32| {
+        revisions
+            .pods
+            .get(&o)
+            .is_some_and(|p| p.revision.as_deref() == Some(revisions.update.as_str()))
+    };
+    let updated = (0..n).filter(|o| at_update(*o)).count() as i32;
+    let batch = spec.batch_size(n);
+    let mut step = RolloutStep {
+        memory: view
+            .under_way
+            .clone()
+            .filter(|r| r.revision == revisions.update),
+        ..Default::default()
+    };
+    let progress = |phase: RolloutPhase| RolloutProgress {
+        updated,
+        total: n,
+        batch,
+        phase,
+    };
+
+    // 1. The batch in flight.
+    let mut pending = Vec::new();
+    for i in &in_flight {
+        let Some(o) = ordinal(name, &i.pod) else {
+            continue;
+        };
+        if o >= n || at_update(o) {
+            continue; // removed by a scale-down, or replaced already
+        }
+        if spec.paused {
+            continue; // called off: the pod turns ready again
+        }
+        let report = live.iter().find(|l| l.ordinal == o);
+        let drained = report.is_some_and(|r| {
+            r.draining && r.connections == 0 && r.instruction.as_deref() == Some(i.id.as_str())
+        });
+        let issued = i.issued_at.as_ref().map_or(now, |t| t.0);
+        let left = orch.drain_deadline.saturating_sub(elapsed(issued, now));
+        if drained || left.is_zero() {
+            step.delete.push(i.pod.clone());
+        } else {
+            step.look_again = Some(step.look_again.map_or(left, |r: Duration| r.min(left)));
+            pending.push(i.pod.clone());
+            step.instructions.push((*i).clone());
+        }
+    }
+    let outdated: Vec<i32> = (0..n).rev().filter(|o| !at_update(*o)).collect();
+    if outdated.is_empty() && pending.is_empty() {
+        // The last batch is back at the new revision.
+        if let Some(r) = step.memory.take() {
+            step.events.push(ScaleEvent {
+                reason: Reason::RolloutComplete,
+                note: format!(
+                    "{n}/{n} pods run revision {} ({} batches)",
+                    r.revision, r.batches
+                ),
+            });
+        }
+        return step;
+    }
+    if !pending.is_empty() {
+        step.progress = Some(progress(RolloutPhase::Draining { pending }));
+        return step;
+    }
+    if !step.delete.is_empty() {
+        step.progress = Some(progress(RolloutPhase::Replacing {
+            pods: step.delete.clone(),
+        }));
+        return step;
+    }
+    // 2., 3.
+    if spec.paused {
+        step.progress = Some(progress(RolloutPhase::Paused));
+        return step;
+    }
+    if let Some(behind) = blocked {
+        step.progress = Some(progress(RolloutPhase::Waiting { behind }));
+        return step;
+    }
+    // 4. Every pod back and Ready before the next batch.
+    let not_ready: Vec<String> = (0..n)
+        .filter(|o| {
+            revisions
+                .pods
+                .get(o)
+                .is_none_or(|p| !p.ready || p.terminating)
+        })
+        .map(pod_name)
+        .collect();
+    if !not_ready.is_empty() {
+        step.progress = Some(progress(RolloutPhase::Replacing { pods: not_ready }));
+        return step;
+    }
+    // 5. A new batch: pods that carry another instruction (a shed round) are left for
+    // later.
+    let busy = |o: i32| previous.iter().any(|i| i.pod == pod_name(o));
+    let chosen: Vec<i32> = outdated
+        .into_iter()
+        .filter(|o| !busy(*o))
+        .take(batch as usize)
+        .collect();
+    if chosen.is_empty() {
+        step.progress = Some(progress(RolloutPhase::Waiting {
+            behind: "instructions under way",
+        }));
+        return step;
+    }
+    let mut memory = step.memory.take().unwrap_or_else(|| {
+        step.events.push(ScaleEvent {
+            reason: Reason::RolloutStarted,
+            note: format!(
+                "rolling out revision {} over {n} pods in batches of {batch} ({updated} already updated)",
+                revisions.update
+            ),
+        });
+        Rollout {
+            revision: revisions.update.clone(),
+            batches: 0,
+        }
+    });
+    memory.batches += 1;
+    let id = format!("{ROLLOUT_ID_PREFIX}{}", now.as_millisecond());
+    let pods: Vec<String> = chosen.iter().map(|o| pod_name(*o)).collect();
+    step.instructions = pods
+        .iter()
+        .map(|pod| PodInstruction {
+            pod: pod.clone(),
+            id: id.clone(),
+            drain: true,
+            shed: None,
+            issued_at: Some(Time(now)),
+        })
+        .collect();
+    step.events.push(ScaleEvent {
+        reason: Reason::BatchStarted,
+        note: format!(
+            "batch {}: draining {} ({updated}/{n} updated)",
+            memory.batches,
+            pods.join(", ")
+        ),
+    });
+    step.progress = Some(progress(RolloutPhase::BatchStarted {
+        number: memory.batches,
+        pods,
+    }));
+    step.look_again = Some(orch.drain_deadline);
+    step.memory = Some(memory);
+    step
+}
+
 // === impl Autoscaler ===
 
 /// What the autoscaler remembers about one pool during one leadership term.
@@ -994,6 +1458,8 @@ struct PoolMemory {
     delivered: HashMap<String, String>,
     /// When the status was last written, for pacing `totalConnections` refreshes.
     last_status_write: Option<Instant>,
+    /// The rollout under way in this term.
+    rollout: Option<Rollout>,
 }
 
 /// Per-pool scaling memory of one leadership term. Create a new one per term: nothing
@@ -1038,10 +1504,14 @@ impl Autoscaler {
     /// reporting while others go on turns stale on time; if everything falls silent
     /// (every pod of a lone pool gone), wall-clock age takes over after three more
     /// staleness bounds.
+    ///
+    /// `revisions` are the pods' template revisions, read while the StatefulSet has pods
+    /// below its update revision (`None` otherwise): see [`roll_out`].
     pub fn step(
         &self,
         pool: &ConnectionPool,
         current: Option<i32>,
+        revisions: Option<Revisions>,
         progress: Instant,
         now: Timestamp,
     ) -> Plan {
@@ -1076,7 +1546,12 @@ impl Autoscaler {
                 age(seen_now, *at, progress, stale_after),
             );
         }
-        let plan = plan(pool, current, &memory.history, &ages, now);
+        let rollout = RolloutView {
+            revisions,
+            under_way: memory.rollout.clone(),
+        };
+        let plan = plan_with(pool, current, &memory.history, &ages, &rollout, now);
+        memory.rollout = plan.rollout_memory.clone();
         memory
             .history
             .record(&plan.decision, plan.decided_from, &policy, now);
@@ -2163,6 +2638,406 @@ mod tests {
             PolicyReason::NoReports,
         ] {
             assert_eq!(Reason::from(policy).as_str(), format!("{policy:?}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod rollout_tests {
+    //! The rollout part of the state machine: batches, their drains and replacements,
+    //! pause, and its priorities against scaling and rebalancing. Pure: plans over
+    //! plain pools, no I/O.
+    use super::*;
+    use crate::fixtures::pool as fixture_pool;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use tether_crds::ConnectionPoolStatus;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    /// A pool `p` of `n` pods, 100 connections each unless `conns` says otherwise,
+    /// batches of 20 % (two pods of ten), with `instructions` in its status. A pod
+    /// whose instruction is a drain reports draining with `drained` connections left.
+    fn pool(n: i32, instructions: Vec<PodInstruction>, drained: i64) -> ConnectionPool {
+        let mut p = fixture_pool("p");
+        p.spec.replicas.min = n;
+        p.spec.replicas.max = n;
+        p.spec.scaling.target_connections_per_pod = 100;
+        p.spec.scaling.scale_down.stabilization_seconds = 0;
+        p.spec.drain.deadline_seconds = 30;
+        p.spec.report_interval_seconds = 2;
+        p.spec.rollout.max_unavailable = IntOrString::String("20%".into());
+        let reports = (0..n)
+            .map(|o| {
+                let name = format!("p-{o}");
+                let drain = instructions.iter().find(|i| i.pod == name && i.drain);
+                PodReport {
+                    name,
+                    connections: if drain.is_some() { drained } else { 100 },
+                    refused: 0,
+                    instruction: drain.map(|i| i.id.clone()),
+                    ready: drain.is_none(),
+                    draining: drain.is_some(),
+                    observed_at: Some(Time(t(0))),
+                    boot_id: None,
+                    pending_messages: None,
+                }
+            })
+            .collect();
+        p.status = Some(ConnectionPoolStatus {
+            pods: reports,
+            instructions,
+            desired_replicas: Some(n),
+            ready_replicas: Some(n),
+            ..Default::default()
+        });
+        p
+    }
+
+    /// Revisions: pods in `new` at revision "new", the others at "old"; `not_ready`
+    /// ordinals not Ready; `missing` ordinals without a Pod.
+    fn revisions(n: i32, new: &[i32], not_ready: &[i32], missing: &[i32]) -> Revisions {
+        Revisions {
+            update: "new".into(),
+            pods: (0..n)
+                .filter(|o| !missing.contains(o))
+                .map(|o| {
+                    let revision = if new.contains(&o) { "new" } else { "old" };
+                    (
+                        o,
+                        PodRevision {
+                            revision: Some(revision.into()),
+                            ready: !not_ready.contains(&o),
+                            terminating: false,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn fresh(p: &ConnectionPool) -> Ages {
+        p.status
+            .iter()
+            .flat_map(|s| &s.pods)
+            .map(|r| (r.name.clone(), Duration::ZERO))
+            .collect()
+    }
+
+    fn history() -> History {
+        History {
+            since: Some(t(-10_000)),
+            ..History::default()
+        }
+    }
+
+    fn step(p: &ConnectionPool, n: i32, view: RolloutView, at: i64) -> Plan {
+        plan_with(p, Some(n), &history(), &fresh(p), &view, t(at))
+    }
+
+    fn view(r: Revisions, under_way: Option<Rollout>) -> RolloutView {
+        RolloutView {
+            revisions: Some(r),
+            under_way,
+        }
+    }
+
+    fn reasons(plan: &Plan) -> Vec<Reason> {
+        plan.events.iter().map(|e| e.reason).collect()
+    }
+
+    fn pods(plan: &Plan) -> Vec<&str> {
+        plan.instructions.iter().map(|i| i.pod.as_str()).collect()
+    }
+
+    #[test]
+    fn a_template_change_drains_one_batch_of_the_highest_ordinals() {
+        let p = pool(10, vec![], 0);
+        let plan = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 100);
+        assert_eq!(pods(&plan), vec!["p-8", "p-9"]);
+        assert!(plan.instructions.iter().all(|i| i.drain && is_rollout(i)));
+        assert_eq!(
+            reasons(&plan),
+            vec![Reason::RolloutStarted, Reason::BatchStarted]
+        );
+        assert!(plan.delete.is_empty());
+        assert_eq!(plan.stateful_set_replicas, 10);
+        let State::RollingOut(progress) = &plan.state else {
+            panic!("{:?}", plan.state);
+        };
+        assert_eq!(
+            (progress.updated, progress.total, progress.batch),
+            (0, 10, 2)
+        );
+        assert!(
+            progress.message().starts_with("0/10 updated"),
+            "{}",
+            progress.message()
+        );
+        assert_eq!(plan.scaling_condition().reason, Reason::RollingOut);
+        assert!(plan.is_active());
+        assert_eq!(plan.rollout_memory.as_ref().map(|r| r.batches), Some(1));
+    }
+
+    #[test]
+    fn a_drained_batch_is_deleted_and_the_next_waits_until_its_pods_are_ready() {
+        let batch = step(
+            &pool(10, vec![], 0),
+            10,
+            view(revisions(10, &[], &[], &[]), None),
+            100,
+        );
+        let memory = batch.rollout_memory.clone();
+        // Still draining: nothing deleted, the instructions stay.
+        let p = pool(10, batch.instructions.clone(), 40);
+        let draining = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[]), memory.clone()),
+            105,
+        );
+        assert!(draining.delete.is_empty());
+        assert_eq!(draining.instructions, batch.instructions);
+        assert!(draining.events.is_empty());
+        // Drained (reports echo the id with 0 connections): deleted, instructions go.
+        let p = pool(10, batch.instructions.clone(), 0);
+        let drained = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[]), memory.clone()),
+            110,
+        );
+        assert_eq!(drained.delete, vec!["p-8", "p-9"]);
+        assert!(drained.instructions.is_empty());
+        // Recreated at the new revision, one not Ready yet: no new batch.
+        let p = pool(10, vec![], 0);
+        let waiting = step(
+            &p,
+            10,
+            view(revisions(10, &[8, 9], &[9], &[]), memory.clone()),
+            112,
+        );
+        assert!(waiting.instructions.is_empty(), "{waiting:?}");
+        assert!(matches!(
+            waiting.rollout.as_ref().map(|r| &r.phase),
+            Some(RolloutPhase::Replacing { pods }) if pods == &vec!["p-9".to_string()]
+        ));
+        // A pod missing (its successor not created yet) holds it too.
+        let missing = step(
+            &p,
+            10,
+            view(revisions(10, &[8], &[], &[9]), memory.clone()),
+            112,
+        );
+        assert!(missing.instructions.is_empty());
+        // Every pod Ready: the next batch.
+        let next = step(&p, 10, view(revisions(10, &[8, 9], &[], &[]), memory), 114);
+        assert_eq!(pods(&next), vec!["p-6", "p-7"]);
+        assert_eq!(reasons(&next), vec![Reason::BatchStarted]);
+        assert_eq!(next.rollout.as_ref().map(|r| r.updated), Some(2));
+        assert!(
+            next.rollout
+                .as_ref()
+                .unwrap()
+                .message()
+                .starts_with("2/10 updated")
+        );
+    }
+
+    #[test]
+    fn a_drain_past_its_deadline_no_longer_holds_the_batch() {
+        let batch = step(
+            &pool(10, vec![], 0),
+            10,
+            view(revisions(10, &[], &[], &[]), None),
+            100,
+        );
+        let p = pool(10, batch.instructions.clone(), 7);
+        let late = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 131);
+        assert_eq!(late.delete, vec!["p-8", "p-9"]);
+    }
+
+    #[test]
+    fn the_last_batch_back_completes_the_rollout() {
+        let p = pool(10, vec![], 0);
+        let all: Vec<i32> = (0..10).collect();
+        let under_way = Some(Rollout {
+            revision: "new".into(),
+            batches: 5,
+        });
+        let done = step(
+            &p,
+            10,
+            view(revisions(10, &all, &[], &[]), under_way.clone()),
+            200,
+        );
+        assert_eq!(reasons(&done), vec![Reason::RolloutComplete]);
+        assert!(done.rollout.is_none() && done.rollout_memory.is_none());
+        assert!(!matches!(done.state, State::RollingOut(_)));
+        // The StatefulSet already says so (no revisions read): complete as well.
+        let done = step(
+            &p,
+            10,
+            RolloutView {
+                revisions: None,
+                under_way,
+            },
+            200,
+        );
+        assert_eq!(reasons(&done), vec![Reason::RolloutComplete]);
+    }
+
+    #[test]
+    fn paused_starts_no_batch_and_calls_off_one_draining() {
+        let mut p = pool(10, vec![], 0);
+        p.spec.rollout.paused = true;
+        let paused = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 100);
+        assert!(paused.instructions.is_empty());
+        assert_eq!(
+            paused.rollout.as_ref().map(RolloutProgress::reason),
+            Some(Reason::RolloutPaused)
+        );
+        assert!(paused.events.is_empty());
+
+        let batch = step(
+            &pool(10, vec![], 0),
+            10,
+            view(revisions(10, &[], &[], &[]), None),
+            100,
+        );
+        let mut p = pool(10, batch.instructions.clone(), 50);
+        p.spec.rollout.paused = true;
+        let called_off = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 105);
+        assert!(called_off.instructions.is_empty(), "{called_off:?}");
+        assert!(called_off.delete.is_empty());
+        // Not a scale-down's drain: no DrainCancelled.
+        assert!(called_off.events.is_empty(), "{:?}", called_off.events);
+
+        // Resumed: the batch starts again.
+        let p = pool(10, vec![], 0);
+        let resumed = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 110);
+        assert_eq!(pods(&resumed), vec!["p-8", "p-9"]);
+    }
+
+    #[test]
+    fn a_rollout_waits_for_a_rebalancing_episode_under_way() {
+        let mut p = pool(4, vec![], 0);
+        p.spec.scaling.rebalance_spread_percent = 25;
+        // An episode is running: p-0 sheds.
+        let shed = PodInstruction {
+            pod: "p-0".into(),
+            id: "shed-1".into(),
+            drain: false,
+            shed: Some(50),
+            issued_at: Some(Time(t(99))),
+        };
+        p.status.as_mut().unwrap().instructions = vec![shed.clone()];
+        p.status.as_mut().unwrap().pods[0].connections = 250;
+        let plan = step(&p, 4, view(revisions(4, &[], &[], &[]), None), 100);
+        assert!(
+            matches!(plan.state, State::Rebalancing(_)),
+            "{:?}",
+            plan.state
+        );
+        assert_eq!(plan.instructions, vec![shed]);
+        assert_eq!(
+            plan.rollout.as_ref().map(RolloutProgress::reason),
+            Some(Reason::RolloutWaiting)
+        );
+    }
+
+    #[test]
+    fn no_rebalancing_episode_starts_while_rolling_out() {
+        let mut p = pool(4, vec![], 0);
+        p.spec.scaling.rebalance_spread_percent = 25;
+        // Uneven, as replaced pods come back empty.
+        p.status.as_mut().unwrap().pods[3].connections = 0;
+        p.status.as_mut().unwrap().pods[0].connections = 200;
+        let plan = step(&p, 4, view(revisions(4, &[3], &[], &[]), None), 100);
+        assert!(plan.episode.is_none());
+        assert!(
+            plan.instructions.iter().all(is_rollout),
+            "{:?}",
+            plan.instructions
+        );
+        assert!(matches!(plan.state, State::RollingOut(_)));
+        // Without a rollout the same pool rebalances.
+        let plan = step(&p, 4, RolloutView::default(), 100);
+        assert!(
+            matches!(plan.state, State::Rebalancing(_)),
+            "{:?}",
+            plan.state
+        );
+    }
+
+    #[test]
+    fn a_scale_up_outranks_the_rollout_and_its_new_pods_are_updated() {
+        let mut p = pool(4, vec![], 0);
+        p.spec.replicas.max = 8;
+        for r in &mut p.status.as_mut().unwrap().pods {
+            r.connections = 190;
+        }
+        let plan = step(&p, 4, view(revisions(4, &[], &[], &[]), None), 100);
+        assert!(
+            matches!(plan.state, State::ScalingUp { from: 4, .. }),
+            "{:?}",
+            plan.state
+        );
+        // The new pods do not exist yet: no batch until they are up and Ready.
+        assert!(plan.instructions.is_empty());
+        let to = plan.stateful_set_replicas;
+        // Once they run (at the new revision, as the StatefulSet creates them), the
+        // rollout goes on over the old ones only.
+        let mut p = pool(to, vec![], 0);
+        for r in &mut p.status.as_mut().unwrap().pods {
+            r.connections = 100;
+        }
+        let new: Vec<i32> = (4..to).collect();
+        let plan = step(&p, to, view(revisions(to, &new, &[], &[]), None), 110);
+        assert!(
+            plan.instructions
+                .iter()
+                .all(|i| ordinal("p", &i.pod).is_some_and(|o| o < 4))
+        );
+        assert_eq!(plan.rollout.as_ref().map(|r| r.updated), Some(to - 4));
+    }
+
+    #[test]
+    fn a_scale_down_drain_holds_new_batches_and_keeps_its_own_drains() {
+        let mut p = pool(4, vec![], 0);
+        p.spec.replicas.min = 1;
+        for r in &mut p.status.as_mut().unwrap().pods {
+            r.connections = 20;
+        }
+        let plan = step(&p, 4, view(revisions(4, &[], &[], &[]), None), 100);
+        assert!(
+            matches!(plan.state, State::Draining { .. }),
+            "{:?}",
+            plan.state
+        );
+        assert!(
+            plan.instructions.iter().all(|i| !is_rollout(i)),
+            "{:?}",
+            plan.instructions
+        );
+        assert_eq!(
+            plan.rollout.as_ref().map(RolloutProgress::reason),
+            Some(Reason::RolloutWaiting)
+        );
+    }
+
+    #[test]
+    fn rollout_reasons_render_once() {
+        for r in [
+            Reason::RollingOut,
+            Reason::RolloutStarted,
+            Reason::BatchStarted,
+            Reason::RolloutComplete,
+            Reason::RolloutPaused,
+            Reason::RolloutWaiting,
+        ] {
+            assert_eq!(format!("{r:?}"), r.as_str());
         }
     }
 }

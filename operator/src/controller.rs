@@ -30,13 +30,13 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount,
+    ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -479,7 +479,8 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
     // The autoscaler decides the StatefulSet's replicas (and drains before lowering them).
     let now = Timestamp::now();
     let progress = *lock(&ctx.pool_watch_progress);
-    let plan = ctx.autoscaler.step(pool, current, progress, now);
+    let revisions = revisions(&ctx.client, pool, cached.as_deref()).await?;
+    let plan = ctx.autoscaler.step(pool, current, revisions, progress, now);
     let replicas = plan.stateful_set_replicas;
     let mut applied_sts: Option<StatefulSet> = None;
     let problem = if spec_due {
@@ -551,6 +552,9 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
 
     let plan = problem.is_none().then_some(plan);
     if let Some(plan) = &plan {
+        // A rollout's drained pods go first: withdrawing their drain before would make
+        // them ready for a moment, and the Service would send them agents.
+        delete_pods(&ctx.client, pool, &plan.delete).await?;
         // Ended instructions leave the pods before they leave the record...
         ctx.autoscaler.withdraw(&ctx.client, pool, plan).await?;
     }
@@ -606,6 +610,90 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         (None, None, Some(retry)) => Action::requeue(retry),
         _ => Action::await_change(),
     })
+}
+
+/// The label a StatefulSet puts on each of its pods: the template revision it runs.
+pub const REVISION_LABEL: &str = "controller-revision-hash";
+
+/// The pool's pods and their revisions, read only while a rollout has work: the
+/// StatefulSet has pods below its update revision, or the pool's status has a
+/// rollout's drain in flight. A list of the pool's pods, so it costs nothing while no
+/// rollout runs.
+async fn revisions(
+    client: &Client,
+    pool: &ConnectionPool,
+    sts: Option<&StatefulSet>,
+) -> Result<Option<crate::autoscale::Revisions>, Error> {
+    let Some(status) = sts.and_then(|s| s.status.as_ref()) else {
+        return Ok(None);
+    };
+    let Some(update) = status.update_revision.clone() else {
+        return Ok(None);
+    };
+    let replicas = sts
+        .and_then(|s| s.spec.as_ref()?.replicas)
+        .unwrap_or(status.replicas);
+    let in_flight = pool.status.as_ref().is_some_and(|s| {
+        s.instructions
+            .iter()
+            .any(|i| i.drain && i.id.starts_with(crate::autoscale::ROLLOUT_ID_PREFIX))
+    });
+    let behind = status.current_revision.as_ref() != Some(&update)
+        || status.updated_replicas.unwrap_or(0) < replicas;
+    if !behind && !in_flight {
+        return Ok(None);
+    }
+    let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let list = pods
+        .list(&ListParams::default().labels(&resources::selector_string(pool)))
+        .await?;
+    let name = pool.name_any();
+    let pods = list
+        .items
+        .iter()
+        .filter_map(|p| {
+            let o = crate::scaling::ordinal(&name, p.metadata.name.as_deref()?)?;
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Some((
+                o,
+                crate::autoscale::PodRevision {
+                    revision: p.labels().get(REVISION_LABEL).cloned(),
+                    ready,
+                    terminating: p.metadata.deletion_timestamp.is_some(),
+                },
+            ))
+        })
+        .collect();
+    Ok(Some(crate::autoscale::Revisions { update, pods }))
+}
+
+/// Deletes a rollout's drained pods; the StatefulSet (`OnDelete`) recreates each at its
+/// update revision. A pod already gone is fine.
+async fn delete_pods(
+    client: &Client,
+    pool: &ConnectionPool,
+    names: &[String],
+) -> Result<(), Error> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for name in names {
+        match pods.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {
+                info!(pool = %pool.name_any(), pod = %name, "rollout: pod deleted for its replacement")
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
 }
 
 /// The spec part: validate, check the Secrets, apply every child. `Ok(Err(_))` is a

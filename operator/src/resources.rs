@@ -1072,7 +1072,12 @@ fn gateway_stateful_set(
                 // Pods start and stop together: a gateway needs no ordered bring-up, and
                 // a scale-up during a connection storm must not wait pod by pod.
                 "podManagementPolicy": "Parallel",
-                "updateStrategy": {"type": "RollingUpdate"},
+                // The operator rolls the pods itself (autoscale.rs, `RollingOut`): in
+                // batches of `rollout.maxUnavailable`, each drained with paced hints
+                // before its pods are deleted. `RollingUpdate` would SIGTERM one pod at a
+                // time, each drained only by its own shutdown; partitions would still
+                // leave the order and pace to the StatefulSet controller.
+                "updateStrategy": {"type": "OnDelete"},
                 "revisionHistoryLimit": 5,
                 "selector": {"matchLabels": selector_labels(pool)},
                 "template": {

@@ -13,7 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tether_crds::{
     CONDITION_BUS_AVAILABLE, CONDITION_DEGRADED, CONDITION_NATS_APPLIED, CONDITION_PROGRESSING,
-    CONDITION_READY, CONDITION_SCALING, ConnectionPool, ConnectionPoolStatus,
+    CONDITION_READY, CONDITION_ROLLING_OUT, CONDITION_SCALING, ConnectionPool, ConnectionPoolStatus,
 };
 
 use crate::autoscale::Plan;
@@ -66,12 +66,15 @@ pub fn pool_status(
         bus_conditions(pool, observed.nats, replicas, now),
     ));
     match plan {
-        Some(plan) => conditions.push(scaling_condition(pool, plan, now)),
+        Some(plan) => {
+            conditions.push(scaling_condition(pool, plan, now));
+            conditions.push(rolling_out_condition(pool, plan, sts_status, now));
+        }
         None => conditions.extend(
             previous
                 .conditions
                 .iter()
-                .find(|c| c.type_ == CONDITION_SCALING)
+                .filter(|c| c.type_ == CONDITION_SCALING || c.type_ == CONDITION_ROLLING_OUT)
                 .cloned(),
         ),
     }
@@ -86,6 +89,9 @@ pub fn pool_status(
         desired_replicas: plan
             .map(|p| p.desired_replicas)
             .or(previous.desired_replicas),
+        updated_replicas: sts_status
+            .and_then(|s| s.updated_replicas)
+            .or(previous.updated_replicas),
         last_scale_time: if plan.is_some_and(|p| p.scaled) {
             Some(Time(now))
         } else {
@@ -113,6 +119,50 @@ fn scaling_condition(pool: &ConnectionPool, plan: &Plan, now: Timestamp) -> Cond
         status: status.into(),
         reason: scaling.reason.to_string(),
         message: scaling.message,
+        observed_generation: pool.metadata.generation,
+        last_transition_time: since,
+    }
+}
+
+/// The RollingOut condition: True with the rollout's counts while pods are below the
+/// StatefulSet's revision, False (`RolloutComplete`) otherwise. Keeps its transition
+/// time while its status holds.
+fn rolling_out_condition(
+    pool: &ConnectionPool,
+    plan: &Plan,
+    sts_status: Option<&k8s_openapi::api::apps::v1::StatefulSetStatus>,
+    now: Timestamp,
+) -> Condition {
+    let (status, reason, message) = match &plan.rollout {
+        Some(progress) => ("True", progress.reason().to_string(), progress.message()),
+        None => {
+            let updated = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
+            let replicas = sts_status.map_or(0, |s| s.replicas);
+            let revision = sts_status
+                .and_then(|s| s.update_revision.clone())
+                .unwrap_or_default();
+            (
+                "False",
+                crate::autoscale::Reason::RolloutComplete.to_string(),
+                format!("{updated}/{replicas} updated (revision {revision})"),
+            )
+        }
+    };
+    let since = pool
+        .status
+        .as_ref()
+        .and_then(|p| {
+            p.conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_ROLLING_OUT)
+        })
+        .filter(|c| c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: CONDITION_ROLLING_OUT.into(),
+        status: status.into(),
+        reason,
+        message,
         observed_generation: pool.metadata.generation,
         last_transition_time: since,
     }

@@ -40,12 +40,13 @@ namespace's Role), or, with `tenantNamespaces`, only in those namespaces.
 */ -}}
 {{- define "tether.tenantRules" -}}
 # Pods: the operator writes each gateway pod's instruction annotation (patch; not
-# limitable by name: pods come and go). It also needs get/list/watch itself to grant
-# them to the gateway Role (RBAC forbids granting what one does not hold). It does not
-# watch pods.
+# limitable by name: pods come and go), lists a pool's pods for their revision during a
+# rollout and deletes the drained ones so that the StatefulSet (OnDelete) recreates them
+# at the new revision. It also needs get/list/watch itself to grant them to the gateway
+# Role (RBAC forbids granting what one does not hold). It does not watch pods.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 # Secrets: read by name, to check that the Secrets a pool references exist (their names
 # are the pools' choice, so not limitable by name); no list or watch, so the operator
 # never holds Secret contents it was not pointed at. Created for the one Secret it owns,

@@ -42,6 +42,7 @@ pub fn round_trip(rt: &ResourceType, obj: &Value) -> Option<Result<Value, String
         ("", "persistentvolumeclaims") => typed::<core::v1::PersistentVolumeClaim>(obj),
         ("apps", "statefulsets") => typed::<apps::v1::StatefulSet>(obj),
         ("apps", "deployments") => typed::<apps::v1::Deployment>(obj),
+        ("apps", "controllerrevisions") => typed::<apps::v1::ControllerRevision>(obj),
         ("networking.k8s.io", "networkpolicies") => typed::<networking::v1::NetworkPolicy>(obj),
         ("policy", "poddisruptionbudgets") => typed::<policy::v1::PodDisruptionBudget>(obj),
         ("rbac.authorization.k8s.io", "roles") => typed::<rbac::v1::Role>(obj),

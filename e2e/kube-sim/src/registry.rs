@@ -240,6 +240,18 @@ pub fn builtins() -> Vec<ResourceType> {
             true,
             true,
         ),
+        // The StatefulSet controller's record of each template revision (the e2e
+        // kubelet writes them: see tether_e2e::kubelet).
+        builtin(
+            "apps",
+            "v1",
+            "controllerrevisions",
+            "ControllerRevision",
+            true,
+            &[],
+            false,
+            false,
+        ),
         builtin(
             "apps",
             "v1",
