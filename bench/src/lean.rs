@@ -661,14 +661,12 @@ impl Client {
                     Token(slot) => self.ready(slot, &mut scratch),
                 }
             }
-            {
-                loop {
-                    match cmds.try_recv() {
-                        Ok(Cmd::Stop) | Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
-                        Ok(Cmd::Report) => emit(self.report()),
-                        Ok(Cmd::Churn { fraction }) => self.start_churn(fraction),
-                        Err(mpsc::TryRecvError::Empty) => break,
-                    }
+            loop {
+                match cmds.try_recv() {
+                    Ok(Cmd::Stop) | Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+                    Ok(Cmd::Report) => emit(self.report()),
+                    Ok(Cmd::Churn { fraction }) => self.start_churn(fraction),
+                    Err(mpsc::TryRecvError::Empty) => break,
                 }
             }
         }
