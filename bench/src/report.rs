@@ -45,7 +45,66 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
         ]);
     }
     render(&mut out, &rows);
+    // `million` runs every phase on the same connections: one table per phase.
+    let sections: &[&str] = if mode == "million" {
+        &["idle", "push", "broadcast", "churn", "end"]
+    } else {
+        std::slice::from_ref(&mode)
+    };
+    for section in sections {
+        if mode == "million" {
+            let _ = writeln!(out, "\n{section}:");
+        }
+        section_table(&mut out, section, results);
+    }
+    ratios(&mut out, mode, results);
+    floor(&mut out, mode, results);
+    out
+}
+
+/// The table of one phase (`push`, `broadcast`, …); nothing for `connect`.
+fn section_table(out: &mut String, mode: &str, results: &[TargetResult]) {
     let mode_rows: Option<Vec<Vec<String>>> = match mode {
+        "idle" => Some(
+            std::iter::once(
+                [
+                    "target",
+                    "seconds",
+                    "cpu-s",
+                    "cores/1M conn",
+                    "pings",
+                    "µs/ping",
+                    "client cpu-s",
+                ]
+                .map(String::from)
+                .to_vec(),
+            )
+            .chain(results.iter().filter_map(|r| {
+                let i = r.idle.as_ref()?;
+                Some(vec![
+                    r.target.clone(),
+                    format!("{:.1}", i.seconds),
+                    format!("{:.2}", i.server_cpu_s),
+                    format!("{:.3}", i.cores_per_million),
+                    i.pings.to_string(),
+                    format!("{:.1}", i.us_per_ping),
+                    format!("{:.2}", i.client_cpu_s),
+                ])
+            }))
+            .collect(),
+        ),
+        "end" => Some(
+            std::iter::once(["target", "open", "dropped"].map(String::from).to_vec())
+                .chain(results.iter().filter_map(|r| {
+                    let e = r.end.as_ref()?;
+                    Some(vec![
+                        r.target.clone(),
+                        e.open.to_string(),
+                        e.dropped.to_string(),
+                    ])
+                }))
+                .collect(),
+        ),
         "push" | "request" => Some(
             std::iter::once(
                 [
@@ -141,11 +200,8 @@ pub fn table(mode: &str, c: &Common, results: &[TargetResult]) -> String {
     };
     if let Some(rows) = mode_rows {
         out.push('\n');
-        render(&mut out, &rows);
+        render(out, &rows);
     }
-    ratios(&mut out, mode, results);
-    floor(&mut out, mode, results);
-    out
 }
 
 /// With the `limit` target in the run: tether's cost split into the floor (what the
@@ -177,14 +233,24 @@ fn floor(out: &mut String, mode: &str, results: &[TargetResult]) {
             per(t.handshakes_per_cpu_s) - per(l.handshakes_per_cpu_s),
         ),
     ];
-    if mode == "broadcast"
+    if matches!(mode, "broadcast" | "million")
         && let (Some(tb), Some(lb)) = (&t.broadcast, &l.broadcast)
     {
         parts.push(format!(
-            "cpu/delivery {:.2} µs = {:.2} floor + {:.2} ours",
+            "cpu/delivery {:.2} µs = {:.2} floor + {:.2} ours ({:.2}x the floor's deliveries/cpu-s)",
             per(tb.deliveries_per_cpu_s),
             per(lb.deliveries_per_cpu_s),
             per(tb.deliveries_per_cpu_s) - per(lb.deliveries_per_cpu_s),
+            tb.deliveries_per_cpu_s / lb.deliveries_per_cpu_s.max(1e-9),
+        ));
+    }
+    if let (Some(ti), Some(li)) = (&t.idle, &l.idle) {
+        parts.push(format!(
+            "idle cpu/ping {:.1} µs = {:.1} floor + {:.1} ours ({:.2}x the floor)",
+            ti.us_per_ping,
+            li.us_per_ping,
+            ti.us_per_ping - li.us_per_ping,
+            ti.us_per_ping / li.us_per_ping.max(1e-9),
         ));
     }
     let _ = writeln!(
@@ -222,6 +288,17 @@ fn ratios(out: &mut String, mode: &str, results: &[TargetResult]) {
             "push" | "request" => {
                 if let (Some(t), Some(p)) = (&tether.latency, &peer.latency) {
                     parts.push(format!("p99 {}", ratio(p.p99_ms, t.p99_ms)));
+                }
+            }
+            "million" => {
+                if let (Some(t), Some(p)) = (&tether.latency, &peer.latency) {
+                    parts.push(format!("p99 {}", ratio(p.p99_ms, t.p99_ms)));
+                }
+                if let (Some(t), Some(p)) = (&tether.broadcast, &peer.broadcast) {
+                    parts.push(format!(
+                        "deliv/cpu-s {}",
+                        ratio(t.deliveries_per_cpu_s, p.deliveries_per_cpu_s)
+                    ));
                 }
             }
             "broadcast" => {

@@ -24,7 +24,7 @@ use tokio::{
 use crate::{
     report,
     stats::{self, Hist, unix_nanos},
-    target::{Deployment, Kind, Paths, SHARD_CAPACITY, Variant},
+    target::{Deployment, Kind, Paths, SHARD_CAPACITY, Tuning, Variant},
     worker::{self, Cmd, Event, Job},
 };
 
@@ -57,9 +57,97 @@ pub enum Mode {
     Broadcast(Common),
     /// Close a fraction of agents at once; report how fast they are back.
     Churn(Common),
+    /// Hold a million connections (default) with lean clients and work on them: idle
+    /// with pings, push at a fixed rate, one broadcast to all, a reconnect storm.
+    Million(Million),
     /// Internal: a load worker process (started by the bench itself).
     #[command(hide = true)]
     Worker,
+    /// Internal: a lean (mio) load worker process, for `million`.
+    #[command(hide = true)]
+    LeanWorker,
+}
+
+/// Options of `million`: every phase runs on the same connections, target by target.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Million {
+    /// Servers to run one after the other, each holding all the connections (`limit`
+    /// pings on the same schedule: the floor of the idle phase).
+    #[arg(long, value_delimiter = ',', default_value = "tether")]
+    pub targets: Vec<Kind>,
+    /// More Tether targets after `--targets`, each from its own gateway binary
+    /// (`NAME=PATH`, repeatable), as in the other modes: rows `tether[NAME]`.
+    #[arg(long = "tether-variant", value_name = "NAME=PATH")]
+    pub tether_variants: Vec<Variant>,
+    /// Connections (agents).
+    #[arg(short = 'n', long, default_value_t = 1_000_000)]
+    pub connections: u64,
+    /// Connections opened per second, over all client processes.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+    /// Most connections per process, server shard and client alike (one process may
+    /// hold ~20,000 descriptors here).
+    #[arg(long, default_value_t = 18_000)]
+    pub per_process: u64,
+    /// Handshakes in flight per client process.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Seconds the connections are held idle (pings on) while CPU is measured.
+    #[arg(long, default_value_t = 300.0)]
+    pub idle: f64,
+    /// Seconds between the server's pings to each agent (tether: `limits.pingIntervalSeconds`).
+    #[arg(long, default_value_t = 30)]
+    pub ping_interval: u64,
+    /// Push phase: messages per second to random agents.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub msg_rate: f64,
+    /// Push phase: seconds of load.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Payload size in bytes (padding added to the timestamp probe).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Reconnect storm: fraction of agents closed at once.
+    #[arg(long, default_value_t = 0.1)]
+    pub fraction: f64,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Directory of tether-gateway and peer-limit (default: this binary's).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// The bench/peers directory.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/peers"))]
+    pub peers_dir: PathBuf,
+}
+
+impl Million {
+    /// The options of the shared phases (push, broadcast, churn) for this run.
+    fn common(&self) -> Common {
+        Common {
+            targets: self.targets.clone(),
+            tether_variants: self.tether_variants.clone(),
+            connections: self.connections,
+            rate: self.rate,
+            workers: Some(self.connections.div_ceil(self.per_process.max(1))),
+            shards: Some(self.connections.div_ceil(self.per_process.max(1)) as usize),
+            concurrency: self.concurrency,
+            hold: 3.0,
+            msg_rate: self.msg_rate,
+            duration: self.duration,
+            payload_bytes: self.payload_bytes,
+            broadcasts: 1,
+            interval_ms: 0,
+            fraction: self.fraction,
+            json: self.json.clone(),
+            bin_dir: self.bin_dir.clone(),
+            peers_dir: self.peers_dir.clone(),
+            url: None,
+            hs256_secret: None,
+            hs256_secret_file: None,
+            tenant: None,
+        }
+    }
 }
 
 /// Options shared by every mode.
@@ -207,6 +295,36 @@ pub struct TargetResult {
     pub broadcast: Option<BroadcastResult>,
     /// churn results.
     pub churn: Option<ChurnResult>,
+    /// million: the idle phase.
+    pub idle: Option<IdleResult>,
+    /// million: connections open at the end, and closed by the server over the run.
+    pub end: Option<EndResult>,
+}
+
+/// The idle phase of `million`: what holding the connections costs with pings on.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IdleResult {
+    /// Seconds held.
+    pub seconds: f64,
+    /// Server CPU seconds over the phase.
+    pub server_cpu_s: f64,
+    /// Server cores busy per million connections.
+    pub cores_per_million: f64,
+    /// Pings the clients answered.
+    pub pings: u64,
+    /// Server CPU per ping cycle (ping written, pong read), µs.
+    pub us_per_ping: f64,
+    /// Client CPU seconds over the phase (the lean clients, for scale).
+    pub client_cpu_s: f64,
+}
+
+/// How `million` ended.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EndResult {
+    /// Connections open after the last phase.
+    pub open: u64,
+    /// Connections the server closed over the whole run (not the churn's own closes).
+    pub dropped: u64,
 }
 
 /// Latency of pushes (push API → agent) or requests (HTTP round trip).
@@ -287,6 +405,8 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
         Mode::Request(c) => ("request", c),
         Mode::Broadcast(c) => ("broadcast", c),
         Mode::Churn(c) => ("churn", c),
+        Mode::Million(m) => return million(m).await,
+        Mode::LeanWorker => return crate::lean::run_process(),
     };
     let paths = Paths {
         bin_dir: match &common.bin_dir {
@@ -342,6 +462,113 @@ pub async fn main_with(args: Args) -> anyhow::Result<()> {
     if results.iter().any(|r| r.connections_ok == 0) {
         bail!("a target opened no connection");
     }
+    Ok(())
+}
+
+/// `tether-bench million`: for each target, start its shards, open the connections
+/// through lean client processes, then run the phases on them (see [`drive_million`]).
+async fn million(m: Million) -> anyhow::Result<()> {
+    let c = m.common();
+    let paths = Paths {
+        bin_dir: match &m.bin_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("binary has no directory")?
+                .to_owned(),
+        },
+        peers_dir: m.peers_dir.clone(),
+        gateway: None,
+    };
+    let n = m.connections.max(1);
+    if m.per_process == 0 || m.per_process > WORKER_CAPACITY {
+        bail!("--per-process must be 1..={WORKER_CAPACITY} (the descriptor limit per process)");
+    }
+    if !(0.0..=1.0).contains(&m.fraction) {
+        bail!("--fraction must be within 0..=1");
+    }
+    let processes = n.div_ceil(m.per_process);
+    let tuning = Tuning {
+        ping_interval_seconds: Some(m.ping_interval),
+    };
+    let mut results = Vec::new();
+    for (label, kind, paths) in target_list(&c, &paths) {
+        eprintln!(
+            "== million: {label} ({n} connections: {processes} server shards, {processes} clients)"
+        );
+        let outcome = async {
+            let d = Deployment::start(kind, processes as usize, &paths, &tuning).await?;
+            let result = measure_with("million", &d, &c, n, processes, m.idle).await;
+            d.stop().await;
+            result
+        }
+        .await;
+        match outcome {
+            Ok(result) => results.push(TargetResult {
+                target: label,
+                ..result
+            }),
+            Err(err) => {
+                eprintln!("{label} failed: {err:#}");
+                results.push(TargetResult {
+                    target: format!("{label} (failed: {err})"),
+                    ..TargetResult::default()
+                });
+            }
+        }
+    }
+    print!("{}", report::table("million", &c, &results));
+    if let Some(path) = &m.json {
+        let doc = serde_json::json!({"mode": "million", "options": m, "results": results});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if results.iter().any(|r| r.connections_ok == 0) {
+        bail!("a target opened no connection");
+    }
+    Ok(())
+}
+
+/// The phases of `million`, in order, on the same connections: idle (`idle` seconds,
+/// pings on), push at a fixed rate, one broadcast to all, a reconnect storm; then the
+/// count of connections open and dropped.
+async fn drive_million(
+    d: &Deployment,
+    c: &Common,
+    idle: f64,
+    procs: &mut [WorkerProc],
+    result: &mut TargetResult,
+) -> anyhow::Result<()> {
+    let pids = d.pids();
+    let clients: Vec<u32> = procs.iter().filter_map(|p| p.child.id()).collect();
+    eprintln!("   idle {idle:.0} s");
+    collect(procs).await?;
+    let (cpu_before, client_before) = (cpu_of(&pids), cpu_of(&clients));
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(idle.max(0.0))).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let held = collect(procs).await?;
+    let server_cpu_s = cpu_of(&pids) - cpu_before;
+    result.idle = Some(IdleResult {
+        seconds,
+        server_cpu_s,
+        cores_per_million: server_cpu_s / seconds.max(1e-9) * 1e6
+            / result.connections_ok.max(1) as f64,
+        pings: held.pings,
+        us_per_ping: server_cpu_s * 1e6 / held.pings.max(1) as f64,
+        client_cpu_s: cpu_of(&clients) - client_before,
+    });
+    eprintln!("   push {:.0} msg/s for {:.0} s", c.msg_rate, c.duration);
+    drive_messages("push", d, c, result.connections_ok.max(1), procs, result).await?;
+    eprintln!("   broadcast");
+    drive_broadcast(d, c, procs, result).await?;
+    eprintln!("   reconnect storm ({:.0} %)", c.fraction * 100.0);
+    drive_churn(c, &pids, procs, result).await?;
+    let end = collect(procs).await?;
+    result.end = Some(EndResult {
+        open: end.open,
+        dropped: end.dropped,
+    });
     Ok(())
 }
 
@@ -414,7 +641,7 @@ async fn run_target(
         .shards
         .unwrap_or_else(|| n.div_ceil(SHARD_CAPACITY as u64 - 500) as usize);
     let workers = worker_count(c, n)?;
-    let deployment = Deployment::start(kind, shards, paths).await?;
+    let deployment = Deployment::start(kind, shards, paths, &Tuning::default()).await?;
     let result = measure(mode, &deployment, c, n, workers).await;
     deployment.stop().await;
     result
@@ -438,6 +665,17 @@ async fn measure(
     n: u64,
     workers: u64,
 ) -> anyhow::Result<TargetResult> {
+    measure_with(mode, d, c, n, workers, 0.0).await
+}
+
+async fn measure_with(
+    mode: &str,
+    d: &Deployment,
+    c: &Common,
+    n: u64,
+    workers: u64,
+    idle: f64,
+) -> anyhow::Result<TargetResult> {
     let pids = d.pids();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_base = rss_of(&pids);
@@ -455,7 +693,11 @@ async fn measure(
             break;
         }
         let mut child = Command::new(&exe)
-            .arg("worker")
+            .arg(if mode == "million" {
+                "lean-worker"
+            } else {
+                "worker"
+            })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -493,7 +735,10 @@ async fn measure(
         ..TargetResult::default()
     };
     let mut handshake = Hist::default();
-    let connect_limit = Duration::from_secs_f64(n as f64 / c.rate.max(1.0) + 120.0);
+    // A safety deadline, not a pace: a loaded machine connects far slower than
+    // `--rate` (a 200k run here reached ~1,000/s against 10,000), and each worker
+    // answers only once every attempt ended, each bounded by its own timeout.
+    let connect_limit = Duration::from_secs_f64(n as f64 / c.rate.max(1.0) * 10.0 + 300.0);
     for proc in &mut procs {
         match proc.event(connect_limit).await? {
             Event::Connected {
@@ -530,6 +775,7 @@ async fn measure(
         "push" | "request" => drive_messages(mode, d, c, n, &mut procs, &mut result).await,
         "broadcast" => drive_broadcast(d, c, &mut procs, &mut result).await,
         "churn" => drive_churn(c, &pids, &mut procs, &mut result).await,
+        "million" => drive_million(d, c, idle, &mut procs, &mut result).await,
         _ => Ok(()),
     };
     for proc in &mut procs {
@@ -612,29 +858,51 @@ fn probe(payload_bytes: usize) -> String {
     format!(r#"{{"t":{},"pad":"{}"}}"#, unix_nanos(), "x".repeat(pad))
 }
 
-async fn collect_reports(procs: &mut [WorkerProc]) -> anyhow::Result<(u64, u64, Hist, u64)> {
-    let (mut pushes, mut requests, mut latency, mut last_ns) = (0, 0, Hist::default(), 0);
+/// The workers' reports summed: deliveries since the last report, and the state now.
+#[derive(Default)]
+struct Reported {
+    pushes: u64,
+    requests: u64,
+    latency: Hist,
+    last_ns: u64,
+    pings: u64,
+    open: u64,
+    dropped: u64,
+}
+
+async fn collect(procs: &mut [WorkerProc]) -> anyhow::Result<Reported> {
+    let mut sum = Reported::default();
     for proc in procs.iter_mut() {
         proc.command(&Cmd::Report).await?;
     }
     for proc in procs.iter_mut() {
         match proc.event(Duration::from_secs(30)).await? {
             Event::Report {
-                pushes: p,
-                requests: r,
-                latency: l,
-                last_ns: t,
-                ..
+                pushes,
+                requests,
+                latency,
+                last_ns,
+                open,
+                dropped,
+                pings,
             } => {
-                pushes += p;
-                requests += r;
-                latency.add(&Hist::decode(&l)?);
-                last_ns = last_ns.max(t);
+                sum.pushes += pushes;
+                sum.requests += requests;
+                sum.latency.add(&Hist::decode(&latency)?);
+                sum.last_ns = sum.last_ns.max(last_ns);
+                sum.pings += pings;
+                sum.open += open;
+                sum.dropped += dropped;
             }
             other => bail!("unexpected worker event {other:?}"),
         }
     }
-    Ok((pushes, requests, latency, last_ns))
+    Ok(sum)
+}
+
+async fn collect_reports(procs: &mut [WorkerProc]) -> anyhow::Result<(u64, u64, Hist, u64)> {
+    let r = collect(procs).await?;
+    Ok((r.pushes, r.requests, r.latency, r.last_ns))
 }
 
 async fn drive_messages(

@@ -158,12 +158,26 @@ pub fn parse_ws_url(url: &str) -> anyhow::Result<(SocketAddr, String)> {
     Ok((addr, path.to_string()))
 }
 
+/// Server settings a mode chooses (the defaults leave each server's own).
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// Seconds between the server's pings to each connection: Tether's
+    /// `limits.pingIntervalSeconds`, `limit`'s `PING_INTERVAL_SECONDS` (it does not ping
+    /// without it). The other peers never ping.
+    pub ping_interval_seconds: Option<u64>,
+}
+
 /// Per-shard connection cap given to Tether (its `limits.maxConnections`).
 pub const SHARD_CAPACITY: usize = 19_500;
 
 impl Deployment {
     /// Starts `shards` processes of `kind`.
-    pub async fn start(kind: Kind, shards: usize, paths: &Paths) -> anyhow::Result<Self> {
+    pub async fn start(
+        kind: Kind,
+        shards: usize,
+        paths: &Paths,
+        tuning: &Tuning,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut secret = None;
         let mut api_key = None;
@@ -173,7 +187,7 @@ impl Deployment {
                 Kind::Tether => {
                     let s = secret.get_or_insert_with(|| random_hex(32)).clone();
                     let k = api_key.get_or_insert_with(|| random_hex(24)).clone();
-                    let config = write_gateway_config(dir.path(), &s, &k)?;
+                    let config = write_gateway_config(dir.path(), &s, &k, tuning)?;
                     let mut c = Command::new(paths.gateway_bin());
                     c.arg("--config").arg(config);
                     c.env(
@@ -184,7 +198,13 @@ impl Deployment {
                 }
                 Kind::Axum => Command::new(paths.bin_dir.join("peer-axum")),
                 Kind::AxumTuned => Command::new(paths.bin_dir.join("peer-axum-tuned")),
-                Kind::Limit => Command::new(paths.bin_dir.join("peer-limit")),
+                Kind::Limit => {
+                    let mut c = Command::new(paths.bin_dir.join("peer-limit"));
+                    if let Some(interval) = tuning.ping_interval_seconds {
+                        c.env("PING_INTERVAL_SECONDS", interval.to_string());
+                    }
+                    c
+                }
                 Kind::NodeWs => {
                     let script = paths.peers_dir.join("node/server.js");
                     if !paths.peers_dir.join("node/node_modules/ws").exists() {
@@ -262,7 +282,12 @@ impl Deployment {
     }
 }
 
-fn write_gateway_config(dir: &Path, secret: &str, api_key: &str) -> anyhow::Result<PathBuf> {
+fn write_gateway_config(
+    dir: &Path,
+    secret: &str,
+    api_key: &str,
+    tuning: &Tuning,
+) -> anyhow::Result<PathBuf> {
     let secret_file = dir.join("hs256.secret");
     let keys_file = dir.join("api-keys");
     std::fs::write(&secret_file, secret)?;
@@ -271,6 +296,9 @@ fn write_gateway_config(dir: &Path, secret: &str, api_key: &str) -> anyhow::Resu
     config.listen.public = "127.0.0.1:0".into();
     config.listen.internal = "127.0.0.1:0".into();
     config.limits.max_connections = SHARD_CAPACITY;
+    if let Some(interval) = tuning.ping_interval_seconds {
+        config.limits.ping_interval_seconds = interval;
+    }
     config.auth.jwt.hs256_secret_file = Some(secret_file);
     config.auth.api_keys_file = Some(keys_file);
     let path = dir.join("gateway.yaml");

@@ -107,6 +107,9 @@ pub enum Event {
         open: u64,
         /// Connections the server closed since the start.
         dropped: u64,
+        /// Pings answered since the last report (0 where the client cannot see them).
+        #[serde(default)]
+        pings: u64,
     },
     /// A churn finished.
     Churned {
@@ -130,6 +133,7 @@ struct Shared {
     last_ns: AtomicU64,
     open: AtomicU64,
     dropped: AtomicU64,
+    pings: AtomicU64,
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -286,6 +290,7 @@ pub async fn run() -> anyhow::Result<()> {
                     last_ns: shared.last_ns.swap(0, Ordering::Relaxed),
                     open: shared.open.load(Ordering::Relaxed),
                     dropped: shared.dropped.load(Ordering::Relaxed),
+                    pings: shared.pings.swap(0, Ordering::Relaxed),
                 });
             }
             Cmd::Churn { fraction } => {
@@ -331,7 +336,7 @@ fn emit(event: &Event) {
 }
 
 /// Whether connection `n` is in the churned fraction (a fixed, well-spread subset).
-fn churned(n: u64, fraction: f64) -> bool {
+pub(crate) fn churned(n: u64, fraction: f64) -> bool {
     let bucket = n.wrapping_mul(2_654_435_761) % 10_000;
     (bucket as f64) < fraction * 10_000.0
 }
@@ -458,6 +463,10 @@ impl Conn {
                     }
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                         return Ended::Server { hint };
+                    }
+                    Some(Ok(Message::Ping(_))) => {
+                        // tungstenite queues the pong itself.
+                        self.shared.pings.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(Ok(_)) => {}
                 },

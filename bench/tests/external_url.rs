@@ -23,7 +23,7 @@ async fn connect_through_a_service_url_with_minted_tokens() {
         peers_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/peers")),
         gateway: None,
     };
-    let pods = Deployment::start(Kind::Tether, 2, &paths)
+    let pods = Deployment::start(Kind::Tether, 2, &paths, &Default::default())
         .await
         .expect("two gateway shards");
     let backends: Vec<Backend> = pods

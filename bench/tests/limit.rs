@@ -27,8 +27,13 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const LIMIT: Duration = Duration::from_secs(10);
 
 async fn start() -> (Child, std::net::SocketAddr) {
+    start_with(&[]).await
+}
+
+async fn start_with(env: &[(&str, &str)]) -> (Child, std::net::SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_peer-limit"))
         .env("PORT", "0")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -274,4 +279,21 @@ async fn refuses_bad_upgrades_and_unmasked_frames() {
         reply.windows(4).any(|w| w == close),
         "expected close 1002 in {reply:?}"
     );
+}
+
+/// With `PING_INTERVAL_SECONDS` the floor pings every connection once per interval and
+/// reads the pongs (tungstenite answers them), so each connection keeps being pinged.
+#[tokio::test]
+async fn the_floor_pings_each_connection_every_interval_when_asked() {
+    let (_child, addr) = start_with(&[("PING_INTERVAL_SECONDS", "1")]).await;
+    let (mut ws, _) = connect(addr, "pinged", false).await;
+    assert!(next_text(&mut ws).await.contains("welcome"));
+    let mut pings = 0;
+    while pings < 3 {
+        match tokio::time::timeout(LIMIT, ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            other => panic!("expected a ping, got {other:?}"),
+        }
+    }
+    ws.close(None).await.unwrap();
 }

@@ -26,6 +26,11 @@
 //! or 1009; continuation and binary frames are read and dropped (the bench never sends
 //! them). Agent ids are kept inline (≤ 31 bytes) and are not percent-decoded.
 //!
+//! With `PING_INTERVAL_SECONDS=S` it also pings every WebSocket once every `S` seconds,
+//! spread over the interval in tenth-of-a-second slices by slot, and reads the pongs:
+//! the floor of what holding idle connections with pings costs (no liveness check,
+//! no pong deadline, no bookkeeping — a ping written, a pong read).
+//!
 //! What it leaves out on purpose, being a measuring stick and not a server to expose:
 //! deadlines (slow headers, dead peers, idle), auth, connection caps, newest-wins closing
 //! (a newer socket with the same id takes over the id; the older one stays open).
@@ -64,6 +69,8 @@ fn main() -> io::Result<()> {
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut server = Server::bind(addr)?;
+    server.ping_slices = ping_slices(std::env::var("PING_INTERVAL_SECONDS").ok().as_deref())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let local = server.listener.local_addr()?;
     println!("listening ws={local} control={local}");
     server.run()
@@ -182,6 +189,23 @@ struct Server {
     next_id: u64,
     /// Reused for every response and frame built (no allocation per message).
     wbuf: Vec<u8>,
+    /// Pings: slices per interval (interval × 10), when `PING_INTERVAL_SECONDS` is set.
+    ping_slices: Option<usize>,
+}
+
+/// How often the ping schedule advances by one slice.
+const PING_TICK: Duration = Duration::from_millis(100);
+
+/// Slices of the ping schedule for `PING_INTERVAL_SECONDS` (none when unset or 0).
+fn ping_slices(interval: Option<&str>) -> Result<Option<usize>, String> {
+    let Some(text) = interval else {
+        return Ok(None);
+    };
+    let seconds: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("PING_INTERVAL_SECONDS must be whole seconds, got {text:?}"))?;
+    Ok((seconds > 0).then_some(seconds * 10))
 }
 
 /// What processing the bytes of one connection decided.
@@ -219,17 +243,24 @@ impl Server {
             pending: HashMap::new(),
             next_id: 0,
             wbuf: Vec::with_capacity(4096),
+            ping_slices: None,
         })
     }
 
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut scratch = vec![0u8; SCRATCH];
+        let mut next_ping = Instant::now() + PING_TICK;
+        let mut slice = 0usize;
         loop {
-            let timeout =
-                self.pending.values().map(|p| p.deadline).min().map(|d| {
-                    d.saturating_duration_since(Instant::now()) + Duration::from_millis(1)
-                });
+            let pinging = self.ping_slices.map(|_| next_ping);
+            let timeout = self
+                .pending
+                .values()
+                .map(|p| p.deadline)
+                .chain(pinging)
+                .min()
+                .map(|d| d.saturating_duration_since(Instant::now()) + Duration::from_millis(1));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -253,6 +284,31 @@ impl Server {
             if !self.pending.is_empty() {
                 self.expire(Instant::now());
             }
+            if let Some(slices) = self.ping_slices
+                && Instant::now() >= next_ping
+            {
+                next_ping += PING_TICK;
+                self.ping_slice(slice, slices);
+                slice = (slice + 1) % slices;
+            }
+        }
+    }
+
+    /// Pings the WebSockets in slots `slice, slice + slices, …`: each slot once per
+    /// interval, and a tick visits only its own slots.
+    fn ping_slice(&mut self, slice: usize, slices: usize) {
+        let mut failed = Vec::new();
+        for slot in (slice..self.conns.len()).step_by(slices) {
+            if let Some(conn) = self.conns[slot].as_mut()
+                && conn.role == Role::Ws
+                && !conn.closing
+                && !conn.send(&[0x89, 0x00])
+            {
+                failed.push(slot);
+            }
+        }
+        for slot in failed {
+            self.close(slot);
         }
     }
 
@@ -831,6 +887,18 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ping_schedule_is_read_from_whole_seconds() {
+        assert_eq!(ping_slices(None), Ok(None));
+        assert_eq!(ping_slices(Some("0")), Ok(None));
+        assert_eq!(ping_slices(Some("30")), Ok(Some(300)));
+        assert!(
+            ping_slices(Some("1.5"))
+                .unwrap_err()
+                .contains("whole seconds")
+        );
+    }
 
     fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
         let mask = [1, 2, 3, 4];
