@@ -903,7 +903,8 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "admitted": state.admitted.load(Ordering::Acquire),
         "max_connections": state.config.limits.max_connections,
         "draining": state.is_draining(),
-        "ready": state.router.ready() && !state.is_draining() && !state.is_shedding(),
+        "ready": state.router.ready() && state.admits_newcomers(),
+        "admission_closed": state.is_admission_closed(),
     }))
 }
 
@@ -924,6 +925,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if state.is_shedding() {
         (StatusCode::SERVICE_UNAVAILABLE, "rebalancing")
+    } else if state.is_admission_closed() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rebalancing: admission closed",
+        )
     } else if !state.router.ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "routing unavailable")
     } else {

@@ -237,6 +237,7 @@ impl Gateway {
             admitted: AtomicUsize::new(0),
             refused_full: Default::default(),
             shedding: Default::default(),
+            admission_closed_until_ms: Default::default(),
             draining: AtomicBool::new(false),
             drain_requested: CancellationToken::new(),
             tasks: TaskTracker::new(),
