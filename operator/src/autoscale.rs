@@ -1147,7 +1147,7 @@ fn rebalance(
         ep.stopped = Some((now, why.clone()));
         let mut why = why;
         if failed {
-            let r = record.get_or_insert_with(|| RebalanceStatus {
+            let r = record.get_or_insert(RebalanceStatus {
                 window_start: Time(now),
                 budget: ep.budget,
                 shed: ep.shed,
