@@ -311,6 +311,94 @@ pub struct ScalingSpec {
     #[serde(default = "default_rebalance_spread")]
     #[schemars(range(min = 0, max = 1000))]
     pub rebalance_spread_percent: i32,
+    /// When a rebalancing episode may start, what it may shed and how it backs off
+    /// (docs/autoscaling.md, "Rebalance").
+    #[serde(default)]
+    pub rebalance: RebalanceSpec,
+}
+
+/// Rebalancing rules that keep it from destroying what it balances: wait for arrivals to
+/// settle, close the heavy pods to newcomers during an episode, hold one shed budget
+/// across episodes and back off when shed agents do not come back.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    /// An episode starts only once the pool's total connections moved by less than
+    /// `settlePercent` over this many seconds (stretched to two report intervals, the
+    /// pace at which small changes are reported): while agents still arrive, the Service
+    /// fills the new pods anyway, and shedding then only adds reconnects.
+    #[serde(default = "default_settle_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub settle_seconds: i32,
+    /// How much the total may move (percent of it) within `settleSeconds` and still
+    /// count as settled.
+    #[serde(default = "default_settle_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub settle_percent: i32,
+    /// The shed budget's window, in seconds: from the first episode on, for this long the
+    /// pool sheds in all no more than the excess measured when that episode began, however
+    /// many episodes (resizes) follow. Kept in `status.rebalance`, so an operator restart
+    /// does not renew it.
+    #[serde(default = "default_budget_window_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub budget_window_seconds: i32,
+    /// After an episode whose shed agents did not come back, no new episode for this
+    /// many seconds, doubled after each further such episode (capped at one hour);
+    /// an episode whose agents came back resets it.
+    #[serde(default = "default_backoff_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub backoff_seconds: i32,
+    /// The first round of an episode sheds at most this share (percent) of each heavy
+    /// pod's excess; the rest follows only once those agents came back. An episode whose
+    /// agents do not return (behind a NAT that dropped them, or not running a reconnecting
+    /// SDK) thus destroys at most this share of the excess.
+    #[serde(default = "default_first_round_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub first_round_percent: i32,
+    /// How long one "admission closed" instruction keeps a pod unready and refusing
+    /// upgrades unless the operator renews it (it does while the episode lasts). An
+    /// operator that dies mid-episode therefore leaves no pod closed for longer than
+    /// this (at least three report intervals are used).
+    #[serde(default = "default_admission_close_seconds")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub admission_close_seconds: i32,
+}
+
+fn default_settle_seconds() -> i32 {
+    30
+}
+
+fn default_settle_percent() -> i32 {
+    2
+}
+
+fn default_budget_window_seconds() -> i32 {
+    600
+}
+
+fn default_backoff_seconds() -> i32 {
+    60
+}
+
+fn default_first_round_percent() -> i32 {
+    25
+}
+
+fn default_admission_close_seconds() -> i32 {
+    30
+}
+
+impl Default for RebalanceSpec {
+    fn default() -> Self {
+        Self {
+            settle_seconds: default_settle_seconds(),
+            settle_percent: default_settle_percent(),
+            budget_window_seconds: default_budget_window_seconds(),
+            backoff_seconds: default_backoff_seconds(),
+            first_round_percent: default_first_round_percent(),
+            admission_close_seconds: default_admission_close_seconds(),
+        }
+    }
 }
 
 fn default_rebalance_spread() -> i32 {
@@ -333,6 +421,7 @@ impl Default for ScalingSpec {
             scale_down: ScaleDownSpec::default(),
             tolerance_percent: default_tolerance(),
             rebalance_spread_percent: default_rebalance_spread(),
+            rebalance: RebalanceSpec::default(),
         }
     }
 }
@@ -1141,6 +1230,38 @@ pub struct ConnectionPoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
     pub instructions: Vec<PodInstruction>,
+    /// The rebalancing budget and back-off that outlive one episode (and one operator):
+    /// written by the operator alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceStatus>,
+}
+
+/// What rebalancing remembers across episodes: the budget window and the back-off.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceStatus {
+    /// When the window's first episode began; the window lasts
+    /// `scaling.rebalance.budgetWindowSeconds`.
+    pub window_start: Time,
+    /// The excess measured when that episode began: the most the pool sheds within the
+    /// window.
+    #[schemars(range(min = 0))]
+    pub budget: i64,
+    /// Connections asked to be shed within the window so far.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub shed: i64,
+    /// Episodes in a row whose shed agents did not come back.
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    #[schemars(range(min = 0))]
+    pub failures: i32,
+    /// No new episode starts before this time (the back-off after `failures`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_until: Option<Time>,
+}
+
+fn is_zero_i32(n: &i32) -> bool {
+    *n == 0
 }
 
 /// What the operator asks one gateway pod to do.
@@ -1168,10 +1289,17 @@ pub struct PodInstruction {
     /// When the operator issued the instruction (the drain deadline counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<Time>,
+    /// Admission closed until then: during a rebalancing episode the pod is unready and
+    /// refuses upgrades (503, as while shedding), so that shed agents land only on
+    /// lighter pods. The operator renews it while the episode lasts and removes it when
+    /// the episode ends; a pod whose operator died reopens at this time by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission_closed_until: Option<Time>,
 }
 
 /// Annotation on a gateway's own Pod object that carries its current instruction: the
-/// JSON of a [`PodInstruction`] (`{"pod", "id", "drain"?, "shed"?, "issuedAt"?}`).
+/// JSON of a [`PodInstruction`] (`{"pod", "id", "drain"?, "shed"?, "issuedAt"?,
+/// "admissionClosedUntil"?}`).
 /// Only the operator writes it and only that pod reads it (a watch of one Pod by
 /// `metadata.name`), so an instruction costs one watch event to one reader, whatever the
 /// size of the pool. No annotation: no instruction (a drain under way is called off).

@@ -86,7 +86,24 @@ impl Agents {
 
     /// Grows or shrinks to `n` agents (the newest leave first, closing with 1000).
     pub async fn scale_to(&mut self, n: usize) {
+        self.grow(n, None).await;
+        self.shrink(n).await;
+    }
+
+    /// Grows to `n` agents arriving at `per_second` (a load that ramps, as
+    /// `tether-bench connect --rate` does).
+    pub async fn ramp_to(&mut self, n: usize, per_second: f64) {
+        self.grow(n, Some(per_second)).await;
+    }
+
+    async fn grow(&mut self, n: usize, per_second: Option<f64>) {
+        let started = tokio::time::Instant::now();
+        let first = self.agents.len();
         while self.agents.len() < n {
+            if let Some(rate) = per_second {
+                let due = (self.agents.len() - first) as f64 / rate.max(1.0);
+                tokio::time::sleep_until(started + Duration::from_secs_f64(due)).await;
+            }
             let id = format!("agent-{}", self.next_id);
             self.next_id += 1;
             let state = Arc::new(AgentState::default());
@@ -112,10 +129,16 @@ impl Agents {
                 agent,
                 watcher,
             });
-            if self.agents.len().is_multiple_of(50) {
+            if per_second.is_none() && self.agents.len().is_multiple_of(50) {
                 // Arrive in waves rather than one burst of SYNs.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+
+    async fn shrink(&mut self, n: usize) {
+        if self.agents.len() <= n {
+            return;
         }
         let leaving: Vec<_> = self.agents.drain(n..).collect();
         let closes = leaving.iter().map(|a| async {
@@ -220,4 +243,112 @@ pub fn minter(agent: &str) -> Hs256Minter {
 /// An HS256 token for `agent`, valid for an hour.
 pub fn token(agent: &str) -> String {
     minter(agent).mint().expect("HS256 minting cannot fail")
+}
+
+/// Agents that never come back: each connects once through `url` (retrying a refused
+/// or failed first attempt, as a starting agent does), holds its socket, and when the
+/// gateway closes it (a shed, a drain) it is gone for good — an agent behind a NAT that
+/// dropped it, or one whose back-off outlasts the test. What rebalancing may destroy.
+pub struct OneShotAgents {
+    connected: Arc<Vec<AtomicBool>>,
+    ever: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl OneShotAgents {
+    /// Starts `n` agents (`oneshot-<i>`) at `per_second`, spread evenly; returns at once.
+    /// An agent that has not connected within `patience` gives up.
+    pub fn start(url: &str, n: usize, per_second: f64, patience: Duration) -> Self {
+        let connected: Arc<Vec<AtomicBool>> =
+            Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
+        let ever = Arc::new(AtomicU64::new(0));
+        let started = tokio::time::Instant::now();
+        let tasks = (0..n)
+            .map(|i| {
+                let (url, connected, ever) = (url.to_string(), connected.clone(), ever.clone());
+                let at = started + Duration::from_secs_f64(i as f64 / per_second.max(1.0));
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    let token = token(&format!("oneshot-{i}"));
+                    let deadline = tokio::time::Instant::now() + patience;
+                    let mut ws = loop {
+                        match one_connect(&url, &token).await {
+                            Some(ws) => break ws,
+                            None if tokio::time::Instant::now() < deadline => {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            None => return,
+                        }
+                    };
+                    connected[i].store(true, Ordering::SeqCst);
+                    ever.fetch_add(1, Ordering::Relaxed);
+                    // Reading answers the gateway's pings; a close or an error ends it.
+                    while let Some(Ok(frame)) = futures_util::StreamExt::next(&mut ws).await {
+                        if frame.is_close() {
+                            break;
+                        }
+                    }
+                    connected[i].store(false, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        Self {
+            connected,
+            ever,
+            tasks,
+        }
+    }
+
+    /// Agents connected now.
+    pub fn connected(&self) -> usize {
+        self.connected
+            .iter()
+            .filter(|c| c.load(Ordering::SeqCst))
+            .count()
+    }
+
+    /// Agents that connected at least once.
+    pub fn ever_connected(&self) -> u64 {
+        self.ever.load(Ordering::Relaxed)
+    }
+
+    /// Closes every agent (the tasks end; their sockets drop).
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+type OneShotSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One upgrade offering `tether.v1` with `token`, through to the gateway's `welcome`.
+async fn one_connect(url: &str, token: &str) -> Option<OneShotSocket> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().ok()?;
+    let headers = request.headers_mut();
+    headers.insert("sec-websocket-protocol", "tether.v1".parse().ok()?);
+    headers.insert("authorization", format!("Bearer {token}").parse().ok()?);
+    let connect = tokio_tungstenite::connect_async(request);
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .ok()?
+        .ok()?;
+    // The session is open once the gateway's first frame (its `welcome`) arrived.
+    loop {
+        let frame = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::StreamExt::next(&mut ws),
+        )
+        .await
+        .ok()??
+        .ok()?;
+        if frame.is_text() {
+            return Some(ws);
+        }
+        if frame.is_close() {
+            return None;
+        }
+    }
 }

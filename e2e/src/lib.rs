@@ -42,7 +42,9 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 
-pub use agents::{AgentState, AgentStats, Agents, minter, test_agent_options, token};
+pub use agents::{
+    AgentState, AgentStats, Agents, OneShotAgents, minter, test_agent_options, token,
+};
 pub use cluster::{
     Cluster, OPERATOR_SA, Operator, chart_rbac, install, install_operator_rbac, request_token,
     spawn_operator, write_token_kubeconfig,

@@ -1042,8 +1042,9 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "max_connections": state.config.limits.max_connections,
         "refused_tenant_cap": state.refused_capped.load(Ordering::Relaxed),
         "draining": state.is_draining(),
-        "ready": !state.is_draining() && !state.is_shedding(),
+        "ready": state.admits_newcomers(),
         "bus_connected": state.router.bus_connected(),
+        "admission_closed": state.is_admission_closed(),
     }))
 }
 
@@ -1064,6 +1065,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if state.is_shedding() {
         (StatusCode::SERVICE_UNAVAILABLE, "rebalancing")
+    } else if state.is_admission_closed() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rebalancing: admission closed",
+        )
     } else {
         // Not the bus: a pod serves its own agents without it, and readiness tied to
         // NATS would take every pod out of the Service at once when NATS goes away.

@@ -252,6 +252,7 @@ impl Gateway {
             refused_full: Default::default(),
             refused_capped: Default::default(),
             shedding: Default::default(),
+            admission_closed_until_ms: Default::default(),
             draining: AtomicBool::new(false),
             drain_requested: CancellationToken::new(),
             tasks: TaskTracker::new(),

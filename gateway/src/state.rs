@@ -1,7 +1,7 @@
 //! The state shared by every handler and session of one gateway process.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use tether_config::GatewayConfig;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,11 @@ pub struct AppState {
     /// Set while an instructed shed round runs and its agents reconnect: no new
     /// upgrades, readiness false, so that the agents it sheds land on other pods.
     pub shedding: AtomicBool,
+    /// Until when (Unix milliseconds; 0: open) the operator closed this pod to new agents
+    /// for a rebalancing episode: readiness false and upgrades refused with 503, so that
+    /// the agents other pods shed land on lighter pods. An absolute time, not a flag, so
+    /// that a pod whose operator died mid-episode reopens by itself.
+    pub admission_closed_until_ms: AtomicI64,
     /// Cancelled to start a drain.
     pub drain_requested: CancellationToken,
     /// Every session and background task, so shutdown can wait for them (axum's
@@ -76,6 +81,18 @@ impl AppState {
     /// Whether a shed round is under way.
     pub fn is_shedding(&self) -> bool {
         self.shedding.load(Ordering::Acquire)
+    }
+
+    /// Whether admission is closed for a rebalancing episode (and not expired).
+    pub fn is_admission_closed(&self) -> bool {
+        let until = self.admission_closed_until_ms.load(Ordering::Acquire);
+        until > 0 && k8s_openapi::jiff::Timestamp::now().as_millisecond() < until
+    }
+
+    /// Whether the pod takes new agents: not draining, not shedding, admission open.
+    /// (Readiness also needs the router; see `/readyz`.)
+    pub fn admits_newcomers(&self) -> bool {
+        !self.is_draining() && !self.is_shedding() && !self.is_admission_closed()
     }
 
     /// Reserves a connection slot; `None` when the pod is full. A refusal is not

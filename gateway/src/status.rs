@@ -11,6 +11,8 @@
 //!   watch own Pod (fieldSelector metadata.name=<pod>) ──► annotation changed?
 //!        drain ──► shed::drain_in_place (unready, stays up)   gone ──► drain called off
 //!        shed N (new id) ──► shed::shed(N)
+//!        admissionClosedUntil T ──► unready, upgrades refused (503) until T (renewed by
+//!                                   the operator; absent: open)
 //! ```
 //!
 //! Why the Pod and not the pool: every pod writes the pool (its report), so a pod
@@ -325,7 +327,7 @@ impl Reporter {
                 .refused_full
                 .load(Ordering::Relaxed)
                 .saturating_sub(refused_base) as i64,
-            ready: !draining && !state.is_shedding(),
+            ready: state.admits_newcomers(),
             draining,
             bus_connected: state.router.bus_connected(),
             instruction: self
@@ -472,6 +474,26 @@ fn follow(state: &Arc<AppState>, following: &mut Following, instruction: Option<
             .acting_on
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(i.id.clone());
+    }
+    // Admission closed for a rebalancing episode, until the instruction's time (renewed
+    // by the operator while the episode lasts); no instruction, or none with a time:
+    // open. Read on every change of the annotation, whatever its id.
+    let closed_until = instruction
+        .and_then(|i| i.admission_closed_until.as_ref())
+        .map_or(0, |t| t.0.as_millisecond());
+    let was = state
+        .admission_closed_until_ms
+        .swap(closed_until, Ordering::AcqRel);
+    if (was > 0) != (closed_until > 0) {
+        info!(
+            closed = closed_until > 0,
+            "admission {} for rebalancing",
+            if closed_until > 0 {
+                "closed"
+            } else {
+                "reopened"
+            }
+        );
     }
     let drain = instruction.is_some_and(|i| i.drain);
     match (&following.drain, drain) {

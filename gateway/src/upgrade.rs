@@ -239,6 +239,15 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request<Body>)
             ApiError::Unavailable("gateway is rebalancing; connect again".into()),
         );
     }
+    if state.is_admission_closed() {
+        // A rebalancing episode: this pod is at or above the pool's mean, and the
+        // agents other pods shed must land on lighter ones.
+        return refuse(
+            &state,
+            "admission_closed",
+            ApiError::Unavailable("gateway is rebalancing; connect again".into()),
+        );
+    }
     // A refusal for capacity counts as demand only once the token is valid: tokenless
     // or forged upgrades on a full pod must not push the pool toward `replicas.max`
     // (they get their 401/403 instead of the 503).

@@ -8,12 +8,16 @@
 //!               ... each step: drained (a report echoing the drain's id, draining, 0
 //!               connections) or deadline passed?
 //!               all done ──► replicas := decision            ──► Event ScaledDown
-//!  rebalance:   size settled, every pod ready and reporting, some pod above
+//!  rebalance:   size settled (no scale-up pending), every pod ready and reporting,
+//!               the total still for the settle window, no back-off, some pod above
 //!               mean × (1 + rebalanceSpreadPercent): an episode begins with a budget =
-//!               the excess measured then; each round sheds at most what is left of it,
-//!               and the next round waits until the shed agents are back (total
-//!               recovered). Not back in time, or budget spent ──► the episode stops
-//!               (Event RebalanceStopped) until the pool is resized or a cool-down passed.
+//!               the excess measured then, capped by what is left of the pool's budget
+//!               window (status.rebalance, across episodes and restarts); pods at or
+//!               above the mean get "admission closed" (unready, 503) while it lasts;
+//!               the first round is a probe (firstRoundPercent of the excess), the next
+//!               waits until the shed agents are back (total recovered). Not back in
+//!               time ──► the episode stops (Event RebalanceStopped) and the next one
+//!               backs off exponentially; budget spent ──► stops until resized/balanced.
 //!  stale:       status.pods[] entries the operator has not seen change for 3 report
 //!               intervals (its own clock), or of pods the StatefulSet no longer has,
 //!               are ignored and pruned
@@ -49,7 +53,9 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
-use tether_crds::{ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction, PodReport};
+use tether_crds::{
+    ConnectionPool, INSTRUCTION_ANNOTATION, PodInstruction, PodReport, RebalanceStatus,
+};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::scaling::{
@@ -68,12 +74,28 @@ pub struct Orchestration {
     pub reconnect_jitter: Duration,
     /// Rebalance bound: percent above the mean; 0 turns rebalancing off.
     pub spread_percent: i32,
+    /// How long the total must have held still before an episode starts.
+    pub settle_window: Duration,
+    /// How far (percent of the total) it may move within that window.
+    pub settle_percent: i32,
+    /// The shed budget's window across episodes.
+    pub budget_window: Duration,
+    /// The first back-off after an episode whose shed agents did not come back.
+    pub backoff: Duration,
+    /// How long one admission-closed instruction holds unless renewed.
+    pub admission_ttl: Duration,
+    /// The share (percent) of each heavy pod's excess an episode's first round sheds.
+    pub first_round_percent: i32,
 }
 
 impl Orchestration {
     /// The settings of a pool spec.
     pub fn from_pool(pool: &ConnectionPool) -> Self {
         let drain = &pool.spec.drain;
+        let rebalance = &pool.spec.scaling.rebalance;
+        // Small changes reach the status only with a pod's heartbeat (two report
+        // intervals): a shorter settle window would see a still total that is not.
+        let report = secs(pool.spec.effective_report_interval_seconds());
         Self {
             drain_deadline: Duration::from_secs(
                 u64::try_from(drain.deadline_seconds).unwrap_or(60),
@@ -85,8 +107,18 @@ impl Orchestration {
                 u64::try_from(drain.reconnect_jitter_ms).unwrap_or(0),
             ),
             spread_percent: pool.spec.scaling.rebalance_spread_percent.max(0),
+            settle_window: secs(rebalance.settle_seconds).max(report * 2),
+            settle_percent: rebalance.settle_percent.clamp(0, 100),
+            budget_window: secs(rebalance.budget_window_seconds),
+            backoff: secs(rebalance.backoff_seconds).max(Duration::from_secs(1)),
+            admission_ttl: secs(rebalance.admission_close_seconds).max(report * 3),
+            first_round_percent: rebalance.first_round_percent.clamp(1, 100),
         }
     }
+}
+
+fn secs(n: i32) -> Duration {
+    Duration::from_secs(u64::try_from(n).unwrap_or(0))
 }
 
 // === states, reasons, transitions ===
@@ -234,6 +266,9 @@ pub enum State {
 /// The phase of a rebalancing episode.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Rebalance {
+    /// The pool is uneven, but its total still moves (agents arriving or leaving): no
+    /// episode starts before it held still for the settle window.
+    Settling(Settling),
     /// A round was issued in this step; `note` has the figures and the pods.
     Round {
         /// What the round sheds, from which pods.
@@ -349,6 +384,8 @@ pub struct Plan {
     /// Drained pods to delete in this step, so that the StatefulSet (`OnDelete`)
     /// recreates them at the new revision.
     pub delete: Vec<String>,
+    /// `status.rebalance`: the budget window and back-off after this step.
+    pub rebalance: Option<RebalanceStatus>,
 }
 
 impl Plan {
@@ -402,6 +439,16 @@ impl Plan {
                 let message = match phase {
                     Rebalance::Round { note } => note.clone(),
                     Rebalance::RoundRunning => "rebalancing round in progress".into(),
+                    Rebalance::Settling(s) => match s.moved {
+                        Some(moved) => format!(
+                            "uneven, but the total moved by {moved} connections within {}s: rebalancing waits for arrivals to settle",
+                            s.window.as_secs()
+                        ),
+                        None => format!(
+                            "uneven; rebalancing waits until the total was watched for {}s",
+                            s.window.as_secs()
+                        ),
+                    },
                     Rebalance::AwaitingAgents { missing } => format!(
                         "waiting for {missing} shed agents to come back before the next round"
                     ),
@@ -615,6 +662,7 @@ pub fn transition(
                     drain: true,
                     shed: None,
                     issued_at: Some(Time(now)),
+                    admission_closed_until: None,
                 }
             }
         };
@@ -775,19 +823,26 @@ pub fn plan_with(
     let rolling = rollout_pending(name, rollout, &status.instructions, n);
     let episode_on = episode.as_ref().is_some_and(|e| e.stopped.is_none())
         || status.instructions.iter().any(|i| i.shed.is_some());
+    let mut record = status.rebalance.clone();
     if settled && orch.spread_percent > 0 && (!rolling || episode_on) {
         let step = rebalance(
-            name,
-            &status.instructions,
-            &view.live,
-            n,
-            in_service,
+            RebalanceInput {
+                name,
+                previous: &status.instructions,
+                live: &view.live,
+                n,
+                in_service,
+                scale_pending: decision.reason == PolicyReason::ScaleUpLimited,
+                settle: settled_total(&history.totals, view.total, &orch, now),
+                record: record.take(),
+                episode: episode.take(),
+            },
             &policy,
             &orch,
-            episode.take(),
             now,
         );
         episode = step.episode;
+        record = step.record;
         if let Some(event) = step.event {
             events.push(event);
         }
@@ -866,6 +921,7 @@ pub fn plan_with(
         rollout: step.progress,
         rollout_memory: step.memory,
         delete: step.delete,
+        rebalance: record,
     };
     // Reports trigger the next step; time alone matters for deadlines, rounds, the
     // windows of the policy and for noticing that pods went silent.
@@ -885,10 +941,12 @@ pub fn plan_with(
 /// What rebalancing does in one step.
 #[derive(Debug, Default)]
 struct RebalanceStep {
-    /// Shed instructions to keep or issue.
+    /// Shed and admission-closed instructions to keep or issue.
     round: Vec<PodInstruction>,
     /// The episode afterwards.
     episode: Option<Episode>,
+    /// The budget window and back-off afterwards (`status.rebalance`).
+    record: Option<RebalanceStatus>,
     /// An Event, when a round starts or the episode stops.
     event: Option<ScaleEvent>,
     /// The episode's phase, when it has one to show (the pool's state then).
@@ -897,21 +955,222 @@ struct RebalanceStep {
     look_again: Option<Duration>,
 }
 
-/// One rebalancing step. Rounds run one at a time; an episode never sheds more than the
-/// excess measured when it began, waits for the shed agents to come back before the next
-/// round, and stops when they do not.
-#[allow(clippy::too_many_arguments)]
-fn rebalance(
+impl RebalanceStep {
+    fn look_again_at(mut self, at: Option<Duration>) -> Self {
+        if let Some(at) = at {
+            self.look_again = Some(self.look_again.map_or(at, |l| l.min(at)));
+        }
+        self
+    }
+}
+
+/// What a rebalancing step reads besides the settings.
+#[derive(Debug)]
+struct RebalanceInput<'a> {
+    /// The pool's name.
+    name: &'a str,
+    /// The instructions in the status before this step.
+    previous: &'a [PodInstruction],
+    /// Fresh reports.
+    live: &'a [Live],
+    /// Pods.
+    n: i32,
+    /// Every pod Ready for the kubelet (in the Service's endpoints).
+    in_service: bool,
+    /// The policy wants more pods than the rate limit lets it add yet.
+    scale_pending: bool,
+    /// Whether the total held still over the settle window.
+    settle: Result<(), Settling>,
+    /// `status.rebalance`.
+    record: Option<RebalanceStatus>,
+    /// The episode of this term, if any.
+    episode: Option<Episode>,
+}
+
+/// The total is still moving (or has not been watched for a whole window yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settling {
+    /// How far the total moved within the window (None: not watched that long yet).
+    pub moved: Option<i64>,
+    /// The window.
+    pub window: Duration,
+    /// When to look again.
+    pub retry: Duration,
+}
+
+/// Whether the pool's total connections held still (within `settle_percent` of `total`)
+/// over the settle window, from the totals of earlier steps (`totals`, oldest first).
+/// A total seen for less than a whole window has not settled: a new leader waits one.
+fn settled_total(
+    totals: &std::collections::VecDeque<(Timestamp, i64)>,
+    total: i64,
+    orch: &Orchestration,
+    now: Timestamp,
+) -> Result<(), Settling> {
+    let window = orch.settle_window;
+    let start = now - signed(window);
+    let Some(anchor) = totals.iter().rposition(|(at, _)| *at <= start) else {
+        let retry = totals
+            .front()
+            .map_or(window, |(at, _)| window.saturating_sub(elapsed(*at, now)));
+        return Err(Settling {
+            moved: None,
+            window,
+            retry,
+        });
+    };
+    let moved = totals
+        .iter()
+        .skip(anchor)
+        .map(|(_, t)| t.abs_diff(total))
+        .max()
+        .unwrap_or(0);
+    let allowed = total.unsigned_abs() * orch.settle_percent.unsigned_abs() as u64 / 100;
+    if moved <= allowed {
+        Ok(())
+    } else {
+        Err(Settling {
+            moved: Some(i64::try_from(moved).unwrap_or(i64::MAX)),
+            window,
+            // A report interval or so: the next step sees whether it still moves.
+            retry: window / 4,
+        })
+    }
+}
+
+/// Records the total of a step, keeping one sample at or before the settle window's
+/// start (the anchor [`settled_total`] compares with) and everything after it.
+pub fn note_total(
+    totals: &mut std::collections::VecDeque<(Timestamp, i64)>,
+    now: Timestamp,
+    total: i64,
+    window: Duration,
+) {
+    totals.push_back((now, total));
+    let start = now - signed(window);
+    while totals.len() > 1 && totals[1].0 <= start {
+        totals.pop_front();
+    }
+    // Steps come at most one per `--scale-spacing`; bound the memory all the same.
+    while totals.len() > 4096 {
+        totals.pop_front();
+    }
+}
+
+/// The back-off after `failures` episodes in a row whose shed agents did not come back:
+/// `backoff × 2^(failures − 1)`, at most an hour.
+fn backoff_after(orch: &Orchestration, failures: i32) -> Duration {
+    let doublings = u32::try_from(failures.saturating_sub(1).clamp(0, 20)).unwrap_or(0);
+    (orch.backoff * 2u32.pow(doublings)).min(MAX_BACKOFF)
+}
+
+/// The longest rebalancing back-off.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// The admission-closed instructions of an episode's step: every pod at or above the
+/// pool's mean (⌈mean⌉, the level heavy pods are shed down to, which is at or below the
+/// rebalance bound), and every pod shedding in this round, is closed to new agents, so
+/// that the Service sends shed agents only to pods below the mean. The lightest pod is
+/// never closed, so the pool always has a pod open. Shed instructions in `shedding` get
+/// the closing time too; a time is renewed once less than half of `admission_ttl` is
+/// left, and otherwise kept, so a step rewrites no annotation needlessly. Returns the
+/// instructions and when the first renewal is due.
+fn admission(
     name: &str,
-    previous: &[PodInstruction],
     live: &[Live],
     n: i32,
-    in_service: bool,
+    shedding: Vec<PodInstruction>,
+    previous: &[PodInstruction],
+    orch: &Orchestration,
+    now: Timestamp,
+) -> (Vec<PodInstruction>, Option<Duration>) {
+    let total = live
+        .iter()
+        .fold(0i64, |sum, l| sum.saturating_add(l.connections));
+    let level = (total + i64::from(n.max(1)) - 1) / i64::from(n.max(1));
+    let lightest = live
+        .iter()
+        .filter(|l| {
+            !shedding
+                .iter()
+                .any(|s| s.pod == format!("{name}-{}", l.ordinal))
+        })
+        .min_by_key(|l| (l.connections, l.ordinal))
+        .map(|l| l.ordinal);
+    let ttl = signed(orch.admission_ttl);
+    let until_for = |pod: &str| {
+        previous
+            .iter()
+            .find(|i| i.pod == pod)
+            .and_then(|i| i.admission_closed_until.as_ref())
+            .map(|t| t.0)
+            .filter(|t| *t > now + signed(orch.admission_ttl / 2))
+            .unwrap_or(now + ttl)
+    };
+    let mut out = Vec::new();
+    for mut i in shedding {
+        i.admission_closed_until = Some(Time(until_for(&i.pod)));
+        out.push(i);
+    }
+    for l in live {
+        let pod = format!("{name}-{}", l.ordinal);
+        if l.connections < level || Some(l.ordinal) == lightest || out.iter().any(|i| i.pod == pod)
+        {
+            continue;
+        }
+        let until = Some(Time(until_for(&pod)));
+        // A pod closed already keeps its instruction (its reports echo the id).
+        let instruction = match previous
+            .iter()
+            .find(|i| i.pod == pod && i.shed.is_none() && !i.drain)
+        {
+            Some(kept) => PodInstruction {
+                admission_closed_until: until,
+                ..kept.clone()
+            },
+            None => PodInstruction {
+                pod,
+                id: format!("close-{}", now.as_millisecond()),
+                drain: false,
+                shed: None,
+                issued_at: Some(Time(now)),
+                admission_closed_until: until,
+            },
+        };
+        out.push(instruction);
+    }
+    let renew = out
+        .iter()
+        .filter_map(|i| i.admission_closed_until.as_ref())
+        .map(|t| elapsed(now, t.0 - signed(orch.admission_ttl / 2)))
+        .min();
+    (out, renew)
+}
+
+/// One rebalancing step. An episode starts only once the size and the total settled and
+/// no back-off holds it; its budget is the excess measured then, capped by what is left
+/// of the pool's budget window (`status.rebalance`), so no sequence of episodes sheds
+/// more within the window than the first one measured. Rounds run one at a time, each
+/// with every pod at or above the mean closed to newcomers ([`admission`]); the next
+/// waits for the shed agents to come back, and an episode whose agents did not stops
+/// and backs the next one off ([`backoff_after`]).
+fn rebalance(
+    input: RebalanceInput<'_>,
     policy: &Policy,
     orch: &Orchestration,
-    episode: Option<Episode>,
     now: Timestamp,
 ) -> RebalanceStep {
+    let RebalanceInput {
+        name,
+        previous,
+        live,
+        n,
+        in_service,
+        scale_pending,
+        settle,
+        mut record,
+        episode,
+    } = input;
     let running: Vec<&PodInstruction> = previous
         .iter()
         .filter(|i| i.shed.is_some() && !i.drain)
@@ -925,20 +1184,25 @@ fn rebalance(
         let issued = first.issued_at.as_ref().map_or(now, |t| t.0);
         let left = round.saturating_sub(elapsed(issued, now));
         if !left.is_zero() {
+            let shedding = running.into_iter().cloned().collect();
+            let (round, renew) = admission(name, live, n, shedding, previous, orch, now);
             return RebalanceStep {
-                round: running.into_iter().cloned().collect(),
+                round,
                 episode,
+                record,
                 phase: Some(Rebalance::RoundRunning),
                 look_again: Some(left),
                 ..Default::default()
-            };
+            }
+            .look_again_at(renew);
         }
     }
     let total: i64 = live
         .iter()
         .fold(0i64, |sum, l| sum.saturating_add(l.connections));
     // A stopped episode stays stopped until the pool is resized (a new size starts
-    // afresh) or is balanced again: shedding more would only chase agents that are away.
+    // afresh, within the window's budget) or is balanced again: shedding more would
+    // only chase agents that are away. Its pods are open again.
     if let Some(ep) = &episode
         && let Some((_, why)) = &ep.stopped
     {
@@ -946,26 +1210,50 @@ fn rebalance(
         return RebalanceStep {
             phase: (!balanced).then(|| Rebalance::Stopped { why: why.clone() }),
             episode: (!balanced).then_some(episode.clone()).flatten(),
+            record,
             ..Default::default()
         };
     }
-    let all_reporting =
-        in_service && live.len() == n as usize && live.iter().all(|l| l.ready && !l.draining);
-    if n < 2 || !all_reporting {
+    // Pods closed by this episode report themselves unready, and the kubelet takes
+    // them out of the Service: readiness is asked of the pods only to begin one.
+    let reporting = live.len() == n as usize && live.iter().all(|l| !l.draining);
+    let may_begin = in_service && live.iter().all(|l| l.ready);
+    if n < 2 || !reporting || (episode.is_none() && !may_begin) {
+        let round = if episode.is_some() && n >= 2 {
+            admission(name, live, n, Vec::new(), previous, orch, now).0
+        } else {
+            Vec::new()
+        };
         return RebalanceStep {
+            round,
             episode,
+            record,
             ..Default::default()
         };
     }
     let mean = total as f64 / f64::from(n);
     let bound = mean * (1.0 + f64::from(orch.spread_percent) / 100.0);
     let heavy = heavy_pods(live, n, orch);
-    if heavy.is_empty() {
-        // Balanced: the episode is over.
-        return RebalanceStep::default();
-    }
-    let stop = |mut ep: Episode, why: String| {
+    let stop = |mut ep: Episode, mut record: Option<RebalanceStatus>, why: String, failed: bool| {
         ep.stopped = Some((now, why.clone()));
+        let mut why = why;
+        if failed {
+            let r = record.get_or_insert(RebalanceStatus {
+                window_start: Time(now),
+                budget: ep.budget,
+                shed: ep.shed,
+                failures: 0,
+                backoff_until: None,
+            });
+            r.failures = r.failures.saturating_add(1);
+            let wait = backoff_after(orch, r.failures);
+            r.backoff_until = Some(Time(now + signed(wait)));
+            why.push_str(&format!(
+                "; no new episode for {}s ({} in a row)",
+                wait.as_secs(),
+                r.failures
+            ));
+        }
         RebalanceStep {
             event: Some(ScaleEvent {
                 reason: Reason::RebalanceStopped,
@@ -973,11 +1261,12 @@ fn rebalance(
             }),
             phase: Some(Rebalance::Stopped { why }),
             episode: Some(ep),
+            record,
             ..Default::default()
         }
     };
     let excess = |l: &Live| l.connections.saturating_sub(mean.ceil() as i64).max(0);
-    let mut ep = match episode.filter(|e| e.stopped.is_none()) {
+    let mut ep = match episode {
         Some(ep) => {
             let missing = ep.missing(total);
             if missing > 0 {
@@ -985,13 +1274,31 @@ fn rebalance(
                 if left.is_zero() {
                     return stop(
                         ep,
+                        record,
                         format!("{missing} shed agents did not come back; not shedding more"),
+                        true,
                     );
                 }
+                let (round, renew) = admission(name, live, n, Vec::new(), previous, orch, now);
                 return RebalanceStep {
+                    round,
                     episode: Some(ep),
+                    record,
                     phase: Some(Rebalance::AwaitingAgents { missing }),
                     look_again: Some(left),
+                    ..Default::default()
+                }
+                .look_again_at(renew);
+            }
+            if heavy.is_empty() {
+                // Balanced and the shed agents are back: the episode is over, and it
+                // clears the back-off.
+                if let Some(r) = &mut record {
+                    r.failures = 0;
+                    r.backoff_until = None;
+                }
+                return RebalanceStep {
+                    record,
                     ..Default::default()
                 };
             }
@@ -1000,48 +1307,137 @@ fn rebalance(
                     "{} of the {} connections of excess measured when it began were shed and the pool is still uneven",
                     ep.shed, ep.budget
                 );
-                return stop(ep, why);
+                return stop(ep, record, why, false);
             }
             ep
         }
-        None => Episode {
-            replicas: n,
-            total_at_start: total,
-            budget: heavy.iter().map(|l| excess(l)).sum(),
-            shed: 0,
-            recover_by: now,
-            stopped: None,
-        },
+        None => {
+            if heavy.is_empty() {
+                return RebalanceStep {
+                    record,
+                    ..Default::default()
+                };
+            }
+            // More pods are coming: the new ones fill through the Service, and this
+            // imbalance is not the one to measure.
+            if scale_pending {
+                return RebalanceStep {
+                    record,
+                    ..Default::default()
+                };
+            }
+            if let Err(settling) = settle {
+                return RebalanceStep {
+                    record,
+                    look_again: Some(settling.retry),
+                    phase: Some(Rebalance::Settling(settling)),
+                    ..Default::default()
+                };
+            }
+            if let Some(until) = record
+                .as_ref()
+                .and_then(|r| r.backoff_until.as_ref())
+                .map(|t| t.0)
+                .filter(|until| *until > now)
+            {
+                return RebalanceStep {
+                    phase: Some(Rebalance::Stopped {
+                        why: format!(
+                            "backing off after episodes whose shed agents did not come back, until {until}"
+                        ),
+                    }),
+                    look_again: Some(elapsed(now, until)),
+                    record,
+                    ..Default::default()
+                };
+            }
+            let measured: i64 = heavy.iter().map(|l| excess(l)).sum();
+            let window_end = |r: &RebalanceStatus| r.window_start.0 + signed(orch.budget_window);
+            let budget = match record.as_mut() {
+                Some(r) if now < window_end(r) => {
+                    let left = r.budget.saturating_sub(r.shed);
+                    if left <= 0 {
+                        let end = window_end(r);
+                        return RebalanceStep {
+                            phase: Some(Rebalance::Stopped {
+                                why: format!(
+                                    "the {} connections of excess measured at {} were shed; no more before {end}",
+                                    r.budget, r.window_start.0
+                                ),
+                            }),
+                            look_again: Some(elapsed(now, end)),
+                            record,
+                            ..Default::default()
+                        };
+                    }
+                    measured.min(left)
+                }
+                _ => {
+                    // A new window: its budget is the excess measured now.
+                    let (failures, backoff_until) = record
+                        .take()
+                        .map_or((0, None), |r| (r.failures, r.backoff_until));
+                    record = Some(RebalanceStatus {
+                        window_start: Time(now),
+                        budget: measured,
+                        shed: 0,
+                        failures,
+                        backoff_until,
+                    });
+                    measured
+                }
+            };
+            Episode {
+                replicas: n,
+                total_at_start: total,
+                budget,
+                shed: 0,
+                recover_by: now,
+                stopped: None,
+            }
+        }
     };
     let id = format!("shed-{}", now.as_millisecond());
     let mut left = ep.budget - ep.shed;
-    let mut round = Vec::new();
+    // The first round is a probe: a share of each pod's excess. The rest goes only once
+    // those agents came back, so agents that never return cost at most that share.
+    let share = if ep.shed == 0 {
+        i64::from(orch.first_round_percent)
+    } else {
+        100
+    };
+    let mut shedding = Vec::new();
     for l in &heavy {
-        let count = excess(l).min(left);
+        let count = (excess(l).saturating_mul(share) + 99) / 100;
+        let count = count.min(left);
         if count <= 0 {
             break;
         }
         left -= count;
-        round.push(PodInstruction {
+        shedding.push(PodInstruction {
             pod: format!("{name}-{}", l.ordinal),
             id: id.clone(),
             drain: false,
             shed: Some(count),
             issued_at: Some(Time(now)),
+            admission_closed_until: None,
         });
     }
-    let shedding: i64 = round.iter().filter_map(|i| i.shed).sum();
-    let most = round.iter().filter_map(|i| i.shed).max().unwrap_or(0);
+    let shed: i64 = shedding.iter().filter_map(|i| i.shed).sum();
+    let most = shedding.iter().filter_map(|i| i.shed).max().unwrap_or(0);
     let round_time = Duration::from_secs_f64(most as f64 / f64::from(orch.close_rate))
         + orch.reconnect_jitter
         + policy.report_interval * 2;
-    ep.shed = ep.shed.saturating_add(shedding);
+    ep.shed = ep.shed.saturating_add(shed);
     ep.total_at_start = ep.total_at_start.max(total);
+    if let Some(r) = &mut record {
+        r.shed = r.shed.saturating_add(shed);
+    }
     // Agents get the round, their reconnect delay and three report intervals to show up.
     ep.recover_by = now + signed(round_time + orch.reconnect_jitter + policy.report_interval * 3);
     let note = format!(
         "mean {mean:.0} connections per pod, bound {bound:.0}: shedding {} (episode: {} of {} shed)",
-        round
+        shedding
             .iter()
             .map(|i| format!("{} from {}", i.shed.unwrap_or(0), i.pod))
             .collect::<Vec<_>>()
@@ -1049,9 +1445,11 @@ fn rebalance(
         ep.shed,
         ep.budget,
     );
+    let (round, renew) = admission(name, live, n, shedding, previous, orch, now);
     RebalanceStep {
         round,
         episode: Some(ep),
+        record,
         event: Some(ScaleEvent {
             reason: Reason::Rebalancing,
             note: note.clone(),
@@ -1059,6 +1457,7 @@ fn rebalance(
         phase: Some(Rebalance::Round { note }),
         look_again: Some(round_time),
     }
+    .look_again_at(renew)
 }
 
 /// Pods above the rebalance bound (and at least two connections above the mean).
@@ -1454,7 +1853,7 @@ struct PoolMemory {
     history: History,
     /// Per pod entry: a fingerprint of its content and when this process saw it change.
     seen: HashMap<String, (u64, Instant)>,
-    /// Instruction id delivered to each pod's annotation in this term.
+    /// Instruction delivered to each pod's annotation in this term ([`delivery`]).
     delivered: HashMap<String, String>,
     /// When the status was last written, for pacing `totalConnections` refreshes.
     last_status_write: Option<Instant>,
@@ -1556,6 +1955,12 @@ impl Autoscaler {
             .history
             .record(&plan.decision, plan.decided_from, &policy, now);
         memory.history.rebalance = plan.episode.clone();
+        note_total(
+            &mut memory.history.totals,
+            now,
+            plan.total_connections,
+            Orchestration::from_pool(pool).settle_window,
+        );
         debug!(
             replicas = plan.stateful_set_replicas,
             desired = plan.desired_replicas,
@@ -1642,7 +2047,7 @@ impl Autoscaler {
             plan.instructions
                 .iter()
                 .filter(|i| {
-                    delivered.is_none_or(|d| d.get(&i.pod).is_none_or(|have| *have != i.id))
+                    delivered.is_none_or(|d| d.get(&i.pod).is_none_or(|have| *have != delivery(i)))
                 })
                 .cloned()
                 .collect()
@@ -1653,7 +2058,7 @@ impl Autoscaler {
             annotate(&pods, &params, &instruction.pod, Some(value)).await?;
             info!(pod = %instruction.pod, id = %instruction.id, drain = instruction.drain,
                   shed = ?instruction.shed, "instruction delivered");
-            self.note_delivered(pool, &instruction.pod, Some(&instruction.id));
+            self.note_delivered(pool, &instruction.pod, Some(&delivery(instruction)));
         }
         Ok(())
     }
@@ -1665,6 +2070,15 @@ impl Autoscaler {
             Some(id) => delivered.insert(pod.to_string(), id.to_string()),
             None => delivered.remove(pod),
         };
+    }
+}
+
+/// What a delivered annotation is remembered by: the id and the admission-closed time,
+/// which the operator renews under the same id while an episode lasts.
+fn delivery(i: &PodInstruction) -> String {
+    match &i.admission_closed_until {
+        Some(until) => format!("{}@{}", i.id, until.0.as_millisecond()),
+        None => i.id.clone(),
     }
 }
 
@@ -1823,6 +2237,8 @@ mod tests {
         p.spec.scaling.scale_down.max_pods_per_step = 2;
         p.spec.drain.deadline_seconds = 30;
         p.spec.report_interval_seconds = 2;
+        // Whole rounds: the probe round has its own test.
+        p.spec.scaling.rebalance.first_round_percent = 100;
         // A draining pod echoes the id of the drain it acts on.
         let acting_on = |pod: &str| {
             instructions
@@ -1866,6 +2282,14 @@ mod tests {
         History {
             since: Some(t(-10_000)),
             ..History::default()
+        }
+    }
+
+    /// A history in which the pool's total has been `total` for long before `at`.
+    fn settled_at(total: i64, at: i64) -> History {
+        History {
+            totals: [(t(at - 1_000), total)].into(),
+            ..old_history()
         }
     }
 
@@ -1980,6 +2404,7 @@ mod tests {
             drain: true,
             shed: None,
             issued_at: Some(Time(t(0))),
+            admission_closed_until: None,
         }];
         let p = pool(
             &[(0, 10, false), (1, 5, true)],
@@ -2011,6 +2436,7 @@ mod tests {
             drain: true,
             shed: None,
             issued_at: Some(Time(t(0))),
+            admission_closed_until: None,
         }];
         let p = pool(&[(0, 190, false), (1, 150, true)], instructions, Some(1), 5);
         let plan = plan(&p, Some(2), &old_history(), &fresh(&p), t(5));
@@ -2029,7 +2455,7 @@ mod tests {
             Some(3),
             100,
         );
-        let round = plan(&p, Some(3), &old_history(), &fresh(&p), t(100));
+        let round = plan(&p, Some(3), &settled_at(300, 100), &fresh(&p), t(100));
         assert_eq!(round.stateful_set_replicas, 3);
         assert_eq!(round.instructions.len(), 1);
         let shed = &round.instructions[0];
@@ -2047,7 +2473,7 @@ mod tests {
             Some(3),
             102,
         );
-        let running = plan(&p, Some(3), &old_history(), &fresh(&p), t(102));
+        let running = plan(&p, Some(3), &settled_at(300, 100), &fresh(&p), t(102));
         assert_eq!(running.instructions, round.instructions);
         assert!(running.events.is_empty());
 
@@ -2058,7 +2484,7 @@ mod tests {
             Some(3),
             120,
         );
-        let balanced = plan(&p, Some(3), &old_history(), &fresh(&p), t(120));
+        let balanced = plan(&p, Some(3), &settled_at(300, 100), &fresh(&p), t(120));
         assert!(balanced.instructions.is_empty(), "{balanced:?}");
         assert_ne!(balanced.scaling_condition().reason, Reason::Rebalancing);
     }
@@ -2074,13 +2500,13 @@ mod tests {
             100,
         );
         p.status.as_mut().unwrap().ready_replicas = Some(1);
-        let waiting = plan(&p, Some(3), &old_history(), &fresh(&p), t(100));
+        let waiting = plan(&p, Some(3), &settled_at(300, 100), &fresh(&p), t(100));
         assert!(waiting.instructions.is_empty(), "{waiting:?}");
         assert!(waiting.events.is_empty(), "{waiting:?}");
 
         // Once the kubelet's probes passed on all three, the round starts.
         p.status.as_mut().unwrap().ready_replicas = Some(3);
-        let round = plan(&p, Some(3), &old_history(), &fresh(&p), t(101));
+        let round = plan(&p, Some(3), &settled_at(300, 100), &fresh(&p), t(101));
         assert_eq!(round.instructions.len(), 1);
         assert_eq!(round.instructions[0].shed, Some(170));
     }
@@ -2125,6 +2551,7 @@ mod tests {
             drain: true,
             shed: None,
             issued_at: Some(Time(t(0))),
+            admission_closed_until: None,
         };
         let mut p = pool(
             &[(0, 10, false), (1, 0, true)],
@@ -2160,7 +2587,8 @@ mod tests {
         p.spec.replicas.min = min;
         p.spec.drain.reconnect_jitter_ms = 1000;
         p.spec.drain.connections_per_second = 1000;
-        let mut history = old_history();
+        p.status.as_mut().unwrap().rebalance = previous.rebalance.clone();
+        let mut history = settled_at(per_pod.iter().sum(), at);
         history.rebalance = previous.episode.clone();
         plan(&p, Some(3), &history, &fresh(&p), t(at))
     }
@@ -2193,13 +2621,13 @@ mod tests {
         let mut shed = shed_total(&start);
         for at in (101..200).step_by(3) {
             let step = rebalance_step([84, 0, 0], &last, at);
-            if step
+            // Only a new round counts (admission-closed instructions shed nothing).
+            shed += step
                 .instructions
                 .iter()
-                .any(|i| i.id != start.instructions[0].id)
-            {
-                shed += shed_total(&step);
-            }
+                .filter(|i| i.id != start.instructions[0].id)
+                .filter_map(|i| i.shed)
+                .sum::<i64>();
             last = step;
         }
         assert_eq!(shed, budget, "no round beyond the first: {last:?}");
@@ -2212,6 +2640,408 @@ mod tests {
             last.scaling_condition().message
         );
         assert!(last.instructions.is_empty());
+    }
+
+    // === rebalancing rules: settle, admission, budget across episodes, back-off ===
+
+    /// A step of a pool of `per_pod.len()` pods held at that size, fed with the previous
+    /// plan's instructions, episode and `status.rebalance`; `history` carries the totals
+    /// of earlier steps (and `since`). Settings: settle window 30 s (the default), report
+    /// interval 2 s, admission TTL 30 s, budget window `window` seconds, back-off 60 s.
+    fn pool_step(per_pod: &[i64], previous: &Plan, history: History, at: i64, window: i32) -> Plan {
+        pool_step_with(per_pod, previous, history, at, |p| {
+            p.spec.scaling.rebalance.budget_window_seconds = window;
+        })
+    }
+
+    fn pool_step_with(
+        per_pod: &[i64],
+        previous: &Plan,
+        mut history: History,
+        at: i64,
+        tweak: impl FnOnce(&mut ConnectionPool),
+    ) -> Plan {
+        let n = per_pod.len() as i32;
+        let reports: Vec<_> = per_pod
+            .iter()
+            .enumerate()
+            .map(|(o, c)| (o as i32, *c, false))
+            .collect();
+        let mut p = pool(&reports, previous.instructions.clone(), Some(n), at);
+        p.spec.replicas.min = n;
+        p.spec.replicas.max = n;
+        p.spec.drain.reconnect_jitter_ms = 1000;
+        p.spec.drain.connections_per_second = 1000;
+        tweak(&mut p);
+        p.status.as_mut().unwrap().rebalance = previous.rebalance.clone();
+        history.rebalance = previous.episode.clone();
+        plan(&p, Some(n), &history, &fresh(&p), t(at))
+    }
+
+    fn sheds(plan: &Plan) -> Vec<(&str, i64)> {
+        plan.instructions
+            .iter()
+            .filter_map(|i| Some((i.pod.as_str(), i.shed?)))
+            .collect()
+    }
+
+    fn closed(plan: &Plan) -> Vec<&str> {
+        plan.instructions
+            .iter()
+            .filter(|i| i.admission_closed_until.is_some())
+            .map(|i| i.pod.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn no_episode_starts_while_arrivals_still_ramp() {
+        let before = before_any_round();
+        // Agents still arrive: 150 → 250 → 300 over the last 40 s. Uneven, but no shed.
+        let ramping = History {
+            totals: [(t(60), 150), (t(80), 250)].into(),
+            ..old_history()
+        };
+        let step = pool_step(&[270, 10, 20], &before, ramping, 100, 600);
+        assert!(step.instructions.is_empty(), "{step:?}");
+        assert!(step.episode.is_none() && step.rebalance.is_none());
+        assert!(
+            matches!(
+                step.state,
+                State::Rebalancing(Rebalance::Settling(Settling {
+                    moved: Some(150),
+                    ..
+                }))
+            ),
+            "{:?}",
+            step.state
+        );
+        let condition = step.scaling_condition();
+        assert!(condition.active && condition.message.contains("settle"));
+        // A new leader has not watched the total for a window yet: it waits one.
+        let fresh_term = pool_step(&[270, 10, 20], &before, old_history(), 100, 600);
+        assert!(fresh_term.instructions.is_empty(), "{fresh_term:?}");
+        assert!(matches!(
+            fresh_term.state,
+            State::Rebalancing(Rebalance::Settling(Settling { moved: None, .. }))
+        ));
+        // The total held at 300 (within 2 %) for the 30 s window: the episode starts.
+        let held = History {
+            totals: [(t(60), 150), (t(80), 250), (t(100), 300), (t(115), 299)].into(),
+            ..old_history()
+        };
+        let step = pool_step(&[270, 10, 20], &before, held, 130, 600);
+        assert_eq!(sheds(&step), [("p-0", 170)]);
+    }
+
+    #[test]
+    fn totals_keep_one_sample_before_the_window_and_everything_after() {
+        let mut totals = std::collections::VecDeque::new();
+        let window = Duration::from_secs(30);
+        for (at, total) in [(0, 10), (10, 20), (20, 30), (45, 30), (60, 30)] {
+            note_total(&mut totals, t(at), total, window);
+        }
+        // At 60 the window starts at 30: the anchor is the sample at 20.
+        assert_eq!(totals, [(t(20), 30), (t(45), 30), (t(60), 30)]);
+        let orch = orch();
+        let long = Orchestration {
+            settle_window: window,
+            ..orch
+        };
+        assert_eq!(settled_total(&totals, 30, &long, t(60)), Ok(()));
+        assert!(settled_total(&totals, 40, &long, t(60)).is_err());
+    }
+
+    #[test]
+    fn a_pending_scale_up_defers_the_episode() {
+        // Three pods hold 450 at a target of 100: five are wanted, the rate limit holds
+        // the scale-up. Measuring the imbalance now would shed agents the next pods
+        // should take: no episode.
+        let reports = [(0, 390, false), (1, 30, false), (2, 30, false)];
+        let mut p = pool(&reports, vec![], Some(3), 100);
+        p.spec.scaling.scale_up.period_seconds = 60;
+        let history = History {
+            last_scale_up: Some(t(95)),
+            ..settled_at(450, 100)
+        };
+        let step = plan(&p, Some(3), &history, &fresh(&p), t(100));
+        assert_eq!(step.decision.reason, PolicyReason::ScaleUpLimited);
+        assert!(step.instructions.is_empty(), "{step:?}");
+        assert!(step.episode.is_none());
+    }
+
+    #[test]
+    fn during_an_episode_every_pod_at_or_above_the_mean_is_closed_to_newcomers() {
+        // Mean 150, bound 187: p-0 sheds its excess; p-1 (at the mean, under the bound)
+        // sheds nothing but is closed too, so the shed agents land on p-2 and p-3 only.
+        let start = pool_step(
+            &[400, 150, 30, 20],
+            &before_any_round(),
+            settled_at(600, 100),
+            100,
+            600,
+        );
+        assert_eq!(sheds(&start), [("p-0", 250)]);
+        assert_eq!(closed(&start), ["p-0", "p-1"]);
+        let until = |plan: &Plan, pod: &str| {
+            plan.instructions
+                .iter()
+                .find(|i| i.pod == pod)
+                .and_then(|i| i.admission_closed_until.clone())
+                .map(|t| t.0)
+        };
+        assert_eq!(until(&start, "p-0"), Some(t(130)));
+        let p1 = start.instructions.iter().find(|i| i.pod == "p-1").unwrap();
+        assert_eq!((p1.shed, p1.drain), (None, false));
+        // The round runs: same instructions, same closing times (nothing rewritten).
+        let running = pool_step(
+            &[250, 150, 100, 100],
+            &start,
+            settled_at(600, 105),
+            105,
+            600,
+        );
+        assert_eq!(running.instructions, start.instructions);
+        assert_eq!(running.state, State::Rebalancing(Rebalance::RoundRunning));
+        // p-2 filled up to the mean while the round ran: closed as well.
+        let filling = pool_step(&[250, 150, 160, 40], &start, settled_at(600, 104), 104, 600);
+        assert_eq!(closed(&filling), ["p-0", "p-1", "p-2"]);
+        // Balanced with every agent back: the episode is over and every pod reopens.
+        let done = pool_step(
+            &[150, 150, 150, 150],
+            &running,
+            settled_at(600, 112),
+            112,
+            600,
+        );
+        assert!(done.instructions.is_empty(), "{done:?}");
+        assert!(done.episode.is_none());
+    }
+
+    #[test]
+    fn admission_is_renewed_at_half_its_time_and_never_closes_every_pod() {
+        let live = |counts: &[i64]| -> Vec<Live> {
+            counts
+                .iter()
+                .enumerate()
+                .map(|(o, c)| Live {
+                    ordinal: o as i32,
+                    connections: *c,
+                    refused: 0,
+                    ready: false,
+                    draining: false,
+                    instruction: None,
+                })
+                .collect()
+        };
+        let orch = orch();
+        let closing = |pod: &str, until: i64| PodInstruction {
+            pod: pod.into(),
+            id: "close-1".into(),
+            drain: false,
+            shed: None,
+            issued_at: Some(Time(t(0))),
+            admission_closed_until: Some(Time(t(until))),
+        };
+        // 20 s left of 30: kept, same id.
+        let (kept, renew) = admission(
+            "p",
+            &live(&[200, 100]),
+            2,
+            vec![],
+            &[closing("p-0", 120)],
+            &orch,
+            t(100),
+        );
+        assert_eq!(kept, [closing("p-0", 120)]);
+        assert_eq!(renew, Some(Duration::from_secs(5)));
+        // 10 s left: renewed to 30 s from now, same id.
+        let (renewed, _) = admission(
+            "p",
+            &live(&[200, 100]),
+            2,
+            vec![],
+            &[closing("p-0", 110)],
+            &orch,
+            t(100),
+        );
+        assert_eq!(renewed.len(), 1);
+        assert_eq!(renewed[0].id, "close-1");
+        assert_eq!(renewed[0].admission_closed_until, Some(Time(t(130))));
+        // Every pod at the mean: the lightest (by name on a tie) stays open.
+        let (even, _) = admission("p", &live(&[100, 100, 100]), 3, vec![], &[], &orch, t(100));
+        let pods: Vec<_> = even.iter().map(|i| i.pod.as_str()).collect();
+        assert_eq!(pods, ["p-1", "p-2"]);
+    }
+
+    #[test]
+    fn the_first_round_is_a_probe_and_the_rest_follows_once_its_agents_are_back() {
+        let probe = |p: &mut ConnectionPool| p.spec.scaling.rebalance.first_round_percent = 25;
+        let first = pool_step_with(
+            &[400, 150, 30, 20],
+            &before_any_round(),
+            settled_at(600, 100),
+            100,
+            probe,
+        );
+        // A quarter of the 250 of excess (rounded up); the episode's budget is all of it.
+        assert_eq!(sheds(&first), [("p-0", 63)]);
+        assert_eq!(first.episode.as_ref().unwrap().budget, 250);
+        // They came back (to the light pods): the rest goes in the next round.
+        let next = pool_step_with(
+            &[337, 150, 60, 53],
+            &first,
+            settled_at(600, 106),
+            106,
+            probe,
+        );
+        assert_eq!(sheds(&next), [("p-0", 187)]);
+        // Had they not come back, nothing more is shed and the episode stops.
+        let mut last = first;
+        for at in (106..130).step_by(2) {
+            last = pool_step_with(&[337, 150, 30, 20], &last, settled_at(537, at), at, probe);
+            assert!(sheds(&last).is_empty() || at < 106, "{last:?}");
+        }
+        assert!(
+            matches!(last.state, State::Rebalancing(Rebalance::Stopped { .. })),
+            "{:?}",
+            last.state
+        );
+        assert_eq!(last.rebalance.as_ref().unwrap().shed, 63);
+    }
+
+    #[test]
+    fn the_shed_budget_holds_across_episodes_and_a_restart() {
+        // Three pods: the first episode measures 170 of excess and sheds it.
+        let first = pool_step(
+            &[270, 10, 20],
+            &before_any_round(),
+            settled_at(300, 100),
+            100,
+            600,
+        );
+        assert_eq!(sheds(&first), [("p-0", 170)]);
+        let record = first.rebalance.clone().unwrap();
+        assert_eq!((record.budget, record.shed), (170, 170));
+        // The pool grew to five and is uneven again (the shed agents went back to the
+        // heavy pods): a new size begins a new episode, but the window's budget is
+        // spent — nothing is shed, the pool says until when.
+        let mut carried = first.clone();
+        carried.instructions.clear();
+        carried.episode = None;
+        let resized = pool_step(
+            &[170, 65, 65, 0, 0],
+            &carried,
+            settled_at(300, 160),
+            160,
+            600,
+        );
+        assert!(sheds(&resized).is_empty(), "{resized:?}");
+        assert!(
+            matches!(&resized.state, State::Rebalancing(Rebalance::Stopped { why }) if why.contains("no more before")),
+            "{:?}",
+            resized.state
+        );
+        assert_eq!(resized.rebalance, first.rebalance, "kept in the status");
+        // A budget partly spent caps the next episode at what is left: 200 measured,
+        // 150 shed, 50 left of the 110 measured now. The term is new (no episode in
+        // memory): the record in the status is what holds the bound.
+        carried.rebalance = Some(RebalanceStatus {
+            shed: 150,
+            budget: 200,
+            ..record.clone()
+        });
+        let capped = pool_step(
+            &[170, 65, 65, 0, 0],
+            &carried,
+            settled_at(300, 160),
+            160,
+            600,
+        );
+        assert_eq!(sheds(&capped), [("p-0", 50)]);
+        assert_eq!(capped.rebalance.as_ref().unwrap().shed, 200);
+        // Once the window is over, a new one begins with the excess measured then.
+        let later = pool_step(
+            &[170, 65, 65, 0, 0],
+            &carried,
+            settled_at(300, 800),
+            800,
+            600,
+        );
+        assert_eq!(sheds(&later), [("p-0", 110)]);
+        let renewed = later.rebalance.unwrap();
+        assert_eq!(
+            (renewed.window_start, renewed.budget, renewed.shed),
+            (Time(t(800)), 110, 110)
+        );
+    }
+
+    #[test]
+    fn episodes_whose_agents_do_not_come_back_back_off_exponentially() {
+        // A 10 s budget window, so only the back-off holds the next episode.
+        let mut count = 250;
+        let mut last = pool_step(
+            &[count, 0, 0],
+            &before_any_round(),
+            settled_at(count, 100),
+            100,
+            10,
+        );
+        let mut at = 100;
+        let mut backoffs = Vec::new();
+        for _ in 0..3 {
+            let shed: i64 = sheds(&last).iter().map(|(_, n)| n).sum();
+            assert!(shed > 0, "{last:?}");
+            // The shed agents never come back; the episode stops after its recovery
+            // deadline and sets the back-off.
+            count -= shed;
+            let mut stopped = None;
+            for _ in 0..20 {
+                at += 2;
+                let step = pool_step(&[count, 0, 0], &last, settled_at(count, at), at, 10);
+                let is_stop = step
+                    .events
+                    .iter()
+                    .any(|e| e.reason == Reason::RebalanceStopped);
+                last = step;
+                if is_stop {
+                    stopped = Some(at);
+                    break;
+                }
+            }
+            let stopped_at = stopped.expect("the episode stops");
+            let record = last.rebalance.clone().unwrap();
+            let until = record.backoff_until.unwrap().0;
+            backoffs.push(until.duration_since(t(stopped_at)).as_secs());
+            // Another term (no episode in memory), the pool still uneven: held back
+            // until the back-off ends, whatever the budget window says.
+            let mut carried = last.clone();
+            carried.episode = None;
+            carried.instructions.clear();
+            let held = pool_step(
+                &[count, 0, 0],
+                &carried,
+                settled_at(count, at + 30),
+                at + 30,
+                10,
+            );
+            assert!(sheds(&held).is_empty(), "{held:?}");
+            assert!(
+                held.scaling_condition().message.contains("backing off"),
+                "{}",
+                held.scaling_condition().message
+            );
+            at = stopped_at + until.duration_since(t(stopped_at)).as_secs() + 1;
+            last = pool_step(&[count, 0, 0], &carried, settled_at(count, at), at, 10);
+        }
+        assert_eq!(backoffs, [60, 120, 240]);
+        // An episode whose agents come back (evenly, after the round) clears it.
+        let shed: i64 = sheds(&last).iter().map(|(_, n)| n).sum();
+        assert!(shed > 0, "{last:?}");
+        let even = [count / 3 + count % 3, count / 3, count / 3];
+        let back = pool_step(&even, &last, settled_at(count, at + 10), at + 10, 10);
+        assert!(back.episode.is_none(), "{back:?}");
+        let record = back.rebalance.unwrap();
+        assert_eq!((record.failures, record.backoff_until), (0, None));
     }
 
     #[test]
@@ -2263,7 +3093,9 @@ mod tests {
         let first = rebalance_step([250, 0, 0], &before_any_round(), 100);
         // Round over (166 / 1000 per s + 1 s + 4 s), agents not back yet: wait.
         let waiting = rebalance_step([84, 40, 40], &first, 106);
-        assert!(waiting.instructions.is_empty(), "{waiting:?}");
+        assert!(sheds(&waiting).is_empty(), "{waiting:?}");
+        // p-0, at the mean now, stays closed to newcomers while they come back.
+        assert_eq!(closed(&waiting), ["p-0"]);
         assert!(
             waiting.scaling_condition().message.contains("waiting for"),
             "{}",
@@ -2272,7 +3104,10 @@ mod tests {
         // A load balancer sent them all back to the same pod: the total recovered, the
         // pod is as heavy as before, and the budget is spent: stop, no second round.
         let back = rebalance_step([250, 0, 0], &waiting, 108);
-        assert!(back.instructions.is_empty(), "{back:?}");
+        assert!(
+            back.instructions.is_empty(),
+            "stopped: every pod reopens: {back:?}"
+        );
         assert!(
             back.events
                 .iter()
@@ -2334,6 +3169,7 @@ mod tests {
                 drain: true,
                 shed: None,
                 issued_at: Some(Time(t(issued))),
+                admission_closed_until: None,
             },
         )
     }
@@ -2374,6 +3210,12 @@ mod tests {
             close_rate: 100,
             reconnect_jitter: Duration::ZERO,
             spread_percent: 25,
+            settle_window: Duration::from_secs(4),
+            settle_percent: 2,
+            budget_window: Duration::from_secs(600),
+            backoff: Duration::from_secs(60),
+            admission_ttl: Duration::from_secs(30),
+            first_round_percent: 100,
         }
     }
 

@@ -193,6 +193,10 @@ pub struct History {
     pub last_scale_up: Option<Timestamp>,
     /// The rebalancing episode under way (or stopped), if any.
     pub rebalance: Option<crate::autoscale::Episode>,
+    /// The pool's total connections at each step, oldest first, over the rebalance
+    /// settle window (see `autoscale::note_total`): an episode starts only once it
+    /// stopped moving.
+    pub totals: VecDeque<(Timestamp, i64)>,
 }
 
 impl History {

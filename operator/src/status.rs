@@ -101,6 +101,7 @@ pub fn pool_status(
         selector: Some(selector_string(pool)),
         conditions,
         instructions: plan.map_or(previous.instructions, |p| p.instructions.clone()),
+        rebalance: plan.map_or(previous.rebalance, |p| p.rebalance.clone()),
     }
 }
 

@@ -317,6 +317,61 @@ async fn shed_and_drain_instructions_are_followed_and_a_drain_can_be_called_off(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_closed_refuses_newcomers_keeps_agents_and_reopens_by_itself() {
+    let (_sim, client) = cluster().await;
+    let (gw, handle) = start(&client, "p-0").await;
+    let _kept = gw.agent("kept", &[]).await;
+    await_report(&client, "p-0", |r| {
+        r.is_some_and(|r| r.connections == 1 && r.ready)
+    })
+    .await;
+    let ready = || async { gw.get("/readyz").await.status().as_u16() };
+    assert_eq!(ready().await, 200);
+
+    // Closed for a rebalancing episode, until a time 3 s ahead: unready (the Service
+    // drops it), newcomers get 503, the agents it holds stay.
+    let until =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(3);
+    instruct(
+        &client,
+        "p-0",
+        Some(json!({"pod": "p-0", "id": "close-1", "admissionClosedUntil": until.to_string()})),
+    )
+    .await;
+    await_report(&client, "p-0", |r| {
+        r.is_some_and(|r| !r.ready && !r.draining && r.instruction.as_deref() == Some("close-1"))
+    })
+    .await;
+    assert_eq!(ready().await, 503);
+    assert_eq!(
+        refused_status(&gw.ws_url(), Some(&token("new", &[], 60))).await,
+        503
+    );
+    assert_eq!(gw.gateway.state().hub.len(), 1, "admitted agents stay");
+
+    // The operator went away without lifting it: the pod reopens by itself at that time,
+    // with the annotation still there.
+    await_report(&client, "p-0", |r| r.is_some_and(|r| r.ready)).await;
+    assert_eq!(ready().await, 200);
+    let _new = gw.agent("new", &[]).await;
+
+    // Closed again far ahead, then the episode ends (annotation removed): open at once.
+    let until =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(600);
+    instruct(
+        &client,
+        "p-0",
+        Some(json!({"pod": "p-0", "id": "close-2", "admissionClosedUntil": until.to_string()})),
+    )
+    .await;
+    await_report(&client, "p-0", |r| r.is_some_and(|r| !r.ready)).await;
+    instruct(&client, "p-0", None).await;
+    await_report(&client, "p-0", |r| r.is_some_and(|r| r.ready)).await;
+    let _third = gw.agent("third", &[]).await;
+    handle.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_refused_by_a_full_pod_are_reported_as_demand() {
     let (_sim, client) = cluster().await;
     let (gw, handle) = start_with(&client, "p-0", |c| c.limits.max_connections = 2).await;
