@@ -465,6 +465,7 @@ fn durable_config(dir: &Path, nats: &Nats, public: &str) -> GatewayConfig {
         namespace: None,
         auth: Default::default(),
         tls: None,
+        replicas: None,
     });
     config.delivery.durable = Some(DurableConfig::default());
     config

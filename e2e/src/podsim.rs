@@ -522,6 +522,8 @@ async fn report(
                     refused: p.refused,
                     ready: !p.draining && p.shedding_until.is_none_or(|t| now >= t),
                     draining: p.draining,
+                    // Simulated pods have no bus (their pools route nothing).
+                    bus_connected: None,
                     instruction: p.instruction.clone(),
                 };
                 let last = p.last.as_ref().map(|(at, s)| (*at, s));

@@ -1826,6 +1826,7 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
             drain: true,
             shed: None,
             issued_at: Some(Time(now)),
+            admission_closed_until: None,
         })
         .collect();
     step.events.push(ScaleEvent {
@@ -3524,6 +3525,7 @@ mod rollout_tests {
                     observed_at: Some(Time(t(0))),
                     boot_id: None,
                     pending_messages: None,
+                    bus_connected: None,
                 }
             })
             .collect();
@@ -3773,6 +3775,7 @@ mod rollout_tests {
             drain: false,
             shed: Some(50),
             issued_at: Some(Time(t(99))),
+            admission_closed_until: None,
         };
         p.status.as_mut().unwrap().instructions = vec![shed.clone()];
         p.status.as_mut().unwrap().pods[0].connections = 250;

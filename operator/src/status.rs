@@ -13,7 +13,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tether_crds::{
     CONDITION_BUS_AVAILABLE, CONDITION_DEGRADED, CONDITION_NATS_APPLIED, CONDITION_PROGRESSING,
-    CONDITION_READY, CONDITION_ROLLING_OUT, CONDITION_SCALING, ConnectionPool, ConnectionPoolStatus,
+    CONDITION_READY, CONDITION_ROLLING_OUT, CONDITION_SCALING, ConnectionPool,
+    ConnectionPoolStatus,
 };
 
 use crate::autoscale::Plan;

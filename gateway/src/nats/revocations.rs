@@ -39,17 +39,20 @@ fn err(e: impl std::fmt::Display) -> DirectoryError {
 
 impl RevocationBus {
     /// Opens (creating if needed) the bucket, applies what it holds to `hub`, and
-    /// starts following announcements and resyncing.
+    /// starts following announcements and resyncing. `replicas`: copies of the bucket
+    /// (the NATS cluster's size, as for the directory's buckets).
     pub async fn start(
         client: Client,
         js: &jetstream::Context,
         subjects: &Subjects,
         hub: Arc<Hub>,
+        replicas: usize,
     ) -> Result<Self, DirectoryError> {
         let store = open_bucket(
             js,
             &subjects.revocations_bucket(),
             "tether: revoked agents and tokens",
+            replicas,
         )
         .await?;
         let bus = Self {

@@ -278,7 +278,9 @@ impl NatsRouter {
             ),
             None => None,
         };
-        let revocations = RevocationBus::start(client.clone(), &js, &subjects, hub.clone()).await?;
+        let replicas = config.replicas.unwrap_or(1).max(1);
+        let revocations =
+            RevocationBus::start(client.clone(), &js, &subjects, hub.clone(), replicas).await?;
         let census = Census::start(
             client.clone(),
             subjects.census(),
@@ -287,8 +289,7 @@ impl NatsRouter {
         )
         .await
         .map_err(NatsError::Subscribe)?;
-        let directory =
-            Directory::open(js, &subjects, config.replicas.unwrap_or(1).max(1)).await?;
+        let directory = Directory::open(js, &subjects, replicas).await?;
         let me = Me {
             pod: pod.to_owned(),
             boot: uuid::Uuid::new_v4().simple().to_string(),

@@ -95,6 +95,7 @@ async fn the_pool_object_stays_under_a_mebibyte_at_replicas_max() {
             refused: 100_000_000,
             ready: true,
             draining: false,
+            bus_connected: Some(true),
             instruction: Some(format!("shed-{}", now.as_millisecond())),
         };
         let mut body = report_body(&name, &pod, &uuid::Uuid::new_v4().to_string(), &snap, now);
@@ -118,6 +119,7 @@ async fn the_pool_object_stays_under_a_mebibyte_at_replicas_max() {
                 drain: true,
                 shed: Some(100_000_000),
                 issued_at: Some(issued.clone()),
+                admission_closed_until: Some(issued.clone()),
             })
             .collect(),
         conditions: [
@@ -127,8 +129,8 @@ async fn the_pool_object_stays_under_a_mebibyte_at_replicas_max() {
             "Scaling",
             "PodsCreatable",
             "RollingOut",
-            "BusHealthy",
-            "Rebalancing",
+            "BusAvailable",
+            "NatsApplied",
         ]
         .iter()
         .map(|t| Condition {
@@ -150,6 +152,14 @@ async fn the_pool_object_stays_under_a_mebibyte_at_replicas_max() {
             "app.kubernetes.io/instance={name},tether.dev/pool={name}"
         )),
         pods: vec![],
+        updated_replicas: Some(MAX_PODS),
+        rebalance: Some(tether_crds::RebalanceStatus {
+            window_start: issued.clone(),
+            budget: i64::MAX,
+            shed: i64::MAX,
+            failures: i32::MAX,
+            backoff_until: Some(issued.clone()),
+        }),
     };
     let body = json!({
         "apiVersion": "tether.dev/v1alpha1", "kind": "ConnectionPool",
