@@ -203,7 +203,7 @@ pub fn admit_pod<'a>(
         }
 
         // The pod's usage on top of what is used must stay within every limit.
-        let mut over: Vec<(&str, f64, f64, &str)> = Vec::new();
+        let mut over: Vec<Excess> = Vec::new();
         for (r, limit) in &hard {
             let Some(ask) = requested.get(r) else {
                 continue;
@@ -216,9 +216,8 @@ pub fn admit_pod<'a>(
             }
         }
         if !over.is_empty() {
-            let list = |f: &dyn Fn(&(&str, f64, f64, &str)) -> String| {
-                over.iter().map(f).collect::<Vec<_>>().join(",")
-            };
+            let list =
+                |f: &dyn Fn(&Excess) -> String| over.iter().map(f).collect::<Vec<_>>().join(",");
             return Err(forbidden(format!(
                 "exceeded quota: {qname}, requested: {}, used: {}, limited: {}",
                 list(&|(r, ask, _, _)| format!("{r}={}", show(r, *ask))),
@@ -229,6 +228,9 @@ pub fn admit_pod<'a>(
     }
     Ok(())
 }
+
+/// One resource over its quota: name, requested, already used, the hard limit.
+type Excess<'a> = (&'a str, f64, f64, &'a str);
 
 #[cfg(test)]
 mod tests {
