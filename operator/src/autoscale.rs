@@ -3785,7 +3785,16 @@ mod rollout_tests {
             "{:?}",
             plan.state
         );
-        assert_eq!(plan.instructions, vec![shed]);
+        // The episode's instruction stands (closed to newcomers while it sheds), and no
+        // rollout batch joins it.
+        assert_eq!(
+            plan.instructions,
+            vec![PodInstruction {
+                admission_closed_until: plan.instructions[0].admission_closed_until.clone(),
+                ..shed
+            }]
+        );
+        assert!(plan.instructions[0].admission_closed_until.is_some());
         assert_eq!(
             plan.rollout.as_ref().map(RolloutProgress::reason),
             Some(Reason::RolloutWaiting)

@@ -281,6 +281,7 @@ mod tests {
             vec![
                 (Kind::StatefulSet, "a-nats".to_string()),
                 (Kind::Service, "a-nats".to_string()),
+                (Kind::PodDisruptionBudget, "a-nats".to_string()),
             ]
         );
         // Names that only look close write different objects.

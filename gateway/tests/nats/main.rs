@@ -671,6 +671,7 @@ fn pool_permissions(ns: &str) -> String {
     let buckets = [
         format!("KV_tether-{ns}-agents"),
         format!("KV_tether-{ns}-pods"),
+        format!("KV_tether-{ns}-revoked"),
     ];
     let mut publish = vec![
         format!("\"tether.{ns}.>\""),

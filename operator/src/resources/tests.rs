@@ -617,8 +617,10 @@ fn network_policies_keep_neighbours_off_the_push_api_and_the_bus() {
 
     let nats = nats_network_policy(&p).unwrap();
     let rules = nats.spec.as_ref().unwrap().ingress.clone().unwrap();
-    assert_eq!(rules.len(), 1);
+    // The client port from the gateways, the route port only from the NATS servers.
+    assert_eq!(rules.len(), 2);
     assert_eq!(port_of(&rules[0]), IntOrString::Int(NATS_PORT));
+    assert_eq!(port_of(&rules[1]), IntOrString::Int(NATS_CLUSTER_PORT));
     assert_eq!(
         rules[0].from.as_ref().unwrap()[0]
             .pod_selector
@@ -670,8 +672,14 @@ fn a_managed_nats_with_auth_requires_the_pools_credentials() {
         conf.contains("authorization {\n  user: \"acme\"\n  password: $NATS_PASSWORD\n}"),
         "{conf}"
     );
-    let env = &nats.env.as_ref().unwrap()[0];
-    assert_eq!(env.name, "NATS_PASSWORD");
+    // POD_NAME comes first (the server's name in a cluster); then the credentials.
+    let env = nats
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "NATS_PASSWORD")
+        .expect("NATS_PASSWORD from the Secret");
     let source = env
         .value_from
         .as_ref()
@@ -704,7 +712,13 @@ fn a_managed_nats_without_auth_never_runs_open() {
     );
     let conf = &d.config_map.data.as_ref().unwrap()[NATS_CONFIG_KEY];
     assert!(conf.contains("token: $NATS_TOKEN"), "{conf}");
-    let source = nats.env.as_ref().unwrap()[0]
+    let source = nats
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "NATS_TOKEN")
+        .expect("NATS_TOKEN from the Secret")
         .value_from
         .as_ref()
         .unwrap()
