@@ -311,8 +311,10 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = terminated() => agent.close().await,
         stopped = state.wait_for(|s| matches!(s, tether_agent::State::Stopped(_))) => {
-            if let Ok(state) = stopped {
-                bail!("agent stopped: {:?}", *state);
+            if let Ok(state) = stopped
+                && let tether_agent::State::Stopped(reason) = &*state
+            {
+                bail!("agent stopped: {reason}");
             }
         }
     }

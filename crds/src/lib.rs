@@ -969,8 +969,7 @@ pub struct DisruptionSpec {
     /// never blocks a node drain.
     // The rule reads both forms through `string(self)` (the CEL libraries that check it
     // client-side lack `type()`), so it lets a count written as a string (`"2"`) through;
-    // a real API server's PodDisruptionBudget validation then refuses the operator's
-    // apply (the pool's Degraded condition says so).
+    // the operator renders it as a number, as the PodDisruptionBudget API requires.
     #[serde(default = "default_max_unavailable")]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "string(self).matches('^([1-9][0-9]*|(100|[1-9][0-9]?)%)$')",

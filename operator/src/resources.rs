@@ -25,6 +25,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -891,17 +892,11 @@ pub fn desired(
     // a reconnect wave, but one pod at a time makes a node drain of a large pool take
     // hours. Unready pods serve no agents, so evicting them costs nothing: AlwaysAllow
     // keeps a crash-looping pod from blocking every node drain.
-    let pdb = typed(
-        "PodDisruptionBudget",
-        json!({
-            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-            "metadata": meta(pool, base_name(pool), "gateway")?,
-            "spec": {
-                "maxUnavailable": pool.spec.disruption.max_unavailable,
-                "unhealthyPodEvictionPolicy": "AlwaysAllow",
-                "selector": {"matchLabels": selector_labels(pool)},
-            },
-        }),
+    let pdb = disruption_budget(
+        meta(pool, base_name(pool), "gateway")?,
+        pdb_max_unavailable(&pool.spec.disruption.max_unavailable),
+        selector_labels(pool),
+        Some("AlwaysAllow"),
     )?;
     let managed = pool.spec.routing.as_ref().and_then(|r| r.nats.managed) == Some(true);
     let nats = if managed {
@@ -1218,10 +1213,7 @@ pub fn nats_network_policy(pool: &ConnectionPool) -> Result<NetworkPolicy, SpecE
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": meta(pool, nats_name(pool), "nats")?,
             "spec": {
-                "podSelector": {"matchLabels": {
-                    "app.kubernetes.io/name": "tether-nats",
-                    POOL_LABEL: pool.name_any(),
-                }},
+                "podSelector": {"matchLabels": nats_selector(pool)},
                 "policyTypes": ["Ingress"],
                 "ingress": [
                     {
@@ -1288,15 +1280,48 @@ fn nats_cluster_service(pool: &ConnectionPool) -> Result<Service, SpecError> {
 /// `P-nats`: a node drain takes one managed NATS server at a time, so a cluster keeps
 /// its JetStream quorum (a single server may still go: nothing would ever drain it).
 fn nats_pdb(pool: &ConnectionPool) -> Result<PodDisruptionBudget, SpecError> {
+    disruption_budget(
+        meta(pool, nats_name(pool), "nats")?,
+        json!(1),
+        nats_selector(pool),
+        None,
+    )
+}
+
+/// `maxUnavailable` as a PodDisruptionBudget takes it: the CRD lets a count through
+/// written as a string (`"2"`), which the API server's PodDisruptionBudget validation
+/// refuses (a string must be a percentage), so it is rendered as the number it is.
+fn pdb_max_unavailable(value: &IntOrString) -> Value {
+    match value {
+        IntOrString::String(s) => match s.parse::<i32>() {
+            Ok(count) => json!(count),
+            Err(_) => json!(s),
+        },
+        IntOrString::Int(count) => json!(count),
+    }
+}
+
+/// A PodDisruptionBudget over the pods `selector` picks. `unhealthy_eviction` is the
+/// `unhealthyPodEvictionPolicy`, or the API default (`IfHealthyBudget`) when `None`.
+fn disruption_budget(
+    metadata: Value,
+    max_unavailable: Value,
+    selector: BTreeMap<String, String>,
+    unhealthy_eviction: Option<&str>,
+) -> Result<PodDisruptionBudget, SpecError> {
+    let mut spec = json!({
+        "maxUnavailable": max_unavailable,
+        "selector": {"matchLabels": selector},
+    });
+    if let Some(policy) = unhealthy_eviction {
+        spec["unhealthyPodEvictionPolicy"] = json!(policy);
+    }
     typed(
         "PodDisruptionBudget",
         json!({
             "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-            "metadata": meta(pool, nats_name(pool), "nats")?,
-            "spec": {
-                "maxUnavailable": 1,
-                "selector": {"matchLabels": nats_selector(pool)},
-            },
+            "metadata": metadata,
+            "spec": spec,
         }),
     )
 }

@@ -1273,6 +1273,11 @@ fn the_disruption_budget_is_a_share_of_the_pool_and_lets_unhealthy_pods_go() {
     p.spec.disruption.max_unavailable = IntOrString::Int(3);
     let spec = build(&p).pdb.spec.unwrap();
     assert_eq!(spec.max_unavailable, Some(IntOrString::Int(3)));
+    // A count written as a string passes the CRD's rule; the API server's
+    // PodDisruptionBudget validation would refuse it as a string, so it goes out a number.
+    p.spec.disruption.max_unavailable = IntOrString::String("2".into());
+    let spec = build(&p).pdb.spec.unwrap();
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(2)));
 }
 
 /// Issue 22: a managed NATS of three servers is a cluster the pool survives one
