@@ -184,6 +184,47 @@ fn claim_template(v: &Value) -> Value {
     v
 }
 
+/// Field validation of built-in kinds that decoding alone does not catch: 422 causes,
+/// empty when valid. Only the rules a Tether client could break are here.
+pub fn validate(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
+    if !rt.builtin {
+        return vec![];
+    }
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("policy", "poddisruptionbudgets") => disruption_budget(&obj["spec"]),
+        _ => vec![],
+    }
+}
+
+/// A PodDisruptionBudget's `minAvailable`/`maxUnavailable`: one of them, and a string
+/// only as a percentage (the API server refuses `"2"`; a count is an integer).
+fn disruption_budget(spec: &Value) -> Vec<Cause> {
+    let mut causes = vec![];
+    for key in ["minAvailable", "maxUnavailable"] {
+        if let Some(Value::String(s)) = spec.get(key) {
+            let percent = s
+                .strip_suffix('%')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !percent {
+                causes.push(invalid(
+                    &format!("spec.{key}"),
+                    format!(
+                        "Invalid value: \"{s}\": a valid percent string must be a numeric string followed by an ending '%' (e.g. '1%',  or '93%', regex used for validation is '[0-9]+%')"
+                    ),
+                ));
+            }
+        }
+    }
+    let set = |key: &str| spec.get(key).is_some_and(|v| !v.is_null());
+    if set("minAvailable") && set("maxUnavailable") {
+        causes.push(invalid(
+            "spec",
+            "Invalid value: minAvailable and maxUnavailable cannot be both set".into(),
+        ));
+    }
+    causes
+}
+
 /// Update rules of built-in kinds with immutable fields: 422 causes, empty when allowed.
 /// `old` and `new` are whole objects (after status isolation).
 pub fn immutable(rt: &ResourceType, old: &Value, new: &Value) -> Vec<Cause> {
@@ -552,6 +593,22 @@ mod tests {
         assert_eq!(shrink[0].field, "spec.resources.requests.storage");
         let mode = immutable(&t, &old, &pvc("1Gi", "ReadWriteMany"));
         assert_eq!(mode[0].field, "spec");
+    }
+
+    #[test]
+    fn a_disruption_budget_takes_a_count_or_a_percentage_not_a_count_as_string() {
+        let pdb = rt("poddisruptionbudgets");
+        let with = |spec: Value| validate(&pdb, &json!({"spec": spec}));
+        assert!(with(json!({"maxUnavailable": 2})).is_empty());
+        assert!(with(json!({"maxUnavailable": "10%"})).is_empty());
+        let refused = with(json!({"maxUnavailable": "2"}));
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].field, "spec.maxUnavailable");
+        assert!(refused[0].message.contains("a valid percent string"));
+        assert_eq!(
+            with(json!({"minAvailable": 1, "maxUnavailable": 1})).len(),
+            1
+        );
     }
 
     #[test]

@@ -1610,6 +1610,10 @@ impl State {
         }
         let mut warnings = Self::check_custom(t, &mut obj, None, o)?;
         warnings.extend(decode_builtin(&rt, &t.version, &mut obj, o.validation)?);
+        let causes = builtin::validate(&rt, &obj);
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(&rt.group, &rt.kind, &name, causes));
+        }
         if rt.builtin && rt.group.is_empty() && rt.plural == "pods" {
             self.admit_pod(t, &name, &obj)?;
         }
@@ -2123,7 +2127,8 @@ impl State {
         let mut warnings = Self::check_custom(t, &mut new, Some(&old), o)?;
         builtin::carry_cluster_ip(&rt, &old, &mut new);
         warnings.extend(decode_builtin(&rt, &t.version, &mut new, o.validation)?);
-        let causes = builtin::immutable(&rt, &old, &new);
+        let mut causes = builtin::validate(&rt, &new);
+        causes.extend(builtin::immutable(&rt, &old, &new));
         if !causes.is_empty() {
             return Err(ApiError::invalid(&rt.group, &rt.kind, &name, causes));
         }
