@@ -44,6 +44,17 @@ impl Nats {
         nats
     }
 
+    /// A free port and a store, with no server on it yet ([`Nats::restart`] starts
+    /// it): for pods that start before their NATS.
+    pub fn not_started() -> Self {
+        Self {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+            args: Vec::new(),
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

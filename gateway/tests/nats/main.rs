@@ -3,6 +3,7 @@
 //! pods and its races; NATS killed and restarted mid-run; subject-injection attempts;
 //! dead pods; the binary wired from its config file.
 
+mod boot;
 #[path = "../gateway/common.rs"]
 mod common;
 mod durable;
