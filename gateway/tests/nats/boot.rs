@@ -17,11 +17,7 @@ async fn a_pod_started_without_nats_serves_its_agents_and_attaches_when_nats_com
     let stats: Value = p0.get("/v1/stats").await.json().await.unwrap();
     assert_eq!(stats["bus_connected"], false, "{stats}");
     let mut early = p0.agent("agent-early", &[]).await;
-    let response = p0
-        .post("/v1/agents/agent-early/messages", json!("local"))
-        .await;
-    assert_eq!(response.status(), 202);
-    assert_eq!(next_push(&mut early).await.1, json!("local"));
+    push_reaches(&p0, "agent-early", &mut early, json!("local")).await;
     // Another pod's agent cannot be reached without the bus: 503, not 404.
     let response = p0
         .post("/v1/agents/agent-elsewhere/messages", json!("x"))
@@ -34,7 +30,7 @@ async fn a_pod_started_without_nats_serves_its_agents_and_attaches_when_nats_com
         p0.bus_connected()
     })
     .await;
-    let probe = nats.client().await;
+    let probe = nats_client(&nats).await;
     tether_test_support::eventually("agent-early in the directory", PATIENCE, || async {
         directory_entry(&probe, "acme", "agent-early").await
     })
@@ -44,17 +40,9 @@ async fn a_pod_started_without_nats_serves_its_agents_and_attaches_when_nats_com
 
     // Routing across pods works both ways.
     let p1 = Pod::start(&nats, "gw-1").await;
-    let response = p1
-        .post("/v1/agents/agent-early/messages", json!("via the bus"))
-        .await;
-    assert_eq!(response.status(), 202);
-    assert_eq!(next_push(&mut early).await.1, json!("via the bus"));
+    push_reaches(&p1, "agent-early", &mut early, json!("via the bus")).await;
     let mut late = p1.agent("agent-late", &[]).await;
-    let response = p0
-        .post("/v1/agents/agent-late/messages", json!("from gw-0"))
-        .await;
-    assert_eq!(response.status(), 202);
-    assert_eq!(next_push(&mut late).await.1, json!("from gw-0"));
+    push_reaches(&p0, "agent-late", &mut late, json!("from gw-0")).await;
     // Both pods count each other's agents (the census runs on the bus).
     eventually(|| {
         p0.gateway.state().router.connections_elsewhere() == 1
