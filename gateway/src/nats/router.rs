@@ -11,6 +11,12 @@
 //! Each pod holds exactly three subscriptions, whatever its number of agents: its own
 //! subject (`tether.<ns>.pod.<pod>.*`), the pool's group subjects and the broadcast
 //! subject. No task and no subscription exists per agent; the directory lives in NATS.
+//!
+//! What lives on the bus (directory, revocations, census, durable queue, those three
+//! subscriptions) is a `Bus` that exists once the pod attached: `connect` attaches in
+//! a task that retries each step until NATS answers, so a pod whose NATS is not there
+//! yet starts and serves its local agents, and everything that needs the bus answers
+//! 503 until then.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -145,7 +151,8 @@ struct KnownPods {
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    /// The first connection to NATS failed.
+    /// NATS refused the first connection for a reason retrying cannot fix (wrong
+    /// credentials, a TLS error, a malformed URL). An unreachable NATS is not one.
     #[error("connecting to NATS at {url}: {message}")]
     Connect {
         /// Server URL(s).
@@ -436,13 +443,6 @@ async fn attach(
         Ok::<_, DirectoryError>(previous)
     })
     .await;
-    let _ = inner.bus.set(Bus {
-        directory,
-        durable,
-        revocations,
-        census,
-    });
-
     let subjects = &[
         me.subjects.pod_wildcard(&me.me.pod),
         me.subjects.group_wildcard(),
@@ -464,6 +464,14 @@ async fn attach(
         },
     )
     .await;
+    // Only now may this pod write directory entries: a pod routing to one of them
+    // before the subscriptions were in place would find no responder and drop it.
+    let _ = inner.bus.set(Bus {
+        directory,
+        durable,
+        revocations,
+        census,
+    });
     inner.serving.store(true, Ordering::Release);
     tokio::spawn(serve(
         inner.clone(),
