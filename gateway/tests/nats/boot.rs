@@ -9,7 +9,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn a_pod_started_without_nats_serves_its_agents_and_attaches_when_nats_comes() {
     let mut nats = Nats::not_started();
-    let p0 = Pod::start(&nats, "gw-0").await;
+    let p0 = Pod::start_unattached(&nats, "gw-0", |_| {}).await;
 
     // No bus: the pod is ready and serves its own agents; it says the bus is down.
     assert!(!p0.bus_connected());

@@ -51,7 +51,25 @@ impl Pod {
         Self::start_with(nats, name, |_| {}).await
     }
 
+    /// A pod on the bus: a start waits only so long for NATS (the pod then serves its
+    /// own agents and attaches later), so this waits until the pod attached.
     pub async fn start_with(
+        nats: &Nats,
+        name: &str,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
+        let pod = Self::start_unattached(nats, name, tweak).await;
+        tether_test_support::until(
+            &format!("{name} attached to the bus"),
+            6 * tether_test_support::PATIENCE,
+            || pod.bus_connected(),
+        )
+        .await;
+        pod
+    }
+
+    /// A pod as `Gateway::start` leaves it: on the bus or not yet.
+    pub async fn start_unattached(
         nats: &Nats,
         name: &str,
         tweak: impl FnOnce(&mut GatewayConfig),
