@@ -7,61 +7,19 @@ mod common;
 
 use common::{API_KEY, SECRET, gateway_config};
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_agent::{Agent, Backoff, Hs256Minter, Options, ReconnectPolicy, State};
 use tether_config::{DurableConfig, GatewayConfig, NatsConfig};
 use tether_gateway::Gateway;
-use tether_test_support::{PATIENCE, push_api};
+use tether_test_support::{NatsServer, PATIENCE, push_api};
 
-/// `nats-server -js` on a free loopback port, killed on drop.
-struct Nats {
-    url: String,
-    child: Child,
-    _store: tempfile::TempDir,
-}
-
-impl Nats {
-    async fn start() -> Self {
-        let port = tether_test_support::free_port();
-        let store = tempfile::tempdir().unwrap();
-        let binary = tether_test_support::nats_server_binary().unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(binary)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        tether_test_support::eventually("nats-server to listen", PATIENCE, || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(drop)
-        })
-        .await;
-        Self {
-            url: format!("nats://127.0.0.1:{port}"),
-            child,
-            _store: store,
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config(dir: &std::path::Path, nats: &Nats, public: &str) -> GatewayConfig {
+fn config(dir: &std::path::Path, nats: &NatsServer, public: &str) -> GatewayConfig {
     let mut config = gateway_config(dir);
     config.listen.public = public.into();
     config.routing.nats = Some(NatsConfig {
-        url: nats.url.clone(),
+        url: nats.url(),
         namespace: None,
         auth: Default::default(),
         tls: None,
@@ -104,7 +62,7 @@ async fn status(gateway: &Gateway, id: &str) -> String {
 
 #[tokio::test]
 async fn a_durable_push_redelivered_after_a_lost_ack_reaches_the_handler_once() {
-    let nats = Nats::start().await;
+    let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let first = Gateway::start(config(dir.path(), &nats, "127.0.0.1:0"), "g1".into())
         .await

@@ -1,6 +1,6 @@
 //! `wss://` and HTTP proxies against a real gateway on 127.0.0.1. A CA generated at test
 //! time (rcgen) signs a TLS-terminating front (tokio-rustls, forwarding to the gateway's
-//! plain listener, as a load balancer does); a small CONNECT proxy written here sits
+//! plain listener, as a load balancer does); the shared test CONNECT proxy sits
 //! between the agent and that front. The proxy resolves `gateway.test` itself, so an
 //! agent that reaches the gateway by that name provably went through the tunnel.
 
@@ -13,13 +13,12 @@ use std::{
     path::PathBuf,
     process::Stdio,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use base64::Engine as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -34,9 +33,9 @@ use tether_agent::{
     StopReason, TlsOptions,
 };
 use tether_gateway::Gateway;
-use tether_test_support::push_api;
+use tether_test_support::{ConnectProxy, push_api};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, BufReader},
     net::{TcpListener, TcpStream},
     process::Command,
 };
@@ -173,95 +172,6 @@ async fn tls_front(target: SocketAddr, config: ServerConfig) -> Front {
         }
     });
     Front { port, accepted }
-}
-
-/// A CONNECT proxy: requires `Proxy-Authorization` when `credentials` is set (407
-/// otherwise), resolves `gateway.test` to 127.0.0.1, records every CONNECT target.
-struct ConnectProxy {
-    addr: SocketAddr,
-    tunnels: Arc<AtomicUsize>,
-    refused: Arc<AtomicUsize>,
-    targets: Arc<Mutex<Vec<String>>>,
-}
-
-async fn connect_proxy(credentials: Option<&str>) -> ConnectProxy {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let expected = credentials.map(|c| {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(c)
-        )
-    });
-    let tunnels = Arc::new(AtomicUsize::new(0));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let targets = Arc::new(Mutex::new(Vec::new()));
-    let (t, r, seen) = (tunnels.clone(), refused.clone(), targets.clone());
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let (t, r, seen, expected) = (t.clone(), r.clone(), seen.clone(), expected.clone());
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match client.read(&mut byte).await {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let mut lines = head.lines();
-                let request = lines.next().unwrap_or_default().to_owned();
-                let target = request.split(' ').nth(1).unwrap_or_default().to_owned();
-                seen.lock().unwrap().push(target.clone());
-                let auth = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
-                    .map(|(_, v)| v.trim().to_owned());
-                if !request.starts_with("CONNECT ") {
-                    let _ = client
-                        .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
-                        .await;
-                    return;
-                }
-                if expected.is_some() && auth != expected {
-                    r.fetch_add(1, Ordering::SeqCst);
-                    let _ = client
-                        .write_all(
-                            b"HTTP/1.1 407 Proxy Authentication Required\r\n\
-                              Proxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n",
-                        )
-                        .await;
-                    return;
-                }
-                let (host, port) = target.rsplit_once(':').unwrap_or((&target, "443"));
-                let host = if host == "gateway.test" {
-                    "127.0.0.1"
-                } else {
-                    host
-                };
-                let Ok(mut upstream) = TcpStream::connect(format!("{host}:{port}")).await else {
-                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
-                    return;
-                };
-                t.fetch_add(1, Ordering::SeqCst);
-                if client
-                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            });
-        }
-    });
-    ConnectProxy {
-        addr,
-        tunnels,
-        refused,
-        targets,
-    }
 }
 
 fn fast(tls: TlsOptions, proxy: Proxy) -> Options {
@@ -498,7 +408,7 @@ async fn wss_through_a_connect_proxy_with_basic_auth() {
         pki.server_config(&["gateway.test"], false, false),
     )
     .await;
-    let proxy = connect_proxy(Some("proxy-user:s3cret:x")).await;
+    let proxy = ConnectProxy::start(Some("proxy-user:s3cret:x")).await;
     // The password's `:` is percent-encoded in the URL and decoded for the header.
     let proxy_url = format!("http://proxy-user:s3cret%3Ax@{}", proxy.addr);
     let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
@@ -530,9 +440,9 @@ async fn wss_through_a_connect_proxy_with_basic_auth() {
     .await;
     assert_eq!(resp.status().as_u16(), 202);
     assert_eq!(within(pushes.recv()).await.unwrap()["via"], "proxy");
-    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 1);
+    assert_eq!(proxy.tunnels(), 1);
     assert_eq!(
-        *proxy.targets.lock().unwrap(),
+        proxy.targets(),
         vec![format!("gateway.test:{}", front.port)]
     );
     agent.close().await;
@@ -547,7 +457,7 @@ async fn a_proxy_refusing_the_credentials_stops_the_agent_with_its_status_line()
         pki.server_config(&["gateway.test"], false, false),
     )
     .await;
-    let proxy = connect_proxy(Some("proxy-user:right")).await;
+    let proxy = ConnectProxy::start(Some("proxy-user:right")).await;
     for proxy_url in [
         format!("http://proxy-user:wrong@{}", proxy.addr),
         format!("http://{}", proxy.addr),
@@ -566,15 +476,15 @@ async fn a_proxy_refusing_the_credentials_stops_the_agent_with_its_status_line()
             "{text}"
         );
     }
-    assert_eq!(proxy.refused.load(Ordering::SeqCst), 2, "one attempt each");
-    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 0);
+    assert_eq!(proxy.refused(), 2, "one attempt each");
+    assert_eq!(proxy.tunnels(), 0);
     assert_eq!(front.accepted.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
 async fn a_proxy_that_cannot_reach_the_gateway_is_retried_with_its_status_line() {
     let pki = Pki::new();
-    let proxy = connect_proxy(None).await;
+    let proxy = ConnectProxy::start(None).await;
     // Nothing listens on port 1: the proxy answers 502, a moment that may pass.
     let agent = agent(
         "wss://127.0.0.1:1/v1/connect".into(),
@@ -586,7 +496,7 @@ async fn a_proxy_that_cannot_reach_the_gateway_is_retried_with_its_status_line()
         .await
         .unwrap();
     within(async {
-        while proxy.targets.lock().unwrap().len() < 2 {
+        while proxy.targets().len() < 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -677,7 +587,7 @@ async fn cli_honours_https_proxy_no_proxy_the_proxy_flag_and_ssl_cert_file() {
         pki.server_config(&["gateway.test", "localhost"], false, false),
     )
     .await;
-    let proxy = connect_proxy(Some("u:p")).await;
+    let proxy = ConnectProxy::start(Some("u:p")).await;
     let ca = pki.ca_file().display().to_string();
     let via_name = format!("wss://gateway.test:{}/v1/connect", front.port);
     let via_localhost = format!("wss://localhost:{}/v1/connect", front.port);
@@ -697,7 +607,7 @@ async fn cli_honours_https_proxy_no_proxy_the_proxy_flag_and_ssl_cert_file() {
         "{}",
         run.stderr
     );
-    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 1);
+    assert_eq!(proxy.tunnels(), 1);
 
     // HTTP_PROXY is for ws:// only: a wss:// URL ignores it and connects directly.
     let run = cli(
@@ -734,7 +644,7 @@ async fn cli_honours_https_proxy_no_proxy_the_proxy_flag_and_ssl_cert_file() {
     )
     .await;
     assert!(run.stderr.contains("connected as"), "{}", run.stderr);
-    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.tunnels(), 2);
 
     // --direct ignores HTTPS_PROXY.
     let run = cli(
@@ -755,7 +665,7 @@ async fn cli_honours_https_proxy_no_proxy_the_proxy_flag_and_ssl_cert_file() {
     )
     .await;
     assert!(run.stderr.contains("connected as"), "{}", run.stderr);
-    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.tunnels(), 2);
 
     // HTTP_PROXY carries ws:// (a CONNECT tunnel too); HTTPS_PROXY is not used for it.
     let plain = format!(
@@ -773,7 +683,7 @@ async fn cli_honours_https_proxy_no_proxy_the_proxy_flag_and_ssl_cert_file() {
     )
     .await;
     assert!(run.stderr.contains("connected as"), "{}", run.stderr);
-    assert_eq!(proxy.tunnels.load(Ordering::SeqCst), 3);
+    assert_eq!(proxy.tunnels(), 3);
 
     // Trusting another CA: a non-zero exit with the certificate error, no retry loop.
     let other = Pki::new();

@@ -11,7 +11,6 @@ use common::{API_KEY, SECRET, gateway_config};
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Stdio,
     sync::{Arc, Mutex},
 };
 
@@ -20,7 +19,7 @@ use serde_json::{Value, json};
 use tether_config::{DurableConfig, GatewayConfig, NatsConfig, UpstreamConfig, UpstreamEvent};
 use tether_conformance::{Cli, Sdk, text};
 use tether_gateway::Gateway;
-use tether_test_support::{PATIENCE, hs256, push_api, unix_now};
+use tether_test_support::{ConnectProxy, NatsServer, hs256, push_api, unix_now};
 
 /// Instantiates every scenario for every SDK: `mod <scenario> { fn <sdk>() }`. Adding
 /// an SDK is adding its name to the list (and its row to `SDKS`).
@@ -416,52 +415,11 @@ async fn groups(sdk: Sdk) {
 
 // === durable delivery ===
 
-/// `nats-server -js` on a free loopback port, killed on drop.
-struct Nats {
-    url: String,
-    child: std::process::Child,
-    _store: tempfile::TempDir,
-}
-
-impl Nats {
-    async fn start() -> Self {
-        let port = tether_test_support::free_port();
-        let store = tempfile::tempdir().unwrap();
-        let binary = tether_test_support::nats_server_binary().unwrap_or_else(|e| panic!("{e}"));
-        let child = std::process::Command::new(binary)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        tether_test_support::eventually("nats-server to listen", PATIENCE, || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(drop)
-        })
-        .await;
-        Self {
-            url: format!("nats://127.0.0.1:{port}"),
-            child,
-            _store: store,
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn durable_config(dir: &Path, nats: &Nats, public: &str) -> GatewayConfig {
+fn durable_config(dir: &Path, nats: &NatsServer, public: &str) -> GatewayConfig {
     let mut config = gateway_config(dir);
     config.listen.public = public.into();
     config.routing.nats = Some(NatsConfig {
-        url: nats.url.clone(),
+        url: nats.url(),
         namespace: None,
         auth: Default::default(),
         tls: None,
@@ -500,7 +458,7 @@ async fn durable_status(gateway: &Gateway, id: &str) -> String {
 /// gateway, and the SDK's de-duplication window acknowledges the copies without
 /// handling (printing) them again.
 async fn durable_redelivery_deduplicated(sdk: Sdk) {
-    let nats = Nats::start().await;
+    let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let first = Gateway::start(
         durable_config(dir.path(), &nats, "127.0.0.1:0"),
@@ -626,88 +584,6 @@ impl Pki {
     }
 }
 
-/// An HTTP CONNECT proxy on 127.0.0.1: requires Basic `credentials` when set (407
-/// otherwise), resolves `gateway.test` itself (so reaching that name proves the tunnel
-/// was used), records every CONNECT target.
-struct ConnectProxy {
-    addr: SocketAddr,
-    targets: Arc<Mutex<Vec<String>>>,
-}
-
-async fn connect_proxy(credentials: Option<&str>) -> ConnectProxy {
-    use base64::Engine as _;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let expected = credentials.map(|c| {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(c)
-        )
-    });
-    let targets: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = targets.clone();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let (seen, expected) = (seen.clone(), expected.clone());
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match client.read(&mut byte).await {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let mut lines = head.lines();
-                let request = lines.next().unwrap_or_default().to_owned();
-                let target = request.split(' ').nth(1).unwrap_or_default().to_owned();
-                seen.lock().unwrap().push(target.clone());
-                let auth = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
-                    .map(|(_, v)| v.trim().to_owned());
-                if !request.starts_with("CONNECT ") {
-                    let _ = client
-                        .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
-                        .await;
-                    return;
-                }
-                if expected.is_some() && auth != expected {
-                    let _ = client
-                        .write_all(
-                            b"HTTP/1.1 407 Proxy Authentication Required\r\n\
-                              Proxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n",
-                        )
-                        .await;
-                    return;
-                }
-                let (host, port) = target.rsplit_once(':').unwrap_or((&target, "443"));
-                let host = if host == "gateway.test" {
-                    "127.0.0.1"
-                } else {
-                    host
-                };
-                let Ok(mut upstream) =
-                    tokio::net::TcpStream::connect(format!("{host}:{port}")).await
-                else {
-                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
-                    return;
-                };
-                if client
-                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    .await
-                    .is_ok()
-                {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-            });
-        }
-    });
-    ConnectProxy { addr, targets }
-}
-
 /// `wss://` through `HTTPS_PROXY` with Basic credentials (a %-encoded password), the
 /// gateway's CA given with `--ca-file`: a push round trip through one tunnel.
 async fn wss_through_a_proxy_with_basic_auth(sdk: Sdk) {
@@ -716,7 +592,7 @@ async fn wss_through_a_proxy_with_basic_auth(sdk: Sdk) {
     let port = pki
         .front(&["gateway.test"], setup.gateway.public_addr())
         .await;
-    let proxy = connect_proxy(Some("agent:p@ss word")).await;
+    let proxy = ConnectProxy::start(Some("agent:p@ss word")).await;
     let token = token("w1", 3600, &[]);
     let url = format!("wss://gateway.test:{port}/v1/connect");
     let proxy_url = format!("http://agent:p%40ss%20word@{}", proxy.addr);
@@ -740,7 +616,7 @@ async fn wss_through_a_proxy_with_basic_auth(sdk: Sdk) {
     assert_eq!(resp.status(), 202);
     assert_eq!(cli.next("push").await.json["data"], json!("tls"));
     assert_eq!(
-        *proxy.targets.lock().unwrap(),
+        proxy.targets(),
         [format!("gateway.test:{port}")],
         "one tunnel, to the gateway's name"
     );
@@ -754,7 +630,7 @@ async fn ssl_cert_file_and_no_proxy(sdk: Sdk) {
     let setup = Setup::start(|_| {}).await;
     let pki = Pki::new();
     let port = pki.front(&["localhost"], setup.gateway.public_addr()).await;
-    let proxy = connect_proxy(None).await;
+    let proxy = ConnectProxy::start(None).await;
     let token = token("w2", 3600, &[]);
     let url = format!("wss://localhost:{port}/v1/connect");
     let proxy_url = format!("http://{}", proxy.addr);
@@ -769,10 +645,7 @@ async fn ssl_cert_file_and_no_proxy(sdk: Sdk) {
         ],
     );
     cli.next("welcome").await;
-    assert!(
-        proxy.targets.lock().unwrap().is_empty(),
-        "NO_PROXY bypassed the proxy"
-    );
+    assert!(proxy.targets().is_empty(), "NO_PROXY bypassed the proxy");
     cli.kill().await;
     setup.stop().await;
 }
@@ -795,7 +668,7 @@ async fn untrusted_certificate_exits(sdk: Sdk) {
 /// A proxy refusing the tunnel (407: no credentials) stops the CLI with its status.
 async fn proxy_refusal_exits(sdk: Sdk) {
     let setup = Setup::start(|_| {}).await;
-    let proxy = connect_proxy(Some("agent:secret")).await;
+    let proxy = ConnectProxy::start(Some("agent:secret")).await;
     let token = token("w4", 3600, &[]);
     let proxy_url = format!("http://{}", proxy.addr);
     let cli = Cli::spawn(
@@ -812,10 +685,6 @@ async fn proxy_refusal_exits(sdk: Sdk) {
     let (code, stderr) = cli.exit().await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("407"), "{stderr}");
-    assert_eq!(
-        proxy.targets.lock().unwrap().len(),
-        1,
-        "no retry after a 407"
-    );
+    assert_eq!(proxy.targets().len(), 1, "no retry after a 407");
     setup.stop().await;
 }

@@ -112,6 +112,7 @@ pub struct NatsInstruments {
     _disconnects: ObservableCounter<u64>,
     _reconnects: ObservableCounter<u64>,
     _errors: ObservableCounter<u64>,
+    _bus_retries: ObservableCounter<u64>,
 }
 
 /// Instruments observing `health` on `meter`.
@@ -121,7 +122,13 @@ pub fn nats_instruments(meter: &Meter, health: &Arc<NatsHealth>) -> NatsInstrume
         let health = Arc::downgrade(health);
         move || health.upgrade().map(|h| h.counts())
     };
-    let (c1, c2, c3, c4) = (counts.clone(), counts.clone(), counts.clone(), counts);
+    let (c1, c2, c3, c4, c5) = (
+        counts.clone(),
+        counts.clone(),
+        counts.clone(),
+        counts.clone(),
+        counts,
+    );
     NatsInstruments {
         _connected: meter
             .i64_observable_gauge("tether.nats.connected")
@@ -158,6 +165,18 @@ pub fn nats_instruments(meter: &Meter, health: &Arc<NatsHealth>) -> NatsInstrume
                     for (kind, n) in ErrorKind::ALL.iter().zip(c.errors) {
                         o.observe(n, &label("kind", kind.as_str()));
                     }
+                }
+            })
+            .build(),
+        _bus_retries: meter
+            .u64_observable_counter("tether.nats.bus_retries")
+            .with_description(
+                "Retries of attaching to the bus (buckets, durable stream, subscriptions) \
+                 while NATS was unreachable or JetStream not ready",
+            )
+            .with_callback(move |o| {
+                if let Some(c) = c5() {
+                    o.observe(c.bus_retries, &[]);
                 }
             })
             .build(),

@@ -234,6 +234,16 @@ impl DrainState {
     }
 }
 
+/// How often to look for expired messages under an age limit of `max_age_seconds`: a
+/// tenth of it, within 1–60 s; never without a limit. Known from the configuration
+/// alone, before the stream is open.
+pub fn sweep_interval(max_age_seconds: u64) -> Option<Duration> {
+    match max_age_seconds {
+        0 => None,
+        age => Some(Duration::from_secs((age / 10).clamp(1, 60))),
+    }
+}
+
 impl Durable {
     /// Creates the pool's stream, or updates it to `config`'s limits.
     pub async fn open(
@@ -462,12 +472,9 @@ impl Durable {
         }))
     }
 
-    /// How often to look for expired messages: a tenth of the age limit, within 1–60 s.
+    /// How often to look for expired messages (see [`sweep_interval`]).
     pub fn sweep_interval(&self) -> Option<Duration> {
-        match self.shared.max_age_seconds {
-            0 => None,
-            age => Some(Duration::from_secs((age / 10).clamp(1, 60))),
-        }
+        sweep_interval(self.shared.max_age_seconds)
     }
 
     /// The stream's oldest message, if it is older than `maxAgeSeconds`. Messages are

@@ -74,6 +74,7 @@ pub struct NatsHealth {
     disconnects: AtomicU64,
     reconnects: AtomicU64,
     errors: [AtomicU64; 3],
+    bus_retries: AtomicU64,
 }
 
 /// The state and counters at one moment.
@@ -87,6 +88,9 @@ pub struct HealthCounts {
     pub reconnects: u64,
     /// Reported errors by kind, in [`ErrorKind::ALL`] order.
     pub errors: [u64; 3],
+    /// Retries of a step of attaching to the bus (opening a bucket or the durable
+    /// stream, subscribing) that failed: NATS unreachable or JetStream not ready.
+    pub bus_retries: u64,
 }
 
 // === impl NatsHealth ===
@@ -96,6 +100,11 @@ impl NatsHealth {
     /// gateway knows it as soon as `connect` returns).
     pub fn mark_connected(&self) {
         self.connected.store(true, Ordering::Release);
+    }
+
+    /// Counts one retry of a step of attaching to the bus.
+    pub fn record_bus_retry(&self) {
+        self.bus_retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one client event.
@@ -126,6 +135,7 @@ impl NatsHealth {
             disconnects: self.disconnects.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             errors: ErrorKind::ALL.map(|k| self.errors[k as usize].load(Ordering::Relaxed)),
+            bus_retries: self.bus_retries.load(Ordering::Relaxed),
         }
     }
 }

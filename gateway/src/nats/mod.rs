@@ -27,6 +27,7 @@ pub mod credentials;
 pub mod directory;
 pub mod durable;
 pub mod health;
+pub mod retry;
 pub mod revocations;
 pub mod router;
 pub mod subjects;

@@ -11,9 +11,16 @@
 //! Each pod holds exactly three subscriptions, whatever its number of agents: its own
 //! subject (`tether.<ns>.pod.<pod>.*`), the pool's group subjects and the broadcast
 //! subject. No task and no subscription exists per agent; the directory lives in NATS.
+//!
+//! What lives on the bus (directory, revocations, census, durable queue, those three
+//! subscriptions) is a `Bus` that exists once the pod attached: `connect` attaches in
+//! a task that retries each step until NATS answers, so a pod whose NATS is not there
+//! yet starts and serves its local agents, and everything that needs the bus answers
+//! 503 until then.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -28,9 +35,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::census::Census;
-use super::directory::{self, Cache, Directory, Me, Reconcile, Route};
+use super::directory::{self, Cache, Directory, DirectoryError, Me, Reconcile, Route};
 use super::durable::Durable;
 use super::health::NatsHealth;
+use super::retry::{self, Backoff};
 use super::revocations::RevocationBus;
 use super::subjects::{PodOp, Subjects};
 use super::wire::{self, Answer, Call};
@@ -62,6 +70,9 @@ pub struct Tuning {
     /// After a NATS reconnect, other pods may not have re-registered their agents yet:
     /// for this long a directory miss answers 503 instead of 404.
     pub settle: Duration,
+    /// How long a start waits to attach to the bus before the pod starts without it
+    /// (attaching goes on in the background).
+    pub attach_wait: Duration,
 }
 
 impl Default for Tuning {
@@ -75,6 +86,7 @@ impl Default for Tuning {
             pods_refresh: Duration::from_secs(5),
             retry_interval: Duration::from_secs(2),
             settle: Duration::from_secs(5),
+            attach_wait: Duration::from_secs(10),
         }
     }
 }
@@ -100,13 +112,12 @@ struct Inner {
     me: Me,
     subjects: Subjects,
     client: Client,
-    directory: Directory,
-    /// The durable per-agent queue, when `delivery.durable` is configured.
-    durable: Option<Durable>,
-    /// Revoked agents and tokens, stored and announced on the bus.
-    revocations: RevocationBus,
-    /// The other pods' connection counts.
-    census: Arc<Census>,
+    /// Set once this pod attached to the bus.
+    bus: OnceLock<Bus>,
+    /// `delivery.durable` is configured (the queue itself is on the bus).
+    durable_configured: bool,
+    /// How often to look for expired durable messages, from the configuration.
+    sweep_interval: Option<Duration>,
     cache: Cache,
     tuning: Tuning,
     /// Some local connection is missing from the directory (written while NATS was
@@ -118,7 +129,7 @@ struct Inner {
     outage: Arc<Outage>,
     /// The connection's state and counters; the `tether.nats.*` instruments observe it
     /// while it lives.
-    _health: Arc<NatsHealth>,
+    health: Arc<NatsHealth>,
     _nats_instruments: crate::metrics::NatsInstruments,
 }
 
@@ -140,7 +151,8 @@ struct KnownPods {
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    /// The first connection to NATS failed.
+    /// NATS refused the first connection for a reason retrying cannot fix (wrong
+    /// credentials, a TLS error, a malformed URL). An unreachable NATS is not one.
     #[error("connecting to NATS at {url}: {message}")]
     Connect {
         /// Server URL(s).
@@ -148,15 +160,6 @@ pub enum NatsError {
         /// Why.
         message: String,
     },
-    /// The directory buckets could not be opened.
-    #[error(transparent)]
-    Directory(#[from] directory::DirectoryError),
-    /// The durable queue's stream could not be opened.
-    #[error(transparent)]
-    Durable(#[from] super::durable::DurableError),
-    /// A subscription failed.
-    #[error("subscribing: {0}")]
-    Subscribe(String),
     /// A credential file could not be used.
     #[error("NATS credentials in {path}: {message}")]
     Credentials {
@@ -196,10 +199,48 @@ fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
         .collect()
 }
 
+/// Whether a first connection that failed this way is worth retrying in the background
+/// (NATS not there yet, or its name not resolvable yet), rather than a configuration
+/// that will not work (wrong credentials or TLS settings, a bad URL): that one fails
+/// the start.
+fn unreachable_at_start(kind: async_nats::ConnectErrorKind) -> bool {
+    use async_nats::ConnectErrorKind as Kind;
+    match kind {
+        Kind::Io | Kind::TimedOut | Kind::Dns | Kind::MaxReconnects => true,
+        Kind::ServerParse | Kind::Authentication | Kind::AuthorizationViolation | Kind::Tls => {
+            false
+        }
+    }
+}
+
+/// What this pod holds on the bus once attached. None of it exists while NATS is
+/// unreachable or JetStream not ready since start: the pod then serves its local agents
+/// only (see [`NatsRouter::connect`]).
+struct Bus {
+    directory: Directory,
+    /// The durable per-agent queue, when `delivery.durable` is configured.
+    durable: Option<Durable>,
+    /// Revoked agents and tokens, stored and announced on the bus.
+    revocations: RevocationBus,
+    /// The other pods' connection counts.
+    census: Arc<Census>,
+}
+
+/// Why a call cannot leave this pod before it attached to the bus.
+const NOT_ATTACHED: &str = "not attached to the bus yet (NATS unreachable or JetStream not ready \
+                            since this pod started); cannot route to other pods";
+
 impl NatsRouter {
-    /// Connects to NATS, opens the pool's directory, subscribes this pod's subjects and
-    /// starts serving other pods' calls. With `durable`, it also opens (or updates) the
-    /// pool's durable queue.
+    /// Connects to NATS and attaches this pod to the bus: opens the pool's directory,
+    /// revocations and (with `durable`) durable queue, subscribes this pod's subjects
+    /// and starts serving other pods' calls.
+    ///
+    /// Waits at most `tuning.attach_wait` for that. A pod whose NATS is unreachable,
+    /// or whose JetStream is not ready (a fresh cluster electing its meta leader),
+    /// still starts: it serves its local agents, reports the bus as disconnected, and
+    /// keeps attaching in the background with bounded back-off ([`retry`](super::retry)).
+    /// Only a configuration NATS cannot work with (a bad URL, unreadable credentials)
+    /// fails the start.
     pub async fn connect(
         config: &tether_config::NatsConfig,
         namespace: &str,
@@ -219,7 +260,7 @@ impl NatsRouter {
         let url = config.url.as_str();
         let subjects = Subjects::new(namespace);
         let options = super::credentials::apply(async_nats::ConnectOptions::new(), config).await?;
-        let client = options
+        let options = options
             .custom_inbox_prefix(subjects.inbox_prefix())
             .name(format!("tether-gateway/{pod}"))
             .connection_timeout(Duration::from_secs(5))
@@ -249,114 +290,69 @@ impl NatsRouter {
                         other => debug!(%pod, event = %other, "NATS event"),
                     }
                 }
-            })
-            // Every server of a cluster, so the client moves to another when its own
-            // goes away (async-nats does not split a comma-separated string itself).
-            .connect(server_addrs(url)?.as_slice())
-            .await
-            .map_err(|e| NatsError::Connect {
-                url: url.to_owned(),
-                message: e.to_string(),
-            })?;
-        health.mark_connected();
+            });
+        // Every server of a cluster, so the client moves to another when its own goes
+        // away (async-nats does not split a comma-separated string itself).
+        let servers = server_addrs(url)?;
+        let client = match options.clone().connect(servers.as_slice()).await {
+            Ok(client) => {
+                health.mark_connected();
+                Ok(client)
+            }
+            // An unreachable NATS at start is an outage like any other: the client
+            // keeps connecting in the background and the pod starts without the bus.
+            Err(e) if unreachable_at_start(e.kind()) => {
+                warn!(%e, url, "NATS unreachable at start; connecting in the background");
+                options
+                    .retry_on_initial_connect()
+                    .connect(servers.as_slice())
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| NatsError::Connect {
+            url: url.to_owned(),
+            message: e.to_string(),
+        })?;
         let nats_instruments = crate::metrics::nats_instruments(
             &opentelemetry::global::meter("tether-gateway"),
             &health,
         );
-        let js = async_nats::jetstream::new(client.clone());
-        let durable = match durable {
-            Some((durable, outbound_queue)) => Some(
-                Durable::open(
-                    client.clone(),
-                    js.clone(),
-                    &subjects,
-                    durable,
-                    hub.clone(),
-                    outbound_queue,
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let replicas = config.replicas.unwrap_or(1).max(1);
-        let revocations =
-            RevocationBus::start(client.clone(), &js, &subjects, hub.clone(), replicas).await?;
-        let census = Census::start(
-            client.clone(),
-            subjects.census(),
-            hub.clone(),
-            pod.to_owned(),
-        )
-        .await
-        .map_err(NatsError::Subscribe)?;
-        let directory = Directory::open(js, &subjects, replicas).await?;
-        let me = Me {
-            pod: pod.to_owned(),
-            boot: uuid::Uuid::new_v4().simple().to_string(),
-        };
-        let previous_boot = directory.pod_boot(pod).await?;
-        directory.announce(&me).await?;
-
+        let attach_wait = tuning.attach_wait;
         let inner = Arc::new(Inner {
             local: LocalRouter::new(hub.clone(), pod),
             hub,
-            me,
+            me: Me {
+                pod: pod.to_owned(),
+                boot: uuid::Uuid::new_v4().simple().to_string(),
+            },
             subjects,
-            client: client.clone(),
-            directory,
-            durable,
-            revocations,
-            census,
+            client,
+            bus: OnceLock::new(),
+            durable_configured: durable.is_some(),
+            sweep_interval: durable
+                .and_then(|(d, _)| super::durable::sweep_interval(d.max_age_seconds)),
             cache: Cache::new(tuning.cache_capacity),
             tuning,
             dirty: AtomicBool::new(false),
             serving: AtomicBool::new(false),
             pods: Arc::default(),
             outage,
-            _health: health,
+            health,
             _nats_instruments: nats_instruments,
         });
-
-        let subscribe = |subject: String| {
-            let client = client.clone();
-            async move {
-                client
-                    .subscribe(subject)
-                    .await
-                    .map_err(|e| NatsError::Subscribe(e.to_string()))
-            }
-        };
-        let own = subscribe(inner.subjects.pod_wildcard(pod)).await?;
-        let groups = subscribe(inner.subjects.group_wildcard()).await?;
-        let broadcast = subscribe(inner.subjects.broadcast()).await?;
-        // Subscriptions must be in place before anyone routes to this pod.
-        client
-            .flush()
-            .await
-            .map_err(|e| NatsError::Subscribe(e.to_string()))?;
-        inner.serving.store(true, Ordering::Release);
-        let incoming = futures_util::stream::select_all([own, groups, broadcast]);
-        tokio::spawn(serve(inner.clone(), incoming));
-        tokio::spawn(keep_registered(inner.clone(), reconnected));
-
-        if let Some(previous) = previous_boot.filter(|b| *b != inner.me.boot) {
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                match inner
-                    .directory
-                    .sweep_previous_incarnations(&inner.me, Duration::from_secs(60))
-                    .await
-                {
-                    Ok(n) => info!(
-                        previous,
-                        removed = n,
-                        "swept a previous incarnation's entries"
-                    ),
-                    Err(e) => warn!(%e, "sweep of a previous incarnation's entries failed"),
-                }
-            });
+        let attaching = tokio::spawn(attach(
+            inner.clone(),
+            config.replicas.unwrap_or(1).max(1),
+            durable.map(|(d, outbound_queue)| (d.clone(), outbound_queue)),
+            reconnected,
+        ));
+        if tokio::time::timeout(attach_wait, attaching).await.is_err() {
+            warn!(
+                pod,
+                url, "starting without the bus: serving local agents only until NATS is usable"
+            );
         }
-        info!(pod, namespace, "routing on NATS");
         Ok(Self { inner })
     }
 
@@ -377,13 +373,135 @@ impl NatsRouter {
 
     /// The durable queue, if configured.
     pub fn durable_queue(&self) -> Option<&Durable> {
-        self.inner.durable.as_ref()
+        self.inner.durable()
     }
 
     /// Agents in the push-side directory cache.
     pub fn cached_routes(&self) -> usize {
         self.inner.cache.len()
     }
+}
+
+// === attaching to the bus ===
+
+/// Opens what the bus holds for this pod, each step retried until NATS answers; then
+/// serves other pods' calls and registers the agents that connected meanwhile.
+async fn attach(
+    inner: Arc<Inner>,
+    replicas: usize,
+    durable: Option<(tether_config::DurableConfig, usize)>,
+    reconnected: Arc<Notify>,
+) {
+    let backoff = Backoff::default();
+    let on_retry = || inner.health.record_bus_retry();
+    let me: &Inner = &inner;
+    let js = &async_nats::jetstream::new(me.client.clone());
+    let durable = match &durable {
+        Some((config, outbound_queue)) => Some(
+            retry::until_ok("opening the durable queue", backoff, on_retry, move || {
+                let (client, hub) = (me.client.clone(), me.hub.clone());
+                Durable::open(
+                    client,
+                    js.clone(),
+                    &me.subjects,
+                    config,
+                    hub,
+                    *outbound_queue,
+                )
+            })
+            .await,
+        ),
+        None => None,
+    };
+    let revocations = retry::until_ok("opening the revocations", backoff, on_retry, move || {
+        RevocationBus::start(
+            me.client.clone(),
+            js,
+            &me.subjects,
+            me.hub.clone(),
+            replicas,
+        )
+    })
+    .await;
+    let census = retry::until_ok("subscribing to the census", backoff, on_retry, move || {
+        let subject = me.subjects.census();
+        Census::start(
+            me.client.clone(),
+            subject,
+            me.hub.clone(),
+            me.me.pod.clone(),
+        )
+    })
+    .await;
+    let directory = retry::until_ok("opening the directory", backoff, on_retry, move || {
+        Directory::open(js.clone(), &me.subjects, replicas)
+    })
+    .await;
+    let previous_boot = retry::until_ok("registering this pod", backoff, on_retry, || async {
+        let previous = directory.pod_boot(&me.me.pod).await?;
+        directory.announce(&me.me).await?;
+        Ok::<_, DirectoryError>(previous)
+    })
+    .await;
+    let subjects = &[
+        me.subjects.pod_wildcard(&me.me.pod),
+        me.subjects.group_wildcard(),
+        me.subjects.broadcast(),
+    ];
+    let incoming = retry::until_ok(
+        "subscribing this pod",
+        backoff,
+        on_retry,
+        move || async move {
+            let mut subscriptions = Vec::with_capacity(subjects.len());
+            for subject in subjects {
+                let subscription = me.client.subscribe(subject.clone()).await;
+                subscriptions.push(subscription.map_err(|e| e.to_string())?);
+            }
+            // Subscriptions must be in place before anyone routes to this pod.
+            me.client.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(subscriptions)
+        },
+    )
+    .await;
+    // Only now may this pod write directory entries: a pod routing to one of them
+    // before the subscriptions were in place would find no responder and drop it.
+    let _ = inner.bus.set(Bus {
+        directory,
+        durable,
+        revocations,
+        census,
+    });
+    inner.serving.store(true, Ordering::Release);
+    tokio::spawn(serve(
+        inner.clone(),
+        futures_util::stream::select_all(incoming),
+    ));
+    // Agents that connected before the bus was there are not in the directory yet.
+    if inner.dirty.load(Ordering::Acquire) {
+        reconnected.notify_one();
+    }
+    tokio::spawn(keep_registered(inner.clone(), reconnected));
+
+    if let Some(previous) = previous_boot.filter(|b| *b != inner.me.boot) {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let Some(bus) = inner.bus.get() else { return };
+            match bus
+                .directory
+                .sweep_previous_incarnations(&inner.me, Duration::from_secs(60))
+                .await
+            {
+                Ok(n) => info!(
+                    previous,
+                    removed = n,
+                    "swept a previous incarnation's entries"
+                ),
+                Err(e) => warn!(%e, "sweep of a previous incarnation's entries failed"),
+            }
+        });
+    }
+    info!(pod = %inner.me.pod, "routing on NATS");
 }
 
 // === impl Inner: the calling side ===
@@ -407,14 +525,28 @@ impl Inner {
         }
     }
 
-    fn require_nats(&self) -> Result<(), RouteError> {
-        if self.connected_to_nats() {
-            Ok(())
-        } else {
-            Err(unavailable(
+    /// The bus, while this pod is attached and NATS reachable.
+    fn require_bus(&self) -> Result<&Bus, RouteError> {
+        match self.bus.get() {
+            Some(bus) if self.connected_to_nats() => Ok(bus),
+            Some(_) => Err(unavailable(
                 "NATS is unreachable; cannot route to other pods",
-            ))
+            )),
+            None => Err(unavailable(NOT_ATTACHED)),
         }
+    }
+
+    /// The durable queue, once attached.
+    fn durable(&self) -> Option<&Durable> {
+        self.bus.get()?.durable.as_ref()
+    }
+
+    /// The durable queue, or why a durable call cannot be served.
+    fn durable_queue(&self) -> Result<&Durable, RouteError> {
+        if !self.durable_configured {
+            return Err(unavailable("delivery.durable is not configured"));
+        }
+        self.durable().ok_or_else(|| unavailable(NOT_ATTACHED))
     }
 
     /// One NATS request carrying the current trace context.
@@ -443,12 +575,12 @@ impl Inner {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Answer, RouteError> {
-        self.require_nats()?;
+        let directory = &self.require_bus()?.directory;
         let payload = wire::encode_call(call, body).map_err(unavailable)?;
         for _ in 0..2 {
             let (route, revision, cached) = match self.cache.get(agent) {
                 Some((route, revision)) => (route, revision, true),
-                None => match self.directory.lookup(agent).await {
+                None => match directory.lookup(agent).await {
                     Ok(Some((route, revision))) => {
                         self.cache.put(agent, route.clone(), revision);
                         (route, revision, false)
@@ -462,7 +594,7 @@ impl Inner {
                 // a previous incarnation's entry or a disconnect being recorded.
                 self.cache.invalidate(agent);
                 if !cached {
-                    self.drop_stale(agent, revision).await;
+                    Self::drop_stale(directory, agent, revision).await;
                     return Err(self.not_found());
                 }
                 continue;
@@ -490,7 +622,7 @@ impl Inner {
             if stale {
                 self.cache.invalidate(agent);
                 if !cached {
-                    self.drop_stale(agent, revision).await;
+                    Self::drop_stale(directory, agent, revision).await;
                     return Err(self.not_found());
                 }
                 // The cached route may be older than the directory: read it once more.
@@ -499,8 +631,8 @@ impl Inner {
         Err(self.not_found())
     }
 
-    async fn drop_stale(&self, agent: &str, revision: u64) {
-        match self.directory.remove(agent, revision).await {
+    async fn drop_stale(directory: &Directory, agent: &str, revision: u64) {
+        match directory.remove(agent, revision).await {
             Ok(true) => debug!(agent, "removed a stale directory entry"),
             Ok(false) => {}
             Err(e) => debug!(%e, agent, "could not remove a stale directory entry"),
@@ -508,7 +640,7 @@ impl Inner {
     }
 
     /// The pods to expect answers from in a fan-out.
-    async fn known_pods(&self) -> BTreeSet<String> {
+    async fn known_pods(&self, directory: &Directory) -> BTreeSet<String> {
         let fresh = {
             let known = self.pods.lock();
             known
@@ -519,7 +651,7 @@ impl Inner {
         if let Some(pods) = fresh {
             return pods;
         }
-        let mut pods: BTreeSet<String> = match self.directory.pods().await {
+        let mut pods: BTreeSet<String> = match directory.pods().await {
             Ok(pods) => pods.into_iter().collect(),
             Err(e) => {
                 debug!(%e, "pod registry unreadable; using the last known pods");
@@ -541,14 +673,14 @@ impl Inner {
         group: Option<&str>,
         frame: Outbound,
     ) -> Result<usize, RouteError> {
-        self.require_nats()?;
+        let directory = &self.require_bus()?.directory;
         let (body, binary) = wire::frame_body(&frame);
         let call = Call::Fanout {
             group: group.map(str::to_owned),
             binary,
         };
         let payload = wire::encode_call(&call, &body).map_err(unavailable)?;
-        let expected = self.known_pods().await;
+        let expected = self.known_pods(directory).await;
         let inbox = self.client.new_inbox();
         let mut answers = self
             .client
@@ -584,7 +716,7 @@ impl Inner {
         if !missing.is_empty() {
             warn!(?missing, "pods did not confirm a fan-out; probing them");
             for pod in missing {
-                self.probe(pod);
+                self.probe(directory, pod);
             }
         }
         Ok(delivered)
@@ -592,10 +724,10 @@ impl Inner {
 
     /// Checks a pod that missed a fan-out; one with no responder is dead and leaves
     /// the registry.
-    fn probe(&self, pod: String) {
+    fn probe(&self, directory: &Directory, pod: String) {
         let client = self.client.clone();
         let subject = self.subjects.pod(&pod, PodOp::Ping);
-        let directory = self.directory.clone();
+        let directory = directory.clone();
         let payload = wire::encode_call(&Call::Ping, &[]).unwrap_or_default();
         let timeout = self.tuning.call_timeout;
         let pods = self.pods.clone();
@@ -615,10 +747,10 @@ impl Inner {
 
     /// Scatter-gather of a call over every known pod (used by the listing).
     async fn ask_every_pod(&self, call: &Call) -> Result<Vec<Answer>, RouteError> {
-        self.require_nats()?;
+        let directory = &self.require_bus()?.directory;
         let payload = wire::encode_call(call, &[]).map_err(unavailable)?;
         let pods: Vec<String> = self
-            .known_pods()
+            .known_pods(directory)
             .await
             .into_iter()
             .filter(|p| *p != self.me.pod)
@@ -635,7 +767,7 @@ impl Inner {
         for (pod, result) in pods.into_iter().zip(results) {
             match result {
                 Ok(message) => answers.push(Answer::decode(&message.payload).map_err(unavailable)?),
-                Err(e) if e.kind() == RequestErrorKind::NoResponders => self.probe(pod),
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => self.probe(directory, pod),
                 Err(e) => return Err(unavailable(format!("pod {pod}: {e}"))),
             }
         }
@@ -654,7 +786,7 @@ impl Inner {
     /// still fails (NATS away, pod silent) is made up by the agent's next connect or
     /// the next kick: the message is stored either way.
     async fn kick(&self, agent: &str) {
-        let Some(durable) = &self.durable else {
+        let Some(durable) = self.durable() else {
             return;
         };
         if let Some(conn) = self.hub.get(agent).filter(|c| !c.is_closing()) {
@@ -697,12 +829,13 @@ impl Inner {
     /// Records a connection; tells the pod of the older connection (if any) to close it.
     /// A connection that lost to a newer one on another pod (the comparison happens
     /// inside the directory's compare-and-set) is closed here with 4003.
-    async fn register(&self, conn: &Connection) -> Result<(), directory::DirectoryError> {
+    async fn register(
+        &self,
+        directory: &Directory,
+        conn: &Connection,
+    ) -> Result<(), DirectoryError> {
         let route = route_of(&self.me, conn);
-        let written = self
-            .directory
-            .register(&conn.agent_id, &route, &self.me)
-            .await?;
+        let written = directory.register(&conn.agent_id, &route, &self.me).await?;
         self.cache.invalidate(&conn.agent_id);
         match written {
             directory::Written::Newer(newer) => {
@@ -741,14 +874,19 @@ impl Inner {
 
     /// Re-registers every local connection the directory does not name (after a NATS
     /// outage or loss of the bucket).
-    async fn reregister_all(&self) -> Result<usize, directory::DirectoryError> {
-        self.directory.ensure().await?;
-        self.directory.announce(&self.me).await?;
+    async fn reregister_all(&self) -> Result<usize, DirectoryError> {
+        let bus = self
+            .bus
+            .get()
+            .ok_or_else(|| DirectoryError(NOT_ATTACHED.into()))?;
+        let directory = &bus.directory;
+        directory.ensure().await?;
+        directory.announce(&self.me).await?;
         self.cache.clear();
         let conns = self.hub.snapshot();
         let results = futures_util::stream::iter(conns)
             .map(|conn| async move {
-                let entry = self.directory.lookup(&conn.agent_id).await?;
+                let entry = directory.lookup(&conn.agent_id).await?;
                 let route = entry.as_ref().map(|(r, _)| r);
                 match directory::reconcile(route, &self.me, conn.id, conn.connected_at_ms) {
                     Reconcile::Keep => Ok(0),
@@ -757,9 +895,9 @@ impl Inner {
                         Ok(0)
                     }
                     Reconcile::Write { .. } => {
-                        self.register(&conn).await?;
+                        self.register(directory, &conn).await?;
                         // Connected while NATS was away: its backlog was not looked at.
-                        if let Some(durable) = &self.durable {
+                        if let Some(durable) = &bus.durable {
                             durable.connected(&conn).await;
                         }
                         Ok(1)
@@ -767,7 +905,7 @@ impl Inner {
                 }
             })
             .buffer_unordered(32)
-            .collect::<Vec<Result<usize, directory::DirectoryError>>>()
+            .collect::<Vec<Result<usize, DirectoryError>>>()
             .await;
         let mut written = 0;
         for result in results {
@@ -944,7 +1082,7 @@ impl Inner {
             Call::Ping => Answer::Ok,
             // A replaced connection may still be here, closing: that is "not here" too.
             Call::Kick { agent } => match (
-                &self.durable,
+                self.durable(),
                 self.hub.get(&agent).filter(|c| !c.is_closing()),
             ) {
                 (Some(durable), Some(conn)) => {
@@ -976,13 +1114,17 @@ impl Inner {
 #[async_trait]
 impl Router for NatsRouter {
     fn connections_elsewhere(&self) -> u64 {
-        self.inner.census.elsewhere(&self.inner.me.pod)
+        let inner = &self.inner;
+        inner
+            .bus
+            .get()
+            .map_or(0, |bus| bus.census.elsewhere(&inner.me.pod))
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<(), RouteError> {
         let inner = &self.inner;
-        inner.require_nats()?;
         inner
+            .require_bus()?
             .revocations
             .publish(revocation)
             .await
@@ -995,11 +1137,12 @@ impl Router for NatsRouter {
 
     async fn connected(&self, conn: &Arc<Connection>) {
         let inner = &self.inner;
-        if !inner.connected_to_nats() {
+        let Ok(bus) = inner.require_bus() else {
             inner.dirty.store(true, Ordering::Release);
             return;
-        }
-        match tokio::time::timeout(inner.tuning.directory_timeout, inner.register(conn)).await {
+        };
+        let register = inner.register(&bus.directory, conn);
+        match tokio::time::timeout(inner.tuning.directory_timeout, register).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 warn!(%e, agent = %conn.agent_id, "directory write failed; will retry");
@@ -1012,7 +1155,7 @@ impl Router for NatsRouter {
         }
         // After the directory names this pod: a durable push stored from now on kicks
         // this pod, and one stored before is found by this look.
-        if let Some(durable) = &inner.durable
+        if let Some(durable) = &bus.durable
             && !conn.is_closing()
         {
             durable.connected(conn).await;
@@ -1021,18 +1164,19 @@ impl Router for NatsRouter {
 
     async fn disconnected(&self, conn: &Arc<Connection>) {
         let inner = &self.inner;
-        if let Some(durable) = &inner.durable {
+        if let Some(durable) = inner.durable() {
             durable.disconnected(conn.id);
         }
         // A newer local connection of the agent already overwrote the entry.
-        if inner.hub.get(&conn.agent_id).is_some() || !inner.connected_to_nats() {
+        if inner.hub.get(&conn.agent_id).is_some() {
             return;
         }
+        let Ok(bus) = inner.require_bus() else {
+            return;
+        };
         // A failed delete leaves an entry naming this pod; the next push finds it
         // stale ("not here") and removes it.
-        let unregister = inner
-            .directory
-            .unregister(&conn.agent_id, &inner.me, conn.id);
+        let unregister = bus.directory.unregister(&conn.agent_id, &inner.me, conn.id);
         if let Ok(Err(e)) = tokio::time::timeout(inner.tuning.directory_timeout, unregister).await {
             debug!(%e, agent = %conn.agent_id, "directory delete failed");
         }
@@ -1181,7 +1325,7 @@ impl Router for NatsRouter {
     }
 
     fn durable(&self) -> bool {
-        self.inner.durable.is_some()
+        self.inner.durable_configured
     }
 
     async fn push_durable(
@@ -1191,11 +1335,8 @@ impl Router for NatsRouter {
         frame: Bytes,
     ) -> Result<DurableReceipt, RouteError> {
         let inner = &self.inner;
-        let durable = inner
-            .durable
-            .as_ref()
-            .ok_or_else(|| unavailable("delivery.durable is not configured"))?;
-        inner.require_nats()?;
+        let durable = inner.durable_queue()?;
+        inner.require_bus()?;
         let stored = durable.store(agent, id, frame).await?;
         // Off the push's path: the message is stored, the 202 need not wait for the
         // agent's pod (nor for a re-resolution when the route was stale).
@@ -1213,28 +1354,25 @@ impl Router for NatsRouter {
         agent: Option<&str>,
         id: &str,
     ) -> Result<Option<MessageStatus>, RouteError> {
-        match &self.inner.durable {
-            Some(durable) => durable.status(agent, id).await,
-            None => Err(unavailable("delivery.durable is not configured")),
-        }
+        self.inner.durable_queue()?.status(agent, id).await
     }
 
     async fn durable_backlog(&self) -> Option<u64> {
-        self.inner.durable.as_ref()?.backlog().await.ok()
+        self.inner.durable()?.backlog().await.ok()
     }
 
     fn durable_sweep_interval(&self) -> Option<Duration> {
-        self.inner.durable.as_ref()?.sweep_interval()
+        self.inner.sweep_interval
     }
 
     async fn durable_expired(&self) -> Result<Option<ExpiredMessage>, RouteError> {
         let inner = &self.inner;
-        let Some(durable) = &inner.durable else {
+        let (Some(bus), Some(durable)) = (inner.bus.get(), inner.durable()) else {
             return Ok(None);
         };
         // One sweeper per pool: the first pod of the registry by name. Two pods that
         // disagree for a moment both tell the upstream (same id: its Idempotency-Key).
-        let first = inner.known_pods().await.into_iter().next();
+        let first = inner.known_pods(&bus.directory).await.into_iter().next();
         if first.as_deref() != Some(inner.me.pod.as_str()) {
             return Ok(None);
         }
@@ -1242,20 +1380,19 @@ impl Router for NatsRouter {
     }
 
     async fn durable_expire(&self, expired: &ExpiredMessage) -> Result<(), RouteError> {
-        match &self.inner.durable {
+        match self.inner.durable() {
             Some(durable) => durable.expire(expired).await,
             None => Ok(()),
         }
     }
 
     fn durable_drains(&self) -> usize {
-        self.inner.durable.as_ref().map_or(0, Durable::draining)
+        self.inner.durable().map_or(0, Durable::draining)
     }
 
     fn acked(&self, conn: &Arc<Connection>, id: &str) -> bool {
         self.inner
-            .durable
-            .as_ref()
+            .durable()
             .is_some_and(|durable| durable.acked(conn.id, id))
     }
 

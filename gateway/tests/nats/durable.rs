@@ -71,7 +71,7 @@ async fn ack(ws: &mut Ws, id: &str) {
 
 /// Messages in the pool's durable stream (pending across all agents).
 async fn stored(nats: &Nats) -> u64 {
-    let js = async_nats::jetstream::new(nats.client().await);
+    let js = async_nats::jetstream::new(nats_client(nats).await);
     let mut stream = js
         .get_stream(Subjects::new(NS).durable_stream())
         .await

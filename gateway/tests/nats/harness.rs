@@ -2,7 +2,7 @@
 //! port (killed and restarted by fault tests), and gateway "pods" that route over it,
 //! either in this process or as separate `tether-gateway` processes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,100 +10,17 @@ use serde_json::Value;
 use tether_config::{GatewayConfig, NatsConfig};
 use tether_gateway::Gateway;
 use tether_protocol::GatewayMessage;
-use tether_test_support::free_port;
 
 use crate::common::{self, Ws};
 
 /// A `nats-server -js` on 127.0.0.1 with its store in a temp dir.
-pub struct Nats {
-    pub port: u16,
-    store: tempfile::TempDir,
-    child: Option<Child>,
-    /// Extra command-line arguments (auth settings).
-    args: Vec<String>,
-}
+pub use tether_test_support::NatsServer as Nats;
 
-fn nats_binary() -> PathBuf {
-    tether_test_support::nats_server_binary().unwrap_or_else(|e| panic!("{e}"))
-}
-
-impl Nats {
-    pub async fn start() -> Self {
-        Self::start_with_args(&[]).await
-    }
-
-    /// A server with extra arguments, e.g. `--user u --pass p` to require credentials.
-    pub async fn start_with_args(args: &[&str]) -> Self {
-        let mut nats = Self {
-            port: free_port(),
-            store: tempfile::tempdir().unwrap(),
-            child: None,
-            args: args.iter().map(ToString::to_string).collect(),
-        };
-        nats.spawn().await;
-        nats
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new(nats_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("nats-server did not listen on {addr}");
-    }
-
-    /// Kills the server (SIGKILL: no goodbye to clients).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port; `wipe` loses everything JetStream stored.
-    pub async fn restart(&mut self, wipe: bool) {
-        self.kill();
-        if wipe {
-            self.store = tempfile::tempdir().unwrap();
-        }
-        self.spawn().await;
-    }
-
-    /// A plain client for inspecting subjects and the directory.
-    pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
-            .await
-            .expect("test client connects")
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A plain client for inspecting subjects and the directory.
+pub async fn nats_client(nats: &Nats) -> async_nats::Client {
+    async_nats::connect(nats.url())
+        .await
+        .expect("test client connects")
 }
 
 /// Gateway config routing on `nats`.
@@ -134,7 +51,25 @@ impl Pod {
         Self::start_with(nats, name, |_| {}).await
     }
 
+    /// A pod on the bus: a start waits only so long for NATS (the pod then serves its
+    /// own agents and attaches later), so this waits until the pod attached.
     pub async fn start_with(
+        nats: &Nats,
+        name: &str,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
+        let pod = Self::start_unattached(nats, name, tweak).await;
+        tether_test_support::until(
+            &format!("{name} attached to the bus"),
+            6 * tether_test_support::PATIENCE,
+            || pod.bus_connected(),
+        )
+        .await;
+        pod
+    }
+
+    /// A pod as `Gateway::start` leaves it: on the bus or not yet.
+    pub async fn start_unattached(
         nats: &Nats,
         name: &str,
         tweak: impl FnOnce(&mut GatewayConfig),
@@ -214,6 +149,24 @@ pub async fn next_push(ws: &mut Ws) -> (String, Value) {
         GatewayMessage::Push { id, data, .. } => (id, serde_json::from_str(data.get()).unwrap()),
         other => panic!("expected push, got {other:?}"),
     }
+}
+
+/// Pushes `data` to `agent_id` through `pod` and asserts it is accepted (202) and
+/// reaches `agent`.
+pub async fn push_reaches(pod: &Pod, agent_id: &str, agent: &mut Ws, data: Value) {
+    let response = pod
+        .post(
+            &format!("/v1/agents/{}/messages", seg(agent_id)),
+            data.clone(),
+        )
+        .await;
+    assert_eq!(
+        response.status(),
+        202,
+        "a push to {agent_id} through {}",
+        pod.name
+    );
+    assert_eq!(next_push(agent).await.1, data);
 }
 
 /// Asserts nothing arrives for a short while (used only to show a message was NOT

@@ -3,6 +3,7 @@
 //! pods and its races; NATS killed and restarted mid-run; subject-injection attempts;
 //! dead pods; the binary wired from its config file.
 
+mod boot;
 #[path = "../gateway/common.rs"]
 mod common;
 mod durable;
@@ -124,7 +125,7 @@ async fn push_request_presence_and_disconnect_reach_an_agent_on_another_pod() {
         .unwrap();
     assert_eq!(response.status(), 204);
     expect_close(&mut agent, CloseCode::Disconnected).await;
-    let probe = nats.client().await;
+    let probe = nats_client(&nats).await;
     for _ in 0..500 {
         if directory_entry(&probe, "acme", "agent-1").await.is_none() {
             break;
@@ -190,7 +191,7 @@ async fn newest_connection_wins_across_pods() {
     );
     assert_eq!(next_push(&mut new).await.1, json!("hi"));
     // The replaced connection's disconnect must not remove its successor's entry.
-    let probe = nats.client().await;
+    let probe = nats_client(&nats).await;
     let entry = directory_entry(&probe, "acme", "agent-1").await.unwrap();
     assert_eq!(entry["pod"], "gw-1");
 }
@@ -229,7 +230,7 @@ async fn simultaneous_connects_on_three_pods_end_with_exactly_one() {
             assert_eq!(pod.post(&path, json!(round)).await.status(), 202);
             assert_eq!(next_push(&mut sockets[survivor]).await.1, json!(round));
         }
-        let probe = nats.client().await;
+        let probe = nats_client(&nats).await;
         let entry = directory_entry(&probe, "acme", &agent).await.unwrap();
         assert_eq!(entry["pod"], pods[survivor].name);
     }
@@ -281,7 +282,7 @@ async fn hostile_agent_ids_and_group_names_cannot_widen_a_subject() {
         assert_silent(ws).await;
     }
     // On the wire, every subject the pods used is a literal one.
-    let spy = nats.client().await;
+    let spy = nats_client(&nats).await;
     let mut all = spy.subscribe("tether.>").await.unwrap();
     // `flush` only writes the SUB out; a probe through the server proves the
     // subscription is active before the pods publish (without it, a loaded machine
@@ -326,7 +327,7 @@ async fn trace_context_travels_in_nats_headers() {
     let nats = Nats::start().await;
     let [p0, p1, _p2] = three_pods(&nats).await;
     let mut agent = p1.agent("traced", &[]).await;
-    let spy = nats.client().await;
+    let spy = nats_client(&nats).await;
     let mut pushes = spy.subscribe("tether.acme.pod.gw-1.push").await.unwrap();
     spy.flush().await.unwrap();
 
@@ -462,7 +463,7 @@ async fn nats_restart_keeps_connections_loses_nothing_accepted_and_recovers() {
         nats.restart(wipe).await;
         eventually(|| p0.bus_connected() && p1.bus_connected()).await;
         // The directory comes back (re-registered if NATS lost it) and routing resumes.
-        let probe = nats.client().await;
+        let probe = nats_client(&nats).await;
         for _ in 0..500 {
             if directory_entry(&probe, "acme", "agent-1").await.is_some() {
                 break;
@@ -532,7 +533,7 @@ async fn binary_routes_from_config_and_dead_pods_leave_no_wrong_routes() {
     a.kill();
     let response = post(&http, b.api("/v1/agents/agent-1/messages"), json!("lost")).await;
     assert_eq!(response.status(), 404);
-    let probe = nats.client().await;
+    let probe = nats_client(&nats).await;
     assert!(directory_entry(&probe, "acme", "agent-1").await.is_none());
     // agent-2's entry is still there until gw-a's next incarnation sweeps it.
     assert_eq!(
@@ -573,11 +574,7 @@ async fn a_bus_with_credentials_refuses_clients_without_them() {
         Pod::start_with(&nats, "gw-1", with_credentials)
     );
     let mut agent = p1.agent("agent-1", &[]).await;
-    let response = p0
-        .post("/v1/agents/agent-1/messages", json!("via the bus"))
-        .await;
-    assert_eq!(response.status(), 202);
-    assert_eq!(next_push(&mut agent).await.1, json!("via the bus"));
+    push_reaches(&p0, "agent-1", &mut agent, json!("via the bus")).await;
 
     // No credentials: the server refuses the connection (authorization violation).
     let anonymous = async_nats::ConnectOptions::new()
@@ -863,7 +860,7 @@ async fn neighbouring_pools_with_one_tenant_do_not_see_each_other() {
     );
     assert_silent(&mut agent).await;
     // The buckets are the pools' own: pool b's directory has no entry for the agent.
-    let client = nats.client().await;
+    let client = nats_client(&nats).await;
     assert!(
         directory_entry(&client, "tenants/web-a", "shared-id")
             .await

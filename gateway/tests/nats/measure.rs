@@ -66,7 +66,7 @@ async fn measure_memory_per_idle_connection_and_directory_writes() {
         );
         if routing == "nats" {
             // Reconnect storm: every agent drops and comes back at once.
-            let probe = nats.client().await;
+            let probe = nats_client(&nats).await;
             let seq0 = agents_bucket_seq(&probe).await;
             let started = Instant::now();
             drop(sockets);
@@ -293,7 +293,7 @@ async fn measure_durable_delivery() {
     let _ = reader.await;
 
     // 3. Stored bytes per pending message and backlog drain rate on connect.
-    let js = async_nats::jetstream::new(nats.client().await);
+    let js = async_nats::jetstream::new(nats_client(&nats).await);
     let stream_info = |js: async_nats::jetstream::Context| async move {
         let mut stream = js.get_stream("tether-acme-durable").await.unwrap();
         stream.info().await.unwrap().state.clone()

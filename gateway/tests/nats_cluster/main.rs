@@ -357,10 +357,15 @@ async fn stream_leader(cluster: &Cluster) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet passing: on a fresh 3-server cluster the gateway's first R3 KV request (revocations bucket) times out before JetStream's meta leader answers; run with --run-ignored"]
 async fn killing_the_stream_leader_loses_no_accepted_durable_push_and_no_readiness() {
     let mut cluster = Cluster::start().await;
     let (p0, p1) = tokio::join!(Pod::start(&cluster, "gw-0"), Pod::start(&cluster, "gw-1"));
+    // A start does not wait for the bus for ever (a slow JetStream would otherwise fail
+    // it): the load begins once both pods attached.
+    tether_test_support::until("both pods attached to the bus", PATIENCE * 3, || {
+        p0.bus_connected() && p1.bus_connected()
+    })
+    .await;
 
     let stop_agents = CancellationToken::new();
     let received: Received = Arc::default();

@@ -18,7 +18,7 @@ use serde_json::json;
 use tether_telemetry::PrometheusText;
 use tether_test_support::eventually;
 
-use harness::{Nats, Pod, next_push};
+use harness::{Nats, Pod, push_reaches};
 
 /// The value of the unlabelled series `name` in the exposition, if present.
 fn value(text: &PrometheusText, name: &str) -> Option<f64> {
@@ -66,11 +66,7 @@ async fn connection_state_disconnects_and_reconnects_follow_a_nats_restart() {
     nats.restart(false).await;
     expect_health(&text, (1.0, 1.0, 1.0)).await;
     let mut agent = pod.agent("agent-h", &[]).await;
-    let accepted = pod
-        .post("/v1/agents/agent-h/messages", json!("after the restart"))
-        .await;
-    assert_eq!(accepted.status(), 202);
-    assert_eq!(next_push(&mut agent).await.1, json!("after the restart"));
+    push_reaches(&pod, "agent-h", &mut agent, json!("after the restart")).await;
 
     // A second outage counts again.
     nats.restart(false).await;
