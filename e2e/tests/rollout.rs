@@ -610,8 +610,16 @@ impl SimCluster {
         self.pools().get(name).await.ok()
     }
 
-    /// Waits until `name` runs `pods` pods holding their load, every pod at one revision.
-    async fn settled(&self, name: &str, pods: i32, patience: Duration) -> anyhow::Result<String> {
+    /// Waits until `name` runs `pods` pods holding their load, every pod at one revision
+    /// other than `not` (the old one, after a template change: until the StatefulSet
+    /// has seen the change, the old revision looks settled too).
+    async fn settled(
+        &self,
+        name: &str,
+        pods: i32,
+        not: Option<&str>,
+        patience: Duration,
+    ) -> anyhow::Result<String> {
         let one = eventually(
             &format!("{name}: {pods} pods at one revision"),
             patience,
@@ -623,7 +631,8 @@ impl SimCluster {
                 (status.ready_replicas == Some(pods)
                     && status.updated_replicas == Some(pods)
                     && revisions.len() == pods as usize
-                    && revisions.values().all(|r| *r == one))
+                    && revisions.values().all(|r| *r == one)
+                    && not != Some(one.as_str()))
                 .then_some(one)
             },
         )
@@ -644,7 +653,7 @@ async fn rollout_pauses_and_resumes() -> anyhow::Result<()> {
     let patience = Duration::from_secs(120);
     let result = async {
         c.create_pool("paused", 4, json!(1), false).await?;
-        let old = c.settled("paused", 4, patience).await?;
+        let old = c.settled("paused", 4, None, patience).await?;
 
         // A template change while paused: the condition says so, nothing is replaced.
         c.pools()
@@ -695,7 +704,7 @@ async fn rollout_pauses_and_resumes() -> anyhow::Result<()> {
                 &Patch::Merge(json!({"spec": {"rollout": {"paused": false}}})),
             )
             .await?;
-        let new = c.settled("paused", 4, patience).await?;
+        let new = c.settled("paused", 4, Some(&old), patience).await?;
         anyhow::ensure!(new != old, "the new revision rolled out");
         let (st, reason, message) = eventually("RollingOut False", patience, || async {
             let p = c.pool("paused").await?;
@@ -747,10 +756,10 @@ async fn rollout_time() -> anyhow::Result<()> {
     let patience = Duration::from_secs(600);
     let result = async {
         c.create_pool("timed", pods, json!("10%"), false).await?;
-        let old = c.settled("timed", pods as i32, patience).await?;
+        let old = c.settled("timed", pods as i32, None, patience).await?;
         let started = Instant::now();
         change_template(&c.pools(), "timed", "2").await?;
-        let new = c.settled("timed", pods as i32, patience).await?;
+        let new = c.settled("timed", pods as i32, Some(&old), patience).await?;
         let took = started.elapsed();
         anyhow::ensure!(new != old);
         let reasons = event_reasons(&c.client, SIM_NS).await?;
