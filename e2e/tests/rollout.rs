@@ -438,8 +438,7 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
         })
         .await?;
         agents.scale_to(RETURNING).await;
-        let one_shot =
-            OneShotAgents::start(&kubelet.service().ws_url(), ONE_SHOT, 100.0, patience);
+        let one_shot = OneShotAgents::start(&kubelet.service().ws_url(), ONE_SHOT, 100.0, patience);
         eventually("every agent connected and reported", patience, || async {
             let p = cluster.pools().get(POOL).await.ok()?;
             let total = p.status.as_ref()?.total_connections?;
@@ -475,11 +474,15 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
         // Every pod was replaced, so every one-shot agent was drained once: none is
         // left, none came back. The reconnecting ones are all back, and the pool counts
         // what is there.
-        let total = eventually("the pool counts the agents that are there", patience, || async {
-            let p = cluster.pools().get(POOL).await.ok()?;
-            let total = p.status.as_ref()?.total_connections?;
-            (agents.connected() == RETURNING && total == RETURNING as i64).then_some(total)
-        })
+        let total = eventually(
+            "the pool counts the agents that are there",
+            patience,
+            || async {
+                let p = cluster.pools().get(POOL).await.ok()?;
+                let total = p.status.as_ref()?.total_connections?;
+                (agents.connected() == RETURNING && total == RETURNING as i64).then_some(total)
+            },
+        )
         .await?;
         let gone = ONE_SHOT - one_shot.connected();
         let ever = one_shot.ever_connected();
@@ -488,7 +491,11 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
             gone == ONE_SHOT && ever == ONE_SHOT as u64,
             "one-shot agents: {gone} gone of {ONE_SHOT}, {ever} connections ever"
         );
-        let removals: Vec<Removal> = kubelet.removals().into_iter().skip(removals_before).collect();
+        let removals: Vec<Removal> = kubelet
+            .removals()
+            .into_iter()
+            .skip(removals_before)
+            .collect();
         let replaced: std::collections::BTreeSet<&str> =
             removals.iter().map(|r| r.pod.as_str()).collect();
         anyhow::ensure!(

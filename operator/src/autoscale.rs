@@ -3807,7 +3807,10 @@ mod rollout_tests {
         // Not a scale-down's drain: no DrainCancelled, only the pause.
         assert_eq!(reasons(&called_off), vec![Reason::RolloutPaused]);
         assert_eq!(
-            called_off.rollout_memory.as_ref().map(|r| (r.batches, r.paused)),
+            called_off
+                .rollout_memory
+                .as_ref()
+                .map(|r| (r.batches, r.paused)),
             Some((1, true))
         );
 
@@ -3817,7 +3820,10 @@ mod rollout_tests {
         let resumed = step(
             &p,
             10,
-            view(revisions(10, &[], &[], &[]), called_off.rollout_memory.clone()),
+            view(
+                revisions(10, &[], &[], &[]),
+                called_off.rollout_memory.clone(),
+            ),
             110,
         );
         assert_eq!(pods(&resumed), vec!["p-8", "p-9"]);
@@ -3826,7 +3832,10 @@ mod rollout_tests {
             vec![Reason::RolloutResumed, Reason::BatchStarted]
         );
         assert_eq!(
-            resumed.rollout_memory.as_ref().map(|r| (r.batches, r.paused)),
+            resumed
+                .rollout_memory
+                .as_ref()
+                .map(|r| (r.batches, r.paused)),
             Some((2, false))
         );
         // Resumed before its first batch: resumed, then started.

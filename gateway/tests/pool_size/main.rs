@@ -27,8 +27,8 @@ const BUDGET: usize = 1 << 20;
 /// that the measurement follows the cap.
 fn crd_max_pods() -> i32 {
     let crd = serde_json::to_value(tether_crds::crd()).unwrap();
-    let max = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-        ["properties"]["replicas"]["properties"]["max"]["maximum"];
+    let max = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["replicas"]["properties"]["max"]["maximum"];
     max.as_f64().expect("replicas.max has a maximum") as i32
 }
 
