@@ -1731,6 +1731,12 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         if o >= n || at_update(o) {
             continue; // removed by a scale-down, or replaced already
         }
+        if revisions.pods.get(&o).is_none_or(|p| p.terminating) {
+            // Deleted by an earlier step (gone from the list, or terminating), its
+            // replacement not listed yet: deleting it again by name could hit that
+            // replacement, at the new revision, as soon as it is created.
+            continue;
+        }
         if spec.paused {
             continue; // called off: the pod turns ready again
         }
@@ -3720,6 +3726,40 @@ mod rollout_tests {
                 .message()
                 .starts_with("2/10 updated")
         );
+    }
+
+    #[test]
+    fn a_pod_deleted_already_is_not_deleted_again() {
+        let batch = step(
+            &pool(10, vec![], 0),
+            10,
+            view(revisions(10, &[], &[], &[]), None),
+            100,
+        );
+        // Both drained; p-9 was deleted by the previous step and its replacement is
+        // not listed yet, p-8 is still there at the old revision.
+        let p = pool(10, batch.instructions.clone(), 0);
+        let next = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[9]), batch.rollout_memory.clone()),
+            110,
+        );
+        assert_eq!(next.delete, vec!["p-8"]);
+        assert!(next.instructions.is_empty(), "{:?}", next.instructions);
+        // Once both are gone, nothing is deleted and the batch waits for them.
+        let gone = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[8, 9]), batch.rollout_memory),
+            111,
+        );
+        assert!(gone.delete.is_empty(), "{:?}", gone.delete);
+        assert!(matches!(
+            gone.rollout.as_ref().map(|r| &r.phase),
+            Some(RolloutPhase::Replacing { .. })
+        ));
+        assert!(gone.instructions.is_empty());
     }
 
     #[test]
