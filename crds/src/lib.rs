@@ -273,13 +273,14 @@ impl ConnectionPoolSpec {
 ]))]
 pub struct ReplicasSpec {
     /// Fewest gateway pods, also while idle. `kubectl scale` sets this field.
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = 800))]
     pub min: i32,
-    /// Most gateway pods. At most 1000: the pool object carries one status entry per pod
-    /// (each written under the pod's own field manager, so with a managedFields entry),
-    /// and at 1000 pods it is measured below 1 MiB, within etcd's 1.5 MiB object limit
-    /// (docs/operator.md, "How big the pool object gets").
-    #[schemars(range(min = 1, max = 1000))]
+    /// Most gateway pods. At most 800: the pool object carries one status entry per pod
+    /// (each written under the pod's own field manager, so with a managedFields entry)
+    /// and an instruction per pod at most; at 800 pods, every field at its widest, it is
+    /// measured at 0.96 MB, under 1 MiB and within etcd's 1.5 MiB object limit (1,000
+    /// pods measured 1.20 MB; docs/operator.md, "How big the pool object gets").
+    #[schemars(range(min = 1, max = 800))]
     pub max: i32,
 }
 
@@ -1187,10 +1188,10 @@ pub struct ServiceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPoolStatus {
     /// One entry per gateway pod, applied by that pod. At most one per pod of the largest
-    /// pool (`replicas.max` ≤ 1000): with each entry's managedFields, the pool object
+    /// pool (`replicas.max` ≤ 800): with each entry's managedFields, the pool object
     /// then stays under 1 MiB (etcd refuses objects over 1.5 MiB).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 800), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub pods: Vec<PodReport>,
     /// Open agent connections over all live pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1227,7 +1228,7 @@ pub struct ConnectionPoolStatus {
     /// `tether.dev/instruction` of the pod's own Pod object, and the pod's report
     /// echoes the id it acts on (`pods[].instruction`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
+    #[schemars(length(max = 800), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
     pub instructions: Vec<PodInstruction>,
     /// The rebalancing budget and back-off that outlive one episode (and one operator):
     /// written by the operator alone.

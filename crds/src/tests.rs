@@ -363,9 +363,9 @@ fn status_lists_and_counts_are_bounded() {
     let status = &schema()["properties"]["status"]["properties"];
     // One entry per pod of the largest pool: what keeps the object's size known.
     let max_pods = &schema()["properties"]["spec"]["properties"]["replicas"]["properties"]["max"];
-    assert_eq!(max_pods["maximum"].as_f64(), Some(1000.0));
-    assert_eq!(status["pods"]["maxItems"], json!(1000));
-    assert_eq!(status["instructions"]["maxItems"], json!(1000));
+    assert_eq!(max_pods["maximum"].as_f64(), Some(800.0));
+    assert_eq!(status["pods"]["maxItems"], json!(800));
+    assert_eq!(status["instructions"]["maxItems"], json!(800));
     assert_eq!(
         status["pods"]["items"]["properties"]["name"]["maxLength"],
         json!(63)

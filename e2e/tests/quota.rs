@@ -27,7 +27,6 @@ fn pods_creatable(pool: &ConnectionPool) -> Option<(String, String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "written and compiled, not yet run against the binaries; run with --run-ignored"]
 async fn a_pod_refused_by_a_resource_quota_shows_on_the_pool_until_the_quota_allows_it()
 -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;

@@ -164,6 +164,8 @@ pub enum Reason {
     RolloutComplete,
     /// `spec.rollout.paused`: no new batch (Event and condition).
     RolloutPaused,
+    /// `spec.rollout.paused` turned false on a paused rollout: batches go on (Event).
+    RolloutResumed,
     /// The rollout waits for a drain or a rebalancing episode to end (condition).
     RolloutWaiting,
 }
@@ -191,6 +193,7 @@ impl Reason {
             Reason::BatchStarted => "BatchStarted",
             Reason::RolloutComplete => "RolloutComplete",
             Reason::RolloutPaused => "RolloutPaused",
+            Reason::RolloutResumed => "RolloutResumed",
             Reason::RolloutWaiting => "RolloutWaiting",
         }
     }
@@ -1508,8 +1511,11 @@ pub struct Revisions {
 pub struct Rollout {
     /// The revision being rolled out.
     pub revision: String,
-    /// Batches started so far.
+    /// Batches started so far (0: held by `spec.rollout.paused` before its first).
     pub batches: u32,
+    /// Held by `spec.rollout.paused`, its `RolloutPaused` Event sent: the next step
+    /// that finds it unpaused sends `RolloutResumed`, once.
+    pub paused: bool,
 }
 
 /// What [`plan_with`] gets to roll out with.
@@ -1680,6 +1686,7 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         let events = view
             .under_way
             .iter()
+            .filter(|r| r.batches > 0)
             .map(|r| ScaleEvent {
                 reason: Reason::RolloutComplete,
                 note: format!(
@@ -1724,6 +1731,12 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         if o >= n || at_update(o) {
             continue; // removed by a scale-down, or replaced already
         }
+        if revisions.pods.get(&o).is_none_or(|p| p.terminating) {
+            // Deleted by an earlier step (gone from the list, or terminating), its
+            // replacement not listed yet: deleting it again by name could hit that
+            // replacement, at the new revision, as soon as it is created.
+            continue;
+        }
         if spec.paused {
             continue; // called off: the pod turns ready again
         }
@@ -1744,7 +1757,7 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
     let outdated: Vec<i32> = (0..n).rev().filter(|o| !at_update(*o)).collect();
     if outdated.is_empty() && pending.is_empty() {
         // The last batch is back at the new revision.
-        if let Some(r) = step.memory.take() {
+        if let Some(r) = step.memory.take().filter(|r| r.batches > 0) {
             step.events.push(ScaleEvent {
                 reason: Reason::RolloutComplete,
                 note: format!(
@@ -1765,10 +1778,35 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         }));
         return step;
     }
-    // 2., 3.
+    // 2., 3. A pause and a resume are each one Event (the memory says which was sent).
     if spec.paused {
+        let memory = step.memory.get_or_insert_with(|| Rollout {
+            revision: revisions.update.clone(),
+            batches: 0,
+            paused: false,
+        });
+        if !memory.paused {
+            memory.paused = true;
+            step.events.push(ScaleEvent {
+                reason: Reason::RolloutPaused,
+                note: format!(
+                    "revision {} paused by spec.rollout.paused at {updated}/{n} updated",
+                    revisions.update
+                ),
+            });
+        }
         step.progress = Some(progress(RolloutPhase::Paused));
         return step;
+    }
+    if let Some(memory) = step.memory.as_mut().filter(|r| r.paused) {
+        memory.paused = false;
+        step.events.push(ScaleEvent {
+            reason: Reason::RolloutResumed,
+            note: format!(
+                "revision {} resumed at {updated}/{n} updated",
+                revisions.update
+            ),
+        });
     }
     if let Some(behind) = blocked {
         step.progress = Some(progress(RolloutPhase::Waiting { behind }));
@@ -1802,7 +1840,12 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         }));
         return step;
     }
-    let mut memory = step.memory.take().unwrap_or_else(|| {
+    let mut memory = step.memory.take().unwrap_or_else(|| Rollout {
+        revision: revisions.update.clone(),
+        batches: 0,
+        paused: false,
+    });
+    if memory.batches == 0 {
         step.events.push(ScaleEvent {
             reason: Reason::RolloutStarted,
             note: format!(
@@ -1810,11 +1853,7 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
                 revisions.update
             ),
         });
-        Rollout {
-            revision: revisions.update.clone(),
-            batches: 0,
-        }
-    });
+    }
     memory.batches += 1;
     let id = format!("{ROLLOUT_ID_PREFIX}{}", now.as_millisecond());
     let pods: Vec<String> = chosen.iter().map(|o| pod_name(*o)).collect();
@@ -3690,6 +3729,40 @@ mod rollout_tests {
     }
 
     #[test]
+    fn a_pod_deleted_already_is_not_deleted_again() {
+        let batch = step(
+            &pool(10, vec![], 0),
+            10,
+            view(revisions(10, &[], &[], &[]), None),
+            100,
+        );
+        // Both drained; p-9 was deleted by the previous step and its replacement is
+        // not listed yet, p-8 is still there at the old revision.
+        let p = pool(10, batch.instructions.clone(), 0);
+        let next = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[9]), batch.rollout_memory.clone()),
+            110,
+        );
+        assert_eq!(next.delete, vec!["p-8"]);
+        assert!(next.instructions.is_empty(), "{:?}", next.instructions);
+        // Once both are gone, nothing is deleted and the batch waits for them.
+        let gone = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[8, 9]), batch.rollout_memory),
+            111,
+        );
+        assert!(gone.delete.is_empty(), "{:?}", gone.delete);
+        assert!(matches!(
+            gone.rollout.as_ref().map(|r| &r.phase),
+            Some(RolloutPhase::Replacing { .. })
+        ));
+        assert!(gone.instructions.is_empty());
+    }
+
+    #[test]
     fn a_drain_past_its_deadline_no_longer_holds_the_batch() {
         let batch = step(
             &pool(10, vec![], 0),
@@ -3709,6 +3782,7 @@ mod rollout_tests {
         let under_way = Some(Rollout {
             revision: "new".into(),
             batches: 5,
+            paused: false,
         });
         let done = step(
             &p,
@@ -3742,7 +3816,17 @@ mod rollout_tests {
             paused.rollout.as_ref().map(RolloutProgress::reason),
             Some(Reason::RolloutPaused)
         );
-        assert!(paused.events.is_empty());
+        // Paused before its first batch: one RolloutPaused Event, then none while it
+        // stays paused.
+        assert_eq!(reasons(&paused), vec![Reason::RolloutPaused]);
+        let still = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[]), paused.rollout_memory.clone()),
+            102,
+        );
+        assert!(still.events.is_empty(), "{:?}", still.events);
+        assert!(still.instructions.is_empty());
 
         let batch = step(
             &pool(10, vec![], 0),
@@ -3752,16 +3836,63 @@ mod rollout_tests {
         );
         let mut p = pool(10, batch.instructions.clone(), 50);
         p.spec.rollout.paused = true;
-        let called_off = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 105);
+        let called_off = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[]), batch.rollout_memory.clone()),
+            105,
+        );
         assert!(called_off.instructions.is_empty(), "{called_off:?}");
         assert!(called_off.delete.is_empty());
-        // Not a scale-down's drain: no DrainCancelled.
-        assert!(called_off.events.is_empty(), "{:?}", called_off.events);
+        // Not a scale-down's drain: no DrainCancelled, only the pause.
+        assert_eq!(reasons(&called_off), vec![Reason::RolloutPaused]);
+        assert_eq!(
+            called_off
+                .rollout_memory
+                .as_ref()
+                .map(|r| (r.batches, r.paused)),
+            Some((1, true))
+        );
 
-        // Resumed: the batch starts again.
+        // Resumed: one RolloutResumed Event, and the batch starts again (batch 2 of the
+        // same rollout, no second RolloutStarted).
         let p = pool(10, vec![], 0);
-        let resumed = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 110);
+        let resumed = step(
+            &p,
+            10,
+            view(
+                revisions(10, &[], &[], &[]),
+                called_off.rollout_memory.clone(),
+            ),
+            110,
+        );
         assert_eq!(pods(&resumed), vec!["p-8", "p-9"]);
+        assert_eq!(
+            reasons(&resumed),
+            vec![Reason::RolloutResumed, Reason::BatchStarted]
+        );
+        assert_eq!(
+            resumed
+                .rollout_memory
+                .as_ref()
+                .map(|r| (r.batches, r.paused)),
+            Some((2, false))
+        );
+        // Resumed before its first batch: resumed, then started.
+        let unpaused = step(
+            &p,
+            10,
+            view(revisions(10, &[], &[], &[]), still.rollout_memory.clone()),
+            110,
+        );
+        assert_eq!(
+            reasons(&unpaused),
+            vec![
+                Reason::RolloutResumed,
+                Reason::RolloutStarted,
+                Reason::BatchStarted
+            ]
+        );
     }
 
     #[test]
@@ -3889,6 +4020,7 @@ mod rollout_tests {
             Reason::BatchStarted,
             Reason::RolloutComplete,
             Reason::RolloutPaused,
+            Reason::RolloutResumed,
             Reason::RolloutWaiting,
         ] {
             assert_eq!(format!("{r:?}"), r.as_str());
