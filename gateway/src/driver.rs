@@ -26,6 +26,7 @@
 
 use std::cell::RefCell;
 use std::io::IoSlice;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -126,11 +127,22 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin {
     fn poll_held(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// The descriptor deliveries may write whole frames to while the driver has
+    /// nothing unwritten ([`Connection::lend_socket`](crate::hub::Connection::lend_socket));
+    /// `None` when bytes must go through the socket's own state (TLS).
+    fn lendable_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 impl Socket for TcpStream {
     fn uncork(&self) {
         let _ = socket2::SockRef::from(self).set_tcp_cork(false);
+    }
+
+    fn lendable_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
     }
 }
 
@@ -163,6 +175,9 @@ pub struct Driver<S = TcpStream> {
     early: bool,
     /// The socket is corked until the first write (see [`Socket::uncork`]).
     corked: bool,
+    /// The socket is lent to deliveries ([`Socket::lendable_fd`]): they write whole
+    /// frames to it while nothing is queued; taken back before the driver writes.
+    lent: bool,
 }
 
 impl<S: Socket> Driver<S> {
@@ -185,6 +200,7 @@ impl<S: Socket> Driver<S> {
             deadline: None,
             early: !early.is_empty(),
             corked: true,
+            lent: false,
         }
     }
 
@@ -222,6 +238,7 @@ impl<S: Socket> Driver<S> {
                 }
                 Outbound::Binary(data) => OutFrame::new(Opcode::Binary, data),
                 Outbound::Ping => OutFrame::new(Opcode::Ping, Bytes::new()),
+                Outbound::Raw(rest) => OutFrame::raw(rest),
                 Outbound::Close(code) => {
                     close = Some(code);
                     return false;
@@ -368,7 +385,16 @@ impl<S: Socket> Driver<S> {
         };
         if self.out.is_empty() && !held {
             match self.phase {
-                Phase::Open => self.deadline = None,
+                Phase::Open => {
+                    self.deadline = None;
+                    // Idle again: deliveries may write to the socket themselves until
+                    // something is queued (then they queue, and this task is woken).
+                    if !self.lent
+                        && let Some(fd) = self.io.lendable_fd()
+                    {
+                        self.lent = self.session.connection().lend_socket(fd);
+                    }
+                }
                 Phase::Closing {
                     code,
                     then: AfterClose::AwaitReply,
@@ -403,6 +429,9 @@ impl<S: Socket> Driver<S> {
 
     /// Writes as much of `out` as the socket takes in one vectored write.
     fn write(&mut self, cx: &mut Context<'_>) -> Result<bool, Ended> {
+        // No delivery may write while our bytes are on their way: a frame of theirs
+        // between two parts of ours would corrupt the stream.
+        self.reclaim();
         let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
         let n = self.out.slices(&mut slices);
         match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
@@ -454,6 +483,13 @@ impl<S: Socket> Driver<S> {
         })
     }
 
+    /// Takes the socket back from deliveries, if it was lent.
+    fn reclaim(&mut self) {
+        if std::mem::take(&mut self.lent) {
+            self.session.connection().reclaim_socket();
+        }
+    }
+
     /// How the connection ended when its socket did.
     fn gone(&self) -> Ended {
         match self.phase {
@@ -476,6 +512,15 @@ fn push_reply(out: &mut Frames, session: &Session, message: &GatewayMessage) {
         .metrics
         .messages_sent
         .add(1, &label("kind", "control"));
+}
+
+impl<S> Drop for Driver<S> {
+    fn drop(&mut self) {
+        // Before the socket closes: its descriptor number may be reused at once.
+        if self.lent {
+            self.session.connection().reclaim_socket();
+        }
+    }
 }
 
 impl<S: Socket> Future for Driver<S> {
