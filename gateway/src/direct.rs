@@ -1,5 +1,7 @@
-//! The one system call the gateway makes itself: a non-blocking `sendmsg(2)` of a frame
-//! to a socket its driver lent to deliveries ([`crate::hub::Connection::lend_socket`]).
+//! The system calls the gateway makes itself: a non-blocking `sendmsg(2)` of a frame to
+//! a socket its driver lent to deliveries ([`crate::hub::Connection::lend_socket`]), and
+//! the driver's `recv(2)` that can tell the reactor a socket is drained
+//! ([`crate::driver::Socket::poll_read_drained`]).
 //!
 //! Why not through tokio: the socket belongs to its connection's task, and asking that
 //! task to write — queue, wake, poll — costs more than the write on a broadcast to every
@@ -33,6 +35,21 @@ pub fn send_nonblocking(fd: RawFd, head: &[u8], payload: &[u8]) -> io::Result<us
         Err(io::Error::last_os_error())
     } else {
         Ok(sent as usize)
+    }
+}
+
+/// Reads from `fd` into `buf` without blocking; `Ok(0)` is the end of the stream.
+///
+/// `fd` must be an open socket for the whole call: the caller owns it.
+#[allow(unsafe_code)]
+pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable memory of `buf.len()` bytes for the whole call, and
+    // recv writes at most that many; `fd` is open (see above).
+    let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if got < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(got as usize)
     }
 }
 

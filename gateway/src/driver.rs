@@ -11,6 +11,10 @@
 //!   encoded once for a broadcast) and headers inline;
 //! - the task's waker is handed directly to the socket and to the outbox's
 //!   `AtomicWaker` (no waker proxies, no `Notified` future);
+//! - while it has nothing unwritten, the driver lends the socket to deliveries
+//!   ([`Socket::lendable_fd`], plain TCP only): a broadcast, a push or a ping is then
+//!   written by whoever delivers it, without waking this task; the driver takes the
+//!   socket back before its own writes and before the socket closes;
 //! - timers exist only while needed: a write that the kernel does not take arms the
 //!   write deadline (`limits.writeTimeoutMs`), a close we sent arms the close-handshake
 //!   deadline; both are boxed and dropped once they are no longer needed.
@@ -134,6 +138,18 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin {
     fn lendable_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// Reads into `buf` like `poll_read`. A plain socket also tells the reactor it is
+    /// drained when a read does not fill `buf`, so the next poll waits for new data
+    /// instead of calling `read` once more only to hear `EAGAIN`: one system call less
+    /// per ping answered, on every idle connection.
+    fn poll_read_drained(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(self).poll_read(cx, buf)
+    }
 }
 
 impl Socket for TcpStream {
@@ -143,6 +159,46 @@ impl Socket for TcpStream {
 
     fn lendable_fd(&self) -> Option<RawFd> {
         Some(self.as_raw_fd())
+    }
+
+    fn poll_read_drained(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        use std::io::ErrorKind::{Interrupted, WouldBlock};
+        let fd = self.as_raw_fd();
+        loop {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            let room = buf.initialize_unfilled();
+            let capacity = room.len();
+            let mut got = 0;
+            // A short read is reported to `try_io` as "would block", which clears the
+            // readiness it was made under. Safe against races: readiness set by an
+            // event after that one is not cleared (tokio compares the event's tick),
+            // every new arrival on an edge-triggered socket raises a new event, and a
+            // peer's FIN is never cleared (closed states are final).
+            let outcome = self.try_io(tokio::io::Interest::READABLE, || {
+                got = crate::direct::recv_nonblocking(fd, room)?;
+                if got > 0 && got < capacity {
+                    Err(WouldBlock.into())
+                } else {
+                    Ok(got)
+                }
+            });
+            match outcome {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(err) if err.kind() == WouldBlock && got > 0 => {
+                    buf.advance(got);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(err) if matches!(err.kind(), WouldBlock | Interrupted) => {}
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
     }
 }
 
@@ -470,7 +526,7 @@ impl<S: Socket> Driver<S> {
                 scratch.resize(size, 0);
             }
             let mut buf = ReadBuf::new(&mut scratch[..size]);
-            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+            match self.io.poll_read_drained(cx, &mut buf) {
                 Poll::Pending => Ok(false),
                 Poll::Ready(Err(_)) => Err(self.gone()),
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => Err(self.gone()),

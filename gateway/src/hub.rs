@@ -2,9 +2,19 @@
 //! by group, with a small bounded outbox per connection.
 //!
 //! ```text
-//!   push API / router ──> Hub::deliver(agent) ──> Connection.outbox ──wake──> connection driver ──> socket
+//!   push API / router / sweep ──> Connection::enqueue ──┬─ socket lent, nothing queued ──> sendmsg(2), done
+//!                                                       └─ else ──> outbox ──wake──> connection driver ──> socket
 //!   session (driver) ──> Hub::complete(reply) ──> pending request/ack waiter (oneshot)
 //! ```
+//!
+//! The direct write is what makes a fan-out cost about what the kernel charges: a
+//! queued frame costs a task wake, a poll and two allocations per recipient on top of
+//! the write. An idle driver lends its socket's descriptor to the connection
+//! ([`Connection::lend_socket`]); a delivery holding the connection's lock writes the
+//! whole frame without blocking, and only a full socket buffer (or a partial write,
+//! whose rest is queued first) sends it through the queue. The driver takes the
+//! socket back under the same lock before it writes anything itself or closes it, so
+//! bytes never interleave and the descriptor is never written after its close.
 //!
 //! Memory per idle connection is the product's headline, so a [`Connection`] holds no
 //! buffer while idle: its outbox is a `VecDeque` that allocates only when a message is
