@@ -47,7 +47,9 @@ pub const NO_ANSWER: &str = "no answer";
 
 /// A lock's guard; a panic elsewhere does not make the counts unreadable.
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Largest response head the reader accepts.
@@ -237,9 +239,13 @@ pub async fn run(
             match admission {
                 Admission::Queued => {
                     pushed.sent += 1;
-                    pushed
-                        .lag
-                        .record_us(scheduled.elapsed().as_micros().try_into().unwrap_or(u64::MAX));
+                    pushed.lag.record_us(
+                        scheduled
+                            .elapsed()
+                            .as_micros()
+                            .try_into()
+                            .unwrap_or(u64::MAX),
+                    );
                 }
                 Admission::Saturated => *not_sent.entry(SATURATED).or_default() += 1,
                 Admission::Lost => *not_sent.entry(LANE_LOST).or_default() += 1,
@@ -282,7 +288,9 @@ pub async fn run(
     }
     pushed.elapsed_s = answers
         .last
-        .map_or(start.elapsed(), |last| last.saturating_duration_since(start))
+        .map_or(start.elapsed(), |last| {
+            last.saturating_duration_since(start)
+        })
         .as_secs_f64();
     Ok(pushed)
 }
@@ -298,7 +306,7 @@ fn lose(lane: &Lane, answers: &Mutex<Answers>) {
         std::mem::take(&mut state.unanswered)
     };
     if owed > 0 {
-        *locked(&answers)
+        *locked(answers)
             .errors
             .entry(LOST_IN_FLIGHT.into())
             .or_default() += owed as u64;
@@ -445,7 +453,10 @@ mod tests {
     #[test]
     fn requests_name_the_agent_its_shard_and_the_key() {
         let api = PushApi {
-            shards: vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()],
+            shards: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
             tether: true,
             key: Some("k".into()),
         };

@@ -65,8 +65,14 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut server, _) = listener.accept().unwrap();
-        assert_eq!(send_nonblocking(client.as_raw_fd(), b"\x81\x02", b"hi").unwrap(), 4);
-        assert_eq!(send_nonblocking(client.as_raw_fd(), b"\x89\x00", b"").unwrap(), 2);
+        assert_eq!(
+            send_nonblocking(client.as_raw_fd(), b"\x81\x02", b"hi").unwrap(),
+            4
+        );
+        assert_eq!(
+            send_nonblocking(client.as_raw_fd(), b"\x89\x00", b"").unwrap(),
+            2
+        );
         let mut got = [0u8; 6];
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"\x81\x02hi\x89\x00");

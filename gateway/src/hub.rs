@@ -995,7 +995,10 @@ mod tests {
         assert_eq!(queued(&conn).len(), 1);
         assert!(conn.lend_socket(server_side.as_raw_fd()));
         conn.close(CloseCode::Disconnected);
-        assert_eq!(conn.enqueue(text("late"), 8), Err(DeliveryError::NotConnected));
+        assert_eq!(
+            conn.enqueue(text("late"), 8),
+            Err(DeliveryError::NotConnected)
+        );
         assert!(!conn.lend_socket(server_side.as_raw_fd()));
         let mut buf = [0u8; 16];
         assert_eq!(

@@ -75,7 +75,10 @@ async fn every_agent_gets_every_fan_out_and_push_in_order_even_when_it_reads_lat
             AGENTS as u64
         );
         let response = gw
-            .post("/v1/groups/all/messages", json!({"n": 3 * n + 1, "pad": pad}))
+            .post(
+                "/v1/groups/all/messages",
+                json!({"n": 3 * n + 1, "pad": pad}),
+            )
             .await;
         assert_eq!(
             response.json::<Value>().await.unwrap()["delivered"],
