@@ -247,13 +247,29 @@ impl Connection {
     /// ([`Outbound::Raw`]) and the socket taken back from deliveries, so the next bytes
     /// on the wire are that rest.
     pub fn enqueue(&self, frame: Outbound, capacity: usize) -> Result<(), DeliveryError> {
+        self.enqueue_encoded(frame, None, capacity)
+    }
+
+    /// [`Connection::enqueue`] with the frame already encoded whole (`wire`: header and
+    /// payload in one buffer, shared by every recipient of a fan-out), so that a direct
+    /// write is one buffer handed to the kernel.
+    fn enqueue_encoded(
+        &self,
+        frame: Outbound,
+        wire: Option<&Bytes>,
+        capacity: usize,
+    ) -> Result<(), DeliveryError> {
         {
             let mut state = self.outbox.state.lock();
             if state.closing {
                 return Err(DeliveryError::NotConnected);
             }
             if state.socket >= 0 && state.queue.is_none() {
-                match write_now(state.socket, &frame) {
+                let written = match wire {
+                    Some(wire) => write_encoded(state.socket, wire),
+                    None => write_now(state.socket, &frame),
+                };
+                match written {
                     Written::All => {
                         DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
                         return Ok(());
@@ -408,6 +424,30 @@ fn write_now(fd: std::os::fd::RawFd, frame: &Outbound) -> Written {
         }
         Ok(n) => Written::Part(payload.slice(n - head.len()..)),
     }
+}
+
+/// Writes an encoded frame to `fd` without blocking (see [`write_now`]).
+fn write_encoded(fd: std::os::fd::RawFd, wire: &Bytes) -> Written {
+    match crate::direct::send_nonblocking(fd, wire, &[]) {
+        Ok(n) if n >= wire.len() => Written::All,
+        Ok(0) | Err(_) => Written::Nothing,
+        Ok(n) => Written::Part(wire.slice(n..)),
+    }
+}
+
+/// A data frame encoded whole (header then payload, one buffer); `None` for frames
+/// that never go straight to a socket.
+fn encode_whole(frame: &Outbound) -> Option<Bytes> {
+    let frame = match frame {
+        Outbound::Text(text) => OutFrame::new(Opcode::Text, AsRef::<Bytes>::as_ref(text).clone()),
+        Outbound::Binary(data) => OutFrame::new(Opcode::Binary, data.clone()),
+        Outbound::Ping | Outbound::Close(_) | Outbound::Raw(_) => return None,
+    };
+    let (head, payload) = frame.parts();
+    let mut wire = Vec::with_capacity(head.len() + payload.len());
+    wire.extend_from_slice(head);
+    wire.extend_from_slice(payload);
+    Some(wire.into())
 }
 
 /// One in-flight upstream call of a connection, released on drop.
@@ -761,13 +801,15 @@ impl Hub {
     /// the order they were delivered in, since every delivery to it goes through its
     /// lock.
     async fn fan_out(&self, conns: &[Arc<Connection>], frame: &Outbound) -> usize {
+        // Encoded once: each direct write hands the kernel one shared buffer.
+        let wire = encode_whole(frame);
         let mut delivered = 0;
         for (i, batch) in conns.chunks(FAN_OUT_BATCH).enumerate() {
             if i > 0 {
                 tokio::task::yield_now().await;
             }
             for conn in batch {
-                match conn.enqueue(frame.clone(), self.outbound_queue) {
+                match conn.enqueue_encoded(frame.clone(), wire.as_ref(), self.outbound_queue) {
                     Ok(()) => delivered += 1,
                     Err(DeliveryError::QueueFull) => conn.close(CloseCode::SlowConsumer),
                     Err(_) => {}
