@@ -14,7 +14,9 @@
 //! Modules: [`target`] starts servers, [`worker`] and [`lean`] hold connections, [`stats`] measures,
 //! [`run`] orchestrates one mode over every target and [`report`] prints the table.
 
+pub mod children;
 pub mod lean;
+pub mod pusher;
 pub mod report;
 pub mod run;
 pub mod stats;

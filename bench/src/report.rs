@@ -109,6 +109,8 @@ fn section_table(out: &mut String, mode: &str, results: &[TargetResult]) {
             std::iter::once(
                 [
                     "target",
+                    "scheduled",
+                    "not sent",
                     "sent",
                     "accepted",
                     "delivered",
@@ -118,6 +120,7 @@ fn section_table(out: &mut String, mode: &str, results: &[TargetResult]) {
                     "p99 ms",
                     "p999 ms",
                     "max ms",
+                    "send lag p99 ms",
                     "cpu-s",
                 ]
                 .map(String::from)
@@ -127,15 +130,18 @@ fn section_table(out: &mut String, mode: &str, results: &[TargetResult]) {
                 let l = r.latency.as_ref()?;
                 Some(vec![
                     r.target.clone(),
+                    l.scheduled.to_string(),
+                    l.not_sent.to_string(),
                     l.sent.to_string(),
                     l.accepted.to_string(),
                     l.delivered.to_string(),
-                    l.errors.values().sum::<u64>().to_string(),
+                    (l.errors.values().sum::<u64>() - l.not_sent).to_string(),
                     format!("{:.0}", l.rate),
                     format!("{:.2}", l.p50_ms),
                     format!("{:.2}", l.p99_ms),
                     format!("{:.2}", l.p999_ms),
                     format!("{:.2}", l.max_ms),
+                    format!("{:.2}", l.send_lag_p99_ms),
                     format!("{:.2}", l.server_cpu_s),
                 ])
             }))
@@ -201,6 +207,20 @@ fn section_table(out: &mut String, mode: &str, results: &[TargetResult]) {
     if let Some(rows) = mode_rows {
         out.push('\n');
         render(out, &rows);
+    }
+    if matches!(mode, "push" | "request") {
+        // Every message the table does not count as accepted, by cause: nothing is
+        // left out silently.
+        for r in results {
+            if let Some(l) = r.latency.as_ref().filter(|l| !l.errors.is_empty()) {
+                let causes: Vec<String> = l
+                    .errors
+                    .iter()
+                    .map(|(cause, n)| format!("{cause}: {n}"))
+                    .collect();
+                let _ = writeln!(out, "  {} errors: {}", r.target, causes.join(", "));
+            }
+        }
     }
 }
 

@@ -22,11 +22,16 @@ use tokio::{
 };
 
 use crate::{
-    report,
+    children, pusher, report,
     stats::{self, Hist, unix_nanos},
     target::{Deployment, Kind, Paths, SHARD_CAPACITY, Tuning, Variant},
     worker::{self, Cmd, Event, Job},
 };
+
+/// Pipelined connections of the push driver to each shard's push API.
+const PUSH_LANES_PER_SHARD: usize = 2;
+/// Most unanswered pushes per connection; beyond it a push is counted as not sent.
+const PUSH_LANE_DEPTH: usize = 4096;
 
 /// Most sockets one worker process holds (the fd limit is ~20,000 per process).
 const WORKER_CAPACITY: u64 = 19_000;
@@ -330,8 +335,13 @@ pub struct EndResult {
 /// Latency of pushes (push API → agent) or requests (HTTP round trip).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LatencyResult {
-    /// Messages the driver attempted.
+    /// Messages scheduled (rate × duration).
+    pub scheduled: u64,
+    /// Written to the server.
     pub sent: u64,
+    /// Scheduled but not written, by the driver's own limit (also in `errors`, by
+    /// cause): the machine, not the server, fell behind.
+    pub not_sent: u64,
     /// Accepted by the server (2xx).
     pub accepted: u64,
     /// Received by agents (push) or answered (request).
@@ -348,6 +358,8 @@ pub struct LatencyResult {
     pub p999_ms: f64,
     /// Max, ms.
     pub max_ms: f64,
+    /// p99 of how late the driver sent a message against its schedule, ms.
+    pub send_lag_p99_ms: f64,
     /// Server CPU seconds during the load.
     pub server_cpu_s: f64,
 }
@@ -396,17 +408,35 @@ pub struct ChurnResult {
     pub server_cpu_s: f64,
 }
 
-/// Entry point of the binary after argument parsing.
+/// Entry point of the binary after argument parsing. The coordinator modes stop the
+/// processes they started when the bench gets SIGINT or SIGTERM ([`crate::children`]).
 pub async fn main_with(args: Args) -> anyhow::Result<()> {
-    let (name, common) = match args.mode {
+    match args.mode {
         Mode::Worker => return worker::run().await,
+        Mode::LeanWorker => return crate::lean::run_process(),
+        _ => {}
+    }
+    tokio::select! {
+        outcome = coordinate(args) => outcome,
+        signal = children::stop_signal() => {
+            let signal = signal?;
+            let killed = children::kill_children();
+            eprintln!("tether-bench: signal {signal}: stopped {killed} server and client processes");
+            std::process::exit(128 + signal);
+        }
+    }
+}
+
+/// Runs one coordinator mode over every target.
+async fn coordinate(args: Args) -> anyhow::Result<()> {
+    let (name, common) = match args.mode {
+        Mode::Worker | Mode::LeanWorker => bail!("worker modes do not coordinate"),
         Mode::Connect(c) => ("connect", c),
         Mode::Push(c) => ("push", c),
         Mode::Request(c) => ("request", c),
         Mode::Broadcast(c) => ("broadcast", c),
         Mode::Churn(c) => ("churn", c),
         Mode::Million(m) => return million(m).await,
-        Mode::LeanWorker => return crate::lean::run_process(),
     };
     let paths = Paths {
         bin_dir: match &common.bin_dir {
@@ -826,15 +856,6 @@ impl Api {
         req
     }
 
-    fn push(&self, agent: u64, body: String) -> reqwest::RequestBuilder {
-        let shard = (agent % self.controls.len() as u64) as usize;
-        let path = match self.kind {
-            Kind::Tether => format!("/v1/agents/agent-{agent}/messages"),
-            _ => format!("/push/agent-{agent}"),
-        };
-        self.post(self.url(shard, &path), body)
-    }
-
     fn request(&self, agent: u64, body: String) -> reqwest::RequestBuilder {
         let shard = (agent % self.controls.len() as u64) as usize;
         let path = match self.kind {
@@ -851,11 +872,6 @@ impl Api {
         };
         self.post(self.url(shard, path), body)
     }
-}
-
-fn probe(payload_bytes: usize) -> String {
-    let pad = payload_bytes.saturating_sub(40);
-    format!(r#"{{"t":{},"pad":"{}"}}"#, unix_nanos(), "x".repeat(pad))
 }
 
 /// The workers' reports summed: deliveries since the last report, and the state now.
@@ -913,6 +929,9 @@ async fn drive_messages(
     procs: &mut [WorkerProc],
     result: &mut TargetResult,
 ) -> anyhow::Result<()> {
+    if mode == "push" {
+        return drive_pushes(d, c, n, procs, result).await;
+    }
     let api = Arc::new(Api::new(d)?);
     let pids = d.pids();
     collect_reports(procs).await?; // reset counters
@@ -920,28 +939,32 @@ async fn drive_messages(
     let errors = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let accepted = Arc::new(AtomicU64::new(0));
     let rtt = Arc::new(Mutex::new(Hist::default()));
+    // A request's answer waits for the agent, so requests cannot share a pipelined
+    // connection (one slow answer would hold the ones behind it): each is its own
+    // `reqwest` call, at most this many at once; beyond it a request is not sent and
+    // is counted as such.
     let in_flight = Arc::new(Semaphore::new(4096));
     let total = (c.msg_rate * c.duration).round() as u64;
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
+    let mut sent = 0;
+    let mut lag = Hist::default();
     for i in 0..total {
         // Open loop: message i leaves at i / rate, whatever happened to the ones before.
-        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / c.msg_rate)).await;
+        let scheduled = start + Duration::from_secs_f64(i as f64 / c.msg_rate);
+        tokio::time::sleep_until(scheduled).await;
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             *errors
                 .lock()
                 .expect("lock")
-                .entry("client saturated".into())
+                .entry(pusher::SATURATED.into())
                 .or_insert(0) += 1;
             continue;
         };
+        sent += 1;
+        lag.record_us(scheduled.elapsed().as_micros() as u64);
         let agent = rand::random_range(0..n);
-        let body = probe(c.payload_bytes);
-        let req = if mode == "push" {
-            api.push(agent, body)
-        } else {
-            api.request(agent, body)
-        };
+        let req = api.request(agent, pusher::probe(c.payload_bytes));
         let (errors, accepted, rtt) = (errors.clone(), accepted.clone(), rtt.clone());
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
@@ -982,24 +1005,84 @@ async fn drive_messages(
     }
     let elapsed = start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (pushes, requests, latency, _) = collect_reports(procs).await?;
+    let (_, requests, _, _) = collect_reports(procs).await?;
     let server_cpu_s = cpu_of(&pids) - cpu_before;
-    let (delivered, hist) = if mode == "push" {
-        (pushes, latency)
-    } else {
-        (requests, rtt.lock().expect("lock").clone())
-    };
+    let hist = rtt.lock().expect("lock").clone();
     let errors = errors.lock().expect("lock").clone();
+    let not_sent = total - sent;
     result.latency = Some(LatencyResult {
-        sent: total,
+        scheduled: total,
+        sent,
+        not_sent,
         accepted: accepted.load(Ordering::Relaxed),
-        delivered,
+        delivered: requests,
         errors,
-        rate: delivered as f64 / elapsed.max(1e-9),
+        rate: requests as f64 / elapsed.max(1e-9),
         p50_ms: hist.quantile_ms(0.5),
         p99_ms: hist.quantile_ms(0.99),
         p999_ms: hist.quantile_ms(0.999),
         max_ms: hist.quantile_ms(1.0),
+        send_lag_p99_ms: lag.quantile_ms(0.99),
+        server_cpu_s,
+    });
+    Ok(())
+}
+
+/// Pushes at `--msg-rate` for `--duration` through the pipelined push driver
+/// ([`pusher`]): every scheduled push is sent, answered, or counted as not sent with
+/// its reason; latency is the agents' receipt time minus the send time in the probe.
+async fn drive_pushes(
+    d: &Deployment,
+    c: &Common,
+    n: u64,
+    procs: &mut [WorkerProc],
+    result: &mut TargetResult,
+) -> anyhow::Result<()> {
+    let api = pusher::PushApi {
+        shards: d.shards.iter().map(|s| s.control).collect(),
+        tether: d.kind == Kind::Tether,
+        key: d.api_key.clone(),
+    };
+    let pids = d.pids();
+    collect_reports(procs).await?; // reset counters
+    let cpu_before = cpu_of(&pids);
+    let total = (c.msg_rate * c.duration).round() as u64;
+    let pace = pusher::Pace {
+        rate: c.msg_rate,
+        total,
+        lanes_per_shard: PUSH_LANES_PER_SHARD,
+        depth: PUSH_LANE_DEPTH,
+        drain: Duration::from_secs(30),
+    };
+    let payload_bytes = c.payload_bytes;
+    let pushed = pusher::run(&api, n, pace, || pusher::probe(payload_bytes)).await?;
+    // Deliveries trail the answers by a little; wait until every accepted push arrived
+    // or nothing moved for 2 s.
+    let (mut delivered, mut latency) = (0, Hist::default());
+    let mut quiet_since = Instant::now();
+    while delivered < pushed.accepted && quiet_since.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (p, _, l, _) = collect_reports(procs).await?;
+        if p > 0 {
+            quiet_since = Instant::now();
+        }
+        delivered += p;
+        latency.add(&l);
+    }
+    let server_cpu_s = cpu_of(&pids) - cpu_before;
+    result.latency = Some(LatencyResult {
+        scheduled: total,
+        sent: pushed.sent,
+        not_sent: pushed.not_sent(),
+        accepted: pushed.accepted,
+        delivered,
+        errors: pushed.errors.clone(),
+        rate: delivered as f64 / pushed.elapsed_s.max(1e-9),
+        p50_ms: latency.quantile_ms(0.5),
+        p99_ms: latency.quantile_ms(0.99),
+        p999_ms: latency.quantile_ms(0.999),
+        max_ms: latency.quantile_ms(1.0),
+        send_lag_p99_ms: pushed.lag.quantile_ms(0.99),
         server_cpu_s,
     });
     Ok(())
@@ -1022,7 +1105,7 @@ async fn drive_broadcast(
             tokio::time::sleep(Duration::from_millis(c.interval_ms)).await;
         }
         let sends = (0..api.controls.len())
-            .map(|shard| api.broadcast(shard, probe(c.payload_bytes)).send());
+            .map(|shard| api.broadcast(shard, pusher::probe(c.payload_bytes)).send());
         for outcome in futures_util::future::join_all(sends).await {
             let status = outcome?.status();
             if !status.is_success() {

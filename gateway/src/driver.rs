@@ -11,6 +11,10 @@
 //!   encoded once for a broadcast) and headers inline;
 //! - the task's waker is handed directly to the socket and to the outbox's
 //!   `AtomicWaker` (no waker proxies, no `Notified` future);
+//! - while it has nothing unwritten, the driver lends the socket to deliveries
+//!   ([`Socket::lendable_fd`], plain TCP only): a broadcast, a push or a ping is then
+//!   written by whoever delivers it, without waking this task; the driver takes the
+//!   socket back before its own writes and before the socket closes;
 //! - timers exist only while needed: a write that the kernel does not take arms the
 //!   write deadline (`limits.writeTimeoutMs`), a close we sent arms the close-handshake
 //!   deadline; both are boxed and dropped once they are no longer needed.
@@ -26,6 +30,7 @@
 
 use std::cell::RefCell;
 use std::io::IoSlice;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -126,11 +131,74 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin {
     fn poll_held(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// The descriptor deliveries may write whole frames to while the driver has
+    /// nothing unwritten ([`Connection::lend_socket`](crate::hub::Connection::lend_socket));
+    /// `None` when bytes must go through the socket's own state (TLS).
+    fn lendable_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Reads into `buf` like `poll_read`. A plain socket also tells the reactor it is
+    /// drained when a read does not fill `buf`, so the next poll waits for new data
+    /// instead of calling `read` once more only to hear `EAGAIN`: one system call less
+    /// per ping answered, on every idle connection.
+    fn poll_read_drained(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(self).poll_read(cx, buf)
+    }
 }
 
 impl Socket for TcpStream {
     fn uncork(&self) {
         let _ = socket2::SockRef::from(self).set_tcp_cork(false);
+    }
+
+    fn lendable_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+
+    fn poll_read_drained(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        use std::io::ErrorKind::{Interrupted, WouldBlock};
+        let fd = self.as_raw_fd();
+        loop {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            let room = buf.initialize_unfilled();
+            let capacity = room.len();
+            let mut got = 0;
+            // A short read is reported to `try_io` as "would block", which clears the
+            // readiness it was made under. Safe against races: readiness set by an
+            // event after that one is not cleared (tokio compares the event's tick),
+            // every new arrival on an edge-triggered socket raises a new event, and a
+            // peer's FIN is never cleared (closed states are final).
+            let outcome = self.try_io(tokio::io::Interest::READABLE, || {
+                got = crate::direct::recv_nonblocking(fd, room)?;
+                if got > 0 && got < capacity {
+                    Err(WouldBlock.into())
+                } else {
+                    Ok(got)
+                }
+            });
+            match outcome {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(err) if err.kind() == WouldBlock && got > 0 => {
+                    buf.advance(got);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(err) if matches!(err.kind(), WouldBlock | Interrupted) => {}
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
     }
 }
 
@@ -163,6 +231,9 @@ pub struct Driver<S = TcpStream> {
     early: bool,
     /// The socket is corked until the first write (see [`Socket::uncork`]).
     corked: bool,
+    /// The socket is lent to deliveries ([`Socket::lendable_fd`]): they write whole
+    /// frames to it while nothing is queued; taken back before the driver writes.
+    lent: bool,
 }
 
 impl<S: Socket> Driver<S> {
@@ -185,6 +256,7 @@ impl<S: Socket> Driver<S> {
             deadline: None,
             early: !early.is_empty(),
             corked: true,
+            lent: false,
         }
     }
 
@@ -222,6 +294,7 @@ impl<S: Socket> Driver<S> {
                 }
                 Outbound::Binary(data) => OutFrame::new(Opcode::Binary, data),
                 Outbound::Ping => OutFrame::new(Opcode::Ping, Bytes::new()),
+                Outbound::Raw(rest) => OutFrame::raw(rest),
                 Outbound::Close(code) => {
                     close = Some(code);
                     return false;
@@ -368,7 +441,16 @@ impl<S: Socket> Driver<S> {
         };
         if self.out.is_empty() && !held {
             match self.phase {
-                Phase::Open => self.deadline = None,
+                Phase::Open => {
+                    self.deadline = None;
+                    // Idle again: deliveries may write to the socket themselves until
+                    // something is queued (then they queue, and this task is woken).
+                    if !self.lent
+                        && let Some(fd) = self.io.lendable_fd()
+                    {
+                        self.lent = self.session.connection().lend_socket(fd);
+                    }
+                }
                 Phase::Closing {
                     code,
                     then: AfterClose::AwaitReply,
@@ -403,6 +485,9 @@ impl<S: Socket> Driver<S> {
 
     /// Writes as much of `out` as the socket takes in one vectored write.
     fn write(&mut self, cx: &mut Context<'_>) -> Result<bool, Ended> {
+        // No delivery may write while our bytes are on their way: a frame of theirs
+        // between two parts of ours would corrupt the stream.
+        self.reclaim();
         let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
         let n = self.out.slices(&mut slices);
         match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
@@ -441,7 +526,7 @@ impl<S: Socket> Driver<S> {
                 scratch.resize(size, 0);
             }
             let mut buf = ReadBuf::new(&mut scratch[..size]);
-            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+            match self.io.poll_read_drained(cx, &mut buf) {
                 Poll::Pending => Ok(false),
                 Poll::Ready(Err(_)) => Err(self.gone()),
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => Err(self.gone()),
@@ -452,6 +537,13 @@ impl<S: Socket> Driver<S> {
                 }
             }
         })
+    }
+
+    /// Takes the socket back from deliveries, if it was lent.
+    fn reclaim(&mut self) {
+        if std::mem::take(&mut self.lent) {
+            self.session.connection().reclaim_socket();
+        }
     }
 
     /// How the connection ended when its socket did.
@@ -476,6 +568,15 @@ fn push_reply(out: &mut Frames, session: &Session, message: &GatewayMessage) {
         .metrics
         .messages_sent
         .add(1, &label("kind", "control"));
+}
+
+impl<S> Drop for Driver<S> {
+    fn drop(&mut self) {
+        // Before the socket closes: its descriptor number may be reused at once.
+        if self.lent {
+            self.session.connection().reclaim_socket();
+        }
+    }
 }
 
 impl<S: Socket> Future for Driver<S> {

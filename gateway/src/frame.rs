@@ -484,14 +484,29 @@ impl OutFrame {
         Self::new(Opcode::Close, payload.into())
     }
 
+    /// Bytes written as they are, with no header: the rest of a frame whose start
+    /// is already on the wire ([`crate::hub::Outbound::Raw`]).
+    pub fn raw(bytes: Bytes) -> Self {
+        Self {
+            head: [0; 10],
+            head_len: 0,
+            payload: bytes,
+        }
+    }
+
+    /// The header and the payload, in wire order.
+    pub fn parts(&self) -> (&[u8], &Bytes) {
+        (self.head(), &self.payload)
+    }
+
     /// Header plus payload length.
     pub fn len(&self) -> usize {
         usize::from(self.head_len) + self.payload.len()
     }
 
-    /// Whether the frame has no bytes (never: a header is at least 2 bytes).
+    /// Whether the frame has no bytes.
     pub fn is_empty(&self) -> bool {
-        false
+        self.len() == 0
     }
 
     fn head(&self) -> &[u8] {

@@ -2,9 +2,19 @@
 //! by group, with a small bounded outbox per connection.
 //!
 //! ```text
-//!   push API / router ──> Hub::deliver(agent) ──> Connection.outbox ──wake──> connection driver ──> socket
+//!   push API / router / sweep ──> Connection::enqueue ──┬─ socket lent, nothing queued ──> sendmsg(2), done
+//!                                                       └─ else ──> outbox ──wake──> connection driver ──> socket
 //!   session (driver) ──> Hub::complete(reply) ──> pending request/ack waiter (oneshot)
 //! ```
+//!
+//! The direct write is what makes a fan-out cost about what the kernel charges: a
+//! queued frame costs a task wake, a poll and two allocations per recipient on top of
+//! the write. An idle driver lends its socket's descriptor to the connection
+//! ([`Connection::lend_socket`]); a delivery holding the connection's lock writes the
+//! whole frame without blocking, and only a full socket buffer (or a partial write,
+//! whose rest is queued first) sends it through the queue. The driver takes the
+//! socket back under the same lock before it writes anything itself or closes it, so
+//! bytes never interleave and the descriptor is never written after its close.
 //!
 //! Memory per idle connection is the product's headline, so a [`Connection`] holds no
 //! buffer while idle: its outbox is a `VecDeque` that allocates only when a message is
@@ -33,6 +43,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::frame::{Opcode, OutFrame};
 use crate::liveness::Clock;
 
 /// One frame waiting to be written to an agent.
@@ -46,6 +57,9 @@ pub enum Outbound {
     Ping,
     /// Close the connection with this code once everything queued before it is written.
     Close(CloseCode),
+    /// The unwritten rest of a frame that a delivery began writing straight to the
+    /// socket ([`Connection::enqueue`]); written as is, before anything else.
+    Raw(Bytes),
 }
 
 /// Why a message could not be queued for an agent.
@@ -105,6 +119,12 @@ struct Mutable {
     queue: Option<Box<VecDeque<Outbound>>>,
     /// Set once a `Close` is queued: nothing more is accepted.
     closing: bool,
+    /// The socket's descriptor while its driver lends it ([`Connection::lend_socket`]),
+    /// -1 otherwise: deliveries then write straight to it instead of queueing and
+    /// waking the driver. Lent only while the driver holds nothing unwritten and the
+    /// queue is empty, and taken back (under this lock) before the driver writes or
+    /// drops the socket — so bytes never interleave and the descriptor is open.
+    socket: i32,
     /// The token's groups and id; `None` for an agent in no group whose token has no
     /// `jti`.
     groups: Option<Box<Groups>>,
@@ -176,6 +196,7 @@ impl Connection {
                 state: Mutex::new(Mutable {
                     queue: None,
                     closing: false,
+                    socket: -1,
                     groups: groups_of(groups, None),
                 }),
                 waker: AtomicWaker::new(),
@@ -214,17 +235,60 @@ impl Connection {
             .map(|_| UpstreamSlot(self.clone()))
     }
 
-    /// Queues a frame unless the queue holds `capacity` frames already or the connection
-    /// is closing.
+    /// Delivers a frame: written straight to the socket when its driver lends it and
+    /// nothing waits before it (no queue, no task wake, no poll: a broadcast or a ping
+    /// costs about the `send(2)` alone), else queued for the driver unless the queue
+    /// holds `capacity` frames already or the connection is closing.
     ///
     /// `closing` is checked under the queue's lock, and [`Connection::close`] sets it
-    /// under the same lock: a push racing a close is either queued before the `Close`
-    /// (and written) or refused (and the caller told) — never queued after it and lost.
+    /// under the same lock: a push racing a close is either delivered before the
+    /// `Close` (and written) or refused (and the caller told) — never queued after it
+    /// and lost. A frame the kernel takes only in part leaves its rest queued first
+    /// ([`Outbound::Raw`]) and the socket taken back from deliveries, so the next bytes
+    /// on the wire are that rest.
     pub fn enqueue(&self, frame: Outbound, capacity: usize) -> Result<(), DeliveryError> {
+        self.enqueue_encoded(frame, None, capacity)
+    }
+
+    /// [`Connection::enqueue`] with the frame already encoded whole (`wire`: header and
+    /// payload in one buffer, shared by every recipient of a fan-out), so that a direct
+    /// write is one buffer handed to the kernel.
+    fn enqueue_encoded(
+        &self,
+        frame: Outbound,
+        wire: Option<&Bytes>,
+        capacity: usize,
+    ) -> Result<(), DeliveryError> {
         {
             let mut state = self.outbox.state.lock();
             if state.closing {
                 return Err(DeliveryError::NotConnected);
+            }
+            if state.socket >= 0 && state.queue.is_none() {
+                let written = match wire {
+                    Some(wire) => write_encoded(state.socket, wire),
+                    None => write_now(state.socket, &frame),
+                };
+                match written {
+                    Written::All => {
+                        DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Written::Part(rest) => {
+                        DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
+                        state.socket = -1;
+                        state
+                            .queue
+                            .get_or_insert_default()
+                            .push_back(Outbound::Raw(rest));
+                        drop(state);
+                        self.outbox.waker.wake();
+                        return Ok(());
+                    }
+                    // Full socket buffer, or an error the driver will meet itself:
+                    // queued as if the socket had not been lent.
+                    Written::Nothing => {}
+                }
             }
             if state.queue_len() >= capacity {
                 return Err(DeliveryError::QueueFull);
@@ -233,6 +297,25 @@ impl Connection {
         }
         self.outbox.waker.wake();
         Ok(())
+    }
+
+    /// Lends the socket `fd` to deliveries ([`Connection::enqueue`]) if nothing is
+    /// queued and the connection is not closing; returns whether it did. The driver
+    /// calls it when it has nothing unwritten, and must [`reclaim`](Self::reclaim_socket)
+    /// it before writing itself or closing the descriptor.
+    pub fn lend_socket(&self, fd: std::os::fd::RawFd) -> bool {
+        let mut state = self.outbox.state.lock();
+        if state.queue.is_some() || state.closing || fd < 0 {
+            return false;
+        }
+        state.socket = fd;
+        true
+    }
+
+    /// Takes the socket back from deliveries; once this returns no delivery writes to
+    /// it (one in progress holds the lock this waits for).
+    pub fn reclaim_socket(&self) {
+        self.outbox.state.lock().socket = -1;
     }
 
     /// Queues a close after whatever is already queued. The first close wins; later
@@ -301,6 +384,72 @@ impl Connection {
     }
 }
 
+/// Frames written straight to sockets by deliveries since the last
+/// [`take_direct_writes`] (the drivers count the frames they write themselves).
+static DIRECT_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// Frames written straight to sockets since the last call (for `tether.messages.sent`).
+pub fn take_direct_writes() -> u64 {
+    DIRECT_WRITES.swap(0, Ordering::Relaxed)
+}
+
+/// What a write straight to a lent socket did.
+enum Written {
+    /// The whole frame.
+    All,
+    /// Part of it; the rest.
+    Part(Bytes),
+    /// Nothing (the kernel's buffer is full, or the socket failed).
+    Nothing,
+}
+
+/// Writes `frame` (a data frame or a ping) to `fd` without blocking, header and payload
+/// in one `sendmsg(2)`. Closes and raw rests are never written here.
+fn write_now(fd: std::os::fd::RawFd, frame: &Outbound) -> Written {
+    let frame = match frame {
+        Outbound::Text(text) => OutFrame::new(Opcode::Text, AsRef::<Bytes>::as_ref(text).clone()),
+        Outbound::Binary(data) => OutFrame::new(Opcode::Binary, data.clone()),
+        Outbound::Ping => OutFrame::new(Opcode::Ping, Bytes::new()),
+        Outbound::Close(_) | Outbound::Raw(_) => return Written::Nothing,
+    };
+    let (head, payload) = frame.parts();
+    match crate::direct::send_nonblocking(fd, head, payload) {
+        Ok(n) if n >= head.len() + payload.len() => Written::All,
+        Ok(0) | Err(_) => Written::Nothing,
+        Ok(n) if n < head.len() => {
+            let mut rest = Vec::with_capacity(head.len() - n + payload.len());
+            rest.extend_from_slice(&head[n..]);
+            rest.extend_from_slice(payload);
+            Written::Part(rest.into())
+        }
+        Ok(n) => Written::Part(payload.slice(n - head.len()..)),
+    }
+}
+
+/// Writes an encoded frame to `fd` without blocking (see [`write_now`]).
+fn write_encoded(fd: std::os::fd::RawFd, wire: &Bytes) -> Written {
+    match crate::direct::send_nonblocking(fd, wire, &[]) {
+        Ok(n) if n >= wire.len() => Written::All,
+        Ok(0) | Err(_) => Written::Nothing,
+        Ok(n) => Written::Part(wire.slice(n..)),
+    }
+}
+
+/// A data frame encoded whole (header then payload, one buffer); `None` for frames
+/// that never go straight to a socket.
+fn encode_whole(frame: &Outbound) -> Option<Bytes> {
+    let frame = match frame {
+        Outbound::Text(text) => OutFrame::new(Opcode::Text, AsRef::<Bytes>::as_ref(text).clone()),
+        Outbound::Binary(data) => OutFrame::new(Opcode::Binary, data.clone()),
+        Outbound::Ping | Outbound::Close(_) | Outbound::Raw(_) => return None,
+    };
+    let (head, payload) = frame.parts();
+    let mut wire = Vec::with_capacity(head.len() + payload.len());
+    wire.extend_from_slice(head);
+    wire.extend_from_slice(payload);
+    Some(wire.into())
+}
+
 /// One in-flight upstream call of a connection, released on drop.
 #[derive(Debug)]
 pub struct UpstreamSlot(Arc<Connection>);
@@ -336,6 +485,10 @@ pub struct Registered {
 }
 
 type PendingKey = (u64, Box<str>);
+
+/// Connections a fan-out delivers to before it yields its worker thread: about a
+/// millisecond of `send(2)` calls on loopback.
+pub const FAN_OUT_BATCH: usize = 256;
 
 /// A waiter's entry: its token (gateway-made, unique), what it waits for, where to.
 #[derive(Debug)]
@@ -610,10 +763,10 @@ impl Hub {
         entry.tx.send(reply).is_ok()
     }
 
-    /// Queues the same frame for every member of a group; returns how many got it.
+    /// Delivers the same frame to every member of a group; returns how many got it.
     /// Members whose queue is full are closed as slow consumers: a broadcast cannot
     /// answer 429 per recipient, and silently skipping one would lose the message.
-    pub fn deliver_to_group(&self, group: &str, frame: &Outbound) -> usize {
+    pub async fn deliver_to_group(&self, group: &str, frame: &Outbound) -> usize {
         let members: Vec<Arc<Connection>> = {
             let index = self.index.read();
             let Some(names) = index.groups.get(group) else {
@@ -624,11 +777,11 @@ impl Hub {
                 .filter_map(|n| index.agents.get(&**n).map(|c| c.0.clone()))
                 .collect()
         };
-        self.fan_out(members.iter(), frame)
+        self.fan_out(&members, frame).await
     }
 
-    /// Queues the same frame for every connection; returns how many got it.
-    pub fn broadcast(&self, frame: &Outbound) -> usize {
+    /// Delivers the same frame to every connection; returns how many got it.
+    pub async fn broadcast(&self, frame: &Outbound) -> usize {
         let all: Vec<Arc<Connection>> = self
             .index
             .read()
@@ -636,20 +789,31 @@ impl Hub {
             .iter()
             .map(|c| c.0.clone())
             .collect();
-        self.fan_out(all.iter(), frame)
+        self.fan_out(&all, frame).await
     }
 
-    fn fan_out<'a>(
-        &self,
-        conns: impl Iterator<Item = &'a Arc<Connection>>,
-        frame: &Outbound,
-    ) -> usize {
+    /// One frame (its payload shared, never copied) to each of `conns`, in batches of
+    /// [`FAN_OUT_BATCH`]: most are written straight to their idle sockets
+    /// ([`Connection::enqueue`]), so a batch is mostly `send(2)` calls, and between
+    /// batches the worker thread is handed back so that a fan-out to a hundred
+    /// thousand connections does not hold it for the whole loop. A connection that
+    /// closed meanwhile is skipped (not counted); each connection's frames stay in
+    /// the order they were delivered in, since every delivery to it goes through its
+    /// lock.
+    async fn fan_out(&self, conns: &[Arc<Connection>], frame: &Outbound) -> usize {
+        // Encoded once: each direct write hands the kernel one shared buffer.
+        let wire = encode_whole(frame);
         let mut delivered = 0;
-        for conn in conns {
-            match conn.enqueue(frame.clone(), self.outbound_queue) {
-                Ok(()) => delivered += 1,
-                Err(DeliveryError::QueueFull) => conn.close(CloseCode::SlowConsumer),
-                Err(_) => {}
+        for (i, batch) in conns.chunks(FAN_OUT_BATCH).enumerate() {
+            if i > 0 {
+                tokio::task::yield_now().await;
+            }
+            for conn in batch {
+                match conn.enqueue_encoded(frame.clone(), wire.as_ref(), self.outbound_queue) {
+                    Ok(()) => delivered += 1,
+                    Err(DeliveryError::QueueFull) => conn.close(CloseCode::SlowConsumer),
+                    Err(_) => {}
+                }
             }
         }
         delivered
@@ -793,8 +957,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<ByAgent>(), 8);
     }
 
-    #[test]
-    fn newest_connection_wins_and_old_one_is_closed() {
+    #[tokio::test]
+    async fn newest_connection_wins_and_old_one_is_closed() {
         let hub = Hub::new(8, 8);
         let old = Connection::new(hub.next_connection_id(), "a", vec!["g".into()], u64::MAX);
         let new = Connection::new(hub.next_connection_id(), "a", vec!["g".into()], u64::MAX);
@@ -808,10 +972,82 @@ mod tests {
         // The replaced connection's own unregister must not remove its successor.
         assert!(!hub.unregister(&old));
         assert_eq!(hub.get("a").unwrap().id, new.id);
-        assert_eq!(hub.deliver_to_group("g", &text("x")), 1);
+        assert_eq!(hub.deliver_to_group("g", &text("x")).await, 1);
         assert!(hub.unregister(&new));
         assert!(hub.is_empty());
-        assert_eq!(hub.deliver_to_group("g", &text("x")), 0);
+        assert_eq!(hub.deliver_to_group("g", &text("x")).await, 0);
+    }
+
+    /// A lent socket takes whole frames straight away; once the kernel's buffer is
+    /// full a frame is written in part, its rest queued first and the socket taken
+    /// back, so every later frame queues behind it: the bytes on the wire stay whole
+    /// frames, in delivery order.
+    #[test]
+    fn deliveries_write_to_a_lent_socket_and_queue_the_rest_in_order() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server_side = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut agent, _) = listener.accept().unwrap();
+        let conn = Connection::new(1, "a", vec![], u64::MAX);
+        assert!(conn.lend_socket(server_side.as_raw_fd()));
+        conn.enqueue(text("hi"), 8).unwrap();
+        conn.enqueue(Outbound::Ping, 8).unwrap();
+        assert_eq!(conn.queue_len(), 0, "written, not queued");
+        let mut got = [0u8; 6];
+        agent.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\x81\x02hi\x89\x00");
+
+        // Nobody reads: frames of 60 KiB until one does not fit whole.
+        let big = Outbound::Binary(Bytes::from(vec![7u8; 60 * 1024]));
+        let mut written = 0;
+        while conn.queue_len() == 0 {
+            conn.enqueue(big.clone(), 1_000).unwrap();
+            written += 1;
+            assert!(written < 10_000, "the socket never filled");
+        }
+        conn.enqueue(text("after"), 1_000).unwrap();
+        let queued = queued(&conn);
+        assert!(
+            matches!(queued.as_slice(), [Outbound::Raw(_), Outbound::Text(t)] if t.as_str() == "after"),
+            "{queued:?}"
+        );
+        // Taken back: from now on everything queues, even with room in the kernel.
+        conn.enqueue(text("later"), 1_000).unwrap();
+        assert_eq!(conn.queue_len(), 1);
+    }
+
+    /// A closing connection refuses deliveries even with its socket lent, and a
+    /// reclaimed socket is never written by a delivery.
+    #[test]
+    fn closing_and_reclaiming_stop_direct_writes() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server_side = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut agent, _) = listener.accept().unwrap();
+        agent.set_nonblocking(true).unwrap();
+        let conn = Connection::new(1, "a", vec![], u64::MAX);
+        assert!(conn.lend_socket(server_side.as_raw_fd()));
+        conn.reclaim_socket();
+        conn.enqueue(text("queued"), 8).unwrap();
+        assert_eq!(conn.queue_len(), 1);
+        // Something is queued: the socket is not lent until the driver took it.
+        assert!(!conn.lend_socket(server_side.as_raw_fd()));
+        assert_eq!(queued(&conn).len(), 1);
+        assert!(conn.lend_socket(server_side.as_raw_fd()));
+        conn.close(CloseCode::Disconnected);
+        assert_eq!(
+            conn.enqueue(text("late"), 8),
+            Err(DeliveryError::NotConnected)
+        );
+        assert!(!conn.lend_socket(server_side.as_raw_fd()));
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            agent.read(&mut buf).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::WouldBlock),
+            "nothing was written to the socket"
+        );
     }
 
     #[test]
@@ -839,15 +1075,15 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn broadcast_closes_slow_consumers_instead_of_skipping_them() {
+    #[tokio::test]
+    async fn broadcast_closes_slow_consumers_instead_of_skipping_them() {
         let hub = Hub::new(1, 8);
         let slow = Connection::new(1, "slow", vec![], u64::MAX);
         let fast = Connection::new(2, "fast", vec![], u64::MAX);
         hub.register(&slow);
         hub.register(&fast);
         hub.deliver("slow", text("backlog")).unwrap();
-        assert_eq!(hub.broadcast(&text("all")), 1);
+        assert_eq!(hub.broadcast(&text("all")).await, 1);
         assert!(slow.is_closing());
         assert!(!fast.is_closing());
     }

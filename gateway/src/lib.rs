@@ -32,6 +32,7 @@
 pub mod api;
 pub mod auth;
 pub mod connect_check;
+pub mod direct;
 pub mod driver;
 pub mod frame;
 pub mod hub;

@@ -29,7 +29,10 @@ use std::time::{Duration, Instant};
 use tether_config::Limits;
 use tether_protocol::CloseCode;
 
-use crate::hub::{Connection, Hub, Outbound, unix_now};
+use opentelemetry::metrics::Counter;
+
+use crate::hub::{Connection, Hub, Outbound, take_direct_writes, unix_now};
+use crate::metrics::label;
 
 /// Where the process clock starts ([`now_secs`]) instead of 0, ≈ 12 days: a new
 /// connection's stamp is set up to one ping interval (at most this much) in the past,
@@ -184,14 +187,20 @@ pub fn verdict(stamps: Stamps, now: u32, unix: u64, limits: &Limits) -> Verdict 
 /// slice, so every connection is still looked at once a second.
 pub const SWEEP_SLICES: u64 = 10;
 
-/// Checks every connection once a second, a slice per tick, forever.
-pub async fn sweep(hub: Arc<Hub>, limits: Limits) {
+/// Checks every connection once a second, a slice per tick, forever; each tick also
+/// adds the frames deliveries wrote straight to sockets ([`take_direct_writes`]) to
+/// `sent` (the drivers count the frames they write themselves).
+pub async fn sweep(hub: Arc<Hub>, limits: Limits, sent: Counter<u64>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1) / SWEEP_SLICES as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeper = Sweeper::default();
     for slice in (0..SWEEP_SLICES).cycle() {
         tick.tick().await;
         sweeper.tick(&hub, slice, now_secs(), unix_now(), &limits);
+        let direct = take_direct_writes();
+        if direct > 0 {
+            sent.add(direct, &label("kind", "queued"));
+        }
     }
 }
 

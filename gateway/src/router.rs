@@ -360,11 +360,11 @@ impl Router for LocalRouter {
     }
 
     async fn send_to_group(&self, group: &str, frame: Outbound) -> Result<usize, RouteError> {
-        Ok(self.hub.deliver_to_group(group, &frame))
+        Ok(self.hub.deliver_to_group(group, &frame).await)
     }
 
     async fn broadcast(&self, frame: Outbound) -> Result<usize, RouteError> {
-        Ok(self.hub.broadcast(&frame))
+        Ok(self.hub.broadcast(&frame).await)
     }
 
     async fn presence(&self, agent: &str) -> Result<Option<Presence>, RouteError> {

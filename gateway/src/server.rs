@@ -357,6 +357,7 @@ async fn run(
     let liveness = tokio::spawn(crate::liveness::sweep(
         state.hub.clone(),
         state.config.limits.clone(),
+        state.metrics.messages_sent.clone(),
     ));
 
     let status = state

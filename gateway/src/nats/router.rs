@@ -1095,8 +1095,8 @@ impl Inner {
             Call::Fanout { group, binary } => {
                 let n = match wire::frame_of(body, binary) {
                     Ok(frame) => match &group {
-                        Some(group) => self.hub.deliver_to_group(group, &frame),
-                        None => self.hub.broadcast(&frame),
+                        Some(group) => self.hub.deliver_to_group(group, &frame).await,
+                        None => self.hub.broadcast(&frame).await,
                     },
                     Err(_) => 0,
                 };

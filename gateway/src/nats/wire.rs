@@ -276,7 +276,7 @@ pub fn frame_body(frame: &Outbound) -> (Bytes, bool) {
     match frame {
         Outbound::Text(text) => (Bytes::from(text.clone()), false),
         Outbound::Binary(bytes) => (bytes.clone(), true),
-        Outbound::Close(_) | Outbound::Ping => (Bytes::new(), true),
+        Outbound::Close(_) | Outbound::Ping | Outbound::Raw(_) => (Bytes::new(), true),
     }
 }
 

@@ -5,6 +5,7 @@ mod common;
 
 mod connect_check;
 mod drain;
+mod fanout;
 mod handshake;
 mod jwks;
 mod limits;
