@@ -433,16 +433,14 @@ async fn sync_set(
         .filter_map(|(n, p)| Some((crate::scaling_ordinal(&pool, n)?, p.revision.clone())))
         .filter(|(o, _)| *o < replicas)
         .collect();
-    let (fields, current) =
-        crate::revision::status_fields(&revisions, replicas, &current, &update);
+    let (fields, current) = crate::revision::status_fields(&revisions, replicas, &current, &update);
     let memory = sts_status.entry(pool.clone()).or_default();
     memory.current = Some(current);
     let mut status = json!({
         "observedGeneration": sts.metadata.generation,
         "replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
     });
-    if let (Some(status), serde_json::Value::Object(fields)) = (status.as_object_mut(), fields)
-    {
+    if let (Some(status), serde_json::Value::Object(fields)) = (status.as_object_mut(), fields) {
         status.extend(fields);
     }
     if memory.status.as_ref() != Some(&status) {
