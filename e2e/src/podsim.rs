@@ -339,14 +339,14 @@ async fn sync_set(
         }
     };
     if memory.recorded.insert(update.clone())
-        && let Err(e) = crate::revision::record(client, &sts, &update).await
+        && let Err(e) = crate::revision::record(client, sts, &update).await
     {
         memory.recorded.remove(&update);
         debug!(%e, "pod simulator: ControllerRevision");
     }
     let current = memory.current.get_or_insert_with(|| update.clone()).clone();
     // RollingUpdate: the controller replaces the highest old pod, one at a time.
-    if !crate::revision::on_delete(&sts) {
+    if !crate::revision::on_delete(sts) {
         let all_there =
             (0..replicas).all(|o| world.pods.lock().contains_key(&format!("{pool}-{o}")));
         let old = (0..replicas)
