@@ -7,6 +7,8 @@
 //!  Pods (one watch)     ──► tether.dev/instruction: drain → empty now, draining, echo id
 //!                                                   shed N → N agents leave, briefly
 //!                                                   closed to new ones, echo id
+//!                                                   admissionClosedUntil T → unready,
+//!                                                   no new agents until T (any id)
 //!  load script          ──► demand per pool: agents placed evenly on accepting pods up to
 //!                           maxConnectionsPerPod, the rest counted as refused
 //!  every pod            ──► SSA of its own status.pods[] entry, field manager
@@ -54,6 +56,10 @@ pub struct SimPod {
     pub draining: bool,
     /// Closed to new agents until then (a shed round).
     pub shedding_until: Option<Instant>,
+    /// Closed to new agents, and unready, until then (a rebalancing episode's
+    /// `admissionClosedUntil`, as the gateway follows it: the time of the current
+    /// instruction, none without one).
+    pub admission_closed_until: Option<Timestamp>,
     /// The instruction id it acts on (echoed in reports).
     pub instruction: Option<String>,
     /// Every instruction id it acted on, in order (a drain or shed acted on twice would
@@ -69,6 +75,16 @@ pub struct SimPod {
     uid: Option<String>,
     seen: bool,
     last: Option<(Instant, Snapshot)>,
+}
+
+impl SimPod {
+    /// Whether it takes new agents (and so reports itself ready): not draining, not
+    /// shedding, admission not closed (the gateway's `admits_newcomers`).
+    fn admits(&self, now: Instant, wall: Timestamp) -> bool {
+        !self.draining
+            && self.shedding_until.is_none_or(|t| now >= t)
+            && self.admission_closed_until.is_none_or(|t| wall >= t)
+    }
 }
 
 /// What the simulation shares with the test driving it.
@@ -191,18 +207,34 @@ async fn run(client: Client, config: SimConfig, world: Arc<World>) {
     let _ = caches.sets.wait_until_ready().await;
     let _ = caches.pods.wait_until_ready().await;
     let _ = caches.pools.wait_until_ready().await;
-    let mut tick = tokio::time::interval(config.tick);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sts_status: HashMap<String, StsMemory> = HashMap::new();
-    loop {
-        tick.tick().await;
-        if let Err(e) = kubelet(&client, &ns, &caches, &world, &mut sts_status).await {
-            warn!(%e, "pod simulator: kubelet step failed");
+    // The kubelet and the pods run side by side, as they do on a node: a gateway
+    // reports on its own schedule whatever the kubelet is busy with. In one loop, the
+    // reports waited for every pod creation of a scale-up (a hundred pools 1 → 5:
+    // 800 requests, seconds on a loaded machine), heartbeats came later than the
+    // operator's staleness bound, whole pools' entries were pruned as stale and the
+    // pools never settled.
+    let kubelet_loop = async {
+        let mut tick = tokio::time::interval(config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sts_status: HashMap<String, StsMemory> = HashMap::new();
+        loop {
+            tick.tick().await;
+            if let Err(e) = kubelet(&client, &ns, &caches, &world, &mut sts_status).await {
+                warn!(%e, "pod simulator: kubelet step failed");
+            }
         }
-        follow_instructions(&ns, &caches, &world, config.shed_window);
-        place_load(&caches, &world, config.default_demand);
-        report(&client, &ns, &config, &caches, &world).await;
-    }
+    };
+    let pods_loop = async {
+        let mut tick = tokio::time::interval(config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            follow_instructions(&ns, &caches, &world, config.shed_window);
+            place_load(&caches, &world, config.default_demand);
+            report(&client, &ns, &config, &caches, &world).await;
+        }
+    };
+    tokio::join!(kubelet_loop, pods_loop);
 }
 
 /// What the simulator last wrote of a StatefulSet's status, and its current revision.
@@ -211,6 +243,9 @@ struct StsMemory {
     status: Option<serde_json::Value>,
     current: Option<String>,
     recorded: HashSet<String>,
+    /// The update revision of the generation it was computed for: hashing the template
+    /// of every StatefulSet at every tick cost the simulator most of its step.
+    revision: Option<(Option<i64>, String)>,
 }
 
 /// Pods for every StatefulSet replica, labelled with the template revision they were
@@ -246,123 +281,20 @@ async fn kubelet(
             pods.remove(&name);
         }
     }
-    for sts in caches.sets.state() {
-        let pool = sts.name_any();
+    // Every replica is wanted before any StatefulSet is synced, so that one that fails
+    // (and is retried at the next tick) never has its pods taken for gone.
+    let sets = caches.sets.state();
+    for sts in &sets {
         let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-        let update = crate::revision::update_revision(&sts);
-        let memory = sts_status.entry(pool.clone()).or_default();
-        if memory.recorded.insert(update.clone())
-            && let Err(e) = crate::revision::record(client, &sts, &update).await
-        {
-            memory.recorded.remove(&update);
-            debug!(%e, "pod simulator: ControllerRevision");
-        }
-        let current = memory.current.get_or_insert_with(|| update.clone()).clone();
-        // RollingUpdate: the controller replaces the highest old pod, one at a time.
-        if !crate::revision::on_delete(&sts) {
-            let all_there =
-                (0..replicas).all(|o| world.pods.lock().contains_key(&format!("{pool}-{o}")));
-            let old = (0..replicas)
-                .rev()
-                .map(|o| format!("{pool}-{o}"))
-                .find(|n| {
-                    world
-                        .pods
-                        .lock()
-                        .get(n)
-                        .is_some_and(|p| p.revision != update)
-                });
-            if all_there && let Some(name) = old {
-                world.pods.lock().remove(&name);
-                match pods_api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        for o in 0..replicas {
-            let name = format!("{pool}-{o}");
-            wanted.insert(name.clone());
-            if world.pods.lock().contains_key(&name) {
-                continue;
-            }
-            let mut labels = sts
-                .spec
-                .as_ref()
-                .and_then(|s| s.template.metadata.as_ref()?.labels.clone())
-                .unwrap_or_default();
-            labels.insert(SIM_LABEL.into(), "true".into());
-            labels.insert("tether.dev/pool".into(), pool.clone());
-            labels.insert(crate::revision::REVISION_LABEL.into(), update.clone());
-            let pod: Pod = serde_json::from_value(json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": ns, "labels": labels},
-                "spec": {"containers": [{"name": "gateway", "image": "simulated"}]},
-            }))
-            .expect("pod json");
-            let uid = match pods_api.create(&PostParams::default(), &pod).await {
-                Ok(created) => created.metadata.uid,
-                // Left over from an earlier run of the simulator: taken over as it is.
-                Err(kube::Error::Api(s)) if s.code == 409 => None,
-                Err(e) => return Err(e),
-            };
-            // Running and Ready at once (what a rollout waits for before its next batch).
-            let ready = json!({"status": {"phase": "Running",
-                "conditions": [{"type": "Ready", "status": "True"}]}});
-            pods_api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(ready))
-                .await?;
-            world.pods.lock().insert(
-                name,
-                SimPod {
-                    pool: pool.clone(),
-                    connections: 0,
-                    refused: 0,
-                    draining: false,
-                    shedding_until: None,
-                    instruction: None,
-                    acted: Vec::new(),
-                    boot_id: format!("{:016x}", rand::random::<u64>()),
-                    silent: false,
-                    revision: update.clone(),
-                    uid,
-                    seen: false,
-                    last: None,
-                },
-            );
-        }
-        // Every replica runs and is ready; the status follows each new generation and
-        // each pod's revision.
-        let revisions: BTreeMap<i32, String> = world
-            .pods
-            .lock()
-            .iter()
-            .filter(|(_, p)| p.pool == pool)
-            .filter_map(|(n, p)| Some((crate::scaling_ordinal(&pool, n)?, p.revision.clone())))
-            .filter(|(o, _)| *o < replicas)
-            .collect();
-        let (fields, current) =
-            crate::revision::status_fields(&revisions, replicas, &current, &update);
-        let memory = sts_status.entry(pool.clone()).or_default();
-        memory.current = Some(current);
-        let mut status = json!({
-            "observedGeneration": sts.metadata.generation,
-            "replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
-        });
-        if let (Some(status), serde_json::Value::Object(fields)) = (status.as_object_mut(), fields)
-        {
-            status.extend(fields);
-        }
-        if memory.status.as_ref() != Some(&status) {
-            sets_api
-                .patch_status(
-                    &pool,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "status": status })),
-                )
-                .await?;
-            memory.status = Some(status);
+        wanted.extend((0..replicas).map(|o| format!("{}-{o}", sts.name_any())));
+    }
+    // One StatefulSet's failure does not hold up the others (the step used to return on
+    // the first error, skipping every StatefulSet after it in the cache's order).
+    let mut first_error = None;
+    for sts in sets {
+        if let Err(e) = sync_set(client, &pods_api, &sets_api, &sts, world, sts_status).await {
+            debug!(%e, sts = %sts.name_any(), "pod simulator: StatefulSet step failed");
+            first_error.get_or_insert(e);
         }
     }
     let gone: Vec<String> = world
@@ -380,6 +312,147 @@ async fn kubelet(
             Err(e) => return Err(e),
         }
     }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// One StatefulSet's step of [`kubelet`]: its ControllerRevision, its pods (created,
+/// replaced on `RollingUpdate`) and its status.
+async fn sync_set(
+    client: &Client,
+    pods_api: &Api<Pod>,
+    sets_api: &Api<StatefulSet>,
+    sts: &StatefulSet,
+    world: &World,
+    sts_status: &mut HashMap<String, StsMemory>,
+) -> kube::Result<()> {
+    let pool = sts.name_any();
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let memory = sts_status.entry(pool.clone()).or_default();
+    // A template change bumps the generation.
+    let generation = sts.metadata.generation;
+    let update = match &memory.revision {
+        Some((at, update)) if *at == generation && generation.is_some() => update.clone(),
+        _ => {
+            let update = crate::revision::update_revision(sts);
+            memory.revision = Some((generation, update.clone()));
+            update
+        }
+    };
+    if memory.recorded.insert(update.clone())
+        && let Err(e) = crate::revision::record(client, sts, &update).await
+    {
+        memory.recorded.remove(&update);
+        debug!(%e, "pod simulator: ControllerRevision");
+    }
+    let current = memory.current.get_or_insert_with(|| update.clone()).clone();
+    // RollingUpdate: the controller replaces the highest old pod, one at a time.
+    if !crate::revision::on_delete(sts) {
+        let all_there =
+            (0..replicas).all(|o| world.pods.lock().contains_key(&format!("{pool}-{o}")));
+        let old = (0..replicas)
+            .rev()
+            .map(|o| format!("{pool}-{o}"))
+            .find(|n| {
+                world
+                    .pods
+                    .lock()
+                    .get(n)
+                    .is_some_and(|p| p.revision != update)
+            });
+        if all_there && let Some(name) = old {
+            world.pods.lock().remove(&name);
+            match pods_api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for o in 0..replicas {
+        let name = format!("{pool}-{o}");
+        if world.pods.lock().contains_key(&name) {
+            continue;
+        }
+        let mut labels = sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref()?.labels.clone())
+            .unwrap_or_default();
+        labels.insert(SIM_LABEL.into(), "true".into());
+        labels.insert("tether.dev/pool".into(), pool.clone());
+        labels.insert(crate::revision::REVISION_LABEL.into(), update.clone());
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": sts.namespace(), "labels": labels},
+            "spec": {"containers": [{"name": "gateway", "image": "simulated"}]},
+        }))
+        .expect("pod json");
+        let uid = match pods_api.create(&PostParams::default(), &pod).await {
+            Ok(created) => created.metadata.uid,
+            // Left over from an earlier run of the simulator: taken over as it is.
+            Err(kube::Error::Api(s)) if s.code == 409 => None,
+            Err(e) => return Err(e),
+        };
+        // Running and Ready at once (what a rollout waits for before its next batch).
+        let ready = json!({"status": {"phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}]}});
+        pods_api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(ready))
+            .await?;
+        world.pods.lock().insert(
+            name,
+            SimPod {
+                pool: pool.clone(),
+                connections: 0,
+                refused: 0,
+                draining: false,
+                shedding_until: None,
+                admission_closed_until: None,
+                instruction: None,
+                acted: Vec::new(),
+                boot_id: format!("{:016x}", rand::random::<u64>()),
+                silent: false,
+                revision: update.clone(),
+                uid,
+                seen: false,
+                last: None,
+            },
+        );
+    }
+    // Every replica runs and is ready; the status follows each new generation and
+    // each pod's revision.
+    // The pool's pods only (names sort by pool): a scan of every pod for every
+    // StatefulSet at every tick grew with the square of the pools.
+    let prefix = format!("{pool}-");
+    let revisions: BTreeMap<i32, String> = world
+        .pods
+        .lock()
+        .range(prefix.clone()..)
+        .take_while(|(n, _)| n.starts_with(&prefix))
+        .filter(|(_, p)| p.pool == pool)
+        .filter_map(|(n, p)| Some((crate::scaling_ordinal(&pool, n)?, p.revision.clone())))
+        .filter(|(o, _)| *o < replicas)
+        .collect();
+    let (fields, current) = crate::revision::status_fields(&revisions, replicas, &current, &update);
+    let memory = sts_status.entry(pool.clone()).or_default();
+    memory.current = Some(current);
+    let mut status = json!({
+        "observedGeneration": sts.metadata.generation,
+        "replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+    });
+    if let (Some(status), serde_json::Value::Object(fields)) = (status.as_object_mut(), fields) {
+        status.extend(fields);
+    }
+    if memory.status.as_ref() != Some(&status) {
+        sets_api
+            .patch_status(
+                &pool,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await?;
+        memory.status = Some(status);
+    }
     Ok(())
 }
 
@@ -392,6 +465,12 @@ fn follow_instructions(ns: &str, caches: &Caches, world: &World, shed_window: Du
             let raw = p.annotations().get(INSTRUCTION_ANNOTATION)?;
             serde_json::from_str(raw).ok()
         });
+        // Admission follows every instruction, whatever its id (the gateway's `follow`).
+        pod.admission_closed_until = instruction
+            .as_ref()
+            .filter(|i| i.pod == *name)
+            .and_then(|i| i.admission_closed_until.as_ref())
+            .map(|t| t.0);
         match instruction {
             Some(i) if i.pod == *name => {
                 if pod.acted.last() != Some(&i.id) {
@@ -432,7 +511,7 @@ fn place_load(caches: &Caches, world: &World, default_demand: Option<i64>) {
             )
         })
         .collect();
-    let now = Instant::now();
+    let (now, wall) = (Instant::now(), Timestamp::now());
     let mut pods = world.pods.lock();
     let mut by_pool: HashMap<String, Vec<String>> = HashMap::new();
     for (name, pod) in pods.iter() {
@@ -460,7 +539,7 @@ fn place_load(caches: &Caches, world: &World, default_demand: Option<i64>) {
             .iter()
             .filter(|n| {
                 let p = &pods[*n];
-                !p.draining && p.shedding_until.is_none_or(|t| now >= t)
+                p.admits(now, wall)
             })
             .cloned()
             .collect();
@@ -511,7 +590,7 @@ async fn report(
             (p.name_any(), Duration::from_secs(secs.max(1)))
         })
         .collect();
-    let now = Instant::now();
+    let (now, wall) = (Instant::now(), Timestamp::now());
     let due: Vec<(String, String, Snapshot)> = {
         let pods = world.pods.lock();
         pods.iter()
@@ -520,7 +599,7 @@ async fn report(
                 let snap = Snapshot {
                     connections: p.connections,
                     refused: p.refused,
-                    ready: !p.draining && p.shedding_until.is_none_or(|t| now >= t),
+                    ready: p.admits(now, wall),
                     draining: p.draining,
                     // Simulated pods have no bus (their pools route nothing).
                     bus_connected: None,

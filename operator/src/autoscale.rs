@@ -12,8 +12,9 @@
 //!               the total still for the settle window, no back-off, some pod above
 //!               mean × (1 + rebalanceSpreadPercent): an episode begins with a budget =
 //!               the excess measured then, capped by what is left of the pool's budget
-//!               window (status.rebalance, across episodes and restarts); pods at or
-//!               above the mean get "admission closed" (unready, 503) while it lasts;
+//!               window (status.rebalance, across episodes and restarts); each round
+//!               is what the pods left open take up to the mean, and every other pod
+//!               gets "admission closed" (unready, 503) while it lasts;
 //!               the first round is a probe (firstRoundPercent of the excess), the next
 //!               waits until the shed agents are back (total recovered). Not back in
 //!               time ──► the episode stops (Event RebalanceStopped) and the next one
@@ -1070,19 +1071,25 @@ fn backoff_after(orch: &Orchestration, failures: i32) -> Duration {
 /// The longest rebalancing back-off.
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
-/// The admission-closed instructions of an episode's step: every pod at or above the
-/// pool's mean (⌈mean⌉, the level heavy pods are shed down to, which is at or below the
-/// rebalance bound), and every pod shedding in this round, is closed to new agents, so
-/// that the Service sends shed agents only to pods below the mean. The lightest pod is
-/// never closed, so the pool always has a pod open. Shed instructions in `shedding` get
-/// the closing time too; a time is renewed once less than half of `admission_ttl` is
-/// left, and otherwise kept, so a step rewrites no annotation needlessly. Returns the
-/// instructions and when the first renewal is due.
+/// The admission-closed instructions of an episode's step. Closed to new agents: every
+/// pod at or above the pool's mean (⌈mean⌉, the level heavy pods are shed down to,
+/// which is at or below the rebalance bound), every pod shedding in this round, every
+/// pod a new round leaves out of its receivers (`open`, see [`receivers`]), and, between
+/// rounds, every pod closed already (a pod's count only grows while it is closed to
+/// nobody but shed agents, so reopening it would only let it pass the bound). So shed
+/// agents land only on pods that can take them, and a pod that fills up to the mean
+/// while they arrive is closed at the next step. The lightest pod is never closed, so
+/// the pool always has a pod open. Shed instructions in `shedding` get the closing time
+/// too; a time is renewed once less than half of `admission_ttl` is left, and otherwise
+/// kept, so a step rewrites no annotation needlessly. Returns the instructions and when
+/// the first renewal is due.
+#[allow(clippy::too_many_arguments)]
 fn admission(
     name: &str,
     live: &[Live],
     n: i32,
     shedding: Vec<PodInstruction>,
+    open: Option<&[i32]>,
     previous: &[PodInstruction],
     orch: &Orchestration,
     now: Timestamp,
@@ -1115,10 +1122,18 @@ fn admission(
         i.admission_closed_until = Some(Time(until_for(&i.pod)));
         out.push(i);
     }
+    let closed_before = |pod: &str| {
+        previous
+            .iter()
+            .any(|i| i.pod == pod && !i.drain && i.admission_closed_until.is_some())
+    };
     for l in live {
         let pod = format!("{name}-{}", l.ordinal);
-        if l.connections < level || Some(l.ordinal) == lightest || out.iter().any(|i| i.pod == pod)
-        {
+        let close = match open {
+            Some(open) => l.connections >= level || !open.contains(&l.ordinal),
+            None => l.connections >= level || closed_before(&pod),
+        };
+        if !close || Some(l.ordinal) == lightest || out.iter().any(|i| i.pod == pod) {
             continue;
         }
         let until = Some(Time(until_for(&pod)));
@@ -1154,7 +1169,8 @@ fn admission(
 /// no back-off holds it; its budget is the excess measured then, capped by what is left
 /// of the pool's budget window (`status.rebalance`), so no sequence of episodes sheds
 /// more within the window than the first one measured. Rounds run one at a time, each
-/// with every pod at or above the mean closed to newcomers ([`admission`]); the next
+/// no bigger than the pods left open take up to the mean ([`receivers`]), with every
+/// other pod closed to newcomers ([`admission`]); the next
 /// waits for the shed agents to come back, and an episode whose agents did not stops
 /// and backs the next one off ([`backoff_after`]).
 fn rebalance(
@@ -1188,7 +1204,7 @@ fn rebalance(
         let left = round.saturating_sub(elapsed(issued, now));
         if !left.is_zero() {
             let shedding = running.into_iter().cloned().collect();
-            let (round, renew) = admission(name, live, n, shedding, previous, orch, now);
+            let (round, renew) = admission(name, live, n, shedding, None, previous, orch, now);
             return RebalanceStep {
                 round,
                 episode,
@@ -1223,7 +1239,7 @@ fn rebalance(
     let may_begin = in_service && live.iter().all(|l| l.ready);
     if n < 2 || !reporting || (episode.is_none() && !may_begin) {
         let round = if episode.is_some() && n >= 2 {
-            admission(name, live, n, Vec::new(), previous, orch, now).0
+            admission(name, live, n, Vec::new(), None, previous, orch, now).0
         } else {
             Vec::new()
         };
@@ -1282,7 +1298,8 @@ fn rebalance(
                         true,
                     );
                 }
-                let (round, renew) = admission(name, live, n, Vec::new(), previous, orch, now);
+                let (round, renew) =
+                    admission(name, live, n, Vec::new(), None, previous, orch, now);
                 return RebalanceStep {
                     round,
                     episode: Some(ep),
@@ -1409,8 +1426,15 @@ fn rebalance(
     } else {
         100
     };
+    // The round is no bigger than its receivers take without passing the mean (the
+    // Service spreads the shed agents evenly over the pods that admit them), and the
+    // heaviest pods shed first.
+    let (open, room) = receivers(live, &heavy, mean.ceil() as i64);
+    left = left.min(room);
+    let mut heaviest = heavy.clone();
+    heaviest.sort_by_key(|l| (std::cmp::Reverse(l.connections), l.ordinal));
     let mut shedding = Vec::new();
-    for l in &heavy {
+    for l in heaviest {
         let count = (excess(l).saturating_mul(share) + 99) / 100;
         let count = count.min(left);
         if count <= 0 {
@@ -1425,6 +1449,13 @@ fn rebalance(
             issued_at: Some(Time(now)),
             admission_closed_until: None,
         });
+    }
+    shedding.sort_by(|a, b| a.pod.cmp(&b.pod));
+    if shedding.is_empty() {
+        // Only with pods missing from the reports' sum (never while a pod is heavy):
+        // shedding would move the imbalance, not end it.
+        let why = format!("no pod below the mean ({mean:.0}) has room for shed agents");
+        return stop(ep, record, why, false);
     }
     let shed: i64 = shedding.iter().filter_map(|i| i.shed).sum();
     let most = shedding.iter().filter_map(|i| i.shed).max().unwrap_or(0);
@@ -1448,7 +1479,7 @@ fn rebalance(
         ep.shed,
         ep.budget,
     );
-    let (round, renew) = admission(name, live, n, shedding, previous, orch, now);
+    let (round, renew) = admission(name, live, n, shedding, Some(&open), previous, orch, now);
     RebalanceStep {
         round,
         episode: Some(ep),
@@ -1461,6 +1492,38 @@ fn rebalance(
         look_again: Some(round_time),
     }
     .look_again_at(renew)
+}
+
+/// The pods a round's shed agents may land on, and how many agents they take in all.
+/// The Service spreads new connections evenly over the pods that admit them, so with
+/// `m` pods open each gets a share of `round / m`, and the round must fit the room of
+/// the fullest of them up to `level` (⌈mean⌉, where heavy pods are shed down to: the
+/// shed agents then fill the light pods no further than the heavy ones end, and the
+/// bound keeps its whole margin for an uneven spread). Open the `m` roomiest of the
+/// pods that are not heavy, `m` chosen for the largest round (`m × the m-th largest
+/// room`, the larger `m` on a tie): a pod just below the mean is left closed rather than
+/// sent a share that carries it past the bound (the 1.40 of the ramp through the
+/// Service). The room is never zero while a pod is heavy: the pods' deficits to the
+/// level add up to at least the heavy pods' excess. Returns the open ordinals and the
+/// round's room.
+fn receivers(live: &[Live], heavy: &[&Live], level: i64) -> (Vec<i32>, i64) {
+    let mut candidates: Vec<(i64, i32)> = live
+        .iter()
+        .filter(|l| !heavy.iter().any(|h| h.ordinal == l.ordinal))
+        .map(|l| (level.saturating_sub(l.connections).max(0), l.ordinal))
+        .collect();
+    candidates.sort_by_key(|(room, ordinal)| (std::cmp::Reverse(*room), *ordinal));
+    let (mut best, mut open) = (0i64, 0usize);
+    for (i, (room, _)) in candidates.iter().enumerate() {
+        let m = i as i64 + 1;
+        let round = room.saturating_mul(m);
+        if round >= best && round > 0 {
+            (best, open) = (round, i + 1);
+        }
+    }
+    let mut open: Vec<i32> = candidates[..open].iter().map(|(_, o)| *o).collect();
+    open.sort_unstable();
+    (open, best)
 }
 
 /// Pods above the rebalance bound (and at least two connections above the mean).
@@ -2499,9 +2562,10 @@ mod tests {
         assert_eq!(round.stateful_set_replicas, 3);
         assert_eq!(round.instructions.len(), 1);
         let shed = &round.instructions[0];
+        // 170 of excess, of which p-1 and p-2 take an even 80 each up to the mean.
         assert_eq!(
             (shed.pod.as_str(), shed.shed, shed.drain),
-            ("p-0", Some(170), false)
+            ("p-0", Some(160), false)
         );
         assert_eq!(round.scaling_condition().reason, Reason::Rebalancing);
         assert_eq!(round.events[0].reason, Reason::Rebalancing);
@@ -2548,7 +2612,7 @@ mod tests {
         p.status.as_mut().unwrap().ready_replicas = Some(3);
         let round = plan(&p, Some(3), &settled_at(300, 100), &fresh(&p), t(101));
         assert_eq!(round.instructions.len(), 1);
-        assert_eq!(round.instructions[0].shed, Some(170));
+        assert_eq!(round.instructions[0].shed, Some(160));
     }
 
     #[test]
@@ -2770,7 +2834,9 @@ mod tests {
             ..old_history()
         };
         let step = pool_step(&[270, 10, 20], &before, held, 130, 600);
-        assert_eq!(sheds(&step), [("p-0", 170)]);
+        // 170 of excess; p-1 and p-2 take 90 + 80 up to the mean, an even share of at
+        // most 80 each: 160 now, the rest in the next round.
+        assert_eq!(sheds(&step), [("p-0", 160)]);
     }
 
     #[test]
@@ -2820,7 +2886,9 @@ mod tests {
             100,
             600,
         );
-        assert_eq!(sheds(&start), [("p-0", 250)]);
+        // p-2 and p-3 take an even share of at most 120 each up to the mean: 240 of the
+        // 250 now.
+        assert_eq!(sheds(&start), [("p-0", 240)]);
         assert_eq!(closed(&start), ["p-0", "p-1"]);
         let until = |plan: &Plan, pod: &str| {
             plan.instructions
@@ -2858,6 +2926,150 @@ mod tests {
     }
 
     #[test]
+    fn a_round_is_no_bigger_than_its_open_pods_take_up_to_the_mean() {
+        // Mean 100, bound 125 (the ramp through the Service that ended at 1.40). Pods
+        // at 99 are below the mean: left open, an even share of the 150 of excess
+        // (37 each) carried them to 136. Now only p-3 and p-4 are open, the round is
+        // what they take up to the mean (2 × 74), and p-1 and p-2 are closed.
+        let start = pool_step(
+            &[250, 99, 99, 26, 26],
+            &before_any_round(),
+            settled_at(500, 100),
+            100,
+            600,
+        );
+        assert_eq!(sheds(&start), [("p-0", 148)]);
+        assert_eq!(closed(&start), ["p-0", "p-1", "p-2"]);
+        assert_eq!(start.episode.as_ref().unwrap().budget, 150);
+        // The shed agents came back, to p-3 and p-4 alone: within the bound, and the
+        // episode is over.
+        let done = pool_step(
+            &[102, 99, 99, 100, 100],
+            &start,
+            settled_at(500, 110),
+            110,
+            600,
+        );
+        assert!(done.instructions.is_empty(), "{done:?}");
+        assert!(done.episode.is_none());
+    }
+
+    #[test]
+    fn receivers_are_the_roomiest_pods_for_the_largest_round() {
+        let live = |counts: &[i64]| -> Vec<Live> {
+            counts
+                .iter()
+                .enumerate()
+                .map(|(o, c)| Live {
+                    ordinal: o as i32,
+                    connections: *c,
+                    refused: 0,
+                    ready: true,
+                    draining: false,
+                    instruction: None,
+                })
+                .collect()
+        };
+        let pods = live(&[300, 90, 90, 0]);
+        let heavy = vec![&pods[0]];
+        // Rooms to 120: 30, 30, 120. One pod takes 120, three take 3 × 30 = 90.
+        assert_eq!(receivers(&pods, &heavy, 120), (vec![3], 120));
+        // Rooms 20, 20, 20, 20: all four, 80 (ties go to the larger set).
+        let pods = live(&[180, 80, 80, 80, 80]);
+        assert_eq!(receivers(&pods, &[&pods[0]], 100), (vec![1, 2, 3, 4], 80));
+        // Rooms 40, 40, 10: two pods (80) rather than three (30) or one (40).
+        let pods = live(&[290, 60, 60, 90]);
+        assert_eq!(receivers(&pods, &[&pods[0]], 100), (vec![1, 2], 80));
+    }
+
+    /// Plays an episode against a Service that spreads every shed agent, at once, over
+    /// the pods that admit them by name in turn (as the harness's Service and
+    /// kube-proxy's round robin do), feeding each plan into the next step.
+    fn play_episode(start: &[i64], probe: i32) -> (Vec<i64>, Vec<Plan>) {
+        let mut counts = start.to_vec();
+        let total: i64 = counts.iter().sum();
+        let n = counts.len() as i64;
+        let bound = total as f64 / n as f64 * 1.25;
+        let mut plans = Vec::new();
+        let mut previous = before_any_round();
+        let mut turn = 0usize;
+        let mut at = 100;
+        for _ in 0..60 {
+            let step = pool_step_with(&counts, &previous, settled_at(total, at), at, |p| {
+                p.spec.scaling.rebalance.first_round_percent = probe;
+            });
+            let fresh_round: Vec<(usize, i64)> =
+                if step.events.iter().any(|e| e.reason == Reason::Rebalancing) {
+                    sheds(&step)
+                        .iter()
+                        .map(|(pod, k)| (pod[2..].parse().unwrap(), *k))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+            let closed: Vec<usize> = closed(&step)
+                .iter()
+                .map(|pod| pod[2..].parse().unwrap())
+                .collect();
+            let mut away = 0;
+            for (o, k) in fresh_round {
+                counts[o] -= k;
+                away += k;
+            }
+            let open: Vec<usize> = (0..counts.len()).filter(|o| !closed.contains(o)).collect();
+            assert!(!open.is_empty() || away == 0, "{step:?}");
+            for _ in 0..away {
+                counts[open[turn % open.len()]] += 1;
+                turn += 1;
+            }
+            for (o, c) in counts.iter().enumerate() {
+                assert!(
+                    (*c as f64) <= bound || start[o] as f64 >= *c as f64,
+                    "p-{o} pushed past the bound: {counts:?} after {step:?}"
+                );
+            }
+            let over = step.instructions.is_empty() && step.episode.is_none();
+            plans.push(step);
+            if over {
+                break;
+            }
+            previous = plans.last().unwrap().clone();
+            at += 10;
+        }
+        (counts, plans)
+    }
+
+    #[test]
+    fn episodes_end_within_the_bound_and_never_push_a_light_pod_past_it() {
+        let starts: [&[i64]; 6] = [
+            &[250, 99, 99, 26, 26],
+            &[200, 100, 100, 50, 50],
+            &[400, 100, 0, 0, 0],
+            &[160, 160, 60, 60, 60],
+            &[270, 10, 20],
+            &[180, 180, 20, 20],
+        ];
+        for start in starts {
+            for probe in [100, 25] {
+                let (end, plans) = play_episode(start, probe);
+                let total: i64 = end.iter().sum();
+                let mean = total as f64 / end.len() as f64;
+                let max = *end.iter().max().unwrap() as f64;
+                assert!(
+                    max <= mean * 1.25,
+                    "{start:?} (probe {probe} %) ended at {end:?}: {:?}",
+                    plans.last()
+                );
+                assert!(
+                    plans.last().unwrap().instructions.is_empty(),
+                    "{start:?} (probe {probe} %): {:?}",
+                    plans.last()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn admission_is_renewed_at_half_its_time_and_never_closes_every_pod() {
         let live = |counts: &[i64]| -> Vec<Live> {
             counts
@@ -2888,6 +3100,7 @@ mod tests {
             &live(&[200, 100]),
             2,
             vec![],
+            None,
             &[closing("p-0", 120)],
             &orch,
             t(100),
@@ -2900,6 +3113,7 @@ mod tests {
             &live(&[200, 100]),
             2,
             vec![],
+            None,
             &[closing("p-0", 110)],
             &orch,
             t(100),
@@ -2908,7 +3122,16 @@ mod tests {
         assert_eq!(renewed[0].id, "close-1");
         assert_eq!(renewed[0].admission_closed_until, Some(Time(t(130))));
         // Every pod at the mean: the lightest (by name on a tie) stays open.
-        let (even, _) = admission("p", &live(&[100, 100, 100]), 3, vec![], &[], &orch, t(100));
+        let (even, _) = admission(
+            "p",
+            &live(&[100, 100, 100]),
+            3,
+            vec![],
+            None,
+            &[],
+            &orch,
+            t(100),
+        );
         let pods: Vec<_> = even.iter().map(|i| i.pod.as_str()).collect();
         assert_eq!(pods, ["p-1", "p-2"]);
     }
@@ -2934,7 +3157,8 @@ mod tests {
             106,
             probe,
         );
-        assert_eq!(sheds(&next), [("p-0", 187)]);
+        // 187 left of the excess; p-2 and p-3 take 90 each up to the mean.
+        assert_eq!(sheds(&next), [("p-0", 180)]);
         // Had they not come back, nothing more is shed and the episode stops.
         let mut last = first;
         for at in (106..130).step_by(2) {
@@ -2953,7 +3177,7 @@ mod tests {
     fn the_shed_budget_holds_across_episodes_and_a_restart() {
         // Three pods: the first episode measures 170 of excess and sheds it.
         let first = pool_step(
-            &[270, 10, 20],
+            &[270, 15, 15],
             &before_any_round(),
             settled_at(300, 100),
             100,

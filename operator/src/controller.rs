@@ -21,6 +21,8 @@
 //! panics on input.
 
 use std::collections::HashMap;
+
+use crate::creation::PodCreation;
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -128,6 +130,9 @@ pub struct Context {
     /// The managed NATS's last apply per pool: its problem, if any, and when to retry it
     /// (on its own: a NATS failure never holds the gateways or scaling).
     nats: Mutex<HashMap<ObjectRef<ConnectionPool>, NatsState>>,
+    /// What each pool's pod creation looked like while pods are missing, and when the
+    /// StatefulSet's Events were listed for it (see [`Context::pod_creation`]).
+    pod_creation: Mutex<HashMap<ObjectRef<ConnectionPool>, (Instant, PodCreation)>>,
     /// When the pool watch last delivered anything: the clock that report staleness is
     /// measured against (see `Autoscaler::step`).
     pool_watch_progress: Arc<Mutex<Instant>>,
@@ -186,6 +191,35 @@ struct Applied {
 // === impl Context ===
 
 impl Context {
+    /// Whether the StatefulSet's pods were created ([`crate::creation::observe`]), with
+    /// its Events listed at most once per report interval per pool while pods are
+    /// missing. Every report reconciles the pool, and during a scale-up pods are missing
+    /// until they start: listing Events on each (a field-selector list the API server
+    /// answers by scanning the namespace's Events) made the control-plane test's 100
+    /// pools list Events a thousand times while scaling up, slowing the API server
+    /// enough that reports came late and the pools never settled.
+    async fn pod_creation(
+        &self,
+        pool: &ConnectionPool,
+        sts: Option<&StatefulSet>,
+        now: Timestamp,
+    ) -> PodCreation {
+        let key = ObjectRef::from_obj(pool);
+        if !sts.is_some_and(crate::creation::pods_missing) {
+            lock(&self.pod_creation).remove(&key);
+            return crate::creation::observe(&self.client, sts, now).await;
+        }
+        let every = crate::scaling::Policy::from_spec(&pool.spec).report_interval;
+        if let Some((at, seen)) = lock(&self.pod_creation).get(&key)
+            && at.elapsed() < every
+        {
+            return seen.clone();
+        }
+        let seen = crate::creation::observe(&self.client, sts, now).await;
+        lock(&self.pod_creation).insert(key, (Instant::now(), seen.clone()));
+        seen
+    }
+
     /// A context whose Events name `instance` as the reporting instance.
     pub fn new(
         client: Client,
@@ -215,6 +249,7 @@ impl Context {
             written: Mutex::default(),
             stepped: Mutex::default(),
             nats: Mutex::default(),
+            pod_creation: Mutex::default(),
             pool_watch_progress: Arc::new(Mutex::new(Instant::now())),
             pools,
             pool_writer: Mutex::new(Some(pool_writer)),
@@ -559,7 +594,7 @@ async fn apply(pool: &ConnectionPool, ctx: &Context) -> Result<Action, Error> {
         ctx.autoscaler.withdraw(&ctx.client, pool, plan).await?;
     }
     let sts = applied_sts.as_ref().or(cached.as_deref());
-    let pod_creation = crate::creation::observe(&ctx.client, sts, now).await;
+    let pod_creation = ctx.pod_creation(pool, sts, now).await;
     if let Some(message) = crate::creation::newly_refused(pool, &pod_creation) {
         publish(
             ctx,
@@ -630,16 +665,17 @@ async fn revisions(
     let Some(update) = status.update_revision.clone() else {
         return Ok(None);
     };
-    let replicas = sts
-        .and_then(|s| s.spec.as_ref()?.replicas)
-        .unwrap_or(status.replicas);
     let in_flight = pool.status.as_ref().is_some_and(|s| {
         s.instructions
             .iter()
             .any(|i| i.drain && i.id.starts_with(crate::autoscale::ROLLOUT_ID_PREFIX))
     });
-    let behind = status.current_revision.as_ref() != Some(&update)
-        || status.updated_replicas.unwrap_or(0) < replicas;
+    // Pods below the update revision exist only while the current revision is not the
+    // update revision (the controller moves it once every pod runs the update). Fewer
+    // updated pods than replicas with the two equal is a scale-up whose new pods are not
+    // there yet, not a rollout: listing the pods then, on every reconcile, was a list
+    // per report for every pool that scaled up.
+    let behind = status.current_revision.as_ref() != Some(&update);
     if !behind && !in_flight {
         return Ok(None);
     }
