@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 
-use crate::creation::PodCreation;
+use crate::creation::{CreationWatch, PodCreation};
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -130,9 +130,9 @@ pub struct Context {
     /// The managed NATS's last apply per pool: its problem, if any, and when to retry it
     /// (on its own: a NATS failure never holds the gateways or scaling).
     nats: Mutex<HashMap<ObjectRef<ConnectionPool>, NatsState>>,
-    /// What each pool's pod creation looked like while pods are missing, and when the
-    /// StatefulSet's Events were listed for it (see [`Context::pod_creation`]).
-    pod_creation: Mutex<HashMap<ObjectRef<ConnectionPool>, (Instant, PodCreation)>>,
+    /// Since when each pool's StatefulSet is short of pods, and what its Events last
+    /// said (see [`Context::pod_creation`]).
+    pod_creation: Mutex<HashMap<ObjectRef<ConnectionPool>, CreationWatch>>,
     /// When the pool watch last delivered anything: the clock that report staleness is
     /// measured against (see `Autoscaler::step`).
     pool_watch_progress: Arc<Mutex<Instant>>,
@@ -191,13 +191,10 @@ struct Applied {
 // === impl Context ===
 
 impl Context {
-    /// Whether the StatefulSet's pods were created ([`crate::creation::observe`]), with
-    /// its Events listed at most once per report interval per pool while pods are
-    /// missing. Every report reconciles the pool, and during a scale-up pods are missing
-    /// until they start: listing Events on each (a field-selector list the API server
-    /// answers by scanning the namespace's Events) made the control-plane test's 100
-    /// pools list Events a thousand times while scaling up, slowing the API server
-    /// enough that reports came late and the pools never settled.
+    /// Whether the StatefulSet's pods were created ([`crate::creation::observe`]). While
+    /// pods are missing, the Events are listed only once the StatefulSet looks stalled
+    /// and then at most once per report interval ([`CreationWatch`]): every report
+    /// reconciles the pool, and a scale-up's pods are missing until they start.
     async fn pod_creation(
         &self,
         pool: &ConnectionPool,
@@ -210,13 +207,18 @@ impl Context {
             return crate::creation::observe(&self.client, sts, now).await;
         }
         let every = crate::scaling::Policy::from_spec(&pool.spec).report_interval;
-        if let Some((at, seen)) = lock(&self.pod_creation).get(&key)
-            && at.elapsed() < every
+        let at = Instant::now();
+        if let Some(answer) = lock(&self.pod_creation)
+            .entry(key.clone())
+            .or_insert_with(|| CreationWatch::new(at))
+            .without_listing(at, every)
         {
-            return seen.clone();
+            return answer;
         }
         let seen = crate::creation::observe(&self.client, sts, now).await;
-        lock(&self.pod_creation).insert(key, (Instant::now(), seen.clone()));
+        if let Some(watch) = lock(&self.pod_creation).get_mut(&key) {
+            watch.listed(at, seen.clone());
+        }
         seen
     }
 

@@ -16,7 +16,7 @@
 //! pool, never per report of a healthy pool, and the operator does not watch Events (a
 //! cluster's Events are many and churn).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Event;
@@ -34,6 +34,50 @@ pub const FAILED_CREATE: &str = "FailedCreate";
 /// with a back-off of up to ~16 minutes and updates the Event's `lastTimestamp` (and
 /// `count`) on every retry; an older Event is from an earlier episode.
 pub const REFUSAL_WINDOW: Duration = Duration::from_secs(20 * 60);
+
+/// How long a StatefulSet may be short of pods before its Events are read. A
+/// scale-up's pods are created within seconds and every report reconciles the pool:
+/// reading Events meanwhile (a list the API server answers by scanning the namespace's
+/// Events) would cost one list per report of every growing pool, and 100 pools scaling
+/// up at once slowed the control-plane test's API server until reports came late. A
+/// refused pod is retried by the StatefulSet controller, so its FailedCreate Event is
+/// still there when the grace ends.
+pub const STALL_GRACE: Duration = Duration::from_secs(10);
+
+/// When one pool's Events are worth listing: only once the StatefulSet has been short
+/// of pods for [`STALL_GRACE`], and then at most once per `every` (the pool's report
+/// interval), the answer kept in between.
+#[derive(Debug, Clone)]
+pub struct CreationWatch {
+    missing_since: Instant,
+    listed: Option<(Instant, PodCreation)>,
+}
+
+impl CreationWatch {
+    /// Pods found missing at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            missing_since: now,
+            listed: None,
+        }
+    }
+
+    /// What to answer without listing at `now`, or `None` when it is time to list.
+    pub fn without_listing(&self, now: Instant, every: Duration) -> Option<PodCreation> {
+        if now.saturating_duration_since(self.missing_since) < STALL_GRACE {
+            return Some(PodCreation::Unknown);
+        }
+        match &self.listed {
+            Some((at, seen)) if now.saturating_duration_since(*at) < every => Some(seen.clone()),
+            _ => None,
+        }
+    }
+
+    /// Keeps what a list at `at` found.
+    pub fn listed(&mut self, at: Instant, seen: PodCreation) {
+        self.listed = Some((at, seen));
+    }
+}
 
 /// Longest message the condition carries.
 pub const MAX_MESSAGE_CHARS: usize = 1024;
@@ -187,6 +231,27 @@ mod tests {
             "lastTimestamp": at(last).to_string(),
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn events_are_listed_only_after_the_grace_and_then_once_per_interval() {
+        let start = Instant::now();
+        let every = Duration::from_secs(2);
+        let mut watch = CreationWatch::new(start);
+        // Within the grace: pods on their way, nothing listed.
+        assert_eq!(
+            watch.without_listing(start + STALL_GRACE / 2, every),
+            Some(PodCreation::Unknown)
+        );
+        // Stalled: list, then keep the answer for an interval.
+        let listed_at = start + STALL_GRACE;
+        assert_eq!(watch.without_listing(listed_at, every), None);
+        watch.listed(listed_at, PodCreation::Refused("quota".into()));
+        assert_eq!(
+            watch.without_listing(listed_at + every / 2, every),
+            Some(PodCreation::Refused("quota".into()))
+        );
+        assert_eq!(watch.without_listing(listed_at + every, every), None);
     }
 
     #[test]
