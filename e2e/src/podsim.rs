@@ -237,6 +237,10 @@ async fn run(client: Client, config: SimConfig, world: Arc<World>) {
     tokio::join!(kubelet_loop, pods_loop);
 }
 
+/// StatefulSets synced at once by the simulated controller (kube-controller-manager's
+/// default `--concurrent-statefulset-syncs`).
+const CONCURRENT_STATEFULSET_SYNCS: usize = 5;
+
 /// What the simulator last wrote of a StatefulSet's status, and its current revision.
 #[derive(Debug, Default)]
 struct StsMemory {
@@ -289,13 +293,30 @@ async fn kubelet(
         wanted.extend((0..replicas).map(|o| format!("{}-{o}", sts.name_any())));
     }
     // One StatefulSet's failure does not hold up the others (the step used to return on
-    // the first error, skipping every StatefulSet after it in the cache's order).
+    // the first error, skipping every StatefulSet after it in the cache's order). Several
+    // are synced at once, as kube-controller-manager does (`--concurrent-statefulset-syncs`,
+    // 5 by default): one at a time, a hundred pools scaling up at once waited minutes for
+    // their pods, and the control-plane test's pools never settled.
+    let synced: Vec<(String, StsMemory, kube::Result<()>)> = futures_util::stream::iter(sets)
+        .map(|sts| {
+            let name = sts.name_any();
+            let mut memory = sts_status.remove(&name).unwrap_or_default();
+            let (pods_api, sets_api) = (&pods_api, &sets_api);
+            async move {
+                let result = sync_set(client, pods_api, sets_api, &sts, world, &mut memory).await;
+                (name, memory, result)
+            }
+        })
+        .buffer_unordered(CONCURRENT_STATEFULSET_SYNCS)
+        .collect()
+        .await;
     let mut first_error = None;
-    for sts in sets {
-        if let Err(e) = sync_set(client, &pods_api, &sets_api, &sts, world, sts_status).await {
-            debug!(%e, sts = %sts.name_any(), "pod simulator: StatefulSet step failed");
+    for (name, memory, result) in synced {
+        if let Err(e) = result {
+            debug!(%e, sts = %name, "pod simulator: StatefulSet step failed");
             first_error.get_or_insert(e);
         }
+        sts_status.insert(name, memory);
     }
     let gone: Vec<String> = world
         .pods
@@ -323,11 +344,10 @@ async fn sync_set(
     sets_api: &Api<StatefulSet>,
     sts: &StatefulSet,
     world: &World,
-    sts_status: &mut HashMap<String, StsMemory>,
+    memory: &mut StsMemory,
 ) -> kube::Result<()> {
     let pool = sts.name_any();
     let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let memory = sts_status.entry(pool.clone()).or_default();
     // A template change bumps the generation.
     let generation = sts.metadata.generation;
     let update = match &memory.revision {
@@ -434,7 +454,6 @@ async fn sync_set(
         .filter(|(o, _)| *o < replicas)
         .collect();
     let (fields, current) = crate::revision::status_fields(&revisions, replicas, &current, &update);
-    let memory = sts_status.entry(pool.clone()).or_default();
     memory.current = Some(current);
     let mut status = json!({
         "observedGeneration": sts.metadata.generation,
