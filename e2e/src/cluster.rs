@@ -338,6 +338,18 @@ impl Cluster {
     pub fn operator_log(&self) -> PathBuf {
         self.dir.path().join("operator.log")
     }
+
+    /// Prints the last lines of the operator's log and `error`: what a failed e2e test
+    /// leaves for whoever reads its output.
+    pub fn print_failure(&self, error: &anyhow::Error) {
+        let log = std::fs::read_to_string(self.operator_log()).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        eprintln!(
+            "operator log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        eprintln!("failed: {error:#}");
+    }
 }
 
 /// The operator's RUST_LOG: `E2E_OPERATOR_LOG`, else info.

@@ -242,13 +242,7 @@ async fn run(s: Scenario) -> anyhow::Result<()> {
     kubelet.shutdown().await;
     let _ = operator.kill().await;
     if let Err(e) = &result {
-        let log = std::fs::read_to_string(cluster.operator_log()).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        eprintln!(
-            "operator log (last lines):\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-        eprintln!("failed: {e:#}");
+        cluster.print_failure(e);
     }
     result
 }
@@ -381,7 +375,7 @@ async fn ramp_and_rebalance(
     kubelet.shutdown().await;
     let _ = operator.kill().await;
     if let Err(e) = &result {
-        dump_operator_log(&cluster, e);
+        cluster.print_failure(e);
     }
     result
 }
@@ -446,19 +440,9 @@ async fn non_returning(
     kubelet.shutdown().await;
     let _ = operator.kill().await;
     if let Err(e) = &result {
-        dump_operator_log(&cluster, e);
+        cluster.print_failure(e);
     }
     result
-}
-
-fn dump_operator_log(cluster: &Cluster, e: &anyhow::Error) {
-    let log = std::fs::read_to_string(cluster.operator_log()).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(60).collect();
-    eprintln!(
-        "operator log (last lines):\n{}",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    );
-    eprintln!("failed: {e:#}");
 }
 
 /// The README's load command scaled down by ten (500 agents at 50/s, 100 per pod):

@@ -396,13 +396,7 @@ async fn rollout_batches_keep_agents_and_pushes() -> anyhow::Result<()> {
     kubelet.shutdown().await;
     let _ = operator.kill().await;
     if let Err(e) = &result {
-        let log = std::fs::read_to_string(cluster.operator_log()).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(80).collect();
-        eprintln!(
-            "operator log (last lines):\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-        eprintln!("failed: {e:#}");
+        cluster.print_failure(e);
     }
     result
 }
@@ -536,13 +530,7 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
     kubelet.shutdown().await;
     let _ = operator.kill().await;
     if let Err(e) = &result {
-        let log = std::fs::read_to_string(cluster.operator_log()).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(80).collect();
-        eprintln!(
-            "operator log (last lines):\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-        eprintln!("failed: {e:#}");
+        cluster.print_failure(e);
     }
     result
 }
