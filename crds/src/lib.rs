@@ -265,6 +265,11 @@ impl ConnectionPoolSpec {
     }
 }
 
+/// Most gateway pods a pool may have (`replicas.max`), and so most entries in
+/// `status.pods` and `status.instructions`: what keeps the pool object under 1 MiB
+/// (see [`ReplicasSpec::max`]).
+pub const MAX_POOL_PODS: i32 = 800;
+
 /// Bounds of the pool's size.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -273,14 +278,14 @@ impl ConnectionPoolSpec {
 ]))]
 pub struct ReplicasSpec {
     /// Fewest gateway pods, also while idle. `kubectl scale` sets this field.
-    #[schemars(range(min = 1, max = 800))]
+    #[schemars(range(min = 1, max = MAX_POOL_PODS))]
     pub min: i32,
     /// Most gateway pods. At most 800: the pool object carries one status entry per pod
     /// (each written under the pod's own field manager, so with a managedFields entry)
     /// and an instruction per pod at most; at 800 pods, every field at its widest, it is
     /// measured at 0.96 MB, under 1 MiB and within etcd's 1.5 MiB object limit (1,000
     /// pods measured 1.20 MB; docs/operator.md, "How big the pool object gets").
-    #[schemars(range(min = 1, max = 800))]
+    #[schemars(range(min = 1, max = MAX_POOL_PODS))]
     pub max: i32,
 }
 
@@ -1191,7 +1196,7 @@ pub struct ConnectionPoolStatus {
     /// pool (`replicas.max` ≤ 800): with each entry's managedFields, the pool object
     /// then stays under 1 MiB (etcd refuses objects over 1.5 MiB).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 800), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = MAX_POOL_PODS), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub pods: Vec<PodReport>,
     /// Open agent connections over all live pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1228,7 +1233,7 @@ pub struct ConnectionPoolStatus {
     /// `tether.dev/instruction` of the pod's own Pod object, and the pod's report
     /// echoes the id it acts on (`pods[].instruction`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 800), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
+    #[schemars(length(max = MAX_POOL_PODS), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
     pub instructions: Vec<PodInstruction>,
     /// The rebalancing budget and back-off that outlive one episode (and one operator):
     /// written by the operator alone.
