@@ -244,6 +244,11 @@ impl Kubelet {
         self.endpoints.lock().values().cloned().collect()
     }
 
+    /// How many pods are Ready (in the Service) now.
+    pub fn ready_count(&self) -> usize {
+        self.endpoints.lock().values().filter(|e| e.ready).count()
+    }
+
     /// Shared view of the endpoints (for agents).
     pub fn endpoints_handle(&self) -> Arc<Mutex<BTreeMap<i32, Endpoint>>> {
         self.endpoints.clone()

@@ -74,7 +74,7 @@ async fn settle(
         &format!("{replicas} ready pods, {want} agents connected and reported"),
         patience,
         || async {
-            let ready = kubelet.endpoints().iter().filter(|e| e.ready).count();
+            let ready = kubelet.ready_count();
             let p = pool(cluster).await;
             let status = p.status.clone().unwrap_or_default();
             let ok = ready == replicas

@@ -225,7 +225,7 @@ async fn rollout_batches_keep_agents_and_pushes() -> anyhow::Result<()> {
     let patience = Duration::from_secs(240);
     let result = async {
         eventually("10 ready pods", patience, || async {
-            (kubelet.endpoints().iter().filter(|e| e.ready).count() == PODS).then_some(())
+            (kubelet.ready_count() == PODS).then_some(())
         })
         .await?;
         agents.scale_to(AGENTS).await;
@@ -293,7 +293,7 @@ async fn rollout_batches_keep_agents_and_pushes() -> anyhow::Result<()> {
                 && p.status.as_ref()?.updated_replicas == Some(PODS as i32)
                 && st == "False"
                 && reason == "RolloutComplete"
-                && kubelet.endpoints().iter().filter(|e| e.ready).count() == PODS;
+                && kubelet.ready_count() == PODS;
             done.then_some((update, message))
         })
         .await?;
@@ -428,7 +428,7 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
     let patience = Duration::from_secs(240);
     let result = async {
         eventually("10 ready pods", patience, || async {
-            (kubelet.endpoints().iter().filter(|e| e.ready).count() == PODS).then_some(())
+            (kubelet.ready_count() == PODS).then_some(())
         })
         .await?;
         agents.scale_to(RETURNING).await;
@@ -461,7 +461,7 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
                 && status.updated_replicas == Some(PODS as i32)
                 && st == "False"
                 && reason == "RolloutComplete"
-                && kubelet.endpoints().iter().filter(|e| e.ready).count() == PODS;
+                && kubelet.ready_count() == PODS;
             done.then_some(update)
         })
         .await?;

@@ -50,7 +50,7 @@ async fn sdk_agent_follows_the_service_to_another_ready_pod_after_a_drain() -> a
         .build()?;
     let result = async {
         eventually("two ready gateway pods", PATIENCE, || async {
-            (kubelet.endpoints().iter().filter(|e| e.ready).count() == 2).then_some(())
+            (kubelet.ready_count() == 2).then_some(())
         })
         .await?;
         let url = kubelet.service_url();
