@@ -194,18 +194,30 @@ pub fn upgrade_request(
     req.into_bytes()
 }
 
+/// Parses an HTTP response head at the start of `buf` into `response`: `Ok(Some(head
+/// length))` when complete, `Ok(None)` while incomplete and within `max_head` bytes.
+pub fn parse_head<'b>(
+    response: &mut httparse::Response<'_, 'b>,
+    buf: &'b [u8],
+    max_head: usize,
+) -> Result<Option<usize>, String> {
+    match response.parse(buf) {
+        Ok(httparse::Status::Complete(head)) => Ok(Some(head)),
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            Err("response head too large".into())
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(err) => Err(format!("bad response: {err}")),
+    }
+}
+
 /// Reads the answer to an upgrade: `Ok(None)` while the head is incomplete,
 /// `Ok(Some(head length))` for a 101 with the accept key of `key`, `Err(cause)` else.
 pub fn parse_upgrade_response(buf: &[u8], key: &str) -> Result<Option<usize>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
-    let head = match response.parse(buf) {
-        Ok(httparse::Status::Complete(head)) => head,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err("response head too large".into());
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(err) => return Err(format!("bad response: {err}")),
+    let Some(head) = parse_head(&mut response, buf, MAX_HEAD)? else {
+        return Ok(None);
     };
     match response.code {
         Some(101) => {}

@@ -392,13 +392,8 @@ async fn read_lane(
 pub fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
-    let head = match response.parse(buf) {
-        Ok(httparse::Status::Complete(head)) => head,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err("response head too large".into());
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(err) => return Err(format!("bad response: {err}")),
+    let Some(head) = crate::lean::parse_head(&mut response, buf, MAX_HEAD)? else {
+        return Ok(None);
     };
     let status = response.code.ok_or("no status")?;
     let mut length = None;
