@@ -921,6 +921,29 @@ async fn collect_reports(procs: &mut [WorkerProc]) -> anyhow::Result<(u64, u64, 
     Ok((r.pushes, r.requests, r.latency, r.last_ns))
 }
 
+/// Collects the clients' deliveries until `expected` arrived or none came for `quiet`:
+/// how many, their latencies, and when the last arrived (at least `last_ns`).
+async fn await_deliveries(
+    procs: &mut [WorkerProc],
+    expected: u64,
+    quiet: Duration,
+    mut last_ns: u64,
+) -> anyhow::Result<(u64, Hist, u64)> {
+    let (mut delivered, mut latency) = (0, Hist::default());
+    let mut quiet_since = Instant::now();
+    while delivered < expected && quiet_since.elapsed() < quiet {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (p, _, l, t) = collect_reports(procs).await?;
+        if p > 0 {
+            quiet_since = Instant::now();
+        }
+        delivered += p;
+        latency.add(&l);
+        last_ns = last_ns.max(t);
+    }
+    Ok((delivered, latency, last_ns))
+}
+
 async fn drive_messages(
     mode: &str,
     d: &Deployment,
@@ -1058,17 +1081,8 @@ async fn drive_pushes(
     let pushed = pusher::run(&api, n, pace, || pusher::probe(payload_bytes)).await?;
     // Deliveries trail the answers by a little; wait until every accepted push arrived
     // or nothing moved for 2 s.
-    let (mut delivered, mut latency) = (0, Hist::default());
-    let mut quiet_since = Instant::now();
-    while delivered < pushed.accepted && quiet_since.elapsed() < Duration::from_secs(2) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let (p, _, l, _) = collect_reports(procs).await?;
-        if p > 0 {
-            quiet_since = Instant::now();
-        }
-        delivered += p;
-        latency.add(&l);
-    }
+    let (delivered, latency, _) =
+        await_deliveries(procs, pushed.accepted, Duration::from_secs(2), 0).await?;
     let server_cpu_s = cpu_of(&pids) - cpu_before;
     result.latency = Some(LatencyResult {
         scheduled: total,
@@ -1115,18 +1129,8 @@ async fn drive_broadcast(
     }
     let expected = c.broadcasts * result.connections_ok;
     // Wait until every delivery arrived or nothing moved for 5 s.
-    let (mut delivered, mut latency, mut last_ns) = (0, Hist::default(), first_ns);
-    let mut idle_since = Instant::now();
-    while delivered < expected && idle_since.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let (p, _, l, t) = collect_reports(procs).await?;
-        if p > 0 {
-            idle_since = Instant::now();
-        }
-        delivered += p;
-        latency.add(&l);
-        last_ns = last_ns.max(t);
-    }
+    let (delivered, latency, last_ns) =
+        await_deliveries(procs, expected, Duration::from_secs(5), first_ns).await?;
     let server_cpu_s = cpu_of(&pids) - cpu_before;
     let server_sys_cpu_s = sys_of(&pids) - sys_before;
     let elapsed_s = (last_ns.saturating_sub(first_ns)) as f64 / 1e9;
