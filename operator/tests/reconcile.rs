@@ -486,6 +486,34 @@ async fn create_and_wait_applied(client: &Client, name: &str) {
     .await;
 }
 
+/// A disruption budget written as a count in a string (`"2"`) passes the CRD's rule, but
+/// the API server's PodDisruptionBudget validation refuses a string that is not a
+/// percentage (the stand-in as well): the pool still converges, with a budget of 2.
+#[tokio::test]
+async fn a_disruption_count_written_as_a_string_reaches_the_budget_as_a_number() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let (_sim, client) = cluster().await;
+    let op = Operator::start(&client, args("op-a"));
+    pools(&client)
+        .create(
+            &PostParams::default(),
+            &pool("acme", json!({"disruption": {"maxUnavailable": "2"}})),
+        )
+        .await
+        .unwrap();
+    eventually("the spec applied", Duration::from_secs(20), || async {
+        let p = pools(&client).get("acme").await.unwrap();
+        (condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    let pdb = api::<PodDisruptionBudget>(&client)
+        .get("acme")
+        .await
+        .unwrap();
+    assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(2)));
+    op.stop().await;
+}
+
 #[tokio::test]
 async fn api_faults_are_retried_until_the_pool_converges() {
     let (sim, client) = cluster().await;
