@@ -80,3 +80,31 @@ async fn a_token_revoked_by_jti_is_refused_on_every_pod_until_it_lapses() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// The window a pod off the bus leaves open (docs/routing.md, "The start does not need
+/// NATS"): a pod that starts while NATS is away does not know a revocation stored on the
+/// bus and admits the agent; once it attaches it reads the stored revocations, closes that
+/// agent with 4008 and refuses it from then on, while its other agents stay.
+#[tokio::test]
+async fn an_agent_revoked_while_a_pod_was_off_the_bus_is_closed_when_the_pod_attaches() {
+    let mut nats = Nats::start().await;
+    let p0 = Pod::start(&nats, "gw-0").await;
+    let response = p0.post("/v1/agents/victim/revoke", json!({})).await;
+    assert_eq!(response.status(), 200);
+
+    nats.kill();
+    let p1 = Pod::start_unattached(&nats, "gw-1", |_| {}).await;
+    assert!(!p1.bus_connected());
+    let mut victim = p1.agent("victim", &[]).await;
+    let mut canary = p1.agent("canary", &[]).await;
+
+    nats.restart(false).await;
+    expect_close(&mut victim, CloseCode::Revoked).await;
+    let token = common::token("victim", &[], 3600);
+    assert_eq!(refused_status(&p1.ws_url(), Some(&token)).await, 403);
+    let response = p1
+        .post("/v1/agents/canary/messages", json!("still here"))
+        .await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(next_push(&mut canary).await.1, json!("still here"));
+}
