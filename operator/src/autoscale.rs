@@ -387,7 +387,7 @@ pub struct Plan {
     pub rollout_memory: Option<Rollout>,
     /// Drained pods to delete in this step, so that the StatefulSet (`OnDelete`)
     /// recreates them at the new revision.
-    pub delete: Vec<String>,
+    pub delete: Vec<PodToDelete>,
     /// `status.rebalance`: the budget window and back-off after this step.
     pub rebalance: Option<RebalanceStatus>,
 }
@@ -1557,6 +1557,20 @@ pub struct PodRevision {
     pub ready: bool,
     /// It is being deleted.
     pub terminating: bool,
+    /// Its `metadata.uid`: which pod of that name was listed.
+    pub uid: String,
+}
+
+/// A rollout's drained pod to delete: its name, and the UID of the pod that was listed at
+/// the old revision and drained. The delete carries that UID as a precondition, so a
+/// successor that took the name since (the list was older than the API's state, or an
+/// earlier step's delete went through) is refused by the API server (409) and kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodToDelete {
+    /// `<pool>-<ordinal>`.
+    pub name: String,
+    /// The UID of the pod that was drained.
+    pub uid: String,
 }
 
 /// The pods' revisions, read (a list of the pool's Pods) only while the StatefulSet
@@ -1691,7 +1705,7 @@ pub struct RolloutStep {
     /// Its drain instructions to keep or issue.
     pub instructions: Vec<PodInstruction>,
     /// Drained pods to delete now.
-    pub delete: Vec<String>,
+    pub delete: Vec<PodToDelete>,
     /// Events.
     pub events: Vec<ScaleEvent>,
     /// Progress while some pod is not at the new revision.
@@ -1794,12 +1808,12 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         if o >= n || at_update(o) {
             continue; // removed by a scale-down, or replaced already
         }
-        if revisions.pods.get(&o).is_none_or(|p| p.terminating) {
+        let Some(listed) = revisions.pods.get(&o).filter(|p| !p.terminating) else {
             // Deleted by an earlier step (gone from the list, or terminating), its
-            // replacement not listed yet: deleting it again by name could hit that
-            // replacement, at the new revision, as soon as it is created.
+            // replacement not listed yet: nothing to delete (and the UID precondition
+            // would refuse a delete that reached the replacement).
             continue;
-        }
+        };
         if spec.paused {
             continue; // called off: the pod turns ready again
         }
@@ -1810,7 +1824,10 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         let issued = i.issued_at.as_ref().map_or(now, |t| t.0);
         let left = orch.drain_deadline.saturating_sub(elapsed(issued, now));
         if drained || left.is_zero() {
-            step.delete.push(i.pod.clone());
+            step.delete.push(PodToDelete {
+                name: i.pod.clone(),
+                uid: listed.uid.clone(),
+            });
         } else {
             step.look_again = Some(step.look_again.map_or(left, |r: Duration| r.min(left)));
             pending.push(i.pod.clone());
@@ -1837,7 +1854,7 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
     }
     if !step.delete.is_empty() {
         step.progress = Some(progress(RolloutPhase::Replacing {
-            pods: step.delete.clone(),
+            pods: step.delete.iter().map(|d| d.name.clone()).collect(),
         }));
         return step;
     }
@@ -3817,6 +3834,7 @@ mod rollout_tests {
                             revision: Some(revision.into()),
                             ready: !not_ready.contains(&o),
                             terminating: false,
+                            uid: format!("{revision}-uid-{o}"),
                         },
                     )
                 })
@@ -3856,6 +3874,10 @@ mod rollout_tests {
 
     fn pods(plan: &Plan) -> Vec<&str> {
         plan.instructions.iter().map(|i| i.pod.as_str()).collect()
+    }
+
+    fn deleted(plan: &Plan) -> Vec<&str> {
+        plan.delete.iter().map(|d| d.name.as_str()).collect()
     }
 
     #[test]
@@ -3915,7 +3937,17 @@ mod rollout_tests {
             view(revisions(10, &[], &[], &[]), memory.clone()),
             110,
         );
-        assert_eq!(drained.delete, vec!["p-8", "p-9"]);
+        assert_eq!(deleted(&drained), vec!["p-8", "p-9"]);
+        // Each by the UID of the old-revision pod that was listed and drained: the
+        // delete's precondition, so a successor of the same name is never hit.
+        assert_eq!(
+            drained
+                .delete
+                .iter()
+                .map(|d| d.uid.as_str())
+                .collect::<Vec<_>>(),
+            vec!["old-uid-8", "old-uid-9"]
+        );
         assert!(drained.instructions.is_empty());
         // Recreated at the new revision, one not Ready yet: no new batch.
         let p = pool(10, vec![], 0);
@@ -3969,7 +4001,7 @@ mod rollout_tests {
             view(revisions(10, &[], &[], &[9]), batch.rollout_memory.clone()),
             110,
         );
-        assert_eq!(next.delete, vec!["p-8"]);
+        assert_eq!(deleted(&next), vec!["p-8"]);
         assert!(next.instructions.is_empty(), "{:?}", next.instructions);
         // Once both are gone, nothing is deleted and the batch waits for them.
         let gone = step(
@@ -3996,7 +4028,7 @@ mod rollout_tests {
         );
         let p = pool(10, batch.instructions.clone(), 7);
         let late = step(&p, 10, view(revisions(10, &[], &[], &[]), None), 131);
-        assert_eq!(late.delete, vec!["p-8", "p-9"]);
+        assert_eq!(deleted(&late), vec!["p-8", "p-9"]);
     }
 
     #[test]
