@@ -910,6 +910,7 @@ pub fn plan_with(
             live: &view.live,
             replicas: stateful_set_replicas,
             blocked,
+            disruption_allowed: pool.spec.disruption.pods_allowed(stateful_set_replicas),
         },
         &orch,
         now,
@@ -1752,6 +1753,9 @@ pub struct RolloutInput<'a> {
     pub replicas: i32,
     /// Another state that must end before a new batch starts.
     pub blocked: Option<&'static str>,
+    /// Pods the PodDisruptionBudget lets evictions take at once
+    /// ([`tether_crds::DisruptionSpec::pods_allowed`]).
+    pub disruption_allowed: i32,
 }
 
 /// What a rollout does in one step.
@@ -1810,6 +1814,7 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         live,
         replicas: n,
         blocked,
+        disruption_allowed,
     } = input.clone();
     let pod_name = |o: i32| format!("{name}-{o}");
     let in_flight: Vec<&PodInstruction> = previous.iter().filter(|i| is_rollout(i)).collect();
@@ -1981,10 +1986,19 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         paused: false,
     });
     if memory.batches == 0 {
+        // The operator deletes a batch's pods itself, past the PodDisruptionBudget: a
+        // batch larger than the budget is obeyed, and said so.
+        let over_budget = if batch > disruption_allowed {
+            format!(
+                "; a batch is more than the {disruption_allowed} pods the PodDisruptionBudget allows, so evictions wait while one is out"
+            )
+        } else {
+            String::new()
+        };
         step.events.push(ScaleEvent {
             reason: Reason::RolloutStarted,
             note: format!(
-                "rolling out revision {} over {n} pods in batches of {batch} ({updated} already updated)",
+                "rolling out revision {} over {n} pods in batches of {batch} ({updated} already updated){over_budget}",
                 revisions.update
             ),
         });
@@ -4015,6 +4029,22 @@ mod rollout_tests {
             vec![Reason::RolloutStarted, Reason::BatchStarted]
         );
         assert!(plan.delete.is_empty());
+        // Within the PodDisruptionBudget (10 % of 10 pods, rounded up: 1)? No: 2 > 1.
+        assert!(
+            plan.events[0]
+                .note
+                .ends_with("more than the 1 pods the PodDisruptionBudget allows, so evictions wait while one is out"),
+            "{}",
+            plan.events[0].note
+        );
+        let mut within = pool(10, vec![], 0);
+        within.spec.disruption.max_unavailable = IntOrString::String("20%".into());
+        let within = step(&within, 10, view(revisions(10, &[], &[], &[]), None), 100);
+        assert!(
+            within.events[0].note.ends_with("(0 already updated)"),
+            "{}",
+            within.events[0].note
+        );
         assert_eq!(plan.stateful_set_replicas, 10);
         let State::RollingOut(progress) = &plan.state else {
             panic!("{:?}", plan.state);
