@@ -674,12 +674,21 @@ fn a_batch_never_exceeds_the_disruption_budget_of_the_same_value() {
     };
     let (rollout, disruption) = both(IntOrString::String("10%".into()));
     // 10 % of 15 pods: 1.5, a batch of 1, a budget of 2.
-    assert_eq!((rollout.batch_size(15), disruption.pods_allowed(15)), (1, 2));
+    assert_eq!(
+        (rollout.batch_size(15), disruption.pods_allowed(15)),
+        (1, 2)
+    );
     // 10 % of 5: 0.5, a batch of 1 (at least one), a budget of 1.
     assert_eq!((rollout.batch_size(5), disruption.pods_allowed(5)), (1, 1));
-    assert_eq!((rollout.batch_size(100), disruption.pods_allowed(100)), (10, 10));
+    assert_eq!(
+        (rollout.batch_size(100), disruption.pods_allowed(100)),
+        (10, 10)
+    );
     let (rollout, disruption) = both(IntOrString::Int(3));
-    assert_eq!((rollout.batch_size(10), disruption.pods_allowed(10)), (3, 3));
+    assert_eq!(
+        (rollout.batch_size(10), disruption.pods_allowed(10)),
+        (3, 3)
+    );
     assert_eq!((rollout.batch_size(2), disruption.pods_allowed(2)), (2, 2));
     // The defaults are the same value.
     assert_eq!(
