@@ -1028,7 +1028,7 @@ struct RebalanceInput<'a> {
     /// The episode of this term, if any.
     episode: Option<Episode>,
     /// A rollout completed since the last episode: a new one works to
-    /// [`ROLLOUT_FILL_SPREAD_PERCENT`] and starts a new budget window.
+    /// [`ROLLOUT_FILL_SPREAD_PERCENT`] (within the budget window as any episode).
     after_rollout: bool,
 }
 
@@ -1425,9 +1425,9 @@ fn rebalance(
             let measured: i64 = heavy.iter().map(|l| excess(l)).sum();
             let window_end = |r: &RebalanceStatus| r.window_start.0 + signed(orch.budget_window);
             let budget = match record.as_mut() {
-                // After a rollout every agent has just moved once, deliberately: the
-                // imbalance it leaves is measured afresh, in a new window.
-                Some(r) if now < window_end(r) && !after_rollout => {
+                // The fill after a rollout too: the window's budget bounds every
+                // episode in it, whatever imbalance started it.
+                Some(r) if now < window_end(r) => {
                     let left = r.budget.saturating_sub(r.shed);
                     if left <= 0 {
                         let end = window_end(r);
@@ -3221,6 +3221,45 @@ mod tests {
         assert_eq!(end, vec![20, 20, 21, 19, 20]);
         assert!(plans.iter().all(|p| p.events.is_empty()), "{plans:?}");
         assert!(!plans.last().unwrap().fill_after_rollout);
+    }
+
+    /// The fill after a rollout stays within the window's shed budget like any episode:
+    /// with the budget spent by an episode shortly before, nothing is shed, and the
+    /// memory waits for the window to end.
+    #[test]
+    fn the_fill_after_a_rollout_stays_within_the_windows_budget() {
+        let mut previous = before_any_round();
+        previous.rebalance = Some(RebalanceStatus {
+            window_start: Time(t(50)),
+            budget: 40,
+            shed: 40,
+            failures: 0,
+            backoff_until: None,
+        });
+        let left = [0, 0, 25, 25, 25, 25, 25, 25, 25, 25];
+        let history = History {
+            fill_after_rollout: true,
+            ..settled_at(200, 100)
+        };
+        let step = pool_step(&left, &previous, history, 100, 600);
+        assert_eq!(shed_total(&step), 0, "{step:?}");
+        assert!(
+            matches!(&step.state, State::Rebalancing(Rebalance::Stopped { why }) if why.contains("no more before")),
+            "{:?}",
+            step.state
+        );
+        assert!(
+            step.fill_after_rollout,
+            "still to fill once the window ends"
+        );
+        // Once the window is over, the fill runs.
+        let history = History {
+            fill_after_rollout: true,
+            ..settled_at(200, 700)
+        };
+        let step = pool_step(&left, &previous, history, 700, 600);
+        assert!(shed_total(&step) > 0, "{step:?}");
+        assert!(!step.fill_after_rollout);
     }
 
     #[test]
