@@ -516,12 +516,24 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
             after.len() == PODS && after.values().all(|r| *r == new_revision),
             "pods after: {after:?}"
         );
-        let reasons = event_reasons(&cluster.client, NS).await?;
-        anyhow::ensure!(
+        // The step that completes the rollout publishes its Events after writing the
+        // status the condition was read from and delivering its instructions to the
+        // pods (`controller`, `autoscale::after_apply`): wait for them.
+        let complete = |reasons: &HashMap<String, usize>| {
             reasons.get("BatchStarted").copied().unwrap_or(0) == PODS / BATCH
-                && reasons.get("RolloutComplete") == Some(&1),
-            "{reasons:?}"
-        );
+                && reasons.get("RolloutComplete") == Some(&1)
+        };
+        let _ = eventually(
+            "the RolloutComplete Event",
+            Duration::from_secs(10),
+            || async {
+                let reasons = event_reasons(&cluster.client, NS).await.ok()?;
+                complete(&reasons).then_some(())
+            },
+        )
+        .await;
+        let reasons = event_reasons(&cluster.client, NS).await?;
+        anyhow::ensure!(complete(&reasons), "{reasons:?}");
         println!(
             "one-shot rollout: {gone} of {ONE_SHOT} one-shot agents gone, {} of {RETURNING} \
              reconnecting agents back, total {total}; events {reasons:?}",
