@@ -1022,6 +1022,26 @@ impl Default for DisruptionSpec {
     }
 }
 
+impl DisruptionSpec {
+    /// Pods the PodDisruptionBudget lets voluntary disruptions (evictions) take at once
+    /// in a pool of `replicas`, as the disruption controller computes it: the count, or
+    /// the percentage rounded *up*; never above the pool.
+    pub fn pods_allowed(&self, replicas: i32) -> i32 {
+        let replicas = replicas.max(0);
+        let allowed = match &self.max_unavailable {
+            IntOrString::Int(n) => i64::from(*n),
+            IntOrString::String(s) => match s.strip_suffix('%') {
+                Some(percent) => {
+                    let percent = percent.parse::<i64>().unwrap_or(10).clamp(0, 100);
+                    (i64::from(replicas) * percent + 99) / 100
+                }
+                None => s.parse().unwrap_or(1),
+            },
+        };
+        i32::try_from(allowed.clamp(0, i64::from(replicas))).unwrap_or(replicas)
+    }
+}
+
 impl Default for RolloutSpec {
     fn default() -> Self {
         Self {
@@ -1033,8 +1053,11 @@ impl Default for RolloutSpec {
 
 impl RolloutSpec {
     /// Pods per batch in a pool of `replicas`: the count, or the percentage rounded
-    /// down, never below one nor above the pool. A value the schema would refuse counts
-    /// as the default.
+    /// *down*, never below one nor above the pool (Kubernetes' rolling-update convention,
+    /// as a StatefulSet's or a Deployment's `maxUnavailable`). A value the schema would
+    /// refuse counts as the default. Rounded down where the PodDisruptionBudget rounds
+    /// up ([`DisruptionSpec::pods_allowed`]): with the same value for both, a batch never
+    /// takes more pods out than the budget lets evictions take.
     pub fn batch_size(&self, replicas: i32) -> i32 {
         let replicas = replicas.max(1);
         let wanted = match &self.max_unavailable {

@@ -658,6 +658,55 @@ fn rollout_batches_are_a_count_or_a_percentage_of_the_pool() {
     assert_eq!(spec(IntOrString::Int(50)).batch_size(4), 4);
 }
 
+/// The rollout's batch rounds a percentage down (at least one pod), the
+/// PodDisruptionBudget rounds it up: the same value never gives a batch larger than
+/// what the budget lets evictions take, at any pool size the CRD allows.
+#[test]
+fn a_batch_never_exceeds_the_disruption_budget_of_the_same_value() {
+    let both = |v: IntOrString| {
+        (
+            RolloutSpec {
+                max_unavailable: v.clone(),
+                paused: false,
+            },
+            DisruptionSpec { max_unavailable: v },
+        )
+    };
+    let (rollout, disruption) = both(IntOrString::String("10%".into()));
+    // 10 % of 15 pods: 1.5, a batch of 1, a budget of 2.
+    assert_eq!(
+        (rollout.batch_size(15), disruption.pods_allowed(15)),
+        (1, 2)
+    );
+    // 10 % of 5: 0.5, a batch of 1 (at least one), a budget of 1.
+    assert_eq!((rollout.batch_size(5), disruption.pods_allowed(5)), (1, 1));
+    assert_eq!(
+        (rollout.batch_size(100), disruption.pods_allowed(100)),
+        (10, 10)
+    );
+    let (rollout, disruption) = both(IntOrString::Int(3));
+    assert_eq!(
+        (rollout.batch_size(10), disruption.pods_allowed(10)),
+        (3, 3)
+    );
+    assert_eq!((rollout.batch_size(2), disruption.pods_allowed(2)), (2, 2));
+    // The defaults are the same value.
+    assert_eq!(
+        RolloutSpec::default().max_unavailable,
+        DisruptionSpec::default().max_unavailable
+    );
+    for percent in 1..=100 {
+        let (rollout, disruption) = both(IntOrString::String(format!("{percent}%")));
+        for pods in 1..=MAX_POOL_PODS {
+            let (batch, allowed) = (rollout.batch_size(pods), disruption.pods_allowed(pods));
+            assert!(
+                (1..=allowed).contains(&batch),
+                "{percent}% of {pods}: batch {batch}, budget {allowed}"
+            );
+        }
+    }
+}
+
 #[test]
 fn rollout_max_unavailable_is_validated() {
     for good in [

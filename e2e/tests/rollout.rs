@@ -7,7 +7,7 @@
 //! by counts: never more than one batch of pods out of the Service and never more than
 //! one batch of agents disconnected (sampled throughout), every replaced pod empty at
 //! SIGTERM (pre-drained), every agent back, every accepted push delivered, every pod at
-//! the new revision, the Events, and the pool balanced at the end (max/mean ≤ 1.25).
+//! the new revision, the Events, and the pool balanced at the end (max/mean ≤ 1.15).
 //!
 //! `rollout_completes_when_drained_agents_never_return`: the same pool with half its
 //! agents never coming back once drained; the rollout completes by counts, without
@@ -45,8 +45,10 @@ const PODS: usize = 10;
 const AGENTS: usize = 200;
 /// `rollout.maxUnavailable` of the e2e pool: 20 % of 10 pods.
 const BATCH: usize = 2;
-/// A balanced pool (docs/autoscaling.md): the busiest pod holds at most 1.25 × the mean.
-const MAX_OVER_MEAN: f64 = 1.25;
+/// A pool balanced after a rollout (docs/operator.md, "Rollouts"): the busiest pod holds
+/// at most 1.15 × the mean. The episode after a rollout works to 1.10
+/// (`autoscale::ROLLOUT_FILL_SPREAD_PERCENT`), tighter than the pool's own 1.25.
+const MAX_OVER_MEAN: f64 = 1.15;
 
 /// The busiest pod's agents over the mean per pod, every pod of the pool counted (an
 /// empty pod is not in the Service's table).
@@ -363,14 +365,16 @@ async fn rollout_batches_keep_agents_and_pushes() -> anyhow::Result<()> {
         let names: Vec<String> = revisions.list(&Default::default()).await?.items.into_iter().filter_map(|r| r.metadata.name).collect();
         anyhow::ensure!(names.contains(&old_revision) && names.contains(&rolled.0), "ControllerRevisions: {names:?}");
 
-        // The pool balanced at the end (docs/autoscaling.md: max/mean ≤ 1.25, the
-        // pool's `rebalanceSpreadPercent`), counting agents per pod over every pod: the
-        // rebalancing the rollout held back runs once it is complete.
+        // The pool balanced at the end, counting agents per pod over every pod, once
+        // the pool is at rest (no round of shedding or closing under way): the episode
+        // that follows a rollout fills the last batch, which came back empty.
         println!("per pod after the rollout: {:?}", agents.per_pod());
-        let balanced = eventually("the pool balanced after the rollout", patience, || async {
+        let balanced = eventually("the pool balanced and at rest after the rollout", patience, || async {
+            let p = cluster.pools().get(POOL).await.ok()?;
+            let at_rest = p.status.as_ref()?.instructions.is_empty();
             let per_pod = agents.per_pod();
             let ratio = max_over_mean(&per_pod);
-            (agents.connected() == AGENTS && ratio <= MAX_OVER_MEAN).then_some((per_pod, ratio))
+            (at_rest && agents.connected() == AGENTS && ratio <= MAX_OVER_MEAN).then_some((per_pod, ratio))
         })
         .await;
         let (per_pod, ratio) = match balanced {
@@ -512,12 +516,24 @@ async fn rollout_completes_when_drained_agents_never_return() -> anyhow::Result<
             after.len() == PODS && after.values().all(|r| *r == new_revision),
             "pods after: {after:?}"
         );
-        let reasons = event_reasons(&cluster.client, NS).await?;
-        anyhow::ensure!(
+        // The step that completes the rollout publishes its Events after writing the
+        // status the condition was read from and delivering its instructions to the
+        // pods (`controller`, `autoscale::after_apply`): wait for them.
+        let complete = |reasons: &HashMap<String, usize>| {
             reasons.get("BatchStarted").copied().unwrap_or(0) == PODS / BATCH
-                && reasons.get("RolloutComplete") == Some(&1),
-            "{reasons:?}"
-        );
+                && reasons.get("RolloutComplete") == Some(&1)
+        };
+        let _ = eventually(
+            "the RolloutComplete Event",
+            Duration::from_secs(10),
+            || async {
+                let reasons = event_reasons(&cluster.client, NS).await.ok()?;
+                complete(&reasons).then_some(())
+            },
+        )
+        .await;
+        let reasons = event_reasons(&cluster.client, NS).await?;
+        anyhow::ensure!(complete(&reasons), "{reasons:?}");
         println!(
             "one-shot rollout: {gone} of {ONE_SHOT} one-shot agents gone, {} of {RETURNING} \
              reconnecting agents back, total {total}; events {reasons:?}",

@@ -692,6 +692,7 @@ async fn revisions(
         .iter()
         .filter_map(|p| {
             let o = crate::scaling::ordinal(&name, p.metadata.name.as_deref()?)?;
+            let uid = p.metadata.uid.clone()?;
             let ready = p
                 .status
                 .as_ref()
@@ -703,6 +704,7 @@ async fn revisions(
                     revision: p.labels().get(REVISION_LABEL).cloned(),
                     ready,
                     terminating: p.metadata.deletion_timestamp.is_some(),
+                    uid,
                 },
             ))
         })
@@ -711,23 +713,36 @@ async fn revisions(
 }
 
 /// Deletes a rollout's drained pods; the StatefulSet (`OnDelete`) recreates each at its
-/// update revision. A pod already gone is fine.
+/// update revision. Each delete carries the drained pod's UID as a precondition: a pod
+/// of that name that is not the one drained (its successor, created since the list the
+/// step was planned from) is refused with 409 and kept. That, or a pod already gone, is
+/// fine: the pod the rollout meant is no longer there.
 async fn delete_pods(
     client: &Client,
     pool: &ConnectionPool,
-    names: &[String],
+    targets: &[crate::autoscale::PodToDelete],
 ) -> Result<(), Error> {
-    if names.is_empty() {
+    if targets.is_empty() {
         return Ok(());
     }
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    for name in names {
-        match pods.delete(name, &DeleteParams::default()).await {
+    for target in targets {
+        let params = DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                uid: Some(target.uid.clone()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match pods.delete(&target.name, &params).await {
             Ok(_) => {
-                info!(pool = %pool.name_any(), pod = %name, "rollout: pod deleted for its replacement")
+                info!(pool = %pool.name_any(), pod = %target.name, uid = %target.uid, "rollout: pod deleted for its replacement")
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                info!(pool = %pool.name_any(), pod = %target.name, uid = %target.uid, message = %status.message, "rollout: the drained pod is gone, its successor kept")
+            }
             Err(err) => return Err(err.into()),
         }
     }

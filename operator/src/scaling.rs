@@ -197,6 +197,9 @@ pub struct History {
     /// settle window (see `autoscale::note_total`): an episode starts only once it
     /// stopped moving.
     pub totals: VecDeque<(Timestamp, i64)>,
+    /// A rollout completed and the pool has not been rebalanced to the rollout's bound
+    /// since (see `autoscale::ROLLOUT_FILL_SPREAD_PERCENT`).
+    pub fill_after_rollout: bool,
 }
 
 impl History {

@@ -481,6 +481,38 @@ fn meta_mut(obj: &mut Value) -> &mut serde_json::Map<String, Value> {
     m.as_object_mut().expect("metadata object")
 }
 
+/// A DELETE's preconditions, checked as the real server's `rest.BeforeDelete` does before
+/// anything else: a UID that is not the stored object's (the name now belongs to a
+/// re-created object) or a resourceVersion that is not its current one (it changed since
+/// it was read) is 409 Conflict. `BeforeDelete` qualifies the object by its kind, not its
+/// resource (`Operation cannot be fulfilled on Pod "web-0": ...`,
+/// `... on StatefulSet.apps "web": ...`), and so do `details.kind` and `details.group`.
+fn check_delete_preconditions(
+    rt: &ResourceType,
+    name: &str,
+    stored: &Value,
+    d: &DeleteOpts,
+) -> Result<()> {
+    let conflict = |why: String| Err(ApiError::conflict(&rt.group, &rt.kind, name, &why));
+    if let Some(uid) = &d.uid {
+        let actual = meta_str(stored, "uid").unwrap_or("");
+        if uid != actual {
+            return conflict(format!(
+                "the UID in the precondition ({uid}) does not match the UID in record ({actual}). The object might have been deleted and then recreated"
+            ));
+        }
+    }
+    if let Some(rv) = &d.resource_version {
+        let actual = meta_str(stored, "resourceVersion").unwrap_or("");
+        if rv != actual {
+            return conflict(format!(
+                "the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({actual}). The object might have been modified"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
         .and_then(Value::as_array)
@@ -2321,32 +2353,7 @@ impl State {
         let rt = t.rt.clone();
         let name = t.name.clone().unwrap_or_default();
         let old = self.read(t)?;
-        if let Some(uid) = &d.uid
-            && Some(uid.as_str()) != meta_str(&old, "uid")
-        {
-            return Err(ApiError::conflict(
-                &rt.group,
-                &rt.plural,
-                &name,
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta_str(&old, "uid").unwrap_or("")
-                ),
-            ));
-        }
-        if let Some(rv) = &d.resource_version
-            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
-        {
-            return Err(ApiError::conflict(
-                &rt.group,
-                &rt.plural,
-                &name,
-                &format!(
-                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                    meta_str(&old, "resourceVersion").unwrap_or("")
-                ),
-            ));
-        }
+        check_delete_preconditions(&rt, &name, &old, d)?;
         let mut new = old.clone();
         let mut fins = finalizers(&old);
         match d.propagation.as_deref() {

@@ -10,8 +10,11 @@ use std::collections::BTreeMap;
 
 use common::*;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::ResourceExt;
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy,
+};
 use kube::core::DynamicObject;
 use serde_json::json;
 use tether_kube_sim::{FaultMatch, Server};
@@ -453,6 +456,120 @@ async fn finalizers_hold_deletion_until_removed() {
             .await,
     );
     assert_eq!(s.code, 409);
+}
+
+/// A DELETE's preconditions as `rest.BeforeDelete` checks them: a UID of an object the
+/// name no longer holds (deleted and re-created) or a resourceVersion it no longer has is
+/// 409 Conflict naming both values, and nothing is deleted; matching ones delete.
+#[tokio::test]
+async fn delete_preconditions_on_uid_and_resource_version() {
+    let sim = Server::start().await.unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(sim.client().unwrap());
+    let pod = || -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-0"},
+            "spec": {"containers": [{"name": "c", "image": "gateway"}]},
+        }))
+        .unwrap()
+    };
+    let first = pods.create(&PostParams::default(), &pod()).await.unwrap();
+    pods.delete("web-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    let second = pods.create(&PostParams::default(), &pod()).await.unwrap();
+    let (old_uid, new_uid) = (first.uid().unwrap(), second.uid().unwrap());
+    assert_ne!(old_uid, new_uid);
+    let with = |uid: Option<String>, resource_version: Option<String>| DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version,
+        }),
+        ..DeleteParams::default()
+    };
+
+    // The UID of the pod the name held before: refused, the successor kept.
+    let s = status_of(
+        pods.delete("web-0", &with(Some(old_uid.clone()), None))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        s.message,
+        format!(
+            "Operation cannot be fulfilled on Pod \"web-0\": the UID in the precondition \
+             ({old_uid}) does not match the UID in record ({new_uid}). The object might have \
+             been deleted and then recreated"
+        )
+    );
+    let details = s.details.expect("details");
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str()),
+        ("web-0", "Pod")
+    );
+    assert_eq!(
+        pods.get("web-0").await.unwrap().uid(),
+        Some(new_uid.clone())
+    );
+
+    // A resourceVersion the pod had before a change: refused too.
+    let read_rv = second.resource_version().unwrap();
+    let changed = pods
+        .patch(
+            "web-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"changed": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    let current_rv = changed.resource_version().unwrap();
+    let s = status_of(
+        pods.delete("web-0", &with(None, Some(read_rv.clone())))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        s.message,
+        format!(
+            "Operation cannot be fulfilled on Pod \"web-0\": the ResourceVersion in the \
+             precondition ({read_rv}) does not match the ResourceVersion in record \
+             ({current_rv}). The object might have been modified"
+        )
+    );
+    // A right UID does not excuse a stale resourceVersion.
+    let s = status_of(
+        pods.delete("web-0", &with(Some(new_uid.clone()), Some(read_rv)))
+            .await,
+    );
+    assert_eq!(s.code, 409);
+    assert!(pods.get_opt("web-0").await.unwrap().is_some());
+
+    // Both current: deleted.
+    pods.delete("web-0", &with(Some(new_uid), Some(current_rv)))
+        .await
+        .unwrap();
+    assert!(pods.get_opt("web-0").await.unwrap().is_none());
+
+    // A group's kind is qualified by the group, as `BeforeDelete` does.
+    let sets: Api<StatefulSet> = Api::default_namespaced(sim.client().unwrap());
+    let set: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "serviceName": "web",
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "c", "image": "gateway"}]}}},
+    }))
+    .unwrap();
+    sets.create(&PostParams::default(), &set).await.unwrap();
+    let s = status_of(
+        sets.delete("web", &with(Some("not-its-uid".into()), None))
+            .await,
+    );
+    assert_eq!(s.code, 409);
+    assert!(
+        s.message
+            .starts_with("Operation cannot be fulfilled on StatefulSet.apps \"web\": the UID"),
+        "{}",
+        s.message
+    );
 }
 
 fn owned_cm(name: &str, owner: &DynamicObject) -> ConfigMap {
