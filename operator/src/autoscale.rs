@@ -895,9 +895,9 @@ pub fn plan_with(
 
     // Rollout, behind a drain under way and a rebalancing episode that acts.
     let blocked = match &state {
-        State::Draining { .. } | State::ScalingDown { .. } => Some("a scale-down's drain"),
+        State::Draining { .. } | State::ScalingDown { .. } => Some(RolloutBlocker::ScaleDownDrain),
         State::Rebalancing(phase) if !matches!(phase, Rebalance::Stopped { .. }) => {
-            Some("the rebalancing episode")
+            Some(RolloutBlocker::RebalancingEpisode)
         }
         _ => None,
     };
@@ -1686,8 +1686,30 @@ pub enum RolloutPhase {
     /// Behind another state (a scale-down's drain, a rebalancing episode).
     Waiting {
         /// What it waits for.
-        behind: &'static str,
+        behind: RolloutBlocker,
     },
+}
+
+/// What a rollout's next batch waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutBlocker {
+    /// A scale-down drains pods.
+    ScaleDownDrain,
+    /// A rebalancing episode sheds agents.
+    RebalancingEpisode,
+    /// Every outdated pod carries another instruction (a shed round) still under way.
+    InstructionsUnderWay,
+}
+
+impl RolloutBlocker {
+    /// Its words in the `RollingOut` condition's message.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ScaleDownDrain => "a scale-down's drain",
+            Self::RebalancingEpisode => "the rebalancing episode",
+            Self::InstructionsUnderWay => "instructions under way",
+        }
+    }
 }
 
 /// A rollout's progress: the `RollingOut` condition, and the pool's state while the
@@ -1731,7 +1753,9 @@ impl RolloutProgress {
                 format!("{counts}: waiting for {} to be Ready", pods.join(", "))
             }
             RolloutPhase::Paused => format!("{counts}: paused (spec.rollout.paused)"),
-            RolloutPhase::Waiting { behind } => format!("{counts}: waiting for {behind}"),
+            RolloutPhase::Waiting { behind } => {
+                format!("{counts}: waiting for {}", behind.as_str())
+            }
         }
     }
 }
@@ -1752,7 +1776,7 @@ pub struct RolloutInput<'a> {
     /// The StatefulSet's replicas after this step's size part.
     pub replicas: i32,
     /// Another state that must end before a new batch starts.
-    pub blocked: Option<&'static str>,
+    pub blocked: Option<RolloutBlocker>,
     /// Pods the PodDisruptionBudget lets evictions take at once
     /// ([`tether_crds::DisruptionSpec::pods_allowed`]).
     pub disruption_allowed: i32,
@@ -1976,7 +2000,7 @@ pub fn roll_out(input: &RolloutInput<'_>, orch: &Orchestration, now: Timestamp) 
         .collect();
     if chosen.is_empty() {
         step.progress = Some(progress(RolloutPhase::Waiting {
-            behind: "instructions under way",
+            behind: RolloutBlocker::InstructionsUnderWay,
         }));
         return step;
     }
@@ -4378,8 +4402,10 @@ mod rollout_tests {
         );
         assert!(plan.instructions[0].admission_closed_until.is_some());
         assert_eq!(
-            plan.rollout.as_ref().map(RolloutProgress::reason),
-            Some(Reason::RolloutWaiting)
+            plan.rollout.as_ref().map(|r| &r.phase),
+            Some(&RolloutPhase::Waiting {
+                behind: RolloutBlocker::RebalancingEpisode
+            })
         );
     }
 
@@ -4458,8 +4484,10 @@ mod rollout_tests {
             plan.instructions
         );
         assert_eq!(
-            plan.rollout.as_ref().map(RolloutProgress::reason),
-            Some(Reason::RolloutWaiting)
+            plan.rollout.as_ref().map(|r| &r.phase),
+            Some(&RolloutPhase::Waiting {
+                behind: RolloutBlocker::ScaleDownDrain
+            })
         );
     }
 
