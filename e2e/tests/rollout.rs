@@ -651,6 +651,26 @@ impl SimCluster {
         Ok(one)
     }
 
+    /// Runs kubectl (`$KUBECTL` or `PATH`) against the stand-in in the test namespace:
+    /// the commands docs/operator.md gives to pause, resume and wait for a rollout.
+    async fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let bin = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
+        let out = tokio::process::Command::new(bin)
+            .arg("--kubeconfig")
+            .arg(self.dir.path().join("kubeconfig"))
+            .args(["-n", SIM_NS])
+            .args(args)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
@@ -667,13 +687,17 @@ async fn rollout_pauses_and_resumes() -> anyhow::Result<()> {
         let old = c.settled("paused", 4, None, patience).await?;
 
         // A template change while paused: the condition says so, nothing is replaced.
-        c.pools()
-            .patch(
-                "paused",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"rollout": {"paused": true}}})),
-            )
-            .await?;
+        // Paused and resumed with kubectl, as docs/operator.md says.
+        c.kubectl(&[
+            "patch",
+            "cpool",
+            "paused",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"rollout":{"paused":true}}}"#,
+        ])
+        .await?;
         change_template(&c.pools(), "paused", "2").await?;
         let message = eventually("RollingOut: RolloutPaused", patience, || async {
             let p = c.pool("paused").await?;
@@ -707,14 +731,24 @@ async fn rollout_pauses_and_resumes() -> anyhow::Result<()> {
             p.status
         );
 
-        // Resumed: batch by batch to the end.
-        c.pools()
-            .patch(
-                "paused",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"rollout": {"paused": false}}})),
-            )
-            .await?;
+        // Resumed: batch by batch to the end, which `kubectl wait` sees.
+        c.kubectl(&[
+            "patch",
+            "cpool",
+            "paused",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"rollout":{"paused":false}}}"#,
+        ])
+        .await?;
+        c.kubectl(&[
+            "wait",
+            "cpool/paused",
+            "--for=condition=RollingOut=false",
+            "--timeout=120s",
+        ])
+        .await?;
         let new = c.settled("paused", 4, Some(&old), patience).await?;
         anyhow::ensure!(new != old, "the new revision rolled out");
         let (st, reason, message) = eventually("RollingOut False", patience, || async {
