@@ -569,6 +569,10 @@ pub struct Hub {
     pending: Mutex<HashMap<PendingKey, Pending>>,
     next_pending_token: AtomicU64,
     next_connection_id: AtomicU64,
+    /// Connections the liveness sweep has yet to file ([`Hub::take_to_schedule`]).
+    to_schedule: Mutex<Vec<Arc<Connection>>>,
+    /// Connections whose expiry a `refresh` moved ([`Hub::expiry_moved`]).
+    expiry_moved: Mutex<Vec<Arc<Connection>>>,
     outbound_queue: usize,
     max_pending: u32,
     /// Agents and tokens revoked across the pool (checked at the handshake and on
@@ -585,6 +589,8 @@ impl Hub {
             pending: Mutex::default(),
             next_pending_token: AtomicU64::new(1),
             next_connection_id: AtomicU64::new(1),
+            to_schedule: Mutex::default(),
+            expiry_moved: Mutex::default(),
             outbound_queue,
             max_pending: u32::try_from(max_pending).unwrap_or(u32::MAX),
             revocations: Revocations::default(),
@@ -633,7 +639,25 @@ impl Hub {
         if let Some(old) = &replaced {
             old.close(CloseCode::Replaced);
         }
+        self.to_schedule.lock().push(conn.clone());
         Registered { replaced }
+    }
+
+    /// The connections registered since the liveness sweep last took them: it looks
+    /// at each on its next tick and files it by its stamps.
+    pub fn take_to_schedule(&self) -> Vec<Arc<Connection>> {
+        std::mem::take(&mut *self.to_schedule.lock())
+    }
+
+    /// Tells the liveness sweep that a `refresh` moved `conn`'s expiry, which may now
+    /// come before the second the sweep has the connection filed for.
+    pub fn expiry_moved(&self, conn: &Arc<Connection>) {
+        self.expiry_moved.lock().push(conn.clone());
+    }
+
+    /// The connections whose expiry moved since the liveness sweep last took them.
+    pub fn take_expiry_moved(&self) -> Vec<Arc<Connection>> {
+        std::mem::take(&mut *self.expiry_moved.lock())
     }
 
     /// Replaces a connection's groups (a `refresh` with a token naming other groups).
@@ -887,14 +911,6 @@ impl Hub {
             .iter()
             .map(|c| c.0.clone())
             .collect()
-    }
-
-    /// Visits every connection under the read lock (no copy of the set). `f` must be
-    /// quick and must not call back into the hub's write paths.
-    pub fn for_each(&self, mut f: impl FnMut(&Arc<Connection>)) {
-        for conn in self.index.read().agents.iter() {
-            f(&conn.0);
-        }
     }
 }
 
