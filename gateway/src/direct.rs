@@ -15,21 +15,32 @@ use std::os::fd::RawFd;
 /// Writes `head` then `payload` to `fd` in one call, without blocking and without
 /// SIGPIPE; returns how many bytes the kernel took (`WouldBlock` when none).
 ///
+/// One buffer (an empty `payload`: a fan-out's frame encoded whole, a ping) goes by
+/// `send(2)`, which skips what `sendmsg(2)` costs on top of it (copying in the
+/// message header and the vector of buffers): that call is most of a broadcast's
+/// work per recipient.
+///
 /// `fd` must be an open socket for the whole call: the caller holds the lock under
 /// which its owner lends it and takes it back.
 #[allow(unsafe_code)]
 pub fn send_nonblocking(fd: RawFd, head: &[u8], payload: &[u8]) -> io::Result<usize> {
-    let slices = [IoSlice::new(head), IoSlice::new(payload)];
-    let count = if payload.is_empty() { 1 } else { 2 };
-    // SAFETY: an all-zero msghdr is valid (no address, no control data); `msg_iov`
-    // points at `count` live `IoSlice`s, which are ABI-compatible with `iovec`, and
-    // they outlive the call. `fd` is open for the call (see above); sendmsg writes no
-    // memory of ours.
-    let sent = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = slices.as_ptr().cast_mut().cast::<libc::iovec>();
-        msg.msg_iovlen = count as _;
-        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    let sent = if payload.is_empty() {
+        // SAFETY: `head` is readable memory of `head.len()` bytes for the whole call,
+        // and send only reads it; `fd` is open for the call (see above).
+        unsafe { libc::send(fd, head.as_ptr().cast(), head.len(), flags) }
+    } else {
+        let slices = [IoSlice::new(head), IoSlice::new(payload)];
+        // SAFETY: an all-zero msghdr is valid (no address, no control data); `msg_iov`
+        // points at two live `IoSlice`s, which are ABI-compatible with `iovec`, and
+        // they outlive the call. `fd` is open for the call (see above); sendmsg writes
+        // no memory of ours.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = slices.as_ptr().cast_mut().cast::<libc::iovec>();
+            msg.msg_iovlen = slices.len() as _;
+            libc::sendmsg(fd, &msg, flags)
+        }
     };
     if sent < 0 {
         Err(io::Error::last_os_error())

@@ -27,6 +27,7 @@
 //! gateway-made token): a waiter removes only its own entry, an in-flight id cannot be
 //! reused (409), and an `ack` completes only an acked push, a `response` only a request.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -247,18 +248,23 @@ impl Connection {
     /// ([`Outbound::Raw`]) and the socket taken back from deliveries, so the next bytes
     /// on the wire are that rest.
     pub fn enqueue(&self, frame: Outbound, capacity: usize) -> Result<(), DeliveryError> {
-        self.enqueue_encoded(frame, None, capacity)
+        let delivered = self.enqueue_encoded(Cow::Owned(frame), None, capacity)?;
+        if delivered == Delivered::Written {
+            DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// [`Connection::enqueue`] with the frame already encoded whole (`wire`: header and
     /// payload in one buffer, shared by every recipient of a fan-out), so that a direct
-    /// write is one buffer handed to the kernel.
+    /// write is one buffer handed to the kernel. A borrowed frame is cloned only if it
+    /// is queued; the caller counts the direct writes ([`DIRECT_WRITES`]).
     fn enqueue_encoded(
         &self,
-        frame: Outbound,
+        frame: Cow<'_, Outbound>,
         wire: Option<&Bytes>,
         capacity: usize,
-    ) -> Result<(), DeliveryError> {
+    ) -> Result<Delivered, DeliveryError> {
         {
             let mut state = self.outbox.state.lock();
             if state.closing {
@@ -270,12 +276,8 @@ impl Connection {
                     None => write_now(state.socket, &frame),
                 };
                 match written {
-                    Written::All => {
-                        DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
-                        return Ok(());
-                    }
+                    Written::All => return Ok(Delivered::Written),
                     Written::Part(rest) => {
-                        DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
                         state.socket = -1;
                         state
                             .queue
@@ -283,7 +285,7 @@ impl Connection {
                             .push_back(Outbound::Raw(rest));
                         drop(state);
                         self.outbox.waker.wake();
-                        return Ok(());
+                        return Ok(Delivered::Written);
                     }
                     // Full socket buffer, or an error the driver will meet itself:
                     // queued as if the socket had not been lent.
@@ -293,10 +295,13 @@ impl Connection {
             if state.queue_len() >= capacity {
                 return Err(DeliveryError::QueueFull);
             }
-            state.queue.get_or_insert_default().push_back(frame);
+            state
+                .queue
+                .get_or_insert_default()
+                .push_back(frame.into_owned());
         }
         self.outbox.waker.wake();
-        Ok(())
+        Ok(Delivered::Queued)
     }
 
     /// Lends the socket `fd` to deliveries ([`Connection::enqueue`]) if nothing is
@@ -391,6 +396,15 @@ static DIRECT_WRITES: AtomicU64 = AtomicU64::new(0);
 /// Frames written straight to sockets since the last call (for `tether.messages.sent`).
 pub fn take_direct_writes() -> u64 {
     DIRECT_WRITES.swap(0, Ordering::Relaxed)
+}
+
+/// How [`Connection::enqueue_encoded`] delivered a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivered {
+    /// Written to the lent socket (whole, or begun with its rest queued first).
+    Written,
+    /// Queued for the connection's driver.
+    Queued,
 }
 
 /// What a write straight to a lent socket did.
@@ -569,6 +583,10 @@ pub struct Hub {
     pending: Mutex<HashMap<PendingKey, Pending>>,
     next_pending_token: AtomicU64,
     next_connection_id: AtomicU64,
+    /// Connections the liveness sweep has yet to file ([`Hub::take_to_schedule`]).
+    to_schedule: Mutex<Vec<Arc<Connection>>>,
+    /// Connections whose expiry a `refresh` moved ([`Hub::expiry_moved`]).
+    expiry_moved: Mutex<Vec<Arc<Connection>>>,
     outbound_queue: usize,
     max_pending: u32,
     /// Agents and tokens revoked across the pool (checked at the handshake and on
@@ -585,6 +603,8 @@ impl Hub {
             pending: Mutex::default(),
             next_pending_token: AtomicU64::new(1),
             next_connection_id: AtomicU64::new(1),
+            to_schedule: Mutex::default(),
+            expiry_moved: Mutex::default(),
             outbound_queue,
             max_pending: u32::try_from(max_pending).unwrap_or(u32::MAX),
             revocations: Revocations::default(),
@@ -633,7 +653,25 @@ impl Hub {
         if let Some(old) = &replaced {
             old.close(CloseCode::Replaced);
         }
+        self.to_schedule.lock().push(conn.clone());
         Registered { replaced }
+    }
+
+    /// The connections registered since the liveness sweep last took them: it looks
+    /// at each on its next tick and files it by its stamps.
+    pub fn take_to_schedule(&self) -> Vec<Arc<Connection>> {
+        std::mem::take(&mut *self.to_schedule.lock())
+    }
+
+    /// Tells the liveness sweep that a `refresh` moved `conn`'s expiry, which may now
+    /// come before the second the sweep has the connection filed for.
+    pub fn expiry_moved(&self, conn: &Arc<Connection>) {
+        self.expiry_moved.lock().push(conn.clone());
+    }
+
+    /// The connections whose expiry moved since the liveness sweep last took them.
+    pub fn take_expiry_moved(&self) -> Vec<Arc<Connection>> {
+        std::mem::take(&mut *self.expiry_moved.lock())
     }
 
     /// Replaces a connection's groups (a `refresh` with a token naming other groups).
@@ -808,13 +846,21 @@ impl Hub {
             if i > 0 {
                 tokio::task::yield_now().await;
             }
+            // Counted once per batch: one shared counter touched per recipient is a
+            // cache line bounced between the workers on every delivery.
+            let mut written = 0;
             for conn in batch {
-                match conn.enqueue_encoded(frame.clone(), wire.as_ref(), self.outbound_queue) {
-                    Ok(()) => delivered += 1,
+                match conn.enqueue_encoded(Cow::Borrowed(frame), wire.as_ref(), self.outbound_queue)
+                {
+                    Ok(how) => {
+                        delivered += 1;
+                        written += u64::from(how == Delivered::Written);
+                    }
                     Err(DeliveryError::QueueFull) => conn.close(CloseCode::SlowConsumer),
                     Err(_) => {}
                 }
             }
+            DIRECT_WRITES.fetch_add(written, Ordering::Relaxed);
         }
         delivered
     }
@@ -887,14 +933,6 @@ impl Hub {
             .iter()
             .map(|c| c.0.clone())
             .collect()
-    }
-
-    /// Visits every connection under the read lock (no copy of the set). `f` must be
-    /// quick and must not call back into the hub's write paths.
-    pub fn for_each(&self, mut f: impl FnMut(&Arc<Connection>)) {
-        for conn in self.index.read().agents.iter() {
-            f(&conn.0);
-        }
     }
 }
 

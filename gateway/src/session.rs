@@ -417,6 +417,9 @@ impl Session {
                 self.conn
                     .clock
                     .set_expiry(identity.expires_at.saturating_add(grace));
+                // The new expiry may come before the second the sweep has the
+                // connection filed for.
+                self.state.hub.expiry_moved(&self.conn);
                 // The new token's groups are the agent's groups from now on: a token
                 // that drops a group must also stop that group's messages.
                 if identity.groups != self.conn.groups() {

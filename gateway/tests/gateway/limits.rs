@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tether_protocol::{AgentMessage, CloseCode, ErrorCode, GatewayMessage};
 use tokio_tungstenite::tungstenite::Message;
@@ -207,6 +207,74 @@ async fn refresh_extends_the_session() {
         next_message(&mut ws).await,
         GatewayMessage::Push { .. }
     ));
+}
+
+/// A `refresh` whose token expires sooner than the one it replaces ends the session at
+/// the new expiry. With pings an hour apart nothing else brings the sweep round to the
+/// connection within the test's patience: the refresh itself has to.
+#[tokio::test]
+async fn refresh_with_an_earlier_expiry_closes_at_the_new_one() {
+    let gw = TestGateway::start_with(|c| c.limits.ping_interval_seconds = 3600).await;
+    let mut ws = gw.agent("shortened", &[]).await;
+    let refresh = AgentMessage::Refresh {
+        token: token("shortened", &[], 2),
+    };
+    send_text(&mut ws, &refresh.encode()).await;
+    match next_message(&mut ws).await {
+        GatewayMessage::Refreshed { expires_at } => assert!(expires_at.unwrap() <= now() + 2),
+        other => panic!("expected refreshed, got {other:?}"),
+    }
+    expect_close(&mut ws, CloseCode::TokenExpired).await;
+}
+
+/// Many connections opened together, half reading (their client answers pings) and
+/// half never reading: after several ping intervals every reader is still connected
+/// and gets a broadcast, and every silent one was closed for the missed pong.
+#[tokio::test]
+async fn pings_keep_every_reader_and_close_every_silent_peer() {
+    const EACH: usize = 40;
+    let gw = TestGateway::start_with(|c| {
+        c.limits.ping_interval_seconds = 1;
+        c.limits.pong_timeout_seconds = 1;
+    })
+    .await;
+    let mut readers = Vec::new();
+    let mut silent = Vec::new();
+    for i in 0..EACH {
+        readers.push(gw.agent(&format!("reader-{i}"), &[]).await);
+        silent.push(gw.agent(&format!("silent-{i}"), &[]).await);
+    }
+    // The readers read (tungstenite answers pings while reading) until the silent
+    // ones are gone.
+    let hub = gw.gateway.state().hub.clone();
+    let reading = readers.iter_mut().map(|ws| async move {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => return other,
+            }
+        }
+    });
+    let first_frames = futures_util::future::select_all(reading.map(Box::pin));
+    tokio::select! {
+        frame = first_frames => panic!("a reader got {:?} while idle", frame.0),
+        () = tether_test_support::until("the silent peers closed", PATIENCE, || hub.len() == EACH) => {}
+    }
+    for ws in &mut silent {
+        expect_close(ws, CloseCode::PingTimeout).await;
+    }
+    let delivered = gw.post("/v1/broadcast", json!("to the readers")).await;
+    assert_eq!(delivered.status(), 202);
+    assert_eq!(
+        delivered.json::<serde_json::Value>().await.unwrap()["delivered"],
+        EACH as u64
+    );
+    for ws in &mut readers {
+        assert!(matches!(
+            next_message(ws).await,
+            GatewayMessage::Push { .. }
+        ));
+    }
 }
 
 #[tokio::test]
