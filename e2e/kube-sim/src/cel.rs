@@ -58,7 +58,9 @@ fn compile(rule: &str) -> Rc<Result<Compiled, String>> {
                 })
                 .map_err(|e| format!("compilation failed: {e}")),
         );
-        cache.borrow_mut().insert(rule.to_string(), compiled.clone());
+        cache
+            .borrow_mut()
+            .insert(rule.to_string(), compiled.clone());
         compiled
     })
 }
@@ -183,7 +185,14 @@ fn evaluate(
                 .get("messageExpression")
                 .and_then(Value::as_str)
                 .and_then(|expr| {
-                    match compile(expr).as_ref().as_ref().ok()?.program.execute(ctx).ok()? {
+                    match compile(expr)
+                        .as_ref()
+                        .as_ref()
+                        .ok()?
+                        .program
+                        .execute(ctx)
+                        .ok()?
+                    {
                         cel::Value::String(s) => Some(s.to_string()),
                         _ => None,
                     }
