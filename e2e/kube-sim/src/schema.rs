@@ -490,17 +490,13 @@ fn validate_node(
         .get("x-kubernetes-validations")
         .and_then(Value::as_array)
     {
-        for rule in rules {
-            if let Some(c) = crate::cel::check_rule(rule, v, old, path) {
-                errs.push(c);
-            }
-        }
+        errs.extend(crate::cel::check_rules(rules, v, old, path));
     }
 }
 
-/// A schema `pattern`, compiled once per process (compiling it on every write of every
+/// A schema `pattern` (or a CEL `matches` pattern), compiled once per process (compiling it on every write of every
 /// object cost more than the rest of the validation).
-fn compiled(pattern: &str) -> Result<regex::Regex, regex::Error> {
+pub(crate) fn compiled(pattern: &str) -> Result<regex::Regex, regex::Error> {
     static CACHE: std::sync::LazyLock<parking_lot::Mutex<HashMap<String, regex::Regex>>> =
         std::sync::LazyLock::new(Default::default);
     if let Some(re) = CACHE.lock().get(pattern) {

@@ -55,8 +55,10 @@ struct RunArgs {
     /// Pools to create.
     #[arg(long, default_value_t = 1000)]
     pools: usize,
-    /// Pods each pool grows to.
-    #[arg(long, default_value_t = 10)]
+    /// Pods each pool grows to, at most the CRD's ceiling (`tether_crds::MAX_POOL_PODS`,
+    /// 800: what keeps the pool object under 1 MiB); the CRD refuses larger pools.
+    #[arg(long, default_value_t = 10,
+          value_parser = clap::value_parser!(i64).range(1..=i64::from(tether_crds::MAX_POOL_PODS)))]
     pods: i64,
     /// Namespaces the pools are spread over (tenants; the simulator shards by them).
     #[arg(long, default_value_t = 10)]
