@@ -171,10 +171,14 @@ fn rolling_out_condition(
 }
 
 /// Whether `next` is worth a write over what the pool's status holds now: any change of
-/// an operator-owned field except `totalConnections`, which alone is written only when it
-/// moved by at least 5 % (or 100 connections) or when `refresh_due` (the caller's
-/// pacing, about once per report interval). This keeps the operator's own writes from
-/// doubling the pods' report traffic.
+/// an operator-owned field, at once, except two kinds of figures that move with every
+/// report — `totalConnections`, and a condition's message when the condition's status,
+/// reason and generation stay — which are written when `refresh_due` (the caller's
+/// pacing, about once per report interval), or at once when the total moved by at least
+/// 5 % (or 100 connections). A transition is never held back; figures in a message
+/// (`378 connections on 4 reporting of 5 pods`, flipping as one pod's report arrives
+/// late) no longer cost a write each, so the operator's own writes do not double the
+/// pods' report traffic.
 pub fn worth_writing(
     pool: &ConnectionPool,
     next: &ConnectionPoolStatus,
@@ -187,11 +191,25 @@ pub fn worth_writing(
         next.total_connections.unwrap_or(-1),
     );
     current.total_connections = next.total_connections;
-    if current != *next {
-        return true;
-    }
     let moved = (next_total - now_total).abs();
-    moved > 0 && (refresh_due || moved >= 100 || moved * 20 >= now_total.max(1))
+    let total_moved_enough = moved >= 100 || moved * 20 >= now_total.max(1);
+    if current == *next {
+        return moved > 0 && (refresh_due || total_moved_enough);
+    }
+    // Take the next messages of conditions that did not transition: if that makes the
+    // two equal, only figures changed.
+    for condition in &mut current.conditions {
+        if let Some(same) = next.conditions.iter().find(|n| {
+            n.type_ == condition.type_
+                && n.status == condition.status
+                && n.reason == condition.reason
+                && n.observed_generation == condition.observed_generation
+        }) {
+            condition.message.clone_from(&same.message);
+            condition.last_transition_time = same.last_transition_time.clone();
+        }
+    }
+    current != *next || refresh_due || total_moved_enough
 }
 
 /// Connections over the pods that exist: entries of pods with an ordinal at or above
@@ -494,6 +512,84 @@ mod tests {
 
     fn find<'a>(conds: &'a [Condition], type_: &str) -> &'a Condition {
         conds.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    /// A pool whose status holds `conditions` and `total` connections.
+    fn with_status(conditions: Vec<Condition>, total: i64) -> ConnectionPool {
+        let mut p = pool("acme");
+        p.status = Some(ConnectionPoolStatus {
+            conditions,
+            total_connections: Some(total),
+            ..Default::default()
+        });
+        p
+    }
+
+    fn scaling(status: &str, reason: &str, message: &str) -> Condition {
+        Condition {
+            type_: "Scaling".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: Some(1),
+            last_transition_time: Time(at(100)),
+        }
+    }
+
+    #[test]
+    fn figures_in_a_message_wait_for_the_refresh_and_transitions_do_not() {
+        let held = scaling(
+            "False",
+            "WithinTolerance",
+            "378 connections on 5 reporting of 5 pods",
+        );
+        let p = with_status(vec![held.clone()], 378);
+        let next = |condition: Condition, total: i64| ConnectionPoolStatus {
+            conditions: vec![condition],
+            total_connections: Some(total),
+            ..Default::default()
+        };
+
+        // Nothing changed: no write, refresh or not.
+        assert!(!worth_writing(&p, &next(held.clone(), 378), false));
+        assert!(!worth_writing(&p, &next(held.clone(), 378), true));
+        // One pod's report late: only the figures in the message moved.
+        let late = scaling(
+            "False",
+            "WithinTolerance",
+            "302 connections on 4 reporting of 5 pods",
+        );
+        assert!(!worth_writing(&p, &next(late.clone(), 378), false));
+        assert!(
+            worth_writing(&p, &next(late.clone(), 378), true),
+            "at the report pace"
+        );
+        // ... and with the total moved by 20 %, at once.
+        assert!(worth_writing(&p, &next(late, 302), false));
+        // A transition (another reason, another status) is written at once.
+        let up = scaling(
+            "True",
+            "ScaledUp",
+            "378 connections on 5 reporting of 5 pods",
+        );
+        assert!(worth_writing(&p, &next(up, 378), false));
+        let other_reason = scaling(
+            "False",
+            "Stable",
+            "378 connections on 5 reporting of 5 pods",
+        );
+        assert!(worth_writing(&p, &next(other_reason, 378), false));
+        // A condition that appears is written at once.
+        let mut more = next(held.clone(), 378);
+        more.conditions.push(Condition {
+            type_: "Ready".into(),
+            ..held.clone()
+        });
+        assert!(worth_writing(&p, &more, false));
+        // Another field of the status is written at once.
+        let mut desired = next(held, 378);
+        desired.desired_replicas = Some(3);
+        assert!(worth_writing(&p, &desired, false));
     }
 
     #[test]
