@@ -191,6 +191,13 @@ pub fn worth_writing(
         next.total_connections.unwrap_or(-1),
     );
     current.total_connections = next.total_connections;
+    // Conditions are a list map keyed by type: a server-side apply keeps the stored
+    // order and appends a new type at the end, so the stored order need not be ours.
+    // Compared in one order, or every step would look like a change.
+    let mut next = next.clone();
+    next.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    current.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    let next = &next;
     let moved = (next_total - now_total).abs();
     let total_moved_enough = moved >= 100 || moved * 20 >= now_total.max(1);
     if current == *next {
@@ -544,11 +551,12 @@ mod tests {
             "378 connections on 5 reporting of 5 pods",
         );
         let p = with_status(vec![held.clone()], 378);
-        let next = |condition: Condition, total: i64| ConnectionPoolStatus {
-            conditions: vec![condition],
+        let next_with = |conditions: Vec<Condition>, total: i64| ConnectionPoolStatus {
+            conditions,
             total_connections: Some(total),
             ..Default::default()
         };
+        let next = |condition: Condition, total: i64| next_with(vec![condition], total);
 
         // Nothing changed: no write, refresh or not.
         assert!(!worth_writing(&p, &next(held.clone(), 378), false));
@@ -586,6 +594,18 @@ mod tests {
             ..held.clone()
         });
         assert!(worth_writing(&p, &more, false));
+        // The stored order of the conditions is the server's (a new type appended at
+        // the end): the same conditions in another order are no change.
+        let ready = Condition {
+            type_: "Ready".into(),
+            ..held.clone()
+        };
+        let stored = with_status(vec![held.clone(), ready.clone()], 378);
+        assert!(!worth_writing(
+            &stored,
+            &next_with(vec![ready, held.clone()], 378),
+            true
+        ));
         // Another field of the status is written at once.
         let mut desired = next(held, 378);
         desired.desired_replicas = Some(3);
