@@ -671,6 +671,14 @@ impl SimCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `kubectl patch` of `spec.rollout.paused`, as docs/operator.md gives it.
+    async fn set_paused(&self, pool: &str, paused: bool) -> anyhow::Result<()> {
+        let patch = json!({"spec": {"rollout": {"paused": paused}}}).to_string();
+        self.kubectl(&["patch", "cpool", pool, "--type", "merge", "-p", &patch])
+            .await
+            .map(drop)
+    }
+
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
@@ -688,16 +696,7 @@ async fn rollout_pauses_and_resumes() -> anyhow::Result<()> {
 
         // A template change while paused: the condition says so, nothing is replaced.
         // Paused and resumed with kubectl, as docs/operator.md says.
-        c.kubectl(&[
-            "patch",
-            "cpool",
-            "paused",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"rollout":{"paused":true}}}"#,
-        ])
-        .await?;
+        c.set_paused("paused", true).await?;
         change_template(&c.pools(), "paused", "2").await?;
         let message = eventually("RollingOut: RolloutPaused", patience, || async {
             let p = c.pool("paused").await?;
@@ -732,16 +731,7 @@ async fn rollout_pauses_and_resumes() -> anyhow::Result<()> {
         );
 
         // Resumed: batch by batch to the end, which `kubectl wait` sees.
-        c.kubectl(&[
-            "patch",
-            "cpool",
-            "paused",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"rollout":{"paused":false}}}"#,
-        ])
-        .await?;
+        c.set_paused("paused", false).await?;
         c.kubectl(&[
             "wait",
             "cpool/paused",

@@ -65,6 +65,17 @@ impl Drop for Server {
     }
 }
 
+/// A page of a server's monitoring endpoint (`routez`, `varz`, ...).
+async fn monitoring(http: &reqwest::Client, server: &Server, page: &str) -> serde_json::Value {
+    http.get(format!("http://127.0.0.1:{}/{page}", server.http_port))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn three_servers_started_from_the_rendered_config_form_one_jetstream_cluster() {
     let pool = managed_pool();
@@ -176,27 +187,13 @@ async fn three_servers_started_from_the_rendered_config_form_one_jetstream_clust
             meta["name"],
             format!("tether-{}", pool.metadata.name.as_deref().unwrap())
         );
-        let routez: serde_json::Value = http
-            .get(format!("http://127.0.0.1:{}/routez", server.http_port))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let routez = monitoring(&http, server, "routez").await;
         assert!(
             routez["num_routes"].as_u64().unwrap() >= (SERVERS - 1) as u64,
             "{routez}"
         );
     }
-    let varz: serde_json::Value = http
-        .get(format!("http://127.0.0.1:{}/varz", servers[0].http_port))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let varz = monitoring(&http, &servers[0], "varz").await;
     assert_eq!(varz["server_name"], format!("{sts_name}-0"));
     assert_eq!(varz["auth_required"], true, "the token is required");
 
