@@ -244,11 +244,18 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
             tokio::io::stdin(),
         )))
     });
+    // A session's `welcome` line comes before its pushes and requests: the session's
+    // state and its frames reach this program on different tasks.
+    let order = Arc::new(WelcomeFirst::default());
+    let push_order = order.clone();
+    let request_order = order.clone();
     let agent = Agent::builder_shared(url, tokens)
         .options(options)
         .on_push(move |push| {
             let stdin = stdin.clone();
+            let order = push_order.clone();
             async move {
+                order.welcome_printed().await;
                 match &push.payload {
                     Payload::Json(data) => print_line(&PushLine {
                         kind: "push",
@@ -268,7 +275,9 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         .on_request(move |request| {
             let reply = reply.clone();
             let exec = exec.clone();
+            let order = request_order.clone();
             async move {
+                order.welcome_printed().await;
                 print_line(&RequestLine {
                     kind: "request",
                     id: &request.id,
@@ -286,7 +295,8 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
             }
         })
         .start()?;
-    tokio::spawn(print_sessions(agent.state()));
+    let _ = order.sessions.set(agent.state());
+    tokio::spawn(print_sessions(agent.state(), order.clone()));
     let session = tokio::select! {
         session = agent.connected() => session?,
         _ = terminated() => {
@@ -301,6 +311,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     for data in sends {
         let id = uuid_like();
         agent.send_raw(id.clone(), data).await?;
+        order.welcome_printed().await;
         print_line(&serde_json::json!({"type": "ack", "id": id}));
     }
     if exit_after_send {
@@ -351,9 +362,50 @@ fn print_line(line: &impl serde::Serialize) {
     }
 }
 
+/// Keeps a session's lines in order: its `welcome` first.
+#[derive(Default)]
+struct WelcomeFirst {
+    /// The agent's state, once it started.
+    sessions: tokio::sync::SetOnce<tokio::sync::watch::Receiver<tether_agent::State>>,
+    /// The number of the last session whose `welcome` line is printed.
+    printed: tokio::sync::watch::Sender<u64>,
+}
+
+impl WelcomeFirst {
+    /// Waits until the current session's `welcome` line is printed, or the session
+    /// ended before it was (then there is no line to wait for).
+    async fn welcome_printed(&self) {
+        let mut state = self.sessions.wait().await.clone();
+        let current = |state: &tether_agent::State| match state {
+            tether_agent::State::Connected(session) => Some(session.number),
+            _ => None,
+        };
+        let Some(number) = current(&state.borrow_and_update()) else {
+            return;
+        };
+        let mut printed = self.printed.subscribe();
+        loop {
+            if *printed.borrow_and_update() >= number {
+                return;
+            }
+            tokio::select! {
+                changed = printed.changed() => if changed.is_err() { return },
+                changed = state.changed() => {
+                    if changed.is_err() || current(&state.borrow_and_update()) != Some(number) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Prints a `welcome` line for every new session and a `refreshed` line for every
 /// in-band refresh of the current one.
-async fn print_sessions(mut state: tokio::sync::watch::Receiver<tether_agent::State>) {
+async fn print_sessions(
+    mut state: tokio::sync::watch::Receiver<tether_agent::State>,
+    order: Arc<WelcomeFirst>,
+) {
     let mut last: Option<tether_agent::Session> = None;
     loop {
         let session = match &*state.borrow_and_update() {
@@ -369,12 +421,15 @@ async fn print_sessions(mut state: tokio::sync::watch::Receiver<tether_agent::St
                         );
                     }
                 }
-                _ => print_line(&serde_json::json!({
-                    "type": "welcome",
-                    "agent_id": session.agent_id,
-                    "connection_id": session.connection_id,
-                    "expires_at": session.expires_at,
-                })),
+                _ => {
+                    print_line(&serde_json::json!({
+                        "type": "welcome",
+                        "agent_id": session.agent_id,
+                        "connection_id": session.connection_id,
+                        "expires_at": session.expires_at,
+                    }));
+                    order.printed.send_replace(session.number);
+                }
             }
             last = Some(session);
         }
