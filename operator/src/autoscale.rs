@@ -1600,7 +1600,8 @@ fn heavy_pods(live: &[Live], n: i32, spread_percent: i32) -> Vec<&Live> {
 /// a scale-down's ([`View::drains`] leaves them out).
 pub const ROLLOUT_ID_PREFIX: &str = "rollout-";
 
-fn is_rollout(i: &PodInstruction) -> bool {
+/// Whether `i` is a rollout's drain (not a scale-down's or a rebalancing round's).
+pub fn is_rollout(i: &PodInstruction) -> bool {
     i.drain && i.id.starts_with(ROLLOUT_ID_PREFIX)
 }
 

@@ -667,11 +667,10 @@ async fn revisions(
     let Some(update) = status.update_revision.clone() else {
         return Ok(None);
     };
-    let in_flight = pool.status.as_ref().is_some_and(|s| {
-        s.instructions
-            .iter()
-            .any(|i| i.drain && i.id.starts_with(crate::autoscale::ROLLOUT_ID_PREFIX))
-    });
+    let in_flight = pool
+        .status
+        .as_ref()
+        .is_some_and(|s| s.instructions.iter().any(crate::autoscale::is_rollout));
     // Pods below the update revision exist only while the current revision is not the
     // update revision (the controller moves it once every pod runs the update). Fewer
     // updated pods than replicas with the two equal is a scale-up whose new pods are not

@@ -14,7 +14,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tether_crds::ConnectionPool;
 use tether_kube_sim::{FaultMatch, FaultRule};
-use tether_operator::autoscale::ROLLOUT_ID_PREFIX;
+use tether_operator::autoscale::is_rollout;
 use tether_operator::controller::REVISION_LABEL;
 
 const POOL: &str = "acme";
@@ -85,7 +85,7 @@ fn rollout_drain(pool: &ConnectionPool, pod: &str) -> Option<String> {
         .as_ref()?
         .instructions
         .iter()
-        .find(|i| i.pod == pod && i.drain && i.id.starts_with(ROLLOUT_ID_PREFIX))
+        .find(|i| i.pod == pod && is_rollout(i))
         .map(|i| i.id.clone())
 }
 
